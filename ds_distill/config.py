@@ -1,0 +1,281 @@
+"""The run config: one dataclass, read from an optional YAML/JSON run file and overridden by CLI flags.
+
+DeepSpeed owns batch sizes, precision, ZeRO stage, optimizer, scheduler, clipping and monitors: those live only in the
+JSON files of ``ds_configs/``. This module checks those files (``load_ds_config``) but never rewrites them.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
+
+
+class UsageError(ValueError):
+    """A mistake in the user's input; the message is one line that says what is wrong and how to fix it."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class RunConfig:
+    """Everything about a distillation run that is not DeepSpeed's business."""
+
+    # --- models and data
+    teacher: list[str] = _f(list, "Teacher model directory (any AutoModelForCausalLM); repeat for an ensemble.", multi=True)
+    student: str = _f("", "Student model directory (AutoModelForCausalLM), e.g. made by ds_distill.student_init.")
+    data: str = _f("", "Training data: .jsonl/.json/.parquet/.txt file or folder, a save_to_disk folder, or a hub name.")
+    output_dir: str = _f("", "Where checkpoints, logs, metrics and the exported student go.")
+    deepspeed_config: str = _f("", "Student DeepSpeed JSON. Default: ds_configs/zero3_bf16.json on GPU, cpu_zero3.json on CPU.")
+    teacher_deepspeed_config: str = _f("", "Teacher DeepSpeed JSON (inference, no optimizer). Default: the ZeRO-3 teacher config for the device.")
+    teacher_weights: list[float] = _f(list, "Ensemble weights, one per --teacher (normalised). Default: uniform.", multi=True)
+    # --- loss
+    loss: str = _f("forward_kl", "Divergence: forward_kl, reverse_kl, jsd, skew_forward_kl, skew_reverse_kl, tvd.")
+    alpha: float = _f(0.5, "Weight of the CE term; the KD term gets 1 - alpha. 1.0 = plain fine-tuning.")
+    temperature: float = _f(1.0, "Softmax temperature of the KD term (the KD term is scaled by T^2).")
+    beta: float = _f(0.5, "jsd mixture weight of the teacher (0 = forward KL, 1 = reverse KL).")
+    skew: float = _f(0.1, "Skew of skew_forward_kl / skew_reverse_kl (DistiLLM).")
+    chunk_size: int = _f(1024, "Tokens per loss chunk: the lm_heads run per chunk so full logits never exist. 0 = full logits.")
+    # --- data
+    seq_len: int = _f(512, "Tokens per sequence (longer examples are truncated, or dropped with --drop_long).")
+    data_format: str = _f("auto", "auto, text, prompt_completion or messages.")
+    data_split: str = _f("train", "Split to read from a hub dataset or a multi-split save_to_disk folder.")
+    eval_data: str = _f("", "Held-out data (same forms as --data). Default: --eval_fraction of --data.")
+    eval_fraction: float = _f(0.05, "Fraction of --data held out for eval when --eval_data is not given (0 = no eval).")
+    max_samples: int = _f(0, "Use only the first N training examples (0 = all).")
+    packing: bool = _f(False, "Pack several examples per sequence (documents never attend to each other).")
+    train_on_prompt: bool = _f(False, "Also supervise prompt / non-assistant tokens.")
+    drop_long: bool = _f(False, "Drop examples longer than --seq_len instead of truncating them.")
+    # --- schedule
+    max_steps: int = _f(100, "Optimizer steps to run.")
+    eval_steps: int = _f(0, "Evaluate every N optimizer steps (0 = only at the end).")
+    eval_batches: int = _f(8, "Micro-batches per rank in each evaluation (0 = the whole eval set).")
+    log_steps: int = _f(10, "Log metrics every N optimizer steps.")
+    save_steps: int = _f(0, "Save a checkpoint every N optimizer steps (0 = only at the end).")
+    keep_last: int = _f(2, "Keep only the newest N checkpoints (0 = keep all).")
+    resume: bool = _f(False, "Continue from output_dir/checkpoints/latest.")
+    seed: int = _f(42, "Seed of data order and initialisation.")
+    export: bool = _f(True, "Export the student as a Hugging Face directory (output_dir/final) at the end.")
+    # --- launcher
+    local_rank: int = _f(-1, "Set by the deepspeed launcher; ignored otherwise.")
+
+    def validate(self, require_paths: bool = True) -> None:
+        """Collect every problem and raise one UsageError that lists them all."""
+        from ds_distill.losses import LOSSES
+
+        problems: list[str] = []
+        if require_paths:
+            if not self.teacher:
+                problems.append("--teacher is required (a model directory; repeat it for an ensemble)")
+            for name in ("student", "data", "output_dir"):
+                if not getattr(self, name):
+                    problems.append(f"--{name} is required")
+            for path in [*self.teacher, self.student]:
+                if path and not Path(path).is_dir():
+                    problems.append(f"model directory {path!r} does not exist: pass a folder with config.json")
+                elif path and not (Path(path) / "config.json").is_file():
+                    problems.append(f"{path!r} has no config.json: pass a Hugging Face model folder")
+            for flag in ("deepspeed_config", "teacher_deepspeed_config"):
+                value = getattr(self, flag)
+                if value and not Path(value).is_file():
+                    problems.append(f"--{flag} {value!r} does not exist: pick a file from ds_configs/")
+        if self.loss not in LOSSES:
+            problems.append(f"--loss {self.loss!r} is unknown: use one of {', '.join(sorted(LOSSES))}")
+        if not 0.0 <= self.alpha <= 1.0:
+            problems.append(f"--alpha {self.alpha} must be in [0, 1]")
+        if self.temperature <= 0:
+            problems.append(f"--temperature {self.temperature} must be > 0")
+        for name in ("beta", "skew"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"--{name} {getattr(self, name)} must be in [0, 1]")
+        if self.teacher_weights and len(self.teacher_weights) != len(self.teacher):
+            problems.append(f"--teacher_weights has {len(self.teacher_weights)} values for {len(self.teacher)} teachers")
+        if any(w < 0 for w in self.teacher_weights) or (self.teacher_weights and sum(self.teacher_weights) <= 0):
+            problems.append("--teacher_weights must be >= 0 with a positive sum")
+        for name in ("seq_len", "max_steps", "log_steps"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name} {getattr(self, name)} must be >= 1")
+        for name in ("chunk_size", "eval_steps", "eval_batches", "save_steps", "keep_last", "max_samples"):
+            if getattr(self, name) < 0:
+                problems.append(f"--{name} {getattr(self, name)} must be >= 0")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            problems.append(f"--eval_fraction {self.eval_fraction} must be in [0, 1)")
+        if self.data_format not in ("auto", "text", "prompt_completion", "messages"):
+            problems.append(f"--data_format {self.data_format!r} must be auto, text, prompt_completion or messages")
+        if problems:
+            raise UsageError("invalid run config: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per RunConfig field (same name), plus --config for a YAML/JSON run file with the same keys."""
+    parser = argparse.ArgumentParser(prog="ds_distill.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="", help="YAML or JSON run file whose keys are RunConfig fields; flags override it.")
+    for f in dataclasses.fields(RunConfig):
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata["help"]}
+        if f.metadata.get("multi"):
+            kw.update(action="append", type=float if "float" in kind else str)
+        elif kind == "bool":
+            kw.update(nargs="?", const=True, type=_parse_bool)
+        else:
+            kw.update(type={"int": int, "float": float}.get(kind, str))
+        parser.add_argument(f"--{f.name}", **kw)
+    return parser
+
+
+def load_run_file(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--config {path!r} does not exist: pass a YAML or JSON run file")
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(p.read_text())
+        else:
+            data = json.loads(p.read_text())
+    except (ValueError, ImportError) as exc:  # yaml.YAMLError subclasses Exception, handled below
+        raise UsageError(f"--config {path!r} is not valid {p.suffix.lstrip('.') or 'JSON'}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # yaml.YAMLError and friends: report, do not crash
+        raise UsageError(f"--config {path!r} could not be parsed: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {path!r} must hold a mapping of RunConfig fields, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise UsageError(f"--config {path!r} has unknown keys {unknown}: valid keys are the flags of `python -m ds_distill.train --help`")
+    return data
+
+
+def parse_args(argv: list[str] | None = None) -> RunConfig:
+    """Run file first, then CLI flags on top; lists from the CLI replace the file's lists."""
+    args = vars(build_parser().parse_args(argv))
+    values: dict[str, Any] = load_run_file(args.pop("config")) if args.get("config") else {}
+    args.pop("config", None)
+    values.update(args)
+    for name in ("teacher", "teacher_weights"):
+        if isinstance(values.get(name), (str, int, float)):
+            values[name] = [values[name]]
+    return RunConfig(**values)
+
+
+# --------------------------------------------------------------------------------------------- DeepSpeed JSON
+
+# Top-level keys DeepSpeed reads (deepspeed/runtime/constants.py and the feature configs). DeepSpeed ignores unknown
+# keys silently, so a typo such as "gradient_cliping" would quietly disable clipping: we refuse them instead.
+DS_KNOWN_KEYS = frozenset("""
+train_batch_size train_micro_batch_size_per_gpu gradient_accumulation_steps steps_per_print wall_clock_breakdown
+dump_state optimizer scheduler fp16 bf16 bfloat16 amp gradient_clipping zero_optimization zero_allow_untested_optimizer
+zero_force_ds_cpu_optimizer prescale_gradients gradient_predivide_factor sparse_gradients communication_data_type
+seq_parallel_communication_data_type activation_checkpointing flops_profiler tensorboard wandb csv_monitor comet
+elasticity aio pipeline checkpoint data_types compression_training data_efficiency curriculum_learning autotuning
+nebula weight_quantization memory_breakdown disable_allgather sparse_attention torch_autocast compile eigenvalue
+progressive_layer_drop hybrid_engine timers graph_harvesting use_data_before_expert_parallelism zero_quantized_weights
+zero_quantized_gradients zero_hpz_partition_size load_universal_checkpoint use_node_local_storage
+dataloader_drop_last mics_shard_size mics_hierarchical_params_gather pld_enabled pld_params
+""".split())
+
+
+@dataclass
+class DSConfig:
+    """A checked DeepSpeed JSON: the dict handed to DeepSpeed unchanged, plus where it came from."""
+
+    path: str
+    raw: dict[str, Any]
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.raw.get("zero_optimization", {}).get("stage", 0))
+
+    @property
+    def micro_batch(self) -> int:
+        return int(self.raw["train_micro_batch_size_per_gpu"])
+
+    @property
+    def grad_accum(self) -> int:
+        return int(self.raw.get("gradient_accumulation_steps", 1))
+
+    @property
+    def bf16(self) -> bool:
+        return bool(self.raw.get("bf16", {}).get("enabled", False))
+
+
+def _find_auto(node: Any, where: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in _find_auto(v, f"{where}.{k}" if where else k)]
+    if isinstance(node, list):
+        return [p for i, v in enumerate(node) for p in _find_auto(v, f"{where}[{i}]")]
+    return [where] if node == "auto" else []
+
+
+def load_ds_config(path: str, *, world_size: int, flag: str, needs_optimizer: bool) -> DSConfig:
+    """Read and check a DeepSpeed JSON; every problem is reported at once, with the fix."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--{flag} {path!r} does not exist: pick a file from ds_configs/")
+    try:
+        raw = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--{flag} {path!r} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}): fix the file") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"--{flag} {path!r} must hold a JSON object")
+    problems = []
+    unknown = sorted(k for k in raw if k not in DS_KNOWN_KEYS and not k.startswith("_"))
+    if unknown:
+        problems.append(f"unknown top-level keys {unknown} (DeepSpeed would silently ignore them): fix the spelling or remove them")
+    autos = _find_auto(raw)
+    if autos:
+        problems.append(f'"auto" values at {autos}: write the numbers (only the HF Trainer fills "auto")')
+    micro = raw.get("train_micro_batch_size_per_gpu")
+    if not isinstance(micro, int) or micro < 1:
+        problems.append("train_micro_batch_size_per_gpu must be a positive integer")
+    gas = raw.get("gradient_accumulation_steps", 1)
+    if not isinstance(gas, int) or gas < 1:
+        problems.append("gradient_accumulation_steps must be a positive integer")
+    total = raw.get("train_batch_size")
+    if total is not None and isinstance(micro, int) and isinstance(gas, int) and total != micro * gas * world_size:
+        problems.append(
+            f"train_batch_size {total} != micro batch {micro} x accumulation {gas} x world size {world_size} "
+            f"= {micro * gas * world_size}: set it to that or remove it"
+        )
+    stage = raw.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        problems.append(f"zero_optimization.stage {stage!r} must be 0, 1, 2 or 3")
+    if raw.get("fp16", {}).get("enabled") and raw.get("bf16", {}).get("enabled"):
+        problems.append("fp16 and bf16 are both enabled: enable one")
+    if needs_optimizer and "optimizer" not in raw:
+        problems.append('no "optimizer" block: the student needs one (see ds_configs/zero3_bf16.json)')
+    if not needs_optimizer and stage != 3 and stage != 0:
+        problems.append(f"teacher ZeRO stage {stage}: a frozen teacher is sharded with stage 3 or replicated with stage 0")
+    if problems:
+        raise UsageError(f"--{flag} {path}: " + "; ".join(problems))
+    return DSConfig(path=str(p), raw=raw)
+
+
+def default_ds_configs(has_gpu: bool) -> tuple[str, str]:
+    """The ZeRO-3 student/teacher pair for the device: bf16 on GPU, fp32 on CPU (no bf16 units there)."""
+    if has_gpu:
+        return str(REPO_CONFIGS / "zero3_bf16.json"), str(REPO_CONFIGS / "teacher_zero3_bf16.json")
+    return str(REPO_CONFIGS / "cpu_zero3.json"), str(REPO_CONFIGS / "cpu_teacher_zero3.json")
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")

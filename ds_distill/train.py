@@ -1,0 +1,290 @@
+"""Distil one or more frozen teachers into a student: ``deepspeed --module ds_distill.train --teacher T --student S ...``
+
+The student trains in a DeepSpeed engine configured by its JSON (ZeRO stage, precision, optimizer, clipping,
+accumulation); each teacher is a second engine with no optimizer. Per optimizer step:
+    loss = sum over supervised tokens of [alpha * CE + (1 - alpha) * T^2 * D(teacher || student)] / global token count
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+from ds_distill import checkpoint, data, distributed, losses, models
+from ds_distill.callbacks import Callback
+from ds_distill.config import DSConfig, RunConfig, UsageError, default_ds_configs, load_ds_config, parse_args
+
+log = logging.getLogger("ds_distill")
+
+
+class Trainer:
+    """The loop and the little state an exact resume needs (step + data position; DeepSpeed keeps the rest)."""
+
+    def __init__(self, cfg: RunConfig, student, teachers: list, train: data.BatchStream, eval_set, *, vocab_size: int,
+                 ds: DSConfig, tokenizer, callbacks: list[Callback] = ()):
+        self.cfg, self.student, self.teachers, self.train, self.eval_set = cfg, student, teachers, train, eval_set
+        self.ds, self.tokenizer, self.callbacks = ds, tokenizer, list(callbacks)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.output_dir = Path(cfg.output_dir)
+        self.ckpt_root = self.output_dir / "checkpoints"
+        self.step, self.exit_code, self.last_tag = 0, 0, None
+        self.history: list[dict[str, float]] = []  # logged metrics (rank 0 also writes them to the DeepSpeed monitor)
+        weights = torch.tensor(cfg.teacher_weights) if cfg.teacher_weights else None
+        self.loss_kw = dict(loss=cfg.loss, alpha=cfg.alpha, temperature=cfg.temperature, beta=cfg.beta, skew=cfg.skew,
+                            vocab_size=vocab_size, teacher_weights=weights)
+        self.device = torch.device(get_accelerator().current_device_name())
+
+    # ------------------------------------------------------------------------------------------------ the loop
+    def fit(self) -> int:
+        for cb in self.callbacks:
+            cb.on_train_start(self)
+        window = _Window(self.device)
+        bar = _progress(self.rank, self.step, self.cfg.max_steps)
+        while self.step < self.cfg.max_steps:
+            sums = self.train_step([next(self.train) for _ in range(self.ds.grad_accum)])
+            self.step += 1
+            bar.update(1)
+            window.add(sums)
+            for cb in self.callbacks:
+                cb.on_step_end(self, sums)
+            last = self.step == self.cfg.max_steps
+            if self.step % self.cfg.log_steps == 0 or last:
+                self.log_metrics(window.flush(self.student, self.world_size), "Train")
+            if (self.cfg.eval_steps and self.step % self.cfg.eval_steps == 0) or last:
+                self.evaluate()
+            stop = any([cb.should_stop(self) for cb in self.callbacks])  # a list, not a generator: ask every callback
+            if (self.cfg.save_steps and self.step % self.cfg.save_steps == 0) or stop or last:
+                self.save()
+            if stop:
+                break
+        bar.close()
+        return self.step
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns device sums (no host sync)."""
+        # Divide by the global count of supervised tokens of this step (all micro-batches, all ranks), so that every
+        # token weighs the same whatever the micro-batching. DeepSpeed averages gradients over ranks, hence * world.
+        n_global = _all_reduce(sum((b["labels"] != -100).sum() for b in micro_batches).to(self.device, torch.float32))
+        sums: dict[str, Any] = {"n_tokens": n_global, "input_tokens": 0, "total": 0, "ce": 0, "kd": 0, "per_example": []}
+        for batch in micro_batches:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            labels, ids = batch.pop("labels"), batch.pop("example_ids")
+            with torch.no_grad():
+                t_hidden = [t(**batch) for t in self.teachers]
+            out = self.loss_sums(self.student(**batch), t_hidden, labels)
+            self.student.backward(out.total * self.world_size / n_global.clamp(min=1), scale_wrt_gas=False)
+            self.student.step()
+            for key in ("total", "ce", "kd"):
+                sums[key] = sums[key] + getattr(out, key).detach()
+            sums["input_tokens"] += labels.numel()
+            sums["per_example"].append((ids, out.ce_per_seq.detach(), out.kd_per_seq.detach(), out.tokens_per_seq))
+        return sums
+
+    def loss_sums(self, s_hidden: torch.Tensor, t_hidden: list[torch.Tensor], labels: torch.Tensor) -> losses.LossSums:
+        heads = [t.module.head for t in self.teachers]
+        if self.cfg.chunk_size:
+            return losses.chunked_loss_sums(s_hidden, self.student.module.head, t_hidden, heads, labels,
+                                            chunk_size=self.cfg.chunk_size, **self.loss_kw)
+        return losses.loss_sums(self.student.module.head(s_hidden), [h(x) for h, x in zip(heads, t_hidden)], labels, **self.loss_kw)
+
+    # ------------------------------------------------------------------------------------------ eval, log, save
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Held-out loss: CE (-> perplexity), KD and the total, over the same batches every time."""
+        if self.eval_set is None:
+            return {}
+        self.student.eval()
+        totals = torch.zeros(4, device=self.device)  # total, ce, kd, n_tokens
+        stream = data.BatchStream(self.eval_set, batch_size=self.ds.micro_batch, rank=self.rank, world_size=self.world_size,
+                                  seed=0, pad_token_id=self.tokenizer.pad_token_id, shuffle=False)
+        n_batches = self.cfg.eval_batches or len(self.eval_set) // (self.ds.micro_batch * self.world_size)
+        for _ in range(max(1, n_batches)):
+            batch = {k: v.to(self.device) for k, v in next(stream).items()}
+            labels = batch.pop("labels")
+            batch.pop("example_ids")
+            out = self.loss_sums(self.student(**batch), [t(**batch) for t in self.teachers], labels)
+            totals += torch.stack([out.total, out.ce, out.kd, out.n_tokens.float()]).float()
+        self.student.train()
+        total, ce, kd, n = _all_reduce(totals).tolist()
+        n = max(n, 1.0)
+        metrics = {"loss": total / n, "ce": ce / n, "kd": kd / n, "ppl": math.exp(min(ce / n, 50.0))}
+        self.log_metrics(metrics, "Eval")
+        for cb in self.callbacks:
+            cb.on_eval(self, metrics)
+        return metrics
+
+    def log_metrics(self, metrics: dict[str, float], prefix: str) -> None:
+        self.history.append({"step": self.step, **{f"{prefix}/{k}": v for k, v in metrics.items()}})
+        if self.rank == 0:
+            if self.student.monitor.enabled:
+                self.student.monitor.write_events([(f"{prefix}/{k}", v, self.step) for k, v in metrics.items()])
+            log.info("step %d %s", self.step, " ".join(f"{prefix.lower()}_{k}={v:.4g}" for k, v in metrics.items()))
+
+    def save(self) -> str:
+        state = {"step": self.step, "data": self.train.state_dict(), "run_config": self.cfg.to_dict()}
+        self.last_tag = checkpoint.save(self.student, self.ckpt_root, self.step, state, keep_last=self.cfg.keep_last,
+                                        hf_files=self._write_hf_files)
+        for cb in self.callbacks:
+            cb.on_save(self, self.last_tag)
+        return self.last_tag
+
+    def _write_hf_files(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.student.module.config.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        (folder / "ds_config.json").write_text(json.dumps(self.ds.raw, indent=2))
+
+    def resume(self) -> None:
+        state = checkpoint.load(self.student, self.ckpt_root)
+        self.step = state["step"]
+        self.train.load_state_dict(state["data"])
+
+
+class _Window:
+    """Metric sums since the last log line, kept on the device: logging costs one sync per log line, not per step."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.local = torch.zeros(3, device=self.device)  # this rank's total, ce, kd sums
+        self.n_tokens = torch.zeros((), device=self.device)  # global supervised tokens
+        self.input_tokens, self.t0 = 0, time.perf_counter()
+
+    def add(self, s: dict[str, Any]) -> None:
+        self.local += torch.stack([s["total"], s["ce"], s["kd"]]).float()
+        self.n_tokens += s["n_tokens"]
+        self.input_tokens += s["input_tokens"]
+
+    def flush(self, engine, world_size: int) -> dict[str, float]:
+        total, ce, kd = _all_reduce(self.local).tolist()
+        n = max(self.n_tokens.item(), 1.0)
+        seconds = time.perf_counter() - self.t0
+        grad_norm = engine.get_global_grad_norm()
+        metrics = {"loss": total / n, "ce": ce / n, "kd": kd / n, "lr": engine.get_lr()[0],
+                   "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                   "tokens_per_s": self.input_tokens * world_size / seconds}
+        self.reset()
+        return metrics
+
+
+def _progress(rank: int, start: int, total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, disable=rank != 0, desc="distill", dynamic_ncols=True, file=sys.stderr)
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+# ------------------------------------------------------------------------------------------------ entry point
+def build(cfg: RunConfig, callbacks: list[Callback] = ()) -> Trainer:
+    """Check everything that can be checked before any model loads, then build the engines and the data."""
+    cfg.validate()
+    world = distributed.init_distributed()
+    if world.rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)  # console logging on rank 0 only
+    has_gpu = get_accelerator().device_name() != "cpu"
+    default_student, default_teacher = default_ds_configs(has_gpu)
+    sds = load_ds_config(cfg.deepspeed_config or default_student, world_size=world.world_size, flag="deepspeed_config", needs_optimizer=True)
+    tds = load_ds_config(cfg.teacher_deepspeed_config or default_teacher, world_size=world.world_size, flag="teacher_deepspeed_config", needs_optimizer=False)
+    if world.rank == 0 and not (cfg.deepspeed_config and cfg.teacher_deepspeed_config):
+        log.info("no %s given: using %s and %s (%s present)", "--deepspeed_config" if not cfg.deepspeed_config else "--teacher_deepspeed_config",
+                 sds.path, tds.path, "a GPU is" if has_gpu else "no GPU is")
+    _prepare_output_dir(cfg, sds, tds, world.rank)
+
+    tokenizer = models.load_tokenizer(cfg.student)
+    data_kw = dict(seq_len=cfg.seq_len, data_format=cfg.data_format, packing=cfg.packing, train_on_prompt=cfg.train_on_prompt, drop_long=cfg.drop_long)
+    train_set = data.get_dataset(cfg.data, tokenizer, split=cfg.data_split, max_samples=cfg.max_samples or None, **data_kw)
+    if cfg.eval_data:
+        eval_set = data.get_dataset(cfg.eval_data, tokenizer, **data_kw)
+    elif cfg.eval_fraction:
+        train_set, eval_set = data.split_eval(train_set, cfg.eval_fraction, cfg.seed)
+    else:
+        eval_set = None
+    vocab = models.shared_vocab_size(cfg.student, tokenizer, cfg.teacher)
+
+    _seed_everything(cfg.seed)
+    student = models.student_engine(cfg.student, sds)
+    teachers = [models.teacher_engine(path, tds) for path in cfg.teacher]
+    models.check_output_rows(vocab, [student, *teachers], [cfg.student, *cfg.teacher])
+    stream = data.BatchStream(train_set, batch_size=sds.micro_batch, rank=world.rank, world_size=world.world_size,
+                              seed=cfg.seed, pad_token_id=tokenizer.pad_token_id)
+    trainer = Trainer(cfg, student, teachers, stream, eval_set, vocab_size=vocab, ds=sds, tokenizer=tokenizer, callbacks=callbacks)
+    if cfg.resume and checkpoint.read_latest(trainer.ckpt_root):
+        trainer.resume()
+    elif cfg.resume and world.rank == 0:
+        log.info("--resume: no checkpoint yet under %s, starting at step 0", trainer.ckpt_root)
+    return trainer
+
+
+def _prepare_output_dir(cfg: RunConfig, sds: DSConfig, tds: DSConfig, rank: int) -> None:
+    """Refuse to train over someone's checkpoints; record the configs that really ran."""
+    out = Path(cfg.output_dir)
+    latest = checkpoint.read_latest(out / "checkpoints")
+    if latest and not cfg.resume:
+        raise UsageError(f"{out} already holds checkpoints (latest: {latest}): pass --resume to continue, or pick another --output_dir")
+    for block in ("csv_monitor", "tensorboard"):
+        # The monitors write under the run directory unless the JSON names a place: a merge, logged below.
+        conf = sds.raw.get(block)
+        if isinstance(conf, dict) and conf.get("enabled") and not conf.get("output_path"):
+            conf["output_path"] = str(out / "monitor")
+            conf.setdefault("job_name", "train")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        (out / "ds_config_student.json").write_text(json.dumps(sds.raw, indent=2))
+        (out / "ds_config_teacher.json").write_text(json.dumps(tds.raw, indent=2))
+        log.info("student DeepSpeed config (merged, as run): %s", json.dumps(sds.raw, sort_keys=True))
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run(cfg: RunConfig, callbacks: list[Callback] = ()) -> Trainer:
+    trainer = build(cfg, callbacks)
+    trainer.fit()
+    if cfg.export and trainer.step == cfg.max_steps:
+        from ds_distill.export import export_checkpoint
+
+        if trainer.rank == 0:
+            export_checkpoint(trainer.ckpt_root / trainer.last_tag, Path(cfg.output_dir) / "final")
+        distributed.barrier()
+    for cb in trainer.callbacks:
+        cb.on_train_end(trainer)
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return run(parse_args(argv)).exit_code
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        distributed.destroy()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

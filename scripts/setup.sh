@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtualenv in .venv with the exact versions of requirements.lock.
+# Re-runnable: a complete environment is detected by a stamp that records the lock file's hash.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+python="${PYTHON:-python3}"
+venv="$root/.venv"
+stamp="$venv/.ds_distill_lock_sha"
+want="$(sha256sum requirements.lock pyproject.toml | sha256sum | cut -c1-16)"
+if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+    exit 0
+fi
+echo "setup: creating $venv from requirements.lock (a few minutes the first time)"
+[[ -x "$venv/bin/python" ]] || "$python" -m venv "$venv"
+log="$root/.cache/setup.log"
+mkdir -p "$root/.cache"
+{
+    "$venv/bin/python" -m pip install --upgrade pip
+    # torch first and alone: an unpinned resolution could pull a multi-GB CUDA build.
+    "$venv/bin/python" -m pip install "$(grep -E '^torch==' requirements.lock)"
+    "$venv/bin/python" -m pip install -r requirements.lock
+    "$venv/bin/python" -m pip install --no-deps -e .
+} >"$log" 2>&1 || { echo "setup: pip failed; see $log (last lines below)"; tail -n 20 "$log"; exit 1; }
+echo "$want" > "$stamp"
+echo "setup: ready ($venv)"
