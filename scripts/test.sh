@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set up the environment (re-used when complete) and run the test suite on CPU. Extra arguments go to pytest,
+# e.g. `bash scripts/test.sh -m "not multiprocess"` for the quick in-process tests only.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+bash scripts/setup.sh
+export DS_ACCELERATOR=cpu
+export TORCH_EXTENSIONS_DIR="$root/.cache/torch_extensions"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+exec .venv/bin/python -m pytest "$@"

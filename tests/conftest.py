@@ -1,0 +1,43 @@
+"""Shared test setup: CPU DeepSpeed, a project-local JIT cache, and tiny models built once per session."""
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# Before deepspeed is imported anywhere: CPU accelerator (gloo), and the shm op JIT-built once into the project cache.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def dist_env():
+    """One-rank process group for in-process engine tests (the same call the entry point makes)."""
+    from ds_distill import distributed
+
+    world = distributed.init_distributed()
+    yield world
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A tiny tokenizer, a 2-layer teacher, a 1-layer student (same tokenizer) and a small text corpus."""
+    import json
+
+    from tests import tiny as tiny_mod
+
+    root = tmp_path_factory.mktemp("tiny")
+    tok = tiny_mod.make_tokenizer(root / "tok")
+    teacher = tiny_mod.make_model(root / "teacher", tok, layers=2, hidden=32, heads=4, seed=1)
+    student = tiny_mod.make_model(root / "student", tok, layers=1, hidden=32, heads=4, seed=2)
+    words = "the quick brown fox jumps over the lazy dog while a small cat sleeps in the warm sun".split()
+    import random
+
+    rng = random.Random(0)
+    with open(root / "train.jsonl", "w") as fh:
+        for i in range(64):
+            fh.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(4, 30)))}) + "\n")
+    return {"root": root, "tokenizer": tok, "teacher": str(teacher), "student": str(student), "data": str(root / "train.jsonl")}

@@ -1,0 +1,97 @@
+"""The run config and the DeepSpeed JSON checks: every shipped config is valid, every bad input is named."""
+import json
+from pathlib import Path
+
+import pytest
+
+from ds_distill.config import REPO_CONFIGS, RunConfig, UsageError, load_ds_config, parse_args
+
+SHIPPED = sorted(REPO_CONFIGS.glob("*.json"))
+
+
+def test_configs_are_shipped():
+    names = {p.name for p in SHIPPED}
+    for name in ("zero3_bf16.json", "zero2_bf16.json", "zero1_bf16.json", "zero3_offload_bf16.json",
+                 "teacher_zero3_bf16.json", "cpu_zero3.json", "cpu_zero2.json", "cpu_zero1.json", "cpu_teacher_zero3.json"):
+        assert name in names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_passes_the_checks(path):
+    is_teacher = path.name.startswith(("teacher", "cpu_teacher"))
+    ds = load_ds_config(str(path), world_size=2, flag="deepspeed_config", needs_optimizer=not is_teacher)
+    assert ds.micro_batch >= 1
+    assert ds.bf16 == (not path.name.startswith("cpu_")), "GPU configs are bf16, CPU twins fp32"
+    if not is_teacher:
+        assert ds.raw["optimizer"]["params"].get("torch_adam", False) == path.name.startswith("cpu_")
+
+
+def write(tmp_path, obj, name="ds.json"):
+    p = tmp_path / name
+    p.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+    return str(p)
+
+
+GOOD = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+        "zero_optimization": {"stage": 3}}
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d.update(train_batch_size=7), "train_batch_size 7 != micro batch 2 x accumulation 2 x world size 2 = 8"),
+    (lambda d: d.update(gradient_cliping=1.0), "unknown top-level keys ['gradient_cliping']"),
+    (lambda d: d["optimizer"]["params"].update(lr="auto"), '"auto" values at [\'optimizer.params.lr\']'),
+    (lambda d: d.pop("optimizer"), 'no "optimizer" block'),
+    (lambda d: d["zero_optimization"].update(stage=4), "zero_optimization.stage 4"),
+    (lambda d: d.update(train_micro_batch_size_per_gpu=0), "train_micro_batch_size_per_gpu must be a positive integer"),
+])
+def test_bad_ds_config_is_named(tmp_path, mutate, message):
+    d = json.loads(json.dumps(GOOD))
+    mutate(d)
+    with pytest.raises(UsageError) as err:
+        load_ds_config(write(tmp_path, d), world_size=2, flag="deepspeed_config", needs_optimizer=True)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_good_ds_config_is_not_rewritten(tmp_path):
+    ds = load_ds_config(write(tmp_path, dict(GOOD, train_batch_size=8)), world_size=2, flag="deepspeed_config", needs_optimizer=True)
+    assert ds.raw == dict(GOOD, train_batch_size=8) and ds.grad_accum == 2 and ds.zero_stage == 3
+
+
+def test_malformed_and_missing_ds_config(tmp_path):
+    with pytest.raises(UsageError, match=r"not valid JSON \(line 1, column 2"):
+        load_ds_config(write(tmp_path, "{oops"), world_size=1, flag="deepspeed_config", needs_optimizer=True)
+    with pytest.raises(UsageError, match="does not exist: pick a file from ds_configs/"):
+        load_ds_config(str(tmp_path / "nope.json"), world_size=1, flag="deepspeed_config", needs_optimizer=True)
+
+
+def test_teacher_stage_must_be_0_or_3(tmp_path):
+    with pytest.raises(UsageError, match="teacher ZeRO stage 2"):
+        load_ds_config(write(tmp_path, {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}}),
+                       world_size=1, flag="teacher_deepspeed_config", needs_optimizer=False)
+
+
+def test_cli_overrides_run_file_and_lists(tmp_path):
+    run = write(tmp_path, "teacher: [a, b]\nalpha: 0.3\nseq_len: 64\n", "run.yaml")
+    cfg = parse_args(["--config", run, "--alpha", "0.7", "--packing"])
+    assert cfg.teacher == ["a", "b"] and cfg.alpha == 0.7 and cfg.seq_len == 64 and cfg.packing is True
+    cfg = parse_args(["--config", run, "--teacher", "c", "--packing", "false"])
+    assert cfg.teacher == ["c"] and cfg.packing is False
+    assert parse_args(["--teacher", "x", "--teacher", "y", "--teacher_weights", "1", "--teacher_weights", "3"]).teacher_weights == [1.0, 3.0]
+
+
+def test_run_file_unknown_key(tmp_path):
+    with pytest.raises(UsageError, match=r"unknown keys \['alpah'\]"):
+        parse_args(["--config", write(tmp_path, {"alpah": 0.5}, "run.json")])
+
+
+def test_validation_reports_every_problem_at_once(tmp_path):
+    cfg = RunConfig(teacher=[str(tmp_path / "missing")], student="", data="d", output_dir="o", alpha=1.5,
+                    temperature=0, loss="kl", seq_len=0, teacher_weights=[1.0, 2.0])
+    with pytest.raises(UsageError) as err:
+        cfg.validate()
+    text = str(err.value)
+    for part in ("--student is required", "does not exist", "--loss 'kl' is unknown", "--alpha 1.5 must be in [0, 1]",
+                 "--temperature 0 must be > 0", "--seq_len 0 must be >= 1", "--teacher_weights has 2 values for 1 teachers"):
+        assert part in text, part
+    assert "\n" not in text

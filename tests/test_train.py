@@ -1,0 +1,171 @@
+"""The real entry point on tiny random models, in one process: invariances, resume, export, bad input."""
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ds_distill import train
+from ds_distill.config import REPO_CONFIGS, RunConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def ds_json(tmp_path, base="cpu_zero3.json", name=None, lr=1e-2, **batch):
+    """A shipped config with a constant, visible learning rate (no warm-up) so that steps differ."""
+    d = json.loads((REPO_CONFIGS / base).read_text())
+    d.pop("scheduler", None)
+    d["optimizer"]["params"]["lr"] = lr
+    d.update(batch)
+    p = tmp_path / (name or f"{base}.{len(list(tmp_path.glob('*.json')))}.json")
+    p.write_text(json.dumps(d))
+    return str(p)
+
+
+def make_cfg(tiny, out, **kw):
+    base = dict(teacher=[tiny["teacher"]], student=tiny["student"], data=tiny["data"], output_dir=str(out),
+                deepspeed_config=str(REPO_CONFIGS / "cpu_zero3.json"),
+                teacher_deepspeed_config=str(REPO_CONFIGS / "cpu_teacher_zero3.json"),
+                max_steps=3, seq_len=32, log_steps=1, eval_fraction=0.0, export=False, chunk_size=16, seed=0)
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def losses_of(trainer, key="Train/loss"):
+    return [h[key] for h in trainer.history if key in h]
+
+
+@pytest.mark.parametrize("stage_config", ["cpu_zero1.json", "cpu_zero2.json"])
+def test_zero_stages_agree_with_stage3(tiny, dist_env, tmp_path, stage_config):
+    ref = train.run(make_cfg(tiny, tmp_path / "z3", deepspeed_config=ds_json(tmp_path, "cpu_zero3.json")))
+    other = train.run(make_cfg(tiny, tmp_path / "zx", deepspeed_config=ds_json(tmp_path, stage_config)))
+    a, b = losses_of(ref), losses_of(other)
+    assert len(a) == 3 and abs(a[0] - a[-1]) > 1e-3, "the steps must move the loss, or the comparison proves nothing"
+    assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+
+
+def test_grad_accumulation_is_exact(tiny, dist_env, tmp_path):
+    """micro 4 x accumulation 2 == micro 8 x 1, although the micro-batches hold different numbers of tokens."""
+    one = train.run(make_cfg(tiny, tmp_path / "a", deepspeed_config=ds_json(tmp_path, train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=1)))
+    two = train.run(make_cfg(tiny, tmp_path / "b", deepspeed_config=ds_json(tmp_path, train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=2)))
+    assert losses_of(one) == pytest.approx(losses_of(two), rel=1e-5, abs=1e-6)
+    assert abs(losses_of(one)[0] - losses_of(one)[-1]) > 1e-3
+
+
+def test_full_logits_path_matches_chunked(tiny, dist_env, tmp_path):
+    chunked = train.run(make_cfg(tiny, tmp_path / "c", chunk_size=7, deepspeed_config=ds_json(tmp_path)))
+    full = train.run(make_cfg(tiny, tmp_path / "f", chunk_size=0, deepspeed_config=ds_json(tmp_path)))
+    assert losses_of(chunked) == pytest.approx(losses_of(full), rel=1e-5, abs=1e-6)
+
+
+def test_resume_continues_the_same_curve(tiny, dist_env, tmp_path):
+    cfg_ds = ds_json(tmp_path)
+    straight = train.run(make_cfg(tiny, tmp_path / "s", max_steps=6, deepspeed_config=cfg_ds))
+    first = train.run(make_cfg(tiny, tmp_path / "r", max_steps=3, save_steps=3, deepspeed_config=cfg_ds))
+    second = train.run(make_cfg(tiny, tmp_path / "r", max_steps=6, resume=True, deepspeed_config=cfg_ds))
+    assert second.history[0]["step"] == 4
+    assert losses_of(first) + losses_of(second) == pytest.approx(losses_of(straight), rel=1e-5, abs=1e-6)
+
+
+def test_checkpoints_keep_last_and_latest(tiny, dist_env, tmp_path):
+    trainer = train.run(make_cfg(tiny, tmp_path / "k", max_steps=5, save_steps=1, keep_last=2, deepspeed_config=ds_json(tmp_path)))
+    ckpts = tmp_path / "k" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["step_00000004", "step_00000005"]
+    assert (ckpts / "latest").read_text() == "step_00000005" == trainer.last_tag
+    tag = ckpts / "step_00000005"
+    assert (tag / "rng_rank0.pt").is_file() and (tag / "hf" / "config.json").is_file()
+    state = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)
+    assert state["step"] == 5 and state["run_config"]["max_steps"] == 5 and "epoch" in state["data"]
+
+
+def test_export_gives_the_engine_logits(tiny, dist_env, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    trainer = train.run(make_cfg(tiny, tmp_path / "e", export=True, deepspeed_config=ds_json(tmp_path)))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "e" / "final")
+    batch = next(trainer.train)
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "example_ids")}
+    with torch.no_grad():
+        engine_logits = trainer.student.module.head(trainer.student(**inputs))
+        exported = model(**inputs).logits
+    before = AutoModelForCausalLM.from_pretrained(tiny["student"])(**inputs).logits
+    assert not torch.allclose(before, exported, atol=1e-4), "training must have changed the student"
+    torch.testing.assert_close(exported, engine_logits, atol=1e-5, rtol=1e-5)
+    # the export CLI gives the same files from the checkpoint folder
+    from ds_distill.export import main as export_main
+
+    assert export_main([str(tmp_path / "e" / "checkpoints"), str(tmp_path / "again")]) == 0
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again")
+    torch.testing.assert_close(again(**inputs).logits, exported)
+
+
+def test_eval_and_monitor_csv(tiny, dist_env, tmp_path):
+    trainer = train.run(make_cfg(tiny, tmp_path / "m", max_steps=4, eval_steps=2, eval_fraction=0.25, deepspeed_config=ds_json(tmp_path)))
+    evals = [h for h in trainer.history if "Eval/ppl" in h]
+    assert [h["step"] for h in evals] == [2, 4]
+    assert all(math.isclose(h["Eval/ppl"], math.exp(h["Eval/ce"]), rel_tol=1e-6) for h in evals)
+    files = {p.name for p in (tmp_path / "m" / "monitor").rglob("*.csv")}
+    assert any("loss" in f for f in files), files
+    train_logs = [h for h in trainer.history if "Train/loss" in h]
+    assert all(h["Train/tokens_per_s"] > 0 and h["Train/lr"] == pytest.approx(1e-2) and h["Train/grad_norm"] >= 0 for h in train_logs)
+    for h in train_logs:  # loss = alpha * CE + (1 - alpha) * KD with the default alpha 0.5
+        assert h["Train/loss"] == pytest.approx(0.5 * h["Train/ce"] + 0.5 * h["Train/kd"], rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def run_main(args, capsys):
+    code = train.main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, [line for line in err if line.startswith("error:")]
+
+
+def base_args(tiny, out):
+    return ["--teacher", tiny["teacher"], "--student", tiny["student"], "--data", tiny["data"], "--output_dir", str(out),
+            "--max_steps", "1", "--seq_len", "32", "--eval_fraction", "0"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a, t: a + ["--alpha", "2"], "--alpha 2.0 must be in [0, 1]"),
+    (lambda a, t: [x if x != t["teacher"] else "/no/such/teacher" for x in a], "model directory '/no/such/teacher' does not exist"),
+    (lambda a, t: a + ["--loss", "kl"], "--loss 'kl' is unknown"),
+    (lambda a, t: a + ["--deepspeed_config", str(REPO_CONFIGS / "teacher_zero3_bf16.json")], 'no "optimizer" block'),
+])
+def test_bad_input_is_one_line(tiny, tmp_path, capsys, change, message):
+    code, errors = run_main(change(base_args(tiny, tmp_path / "o"), tiny), capsys)
+    assert code == 2 and len(errors) == 1 and message in errors[0], errors
+
+
+def test_empty_data_and_vocab_mismatch(tiny, tmp_path, capsys):
+    from tests import tiny as tiny_mod
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    code, errors = run_main([x if x != tiny["data"] else str(empty) for x in base_args(tiny, tmp_path / "o")], capsys)
+    assert code == 2 and len(errors) == 1 and "empty" in errors[0].lower(), errors
+    other_tok = tiny_mod.make_tokenizer(tmp_path / "tok2", vocab_size=300)
+    other = tiny_mod.make_model(tmp_path / "other", other_tok, layers=1, hidden=32, heads=4)
+    code, errors = run_main([x if x != tiny["teacher"] else str(other) for x in base_args(tiny, tmp_path / "o")], capsys)
+    assert code == 2 and len(errors) == 1 and "different tokenizers" in errors[0], errors
+
+
+def test_existing_checkpoints_are_never_overwritten(tiny, dist_env, tmp_path, capsys):
+    out = tmp_path / "keep"
+    train.run(make_cfg(tiny, out, max_steps=1, deepspeed_config=ds_json(tmp_path)))
+    before = (out / "checkpoints" / "latest").read_text()
+    code, errors = run_main(base_args(tiny, out), capsys)
+    assert code == 2 and "already holds checkpoints" in errors[0] and "--resume" in errors[0]
+    assert (out / "checkpoints" / "latest").read_text() == before and (out / "checkpoints" / before).is_dir()
+
+
+def test_cli_error_has_no_traceback(tiny, tmp_path):
+    """Through the real `python -m ds_distill.train`: exit code 2, one line, no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "ds_distill.train", *base_args(tiny, tmp_path / "o"), "--temperature", "0"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert [l for l in proc.stderr.splitlines() if l.startswith("error:")] == [
+        "error: invalid run config: --temperature 0.0 must be > 0"]
