@@ -1,0 +1,440 @@
+"""Training data: load a corpus, tokenise it with supervision masks, optionally pack it, and stream sharded batches.
+
+    ds = get_dataset("train.jsonl", tokenizer, seq_len=1024)          # columns: id, input_ids, labels
+    train, held_out = split_eval(ds, 0.05, seed=0)
+    stream = BatchStream(train, batch_size=8, rank=r, world_size=w, seed=0, pad_token_id=tokenizer.pad_token_id)
+    batch = next(stream)    # input_ids, attention_mask, [position_ids], labels, example_ids
+
+Labels are stored *already shifted*: ``labels[t]`` is the target of position ``t`` (token ``t + 1``) or -100, so a
+loss never shifts again and the last position of every document is -100.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import datasets
+import numpy as np
+import pyarrow.compute as pc
+import torch
+
+from ds_distill.config import UsageError
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+FORMATS = ("text", "prompt_completion", "messages")
+# Columns each format needs, in the order they are checked by "auto".
+_REQUIRED = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
+# File suffix -> `datasets` builder. .txt is one example per non-empty line, .md one example per file.
+_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".md": "text"}
+# Rows per packing chunk: packing is greedy within a chunk, so blocks never depend on rows far away (cacheable, and
+# `num_proc` workers pack independently); the cost is at most one partly filled block per chunk.
+_PACK_CHUNK = 1000
+
+
+def _dist_rank() -> int | None:
+    """This process's rank if torch.distributed is initialised, else None."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return None
+
+
+@contextmanager
+def main_process_first() -> Iterator[None]:
+    """Run the body on rank 0 first, then on the other ranks (which then hit the `datasets` cache).
+
+    Without torch.distributed this is a no-op. If rank 0 fails inside the body it still reaches the barrier, so the
+    other ranks do not hang: they run the body themselves and fail with the same error.
+    """
+    rank = _dist_rank()
+    if rank is not None and rank != 0:
+        torch.distributed.barrier()
+    try:
+        yield
+    finally:
+        if rank == 0:
+            torch.distributed.barrier()
+
+
+def _warn(msg: str) -> None:
+    # Every rank computes the same counts; say it once.
+    if _dist_rank() in (None, 0):
+        logger.warning(msg)
+
+
+# ----------------------------------------------------------------------------------------------------- loading
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~")) or Path(path).suffix in _BUILDERS
+
+
+def _data_files(root: Path) -> tuple[str, list[Path]]:
+    """The builder name and the files of a file or a folder of files (all of one kind, searched recursively)."""
+    if root.is_file():
+        files = [root]
+    else:
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in _BUILDERS
+                       and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if not files:
+        raise UsageError(f"data folder {str(root)!r} holds no {'/'.join(_BUILDERS)} files: point --data at a file or a folder of them")
+    if files[0].suffix not in _BUILDERS:
+        raise UsageError(f"data file {str(root)!r} has an unknown suffix {files[0].suffix!r}: use one of {', '.join(_BUILDERS)}")
+    kinds = {_BUILDERS[p.suffix] for p in files}
+    if len(kinds) > 1 or len({p.suffix for p in files} & {".txt", ".md"}) > 1:
+        raise UsageError(f"data folder {str(root)!r} mixes file kinds {sorted({p.suffix for p in files})}: keep one kind per folder")
+    for p in files:
+        if p.stat().st_size == 0:
+            raise UsageError(f"data file {str(p)!r} is empty: remove it or fill it")
+    return kinds.pop(), files
+
+
+def _diagnose(builder: str, files: list[Path]) -> None:
+    """Raise a UsageError naming the file and line if a text file is not UTF-8 or a JSON line is malformed.
+
+    Called only after `datasets` failed, so valid corpora are read once (by `datasets`, in Arrow) and not twice.
+    """
+    if builder == "parquet":
+        return
+    for p in files:
+        raw = p.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw[: exc.start].count(b"\n") + 1
+            raise UsageError(f"data file {str(p)!r} line {line} is not valid UTF-8 (byte {exc.start}): re-encode the file as UTF-8") from None
+        if builder != "json":
+            continue
+        if p.suffix == ".json":
+            try:  # a whole-file JSON array is fine; otherwise it must be JSON lines
+                json.loads(text)
+                continue
+            except json.JSONDecodeError:
+                pass
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UsageError(f"data file {str(p)!r} line {n} is not valid JSON ({exc.msg}, column {exc.colno}): fix or remove that line") from None
+            if not isinstance(row, dict):
+                raise UsageError(f"data file {str(p)!r} line {n} is a JSON {type(row).__name__}, not an object: write one {{...}} per line")
+
+
+def _load_raw(path: str, split: str) -> datasets.Dataset:
+    p = Path(path).expanduser()
+    if p.is_dir() and any((p / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        ds = datasets.load_from_disk(str(p))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise UsageError(f"saved dataset {path!r} has splits {sorted(ds)}, not {split!r}: pick one of them")
+            ds = ds[split]
+        return ds
+    if p.exists():
+        builder, files = _data_files(p)
+        kwargs: dict[str, Any] = {"sample_by": "document"} if builder == "text" and files[0].suffix == ".md" else {}
+        try:
+            ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
+        except Exception:  # noqa: BLE001 - find the offending file/line for the user, else re-raise as is
+            _diagnose(builder, files)
+            raise
+        if builder == "text" and files[0].suffix == ".txt":
+            ds = ds.filter(lambda b: [bool(t.strip()) for t in b["text"]], batched=True)
+        return ds
+    if _looks_local(path):
+        raise UsageError(f"data path {path!r} does not exist: pass a .jsonl/.json/.parquet/.txt/.md file or folder, a save_to_disk folder, or a hub dataset name")
+    try:
+        return datasets.load_dataset(path, split=split)
+    except (datasets.exceptions.DatasetNotFoundError, FileNotFoundError) as exc:
+        raise UsageError(f"data {path!r} is neither a local path nor a loadable hub dataset ({str(exc).splitlines()[0]}): check the name or the path") from None
+
+
+def _detect_format(columns: list[str], data_format: str, path: str) -> str:
+    if data_format not in ("auto", *FORMATS):
+        raise UsageError(f"data_format {data_format!r} is unknown: use auto, {', '.join(FORMATS)}")
+    if data_format == "auto":
+        for fmt, cols in _REQUIRED.items():
+            if all(c in columns for c in cols):
+                return fmt
+        raise UsageError(f"data {path!r} has columns {columns}; expected 'text', or 'prompt' + 'completion', or 'messages': rename the columns")
+    missing = [c for c in _REQUIRED[data_format] if c not in columns]
+    if missing:
+        raise UsageError(f"data {path!r} has columns {columns} but data_format {data_format!r} needs {list(_REQUIRED[data_format])}: "
+                         f"rename the columns or change data_format")
+    return data_format
+
+
+# ---------------------------------------------------------------------------------------------------- tokenising
+
+
+def _shift(ids: list[int], supervised: list[bool]) -> list[int]:
+    """labels[t] = ids[t + 1] where token t + 1 is supervised, else -100; the last position is always -100."""
+    return [ids[t + 1] if supervised[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)] + [IGNORE_INDEX]
+
+
+class _Tokenise:
+    """The batched `datasets.map` function: raw rows -> input_ids, labels (shifted), _truncated. A class (not a
+    closure) so the `datasets` fingerprint, hence the cache, depends only on these settings and the tokenizer."""
+
+    def __init__(self, tokenizer, fmt: str, seq_len: int, train_on_prompt: bool):
+        self.tokenizer, self.fmt, self.seq_len, self.train_on_prompt = tokenizer, fmt, seq_len, train_on_prompt
+        eos = tokenizer.eos_token_id
+        if fmt != "messages" and eos is None:
+            raise UsageError(f"tokenizer {tokenizer.name_or_path!r} has no eos token: set eos_token in its tokenizer_config.json")
+        if fmt == "messages" and not tokenizer.chat_template:
+            raise UsageError(f"tokenizer {tokenizer.name_or_path!r} has no chat template but the data has 'messages': "
+                             f"use a tokenizer with a chat_template, or prompt/completion data")
+        # Does encoding with special tokens already append eos (some tokenizers do, Llama's do not)?
+        probe = tokenizer("a")["input_ids"]
+        self.adds_eos = eos is not None and len(probe) > 0 and probe[-1] == eos
+        self.eos = eos
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        if self.fmt == "text":
+            rows = [(ids if self.adds_eos else ids + [self.eos], None)
+                    for ids in self.tokenizer(batch["text"])["input_ids"]]
+        elif self.fmt == "prompt_completion":
+            prompts = self.tokenizer(batch["prompt"])["input_ids"]
+            completions = self.tokenizer(batch["completion"], add_special_tokens=False)["input_ids"]
+            rows = []
+            for p, c in zip(prompts, completions):
+                p = p[:-1] if self.adds_eos else p  # the eos belongs after the completion, not the prompt
+                rows.append((p + c + [self.eos], [self.train_on_prompt] * len(p) + [True] * (len(c) + 1)))
+        else:
+            rows = [self._messages(m, i) for m, i in zip(batch["messages"], batch["id"])]
+        out: dict[str, list] = {"input_ids": [], "labels": [], "_truncated": []}
+        for ids, sup in rows:
+            sup = sup if sup is not None else [True] * len(ids)
+            out["_truncated"].append(len(ids) > self.seq_len)
+            ids, sup = ids[: self.seq_len], sup[: self.seq_len]
+            out["input_ids"].append(ids)
+            out["labels"].append(_shift(ids, sup))
+        return out
+
+    def _render(self, messages: list[dict], example_id: int, generation: bool = False) -> list[int]:
+        import jinja2
+
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+        except jinja2.TemplateError as exc:
+            raise UsageError(f"chat template failed on example id {example_id}: {exc}: fix the conversation or the template") from None
+        # The template writes bos and every marker itself; adding special tokens again would double bos.
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _messages(self, messages: list[dict], example_id: int) -> tuple[list[int], list[bool]]:
+        """Tokens of the whole conversation; supervised = assistant content plus its end-of-turn token(s).
+
+        Assistant turn i spans [len(render(messages[:i], generation prompt)), len(render(messages[:i + 1]))): the
+        incremental-prefix method, which works with any template that renders prefixes as prefixes (checked).
+        """
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise UsageError(f"example id {example_id}: each message needs 'role' and 'content', got {m!r}")
+        ids = self._render(messages, example_id)
+        sup = [False] * len(ids)
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            head = self._render(messages[:i], example_id, generation=True)
+            turn = self._render(messages[: i + 1], example_id)
+            if ids[: len(head)] != head or ids[: len(turn)] != turn:
+                raise UsageError(f"example id {example_id}: the chat template does not render a conversation's prefixes as "
+                                 f"token prefixes, so assistant turns cannot be located: use a template that does")
+            sup[len(head): len(turn)] = [True] * (len(turn) - len(head))
+        return ids, sup
+
+
+class _Pack:
+    """Batched `datasets.map` function: greedy next-fit packing of whole documents into blocks of <= seq_len."""
+
+    def __init__(self, seq_len: int):
+        self.seq_len = seq_len
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        out: dict[str, list] = {"id": [], "input_ids": [], "labels": [], "position_ids": [], "doc_ids": []}
+        for i, (ids, labels) in enumerate(zip(batch["input_ids"], batch["labels"])):
+            if not out["input_ids"] or len(out["input_ids"][-1]) + len(ids) > self.seq_len:
+                out["id"].append(batch["id"][i])
+                for k in ("input_ids", "labels", "position_ids", "doc_ids"):
+                    out[k].append([])
+            # Each document's labels already end in -100, so no target crosses a document boundary.
+            out["input_ids"][-1].extend(ids)
+            out["labels"][-1].extend(labels)
+            out["position_ids"][-1].extend(range(len(ids)))
+            out["doc_ids"][-1].append(batch["id"][i])
+        return out
+
+
+def get_dataset(path: str, tokenizer, *, seq_len: int, data_format: str = "auto", split: str = "train",
+                max_samples: int | None = None, packing: bool = False, train_on_prompt: bool = False,
+                drop_long: bool = False, example_filter: Callable[[dict], bool] | None = None,
+                num_proc: int | None = None) -> datasets.Dataset:
+    """Load and tokenise a corpus.
+
+    Sources: a .jsonl/.json/.parquet/.txt (one example per non-empty line)/.md (one example per file) file or a folder
+    of one kind of them, a `Dataset.save_to_disk` folder, or a hub dataset name (``load_dataset(path, split=split)``).
+    Formats (``data_format="auto"`` picks from the columns): ``text``; ``prompt`` + ``completion`` (only completion
+    tokens and the appended eos are targets unless ``train_on_prompt``); ``messages`` (list of {role, content},
+    rendered with the chat template; only assistant turns and their end-of-turn tokens are targets).
+
+    Returns a Dataset with ``id`` (int64; the data's integer ``id`` column or the row index, kept through filtering
+    and packing), ``input_ids`` and ``labels`` (lists of the same length <= seq_len; labels already shifted, -100 where
+    not supervised), and with ``packing`` also ``position_ids`` (restarting at 0 per document) and ``doc_ids``
+    (the ids of the documents in the block; ``id`` is the first of them). Examples longer than ``seq_len`` are
+    truncated (or dropped with ``drop_long``); examples left with no target are dropped; both are counted in a warning.
+    ``max_samples`` keeps the first N rows, ``example_filter`` (raw row -> keep?) runs before tokenising.
+    """
+    if seq_len < 2:
+        raise UsageError(f"seq_len {seq_len} is too small: a training example needs at least 2 tokens")
+    with main_process_first():
+        raw = _load_raw(path, split)
+        if max_samples is not None:
+            raw = raw.select(range(min(max_samples, len(raw))))
+        if len(raw) == 0:
+            raise UsageError(f"data {path!r} has no examples: check the file or the split")
+        fmt = _detect_format(list(raw.column_names), data_format, path)
+
+        # Stable ids: keep an integer `id` column (checked unique), otherwise number the rows.
+        id_type = raw.features.get("id")
+        if isinstance(id_type, datasets.Value) and id_type.dtype.startswith(("int", "uint")):
+            if len(set(raw["id"])) != len(raw):
+                raise UsageError(f"data {path!r} has duplicate values in its integer 'id' column: make them unique or drop the column")
+            raw = raw.cast_column("id", datasets.Value("int64"))
+        else:
+            if "id" in raw.column_names:
+                raw = raw.remove_columns("id")
+            raw = raw.add_column("id", np.arange(len(raw), dtype=np.int64))
+        if example_filter is not None:
+            raw = raw.filter(example_filter, num_proc=num_proc)
+            if len(raw) == 0:
+                raise UsageError(f"example_filter removed every example of {path!r}: loosen the filter")
+
+        tokenise = _Tokenise(tokenizer, fmt, seq_len, train_on_prompt)
+        keep = [c for c in raw.column_names if c != "id"]
+        ds = raw.map(tokenise, batched=True, remove_columns=keep, num_proc=num_proc, desc="tokenising")
+
+        n_long = pc.sum(ds.with_format("arrow")["_truncated"]).as_py() or 0
+        if n_long and drop_long:
+            ds = ds.filter(lambda b: [not t for t in b["_truncated"]], batched=True, num_proc=num_proc)
+            _warn(f"dropped {n_long} of {len(raw)} examples longer than seq_len={seq_len} tokens (drop_long)")
+        elif n_long:
+            _warn(f"truncated {n_long} of {len(raw)} examples longer than seq_len={seq_len} tokens")
+        ds = ds.remove_columns("_truncated")
+
+        n_before = len(ds)
+        ds = ds.filter(lambda b: [any(x != IGNORE_INDEX for x in lab) for lab in b["labels"]], batched=True, num_proc=num_proc)
+        if len(ds) < n_before:
+            _warn(f"dropped {n_before - len(ds)} examples with no supervised token (e.g. the prompt fills seq_len={seq_len})")
+        if len(ds) == 0:
+            raise UsageError(f"data {path!r} has no example with a supervised token left: raise seq_len or check the data")
+
+        if packing:
+            ds = ds.map(_Pack(seq_len), batched=True, batch_size=_PACK_CHUNK, remove_columns=ds.column_names,
+                        num_proc=num_proc, desc="packing")
+    return ds
+
+
+def split_eval(dataset: datasets.Dataset, eval_fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Split off a held-out slice: round(len * eval_fraction) rows (at least 1) chosen by a permutation seeded with
+    `seed`; both parts keep the dataset order. Returns (train, eval)."""
+    n = len(dataset)
+    n_eval = max(1, round(n * eval_fraction))
+    if not 0 < eval_fraction < 1 or n_eval >= n:
+        raise UsageError(f"eval_fraction {eval_fraction} leaves no training or no eval examples out of {n}: use a value in (0, 1)")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    eval_idx = sorted(perm[:n_eval])
+    train_idx = sorted(perm[n_eval:])
+    return dataset.select(train_idx), dataset.select(eval_idx)
+
+
+# ---------------------------------------------------------------------------------------------------- batching
+
+
+def collate(rows: dict[str, list], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Columns of B examples -> a right-padded batch, padded to the longest example (T).
+
+    Returns input_ids [B, T] long, labels [B, T] long (-100 on pads), example_ids [B] int64 and either
+    attention_mask [B, T] long (1 = token, 0 = pad) or, for packed rows, position_ids [B, T] long and attention_mask
+    [B, 1, T, T] bool (True = may attend): causal and block-diagonal per document. transformers (5.x) passes a 4-D
+    mask through unchanged; it is the form its sdpa attention expects. Pads form one extra block, so no query row is
+    fully masked (which would give NaN with sdpa).
+    """
+    lengths = [len(x) for x in rows["input_ids"]]
+    B, T = len(lengths), max(lengths)
+    input_ids = torch.full((B, T), pad_token_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    for b, (ids, lab) in enumerate(zip(rows["input_ids"], rows["labels"])):
+        input_ids[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        labels[b, : len(lab)] = torch.tensor(lab, dtype=torch.long)
+    batch = {"input_ids": input_ids}
+    if "position_ids" in rows:
+        position_ids = torch.zeros((B, T), dtype=torch.long)
+        for b, pos in enumerate(rows["position_ids"]):
+            position_ids[b, : len(pos)] = torch.tensor(pos, dtype=torch.long)
+            position_ids[b, len(pos):] = torch.arange(T - len(pos))  # the pad block restarts at 0 too
+        doc = (position_ids == 0).cumsum(-1)  # [B, T] document index of each token
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        batch["attention_mask"] = ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+        batch["position_ids"] = position_ids
+    else:
+        batch["attention_mask"] = (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).long()
+    batch["labels"] = labels
+    batch["example_ids"] = torch.tensor(rows["id"], dtype=torch.int64)
+    return batch
+
+
+class BatchStream:
+    """Endless, seeded, resumable micro-batches of one rank's shard.
+
+    Each epoch draws a permutation of the dataset seeded with (seed, epoch), truncates it to a multiple of world_size
+    and gives rank r the positions perm[r::world_size]: shards are disjoint and equally long, so every rank yields the
+    same number of batches per epoch. The last incomplete batch of an epoch is dropped; the epoch then advances.
+    """
+
+    def __init__(self, dataset, *, batch_size: int, rank: int, world_size: int, seed: int, pad_token_id: int,
+                 shuffle: bool = True):
+        if not 0 <= rank < world_size:
+            raise UsageError(f"rank {rank} is outside world size {world_size}")
+        self.dataset, self.batch_size, self.rank, self.world_size = dataset, batch_size, rank, world_size
+        self.seed, self.pad_token_id, self.shuffle = seed, pad_token_id, shuffle
+        self.shard_size = len(dataset) // world_size
+        if self.shard_size < batch_size:
+            raise UsageError(f"the dataset has {len(dataset)} examples, which gives each of {world_size} ranks "
+                             f"{self.shard_size}, fewer than the micro-batch size {batch_size}: use more data or a smaller batch")
+        self.epoch = 0
+        self.index = 0  # examples of this epoch's shard already yielded
+        self._shard: list[int] | None = None  # cached positions of `self.epoch`'s shard
+
+    def _shard_of(self, epoch: int) -> list[int]:
+        n = self.shard_size * self.world_size
+        if self.shuffle:
+            # One generator seed per (seed, epoch) pair; the large odd multiplier keeps pairs apart.
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (2**63))
+            perm = torch.randperm(len(self.dataset), generator=g)[:n]
+        else:
+            perm = torch.arange(n)
+        return perm[self.rank:: self.world_size].tolist()
+
+    def __iter__(self) -> "BatchStream":
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self.index + self.batch_size > self.shard_size:
+            self.epoch, self.index, self._shard = self.epoch + 1, 0, None
+        if self._shard is None:
+            self._shard = self._shard_of(self.epoch)
+        rows = self.dataset[self._shard[self.index: self.index + self.batch_size]]
+        self.index += self.batch_size
+        return collate(rows, self.pad_token_id)
+
+    def state_dict(self) -> dict:
+        """{"epoch": int, "index": int}: examples of the epoch's shard already yielded."""
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index, self._shard = int(state["epoch"]), int(state["index"]), None
