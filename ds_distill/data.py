@@ -10,6 +10,7 @@ loss never shifts again and the last position of every document is -100.
 """
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 from contextlib import contextmanager
@@ -93,22 +94,38 @@ def _data_files(root: Path) -> tuple[str, list[Path]]:
     return kinds.pop(), files
 
 
-def _diagnose(builder: str, files: list[Path]) -> None:
-    """Raise a UsageError naming the file and line if a text file is not UTF-8 or a JSON line is malformed.
+def _check_utf8(p: Path) -> None:
+    """Raise a UsageError naming the line of the first invalid UTF-8 byte. Streams the file in 16 MiB chunks.
 
-    Called only after `datasets` failed, so valid corpora are read once (by `datasets`, in Arrow) and not twice.
+    Needed up front: pyarrow's JSON reader accepts invalid UTF-8 and the error would only surface later, far from the
+    file, when a row is read.
     """
-    if builder == "parquet":
-        return
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line, offset = 1, 0
+    with open(p, "rb") as fh:
+        while True:
+            chunk = fh.read(1 << 24)
+            pending = len(decoder.getstate()[0])  # bytes of a character split across chunks
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as exc:
+                at = max(exc.start - pending, 0)
+                line += chunk[:at].count(b"\n")
+                raise UsageError(f"data file {str(p)!r} line {line} is not valid UTF-8 "
+                                 f"(byte {offset + at}): re-encode the file as UTF-8") from None
+            if not chunk:
+                return
+            line += chunk.count(b"\n")
+            offset += len(chunk)
+
+
+def _diagnose_json(files: list[Path]) -> None:
+    """Raise a UsageError naming the file and line of a malformed JSON line.
+
+    Called only after `datasets` failed, so valid corpora are parsed once (by `datasets`, in Arrow) and not twice.
+    """
     for p in files:
-        raw = p.read_bytes()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            line = raw[: exc.start].count(b"\n") + 1
-            raise UsageError(f"data file {str(p)!r} line {line} is not valid UTF-8 (byte {exc.start}): re-encode the file as UTF-8") from None
-        if builder != "json":
-            continue
+        text = p.read_text(encoding="utf-8")
         if p.suffix == ".json":
             try:  # a whole-file JSON array is fine; otherwise it must be JSON lines
                 json.loads(text)
@@ -138,10 +155,14 @@ def _load_raw(path: str, split: str) -> datasets.Dataset:
     if p.exists():
         builder, files = _data_files(p)
         kwargs: dict[str, Any] = {"sample_by": "document"} if builder == "text" and files[0].suffix == ".md" else {}
+        if builder != "parquet":
+            for f in files:
+                _check_utf8(f)
         try:
             ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
-        except Exception:  # noqa: BLE001 - find the offending file/line for the user, else re-raise as is
-            _diagnose(builder, files)
+        except Exception:  # noqa: BLE001 - find the offending file and line for the user, else re-raise as is
+            if builder == "json":
+                _diagnose_json(files)
             raise
         if builder == "text" and files[0].suffix == ".txt":
             ds = ds.filter(lambda b: [bool(t.strip()) for t in b["text"]], batched=True)

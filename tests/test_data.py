@@ -1,0 +1,320 @@
+"""ds_distill.data: sources, formats, exact supervision masks, packing equivalence, sharding, exact resume, bad data."""
+import json
+import logging
+
+import datasets
+import pytest
+import torch
+
+from ds_distill.config import UsageError
+from ds_distill.data import IGNORE_INDEX, BatchStream, collate, get_dataset, split_eval
+from tests import tiny
+
+datasets.disable_progress_bars()
+WORDS = "the quick brown fox jumps over the lazy dog while a small cat sleeps in the warm sun".split()
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return tiny.make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def sentence(i: int, n: int | None = None) -> str:
+    n = n if n is not None else 3 + i % 9
+    return " ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(n))
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def texts(n):
+    return [{"text": sentence(i)} for i in range(n)]
+
+
+def expect_text(tok, text):
+    ids = tok(text)["input_ids"] + [tok.eos_token_id]  # the tiny tokenizer adds bos, not eos
+    return ids, ids[1:] + [IGNORE_INDEX]
+
+
+# ------------------------------------------------------------------------------------------------------ sources
+
+
+def check_text_rows(ds, tok, rows):
+    assert ds.column_names == ["id", "input_ids", "labels"]
+    assert ds["id"] == list(range(len(rows)))
+    for got, row in zip(ds, rows):
+        ids, labels = expect_text(tok, row["text"])
+        assert got["input_ids"] == ids and got["labels"] == labels
+
+
+def test_jsonl_json_parquet_save_to_disk(tmp_path, tok):
+    rows = texts(6)
+    check_text_rows(get_dataset(write_jsonl(tmp_path / "a.jsonl", rows), tok, seq_len=64), tok, rows)
+    (tmp_path / "b.json").write_text(json.dumps(rows))  # a JSON array
+    check_text_rows(get_dataset(str(tmp_path / "b.json"), tok, seq_len=64), tok, rows)
+    datasets.Dataset.from_list(rows).to_parquet(tmp_path / "c.parquet")
+    check_text_rows(get_dataset(str(tmp_path / "c.parquet"), tok, seq_len=64), tok, rows)
+    datasets.Dataset.from_list(rows).save_to_disk(tmp_path / "saved")
+    check_text_rows(get_dataset(str(tmp_path / "saved"), tok, seq_len=64), tok, rows)
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(tmp_path / "saved_dict")
+    check_text_rows(get_dataset(str(tmp_path / "saved_dict"), tok, seq_len=64, split="train"), tok, rows)
+
+
+def test_txt_folder_one_example_per_line_and_md_per_file(tmp_path, tok):
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "txt" / "1.txt").write_text(f"{sentence(0)}\n\n{sentence(1)}\n")
+    (tmp_path / "txt" / "2.txt").write_text(f"{sentence(2)}\n")
+    check_text_rows(get_dataset(str(tmp_path / "txt"), tok, seq_len=64), tok, texts(3))
+    (tmp_path / "md").mkdir()
+    (tmp_path / "md" / "a.md").write_text("# title\n\nsome text\n")
+    ds = get_dataset(str(tmp_path / "md"), tok, seq_len=64)
+    assert len(ds) == 1 and tok.decode(ds[0]["input_ids"], skip_special_tokens=True) == "# title\n\nsome text\n"
+
+
+def test_max_samples_integer_ids_and_filter_keep_ids(tmp_path, tok):
+    rows = [{"id": 100 + i, **r} for i, r in enumerate(texts(8))]
+    path = write_jsonl(tmp_path / "a.jsonl", rows)
+    assert get_dataset(path, tok, seq_len=64, max_samples=5)["id"] == [100, 101, 102, 103, 104]
+    ds = get_dataset(path, tok, seq_len=64, example_filter=lambda r: r["id"] % 2 == 1)
+    assert ds["id"] == [101, 103, 105, 107]
+    assert ds[1]["input_ids"] == expect_text(tok, rows[3]["text"])[0]
+    # A string id column is not an example index: rows are numbered instead.
+    path = write_jsonl(tmp_path / "s.jsonl", [{"id": f"x{i}", **r} for i, r in enumerate(texts(3))])
+    assert get_dataset(path, tok, seq_len=64)["id"] == [0, 1, 2]
+
+
+# -------------------------------------------------------------------------------------------------- supervision
+
+
+def test_prompt_completion_mask(tmp_path, tok):
+    rows = [{"prompt": "what is the capital of france?", "completion": " paris."}, {"prompt": "hello", "completion": " fine"}]
+    ds = get_dataset(write_jsonl(tmp_path / "pc.jsonl", rows), tok, seq_len=64)
+    for got, row in zip(ds, rows):
+        p = tok(row["prompt"])["input_ids"]
+        c = tok(row["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert got["input_ids"] == p + c
+        # Positions 0 .. len(p)-2 predict prompt tokens: ignored. Position len(p)-1 predicts the first completion token.
+        assert got["labels"] == [IGNORE_INDEX] * (len(p) - 1) + c + [IGNORE_INDEX]
+    on_prompt = get_dataset(str(tmp_path / "pc.jsonl"), tok, seq_len=64, train_on_prompt=True)
+    assert on_prompt[0]["labels"] == on_prompt[0]["input_ids"][1:] + [IGNORE_INDEX]
+
+
+def test_messages_mask_assistant_turns_and_end_token(tmp_path, tok):
+    conv = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"},
+            {"role": "assistant", "content": "hello you"}, {"role": "user", "content": "and the dog?"},
+            {"role": "assistant", "content": "it sleeps"}]
+    ds = get_dataset(write_jsonl(tmp_path / "m.jsonl", [{"messages": conv}]), tok, seq_len=128)
+    ids, labels = ds[0]["input_ids"], ds[0]["labels"]
+    assert ids == tok(tok.apply_chat_template(conv, tokenize=False), add_special_tokens=False)["input_ids"]
+    targets = [ids[t + 1] for t in range(len(ids) - 1) if labels[t] != IGNORE_INDEX]
+    assert all(labels[t] in (IGNORE_INDEX, ids[t + 1]) for t in range(len(ids) - 1)) and labels[-1] == IGNORE_INDEX
+    # Exactly the assistant contents, each followed by its <|end|>; no role marker, no user/system text.
+    end = tok.convert_tokens_to_ids("<|end|>")
+    expected = []
+    for answer in ("hello you", "it sleeps"):
+        expected += tok(answer, add_special_tokens=False)["input_ids"] + [end]
+    assert targets == expected
+    assert tok.decode(targets) == "hello you<|end|>it sleeps<|end|>"
+
+
+def test_messages_without_chat_template(tmp_path, tok):
+    plain = tiny.make_tokenizer(tmp_path / "plain")
+    plain.chat_template = None
+    path = write_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(UsageError, match="no chat template"):
+        get_dataset(path, plain, seq_len=32)
+
+
+def test_sentencepiece_tokenizer(tmp_path):
+    pytest.importorskip("google.protobuf", reason="transformers 5 needs protobuf to read a tokenizer.model")
+    sp = tiny.make_sentencepiece_tokenizer(tmp_path / "sp")
+    assert not (tmp_path / "sp" / "tokenizer.json").exists()
+    rows = texts(3)
+    ds = get_dataset(write_jsonl(tmp_path / "t.jsonl", rows), sp, seq_len=64)
+    check_text_rows(ds, sp, rows)
+    assert ds[0]["input_ids"][0] == sp.bos_token_id and ds[0]["input_ids"][-1] == sp.eos_token_id
+    conv = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello you"}]
+    m = get_dataset(write_jsonl(tmp_path / "m.jsonl", [{"messages": conv}]), sp, seq_len=128)[0]
+    targets = [m["input_ids"][t + 1] for t, x in enumerate(m["labels"]) if x != IGNORE_INDEX]
+    assert sp.decode(targets) == "hello you</s>"
+
+
+# ------------------------------------------------------------------------------------------------------ lengths
+
+
+def test_truncate_and_drop_long_counts(tmp_path, tok, caplog):
+    rows = [{"text": sentence(i, n)} for i, n in enumerate([3, 40, 4, 50])]
+    path = write_jsonl(tmp_path / "a.jsonl", rows)
+    with caplog.at_level(logging.WARNING, logger="ds_distill.data"):
+        ds = get_dataset(path, tok, seq_len=16)
+    assert "truncated 2 of 4 examples longer than seq_len=16" in caplog.text
+    assert [len(x) for x in ds["input_ids"]] == [len(expect_text(tok, rows[0]["text"])[0]), 16,
+                                                 len(expect_text(tok, rows[2]["text"])[0]), 16]
+    long_ids = expect_text(tok, rows[1]["text"])[0]
+    assert ds[1]["input_ids"] == long_ids[:16] and ds[1]["labels"] == long_ids[1:16] + [IGNORE_INDEX]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ds_distill.data"):
+        ds = get_dataset(path, tok, seq_len=16, drop_long=True)
+    assert "dropped 2 of 4 examples longer than seq_len=16" in caplog.text
+    assert ds["id"] == [0, 2]
+
+
+# ------------------------------------------------------------------------------------------------------ packing
+
+
+def test_packing_layout(tmp_path, tok):
+    rows = [{"text": sentence(i, n)} for i, n in enumerate([3, 4, 12, 2, 5])]
+    path = write_jsonl(tmp_path / "a.jsonl", rows)
+    plain = get_dataset(path, tok, seq_len=24)
+    lens = [len(x) for x in plain["input_ids"]]
+    packed = get_dataset(path, tok, seq_len=24, packing=True)
+    # Greedy next-fit over whole documents, in order.
+    blocks, cur = [], []
+    for i, n in enumerate(lens):
+        if cur and sum(lens[j] for j in cur) + n > 24:
+            blocks.append(cur)
+            cur = []
+        cur.append(i)
+    blocks.append(cur)
+    assert packed["doc_ids"] == blocks and packed["id"] == [b[0] for b in blocks]
+    for row, docs in zip(packed, blocks):
+        assert row["input_ids"] == sum((plain[j]["input_ids"] for j in docs), [])
+        assert row["labels"] == sum((plain[j]["labels"] for j in docs), [])  # -100 ends every document
+        assert row["position_ids"] == sum((list(range(lens[j])) for j in docs), [])
+        assert len(row["input_ids"]) <= 24
+
+
+def test_packed_documents_do_not_see_each_other(tmp_path, tok):
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tiny.make_model(tmp_path / "model", tok, layers=2, hidden=32, heads=4, seed=0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    rows = [{"text": sentence(i, n)} for i, n in enumerate([5, 9, 3, 14, 6, 2, 8])]
+    path = write_jsonl(tmp_path / "a.jsonl", rows)
+    plain = get_dataset(path, tok, seq_len=32)
+    packed = get_dataset(path, tok, seq_len=32, packing=True)
+    assert any(len(d) > 1 for d in packed["doc_ids"])
+    batch = collate(packed[:], pad_token_id=tok.pad_token_id)  # several blocks of different lengths: pads too
+    B, T = batch["input_ids"].shape
+    assert batch["attention_mask"].shape == (B, 1, T, T) and batch["attention_mask"].dtype == torch.bool
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"]).logits
+        assert torch.isfinite(logits).all()  # pad rows are not fully masked
+        for b, docs in enumerate(packed["doc_ids"]):
+            start = 0
+            for doc in docs:
+                ids = torch.tensor([plain[doc]["input_ids"]])
+                alone = model(input_ids=ids).logits[0]
+                torch.testing.assert_close(logits[b, start: start + ids.shape[1]], alone, atol=1e-5, rtol=0)
+                start += ids.shape[1]
+
+
+# ------------------------------------------------------------------------------------------------------ batches
+
+
+def small_dataset(n=23, lengths=None):
+    lengths = lengths or [2 + i % 5 for i in range(n)]
+    rows = [{"id": 1000 + i, "input_ids": list(range(1, L + 1)), "labels": list(range(2, L + 1)) + [IGNORE_INDEX]}
+            for i, L in enumerate(lengths)]
+    return datasets.Dataset.from_list(rows)
+
+
+def test_collate_dynamic_padding():
+    ds = small_dataset(lengths=[2, 4, 3])
+    batch = collate(ds[:], pad_token_id=0)
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "example_ids"}
+    assert batch["input_ids"].tolist() == [[1, 2, 0, 0], [1, 2, 3, 4], [1, 2, 3, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0]]
+    assert batch["labels"].tolist() == [[2, -100, -100, -100], [2, 3, 4, -100], [2, 3, -100, -100]]
+    assert batch["example_ids"].dtype == torch.int64 and batch["example_ids"].tolist() == [1000, 1001, 1002]
+
+
+def take(stream, k):
+    return [next(stream) for _ in range(k)]
+
+
+def test_two_ranks_disjoint_and_cover_each_epoch():
+    ds = small_dataset(23)
+    streams = [BatchStream(ds, batch_size=3, rank=r, world_size=2, seed=5, pad_token_id=0) for r in range(2)]
+    # Shard = 23 // 2 = 11 per rank -> 3 batches of 3 per epoch (2 examples dropped per rank).
+    for epoch in range(2):
+        seen = [sum((b["example_ids"].tolist() for b in take(s, 3)), []) for s in streams]
+        assert all(s.epoch == epoch for s in streams)
+        assert len(seen[0]) == len(seen[1]) == 9 and not set(seen[0]) & set(seen[1])
+        shards = [streams[r]._shard_of(epoch) for r in range(2)]  # the full shards: 22 of 23 examples, disjoint
+        assert len(set(shards[0]) | set(shards[1])) == 22
+    assert next(streams[0])["example_ids"] is not None and streams[0].epoch == 2
+    first = [BatchStream(ds, batch_size=3, rank=0, world_size=2, seed=5, pad_token_id=0)._shard_of(e) for e in (0, 1)]
+    assert first[0] != first[1]  # a new permutation each epoch
+    s = BatchStream(ds, batch_size=3, rank=0, world_size=1, seed=0, pad_token_id=0, shuffle=False)
+    assert next(s)["example_ids"].tolist() == [1000, 1001, 1002]
+
+
+def test_exact_resume_across_epoch_boundary():
+    ds = small_dataset(23)
+    kw = dict(batch_size=3, rank=1, world_size=2, seed=7, pad_token_id=0)
+    reference = take(BatchStream(ds, **kw), 10)  # 3 batches per epoch: crosses two epoch boundaries
+    for k in (0, 2, 3, 5):
+        first = BatchStream(ds, **kw)
+        take(first, k)
+        state = first.state_dict()
+        assert set(state) == {"epoch", "index"}
+        resumed = BatchStream(ds, **kw)
+        resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a JSON round trip
+        for got, want in zip(take(resumed, 10 - k), reference[k:]):
+            for key in want:
+                assert torch.equal(got[key], want[key])
+
+
+def test_batch_stream_too_small():
+    with pytest.raises(UsageError, match="23 examples.*each of 4 ranks 5.*micro-batch size 8"):
+        BatchStream(small_dataset(23), batch_size=8, rank=0, world_size=4, seed=0, pad_token_id=0)
+
+
+def test_split_eval_deterministic_and_disjoint():
+    ds = small_dataset(40)
+    train, held = split_eval(ds, 0.1, seed=3)
+    assert len(held) == 4 and len(train) == 36
+    train_ids, held_ids = list(train["id"]), list(held["id"])
+    assert sorted(train_ids + held_ids) == list(ds["id"]) and held_ids == sorted(held_ids)
+    assert list(split_eval(ds, 0.1, seed=3)[1]["id"]) == held_ids
+    assert list(split_eval(ds, 0.1, seed=4)[1]["id"]) != held_ids
+    with pytest.raises(UsageError, match="eval_fraction"):
+        split_eval(ds, 1.0, seed=0)
+
+
+# ------------------------------------------------------------------------------------------------------ bad data
+
+
+def test_bad_data_errors(tmp_path, tok):
+    path = write_jsonl(tmp_path / "cols.jsonl", [{"body": "x", "title": "y"}])
+    with pytest.raises(UsageError, match=r"columns \['body', 'title'\]; expected 'text', or 'prompt' \+ 'completion', or 'messages'"):
+        get_dataset(path, tok, seq_len=16)
+    path = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "x"}])
+    with pytest.raises(UsageError, match=r"needs \['prompt', 'completion'\]"):
+        get_dataset(path, tok, seq_len=16, data_format="prompt_completion")
+
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(UsageError, match="empty.jsonl' is empty"):
+        get_dataset(str(tmp_path / "empty.jsonl"), tok, seq_len=16)
+    (tmp_path / "blank.txt").write_text("\n\n")
+    with pytest.raises(UsageError, match="has no examples"):
+        get_dataset(str(tmp_path / "blank.txt"), tok, seq_len=16)
+
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n{"text": "c",,}\n')
+    with pytest.raises(UsageError, match=r"bad.jsonl' line 3 is not valid JSON"):
+        get_dataset(str(tmp_path / "bad.jsonl"), tok, seq_len=16)
+    (tmp_path / "latin1.jsonl").write_bytes('{"text": "a"}\n{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(UsageError, match=r"latin1.jsonl' line 2 is not valid UTF-8"):
+        get_dataset(str(tmp_path / "latin1.jsonl"), tok, seq_len=16)
+    (tmp_path / "latin1.txt").write_bytes("ok\ncaf\u00e9\n".encode("latin-1"))
+    with pytest.raises(UsageError, match=r"latin1.txt' line 2 is not valid UTF-8"):
+        get_dataset(str(tmp_path / "latin1.txt"), tok, seq_len=16)
+
+    with pytest.raises(UsageError, match="does not exist"):
+        get_dataset(str(tmp_path / "missing.jsonl"), tok, seq_len=16)
+    with pytest.raises(UsageError, match="data_format 'chat' is unknown"):
+        get_dataset(str(tmp_path / "cols.jsonl"), tok, seq_len=16, data_format="chat")
