@@ -298,7 +298,8 @@ def get_dataset(path: str, tokenizer, *, seq_len: int, data_format: str = "auto"
     """Load and tokenise a corpus.
 
     Sources: a .jsonl/.json/.parquet/.txt (one example per non-empty line)/.md (one example per file) file or a folder
-    of one kind of them, a `Dataset.save_to_disk` folder, or a hub dataset name (``load_dataset(path, split=split)``).
+    of one kind of them, a `Dataset.save_to_disk` folder, or a hub dataset name (``load_dataset(path, split=split)``;
+    ``split`` also picks from a saved DatasetDict, and is ignored for plain files, which form one split).
     Formats (``data_format="auto"`` picks from the columns): ``text``; ``prompt`` + ``completion`` (only completion
     tokens and the appended eos are targets unless ``train_on_prompt``); ``messages`` (list of {role, content},
     rendered with the chat template; only assistant turns and their end-of-turn tokens are targets).
@@ -417,12 +418,14 @@ class BatchStream:
     same number of batches per epoch. The last incomplete batch of an epoch is dropped; the epoch then advances.
     """
 
-    def __init__(self, dataset, *, batch_size: int, rank: int, world_size: int, seed: int, pad_token_id: int,
+    def __init__(self, dataset, *, batch_size: int, rank: int, world_size: int, seed: int, pad_token_id: int | None,
                  shuffle: bool = True):
         if not 0 <= rank < world_size:
             raise UsageError(f"rank {rank} is outside world size {world_size}")
         self.dataset, self.batch_size, self.rank, self.world_size = dataset, batch_size, rank, world_size
-        self.seed, self.pad_token_id, self.shuffle = seed, pad_token_id, shuffle
+        # Tokenizers without a pad token (Llama 3) are common; the pad id's value never matters because pads are
+        # masked out of attention and carry label -100, so any valid id will do.
+        self.seed, self.pad_token_id, self.shuffle = seed, 0 if pad_token_id is None else pad_token_id, shuffle
         self.shard_size = len(dataset) // world_size
         if self.shard_size < batch_size:
             raise UsageError(f"the dataset has {len(dataset)} examples, which gives each of {world_size} ranks "

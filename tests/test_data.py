@@ -249,7 +249,7 @@ def test_two_ranks_disjoint_and_cover_each_epoch():
     assert next(streams[0])["example_ids"] is not None and streams[0].epoch == 2
     first = [BatchStream(ds, batch_size=3, rank=0, world_size=2, seed=5, pad_token_id=0)._shard_of(e) for e in (0, 1)]
     assert first[0] != first[1]  # a new permutation each epoch
-    s = BatchStream(ds, batch_size=3, rank=0, world_size=1, seed=0, pad_token_id=0, shuffle=False)
+    s = BatchStream(ds, batch_size=3, rank=0, world_size=1, seed=0, pad_token_id=None, shuffle=False)  # no pad token
     assert next(s)["example_ids"].tolist() == [1000, 1001, 1002]
 
 
@@ -318,3 +318,50 @@ def test_bad_data_errors(tmp_path, tok):
         get_dataset(str(tmp_path / "missing.jsonl"), tok, seq_len=16)
     with pytest.raises(UsageError, match="data_format 'chat' is unknown"):
         get_dataset(str(tmp_path / "cols.jsonl"), tok, seq_len=16, data_format="chat")
+
+
+def test_prefix_unstable_template_is_refused(tmp_path, tok):
+    # A template that renders the final assistant turn differently from earlier ones (as some "thinking" templates
+    # do) cannot be diffed by prefixes: refuse rather than supervise the wrong tokens.
+    odd = tiny.make_tokenizer(tmp_path / "odd")
+    odd.chat_template = ("{% for m in messages %}{% if loop.last %}{{ 'LAST ' }}{% endif %}"
+                         "{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    path = write_jsonl(tmp_path / "m.jsonl", [{"messages": conv}])
+    with pytest.raises(UsageError, match="example id 0: the chat template does not render a conversation's prefixes"):
+        get_dataset(path, odd, seq_len=64)
+
+
+def test_examples_without_targets_are_dropped(tmp_path, tok, caplog):
+    rows = [{"prompt": sentence(0, 30), "completion": " fox"}, {"prompt": "hello", "completion": " fine"}]
+    path = write_jsonl(tmp_path / "pc.jsonl", rows)
+    with caplog.at_level(logging.WARNING, logger="ds_distill.data"):
+        ds = get_dataset(path, tok, seq_len=8)  # the first prompt alone is longer than 8 tokens
+    assert ds["id"] == [1]
+    assert "truncated 1 of 2" in caplog.text and "dropped 1 examples with no supervised token" in caplog.text
+
+
+def _main_process_first_worker(rank: int, init_file: str, log_file: str) -> None:
+    import time
+
+    from ds_distill.data import main_process_first
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        with main_process_first():
+            with open(log_file, "a") as fh:
+                fh.write(f"enter {rank}\n")
+            time.sleep(0.3)
+            with open(log_file, "a") as fh:
+                fh.write(f"exit {rank}\n")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_main_process_first_orders_ranks(tmp_path):
+    import torch.multiprocessing as mp
+
+    log_file = tmp_path / "log"
+    mp.spawn(_main_process_first_worker, args=(str(tmp_path / "init"), str(log_file)), nprocs=2, join=True)
+    assert log_file.read_text().split("\n")[:4] == ["enter 0", "exit 0", "enter 1", "exit 1"]
