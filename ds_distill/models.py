@@ -68,7 +68,8 @@ def load_model(path: str, ds: DSConfig, *, trainable: bool) -> LoadedModel:
     keep = HfDeepSpeedConfig(ds.raw) if ds.zero_stage == 3 else None
     dtype = torch.bfloat16 if ds.bf16 else (torch.float16 if ds.raw.get("fp16", {}).get("enabled") else torch.float32)
     try:
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        # sdpa: packed batches carry a boolean block-diagonal mask, which eager attention would mis-read as additive.
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     except (OSError, ValueError) as exc:
         raise UsageError(f"could not load model {path!r}: {str(exc).splitlines()[0]}") from None
     if not trainable:
