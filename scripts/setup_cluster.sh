@@ -4,7 +4,7 @@
 # Idempotent and quiet on success; the details go to .cache/setup_cluster.log.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-venv="$root/.venv"
+python="${PYTHON:-$root/.venv/bin/python}"  # the interpreter that gets mpi4py
 log="$root/.cache/setup_cluster.log"
 mkdir -p "$root/.cache"
 
@@ -32,10 +32,10 @@ if ((${#missing[@]})); then
     } >>"$log" 2>&1 || fail "apt-get could not install ${missing[*]}"
 fi
 
-[[ -x "$venv/bin/python" ]] || fail "no virtualenv at $venv: run scripts/setup.sh first"
-if ! "$venv/bin/python" -c "import mpi4py" >/dev/null 2>&1; then
+[[ -x "$python" ]] || fail "no Python at $python: run scripts/setup.sh first (or set PYTHON)"
+if ! "$python" -c "import mpi4py" >/dev/null 2>&1; then
     # Build against Debian's Open MPI (mpicc from libopenmpi-dev), not a bundled MPI.
-    MPICC=mpicc "$venv/bin/python" -m pip install --no-binary mpi4py "mpi4py>=3.1" >>"$log" 2>&1 \
+    MPICC=mpicc "$python" -m pip install --no-binary mpi4py "mpi4py>=3.1" >>"$log" 2>&1 \
         || fail "pip could not build mpi4py against Open MPI"
 fi
 for tool in mpirun sbatch srun slurmctld slurmd munged; do

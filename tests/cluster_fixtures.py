@@ -19,7 +19,12 @@ SCRIPTS = ROOT / "scripts"
 
 def launcher_env(**extra: str) -> dict[str, str]:
     """The environment of a launched job: CPU DeepSpeed, the shared JIT cache, Open MPI allowed as root."""
-    env = dict(os.environ)
+    # Drop every launcher's variables: in-process tests set RANK/WORLD_SIZE/MASTER_* in os.environ (init_distributed),
+    # and a pytest run inside a SLURM or MPI job carries that job's; the launched ranks would inherit them.
+    launcher_prefixes = ("SLURM_", "OMPI_", "PMIX_", "TORCHELASTIC_")
+    launcher_vars = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "CROSS_RANK", "CROSS_SIZE",
+                     "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK", "ROLE_RANK"}
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars and not k.startswith(launcher_prefixes)}
     env.update(DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions")),
                OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
@@ -45,7 +50,8 @@ def run_logged(cmd: list[str], *, env: dict[str, str], timeout: float, cwd: Path
 @pytest.fixture(scope="session")
 def cluster_tools() -> None:
     """Open MPI, SLURM, munge and mpi4py, installed by scripts/setup_cluster.sh (quick when already there)."""
-    proc = subprocess.run(["bash", str(SCRIPTS / "setup_cluster.sh")], capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(["bash", str(SCRIPTS / "setup_cluster.sh")], env=dict(os.environ, PYTHON=sys.executable),
+                          capture_output=True, text=True, timeout=1200)
     if proc.returncode != 0:
         pytest.skip(f"cluster packages cannot be installed here: {(proc.stderr or proc.stdout).strip()}")
 
