@@ -169,3 +169,28 @@ def test_cli_error_has_no_traceback(tiny, tmp_path):
     assert "Traceback" not in proc.stderr
     assert [l for l in proc.stderr.splitlines() if l.startswith("error:")] == [
         "error: invalid run config: --temperature 0.0 must be > 0"]
+
+
+def test_preemption_signal_checkpoints_exits_75_and_resumes(tiny, dist_env, tmp_path):
+    import os
+    import signal
+
+    from ds_distill.callbacks import Callback
+    from ds_distill.preemption import PREEMPTED_EXIT_CODE, Preemption
+
+    class SignalAtStep2(Callback):
+        def on_step_end(self, trainer, sums):
+            if trainer.step == 2:
+                os.kill(os.getpid(), signal.SIGUSR1)
+                os.kill(os.getpid(), signal.SIGTERM)  # a second signal changes nothing
+
+    cfg_ds = ds_json(tmp_path)
+    straight = train.run(make_cfg(tiny, tmp_path / "s", max_steps=4, deepspeed_config=cfg_ds))
+    out = tmp_path / "p"
+    stopped = train.run(make_cfg(tiny, out, max_steps=4, export=True, deepspeed_config=cfg_ds), [SignalAtStep2(), Preemption(requeue=False)])
+    assert stopped.step == 2 and stopped.exit_code == PREEMPTED_EXIT_CODE == 75
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000002" and not (out / "final").exists()
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL, "handlers are restored after the run"
+    resumed = train.run(make_cfg(tiny, out, max_steps=4, resume=True, export=True, deepspeed_config=cfg_ds), [Preemption(requeue=False)])
+    assert resumed.exit_code == 0 and (out / "final" / "config.json").is_file()
+    assert losses_of(stopped) + losses_of(resumed) == pytest.approx(losses_of(straight), rel=1e-5, abs=1e-6)

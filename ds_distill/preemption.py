@@ -1,0 +1,57 @@
+"""Preemption: on SIGTERM or SIGUSR1, finish the step, agree across ranks, checkpoint, exit with a distinct code.
+
+SLURM sends SIGUSR1 ahead of the time limit with ``#SBATCH --signal=USR1@120`` (and ``scancel --signal=USR1``);
+schedulers send SIGTERM before killing. The handler only records the signal: the trainer saves at the next step
+boundary, so a second signal during the save changes nothing and ``latest`` always names a complete checkpoint.
+Under SLURM the job then requeues itself (``scontrol requeue``), and the requeued job resumes with ``--resume``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+
+import torch
+import torch.distributed as dist
+
+from ds_distill.callbacks import Callback
+
+log = logging.getLogger(__name__)
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later", distinct from success (0) and usage errors (2)
+
+
+class Preemption(Callback):
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1), requeue: bool = True):
+        self.signals, self.requeue = signals, requeue
+        self.received: int | None = None
+        self.stopped = False
+        self.previous: dict[int, object] = {}
+
+    def on_train_start(self, trainer) -> None:
+        self.previous = {sig: signal.signal(sig, self._record) for sig in self.signals}
+
+    def _record(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
+
+    def should_stop(self, trainer) -> bool:
+        # The signal may reach only some ranks (or reach them between steps): all ranks stop at the same step.
+        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=trainer.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.stopped = bool(flag.item())
+        if self.stopped and trainer.rank == 0:
+            log.info("preemption signal received: saving a checkpoint at step %d and exiting with code %d", trainer.step, PREEMPTED_EXIT_CODE)
+        return self.stopped
+
+    def on_train_end(self, trainer) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        if not self.stopped:
+            return
+        trainer.exit_code = PREEMPTED_EXIT_CODE
+        job = os.environ.get("SLURM_JOB_ID")
+        if self.requeue and job and trainer.rank == 0:
+            result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+            log.info("scontrol requeue %s: %s", job, "ok" if result.returncode == 0 else result.stderr.strip())
