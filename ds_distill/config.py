@@ -21,6 +21,8 @@ class UsageError(ValueError):
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
+    if default in (list, dict):  # a factory: each RunConfig gets its own empty list (not the `list` class itself)
+        return field(default_factory=default, metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from ds_distill.config import UsageError
 
@@ -34,6 +35,9 @@ def export_checkpoint(checkpoint: Path | str, out_dir: Path | str) -> Path:
         torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32)
     state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     config = AutoConfig.from_pretrained(tag_dir / "hf")
+    # In a training process the last engine's HfDeepSpeedConfig is still registered: under ZeRO-3 from_config would
+    # build an empty partitioned model. The engines no longer need it (models.load_model registers a fresh one per load).
+    unset_hf_deepspeed_config()
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # A tied lm_head is stored once (as the embedding); anything else missing means a broken checkpoint.
