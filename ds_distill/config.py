@@ -65,6 +65,13 @@ class RunConfig:
     resume: bool = _f(False, "Continue from output_dir/checkpoints/latest.")
     seed: int = _f(42, "Seed of data order and initialisation.")
     export: bool = _f(True, "Export the student as a Hugging Face directory (output_dir/final) at the end.")
+    # --- extras (each one Callback or entry-level wrapper; all off by default except the manifest)
+    track_examples: bool = _f(False, "Record CE, KD and tokens of every training example per step in output_dir/examples.csv.")
+    early_stopping_patience: int = _f(0, "Stop after N evaluations in a row without a better eval loss; the best is exported to output_dir/best. 0 = off.")
+    early_stopping_min_delta: float = _f(0.0, "An eval loss counts as better only if it is lower than the best by more than this.")
+    router: str = _f("fixed", "How an ensemble's teachers are mixed per token: fixed (--teacher_weights) or lowest_ce (the teacher with the lowest CE on the label).")
+    rounds: int = _f(1, "Distillation rounds in one job: round k trains output_dir/round_k from round k-1's export.")
+    round_overrides: str = _f("", "JSON file: a list of --rounds objects of run-config fields applied to that round (e.g. temperature, data).")
     # --- launcher
     local_rank: int = _f(-1, "Set by the deepspeed launcher; ignored otherwise.")
 
@@ -111,6 +118,20 @@ class RunConfig:
             problems.append(f"--eval_fraction {self.eval_fraction} must be in [0, 1)")
         if self.data_format not in ("auto", "text", "prompt_completion", "messages"):
             problems.append(f"--data_format {self.data_format!r} must be auto, text, prompt_completion or messages")
+        if self.early_stopping_patience < 0 or self.early_stopping_min_delta < 0:
+            problems.append("--early_stopping_patience and --early_stopping_min_delta must be >= 0")
+        if self.early_stopping_patience and self.eval_fraction == 0 and not self.eval_data:
+            problems.append("--early_stopping_patience needs an eval set: pass --eval_data or --eval_fraction > 0")
+        if self.router not in ("fixed", "lowest_ce"):
+            problems.append(f"--router {self.router!r} must be fixed or lowest_ce")
+        if self.router == "lowest_ce" and self.teacher_weights:
+            problems.append("--router lowest_ce picks the teacher per token: drop --teacher_weights (used only by --router fixed)")
+        if self.rounds < 1:
+            problems.append(f"--rounds {self.rounds} must be >= 1")
+        if self.rounds > 1 and not self.export:
+            problems.append("--rounds > 1 needs --export true: each round starts from the previous round's export")
+        if self.round_overrides and self.rounds < 2:
+            problems.append("--round_overrides applies only with --rounds > 1")
         if problems:
             raise UsageError("invalid run config: " + "; ".join(problems))
 

@@ -275,10 +275,34 @@ def run(cfg: RunConfig, callbacks: list[Callback] = ()) -> Trainer:
     return trainer
 
 
+def default_callbacks(cfg: RunConfig) -> list[Callback]:
+    """The extras a run gets from its flags; each is one object, none is a branch in the loop."""
+    from ds_distill.early_stopping import EarlyStopping
+    from ds_distill.manifest import Manifest
+    from ds_distill.preemption import Preemption
+    from ds_distill.routing import UseRouter, make_router
+    from ds_distill.tracking import ExampleTracker
+
+    callbacks: list[Callback] = [Preemption()]
+    if cfg.router != "fixed":  # "fixed" is the trainer's own --teacher_weights mixture
+        callbacks.append(UseRouter(make_router(cfg.router, cfg.teacher_weights, len(cfg.teacher))))
+    if cfg.early_stopping_patience:
+        callbacks.append(EarlyStopping(cfg.early_stopping_patience, cfg.early_stopping_min_delta))
+    if cfg.track_examples:
+        callbacks.append(ExampleTracker())
+    return [*callbacks, Manifest()]  # last: it records what the others did (checkpoints, best export)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        return run(parse_args(argv)).exit_code
+        cfg = parse_args(argv)
+        if cfg.rounds > 1:
+            from ds_distill import rounds
+
+            trainers = rounds.run_rounds(cfg, default_callbacks)
+            return trainers[-1].exit_code if trainers else 0
+        return run(cfg, default_callbacks(cfg)).exit_code
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,347 @@
+"""The extras around the loop: manifest, early stopping, per-example tracking, routers/ensembles, rounds, monitors.
+
+Trainer runs are in-process on the tiny models (a few steps each); one 2-rank check goes through `deepspeed`.
+"""
+import csv
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ds_distill import data, rounds, train
+from ds_distill.callbacks import Callback
+from ds_distill.config import RunConfig, UsageError, parse_args
+from ds_distill.early_stopping import EarlyStopping
+from ds_distill.manifest import Manifest, write_atomic
+from ds_distill.routing import FixedWeights, LowestTeacherCE, UseRouter
+from ds_distill.tracking import ExampleTracker, hardest_examples, write_subset
+from tests.test_train import ds_json, losses_of, make_cfg
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def fixed_inputs(trainer, n=2):
+    """A deterministic batch of the run's data (model inputs only)."""
+    stream = data.BatchStream(trainer.train.dataset, batch_size=n, rank=0, world_size=1, seed=123, pad_token_id=trainer.tokenizer.pad_token_id)
+    batch = next(stream)
+    return {k: v for k, v in batch.items() if k not in ("labels", "example_ids")}
+
+
+def engine_logits(trainer, inputs):
+    with torch.no_grad():
+        return trainer.student.module.head(trainer.student(**inputs)).float()
+
+
+def hf_logits(path, inputs):
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # a live ZeRO-3 engine would make from_pretrained partition the plain model
+    with torch.no_grad():
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)(**inputs).logits.float()
+
+
+# --------------------------------------------------------------------------------------------------- routers
+def test_routers_on_a_hand_made_example():
+    # 2 teachers, vocabulary 3, 3 tokens; labels 0, 2 and one unsupervised token
+    p1 = torch.tensor([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.2, 0.2, 0.6]]).log()
+    p2 = torch.tensor([[0.5, 0.4, 0.1], [0.1, 0.2, 0.7], [0.9, 0.05, 0.05]]).log()
+    labels = torch.tensor([0, 2, -100])
+    torch.testing.assert_close(FixedWeights([1.0, 3.0])([p1, p2], labels), torch.tensor([[0.25, 0.75]] * 3))
+    # token 0: teacher 1 gives the label 0.7 > 0.5; token 1: teacher 2 gives 0.7 > 0.1; token 2: unsupervised -> uniform
+    torch.testing.assert_close(LowestTeacherCE()([p1, p2], labels), torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]))
+    with pytest.raises(ValueError, match="weights"):
+        FixedWeights([0.0, 0.0])
+
+
+def mixture_loss_by_hand(student, teachers, batches, route, alpha):
+    """Plain torch, float64: sum over supervised tokens of alpha * CE + (1 - alpha) * KL(mix || student), / tokens."""
+    total, n = 0.0, 0
+    for b in batches:
+        inputs = {k: v for k, v in b.items() if k not in ("labels", "example_ids")}
+        labels = b["labels"].reshape(-1)
+        keep = labels != -100
+        s = F.log_softmax(hf_logits(student, inputs).double(), -1).flatten(0, 1)[keep]  # [n, V]
+        ts = [F.log_softmax(hf_logits(t, inputs).double(), -1).flatten(0, 1)[keep] for t in teachers]
+        y = labels[keep]
+        w = route(ts, y)  # [n, K]
+        mix = sum(w[:, k: k + 1] * ts[k].exp() for k in range(len(ts)))
+        kl = (mix * (mix.log() - s)).sum(-1)
+        ce = -s.gather(-1, y[:, None])[:, 0]
+        total += (alpha * ce + (1 - alpha) * kl).sum().item()
+        n += int(keep.sum())
+    return total / n
+
+
+@pytest.fixture(scope="module")
+def second_teacher(tiny, tmp_path_factory):
+    from tests import tiny as tiny_mod
+
+    return str(tiny_mod.make_model(tmp_path_factory.mktemp("t2") / "teacher2", tiny["tokenizer"], layers=1, hidden=32, heads=4, seed=7))
+
+
+@pytest.mark.parametrize("router", ["fixed", "lowest_ce"])
+def test_two_teacher_mixture_equals_hand_computation(tiny, dist_env, tmp_path, second_teacher, router):
+    teachers = [tiny["teacher"], second_teacher]
+    kw = dict(teacher_weights=[1.0, 3.0]) if router == "fixed" else dict(router="lowest_ce")
+    cfg = make_cfg(tiny, tmp_path / router, teacher=teachers, max_steps=1, alpha=0.3, chunk_size=7,
+                   deepspeed_config=ds_json(tmp_path, gradient_accumulation_steps=2), **kw)
+    trainer = train.run(cfg, train.default_callbacks(cfg))
+    stream = data.BatchStream(trainer.train.dataset, batch_size=2, rank=0, world_size=1, seed=0, pad_token_id=trainer.tokenizer.pad_token_id)
+    batches = [next(stream), next(stream)]
+    route = FixedWeights([1.0, 3.0]) if router == "fixed" else LowestTeacherCE()
+    expected = mixture_loss_by_hand(tiny["student"], teachers, batches, route, alpha=0.3)
+    assert losses_of(trainer)[0] == pytest.approx(expected, rel=1e-5)
+    # the routing matters: the other mixture gives another loss
+    other = LowestTeacherCE() if router == "fixed" else FixedWeights([0.5, 0.5])
+    assert abs(mixture_loss_by_hand(tiny["student"], teachers, batches, other, alpha=0.3) - expected) > 1e-4
+
+
+def test_second_teacher_with_another_vocabulary_fails_at_start(tiny, dist_env, tmp_path):
+    from tests import tiny as tiny_mod
+
+    other = tiny_mod.make_model(tmp_path / "other", tiny_mod.make_tokenizer(tmp_path / "tok2", vocab_size=300), layers=1, hidden=32, heads=4)
+    with pytest.raises(UsageError) as exc:  # main() prints it as one `error:` line and exits 2 (tests/test_train.py)
+        train.run(make_cfg(tiny, tmp_path / "o", teacher=[tiny["teacher"], str(other)]))
+    assert "different tokenizers" in str(exc.value) and repr(str(other)) in str(exc.value)
+    assert not (tmp_path / "o" / "checkpoints").exists(), "it fails before any model loads"
+
+
+# ------------------------------------------------------------------------------------------------ manifest
+def test_manifest_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "manifest.json"
+    write_atomic(path, {"step": 1, "checkpoints": ["a"]})
+
+    def dies_half_way(obj, fh, **kw):
+        fh.write('{"step": 2, "checkpo')
+        raise OSError("disk full")
+
+    monkeypatch.setattr(json, "dump", dies_half_way)
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(path, {"step": 2, "checkpoints": ["a", "b"]})
+    assert json.loads(path.read_text()) == {"step": 1, "checkpoints": ["a"]}
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"], "no temporary file is left behind"
+
+
+def test_manifest_and_example_tracking_after_a_run(tiny, dist_env, tmp_path):
+    """4 steps of 2 x 16 examples = 2 epochs of the 64-example corpus; a checkpoint every 2 steps; the export."""
+    out = tmp_path / "run"
+    cfg = make_cfg(tiny, out, max_steps=4, save_steps=2, keep_last=0, log_steps=3, export=True, track_examples=True,
+                   deepspeed_config=ds_json(tmp_path, train_micro_batch_size_per_gpu=16, gradient_accumulation_steps=2))
+    trainer = train.run(cfg, train.default_callbacks(cfg))
+    assert any(isinstance(cb, ExampleTracker) for cb in trainer.callbacks)
+
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["run_config"] == cfg.to_dict()
+    assert m["deepspeed"]["student"]["train_micro_batch_size_per_gpu"] == 16 and "optimizer" not in m["deepspeed"]["teacher"]
+    assert m["versions"]["torch"] == torch.__version__.split("+")[0] or m["versions"]["torch"] == torch.__version__
+    assert all(m["versions"][p] for p in ("deepspeed", "transformers", "datasets", "ds_distill"))
+    assert m["git"] is None or len(m["git"]["commit"]) == 40
+    assert m["data"]["train_fingerprint"] == trainer.train.dataset._fingerprint
+    assert m["data"]["train_file"]["bytes"] == Path(tiny["data"]).stat().st_size and len(m["data"]["train_file"]["sha256"]) == 64
+    assert [(c["tag"], c["step"]) for c in m["checkpoints"]] == [("step_00000002", 2), ("step_00000004", 4)]
+    assert m["checkpoints"][0]["metrics"] == {}, "log_steps 3: nothing logged before the step-2 checkpoint"
+    assert m["checkpoints"][1]["metrics"]["Train/step"] == 4 and m["checkpoints"][1]["metrics"]["Train/loss"] == losses_of(trainer)[-1]
+    assert m["exports"]["final"]["step"] == 4 and m["exports"]["final"]["path"] == str(out / "final")
+    assert m["results"]["step"] == 4 and m["results"]["exit_code"] == 0
+    assert m["results"]["metrics"]["Train/loss"] == losses_of(trainer)[-1]
+
+    with open(out / "examples.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    n = len(trainer.train.dataset)
+    assert n == 64, "the corpus fills 2 epochs of 32 examples per step exactly"
+    for epoch, steps in ((0, {1, 2}), (1, {3, 4})):
+        ids = [int(r["example_id"]) for r in rows if int(r["epoch"]) == epoch]
+        assert sorted(ids) == list(range(n)), f"every example exactly once in epoch {epoch}"
+        assert {int(r["step"]) for r in rows if int(r["epoch"]) == epoch} == steps
+    assert Counter(int(r["step"]) for r in rows) == {s: 32 for s in range(1, 5)}
+
+    # one example of step 1 recomputed by hand from the initial student and the teacher (forward KL, T = 1)
+    row = next(r for r in rows if int(r["step"]) == 1)
+    ex = trainer.train.dataset[[int(row["example_id"])]]
+    batch = data.collate(ex, trainer.tokenizer.pad_token_id)
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "example_ids")}
+    labels = batch["labels"][0]
+    keep = labels != -100
+    s = F.log_softmax(hf_logits(tiny["student"], inputs)[0].double(), -1)[keep]
+    t = F.log_softmax(hf_logits(tiny["teacher"], inputs)[0].double(), -1)[keep]
+    ce = -s.gather(-1, labels[keep][:, None]).sum().item()
+    kd = (t.exp() * (t - s)).sum().item()
+    assert float(row["ce"]) == pytest.approx(ce, rel=1e-4) and float(row["kd"]) == pytest.approx(kd, rel=1e-4)
+    assert int(row["tokens"]) == int(keep.sum())
+
+    # data selection: the hardest third by CE per token, written as a new corpus that keeps the ids
+    hard = hardest_examples(out / "examples.csv", 1 / 3)
+    assert len(hard) == math.ceil(64 / 3)
+    assert write_subset(tiny["data"], hard, str(tmp_path / "hard.jsonl")) == len(hard)
+    subset = data.get_dataset(str(tmp_path / "hard.jsonl"), trainer.tokenizer, seq_len=32)
+    assert set(subset["id"]) == hard
+    filtered = data.get_dataset(tiny["data"], trainer.tokenizer, seq_len=32, example_filter=lambda r: r["id"] in hard)
+    assert filtered["input_ids"] == subset["input_ids"]
+
+
+def test_hardest_examples_uses_latest_per_token_values(tmp_path):
+    path = tmp_path / "examples.csv"
+    rows = [(1, 0, 0, 10.0, 1.0, 10), (1, 0, 1, 4.0, 1.0, 2), (1, 0, 2, 1.0, 9.0, 1),  # per-token CE: 1, 2, 1
+            (2, 1, 0, 30.0, 1.0, 10)]  # example 0 later: 3 per token
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["step", "epoch", "example_id", "ce", "kd", "tokens"])
+        w.writerows(rows)
+    assert hardest_examples(path, 0.34) == {0, 1}
+    assert hardest_examples(path, 0.1) == {0}
+    assert hardest_examples(path, 0.1, key="kd") == {2}
+
+
+# ------------------------------------------------------------------------------------------ early stopping
+def test_early_stopping_on_a_scripted_eval_curve(tiny, dist_env, tmp_path, monkeypatch):
+    # best at step 2; step 4 improves by less than min_delta; patience 3 runs out at step 5
+    curve = {1: 3.0, 2: 2.0, 3: 2.5, 4: 1.95, 5: 2.1, 6: 1.0}
+
+    def scripted_evaluate(self):
+        metrics = {"loss": curve[self.step]}
+        for cb in self.callbacks:
+            cb.on_eval(self, metrics)
+        return metrics
+
+    monkeypatch.setattr(train.Trainer, "evaluate", scripted_evaluate)
+    snapshots = {}
+
+    class Snapshot(Callback):
+        def on_step_end(self, trainer, sums):
+            snapshots.setdefault("inputs", fixed_inputs(trainer))
+            snapshots[trainer.step] = engine_logits(trainer, snapshots["inputs"])
+
+    out = tmp_path / "es"
+    cfg = make_cfg(tiny, out, max_steps=8, eval_steps=1, export=True, deepspeed_config=ds_json(tmp_path))
+    trainer = train.run(cfg, [Snapshot(), EarlyStopping(patience=3, min_delta=0.1), Manifest()])
+    assert trainer.step == 5 and not (out / "final").exists()
+    assert json.loads((out / "best" / "export.json").read_text())["step"] == 2
+    assert json.loads((out / "best" / "early_stopped.json").read_text()) == {"stopped_at": 5, "best_step": 2}
+    best = hf_logits(out / "best", snapshots["inputs"])
+    torch.testing.assert_close(best, snapshots[2], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(best, snapshots[5], atol=1e-4), "the steps after the best must have moved the weights"
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["exports"]["best"]["step"] == 2 and m["results"]["step"] == 5
+    assert {c["step"] for c in m["checkpoints"]} == {1, 2, 5}  # the saves of each new best, and the stop
+
+
+def test_extra_flags_wire_callbacks_and_validate(tiny, tmp_path):
+    base = ["--teacher", tiny["teacher"], "--student", tiny["student"], "--data", tiny["data"], "--output_dir", str(tmp_path)]
+    cfg = parse_args(base + ["--track_examples", "--early_stopping_patience", "2", "--router", "lowest_ce"])
+    names = [type(cb).__name__ for cb in train.default_callbacks(cfg)]
+    assert names == ["Preemption", "UseRouter", "EarlyStopping", "ExampleTracker", "Manifest"]
+    plain = [type(cb).__name__ for cb in train.default_callbacks(parse_args(base))]
+    assert plain == ["Preemption", "Manifest"], "every extra off: nothing else runs around the step"
+    with pytest.raises(UsageError) as exc:
+        parse_args(base + ["--early_stopping_patience", "2", "--eval_fraction", "0", "--router", "best", "--rounds", "0"]).validate()
+    for part in ("--early_stopping_patience needs an eval set", "--router 'best'", "--rounds 0 must be >= 1"):
+        assert part in str(exc.value)
+
+
+# ------------------------------------------------------------------------------------------------ rounds
+def test_rounds_chain_exports_and_resume_in_the_right_round(tiny, dist_env, tmp_path):
+    out = tmp_path / "rounds"
+    overrides = tmp_path / "overrides.json"
+    overrides.write_text(json.dumps([{}, {"temperature": 2.0}]))
+    cfg_ds = ds_json(tmp_path)
+    built, starts = [], {}
+
+    class StopAtStep1(Callback):
+        """Preemption in round 2: stop (and checkpoint) after step 1, exit code 75."""
+
+        def should_stop(self, trainer):
+            return trainer.step == 1
+
+        def on_train_end(self, trainer):
+            trainer.exit_code = 75
+
+    class Start(Callback):
+        def on_train_start(self, trainer):
+            starts[trainer.cfg.output_dir] = (trainer.step, fixed_inputs(trainer), engine_logits(trainer, fixed_inputs(trainer)))
+
+    def factory(kill):
+        def callbacks(rcfg):
+            built.append(Path(rcfg.output_dir).name)
+            extra = [StopAtStep1()] if kill and rcfg.output_dir.endswith("round_2") else []
+            return [Start(), *extra, Manifest()]
+        return callbacks
+
+    cfg = make_cfg(tiny, out, max_steps=2, rounds=2, round_overrides=str(overrides), export=True, deepspeed_config=cfg_ds)
+    first = rounds.run_rounds(cfg, factory(kill=True))
+    assert built == ["round_1", "round_2"] and first[-1].exit_code == 75 and first[-1].step == 1
+    assert (out / "round_1" / "final" / "config.json").is_file() and not (out / "round_2" / "final").exists()
+    assert (out / "round_2" / "checkpoints" / "latest").read_text() == "step_00000001"
+    # round 2 started from round 1's export, with its own temperature
+    step, inputs, logits = starts[str(out / "round_2")]
+    assert step == 0
+    torch.testing.assert_close(logits, hf_logits(out / "round_1" / "final", inputs), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(logits, hf_logits(tiny["student"], inputs), atol=1e-4)
+    r2 = json.loads((out / "round_2" / "run_config.json").read_text())
+    assert r2["temperature"] == 2.0 and r2["student"] == str(out / "round_1" / "final")
+    round1_latest = (out / "round_1" / "checkpoints" / "latest").stat().st_mtime_ns
+
+    built.clear()
+    cfg.resume = True
+    second = rounds.run_rounds(cfg, factory(kill=False))
+    assert built == ["round_2"], "round 1 is complete and not re-run"
+    assert starts[str(out / "round_2")][0] == 1 and second[-1].history[0]["step"] == 2
+    assert second[-1].exit_code == 0 and (out / "round_2" / "final" / "config.json").is_file()
+    assert (out / "round_1" / "checkpoints" / "latest").stat().st_mtime_ns == round1_latest
+    assert json.loads((out / "round_2" / "manifest.json").read_text())["attempts"] == 2
+    assert rounds.run_rounds(cfg, factory(kill=False)) == [] and built == ["round_2"], "all rounds done: nothing runs"
+
+
+def test_round_overrides_are_checked(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"temprature": 2.0}, {"output_dir": "x"}]))
+    with pytest.raises(UsageError) as exc:
+        rounds.load_overrides(RunConfig(rounds=2, round_overrides=str(bad)))
+    assert "round 1: 'temprature' is not a run-config field" in str(exc.value)
+    assert "round 2: 'output_dir' cannot change between rounds" in str(exc.value)
+    bad.write_text(json.dumps([{}]))
+    with pytest.raises(UsageError, match="list of 2 objects"):
+        rounds.load_overrides(RunConfig(rounds=2, round_overrides=str(bad)))
+
+
+# ------------------------------------------------------------------------------------------------ logging
+def test_tensorboard_block_in_student_json(tiny, dist_env, tmp_path):
+    pytest.importorskip("tensorboard")
+    d = json.loads(Path(ds_json(tmp_path)).read_text())
+    d["tensorboard"] = {"enabled": True, "output_path": "", "job_name": "tb"}
+    path = tmp_path / "tb.json"
+    path.write_text(json.dumps(d))
+    out = tmp_path / "tbrun"
+    train.run(make_cfg(tiny, out, max_steps=2, deepspeed_config=str(path)))
+    assert list((out / "monitor").rglob("events.out.tfevents.*")), "DeepSpeed's tensorboard monitor wrote event files"
+
+
+# ------------------------------------------------------------------------------------------------ 2 ranks
+@pytest.mark.multiprocess
+def test_two_ranks_track_every_example_once_per_epoch(tiny, tmp_path):
+    import random
+    import sys
+
+    from tests.cluster_fixtures import launcher_env, run_logged
+
+    out = tmp_path / "two"
+    # 2 ranks x micro-batch 8 x accumulation 2 = 32 examples per step: 2 steps per epoch of 64
+    cfg = ds_json(tmp_path, train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=2)
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(random.randint(20000, 40000)),
+           "--module", "ds_distill.train", "--teacher", tiny["teacher"], "--student", tiny["student"], "--data", tiny["data"],
+           "--output_dir", str(out), "--deepspeed_config", cfg, "--teacher_deepspeed_config", str(ROOT / "ds_configs" / "cpu_teacher_zero3.json"),
+           "--max_steps", "4", "--seq_len", "32", "--log_steps", "3", "--eval_fraction", "0", "--chunk_size", "16",
+           "--track_examples", "--export", "false"]
+    proc = run_logged(cmd, env=launcher_env(PYTHONPATH=str(ROOT)), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    with open(out / "examples.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for epoch in (0, 1):
+        assert sorted(int(r["example_id"]) for r in rows if int(r["epoch"]) == epoch) == list(range(64))
+    assert Counter(int(r["step"]) for r in rows) == {s: 32 for s in range(1, 5)}
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["results"]["step"] == 4 and m["checkpoints"][-1]["step"] == 4
