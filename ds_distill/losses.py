@@ -1,0 +1,234 @@
+"""Distillation losses: pure functions of logits (or hidden states and heads), labels and a few floats.
+
+Conventions (all functions):
+    logits ``[B, T, V]``, labels ``[B, T]`` already aligned (position t is scored against ``labels[:, t]``; the caller
+    shifts), ``ignore_index`` positions contribute nothing. Everything is computed in fp32.
+    Per supervised token: ``alpha * CE(student, label) + (1 - alpha) * T^2 * D(p_t, p_s)`` with
+    ``p_t = softmax(teacher / T)``, ``p_s = softmax(student / T)`` and CE on the unscaled student logits.
+    ``loss_sums`` / ``chunked_loss_sums`` return *sums* and the token count; the trainer divides by the global count.
+Divergences ``D`` are looked up by exact name in ``LOSSES``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+Tensor = torch.Tensor
+
+
+def _kl(logp: Tensor, logq: Tensor) -> Tensor:
+    """KL(p || q) per row from log-probabilities ``[N, V] -> [N]``; 0 * log 0 counts as 0 (no NaN at -inf)."""
+    p = logp.exp()
+    return (p * (logp - logq).masked_fill(p == 0, 0.0)).sum(-1)
+
+
+def _mix(logp: Tensor, logq: Tensor, w: float) -> Tensor:
+    """log(w * p + (1 - w) * q), exact at w = 0 and w = 1."""
+    if w == 0.0:
+        return logq
+    if w == 1.0:
+        return logp
+    return torch.logaddexp(logp + math.log(w), logq + math.log1p(-w))
+
+
+def forward_kl(t: Tensor, s: Tensor, *, beta: float, skew: float) -> Tensor:
+    """KL(p_t || p_s): mean-seeking, the classic Hinton et al. objective."""
+    return _kl(t, s)
+
+
+def reverse_kl(t: Tensor, s: Tensor, *, beta: float, skew: float) -> Tensor:
+    """KL(p_s || p_t): mode-seeking (MiniLLM)."""
+    return _kl(s, t)
+
+
+def jsd(t: Tensor, s: Tensor, *, beta: float, skew: float) -> Tensor:
+    """Generalised JSD (GKD): m = beta p_t + (1 - beta) p_s, D = beta KL(p_t||m) + (1 - beta) KL(p_s||m).
+
+    By the GKD paper's convention beta = 0 is forward KL and beta = 1 reverse KL (special-cased: the formula itself
+    vanishes at both ends).
+    """
+    if beta == 0.0:
+        return _kl(t, s)
+    if beta == 1.0:
+        return _kl(s, t)
+    m = _mix(t, s, beta)
+    return beta * _kl(t, m) + (1.0 - beta) * _kl(s, m)
+
+
+def skew_forward_kl(t: Tensor, s: Tensor, *, beta: float, skew: float) -> Tensor:
+    """KL(p_t || skew p_t + (1 - skew) p_s) (DistiLLM): bounded even where p_s vanishes."""
+    return _kl(t, _mix(t, s, skew))
+
+
+def skew_reverse_kl(t: Tensor, s: Tensor, *, beta: float, skew: float) -> Tensor:
+    """KL(p_s || skew p_s + (1 - skew) p_t) (DistiLLM)."""
+    return _kl(s, _mix(s, t, skew))
+
+
+def tvd(t: Tensor, s: Tensor, *, beta: float, skew: float) -> Tensor:
+    """Total variation distance 0.5 * sum |p_t - p_s|, in [0, 1]."""
+    return 0.5 * (t.exp() - s.exp()).abs().sum(-1)
+
+
+LOSSES: dict[str, Callable[..., Tensor]] = {
+    f.__name__: f for f in (forward_kl, reverse_kl, jsd, skew_forward_kl, skew_reverse_kl, tvd)
+}
+
+
+@dataclass
+class LossSums:
+    """Sums over supervised tokens (the trainer divides by the global token count)."""
+
+    total: Tensor  # scalar: sum of alpha * CE + (1 - alpha) * T^2 * D
+    ce: Tensor  # scalar: sum of CE (nats)
+    kd: Tensor  # scalar: sum of T^2 * D
+    n_tokens: Tensor  # scalar int64: supervised tokens
+    ce_per_seq: Tensor  # [B] CE sum of each row (for per-example tracking)
+    kd_per_seq: Tensor  # [B]
+    tokens_per_seq: Tensor  # [B] int64
+
+
+def check_args(loss: str, alpha: float, temperature: float, beta: float, skew: float) -> None:
+    if loss not in LOSSES:
+        raise ValueError(f"loss={loss!r} is unknown: use one of {', '.join(LOSSES)}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha={alpha} must be in [0, 1]")
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature} must be > 0")
+    for name, value in (("beta", beta), ("skew", skew)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name}={value} must be in [0, 1]")
+
+
+def teacher_logprobs(teacher_logits: Sequence[Tensor], temperature: float, weights: Tensor | None) -> Tensor:
+    """log of the teachers' mixture sum_k w_k softmax(t_k / T), ``K x [n, V] -> [n, V]``.
+
+    weights: None (uniform), ``[K]`` (normalised here) or per token ``[n, K]`` (rows sum to 1, e.g. a router's).
+    """
+    logps = torch.stack([F.log_softmax(t.float() / temperature, dim=-1) for t in teacher_logits], dim=-1)  # [n, V, K]
+    if len(teacher_logits) == 1 and weights is None:
+        return logps[..., 0]
+    k = len(teacher_logits)
+    w = torch.full((k,), 1.0 / k, device=logps.device) if weights is None else weights.to(logps.device, torch.float32)
+    w = w / w.sum() if w.dim() == 1 else w
+    log_w = w.log().unsqueeze(-2)  # [1, K] or [n, 1, K]
+    return torch.logsumexp(logps + log_w, dim=-1)
+
+
+def _token_terms(s_logits: Tensor, t_logits: Sequence[Tensor], labels: Tensor, *, loss: str, alpha: float,
+                 temperature: float, beta: float, skew: float, weights: Tensor | None) -> tuple[Tensor, Tensor]:
+    """CE and T^2 * D for supervised rows only: ``[n, V], K x [n, V], [n] -> ([n], [n])``."""
+    s = s_logits.float()
+    ce = F.cross_entropy(s, labels, reduction="none")
+    if alpha == 1.0:  # plain fine-tuning: the teacher is not needed
+        return ce, torch.zeros_like(ce)
+    t_logp = teacher_logprobs(t_logits, temperature, weights)
+    s_logp = F.log_softmax(s / temperature, dim=-1)
+    return ce, temperature**2 * LOSSES[loss](t_logp, s_logp, beta=beta, skew=skew)
+
+
+def _as_list(x) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _sums(ce: Tensor, kd: Tensor, rows: Tensor, batch: int, alpha: float, anchor: Tensor) -> LossSums:
+    """Per-token terms -> LossSums; ``anchor`` keeps an all-masked batch connected to the graph (0, not NaN)."""
+    total = (alpha * ce + (1.0 - alpha) * kd).sum() + 0.0 * anchor.sum()
+    per_seq = lambda v: torch.zeros(batch, device=v.device, dtype=torch.float32).index_add_(0, rows, v.detach().float())
+    counts = torch.zeros(batch, device=rows.device, dtype=torch.int64).index_add_(0, rows, torch.ones_like(rows))
+    return LossSums(total, ce.sum().detach(), kd.sum().detach(), counts.sum(), per_seq(ce), per_seq(kd), counts)
+
+
+def _prepare(shape_of: Tensor, labels: Tensor, teachers: list, teacher_weights, ignore_index: int, alpha: float, name: str):
+    if labels.shape != shape_of.shape[:2]:
+        raise ValueError(f"labels {tuple(labels.shape)} must be [B, T] matching {name} {tuple(shape_of.shape)}")
+    for t in teachers:
+        if t.shape[:2] != shape_of.shape[:2]:
+            raise ValueError(f"teacher {name} {tuple(t.shape)} must match student {name} {tuple(shape_of.shape)} in [B, T]")
+    if not teachers and alpha != 1.0:
+        raise ValueError("teacher logits are required unless alpha == 1")
+    idx = (labels != ignore_index).flatten().nonzero().squeeze(1)  # supervised positions in the flattened [B*T]
+    w = None if teacher_weights is None else torch.as_tensor(teacher_weights)
+    if w is not None and w.dim() == 3:
+        w = w.flatten(0, 1)[idx]
+    return idx, idx // labels.shape[1], labels.flatten()[idx], w
+
+
+def loss_sums(student_logits: Tensor, teacher_logits, labels: Tensor, *, loss: str = "forward_kl", alpha: float = 0.5,
+              temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1, ignore_index: int = IGNORE_INDEX,
+              vocab_size: int | None = None, teacher_weights=None) -> LossSums:
+    """Loss sums from full logits. teacher_logits: ``[B, T, V]`` or a list of them (an ensemble).
+
+    vocab_size: score only the first ``vocab_size`` logits (models padded beyond the tokenizer's vocabulary).
+    """
+    check_args(loss, alpha, temperature, beta, skew)
+    teachers = _as_list(teacher_logits)
+    for t in teachers:
+        if vocab_size is None and t.shape[-1] != student_logits.shape[-1]:
+            raise ValueError(f"teacher_logits vocab {t.shape[-1]} != student_logits vocab {student_logits.shape[-1]}: pass vocab_size")
+    idx, rows, lab, w = _prepare(student_logits, labels, teachers, teacher_weights, ignore_index, alpha, "logits")
+    v = vocab_size or student_logits.shape[-1]
+    s = student_logits.flatten(0, 1)[idx, :v]
+    ts = [t.flatten(0, 1)[idx, :v] for t in teachers]
+    ce, kd = _token_terms(s, ts, lab, loss=loss, alpha=alpha, temperature=temperature, beta=beta, skew=skew, weights=w)
+    return _sums(ce, kd, rows, labels.shape[0], alpha, student_logits)
+
+
+def chunked_loss_sums(student_hidden: Tensor, student_head: Callable[[Tensor], Tensor], teacher_hidden, teacher_head,
+                      labels: Tensor, *, chunk_size: int = 1024, vocab_size: int | None = None, loss: str = "forward_kl",
+                      alpha: float = 0.5, temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1,
+                      ignore_index: int = IGNORE_INDEX, teacher_weights=None) -> LossSums:
+    """The same sums from final hidden states, without ever holding full ``[tokens, V]`` logits.
+
+    student_hidden ``[B, T, H]``; teacher_hidden ``[B, T, H_t]`` or a list (ensemble) with teacher_head one callable
+    or a list. Heads are *called* (``[n, H] -> [n, V_model]``), so ZeRO-3's module hooks gather their weights.
+    Only supervised positions are scored, ``chunk_size`` tokens at a time; each chunk's logits (both models) are
+    recomputed in backward instead of stored, so peak extra memory is ~3 chunks of ``[chunk_size, V]`` fp32.
+    """
+    check_args(loss, alpha, temperature, beta, skew)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    t_hidden, t_heads = _as_list(teacher_hidden) if teacher_hidden is not None else [], _as_list(teacher_head)
+    if alpha == 1.0:
+        t_hidden = []
+    if len(t_hidden) != len(t_heads) and t_hidden:
+        raise ValueError(f"{len(t_hidden)} teacher hidden states but {len(t_heads)} teacher heads")
+    idx, rows, lab, w = _prepare(student_hidden, labels, t_hidden, teacher_weights, ignore_index, alpha, "hidden states")
+    hs = student_hidden.flatten(0, 1)[idx]
+    ths = [t.flatten(0, 1)[idx] for t in t_hidden]
+    kw = dict(loss=loss, alpha=alpha, temperature=temperature, beta=beta, skew=skew)
+
+    def chunk_terms(h: Tensor, lab_c: Tensor, w_c: Tensor | None, *t_h: Tensor) -> tuple[Tensor, Tensor]:
+        s_logits = student_head(h)
+        v = vocab_size or s_logits.shape[-1]
+        with torch.no_grad():  # recomputed in backward too: cheaper in memory than keeping teacher logits alive
+            t_logits = [head(x)[:, :v] for head, x in zip(t_heads, t_h)]
+        return _token_terms(s_logits[:, :v], t_logits, lab_c, weights=w_c, **kw)
+
+    ces, kds = [], []
+    for start in range(0, hs.shape[0], chunk_size):
+        sl = slice(start, start + chunk_size)
+        w_c = w[sl] if w is not None and w.dim() == 2 else w
+        ce, kd = checkpoint(chunk_terms, hs[sl], lab[sl], w_c, *[t[sl] for t in ths], use_reentrant=False)
+        ces.append(ce)
+        kds.append(kd)
+    empty = hs.new_zeros(0, dtype=torch.float32)
+    ce, kd = (torch.cat(ces), torch.cat(kds)) if ces else (empty, empty)
+    return _sums(ce, kd, rows, labels.shape[0], alpha, student_hidden)
+
+
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, loss: str = "forward_kl",
+                      alpha: float = 0.5, temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1,
+                      ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Mean over non-ignored positions of ``alpha * CE + (1 - alpha) * T^2 * D`` (a finite 0 if none)."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits {tuple(teacher_logits.shape)} must have the same shape")
+    out = loss_sums(student_logits, teacher_logits, labels, loss=loss, alpha=alpha, temperature=temperature, beta=beta,
+                    skew=skew, ignore_index=ignore_index)
+    return out.total / out.n_tokens.clamp(min=1)
