@@ -128,6 +128,9 @@ def _token_terms(s_logits: Tensor, t_logits: Sequence[Tensor], labels: Tensor, *
     ce = F.cross_entropy(s, labels, reduction="none")
     if alpha == 1.0:  # plain fine-tuning: the teacher is not needed
         return ce, torch.zeros_like(ce)
+    if callable(weights):  # a router (ds_distill.routing): per-token weights from the teachers at temperature 1
+        with torch.no_grad():
+            weights = weights([F.log_softmax(t.float(), dim=-1) for t in t_logits], labels)
     t_logp = teacher_logprobs(t_logits, temperature, weights)
     s_logp = F.log_softmax(s / temperature, dim=-1)
     return ce, temperature**2 * LOSSES[loss](t_logp, s_logp, beta=beta, skew=skew)
@@ -154,6 +157,8 @@ def _prepare(shape_of: Tensor, labels: Tensor, teachers: list, teacher_weights, 
     if not teachers and alpha != 1.0:
         raise ValueError("teacher logits are required unless alpha == 1")
     idx = (labels != ignore_index).flatten().nonzero().squeeze(1)  # supervised positions in the flattened [B*T]
+    if callable(teacher_weights):  # a router: called per chunk in _token_terms
+        return idx, idx // labels.shape[1], labels.flatten()[idx], teacher_weights
     w = None if teacher_weights is None else torch.as_tensor(teacher_weights)
     if w is not None and w.dim() == 3:
         w = w.flatten(0, 1)[idx]
@@ -166,6 +171,9 @@ def loss_sums(student_logits: Tensor, teacher_logits, labels: Tensor, *, loss: s
     """Loss sums from full logits. teacher_logits: ``[B, T, V]`` or a list of them (an ensemble).
 
     vocab_size: score only the first ``vocab_size`` logits (models padded beyond the tokenizer's vocabulary).
+    teacher_weights: None (uniform), ``[K]``, per token ``[B, T, K]``, or a router (``ds_distill.routing``): a callable
+    ``(K x [n, V] teacher log-probs at temperature 1, labels [n]) -> [n, K]``, called on the supervised tokens only
+    (per chunk in ``chunked_loss_sums``, where it runs again when backward recomputes the chunk).
     """
     check_args(loss, alpha, temperature, beta, skew)
     teachers = _as_list(teacher_logits)
@@ -214,7 +222,7 @@ def chunked_loss_sums(student_hidden: Tensor, student_head: Callable[[Tensor], T
     ces, kds = [], []
     for start in range(0, hs.shape[0], chunk_size):
         sl = slice(start, start + chunk_size)
-        w_c = w[sl] if w is not None and w.dim() == 2 else w
+        w_c = w[sl] if isinstance(w, Tensor) and w.dim() == 2 else w
         ce, kd = checkpoint(chunk_terms, hs[sl], lab[sl], w_c, *[t[sl] for t in ths], use_reentrant=False)
         ces.append(ce)
         kds.append(kd)
