@@ -237,6 +237,7 @@ def test_extra_flags_wire_callbacks_and_validate(tiny, tmp_path):
     assert names == ["Preemption", "UseRouter", "EarlyStopping", "ExampleTracker", "Manifest"]
     plain = [type(cb).__name__ for cb in train.default_callbacks(parse_args(base))]
     assert plain == ["Preemption", "Manifest"], "every extra off: nothing else runs around the step"
+    assert Manifest.on_step_end is Callback.on_step_end and Manifest.should_stop is Callback.should_stop, "no per-step work"
     with pytest.raises(UsageError) as exc:
         parse_args(base + ["--early_stopping_patience", "2", "--eval_fraction", "0", "--router", "best", "--rounds", "0"]).validate()
     for part in ("--early_stopping_patience needs an eval set", "--router 'best'", "--rounds 0 must be >= 1"):
@@ -345,3 +346,31 @@ def test_two_ranks_track_every_example_once_per_epoch(tiny, tmp_path):
     assert Counter(int(r["step"]) for r in rows) == {s: 32 for s in range(1, 5)}
     m = json.loads((out / "manifest.json").read_text())
     assert m["results"]["step"] == 4 and m["checkpoints"][-1]["step"] == 4
+
+
+def test_losses_accept_a_router_as_teacher_weights():
+    from ds_distill import losses
+
+    torch.manual_seed(0)
+    B, T, V, H = 2, 5, 11, 4
+    s_h, t1_h, t2_h = torch.randn(B, T, H), torch.randn(B, T, H), torch.randn(B, T, H)
+    heads = [torch.nn.Linear(H, V) for _ in range(3)]
+    labels = torch.randint(0, V, (B, T))
+    labels[0, :2] = -100
+    kw = dict(loss="forward_kl", alpha=0.3, temperature=2.0)
+    logits = [h(x).detach() for h, x in zip(heads, (s_h, t1_h, t2_h))]
+    # a fixed-weights router == the [K] weights, on both paths
+    ref = losses.loss_sums(logits[0], logits[1:], labels, teacher_weights=torch.tensor([1.0, 3.0]), **kw)
+    full = losses.loss_sums(logits[0], logits[1:], labels, teacher_weights=FixedWeights([1.0, 3.0]), **kw)
+    chunked = losses.chunked_loss_sums(s_h, heads[0], [t1_h, t2_h], heads[1:], labels, chunk_size=3,
+                                       teacher_weights=FixedWeights([1.0, 3.0]), **kw)
+    for out in (full, chunked):
+        torch.testing.assert_close(out.total, ref.total)
+        torch.testing.assert_close(out.kd_per_seq, ref.kd_per_seq)
+    # lowest_ce == the per-token [B, T, K] one-hot weights of the teacher with the higher probability of the label (T = 1)
+    lp = [F.log_softmax(t, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0] for t in logits[1:]]
+    per_token = F.one_hot((lp[1] > lp[0]).long(), 2).float()  # [B, T, K]
+    ref = losses.loss_sums(logits[0], logits[1:], labels, teacher_weights=per_token, **kw)
+    routed = losses.chunked_loss_sums(s_h, heads[0], [t1_h, t2_h], heads[1:], labels, chunk_size=3, teacher_weights=LowestTeacherCE(), **kw)
+    torch.testing.assert_close(routed.total, ref.total)
+    torch.testing.assert_close(routed.kd_per_seq, ref.kd_per_seq)
