@@ -29,7 +29,7 @@ def launcher_env(**extra: str) -> dict[str, str]:
                OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
                # Two ranks share the machine's cores: one thread each avoids oversubscription.
-               OMP_NUM_THREADS="1", PYTHON=sys.executable)
+               OMP_NUM_THREADS="1", PYTHON=sys.executable, DEEPSPEED=str(Path(sys.executable).parent / "deepspeed"))
     env.update(extra)
     return env
 
