@@ -125,16 +125,27 @@ class Manifest(Callback):
         self.data["checkpoints"].append({"tag": tag, "step": trainer.step, "time": _now(), "metrics": latest_metrics(trainer.history)})
         self.write()
 
+    def on_eval(self, trainer, metrics: dict[str, float]) -> None:
+        # Early stopping (earlier in the callback list) may just have exported a new best.
+        if trainer.rank == 0 and self._record_exports(trainer, ("best",)):
+            self.write()
+
     def on_train_end(self, trainer) -> None:
         if trainer.rank != 0:
             return
-        for name in ("final", "best"):
-            folder = trainer.output_dir / name
-            if (folder / "config.json").is_file():
-                info = _read_json(folder / "export.json") if (folder / "export.json").is_file() else {}
-                self.data["exports"][name] = {"path": str(folder), "step": info.get("step", trainer.step if name == "final" else None), **info}
+        self._record_exports(trainer, ("final", "best"))
         self.data["results"] = {"step": trainer.step, "exit_code": trainer.exit_code, "finished": _now(), "metrics": latest_metrics(trainer.history)}
         self.write()
+
+    def _record_exports(self, trainer, names: tuple[str, ...]) -> bool:
+        """Note the exports present on disk (``best/export.json`` names its step); True if anything changed."""
+        before = json.dumps(self.data["exports"], sort_keys=True, default=str)
+        for name in names:
+            folder = trainer.output_dir / name
+            if (folder / "config.json").is_file():
+                info = _read_json(folder / "export.json") or {}
+                self.data["exports"][name] = {"path": str(folder), "step": info.get("step", trainer.step if name == "final" else None), **info}
+        return json.dumps(self.data["exports"], sort_keys=True, default=str) != before
 
     def write(self) -> None:
         write_atomic(self.path, self.data)

@@ -4,7 +4,8 @@
 Columns: ``step, epoch, example_id, ce, kd, tokens``; ``ce`` and ``kd`` are sums over the example's supervised tokens
 (``kd`` as the loss uses it, i.e. scaled by T^2; divide by ``tokens`` for per-token values), ``step`` is the optimizer
 step that trained on the example and ``epoch`` the data epoch it was drawn in. Each example appears once per epoch
-(examples cut off by the drop-last of an epoch do not appear in that epoch).
+(examples cut off by the drop-last of an epoch do not appear in that epoch). With ``--packing`` a row is a block of
+several documents and ``example_id`` is the block's first document.
 
 Cost: every step only appends references to the loss's per-sequence device tensors (no host sync). Every
 ``--log_steps`` steps, at each checkpoint and at the end they are concatenated, gathered from all ranks (one

@@ -216,9 +216,14 @@ def test_early_stopping_on_a_scripted_eval_curve(tiny, dist_env, tmp_path, monke
             snapshots.setdefault("inputs", fixed_inputs(trainer))
             snapshots[trainer.step] = engine_logits(trainer, snapshots["inputs"])
 
+        def on_eval(self, trainer, metrics):
+            if trainer.step == 3:  # the manifest already names the new best, before the run ends
+                m = json.loads((trainer.output_dir / "manifest.json").read_text())
+                snapshots["manifest_best_at_3"] = m["exports"]["best"]["step"]
+
     out = tmp_path / "es"
     cfg = make_cfg(tiny, out, max_steps=8, eval_steps=1, export=True, deepspeed_config=ds_json(tmp_path))
-    trainer = train.run(cfg, [Snapshot(), EarlyStopping(patience=3, min_delta=0.1), Manifest()])
+    trainer = train.run(cfg, [EarlyStopping(patience=3, min_delta=0.1), Manifest(), Snapshot()])
     assert trainer.step == 5 and not (out / "final").exists()
     assert json.loads((out / "best" / "export.json").read_text())["step"] == 2
     assert json.loads((out / "best" / "early_stopped.json").read_text()) == {"stopped_at": 5, "best_step": 2}
@@ -226,7 +231,7 @@ def test_early_stopping_on_a_scripted_eval_curve(tiny, dist_env, tmp_path, monke
     torch.testing.assert_close(best, snapshots[2], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(best, snapshots[5], atol=1e-4), "the steps after the best must have moved the weights"
     m = json.loads((out / "manifest.json").read_text())
-    assert m["exports"]["best"]["step"] == 2 and m["results"]["step"] == 5
+    assert m["exports"]["best"]["step"] == 2 and m["results"]["step"] == 5 and snapshots["manifest_best_at_3"] == 2
     assert {c["step"] for c in m["checkpoints"]} == {1, 2, 5}  # the saves of each new best, and the stop
 
 
