@@ -17,7 +17,7 @@ from ds_distill.callbacks import Callback
 from ds_distill.config import RunConfig, UsageError, parse_args
 from ds_distill.early_stopping import EarlyStopping
 from ds_distill.manifest import Manifest, write_atomic
-from ds_distill.routing import FixedWeights, LowestTeacherCE, UseRouter
+from ds_distill.routing import FixedWeights, LowestTeacherCE
 from ds_distill.tracking import ExampleTracker, hardest_examples, write_subset
 from tests.test_train import ds_json, losses_of, make_cfg
 
