@@ -189,7 +189,8 @@ def loss_sums(student_logits: Tensor, teacher_logits, labels: Tensor, *, loss: s
 
 
 def chunked_loss_sums(student_hidden: Tensor, student_head: Callable[[Tensor], Tensor], teacher_hidden, teacher_head,
-                      labels: Tensor, *, chunk_size: int = 1024, vocab_size: int | None = None, loss: str = "forward_kl",
+                      labels: Tensor, *, chunk_size: int = 1024, num_chunks: int | None = None,
+                      vocab_size: int | None = None, loss: str = "forward_kl",
                       alpha: float = 0.5, temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1,
                       ignore_index: int = IGNORE_INDEX, teacher_weights=None) -> LossSums:
     """The same sums from final hidden states, without ever holding full ``[tokens, V]`` logits.
@@ -198,6 +199,9 @@ def chunked_loss_sums(student_hidden: Tensor, student_head: Callable[[Tensor], T
     or a list. Heads are *called* (``[n, H] -> [n, V_model]``), so ZeRO-3's module hooks gather their weights.
     Only supervised positions are scored, ``chunk_size`` tokens at a time; each chunk's logits (both models) are
     recomputed in backward instead of stored, so peak extra memory is ~3 chunks of ``[chunk_size, V]`` fp32.
+    num_chunks: call the heads exactly this many times (trailing chunks may be empty). Under ZeRO-3 every head call
+    is a collective weight gather, so all ranks must make the same number of calls although their numbers of
+    supervised tokens differ: the trainer passes the maximum over ranks of ``ceil(n_tokens / chunk_size)``.
     """
     check_args(loss, alpha, temperature, beta, skew)
     if chunk_size < 1:
@@ -220,7 +224,10 @@ def chunked_loss_sums(student_hidden: Tensor, student_head: Callable[[Tensor], T
         return _token_terms(s_logits[:, :v], t_logits, lab_c, weights=w_c, **kw)
 
     ces, kds = [], []
-    for start in range(0, hs.shape[0], chunk_size):
+    needed = -(-hs.shape[0] // chunk_size)
+    if num_chunks is not None and num_chunks < needed:
+        raise ValueError(f"num_chunks={num_chunks} is too few for {hs.shape[0]} tokens in chunks of {chunk_size}")
+    for start in range(0, chunk_size * (needed if num_chunks is None else num_chunks), chunk_size):
         sl = slice(start, start + chunk_size)
         w_c = w[sl] if isinstance(w, Tensor) and w.dim() == 2 else w
         ce, kd = checkpoint(chunk_terms, hs[sl], lab[sl], w_c, *[t[sl] for t in ths], use_reentrant=False)

@@ -73,14 +73,16 @@ class Trainer:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns device sums (no host sync)."""
         # Divide by the global count of supervised tokens of this step (all micro-batches, all ranks), so that every
         # token weighs the same whatever the micro-batching. DeepSpeed averages gradients over ranks, hence * world.
-        n_global = _all_reduce(sum((b["labels"] != -100).sum() for b in micro_batches).to(self.device, torch.float32))
+        counts = torch.stack([(b["labels"] != -100).sum() for b in micro_batches]).to(self.device, torch.float32)
+        n_global = _all_reduce(counts.sum())
+        num_chunks = self.chunk_counts(counts)
         sums: dict[str, Any] = {"n_tokens": n_global, "input_tokens": 0, "total": 0, "ce": 0, "kd": 0, "per_example": []}
-        for batch in micro_batches:
+        for batch, chunks in zip(micro_batches, num_chunks):
             batch = {k: v.to(self.device) for k, v in batch.items()}
             labels, ids = batch.pop("labels"), batch.pop("example_ids")
             with torch.no_grad():
                 t_hidden = [t(**batch) for t in self.teachers]
-            out = self.loss_sums(self.student(**batch), t_hidden, labels)
+            out = self.loss_sums(self.student(**batch), t_hidden, labels, chunks)
             self.student.backward(out.total * self.world_size / n_global.clamp(min=1), scale_wrt_gas=False)
             self.student.step()
             for key in ("total", "ce", "kd"):
@@ -89,11 +91,22 @@ class Trainer:
             sums["per_example"].append((ids, out.ce_per_seq.detach(), out.kd_per_seq.detach(), out.tokens_per_seq))
         return sums
 
-    def loss_sums(self, s_hidden: torch.Tensor, t_hidden: list[torch.Tensor], labels: torch.Tensor) -> losses.LossSums:
+    def chunk_counts(self, counts: torch.Tensor) -> list[int | None]:
+        """Loss chunks per micro-batch, the same on every rank: under ZeRO-3 each lm_head call is a collective
+        gather, so every rank makes max-over-ranks calls. One host sync per optimizer step."""
+        if not self.cfg.chunk_size:
+            return [None] * len(counts)
+        chunks = torch.ceil(counts / self.cfg.chunk_size)
+        if dist.get_world_size() > 1:
+            dist.all_reduce(chunks, op=dist.ReduceOp.MAX)
+        return [int(c) for c in chunks.tolist()]
+
+    def loss_sums(self, s_hidden: torch.Tensor, t_hidden: list[torch.Tensor], labels: torch.Tensor,
+                  num_chunks: int | None) -> losses.LossSums:
         heads = [t.module.head for t in self.teachers]
         if self.cfg.chunk_size:
             return losses.chunked_loss_sums(s_hidden, self.student.module.head, t_hidden, heads, labels,
-                                            chunk_size=self.cfg.chunk_size, **self.loss_kw)
+                                            chunk_size=self.cfg.chunk_size, num_chunks=num_chunks, **self.loss_kw)
         return losses.loss_sums(self.student.module.head(s_hidden), [h(x) for h, x in zip(heads, t_hidden)], labels, **self.loss_kw)
 
     # ------------------------------------------------------------------------------------------ eval, log, save
@@ -111,7 +124,8 @@ class Trainer:
             batch = {k: v.to(self.device) for k, v in next(stream).items()}
             labels = batch.pop("labels")
             batch.pop("example_ids")
-            out = self.loss_sums(self.student(**batch), [t(**batch) for t in self.teachers], labels)
+            chunks = self.chunk_counts((labels != -100).sum().float().reshape(1))[0]
+            out = self.loss_sums(self.student(**batch), [t(**batch) for t in self.teachers], labels, chunks)
             totals += torch.stack([out.total, out.ce, out.kd, out.n_tokens.float()]).float()
         self.student.train()
         total, ce, kd, n = _all_reduce(totals).tolist()
@@ -215,12 +229,16 @@ def build(cfg: RunConfig, callbacks: list[Callback] = ()) -> Trainer:
         train_set, eval_set = data.split_eval(train_set, cfg.eval_fraction, cfg.seed)
     else:
         eval_set = None
+    if eval_set is not None and len(eval_set) < sds.micro_batch * world.world_size:
+        raise UsageError(f"the eval set has {len(eval_set)} examples, fewer than one micro-batch per rank "
+                         f"({sds.micro_batch} x {world.world_size}): raise --eval_fraction, pass a larger --eval_data, or set --eval_fraction 0")
     vocab = models.shared_vocab_size(cfg.student, tokenizer, cfg.teacher)
 
     _seed_everything(cfg.seed)
     student = models.student_engine(cfg.student, sds)
-    teachers = [models.teacher_engine(path, tds) for path in cfg.teacher]
-    models.check_output_rows(vocab, [student, *teachers], [cfg.student, *cfg.teacher])
+    # alpha = 1 is plain fine-tuning: no teacher forward at all (the tokenizers were still checked above).
+    teachers = [models.teacher_engine(path, tds) for path in cfg.teacher] if cfg.alpha < 1.0 else []
+    models.check_output_rows(vocab, [student, *teachers], [cfg.student, *cfg.teacher][: 1 + len(teachers)])
     stream = data.BatchStream(train_set, batch_size=sds.micro_batch, rank=world.rank, world_size=world.world_size,
                               seed=cfg.seed, pad_token_id=tokenizer.pad_token_id)
     trainer = Trainer(cfg, student, teachers, stream, eval_set, vocab_size=vocab, ds=sds, tokenizer=tokenizer, callbacks=callbacks)

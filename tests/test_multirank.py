@@ -2,7 +2,6 @@
 
 Also the data-parallel invariance: 1 rank x micro-batch 4 gives the same losses as 2 ranks x micro-batch 2.
 """
-import csv
 import json
 import os
 import random
@@ -40,9 +39,10 @@ def launch(tiny, out, ds_config, *, ranks, steps, extra=(), expect=0):
 
 
 def csv_losses(out):
-    with open(Path(out) / "monitor" / "train" / "Train_loss.csv") as fh:
-        rows = list(csv.reader(fh))[1:]
-    return {int(step): float(value) for step, value in rows}
+    """The per-step train loss from DeepSpeed's csv monitor (a resumed run appends to the same files)."""
+    from ds_distill.plot import read_curves
+
+    return dict(read_curves(out)["Train/loss"])
 
 
 def test_two_ranks_checkpoint_resume_export(tiny, tmp_path):
