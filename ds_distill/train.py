@@ -11,7 +11,6 @@ import logging
 import math
 import sys
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +69,10 @@ class Trainer:
         return self.step
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
-        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns device sums (no host sync)."""
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns device sums.
+
+        Host syncs: one per step (the chunk counts), none per micro-batch.
+        """
         # Divide by the global count of supervised tokens of this step (all micro-batches, all ranks), so that every
         # token weighs the same whatever the micro-batching. DeepSpeed averages gradients over ranks, hence * world.
         counts = torch.stack([(b["labels"] != -100).sum() for b in micro_batches]).to(self.device, torch.float32)
@@ -119,8 +121,8 @@ class Trainer:
         totals = torch.zeros(4, device=self.device)  # total, ce, kd, n_tokens
         stream = data.BatchStream(self.eval_set, batch_size=self.ds.micro_batch, rank=self.rank, world_size=self.world_size,
                                   seed=0, pad_token_id=self.tokenizer.pad_token_id, shuffle=False)
-        n_batches = self.cfg.eval_batches or len(self.eval_set) // (self.ds.micro_batch * self.world_size)
-        for _ in range(max(1, n_batches)):
+        available = len(self.eval_set) // (self.ds.micro_batch * self.world_size)  # >= 1, checked in build()
+        for _ in range(min(self.cfg.eval_batches or available, available)):
             batch = {k: v.to(self.device) for k, v in next(stream).items()}
             labels = batch.pop("labels")
             batch.pop("example_ids")

@@ -103,6 +103,25 @@ def test_export_gives_the_engine_logits(tiny, dist_env, tmp_path):
     torch.testing.assert_close(again(**inputs).logits, exported)
 
 
+def test_padded_vocabulary_is_distilled_over_the_real_tokens(tiny, dist_env, tmp_path):
+    """A teacher with extra embedding rows (like 49152 vs 49280) trains as if they were not there."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny["teacher"])
+    model.resize_token_embeddings(len(tiny["tokenizer"]) + 24)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[len(tiny["tokenizer"]):] = 5.0  # loud padding logits, all ignored
+    padded = str(tmp_path / "padded")
+    model.save_pretrained(padded)
+    tiny["tokenizer"].save_pretrained(padded)
+    cfg_ds = ds_json(tmp_path)
+    ref = train.run(make_cfg(tiny, tmp_path / "ref", deepspeed_config=cfg_ds))
+    pad = train.run(make_cfg(tiny, tmp_path / "pad", teacher=[padded], deepspeed_config=cfg_ds))
+    assert pad.loss_kw["vocab_size"] == len(tiny["tokenizer"])
+    # the same teacher on the real rows, so the same losses
+    assert losses_of(pad) == pytest.approx(losses_of(ref), rel=1e-5, abs=1e-6)
+
+
 def test_eval_and_monitor_csv(tiny, dist_env, tmp_path):
     trainer = train.run(make_cfg(tiny, tmp_path / "m", max_steps=4, eval_steps=2, eval_fraction=0.25, deepspeed_config=ds_json(tmp_path)))
     evals = [h for h in trainer.history if "Eval/ppl" in h]
