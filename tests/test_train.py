@@ -219,3 +219,22 @@ def test_preemption_signal_checkpoints_exits_75_and_resumes(tiny, dist_env, tmp_
     resumed = train.run(make_cfg(tiny, out, max_steps=4, resume=True, export=True, deepspeed_config=cfg_ds), [Preemption(requeue=False)])
     assert resumed.exit_code == 0 and (out / "final" / "config.json").is_file()
     assert losses_of(stopped) + losses_of(resumed) == pytest.approx(losses_of(straight), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("student_json, teacher_json", [
+    ("zero3_bf16.json", "teacher_zero3_bf16.json"),
+    ("zero2_bf16.json", "teacher_replicated_bf16.json"),
+    ("zero1_bf16.json", "teacher_zero3_bf16.json"),
+    ("zero3_offload_bf16.json", "cpu_teacher_zero3.json"),
+])
+def test_gpu_configs_run(tiny, dist_env, tmp_path, student_json, teacher_json):
+    """The shipped GPU configs, as they are but for the optimizer implementation: no GPU here, so torch's Adam
+    instead of FusedAdam / DeepSpeedCPUAdam (both JIT-compiled kernels)."""
+    d = json.loads((REPO_CONFIGS / student_json).read_text())
+    d["optimizer"]["params"]["torch_adam"] = True
+    d["zero_force_ds_cpu_optimizer"] = False
+    (tmp_path / student_json).write_text(json.dumps(d))
+    trainer = train.run(make_cfg(tiny, tmp_path / "o", max_steps=2, deepspeed_config=str(tmp_path / student_json),
+                                 teacher_deepspeed_config=str(REPO_CONFIGS / teacher_json)))
+    assert trainer.ds.bf16 and trainer.ds.zero_stage == int(student_json[4])
+    assert all(math.isfinite(x) for x in losses_of(trainer)) and len(losses_of(trainer)) == 2
