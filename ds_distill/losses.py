@@ -142,7 +142,8 @@ def _as_list(x) -> list:
 
 def _sums(ce: Tensor, kd: Tensor, rows: Tensor, batch: int, alpha: float, anchor: Tensor) -> LossSums:
     """Per-token terms -> LossSums; ``anchor`` keeps an all-masked batch connected to the graph (0, not NaN)."""
-    total = (alpha * ce + (1.0 - alpha) * kd).sum() + 0.0 * anchor.sum()
+    # An empty slice sums to 0 with zero grads; 0 * anchor.sum() would be NaN as soon as a logit is -inf (masked vocab).
+    total = (alpha * ce + (1.0 - alpha) * kd).sum() + anchor.narrow(-1, 0, 0).sum()
     per_seq = lambda v: torch.zeros(batch, device=v.device, dtype=torch.float32).index_add_(0, rows, v.detach().float())
     counts = torch.zeros(batch, device=rows.device, dtype=torch.int64).index_add_(0, rows, torch.ones_like(rows))
     return LossSums(total, ce.sum().detach(), kd.sum().detach(), counts.sum(), per_seq(ce), per_seq(kd), counts)
