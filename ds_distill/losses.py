@@ -34,7 +34,10 @@ def _mix(logp: Tensor, logq: Tensor, w: float) -> Tensor:
         return logq
     if w == 1.0:
         return logp
-    return torch.logaddexp(logp + math.log(w), logq + math.log1p(-w))
+    # Where both are -inf (a masked vocabulary entry) logaddexp's gradient is NaN, and 0 * NaN poisons the whole row.
+    dead = torch.isneginf(logp) & torch.isneginf(logq)
+    a, b = (logp + math.log(w)).masked_fill(dead, 0.0), (logq + math.log1p(-w)).masked_fill(dead, 0.0)
+    return torch.logaddexp(a, b).masked_fill(dead, -math.inf)
 
 
 def forward_kl(t: Tensor, s: Tensor, *, beta: float, skew: float) -> Tensor:
