@@ -1,0 +1,459 @@
+"""Every loss against a float64 reference written from the definitions, plus the invariants the trainer relies on.
+
+The reference below is deliberately plain (probabilities, not log-probabilities; no special cases beyond the
+documented jsd endpoints) so that it shares no code or tricks with ``ds_distill.losses``. The library computes in
+fp32, hence rtol ~1e-5 on values.
+"""
+import itertools
+
+import pytest
+import torch
+
+from ds_distill.losses import IGNORE_INDEX, LOSSES, chunked_loss_sums, distillation_loss, loss_sums, teacher_logprobs
+
+KINDS = list(LOSSES)
+B, T, V, H = 3, 5, 11, 8
+RTOL, ATOL = 1e-5, 1e-6
+
+
+# ---------------------------------------------------------------- float64 reference
+def ref_kl(p, q):
+    """KL(p || q) per row, 0 log 0 = 0."""
+    return torch.where(p > 0, p * (p.log() - q.log()), torch.zeros_like(p)).sum(-1)
+
+
+def ref_divergence(kind, pt, ps, beta, skew):
+    if kind == "forward_kl":
+        return ref_kl(pt, ps)
+    if kind == "reverse_kl":
+        return ref_kl(ps, pt)
+    if kind == "jsd":
+        if beta == 0.0:  # the GKD convention: the endpoints are the two KLs
+            return ref_kl(pt, ps)
+        if beta == 1.0:
+            return ref_kl(ps, pt)
+        m = beta * pt + (1 - beta) * ps
+        return beta * ref_kl(pt, m) + (1 - beta) * ref_kl(ps, m)
+    if kind == "skew_forward_kl":
+        return ref_kl(pt, skew * pt + (1 - skew) * ps)
+    if kind == "skew_reverse_kl":
+        return ref_kl(ps, skew * ps + (1 - skew) * pt)
+    if kind == "tvd":
+        return 0.5 * (pt - ps).abs().sum(-1)
+    raise AssertionError(kind)
+
+
+def ref_terms(student, teachers, labels, *, kind, alpha, temperature, beta=0.5, skew=0.1, weights=None):
+    """Per-position (total, ce, T^2 D, mask) in float64. teachers: list of [B, T, V]; weights None, [K] or [B, T, K]."""
+    s = student.double()
+    k = len(teachers)
+    w = torch.full((k,), 1.0 / k, dtype=torch.float64) if weights is None else torch.as_tensor(weights).double()
+    if w.dim() == 1:
+        w = w / w.sum()
+    pt = sum(w[..., i, None] * torch.softmax(t.double() / temperature, -1) for i, t in enumerate(teachers))
+    ps = torch.softmax(s / temperature, -1)
+    mask = labels != IGNORE_INDEX
+    safe = labels.clamp(min=0)
+    ce = -torch.log_softmax(s, -1).gather(-1, safe[..., None])[..., 0]
+    kd = temperature**2 * ref_divergence(kind, pt, ps, beta, skew)
+    total = alpha * ce + (1 - alpha) * kd
+    zero = torch.zeros_like(total)
+    return torch.where(mask, total, zero), torch.where(mask, ce, zero), torch.where(mask, kd, zero), mask
+
+
+def ref_mean(student, teachers, labels, **kw):
+    total, _, _, mask = ref_terms(student, teachers, labels, **kw)
+    return total.sum() / mask.sum().clamp(min=1)
+
+
+# ---------------------------------------------------------------- inputs
+def make(seed, b=B, t=T, v=V, k=1, masked=0.3, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    student = (scale * torch.randn(b, t, v, generator=g)).requires_grad_()
+    teachers = [scale * torch.randn(b, t, v, generator=g) for _ in range(k)]
+    labels = torch.randint(0, v, (b, t), generator=g)
+    labels[torch.rand(b, t, generator=g) < masked] = IGNORE_INDEX
+    labels[0, 0] = 1  # at least one supervised token
+    return student, teachers, labels
+
+
+def close(a, b, rtol=RTOL, atol=ATOL):
+    torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol)
+
+
+# ---------------------------------------------------------------- values and gradients vs the reference
+SETTINGS = [  # (temperature, alpha, beta, skew)
+    (1.0, 0.5, 0.5, 0.1),
+    (2.0, 0.0, 0.1, 0.0),
+    (0.5, 0.3, 0.9, 0.5),
+    (4.0, 0.9, 0.0, 1.0),
+    (1.5, 0.0, 1.0, 0.9),
+]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: "T{}-a{}-b{}-s{}".format(*s))
+def test_value_and_grad_match_float64_reference(kind, setting):
+    temperature, alpha, beta, skew = setting
+    student, teachers, labels = make(10 * KINDS.index(kind) + SETTINGS.index(setting))
+    kw = dict(alpha=alpha, temperature=temperature, beta=beta, skew=skew)
+    out = distillation_loss(student, teachers[0], labels, loss=kind, **kw)
+    s64 = student.detach().double().requires_grad_()
+    ref = ref_mean(s64, teachers, labels, kind=kind, **kw)
+    close(out, ref)
+    (g,) = torch.autograd.grad(out, student)
+    (g_ref,) = torch.autograd.grad(ref, s64)
+    close(g, g_ref, rtol=1e-4, atol=1e-6)
+
+    sums = loss_sums(student, teachers, labels, loss=kind, **kw)
+    total, ce, kd, mask = ref_terms(s64.detach(), teachers, labels, kind=kind, **kw)
+    close(sums.total, total.sum())
+    close(sums.ce, ce.sum())
+    close(sums.kd, kd.sum())
+    assert sums.n_tokens.item() == mask.sum().item()
+
+
+# ---------------------------------------------------------------- invariants of the divergences
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
+def test_divergence_of_a_distribution_with_itself_is_zero(kind, temperature):
+    student, _, labels = make(1)
+    for beta, skew in [(0.5, 0.1), (0.0, 0.0), (1.0, 1.0), (0.3, 0.7)]:
+        sums = loss_sums(student, student.detach(), labels, loss=kind, alpha=0.0, temperature=temperature, beta=beta, skew=skew)
+        assert abs(sums.kd.item()) < 1e-5
+        assert sums.kd_per_seq.abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_divergences_are_nonnegative_and_tvd_bounded(kind):
+    # Far-apart distributions too (scale 20): near one-hot rows are where log-space tricks go wrong.
+    for seed, scale in itertools.product(range(3), [0.5, 3.0, 20.0]):
+        student, teachers, labels = make(seed, scale=scale, masked=0.0)
+        for beta, skew in [(0.5, 0.1), (0.1, 0.9), (0.9, 0.5)]:
+            sums = loss_sums(student, teachers, labels, loss=kind, alpha=0.0, beta=beta, skew=skew)
+            assert (sums.kd_per_seq >= -1e-6).all()
+            if kind == "tvd":
+                per_token = sums.kd_per_seq / sums.tokens_per_seq
+                assert (per_token <= 1 + 1e-6).all()
+    # tvd reaches 1 on disjoint supports
+    s = torch.tensor([[[30.0, -30.0]]])
+    t = torch.tensor([[[-30.0, 30.0]]])
+    assert abs(loss_sums(s, t, torch.tensor([[0]]), loss="tvd", alpha=0.0).kd.item() - 1.0) < 1e-6
+
+
+def test_jsd_endpoints_are_exactly_the_two_kls():
+    student, teachers, labels = make(2)
+    kw = dict(alpha=0.0, temperature=2.0)
+    fwd = loss_sums(student, teachers, labels, loss="forward_kl", **kw).total
+    rev = loss_sums(student, teachers, labels, loss="reverse_kl", **kw).total
+    assert torch.equal(loss_sums(student, teachers, labels, loss="jsd", beta=0.0, **kw).total, fwd)
+    assert torch.equal(loss_sums(student, teachers, labels, loss="jsd", beta=1.0, **kw).total, rev)
+    # the skewed KLs at skew = 0 are the plain ones
+    assert torch.equal(loss_sums(student, teachers, labels, loss="skew_forward_kl", skew=0.0, **kw).total, fwd)
+    assert torch.equal(loss_sums(student, teachers, labels, loss="skew_reverse_kl", skew=0.0, **kw).total, rev)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_temperature_squared_scaling(kind):
+    """kd is T^2 times the divergence between the temperature-softened distributions."""
+    student, teachers, labels = make(3)
+    for temperature in [0.5, 2.0, 5.0]:
+        sums = loss_sums(student, teachers, labels, loss=kind, alpha=0.0, temperature=temperature)
+        soft = loss_sums(student / temperature, [t / temperature for t in teachers], labels, loss=kind, alpha=0.0)
+        close(sums.kd, temperature**2 * soft.kd)
+        close(sums.total, sums.kd)  # alpha = 0: the CE is reported but not added
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_alpha_one_ignores_the_teacher(kind):
+    student, teachers, labels = make(4)
+    a = loss_sums(student, teachers, labels, loss=kind, alpha=1.0)
+    b = loss_sums(student, [t * 7 + 3 for t in teachers], labels, loss=kind, alpha=1.0)
+    c = loss_sums(student, [], labels, loss=kind, alpha=1.0)
+    assert torch.equal(a.total, b.total) and torch.equal(a.total, c.total)
+    ce = torch.nn.functional.cross_entropy(student.detach().flatten(0, 1), labels.flatten(), reduction="sum")
+    close(a.total, ce)
+    ga = torch.autograd.grad(a.total, student)[0]
+    gb = torch.autograd.grad(b.total, student)[0]
+    assert torch.equal(ga, gb)
+
+
+# ---------------------------------------------------------------- masking
+@pytest.mark.parametrize("kind", KINDS)
+def test_masked_positions_contribute_nothing(kind):
+    student, teachers, labels = make(5, masked=0.5)
+    masked = (labels == IGNORE_INDEX)[..., None]
+    assert masked.any()
+    noise = 100 * torch.randn(student.shape)
+    student2 = torch.where(masked, noise, student.detach()).requires_grad_()
+    teachers2 = [torch.where(masked, -noise, t) for t in teachers]
+    a = loss_sums(student, teachers, labels, loss=kind, alpha=0.4, temperature=2.0)
+    b = loss_sums(student2, teachers2, labels, loss=kind, alpha=0.4, temperature=2.0)
+    assert torch.equal(a.total, b.total)
+    ga = torch.autograd.grad(a.total, student)[0]
+    gb = torch.autograd.grad(b.total, student2)[0]
+    assert torch.equal(ga, gb)
+    assert (gb[masked.expand_as(gb)] == 0).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_all_masked_is_a_finite_zero_with_zero_grads(kind):
+    student, teachers, _ = make(6)
+    labels = torch.full((B, T), IGNORE_INDEX)
+    out = distillation_loss(student, teachers[0], labels, loss=kind)
+    assert out.item() == 0.0
+    (g,) = torch.autograd.grad(out, student)
+    assert torch.equal(g, torch.zeros_like(g))
+    sums = loss_sums(student, teachers, labels, loss=kind)
+    assert sums.n_tokens.item() == 0 and sums.total.item() == 0.0
+    assert torch.equal(sums.tokens_per_seq, torch.zeros(B, dtype=torch.int64))
+    # chunked path, with and without (empty) head calls
+    hidden = torch.randn(B, T, H, requires_grad=True)
+    head = torch.nn.Linear(H, V, bias=False)
+    for num_chunks in [None, 2]:
+        c = chunked_loss_sums(hidden, head, torch.randn(B, T, H), head, labels, loss=kind, chunk_size=4, num_chunks=num_chunks)
+        assert c.total.item() == 0.0
+        (gh,) = torch.autograd.grad(c.total, hidden)
+        assert torch.equal(gh, torch.zeros_like(gh))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_minus_inf_vocab_column_gives_no_nan(kind):
+    """A masked vocabulary entry (-inf in both models) must not produce NaN in values or grads."""
+    student, teachers, labels = make(7, masked=0.0)
+    labels[labels == 3] = 0
+    s = student.detach().clone()
+    s[..., 3] = float("-inf")
+    s.requires_grad_()
+    ts = [t.clone() for t in teachers]
+    for t in ts:
+        t[..., 3] = float("-inf")
+    kw = dict(alpha=0.3, temperature=2.0, beta=0.4, skew=0.2)
+    out = distillation_loss(s, ts[0], labels, loss=kind, **kw)
+    (g,) = torch.autograd.grad(out, s)
+    assert torch.isfinite(out) and torch.isfinite(g).all()
+    assert (g[..., 3] == 0).all()
+    keep = [i for i in range(V) if i != 3]
+    sub = student.detach()[..., keep].requires_grad_()
+    ref = distillation_loss(sub, teachers[0][..., keep], torch.where(labels > 3, labels - 1, labels), loss=kind, **kw)
+    close(out, ref)
+    close(g[..., keep], torch.autograd.grad(ref, sub)[0])
+
+
+# ---------------------------------------------------------------- chunked == unchunked
+def _chunk_setup(seed, k=1):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=g, requires_grad=True)
+    head = torch.nn.Linear(H, V, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, H, generator=g))
+    t_hidden = [torch.randn(B, T, H + 2, generator=g) for _ in range(k)]
+    t_heads = [torch.nn.Linear(H + 2, V, bias=False) for _ in range(k)]
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[torch.rand(B, T, generator=g) < 0.3] = IGNORE_INDEX
+    labels[0, 0] = 2
+    return hidden, head, t_hidden, t_heads, labels
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_chunked_equals_unchunked(kind):
+    hidden, head, t_hidden, t_heads, labels = _chunk_setup(8)
+    n = int((labels != IGNORE_INDEX).sum())
+    kw = dict(loss=kind, alpha=0.3, temperature=2.0, beta=0.3, skew=0.2)
+    ref = loss_sums(head(hidden), [h(x) for h, x in zip(t_heads, t_hidden)], labels, **kw)
+    g_ref = torch.autograd.grad(ref.total, [hidden, head.weight])
+    for chunk_size, num_chunks in [(1, None), (3, None), (n + 5, None), (3, -(-n // 3) + 2), (n + 5, 3)]:
+        out = chunked_loss_sums(hidden, head, t_hidden, t_heads, labels, chunk_size=chunk_size, num_chunks=num_chunks, **kw)
+        close(out.total, ref.total)
+        for f in ("ce", "kd", "ce_per_seq", "kd_per_seq"):
+            close(getattr(out, f), getattr(ref, f))
+        assert torch.equal(out.tokens_per_seq, ref.tokens_per_seq) and out.n_tokens.item() == n
+        for a, b in zip(torch.autograd.grad(out.total, [hidden, head.weight]), g_ref):
+            close(a, b)
+
+
+def test_chunked_num_chunks_calls_the_head_exactly_that_many_times():
+    hidden, head, t_hidden, t_heads, labels = _chunk_setup(9)
+    calls = []
+    counted = lambda h: (calls.append(h.shape[0]), head(h))[1]
+    out = chunked_loss_sums(hidden, counted, t_hidden, t_heads, labels, chunk_size=1000, num_chunks=4)
+    assert len(calls) == 4 and calls[1:] == [0, 0, 0]
+    ref = chunked_loss_sums(hidden, head, t_hidden, t_heads, labels, chunk_size=1000)
+    assert torch.equal(out.total, ref.total)
+
+
+def test_chunked_tied_head_shared_with_the_embedding():
+    """The head weight is also the input embedding: its grad gets both uses, identically in both paths."""
+    g = torch.Generator().manual_seed(10)
+    emb = torch.nn.Embedding(V, H)
+    proj = torch.nn.Linear(H, H)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    labels = torch.roll(ids, -1, dims=1)
+    labels[:, -1] = IGNORE_INDEX
+    labels[1, :2] = IGNORE_INDEX
+    t_hidden = torch.randn(B, T, H, generator=g)
+    t_head = torch.nn.Linear(H, V, bias=False)
+    head = lambda h: h @ emb.weight.T
+    params = [emb.weight, proj.weight, proj.bias]
+    kw = dict(loss="jsd", alpha=0.5, temperature=1.5)
+
+    def grads(chunk_size):
+        hidden = torch.tanh(proj(emb(ids)))
+        if chunk_size is None:
+            out = loss_sums(head(hidden), t_head(t_hidden), labels, **kw)
+        else:
+            out = chunked_loss_sums(hidden, head, t_hidden, t_head, labels, chunk_size=chunk_size, **kw)
+        return out.total, torch.autograd.grad(out.total, params)
+
+    ref, g_ref = grads(None)
+    for chunk_size in [1, 3, 100]:
+        val, gs = grads(chunk_size)
+        close(val, ref)
+        for a, b in zip(gs, g_ref):
+            close(a, b)
+
+
+# ---------------------------------------------------------------- errors and registry
+@pytest.mark.parametrize("kwargs, word", [
+    (dict(loss="forward"), "loss"), (dict(loss="FORWARD_KL"), "loss"), (dict(loss="kl"), "loss"),
+    (dict(loss="forward_kl "), "loss"),
+    (dict(alpha=-0.1), "alpha"), (dict(alpha=1.5), "alpha"),
+    (dict(beta=-0.01), "beta"), (dict(beta=1.01), "beta"),
+    (dict(skew=-1.0), "skew"), (dict(skew=2.0), "skew"),
+    (dict(temperature=0.0), "temperature"), (dict(temperature=-1.0), "temperature"),
+])
+def test_bad_arguments_raise_naming_the_argument(kwargs, word):
+    student, teachers, labels = make(11)
+    for call in (lambda: distillation_loss(student, teachers[0], labels, **kwargs),
+                 lambda: loss_sums(student, teachers, labels, **kwargs),
+                 lambda: chunked_loss_sums(torch.randn(B, T, H), torch.nn.Linear(H, V), torch.randn(B, T, H),
+                                           torch.nn.Linear(H, V), labels, **kwargs)):
+        with pytest.raises(ValueError, match=word):
+            call()
+
+
+def test_mismatched_shapes_raise_naming_the_argument():
+    student, teachers, labels = make(12)
+    with pytest.raises(ValueError, match="labels"):
+        loss_sums(student, teachers, labels[:, :-1])
+    with pytest.raises(ValueError, match="teacher"):
+        loss_sums(student, [teachers[0][:, :-1]], labels)
+    with pytest.raises(ValueError, match="vocab_size"):
+        loss_sums(student, [teachers[0][..., :-1]], labels)
+    with pytest.raises(ValueError, match="student_logits"):
+        distillation_loss(student, teachers[0][..., :-1], labels)
+    with pytest.raises(ValueError, match="teacher"):
+        loss_sums(student, [], labels, alpha=0.5)
+    hidden, head = torch.randn(B, T, H), torch.nn.Linear(H, V)
+    with pytest.raises(ValueError, match="labels"):
+        chunked_loss_sums(hidden, head, hidden, head, labels[:-1])
+    with pytest.raises(ValueError, match="heads"):
+        chunked_loss_sums(hidden, head, [hidden, hidden], [head], labels)
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunked_loss_sums(hidden, head, hidden, head, labels, chunk_size=0)
+    with pytest.raises(ValueError, match="num_chunks"):
+        chunked_loss_sums(hidden, head, hidden, head, labels, chunk_size=1, num_chunks=1)
+
+
+def test_registry_is_exactly_the_six_kinds():
+    assert set(LOSSES) == {"forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"}
+
+
+# ---------------------------------------------------------------- vocab padding, ensembles, per-sequence sums
+@pytest.mark.parametrize("kind", KINDS)
+def test_vocab_size_equals_slicing_by_hand(kind):
+    student, teachers, labels = make(13, v=V + 5)
+    labels = labels.clamp(max=V - 1)
+    padded_teacher = torch.cat([teachers[0], torch.randn(B, T, 3)], dim=-1)  # the teacher is padded differently
+    out = loss_sums(student, padded_teacher, labels, loss=kind, vocab_size=V, temperature=2.0)
+    ref = loss_sums(student[..., :V], teachers[0][..., :V], labels, loss=kind, temperature=2.0)
+    assert torch.equal(out.total, ref.total)
+    g = torch.autograd.grad(out.total, student)[0]
+    assert torch.equal(g[..., :V], torch.autograd.grad(ref.total, student)[0][..., :V])
+    assert (g[..., V:] == 0).all()
+    # chunked too: heads with padded outputs
+    hidden, head, t_hidden, _, labels2 = _chunk_setup(13)
+    big_head, t_head = torch.nn.Linear(H, V + 5, bias=False), torch.nn.Linear(H + 2, V + 3, bias=False)
+    c = chunked_loss_sums(hidden, big_head, t_hidden, t_head, labels2, loss=kind, vocab_size=V, chunk_size=2)
+    r = loss_sums(big_head(hidden)[..., :V], t_head(t_hidden[0])[..., :V], labels2, loss=kind)
+    close(c.total, r.total)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_teacher_mixture_matches_hand_computed(kind):
+    student, teachers, labels = make(14, k=2)
+    kw = dict(loss=kind, alpha=0.2, temperature=1.5, beta=0.3, skew=0.4)
+    for weights in [None, [1.0, 3.0], torch.tensor([0.5, 0.5])]:
+        out = loss_sums(student, teachers, labels, teacher_weights=weights, **kw)
+        total, _, _, _ = ref_terms(student.detach(), teachers, labels, weights=weights, kind=kind, alpha=0.2,
+                                    temperature=1.5, beta=0.3, skew=0.4)
+        close(out.total, total.sum())
+    # per-token weights [B, T, K]
+    g = torch.Generator().manual_seed(0)
+    per_token = torch.softmax(torch.randn(B, T, 2, generator=g), -1)
+    out = loss_sums(student, teachers, labels, teacher_weights=per_token, **kw)
+    s64 = student.detach().double().requires_grad_()
+    total, _, _, _ = ref_terms(s64, teachers, labels, weights=per_token, kind=kind, alpha=0.2, temperature=1.5,
+                               beta=0.3, skew=0.4)
+    close(out.total, total.sum())
+    close(torch.autograd.grad(out.total, student)[0], torch.autograd.grad(total.sum(), s64)[0], rtol=1e-4)
+    # and the chunked path with per-token weights
+    hidden, head, t_hidden, t_heads, labels2 = _chunk_setup(14, k=2)
+    pt = torch.softmax(torch.randn(B, T, 2, generator=g), -1)
+    c = chunked_loss_sums(hidden, head, t_hidden, t_heads, labels2, chunk_size=2, teacher_weights=pt, **kw)
+    r = loss_sums(head(hidden), [h(x) for h, x in zip(t_heads, t_hidden)], labels2, teacher_weights=pt, **kw)
+    close(c.total, r.total)
+
+
+def test_one_teacher_ensemble_equals_single_teacher():
+    student, teachers, labels = make(15)
+    single = loss_sums(student, teachers[0], labels, alpha=0.0, temperature=2.0)
+    for weights in [None, [1.0], torch.ones(B, T, 1)]:
+        close(loss_sums(student, teachers, labels, alpha=0.0, temperature=2.0, teacher_weights=weights).total, single.total)
+    lp = teacher_logprobs(teachers, 2.0, torch.tensor([2.0]))
+    close(lp, torch.log_softmax(teachers[0] / 2.0, -1))
+
+
+def test_per_sequence_sums_add_up():
+    student, teachers, labels = make(16, masked=0.5)
+    labels[2] = IGNORE_INDEX  # a row with nothing to score
+    out = loss_sums(student, teachers, labels, loss="jsd", alpha=0.4)
+    assert torch.equal(out.tokens_per_seq, (labels != IGNORE_INDEX).sum(1))
+    assert out.tokens_per_seq.sum() == out.n_tokens
+    close(out.ce_per_seq.sum(), out.ce)
+    close(out.kd_per_seq.sum(), out.kd)
+    close(0.4 * out.ce + 0.6 * out.kd, out.total)
+    assert out.ce_per_seq[2] == 0 and out.kd_per_seq[2] == 0
+    _, ce, kd, _ = ref_terms(student.detach(), teachers, labels, kind="jsd", alpha=0.4, temperature=1.0)
+    close(out.ce_per_seq, ce.sum(1))
+    close(out.kd_per_seq, kd.sum(1))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bf16_inputs(kind):
+    student, teachers, labels = make(17)
+    kw = dict(loss=kind, alpha=0.5, temperature=2.0)
+    s16 = student.detach().bfloat16().requires_grad_()
+    t16 = teachers[0].bfloat16()
+    out = distillation_loss(s16, t16, labels, **kw)
+    assert out.dtype == torch.float32
+    (g,) = torch.autograd.grad(out, s16)
+    assert g.dtype == torch.bfloat16 and torch.isfinite(g).all()
+    # internally fp32: exactly the fp32 loss of the rounded inputs, and close to the unrounded one
+    close(out, distillation_loss(s16.detach().float(), t16.float(), labels, **kw))
+    close(out, distillation_loss(student, teachers[0], labels, **kw), rtol=2e-2, atol=1e-2)
+
+
+# ---------------------------------------------------------------- normalisation by the global token count
+def test_sum_over_global_count_equals_the_concatenated_batch():
+    """Micro-batches with different numbers of supervised tokens: sums / global count is the big-batch loss."""
+    student, teachers, labels = make(18, b=4, masked=0.0)
+    labels[:2, 1:] = IGNORE_INDEX  # micro-batch 1: 2 tokens; micro-batch 2: 10 tokens
+    kw = dict(loss="forward_kl", alpha=0.3, temperature=2.0)
+    a = loss_sums(student[:2], [teachers[0][:2]], labels[:2], **kw)
+    b = loss_sums(student[2:], [teachers[0][2:]], labels[2:], **kw)
+    whole = distillation_loss(student, teachers[0], labels, **kw)
+    assert (a.n_tokens.item(), b.n_tokens.item()) == (2, 10)
+    close((a.total + b.total) / (a.n_tokens + b.n_tokens), whole)
+    mean_of_means = (a.total / a.n_tokens + b.total / b.n_tokens) / 2
+    assert not torch.allclose(mean_of_means, whole, rtol=1e-3)
