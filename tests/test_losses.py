@@ -16,6 +16,15 @@ B, T, V, H = 3, 5, 11, 8
 RTOL, ATOL = 1e-5, 1e-6
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: intra-op threads only spin against each other on a shared CPU (4x slower here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------- float64 reference
 def ref_kl(p, q):
     """KL(p || q) per row, 0 log 0 = 0."""
