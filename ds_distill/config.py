@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,17 +167,12 @@ def load_run_file(path: str) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"--config {path!r} does not exist: pass a YAML or JSON run file")
-    try:
-        if p.suffix in (".yaml", ".yml"):
-            import yaml
+    import yaml  # JSON is a subset of YAML: one parser for both
 
-            data = yaml.safe_load(p.read_text())
-        else:
-            data = json.loads(p.read_text())
-    except (ValueError, ImportError) as exc:  # yaml.YAMLError subclasses Exception, handled below
-        raise UsageError(f"--config {path!r} is not valid {p.suffix.lstrip('.') or 'JSON'}: {str(exc).splitlines()[0]}") from None
-    except Exception as exc:  # yaml.YAMLError and friends: report, do not crash
-        raise UsageError(f"--config {path!r} could not be parsed: {str(exc).splitlines()[0]}") from None
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise UsageError(f"--config {path!r} could not be parsed: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
         raise UsageError(f"--config {path!r} must hold a mapping of RunConfig fields, got {type(data).__name__}")
     known = {f.name for f in dataclasses.fields(RunConfig)}
@@ -298,7 +292,3 @@ def default_ds_configs(has_gpu: bool) -> tuple[str, str]:
     if has_gpu:
         return str(REPO_CONFIGS / "zero3_bf16.json"), str(REPO_CONFIGS / "teacher_zero3_bf16.json")
     return str(REPO_CONFIGS / "cpu_zero3.json"), str(REPO_CONFIGS / "cpu_teacher_zero3.json")
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")

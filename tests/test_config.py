@@ -95,3 +95,10 @@ def test_validation_reports_every_problem_at_once(tmp_path):
                  "--temperature 0 must be > 0", "--seq_len 0 must be >= 1", "--teacher_weights has 2 values for 1 teachers"):
         assert part in text, part
     assert "\n" not in text
+
+
+def test_run_file_that_does_not_parse(tmp_path):
+    with pytest.raises(UsageError, match=r"--config .*run.yaml' could not be parsed"):
+        parse_args(["--config", write(tmp_path, "alpha: [0.5\n", "run.yaml")])
+    with pytest.raises(UsageError, match="must hold a mapping"):
+        parse_args(["--config", write(tmp_path, "[1, 2]", "run.json")])
