@@ -98,12 +98,13 @@ class LossSums:
 
 
 def check_args(loss: str, alpha: float, temperature: float, beta: float, skew: float) -> None:
+    """Raise a one-line ValueError naming the first bad hyperparameter and its allowed values."""
     if loss not in LOSSES:
         raise ValueError(f"loss={loss!r} is unknown: use one of {', '.join(LOSSES)}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha={alpha} must be in [0, 1]")
-    if not temperature > 0:
-        raise ValueError(f"temperature={temperature} must be > 0")
+    if not 0 < temperature < math.inf:
+        raise ValueError(f"temperature={temperature} must be a finite number > 0")
     for name, value in (("beta", beta), ("skew", skew)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name}={value} must be in [0, 1]")
@@ -139,6 +140,29 @@ def _token_terms(s_logits: Tensor, t_logits: Sequence[Tensor], labels: Tensor, *
     return ce, temperature**2 * LOSSES[loss](t_logp, s_logp, beta=beta, skew=skew)
 
 
+def _check_vocab(vocab_size: int | None, student_v: int, teacher_vs: Sequence[int]) -> int:
+    """The vocabulary to score: ``vocab_size``, or the student's when None (then the teachers' must be the same)."""
+    if vocab_size is None:
+        for tv in teacher_vs:
+            if tv != student_v:
+                raise ValueError(f"teacher vocab {tv} != student vocab {student_v}: pass vocab_size (the shared real vocabulary)")
+        return student_v
+    if not 1 <= vocab_size <= min([student_v, *teacher_vs]):
+        raise ValueError(f"vocab_size={vocab_size} must be in [1, {min([student_v, *teacher_vs])}] "
+                         f"(student vocab {student_v}, teacher vocabs {list(teacher_vs)})")
+    return vocab_size
+
+
+def _check_weights(w: Tensor, k: int, bt: torch.Size) -> None:
+    """``[K]`` or ``[B, T, K]`` teacher weights; a wrong K would silently broadcast into a mixture that is not one."""
+    if w.dim() not in (1, 3) or w.shape[-1] != k or (w.dim() == 3 and w.shape[:2] != bt):
+        raise ValueError(f"teacher_weights {tuple(w.shape)} must be [K] or [B, T, K] with K={k} teachers and "
+                         f"[B, T]={tuple(bt)}")
+    # Values are checked only on the CPU (config lists land there): on an accelerator it would be a host sync per step.
+    if w.dim() == 1 and w.device.type == "cpu" and not (torch.isfinite(w).all() and (w >= 0).all() and w.sum() > 0):
+        raise ValueError(f"teacher_weights={w.tolist()} must be finite, >= 0, with a positive sum")
+
+
 def _as_list(x) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
@@ -153,6 +177,9 @@ def _sums(ce: Tensor, kd: Tensor, rows: Tensor, batch: int, alpha: float, anchor
 
 
 def _prepare(shape_of: Tensor, labels: Tensor, teachers: list, teacher_weights, ignore_index: int, alpha: float, name: str):
+    """Check shapes; return the supervised positions (flat index, row, label) and the weights of those rows."""
+    if shape_of.dim() != 3:
+        raise ValueError(f"student {name} {tuple(shape_of.shape)} must be [B, T, *]")
     if labels.shape != shape_of.shape[:2]:
         raise ValueError(f"labels {tuple(labels.shape)} must be [B, T] matching {name} {tuple(shape_of.shape)}")
     for t in teachers:
@@ -163,7 +190,9 @@ def _prepare(shape_of: Tensor, labels: Tensor, teachers: list, teacher_weights, 
     idx = (labels != ignore_index).flatten().nonzero().squeeze(1)  # supervised positions in the flattened [B*T]
     if callable(teacher_weights):  # a router: called per chunk in _token_terms
         return idx, idx // labels.shape[1], labels.flatten()[idx], teacher_weights
-    w = None if teacher_weights is None else torch.as_tensor(teacher_weights)
+    w = None if teacher_weights is None or not teachers else torch.as_tensor(teacher_weights)
+    if w is not None:
+        _check_weights(w, len(teachers), labels.shape)
     if w is not None and w.dim() == 3:
         w = w.flatten(0, 1)[idx]
     return idx, idx // labels.shape[1], labels.flatten()[idx], w
@@ -180,12 +209,9 @@ def loss_sums(student_logits: Tensor, teacher_logits, labels: Tensor, *, loss: s
     (per chunk in ``chunked_loss_sums``, where it runs again when backward recomputes the chunk).
     """
     check_args(loss, alpha, temperature, beta, skew)
-    teachers = _as_list(teacher_logits)
-    for t in teachers:
-        if vocab_size is None and t.shape[-1] != student_logits.shape[-1]:
-            raise ValueError(f"teacher_logits vocab {t.shape[-1]} != student_logits vocab {student_logits.shape[-1]}: pass vocab_size")
+    teachers = _as_list(teacher_logits) if alpha != 1.0 else []  # alpha = 1: plain fine-tuning, teacher unused
     idx, rows, lab, w = _prepare(student_logits, labels, teachers, teacher_weights, ignore_index, alpha, "logits")
-    v = vocab_size or student_logits.shape[-1]
+    v = _check_vocab(vocab_size, student_logits.shape[-1], [t.shape[-1] for t in teachers])
     s = student_logits.flatten(0, 1)[idx, :v]
     ts = [t.flatten(0, 1)[idx, :v] for t in teachers]
     ce, kd = _token_terms(s, ts, lab, loss=loss, alpha=alpha, temperature=temperature, beta=beta, skew=skew, weights=w)
@@ -222,10 +248,10 @@ def chunked_loss_sums(student_hidden: Tensor, student_head: Callable[[Tensor], T
 
     def chunk_terms(h: Tensor, lab_c: Tensor, w_c: Tensor | None, *t_h: Tensor) -> tuple[Tensor, Tensor]:
         s_logits = student_head(h)
-        v = vocab_size or s_logits.shape[-1]
         with torch.no_grad():  # recomputed in backward too: cheaper in memory than keeping teacher logits alive
-            t_logits = [head(x)[:, :v] for head, x in zip(t_heads, t_h)]
-        return _token_terms(s_logits[:, :v], t_logits, lab_c, weights=w_c, **kw)
+            t_logits = [head(x) for head, x in zip(t_heads, t_h)]
+        v = _check_vocab(vocab_size, s_logits.shape[-1], [t.shape[-1] for t in t_logits])
+        return _token_terms(s_logits[:, :v], [t[:, :v] for t in t_logits], lab_c, weights=w_c, **kw)
 
     ces, kds = [], []
     needed = -(-hs.shape[0] // chunk_size)

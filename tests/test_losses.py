@@ -5,6 +5,7 @@ documented jsd endpoints) so that it shares no code or tricks with ``ds_distill.
 fp32, hence rtol ~1e-5 on values.
 """
 import itertools
+import math
 
 import pytest
 import torch
@@ -122,6 +123,29 @@ def test_value_and_grad_match_float64_reference(kind, setting):
     assert sums.n_tokens.item() == mask.sum().item()
 
 
+# ---------------------------------------------------------------- exact values on a two-token vocabulary
+# p_t = softmax([0, 0]) = [1/2, 1/2], p_s = softmax([0, ln 3]) = [1/4, 3/4]; the label is token 0, so CE = ln 4.
+GOLDEN = {  # kind: D(p_t, p_s) in closed form, beta = 0.5, skew = 0.1
+    "forward_kl": 0.5 * math.log(4 / 3),
+    "reverse_kl": 0.25 * math.log(1 / 2) + 0.75 * math.log(3 / 2),
+    "jsd": 0.5 * (0.5 * math.log(0.5 / 0.375) + 0.5 * math.log(0.5 / 0.625))
+    + 0.5 * (0.25 * math.log(0.25 / 0.375) + 0.75 * math.log(0.75 / 0.625)),  # m = [3/8, 5/8]
+    "skew_forward_kl": 0.5 * math.log(0.5 / 0.275) + 0.5 * math.log(0.5 / 0.725),  # m = 0.1 p_t + 0.9 p_s
+    "skew_reverse_kl": 0.25 * math.log(0.25 / 0.475) + 0.75 * math.log(0.75 / 0.525),  # m = 0.1 p_s + 0.9 p_t
+    "tvd": 0.25,
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_golden_values(kind):
+    student = torch.tensor([[[0.0, math.log(3.0)]]])
+    teacher = torch.tensor([[[0.0, 0.0]]])
+    out = loss_sums(student, teacher, torch.tensor([[0]]), loss=kind, alpha=0.25, beta=0.5, skew=0.1)
+    assert abs(out.ce.item() - math.log(4)) < 1e-6
+    assert abs(out.kd.item() - GOLDEN[kind]) < 1e-6
+    assert abs(out.total.item() - (0.25 * math.log(4) + 0.75 * GOLDEN[kind])) < 1e-6
+
+
 # ---------------------------------------------------------------- invariants of the divergences
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
@@ -174,11 +198,13 @@ def test_temperature_squared_scaling(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_alpha_one_ignores_the_teacher(kind):
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_alpha_one_ignores_the_teacher(kind, temperature):
+    """alpha = 1 is plain fine-tuning: CE on the *unscaled* student logits whatever the temperature."""
     student, teachers, labels = make(4)
-    a = loss_sums(student, teachers, labels, loss=kind, alpha=1.0)
-    b = loss_sums(student, [t * 7 + 3 for t in teachers], labels, loss=kind, alpha=1.0)
-    c = loss_sums(student, [], labels, loss=kind, alpha=1.0)
+    a = loss_sums(student, teachers, labels, loss=kind, alpha=1.0, temperature=temperature)
+    b = loss_sums(student, [t * 7 + 3 for t in teachers], labels, loss=kind, alpha=1.0, temperature=temperature)
+    c = loss_sums(student, [], labels, loss=kind, alpha=1.0, temperature=temperature)
     assert torch.equal(a.total, b.total) and torch.equal(a.total, c.total)
     ce = torch.nn.functional.cross_entropy(student.detach().flatten(0, 1), labels.flatten(), reduction="sum")
     close(a.total, ce)
@@ -330,6 +356,7 @@ def test_chunked_tied_head_shared_with_the_embedding():
     (dict(beta=-0.01), "beta"), (dict(beta=1.01), "beta"),
     (dict(skew=-1.0), "skew"), (dict(skew=2.0), "skew"),
     (dict(temperature=0.0), "temperature"), (dict(temperature=-1.0), "temperature"),
+    (dict(temperature=math.inf), "temperature"), (dict(alpha=math.nan), "alpha"),
 ])
 def test_bad_arguments_raise_naming_the_argument(kwargs, word):
     student, teachers, labels = make(11)
@@ -362,6 +389,36 @@ def test_mismatched_shapes_raise_naming_the_argument():
         chunked_loss_sums(hidden, head, hidden, head, labels, chunk_size=0)
     with pytest.raises(ValueError, match="num_chunks"):
         chunked_loss_sums(hidden, head, hidden, head, labels, chunk_size=1, num_chunks=1)
+
+
+def test_vocab_mismatches_raise_instead_of_truncating():
+    """A vocabulary mismatch must be explicit (vocab_size) in both paths; the chunked one used to cut the teacher."""
+    student, teachers, labels = make(19)
+    for bad in (0, V + 1):
+        with pytest.raises(ValueError, match="vocab_size"):
+            loss_sums(student, teachers, labels, vocab_size=bad)
+    hidden, head, t_hidden, _, labels = _chunk_setup(19)
+    wide_teacher = torch.nn.Linear(H + 2, V + 4, bias=False)
+    with pytest.raises(ValueError, match="vocab_size"):  # no vocab_size: the vocabularies must agree
+        chunked_loss_sums(hidden, head, t_hidden, wide_teacher, labels)
+    with pytest.raises(ValueError, match="vocab_size"):  # larger than the student's
+        chunked_loss_sums(hidden, head, t_hidden, wide_teacher, labels, vocab_size=V + 2)
+    with pytest.raises(ValueError, match="logits"):
+        loss_sums(student[0], teachers[0][0], labels[0])
+
+
+@pytest.mark.parametrize("weights", [
+    [1.0],  # one weight for two teachers would broadcast into a "mixture" that sums to 2
+    [1.0, 1.0, 1.0], [1.0, -0.5], [0.0, 0.0], [math.nan, 1.0],
+    torch.ones(B, T), torch.ones(B, T, 3), torch.ones(B, T - 1, 2),
+], ids=["K1", "K3", "negative", "zero-sum", "nan", "2d", "BTK3", "B(T-1)K"])
+def test_bad_teacher_weights_raise(weights):
+    student, teachers, labels = make(20, k=2)
+    with pytest.raises(ValueError, match="teacher_weights"):
+        loss_sums(student, teachers, labels, teacher_weights=weights)
+    hidden, head, t_hidden, t_heads, labels = _chunk_setup(20, k=2)
+    with pytest.raises(ValueError, match="teacher_weights"):
+        chunked_loss_sums(hidden, head, t_hidden, t_heads, labels, teacher_weights=weights)
 
 
 def test_registry_is_exactly_the_six_kinds():
