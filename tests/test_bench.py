@@ -1,0 +1,60 @@
+"""CI smoke test of scripts/bench.py at the CPU preset: every variant measured, the ratio taken from the plain loop."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench"] = mod  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_cpu_smoke(tmp_path):
+    variants = ["plain_full", "ds_z3"]
+    out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--preset", "cpu", "--steps", "2",
+                           "--warmup", "1", "--seq_len", "64", "--variants", ",".join(variants),
+                           "--json", str(out_json), "--markdown", str(out_md)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out_json.read_text())
+    rows = {r["variant"]: r for r in report["rows"]}
+    assert list(rows) == variants
+    assert report["tokens_per_step"] == 2 * 64
+    for r in rows.values():
+        assert len(r["step_s"]) == 2 and r["tokens_per_s"] > 0 and r["peak_gib"] > 0 and r["mfu"] is None
+        assert r["reference"] == "plain_full"
+        assert abs(r["vs_plain"] - r["tokens_per_s"] / rows["plain_full"]["tokens_per_s"]) < 1e-9
+    assert rows["plain_full"]["vs_plain"] == 1.0
+    table = out_md.read_text()
+    assert table in proc.stdout
+    for v in variants:
+        assert f"| {v} |" in table
+
+
+def test_summarise_flops_and_ratio():
+    bench = load_bench()
+    results = [{"variant": "plain_full", "step_s": [1.0, 1.0], "peak_gib": 1.0, "device": "NVIDIA H100 80GB HBM3"},
+               {"variant": "ds_z3", "step_s": [2.0, 2.0], "peak_gib": 0.5, "device": "NVIDIA H100 80GB HBM3"}]
+    rows = bench.summarise(results, tokens_per_step=1000, n_student=10**9, n_teacher=10**10)
+    flops = (6 * 10**9 + 2 * 10**10) * 1000  # per step
+    assert rows[0]["tflops"] == flops / 1e12 and rows[1]["tflops"] == flops / 2 / 1e12
+    assert rows[0]["mfu"] == flops / 989e12
+    assert rows[1]["vs_plain"] == 0.5 and rows[1]["median_step_s"] == 2.0
+
+
+def test_ds_config_copies_change_only_the_micro_batch(tmp_path):
+    bench = load_bench()
+    for gpu in (False, True):
+        student, teacher, full = bench.ds_configs("ds_z3_full_logits", tmp_path, 7, gpu)
+        shipped = json.loads((ROOT / "ds_configs" / ("zero3_bf16.json" if gpu else "cpu_zero3.json")).read_text())
+        assert json.loads(Path(student).read_text()) == {**shipped, "train_micro_batch_size_per_gpu": 7} and full
+        _, teacher, full = bench.ds_configs("ds_z0_teacher_replicated", tmp_path, 3, gpu)
+        assert json.loads(Path(teacher).read_text())["zero_optimization"]["stage"] == 0 and not full
