@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Install what the multi-process launchers need on a Debian machine (root): Open MPI, SLURM, munge,
-# and mpi4py in the project's .venv (DeepSpeed's MPI discovery uses it under mpirun).
+# Install what the multi-process launchers need on a Debian machine (root): Open MPI, SLURM, munge, and mpi4py
+# (the exact version of requirements-cluster.lock) in the project's .venv: DeepSpeed's MPI discovery uses it under mpirun.
 # Idempotent and quiet on success; the details go to .cache/setup_cluster.log.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -33,10 +33,13 @@ if ((${#missing[@]})); then
 fi
 
 [[ -x "$python" ]] || fail "no Python at $python: run scripts/setup.sh first (or set PYTHON)"
-if ! "$python" -c "import mpi4py" >/dev/null 2>&1; then
+lock="$root/requirements-cluster.lock"
+want="$(grep -E '^mpi4py==' "$lock" | cut -d= -f3)"
+[[ -n "$want" ]] || fail "no mpi4py==VERSION line in $lock"
+if [[ "$("$python" -c 'import mpi4py; print(mpi4py.__version__)' 2>/dev/null)" != "$want" ]]; then
     # Build against Debian's Open MPI (mpicc from libopenmpi-dev), not a bundled MPI.
-    MPICC=mpicc "$python" -m pip install --no-binary mpi4py "mpi4py>=3.1" >>"$log" 2>&1 \
-        || fail "pip could not build mpi4py against Open MPI"
+    MPICC=mpicc "$python" -m pip install --no-binary mpi4py -r "$lock" >>"$log" 2>&1 \
+        || fail "pip could not build mpi4py $want against Open MPI"
 fi
 for tool in mpirun sbatch srun slurmctld slurmd munged; do
     command -v "$tool" >/dev/null || fail "$tool is not on PATH after the install"
