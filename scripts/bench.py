@@ -129,9 +129,10 @@ def make_data(path: Path, vocab: int, seq_len: int, rows: int, seed: int = 0) ->
             fh.write(json.dumps({"text": " ".join(f"w{rng.randrange(4, vocab)}" for _ in range(seq_len))}) + "\n")
 
 
-def ds_configs(variant: str, workdir: Path, micro_batch: int, gpu: bool) -> tuple[str, str, bool]:
+def ds_configs(variant: str, workdir: Path, micro_batch: int, gpu: bool, zero_set: list[str] = ()) -> tuple[str, str, bool]:
     """(student JSON, teacher JSON, full_logits) for a ds_* variant: shipped files copied with only the micro-batch
-    changed (and the stage, for the two derived ones named in the module docstring)."""
+    changed (and the stage, for the two derived ones named in the module docstring). ``zero_set``: "key=value"
+    experiments written into the ``zero_optimization`` block of every ZeRO-3 copy (``--zero_set``; off by default)."""
     stage, replicated, full = DS_VARIANT.match(variant).groups()
     student_file = f"zero{max(int(stage), 1)}_bf16.json" if gpu else f"cpu_zero{max(int(stage), 1)}.json"
     teacher_file = ("teacher_replicated_bf16.json" if replicated else "teacher_zero3_bf16.json") if gpu else "cpu_teacher_zero3.json"
@@ -143,6 +144,10 @@ def ds_configs(variant: str, workdir: Path, micro_batch: int, gpu: bool) -> tupl
     paths = []
     for name, d in (("student", student), ("teacher", teacher)):
         d["train_micro_batch_size_per_gpu"] = micro_batch
+        if d["zero_optimization"]["stage"] == 3:
+            for item in zero_set:
+                key, value = item.split("=", 1)
+                d["zero_optimization"][key] = json.loads(value)
         p = workdir / "configs" / f"{variant}.{name}.json"
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(json.dumps(d, indent=2))
@@ -251,7 +256,7 @@ def toolkit_step(a: argparse.Namespace, device) -> Callable[[], None]:
     from ds_distill.config import RunConfig
     from ds_distill.train import build
 
-    sds, tds, full = ds_configs(a.variant, Path(a.workdir), a.micro_batch, device.type == "cuda")
+    sds, tds, full = ds_configs(a.variant, Path(a.workdir), a.micro_batch, device.type == "cuda", a.zero_set)
     cfg = RunConfig(teacher=[a.teacher], student=a.student, data=a.data, output_dir=str(Path(a.workdir) / "runs" / a.variant),
                     deepspeed_config=sds, teacher_deepspeed_config=tds, chunk_size=0 if full else a.chunk_size,
                     seq_len=a.seq_len, eval_fraction=0.0, max_steps=a.warmup + a.steps, export=False)
@@ -357,7 +362,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                    "--teacher", str(workdir / "teacher"), "--student", str(workdir / "student"),
                    "--data", str(workdir / "train.jsonl"), "--result", str(result), "--micro_batch", str(a.micro_batch),
                    "--seq_len", str(a.seq_len), "--warmup", str(a.warmup), "--steps", str(a.steps),
-                   "--chunk_size", str(a.chunk_size)]
+                   "--chunk_size", str(a.chunk_size), *(f"--zero_set={z}" for z in a.zero_set)]
             if a.profile:
                 Path(a.profile).mkdir(parents=True, exist_ok=True)
                 cmd += ["--profile", str(Path(a.profile).resolve() / f"{v}.txt")]
@@ -372,7 +377,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         device = rows[0]["device"] if rows else "?"
         header = (f"preset {a.preset}: teacher {n_teacher / 1e6:.1f}M params, student {n_student / 1e6:.1f}M, vocab {preset.vocab}, "
                   f"{a.micro_batch} x {a.seq_len} tokens per step, {a.warmup} warm-up + {a.steps} timed steps, {device}, "
-                  f"{time.strftime('%Y-%m-%d')}")
+                  f"{time.strftime('%Y-%m-%d')}" + (f", zero_optimization overrides {a.zero_set}" if a.zero_set else ""))
         table = markdown(rows, header)
         print(table)
         report = {"preset": a.preset, "header": header, "n_student": n_student, "n_teacher": n_teacher,
@@ -397,6 +402,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="Timed optimizer steps.")
     p.add_argument("--chunk_size", type=int, default=1024, help="Tokens per loss chunk of the chunked variants (RunConfig's default).")
     p.add_argument("--cpu_threads", type=int, default=1, help="OMP_NUM_THREADS of each worker on CPU (ignored on GPU).")
+    p.add_argument("--zero_set", action="append", default=[], metavar="KEY=JSON",
+                   help="Experiment: set zero_optimization.KEY in the ZeRO-3 copies, e.g. stage3_param_persistence_threshold=1e9 (repeatable).")
     p.add_argument("--json", default="", help="Write the full results (per-step times included) to this JSON file.")
     p.add_argument("--markdown", default="", help="Write the table to this Markdown file.")
     p.add_argument("--profile", default="", help="Folder for one torch.profiler op table per variant (timed steps only).")
