@@ -243,15 +243,20 @@ def _find_auto(node: Any, where: str = "") -> list[str]:
     return [where] if node == "auto" else []
 
 
-def load_ds_config(path: str, *, world_size: int, flag: str, needs_optimizer: bool) -> DSConfig:
-    """Read and check a DeepSpeed JSON; every problem is reported at once, with the fix."""
+def read_json(path: str, where: str, hint: str) -> Any:
+    """A JSON file's content, or one UsageError naming ``where`` (e.g. the flag) and the problem."""
     p = Path(path)
     if not p.is_file():
-        raise UsageError(f"--{flag} {path!r} does not exist: pick a file from ds_configs/")
+        raise UsageError(f"{where} {path!r} does not exist: {hint}")
     try:
-        raw = json.loads(p.read_text())
+        return json.loads(p.read_text())
     except json.JSONDecodeError as exc:
-        raise UsageError(f"--{flag} {path!r} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}): fix the file") from None
+        raise UsageError(f"{where} {path!r} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}): fix the file") from None
+
+
+def load_ds_config(path: str, *, world_size: int, flag: str, needs_optimizer: bool) -> DSConfig:
+    """Read and check a DeepSpeed JSON; every problem is reported at once, with the fix."""
+    raw = read_json(path, f"--{flag}", "pick a file from ds_configs/")
     if not isinstance(raw, dict):
         raise UsageError(f"--{flag} {path!r} must hold a JSON object")
     problems = []
@@ -284,7 +289,7 @@ def load_ds_config(path: str, *, world_size: int, flag: str, needs_optimizer: bo
         problems.append(f"teacher ZeRO stage {stage}: a frozen teacher is sharded with stage 3 or replicated with stage 0")
     if problems:
         raise UsageError(f"--{flag} {path}: " + "; ".join(problems))
-    return DSConfig(path=str(p), raw=raw)
+    return DSConfig(path=str(path), raw=raw)
 
 
 def default_ds_configs(has_gpu: bool) -> tuple[str, str]:

@@ -12,13 +12,12 @@ round stopped by early stopping hands its ``best/`` export to the next round.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any, Callable
 
 from ds_distill.callbacks import Callback
-from ds_distill.config import RunConfig, UsageError
+from ds_distill.config import RunConfig, UsageError, read_json
 
 log = logging.getLogger(__name__)
 # Fields a round may not change: they define the sequence of rounds itself.
@@ -29,14 +28,8 @@ def load_overrides(cfg: RunConfig) -> list[dict[str, Any]]:
     """The per-round overrides (K dicts), checked: a JSON list of K objects of known, changeable fields."""
     if not cfg.round_overrides:
         return [{} for _ in range(cfg.rounds)]
-    path = Path(cfg.round_overrides)
     where = f"--round_overrides {cfg.round_overrides!r}"
-    if not path.is_file():
-        raise UsageError(f"{where} does not exist: pass a JSON file holding a list of {cfg.rounds} objects")
-    try:
-        overrides = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{where} is not valid JSON (line {exc.lineno}: {exc.msg}): fix the file") from None
+    overrides = read_json(cfg.round_overrides, "--round_overrides", f"pass a JSON file holding a list of {cfg.rounds} objects")
     if not isinstance(overrides, list) or len(overrides) != cfg.rounds or not all(isinstance(o, dict) for o in overrides):
         raise UsageError(f"{where} must hold a JSON list of {cfg.rounds} objects (one per round, {{}} for none)")
     known = {f.name for f in dataclasses.fields(RunConfig)}
