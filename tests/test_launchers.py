@@ -85,14 +85,11 @@ def test_inconsistent_variables_fail_in_one_line(env, message):
 
 # ------------------------------------------------------------------------------------------------ real launchers
 def run_args(tiny, out: Path) -> str:
-    """Two optimizer steps of the tiny pair, one checkpoint (paths from pytest's tmp dirs have no spaces).
-
-    Unchunked loss: these tests are about the launchers; the chunked loss has its own multi-rank tests.
-    """
+    """Two optimizer steps of the tiny pair (default chunked loss), one checkpoint (pytest's tmp paths have no spaces)."""
     return " ".join(["--teacher", tiny["teacher"], "--student", tiny["student"], "--data", tiny["data"], "--output_dir", str(out),
                      "--deepspeed_config", str(REPO_CONFIGS / "cpu_zero3.json"),
                      "--teacher_deepspeed_config", str(REPO_CONFIGS / "cpu_teacher_zero3.json"),
-                     "--max_steps", "2", "--save_steps", "2", "--seq_len", "32", "--chunk_size", "0", "--log_steps", "1",
+                     "--max_steps", "2", "--save_steps", "2", "--seq_len", "32", "--log_steps", "1",
                      "--eval_fraction", "0", "--export", "false"])
 
 
