@@ -63,10 +63,12 @@ fi
 rm -rf "$out"
 mkdir -p "$out/runs" "$out/eval"
 train() {  # NAME LABEL LOSS ALPHA
-    local name="$1" label="$2" loss="$3" a="$4" dir="$out/runs/$1" t0 t1
+    local name="$1" label="$2" loss="$3" a="$4" dir="$out/runs/$1" t0 t1 port
     echo "demo: training $name ($label)"
     t0=$(date +%s.%N)
-    "$root/.venv/bin/deepspeed" --num_gpus "$ranks" --module ds_distill.train \
+    # A free port per run: the launcher's default 29500 may be held by another job on a shared machine.
+    port="$("$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+    "$root/.venv/bin/deepspeed" --num_gpus "$ranks" --master_port "$port" --module ds_distill.train \
         --teacher "$teacher" --student "$student" --data "$data/train.jsonl" --eval_data "$data/eval.jsonl" \
         --output_dir "$dir" --deepspeed_config "$ds_config" --teacher_deepspeed_config "$teacher_ds_config" \
         --seq_len "$seq_len" --max_steps "$steps" --log_steps 1 --eval_steps "$eval_steps" --eval_batches 0 \
