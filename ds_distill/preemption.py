@@ -3,7 +3,10 @@
 SLURM sends SIGUSR1 ahead of the time limit with ``#SBATCH --signal=USR1@120`` (and ``scancel --signal=USR1``);
 schedulers send SIGTERM before killing. The handler only records the signal: the trainer saves at the next step
 boundary, so a second signal during the save changes nothing and ``latest`` always names a complete checkpoint.
-Under SLURM the job then requeues itself (``scontrol requeue``), and the requeued job resumes with ``--resume``.
+Under SLURM the batch script requeues the job when the step exits with that code (scripts/launch_slurm.sbatch), and
+the requeued job resumes with ``--resume``. A requeue from inside the step would cancel the step it runs in: the ranks
+get SIGTERM while they exit and the script never sees the code; ``requeue=True`` does it anyway, for batch scripts
+that cannot act on the exit code.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later", distinct from succes
 
 
 class Preemption(Callback):
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1), requeue: bool = True):
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1), requeue: bool = False):
         self.signals, self.requeue = signals, requeue
         self.received: int | None = None
         self.stopped = False
