@@ -71,6 +71,10 @@ MpiDefault=none
 # A node that went down comes back when its slurmd registers again; a requeued job may run again.
 ReturnToService=2
 JobRequeue=1
+# A requeued job waits cred_expire seconds before it may start again (default 120), then for the next pass of the
+# main scheduling loop (sched_interval, default 60 s): nothing else wakes the scheduler on a one-job test cluster.
+AuthInfo=cred_expire=10
+SchedulerParameters=sched_interval=2
 # Keep finished jobs visible to scontrol for 5 minutes (tests poll it).
 MinJobAge=300
 StateSaveLocation=$dir/state
