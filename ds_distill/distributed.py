@@ -17,8 +17,10 @@ import os
 import re
 import socket
 import subprocess
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from ds_distill.config import UsageError
 
@@ -252,6 +254,29 @@ def _agree_over_mpi(rv: Rendezvous) -> None:
     rv.master_addr, rv.master_port = comm.bcast(pick, root=0)
 
 
+def clear_stale_jit_locks(max_age_s: float = 120.0) -> list[str]:
+    """Remove JIT-build locks that a killed process left behind (e.g. a rank SIGKILLed while loading an op).
+
+    torch's extension loader takes ``<op>/lock`` even when the op is already built and waits forever while that file
+    exists, so one killed rank would hang every later launch. A lock beside a built ``.so`` is only held for an
+    up-to-date check (well under a second): one older than ``max_age_s`` is stale. Without a ``.so`` a real build
+    may be running, so those locks are left alone.
+    """
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
+    removed = []
+    for lock in Path(root).glob("*/*/lock"):
+        try:
+            stale = any(lock.parent.glob("*.so")) and time.time() - lock.stat().st_mtime > max_age_s
+            if stale:
+                lock.unlink()
+                removed.append(str(lock))
+        except FileNotFoundError:  # another rank removed it first, or the holder finished
+            continue
+    for lock in removed:
+        log.warning("removed a stale JIT-build lock left by a killed process: %s", lock)
+    return removed
+
+
 def init_distributed(backend: str | None = None) -> WorldInfo:
     """Start (once) the process group for whichever launcher started this process; see the module docstring.
 
@@ -275,6 +300,7 @@ def init_distributed(backend: str | None = None) -> WorldInfo:
 
         backend = get_accelerator().communication_backend_name()
     # The environment is complete, so deepspeed must not run its own MPI discovery over it.
+    clear_stale_jit_locks()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     if (dist.get_rank(), dist.get_world_size()) != (rv.rank, rv.world_size):
         raise RuntimeError(f"process group says rank {dist.get_rank()} of {dist.get_world_size()}, environment {rv.rank} of {rv.world_size}")

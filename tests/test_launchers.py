@@ -137,3 +137,24 @@ def test_sbatch_srun(slurm_cluster, tiny, tmp_path):
     log = job_log.read_text() if job_log.exists() else "(no job output)"
     assert state == "COMPLETED", f"job {job_id}: {state}\n{log[-6000:]}"
     assert_two_rank_run(out, log, "slurm")
+
+
+def test_stale_jit_lock_is_removed_only_beside_a_built_op(tmp_path, monkeypatch):
+    """A rank killed while loading a JIT op leaves `lock`; torch would then wait forever in every later launch."""
+    import os
+    import time as _time
+
+    from ds_distill.distributed import clear_stale_jit_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    built, building, fresh = (tmp_path / "py311_cpu" / name for name in ("built_op", "building_op", "fresh_op"))
+    for folder in (built, building, fresh):
+        folder.mkdir(parents=True)
+        (folder / "lock").touch()
+    (built / "built_op.so").touch()
+    (fresh / "fresh_op.so").touch()
+    old = _time.time() - 600
+    for folder in (built, building):
+        os.utime(folder / "lock", (old, old))
+    assert clear_stale_jit_locks() == [str(built / "lock")]
+    assert not (built / "lock").exists() and (building / "lock").exists() and (fresh / "lock").exists()

@@ -3,7 +3,6 @@
 Also the data-parallel invariance: 1 rank x micro-batch 4 gives the same losses as 2 ranks x micro-batch 2.
 """
 import json
-import os
 import random
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from ds_distill.config import REPO_CONFIGS
+from tests.cluster_fixtures import launcher_env
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.multiprocess
@@ -27,7 +27,7 @@ def ds_json(tmp_path, name, **batch):
 
 
 def launch(tiny, out, ds_config, *, ranks, steps, extra=(), expect=0):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = launcher_env(PYTHONPATH=str(ROOT))  # without the RANK/MASTER_* that in-process tests leave in os.environ
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(random.randint(20000, 40000)),
            "--module", "ds_distill.train", "--teacher", tiny["teacher"], "--student", tiny["student"], "--data", tiny["data"],
            "--output_dir", str(out), "--deepspeed_config", ds_config,
