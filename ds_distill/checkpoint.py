@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ds_distill.config import UsageError
+from ds_distill.distributed import barrier
 
 log = logging.getLogger(__name__)
 TAG = re.compile(r"^step_(\d+)$")
@@ -57,11 +58,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def save(engine, ckpt_root: Path, step: int, client_state: dict[str, Any], *, keep_last: int, hf_files: callable) -> str:
     """Save tag ``step_N``; only after every rank finished does rank 0 point ``latest`` at it and prune old tags.
 
@@ -73,7 +69,7 @@ def save(engine, ckpt_root: Path, step: int, client_state: dict[str, Any], *, ke
     torch.save(rng_state(), ckpt_root / tag / f"rng_rank{rank}.pt")
     if rank == 0:
         hf_files(ckpt_root / tag / "hf")
-    _barrier()
+    barrier()
     if rank == 0:
         tmp = ckpt_root / "latest.tmp"
         tmp.write_text(tag)
@@ -84,7 +80,7 @@ def save(engine, ckpt_root: Path, step: int, client_state: dict[str, Any], *, ke
         done = [t for t in tags if t not in stale]
         for old in stale + (done[:-keep_last] if keep_last else []):
             shutil.rmtree(ckpt_root / old, ignore_errors=True)
-    _barrier()
+    barrier()
     return tag
 
 
