@@ -305,10 +305,29 @@ def init_distributed(backend: str | None = None) -> WorldInfo:
     if (dist.get_rank(), dist.get_world_size()) != (rv.rank, rv.world_size):
         raise RuntimeError(f"process group says rank {dist.get_rank()} of {dist.get_world_size()}, environment {rv.rank} of {rv.world_size}")
     _world = WorldInfo(rv.rank, rv.local_rank, rv.world_size, rv.local_world_size, backend, rv.launcher)
+    threads = share_cpu_threads(rv.local_world_size) if backend == "gloo" else None
     if rv.rank == 0:
-        log.info("distributed: %d rank(s), %d per node, backend %s, launcher %s, master %s:%d", rv.world_size,
-                 rv.local_world_size, backend, rv.launcher, rv.master_addr, rv.master_port)
+        log.info("distributed: %d rank(s), %d per node, backend %s, launcher %s, master %s:%d%s", rv.world_size,
+                 rv.local_world_size, backend, rv.launcher, rv.master_addr, rv.master_port,
+                 f", {threads} CPU thread(s) per rank" if threads else "")
     return _world
+
+
+def share_cpu_threads(local_world_size: int, environ: Mapping[str, str] = os.environ) -> int | None:
+    """Give each CPU rank its share of the cores; returns the thread count set, None when left alone.
+
+    torch starts one intra-op thread per core in every process, so N ranks on a node would oversubscribe the cores
+    N times (the deepspeed launcher sets OMP_NUM_THREADS only with --bind_cores_to_rank). An explicit OMP_NUM_THREADS
+    wins; a process already bound to fewer cores than the node has (srun --cpu-bind, numactl) keeps all of them.
+    """
+    if environ.get("OMP_NUM_THREADS") or local_world_size <= 1:
+        return None
+    import torch
+
+    cores = len(os.sched_getaffinity(0))
+    threads = cores if cores < (os.cpu_count() or cores) else max(1, cores // local_world_size)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def barrier() -> None:

@@ -2,11 +2,13 @@
 mpirun, deepspeed --launcher openmpi, and sbatch + srun on a one-node SLURM cluster on localhost."""
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from ds_distill import distributed
 from ds_distill.config import REPO_CONFIGS, UsageError
 from ds_distill.distributed import _tasks_on_node, resolve
 from tests.cluster_fixtures import ROOT, SCRIPTS, cluster_tools, launcher_env, run_logged, slurm_cluster, wait_for_job  # noqa: F401
@@ -83,6 +85,23 @@ def test_inconsistent_variables_fail_in_one_line(env, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+def test_cpu_ranks_share_the_cores(monkeypatch):
+    """N CPU ranks on a node get cores // N threads each, unless OMP_NUM_THREADS is set or the process is bound."""
+    import torch
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    try:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+        assert distributed.share_cpu_threads(2, environ={}) == 4 and torch.get_num_threads() == 4
+        assert distributed.share_cpu_threads(16, environ={}) == 1 and torch.get_num_threads() == 1
+        assert distributed.share_cpu_threads(2, environ={"OMP_NUM_THREADS": "3"}) is None
+        assert distributed.share_cpu_threads(1, environ={}) is None
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})  # bound by srun/numactl: keep them all
+        assert distributed.share_cpu_threads(2, environ={}) == 3 and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
 # ------------------------------------------------------------------------------------------------ real launchers
 def run_args(tiny, out: Path) -> str:
     """Two optimizer steps of the tiny pair (default chunked loss), one checkpoint (pytest's tmp paths have no spaces)."""
@@ -158,3 +177,4 @@ def test_stale_jit_lock_is_removed_only_beside_a_built_op(tmp_path, monkeypatch)
         os.utime(folder / "lock", (old, old))
     assert clear_stale_jit_locks() == [str(built / "lock")]
     assert not (built / "lock").exists() and (building / "lock").exists() and (fresh / "lock").exists()
+
