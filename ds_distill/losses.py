@@ -2,7 +2,8 @@
 
 Conventions (all functions):
     logits ``[B, T, V]``, labels ``[B, T]`` already aligned (position t is scored against ``labels[:, t]``; the caller
-    shifts), ``ignore_index`` positions contribute nothing. Everything is computed in fp32.
+    shifts), ``ignore_index`` positions contribute nothing. Everything is computed in fp32. Labels may stay on the
+    host while the logits are on a device (the supervised positions are then found without a device sync).
     Per supervised token: ``alpha * CE(student, label) + (1 - alpha) * T^2 * D(p_t, p_s)`` with
     ``p_t = softmax(teacher / T)``, ``p_s = softmax(student / T)`` and CE on the unscaled student logits.
     ``loss_sums`` / ``chunked_loss_sums`` return *sums* and the token count; the trainer divides by the global count.
@@ -187,15 +188,19 @@ def _prepare(shape_of: Tensor, labels: Tensor, teachers: list, teacher_weights, 
             raise ValueError(f"teacher {name} {tuple(t.shape)} must match student {name} {tuple(shape_of.shape)} in [B, T]")
     if not teachers and alpha != 1.0:
         raise ValueError("teacher logits are required unless alpha == 1")
-    idx = (labels != ignore_index).flatten().nonzero().squeeze(1)  # supervised positions in the flattened [B*T]
+    # Supervised positions in the flattened [B*T], found where the labels live: labels kept on the host (as the
+    # trainer does) cost no device sync here, where nonzero() on device labels would wait for the device.
+    idx = (labels != ignore_index).flatten().nonzero().squeeze(1)
+    rows, lab = idx // labels.shape[1], labels.flatten()[idx]
+    idx, rows, lab = (x.to(shape_of.device, non_blocking=True) for x in (idx, rows, lab))
     if callable(teacher_weights):  # a router: called per chunk in _token_terms
-        return idx, idx // labels.shape[1], labels.flatten()[idx], teacher_weights
+        return idx, rows, lab, teacher_weights
     w = None if teacher_weights is None or not teachers else torch.as_tensor(teacher_weights)
     if w is not None:
         _check_weights(w, len(teachers), labels.shape)
     if w is not None and w.dim() == 3:
-        w = w.flatten(0, 1)[idx]
-    return idx, idx // labels.shape[1], labels.flatten()[idx], w
+        w = w.to(shape_of.device).flatten(0, 1)[idx]
+    return idx, rows, lab, w
 
 
 def loss_sums(student_logits: Tensor, teacher_logits, labels: Tensor, *, loss: str = "forward_kl", alpha: float = 0.5,
