@@ -35,7 +35,7 @@ class RunConfig:
     data: str = _f("", "Training data: .jsonl/.json/.parquet/.txt file or folder, a save_to_disk folder, or a hub name.")
     output_dir: str = _f("", "Where checkpoints, logs, metrics and the exported student go.")
     deepspeed_config: str = _f("", "Student DeepSpeed JSON. Default: ds_configs/zero3_bf16.json on GPU, cpu_zero3.json on CPU.")
-    teacher_deepspeed_config: str = _f("", "Teacher DeepSpeed JSON (inference, no optimizer). Default: the ZeRO-3 teacher config for the device.")
+    teacher_deepspeed_config: str = _f("", "Teacher DeepSpeed JSON (inference, no optimizer). Default: chosen by fit: replicated on every rank (stage 0, no per-layer gathers) when the teachers take at most a quarter of a rank's memory or there is one rank, else ZeRO-3 sharded.")
     teacher_weights: list[float] = _f(list, "Ensemble weights, one per --teacher (normalised). Default: uniform.", multi=True)
     # --- loss
     loss: str = _f("forward_kl", "Divergence: forward_kl, reverse_kl, jsd, skew_forward_kl, skew_reverse_kl, tvd.")
@@ -292,8 +292,9 @@ def load_ds_config(path: str, *, world_size: int, flag: str, needs_optimizer: bo
     return DSConfig(path=str(path), raw=raw)
 
 
-def default_ds_configs(has_gpu: bool) -> tuple[str, str]:
-    """The ZeRO-3 student/teacher pair for the device: bf16 on GPU, fp32 on CPU (no bf16 units there)."""
+def default_ds_configs(has_gpu: bool) -> tuple[str, str, str]:
+    """The shipped configs for the device: ZeRO-3 student, sharded (ZeRO-3) teacher, replicated (stage 0) teacher.
+    bf16 on GPU, fp32 on CPU (no bf16 units there). Which teacher file runs is chosen by fit (models.teacher_placement)."""
     if has_gpu:
-        return str(REPO_CONFIGS / "zero3_bf16.json"), str(REPO_CONFIGS / "teacher_zero3_bf16.json")
-    return str(REPO_CONFIGS / "cpu_zero3.json"), str(REPO_CONFIGS / "cpu_teacher_zero3.json")
+        return tuple(str(REPO_CONFIGS / f) for f in ("zero3_bf16.json", "teacher_zero3_bf16.json", "teacher_replicated_bf16.json"))
+    return tuple(str(REPO_CONFIGS / f) for f in ("cpu_zero3.json", "cpu_teacher_zero3.json", "cpu_teacher_replicated.json"))

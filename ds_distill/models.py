@@ -8,7 +8,9 @@ module hooks gather the partitioned lm_head weight on each call).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import deepspeed
@@ -95,6 +97,44 @@ def teacher_engine(path: str, ds: DSConfig):
     engine.eval()
     engine.hf_ds_config = loaded.hf_ds_config
     return engine
+
+
+# A replicated teacher costs its full weights on every rank but no per-layer gathers (ZeRO-3 gathers each layer in
+# every forward: collectives and module hooks that make the step host-bound on a GPU, issue 9).
+REPLICATE_FRACTION = 0.25
+
+
+def parameter_count(path: str) -> int | None:
+    """Parameters stored in a model folder's safetensors files (read from their headers, nothing loaded); None if
+    the folder has none (e.g. a .bin or GGUF checkpoint)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as fh:
+            total += sum(math.prod(fh.get_slice(name).get_shape()) for name in fh.keys())
+    return total
+
+
+def teacher_placement(paths: list[str], *, sharded: str, replicated: str, world_size: int, rank_memory: int,
+                      bytes_per_param: int) -> tuple[str, str]:
+    """(teacher JSON, why) when the user named none: replicate the teachers if they fit, else shard them (ZeRO-3).
+
+    One rank: always replicated (sharding over one rank saves nothing and still pays every gather). Several ranks:
+    replicated when all teachers together take at most ``REPLICATE_FRACTION`` of one rank's memory.
+    """
+    if world_size == 1:
+        return replicated, "one rank: sharding would save nothing"
+    counts = [parameter_count(p) for p in paths]
+    if any(c is None for c in counts):
+        return sharded, "teacher size unknown (no safetensors files)"
+    need, budget = sum(counts) * bytes_per_param, REPLICATE_FRACTION * rank_memory
+    verdict = "fit" if need <= budget else "do not fit"
+    why = f"teachers {need / 2**30:.2f} GiB {verdict} in {REPLICATE_FRACTION:.0%} of {rank_memory / 2**30:.1f} GiB per rank"
+    return (replicated if need <= budget else sharded), why
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:

@@ -6,6 +6,7 @@ accumulation); each teacher is a second engine with no optimizer. Per optimizer 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -59,10 +60,12 @@ class Trainer:
             if self.step % self.cfg.log_steps == 0 or last:
                 self.log_metrics(window.flush(self.student, self.world_size), "Train")
             if (self.cfg.eval_steps and self.step % self.cfg.eval_steps == 0) or last:
-                self.evaluate()
+                with window.paused():
+                    self.evaluate()
             stop = any([cb.should_stop(self) for cb in self.callbacks])  # a list, not a generator: ask every callback
             if (self.cfg.save_steps and self.step % self.cfg.save_steps == 0) or stop or last:
-                self.save()
+                with window.paused():
+                    self.save()
             if stop:
                 break
         bar.close()
@@ -71,17 +74,19 @@ class Trainer:
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns device sums.
 
-        Host syncs: one per step (the chunk counts), none per micro-batch.
+        Host syncs: with several ranks one per step (the chunk counts' MAX over ranks); none with one rank. Labels
+        stay on the host, where the loss finds the supervised positions without waiting for the device.
         """
         # Divide by the global count of supervised tokens of this step (all micro-batches, all ranks), so that every
         # token weighs the same whatever the micro-batching. DeepSpeed averages gradients over ranks, hence * world.
-        counts = torch.stack([(b["labels"] != -100).sum() for b in micro_batches]).to(self.device, torch.float32)
-        n_global = _all_reduce(counts.sum())
+        counts = torch.stack([(b["labels"] != -100).sum() for b in micro_batches]).float()  # on the host
+        n_global = _all_reduce(counts.sum().to(self.device))
         num_chunks = self.chunk_counts(counts)
         sums: dict[str, Any] = {"n_tokens": n_global, "input_tokens": 0, "total": 0, "ce": 0, "kd": 0, "per_example": []}
         for batch, chunks in zip(micro_batches, num_chunks):
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            labels, ids = batch.pop("labels"), batch.pop("example_ids")
+            labels = batch.pop("labels")
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            ids = batch.pop("example_ids")
             with torch.no_grad():
                 t_hidden = [t(**batch) for t in self.teachers]
             out = self.loss_sums(self.student(**batch), t_hidden, labels, chunks)
@@ -94,12 +99,13 @@ class Trainer:
         return sums
 
     def chunk_counts(self, counts: torch.Tensor) -> list[int | None]:
-        """Loss chunks per micro-batch, the same on every rank: under ZeRO-3 each lm_head call is a collective
-        gather, so every rank makes max-over-ranks calls. One host sync per optimizer step."""
+        """Loss chunks per micro-batch from this rank's host token counts, the same on every rank: under ZeRO-3
+        each lm_head call is a collective gather, so every rank makes max-over-ranks calls (one host sync)."""
         if not self.cfg.chunk_size:
             return [None] * len(counts)
         chunks = torch.ceil(counts / self.cfg.chunk_size)
         if dist.get_world_size() > 1:
+            chunks = chunks.to(self.device)
             dist.all_reduce(chunks, op=dist.ReduceOp.MAX)
         return [int(c) for c in chunks.tolist()]
 
@@ -123,9 +129,9 @@ class Trainer:
                                   seed=0, pad_token_id=self.tokenizer.pad_token_id, shuffle=False)
         available = len(self.eval_set) // (self.ds.micro_batch * self.world_size)  # >= 1, checked in build()
         for _ in range(min(self.cfg.eval_batches or available, available)):
-            batch = {k: v.to(self.device) for k, v in next(stream).items()}
-            labels = batch.pop("labels")
-            batch.pop("example_ids")
+            batch = next(stream)
+            labels = batch.pop("labels")  # on the host, as in train_step
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k != "example_ids"}
             chunks = self.chunk_counts((labels != -100).sum().float().reshape(1))[0]
             out = self.loss_sums(self.student(**batch), [t(**batch) for t in self.teachers], labels, chunks)
             totals += torch.stack([out.total, out.ce, out.kd, out.n_tokens.float()]).float()
@@ -182,6 +188,13 @@ class _Window:
         self.n_tokens += s["n_tokens"]
         self.input_tokens += s["input_tokens"]
 
+    @contextlib.contextmanager
+    def paused(self):
+        """Leave the time of the block (eval, checkpoint) out of tokens_per_s: it measures training."""
+        start = time.perf_counter()
+        yield
+        self.t0 += time.perf_counter() - start
+
     def flush(self, engine, world_size: int) -> dict[str, float]:
         total, ce, kd = _all_reduce(self.local).tolist()
         n = max(self.n_tokens.item(), 1.0)
@@ -214,12 +227,18 @@ def build(cfg: RunConfig, callbacks: list[Callback] = ()) -> Trainer:
     if world.rank != 0:
         logging.getLogger().setLevel(logging.WARNING)  # console logging on rank 0 only
     has_gpu = get_accelerator().device_name() != "cpu"
-    default_student, default_teacher = default_ds_configs(has_gpu)
+    default_student, sharded, replicated = default_ds_configs(has_gpu)
     sds = load_ds_config(cfg.deepspeed_config or default_student, world_size=world.world_size, flag="deepspeed_config", needs_optimizer=True)
-    tds = load_ds_config(cfg.teacher_deepspeed_config or default_teacher, world_size=world.world_size, flag="teacher_deepspeed_config", needs_optimizer=False)
-    if world.rank == 0 and not (cfg.deepspeed_config and cfg.teacher_deepspeed_config):
-        log.info("no %s given: using %s and %s (%s present)", "--deepspeed_config" if not cfg.deepspeed_config else "--teacher_deepspeed_config",
-                 sds.path, tds.path, "a GPU is" if has_gpu else "no GPU is")
+    if world.rank == 0 and not cfg.deepspeed_config:
+        log.info("no --deepspeed_config given: using %s (%s present)", sds.path, "a GPU is" if has_gpu else "no GPU is")
+    teacher_config = cfg.teacher_deepspeed_config
+    if not teacher_config:
+        per_rank = get_accelerator().total_memory() // (1 if has_gpu else world.local_world_size)
+        teacher_config, why = models.teacher_placement(cfg.teacher, sharded=sharded, replicated=replicated, world_size=world.world_size,
+                                                       rank_memory=per_rank, bytes_per_param=2 if has_gpu else 4)
+        if world.rank == 0 and cfg.alpha < 1.0:
+            log.info("no --teacher_deepspeed_config given: using %s (%s)", teacher_config, why)
+    tds = load_ds_config(teacher_config, world_size=world.world_size, flag="teacher_deepspeed_config", needs_optimizer=False)
     _prepare_output_dir(cfg, sds, tds, world.rank)
 
     tokenizer = models.load_tokenizer(cfg.student)

@@ -62,6 +62,28 @@ def test_full_logits_path_matches_chunked(tiny, dist_env, tmp_path):
     assert losses_of(chunked) == pytest.approx(losses_of(full), rel=1e-5, abs=1e-6)
 
 
+def test_teacher_placement_by_fit(tiny, dist_env, tmp_path):
+    """No --teacher_deepspeed_config: one rank replicates the teacher, and the curve equals the sharded teacher's."""
+    from ds_distill import models
+
+    models.unset_hf_deepspeed_config()  # an earlier test's ZeRO-3 config would partition this plain load
+    lm = models.AutoModelForCausalLM.from_pretrained(tiny["teacher"])
+    n = models.parameter_count(tiny["teacher"])
+    assert n == sum(p.numel() for p in lm.parameters())  # tied embedding stored and counted once
+    kw = dict(sharded="S", replicated="R", bytes_per_param=4)
+    assert models.teacher_placement([tiny["teacher"]], world_size=1, rank_memory=1, **kw)[0] == "R"
+    assert models.teacher_placement([tiny["teacher"]] * 2, world_size=8, rank_memory=8 * n * 4, **kw)[0] == "R"
+    assert models.teacher_placement([tiny["teacher"]] * 2, world_size=8, rank_memory=8 * n * 4 - 1, **kw)[0] == "S"
+    assert models.teacher_placement([str(tmp_path)], world_size=8, rank_memory=2**40, **kw)[0] == "S"  # size unknown
+
+    sharded = train.run(make_cfg(tiny, tmp_path / "s", deepspeed_config=ds_json(tmp_path)))
+    auto = train.run(make_cfg(tiny, tmp_path / "a", deepspeed_config=ds_json(tmp_path), teacher_deepspeed_config=""))
+    assert sharded.teachers[0].zero_optimization_stage() == 3 and auto.teachers[0].zero_optimization_stage() == 0
+    assert json.loads((tmp_path / "a" / "ds_config_teacher.json").read_text())["zero_optimization"] == {"stage": 0}
+    assert abs(losses_of(auto)[0] - losses_of(auto)[-1]) > 1e-3
+    assert losses_of(auto) == pytest.approx(losses_of(sharded), rel=1e-5, abs=1e-6)
+
+
 def test_resume_continues_the_same_curve(tiny, dist_env, tmp_path):
     cfg_ds = ds_json(tmp_path)
     straight = train.run(make_cfg(tiny, tmp_path / "s", max_steps=6, deepspeed_config=cfg_ds))
