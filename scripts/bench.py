@@ -1,7 +1,7 @@
 """Throughput of ds-distill's own training step against a plain PyTorch loop on the same models, data and loss.
 
     python scripts/bench.py --preset cpu                                   # tiny shapes, seconds, CI smoke
-    python scripts/bench.py --preset h100 --variants plain_full,plain_chunked,ds_z3,ds_z3_teacher_replicated \
+    python scripts/bench.py --preset h100 --variants plain_full,plain_chunked,ds_z3,ds_z3_teacher_zero3 \
         --json bench.json --markdown bench.md                              # the shapes of issue 9 on one GPU
 
 Random Llama teacher/student models of the preset's shapes, a word-level tokenizer with exactly ``vocab`` tokens and a
@@ -12,16 +12,17 @@ steps, each timed to the end of the device's work. Variants:
     plain_full        plain PyTorch loop, full [tokens, V] logits           (the reference of the "vs plain" column)
     plain_chunked     plain PyTorch loop, loss in token chunks (losses.chunked_loss_sums)
     teacher_forward   the teacher's forward alone (a ceiling, no student)
-    ds_z{0,1,2,3}[_teacher_replicated][_full_logits]
+    ds_z{0,1,2,3}[_teacher_zero3|_teacher_replicated][_full_logits]
                       ds_distill.train.build(RunConfig(...)) + Trainer.train_step, exactly as Trainer.fit calls it;
-                      student ZeRO stage k, teacher ZeRO-3 (the default) or replicated (stage 0), chunked loss
+                      student ZeRO stage k; teacher placed as the toolkit chooses when no teacher JSON is given (by
+                      fit: replicated on one rank), or forced to ZeRO-3 / replicated (stage 0); chunked loss
                       (RunConfig's default chunk_size) or full logits (chunk_size 0).
 
 Both loops use loss 0.5 CE + 0.5 forward KL (T = 1) through ``ds_distill.losses``, AdamW (lr 1e-4, betas 0.9/0.95),
 gradient clipping 1.0 and micro-batches from ``ds_distill.data``. On GPU the DeepSpeed JSONs are the shipped bf16 ones
 and the plain loop uses torch autocast bf16 with fp32 master weights and fused AdamW; on CPU everything is fp32.
 The JSONs are copied with only ``train_micro_batch_size_per_gpu`` changed; ZeRO stage 0 (no shipped file) is the
-stage-1 file with ``stage`` set to 0, and on CPU the replicated teacher is cpu_teacher_zero3.json with stage 0.
+stage-1 file with ``stage`` set to 0.
 
 FLOPs per step: 6 * N_student * tokens + 2 * N_teacher * tokens (N counts tied embeddings once; attention score
 FLOPs and the chunked loss's recomputed heads are not counted). MFU = achieved / peak bf16 dense FLOP/s of the GPU.
@@ -47,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "ds_configs"
 REFERENCE = "plain_full"
 PLAIN = ("plain_full", "plain_chunked", "teacher_forward")
-DS_VARIANT = re.compile(r"^ds_z([0-3])(_teacher_replicated)?(_full_logits)?$")
+DS_VARIANT = re.compile(r"^ds_z([0-3])(?:_teacher_(zero3|replicated))?(_full_logits)?$")
 
 # Peak dense bf16 tensor FLOP/s (no sparsity), by the first name fragment found in torch.cuda.get_device_name().
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -79,10 +80,10 @@ class Preset:
 PRESETS = {
     # SmolLM2-1.7B-like teacher (1.71B params) and SmolLM2-135M-like student (134.5M), as in issue 9.
     "h100": Preset(Shape(24, 2048, 32, 32, 8192), Shape(30, 576, 9, 3, 1536), 49152, 4, 2048, 3, 10,
-                   "teacher_forward,plain_full,plain_chunked,ds_z0,ds_z3,ds_z3_teacher_replicated,ds_z0_teacher_replicated"),
+                   "teacher_forward,plain_full,plain_chunked,ds_z0,ds_z3,ds_z3_teacher_zero3"),
     # Runs in seconds on a laptop CPU.
     "cpu": Preset(Shape(4, 256, 4, 4, 1024), Shape(2, 128, 4, 2, 384), 4096, 2, 128, 2, 5,
-                  "plain_full,plain_chunked,ds_z0,ds_z3,ds_z3_teacher_replicated,ds_z3_full_logits"),
+                  "plain_full,plain_chunked,ds_z0,ds_z3,ds_z3_teacher_zero3,ds_z3_full_logits"),
 }
 
 
@@ -130,19 +131,19 @@ def make_data(path: Path, vocab: int, seq_len: int, rows: int, seed: int = 0) ->
 
 
 def ds_configs(variant: str, workdir: Path, micro_batch: int, gpu: bool, zero_set: list[str] = ()) -> tuple[str, str, bool]:
-    """(student JSON, teacher JSON, full_logits) for a ds_* variant: shipped files copied with only the micro-batch
-    changed (and the stage, for the two derived ones named in the module docstring). ``zero_set``: "key=value"
+    """(student JSON, teacher JSON or "" for the toolkit's choice, full_logits) for a ds_* variant: shipped files
+    copied with only the micro-batch changed (and the stage, for ZeRO stage 0). ``zero_set``: "key=value"
     experiments written into the ``zero_optimization`` block of every ZeRO-3 copy (``--zero_set``; off by default)."""
-    stage, replicated, full = DS_VARIANT.match(variant).groups()
+    stage, teacher_kind, full = DS_VARIANT.match(variant).groups()
     student_file = f"zero{max(int(stage), 1)}_bf16.json" if gpu else f"cpu_zero{max(int(stage), 1)}.json"
-    teacher_file = ("teacher_replicated_bf16.json" if replicated else "teacher_zero3_bf16.json") if gpu else "cpu_teacher_zero3.json"
-    student, teacher = json.loads((CONFIGS / student_file).read_text()), json.loads((CONFIGS / teacher_file).read_text())
-    if stage == "0":
-        student["zero_optimization"]["stage"] = 0
-    if replicated and not gpu:
-        teacher["zero_optimization"] = {"stage": 0}
-    paths = []
-    for name, d in (("student", student), ("teacher", teacher)):
+    files = {"student": student_file}
+    if teacher_kind:
+        files["teacher"] = (f"teacher_{teacher_kind}_bf16.json" if gpu else f"cpu_teacher_{teacher_kind}.json")
+    paths = {"teacher": ""}
+    for name, file in files.items():
+        d = json.loads((CONFIGS / file).read_text())
+        if name == "student" and stage == "0":
+            d["zero_optimization"]["stage"] = 0
         d["train_micro_batch_size_per_gpu"] = micro_batch
         if d["zero_optimization"]["stage"] == 3:
             for item in zero_set:
@@ -151,8 +152,8 @@ def ds_configs(variant: str, workdir: Path, micro_batch: int, gpu: bool, zero_se
         p = workdir / "configs" / f"{variant}.{name}.json"
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(json.dumps(d, indent=2))
-        paths.append(str(p))
-    return paths[0], paths[1], bool(full)
+        paths[name] = str(p)
+    return paths["student"], paths["teacher"], bool(full)
 
 
 # ---------------------------------------------------------------------------------------------------- timing
@@ -334,7 +335,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in PLAIN and not DS_VARIANT.match(v)]
     if bad:
-        raise SystemExit(f"error: unknown --variants {bad}: use {', '.join(PLAIN)} or ds_z{{0,1,2,3}}[_teacher_replicated][_full_logits]")
+        raise SystemExit(f"error: unknown --variants {bad}: use {', '.join(PLAIN)} or ds_z{{0,1,2,3}}[_teacher_zero3|_teacher_replicated][_full_logits]")
 
     import torch
 
