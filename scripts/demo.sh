@@ -24,7 +24,7 @@ export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$root/.cache/torch_extensio
 assets="${DEMO_ASSETS:-demo_assets}"
 out="${DEMO_OUT:-demo_output}"
 teacher="${DEMO_TEACHER:-$assets/teacher}"
-steps="${DEMO_STEPS:-40}"
+steps="${DEMO_STEPS:-30}"
 seq_len="${DEMO_SEQ_LEN:-128}"
 layers="${DEMO_LAYERS:-0,5,10,15,20,25,29}"
 alpha="${DEMO_ALPHA:-0.5}"
@@ -36,14 +36,15 @@ gpus="$("$py" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null ||
 if [[ "$gpus" -gt 0 ]]; then
     ranks="$gpus"
     ds_config="${DEMO_DS_CONFIG:-ds_configs/zero3_bf16.json}"
-    teacher_ds_config="${DEMO_TEACHER_DS_CONFIG:-ds_configs/teacher_zero3_bf16.json}"
 else
     export DS_ACCELERATOR=cpu
     ranks="${DEMO_RANKS:-2}"
     ds_config="${DEMO_DS_CONFIG:-ds_configs/cpu_demo.json}"
-    teacher_ds_config="${DEMO_TEACHER_DS_CONFIG:-ds_configs/cpu_teacher_zero3.json}"
 fi
-echo "demo: $ranks rank(s) ($([[ "$gpus" -gt 0 ]] && echo GPU || echo CPU)), $steps steps of seq_len $seq_len, configs $ds_config + $teacher_ds_config"
+# No teacher JSON: the toolkit picks one by fit (the 135M teacher is replicated on every rank: no per-layer gathers).
+teacher_args=()
+[[ -z "${DEMO_TEACHER_DS_CONFIG:-}" ]] || teacher_args=(--teacher_deepspeed_config "$DEMO_TEACHER_DS_CONFIG")
+echo "demo: $ranks rank(s) ($([[ "$gpus" -gt 0 ]] && echo GPU || echo CPU)), $steps steps of seq_len $seq_len, config $ds_config${DEMO_TEACHER_DS_CONFIG:+ + $DEMO_TEACHER_DS_CONFIG}"
 
 # --- teacher, data, student (made once) -------------------------------------------------------------------------
 if [[ ! -f "$teacher/model.safetensors" ]]; then
@@ -70,7 +71,7 @@ train() {  # NAME LABEL LOSS ALPHA
     port="$("$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
     "$root/.venv/bin/deepspeed" --num_gpus "$ranks" --master_port "$port" --module ds_distill.train \
         --teacher "$teacher" --student "$student" --data "$data/train.jsonl" --eval_data "$data/eval.jsonl" \
-        --output_dir "$dir" --deepspeed_config "$ds_config" --teacher_deepspeed_config "$teacher_ds_config" \
+        --output_dir "$dir" --deepspeed_config "$ds_config" "${teacher_args[@]}" \
         --seq_len "$seq_len" --max_steps "$steps" --log_steps 1 --eval_steps "$eval_steps" --eval_batches 0 \
         --loss "$loss" --alpha "$a" --temperature "$temperature" --seed "$seed" --export > "$dir.log" 2>&1 \
         || { echo "demo: training $name failed; last lines of $dir.log:"; tail -n 30 "$dir.log"; exit 1; }
