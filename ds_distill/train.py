@@ -84,9 +84,7 @@ class Trainer:
         num_chunks = self.chunk_counts(counts)
         sums: dict[str, Any] = {"n_tokens": n_global, "input_tokens": 0, "total": 0, "ce": 0, "kd": 0, "per_example": []}
         for batch, chunks in zip(micro_batches, num_chunks):
-            labels = batch.pop("labels")
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            ids = batch.pop("example_ids")
+            batch, labels, ids = self.split(batch)
             with torch.no_grad():
                 t_hidden = [t(**batch) for t in self.teachers]
             out = self.loss_sums(self.student(**batch), t_hidden, labels, chunks)
@@ -97,6 +95,11 @@ class Trainer:
             sums["input_tokens"] += labels.numel()
             sums["per_example"].append((ids, out.ce_per_seq.detach(), out.kd_per_seq.detach(), out.tokens_per_seq))
         return sums
+
+    def split(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """(model inputs on the device, labels left on the host for the loss, example ids on the device)."""
+        inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k not in ("labels", "example_ids")}
+        return inputs, batch["labels"], batch["example_ids"].to(self.device, non_blocking=True)
 
     def chunk_counts(self, counts: torch.Tensor) -> list[int | None]:
         """Loss chunks per micro-batch from this rank's host token counts, the same on every rank: under ZeRO-3
@@ -129,9 +132,7 @@ class Trainer:
                                   seed=0, pad_token_id=self.tokenizer.pad_token_id, shuffle=False)
         available = len(self.eval_set) // (self.ds.micro_batch * self.world_size)  # >= 1, checked in build()
         for _ in range(min(self.cfg.eval_batches or available, available)):
-            batch = next(stream)
-            labels = batch.pop("labels")  # on the host, as in train_step
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k != "example_ids"}
+            batch, labels, _ = self.split(next(stream))
             chunks = self.chunk_counts((labels != -100).sum().float().reshape(1))[0]
             out = self.loss_sums(self.student(**batch), [t(**batch) for t in self.teachers], labels, chunks)
             totals += torch.stack([out.total, out.ce, out.kd, out.n_tokens.float()]).float()
