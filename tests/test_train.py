@@ -1,4 +1,5 @@
 """The real entry point on tiny random models, in one process: invariances, resume, export, bad input."""
+import contextlib
 import csv
 import json
 import math
@@ -82,6 +83,23 @@ def test_teacher_placement_by_fit(tiny, dist_env, tmp_path):
     assert json.loads((tmp_path / "a" / "ds_config_teacher.json").read_text())["zero_optimization"] == {"stage": 0}
     assert abs(losses_of(auto)[0] - losses_of(auto)[-1]) > 1e-3
     assert losses_of(auto) == pytest.approx(losses_of(sharded), rel=1e-5, abs=1e-6)
+
+
+def test_tokens_per_s_leaves_out_eval_and_checkpoint_time():
+    """The trainer wraps eval and save in window.paused(): time spent there must not lower the training rate."""
+    import time
+    from types import SimpleNamespace
+
+    engine = SimpleNamespace(get_global_grad_norm=lambda: 1.0, get_lr=lambda: [0.1])
+    sums = {"total": torch.tensor(1.0), "ce": torch.tensor(1.0), "kd": torch.tensor(0.0), "n_tokens": torch.tensor(10.0), "input_tokens": 1000}
+    rates = {}
+    for paused in (False, True):
+        window = train._Window(torch.device("cpu"))
+        window.add(sums)
+        with window.paused() if paused else contextlib.nullcontext():
+            time.sleep(0.5)
+        rates[paused] = window.flush(engine, world_size=1)["tokens_per_s"]
+    assert rates[False] <= 1000 / 0.5 and rates[True] > 1000 / 0.25, rates
 
 
 def test_resume_continues_the_same_curve(tiny, dist_env, tmp_path):
