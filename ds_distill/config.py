@@ -53,6 +53,7 @@ class RunConfig:
     max_samples: int = _f(0, "Use only the first N training examples (0 = all).")
     packing: bool = _f(False, "Pack several examples per sequence (documents never attend to each other).")
     train_on_prompt: bool = _f(False, "Also supervise prompt / non-assistant tokens.")
+    chat_template: str = _f("", "Jinja file replacing the student tokenizer's chat template for 'messages' data in this run (the saved tokenizer keeps its own).")
     drop_long: bool = _f(False, "Drop examples longer than --seq_len instead of truncating them.")
     # --- schedule
     max_steps: int = _f(100, "Optimizer steps to run.")
@@ -90,10 +91,11 @@ class RunConfig:
                     problems.append(f"model directory {path!r} does not exist: pass a folder with config.json")
                 elif path and not (Path(path) / "config.json").is_file():
                     problems.append(f"{path!r} has no config.json: pass a Hugging Face model folder")
-            for flag in ("deepspeed_config", "teacher_deepspeed_config"):
+            for flag in ("deepspeed_config", "teacher_deepspeed_config", "chat_template"):
                 value = getattr(self, flag)
                 if value and not Path(value).is_file():
-                    problems.append(f"--{flag} {value!r} does not exist: pick a file from ds_configs/")
+                    hint = "pass a Jinja file" if flag == "chat_template" else "pick a file from ds_configs/"
+                    problems.append(f"--{flag} {value!r} does not exist: {hint}")
         if self.loss not in LOSSES:
             problems.append(f"--loss {self.loss!r} is unknown: use one of {', '.join(sorted(LOSSES))}")
         if not 0.0 <= self.alpha <= 1.0:

@@ -1,12 +1,18 @@
 """Training data: load a corpus, tokenise it with supervision masks, optionally pack it, and stream sharded batches.
 
-    ds = get_dataset("train.jsonl", tokenizer, seq_len=1024)          # columns: id, input_ids, labels
+    ds = get_dataset("train.jsonl", tokenizer, seq_len=1024)          # columns: id, row, input_ids, labels
     train, held_out = split_eval(ds, 0.05, seed=0)
     stream = BatchStream(train, batch_size=8, rank=r, world_size=w, seed=0, pad_token_id=tokenizer.pad_token_id)
     batch = next(stream)    # input_ids, attention_mask, [position_ids], labels, example_ids
 
 Labels are stored *already shifted*: ``labels[t]`` is the target of position ``t`` (token ``t + 1``) or -100, so a
 loss never shifts again and the last position of every document is -100.
+
+Example ids. ``id`` is the data's own id as given (an ``id`` column of integers or of strings, unique, never null),
+else the row number; ``row`` is the example's row number in the loaded data (int64, 0-based, after ``max_samples``).
+Batches carry ``example_ids`` = ``row`` as an int64 tensor (strings cannot travel in tensors or collectives); where
+ids are written for people (``examples.csv``), ``SourceIds`` maps rows back to the ``id`` as given. A conversation
+split into one example per assistant turn (``chat.py``) gives several examples with the same ``id`` and ``row``.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
+from ds_distill.chat import ChatEncoder
 from ds_distill.config import UsageError
 
 logger = logging.getLogger(__name__)
@@ -119,13 +126,151 @@ def _check_utf8(p: Path) -> None:
             offset += len(chunk)
 
 
+def _json_rows(p: Path) -> tuple[str, list[int]] | None:
+    """How a JSON data file numbers its rows: ("line", [line number of row 0, row 1, ...]) for JSON lines (blank lines
+    skipped, as the reader does) or ("entry", [1, 2, ...]) for a whole-file array; None if it is neither."""
+    text = p.read_text(encoding="utf-8-sig")
+    if p.suffix == ".json":
+        try:
+            rows = json.loads(text)
+            if isinstance(rows, list):
+                return "entry", list(range(1, len(rows) + 1))
+        except json.JSONDecodeError:
+            pass
+    return "line", [n for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def _where(files: list[Path] | None, index: int) -> str:
+    """'data file 'x.jsonl' line 7' for row ``index`` of the loaded data. Only called to report a bad row, so the files
+    are re-read here rather than tracked while loading."""
+    for p in files or []:
+        if p.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            kind, numbers = "row", list(range(1, pq.ParquetFile(p).metadata.num_rows + 1))
+        else:
+            kind, numbers = _json_rows(p) or ("row", [])
+        if index < len(numbers):
+            return f"data file {str(p)!r} {kind} {numbers[index]}"
+        index -= len(numbers)
+    return f"data row {index + 1}"
+
+
+def _first_bad_string(column) -> tuple[int, str] | None:
+    """(index, what it is) of the first value of an Arrow column that is not a string, or None.
+
+    Mixed-type JSON fields are loaded by `datasets` as its Json extension type (JSON text per value): a value is a
+    string there iff its JSON text starts with a quote.
+    """
+    import pyarrow as pa
+
+    kind = column.type
+    if isinstance(kind, pa.ExtensionType):
+        column, kind = (column.storage if isinstance(column, pa.Array) else
+                        pa.chunked_array([c.storage for c in column.chunks], kind.storage_type)), kind.storage_type
+        bad = pc.invert(pc.fill_null(pc.starts_with(column, '"'), False))
+    elif pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        bad = pc.is_null(column)
+    elif pa.types.is_null(kind):
+        return 0, "null"
+    else:
+        return 0, f"of type {kind}"
+    found = pc.index(bad, True).as_py()
+    if found < 0:
+        return None
+    value = column[found].as_py()
+    return found, "null" if value is None else f"a {type(value).__name__ if not isinstance(value, str) else 'JSON ' + value[:20]}"
+
+
+def check_rows(raw: datasets.Dataset, fmt: str, files: list[Path] | None) -> None:
+    """Refuse a null or non-string text / prompt / completion / message role or content, in one line naming the file,
+    the line and the field, before any tokenising. Vectorised (pyarrow compute) over the loaded columns."""
+    import pyarrow as pa
+
+    table = raw.with_format("arrow")[:]
+    fields = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "messages": ()}[fmt]
+    for name in fields:
+        bad = _first_bad_string(table.column(name))
+        if bad:
+            raise UsageError(f"{_where(files, bad[0])}: field {name!r} is {bad[1]}, not a string: fix or remove that row")
+    if fmt != "messages":
+        return
+    column = table.column("messages").combine_chunks()
+    if not pa.types.is_list(column.type) or not pa.types.is_struct(column.type.value_type):
+        raise UsageError(f"{_where(files, 0)}: field 'messages' is {column.type}, not a list of {{role, content}} objects: "
+                         f"write each conversation as [{{\"role\": ..., \"content\": ...}}, ...]")
+    null_row = pc.index(pc.is_null(column), True).as_py()
+    if null_row >= 0:
+        raise UsageError(f"{_where(files, null_row)}: field 'messages' is null: fix or remove that row")
+    flat, parent = pc.list_flatten(column), pc.list_parent_indices(column)
+    for key in ("role", "content"):
+        if column.type.value_type.get_field_index(key) < 0:
+            raise UsageError(f"{_where(files, 0)}: the messages have no {key!r} field: each message needs 'role' and 'content'")
+        bad = _first_bad_string(pc.struct_field(flat, key))
+        if bad:
+            row = parent[bad[0]].as_py()
+            turn = bad[0] - pc.index(parent, row).as_py()
+            raise UsageError(f"{_where(files, row)}: field 'messages[{turn}].{key}' is {bad[1]}, not a string: fix or remove that message")
+
+
+def with_ids(raw: datasets.Dataset, path: str, files: list[Path] | None) -> datasets.Dataset:
+    """Add ``row`` (int64 row number) and, when the data has no ``id`` column, ``id`` = ``row``.
+
+    A data ``id`` column is kept as given when it holds integers or strings: null ids, mixed types and duplicates are
+    refused in one line naming the file and line.
+    """
+    import pyarrow as pa
+
+    if "id" in raw.column_names:
+        column = raw.with_format("arrow")[:].column("id")
+        kind = column.type
+        null = pc.index(pc.is_null(column), True).as_py() if not isinstance(kind, pa.ExtensionType) else -1
+        if null >= 0:
+            raise UsageError(f"{_where(files, null)}: field 'id' is null: give every row an id, or drop the 'id' column")
+        if isinstance(kind, pa.ExtensionType):  # `datasets` Json: the file mixes id types
+            first = column[0].as_py()
+            odd = next(i for i, v in enumerate(column.to_pylist()) if type(v) is not type(first))
+            raise UsageError(f"{_where(files, odd)}: field 'id' is {column[odd].as_py()!r} but the first row's id is "
+                             f"{first!r}: use one id type (all integers or all strings)")
+        if not (pa.types.is_integer(kind) or pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise UsageError(f"data {path!r}: its 'id' column holds {kind} values: ids must be integers or strings")
+        if pc.count_distinct(column).as_py() != len(raw):
+            raise UsageError(f"data {path!r} has duplicate values in its 'id' column: make them unique or drop the column")
+        if pa.types.is_integer(kind) and kind != pa.int64():
+            raw = raw.cast_column("id", datasets.Value("int64"))
+    else:
+        raw = raw.add_column("id", np.arange(len(raw), dtype=np.int64))
+    return raw.add_column("row", np.arange(len(raw), dtype=np.int64))
+
+
+class SourceIds:
+    """Rows -> the data's ids as given, for a tokenised dataset (columns ``row`` and ``id``; packed blocks too).
+
+    ``ids([3, 0])`` -> e.g. ``["conv-3", "conv-0"]``. The lookup table is built on the first call (two columns of
+    the dataset), so a run that never writes ids never pays for it.
+    """
+
+    def __init__(self, dataset: datasets.Dataset):
+        self.dataset = dataset
+        self._rows: np.ndarray | None = None
+
+    def __call__(self, rows: list[int]) -> list[int | str]:
+        if self._rows is None:
+            table = self.dataset.select_columns(["row", "id"]).with_format("arrow")[:]
+            rows_col = table.column("row").to_numpy()
+            self._order = np.argsort(rows_col, kind="stable")
+            self._rows, self._ids = rows_col[self._order], table.column("id").to_pylist()
+        at = self._order[np.searchsorted(self._rows, np.asarray(rows, dtype=np.int64))]
+        return [self._ids[i] for i in at]
+
+
 def _diagnose_json(files: list[Path]) -> None:
     """Raise a UsageError naming the file and line of a malformed JSON line.
 
     Called only after `datasets` failed, so valid corpora are parsed once (by `datasets`, in Arrow) and not twice.
     """
     for p in files:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")
         if p.suffix == ".json":
             try:  # a whole-file JSON array is fine; otherwise it must be JSON lines
                 json.loads(text)
@@ -143,7 +288,8 @@ def _diagnose_json(files: list[Path]) -> None:
                 raise UsageError(f"data file {str(p)!r} line {n} is a JSON {type(row).__name__}, not an object: write one {{...}} per line")
 
 
-def _load_raw(path: str, split: str) -> datasets.Dataset:
+def _load_raw(path: str, split: str) -> tuple[datasets.Dataset, list[Path] | None]:
+    """The raw rows and, for local files, the files they came from, in order (to name the line of a bad row)."""
     p = Path(path).expanduser()
     if p.is_dir() and any((p / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
         ds = datasets.load_from_disk(str(p))
@@ -151,10 +297,12 @@ def _load_raw(path: str, split: str) -> datasets.Dataset:
             if split not in ds:
                 raise UsageError(f"saved dataset {path!r} has splits {sorted(ds)}, not {split!r}: pick one of them")
             ds = ds[split]
-        return ds
+        return ds, None
     if p.exists():
         builder, files = _data_files(p)
         kwargs: dict[str, Any] = {"sample_by": "document"} if builder == "text" and files[0].suffix == ".md" else {}
+        if builder == "text":
+            kwargs["encoding"] = "utf-8-sig"  # drops a BOM (pyarrow's JSON reader already skips one)
         if builder != "parquet":
             for f in files:
                 _check_utf8(f)
@@ -166,11 +314,13 @@ def _load_raw(path: str, split: str) -> datasets.Dataset:
             raise
         if builder == "text" and files[0].suffix == ".txt":
             ds = ds.filter(lambda b: [bool(t.strip()) for t in b["text"]], batched=True)
-        return ds
+        if builder == "text":
+            files = None  # rows no longer follow lines; a text row is never null anyway
+        return ds, files
     if _looks_local(path):
         raise UsageError(f"data path {path!r} does not exist: pass a .jsonl/.json/.parquet/.txt/.md file or folder, a save_to_disk folder, or a hub dataset name")
     try:
-        return datasets.load_dataset(path, split=split)
+        return datasets.load_dataset(path, split=split), None
     except (datasets.exceptions.DatasetNotFoundError, FileNotFoundError) as exc:
         raise UsageError(f"data {path!r} is neither a local path nor a loadable hub dataset ({str(exc).splitlines()[0]}): check the name or the path") from None
 
@@ -202,14 +352,12 @@ class _Tokenise:
     """The batched `datasets.map` function: raw rows -> input_ids, labels (shifted), _truncated. A class (not a
     closure) so the `datasets` fingerprint, hence the cache, depends only on these settings and the tokenizer."""
 
-    def __init__(self, tokenizer, fmt: str, seq_len: int, train_on_prompt: bool):
+    def __init__(self, tokenizer, fmt: str, seq_len: int, train_on_prompt: bool, chat_template: str | None = None):
         self.tokenizer, self.fmt, self.seq_len, self.train_on_prompt = tokenizer, fmt, seq_len, train_on_prompt
         eos = tokenizer.eos_token_id
         if fmt != "messages" and eos is None:
             raise UsageError(f"tokenizer {tokenizer.name_or_path!r} has no eos token: set eos_token in its tokenizer_config.json")
-        if fmt == "messages" and not tokenizer.chat_template:
-            raise UsageError(f"tokenizer {tokenizer.name_or_path!r} has no chat template but the data has 'messages': "
-                             f"use a tokenizer with a chat_template, or prompt/completion data")
+        self.chat = ChatEncoder(tokenizer, chat_template, train_on_prompt) if fmt == "messages" else None
         # Does encoding with special tokens already append eos (some tokenizers do, Llama's do not)?
         probe = tokenizer("a")["input_ids"]
         self.adds_eos = eos is not None and len(probe) > 0 and probe[-1] == eos
@@ -217,7 +365,7 @@ class _Tokenise:
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         if self.fmt == "text":
-            rows = [(ids if self.adds_eos else ids + [self.eos], None)
+            rows = [[(ids if self.adds_eos else ids + [self.eos], None)]
                     for ids in self.tokenizer(batch["text"])["input_ids"]]
         elif self.fmt == "prompt_completion":
             prompts = self.tokenizer(batch["prompt"])["input_ids"]
@@ -225,49 +373,28 @@ class _Tokenise:
             rows = []
             for p, c in zip(prompts, completions):
                 p = p[:-1] if self.adds_eos else p  # the eos belongs after the completion, not the prompt
-                rows.append((p + c + [self.eos], [self.train_on_prompt] * len(p) + [True] * (len(c) + 1)))
+                rows.append([(p + c + [self.eos], [self.train_on_prompt] * len(p) + [True] * (len(c) + 1))])
         else:
             rows = [self._messages(m, i) for m, i in zip(batch["messages"], batch["id"])]
-        out: dict[str, list] = {"input_ids": [], "labels": [], "_truncated": []}
-        for ids, sup in rows:
-            sup = sup if sup is not None else [True] * len(ids)
-            out["_truncated"].append(len(ids) > self.seq_len)
-            ids, sup = ids[: self.seq_len], sup[: self.seq_len]
-            out["input_ids"].append(ids)
-            out["labels"].append(_shift(ids, sup))
+        # A conversation may give several examples (one per assistant turn): each keeps the row's id and row number.
+        out: dict[str, list] = {"id": [], "row": [], "input_ids": [], "labels": [], "_truncated": []}
+        for example_id, row, examples in zip(batch["id"], batch["row"], rows):
+            for ids, sup in examples:
+                sup = sup if sup is not None else [True] * len(ids)
+                out["id"].append(example_id)
+                out["row"].append(row)
+                out["_truncated"].append(len(ids) > self.seq_len)
+                ids, sup = ids[: self.seq_len], sup[: self.seq_len]
+                out["input_ids"].append(ids)
+                out["labels"].append(_shift(ids, sup))
         return out
 
-    def _render(self, messages: list[dict], example_id: int, generation: bool = False) -> list[int]:
-        import jinja2
-
-        try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
-        except jinja2.TemplateError as exc:
-            raise UsageError(f"chat template failed on example id {example_id}: {exc}: fix the conversation or the template") from None
-        # The template writes bos and every marker itself; adding special tokens again would double bos.
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def _messages(self, messages: list[dict], example_id: int) -> tuple[list[int], list[bool]]:
-        """Tokens of the whole conversation; supervised = assistant content plus its end-of-turn token(s).
-
-        Assistant turn i spans [len(render(messages[:i], generation prompt)), len(render(messages[:i + 1]))): the
-        incremental-prefix method, which works with any template that renders prefixes as prefixes (checked).
-        """
-        for m in messages:
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise UsageError(f"example id {example_id}: each message needs 'role' and 'content', got {m!r}")
-        ids = self._render(messages, example_id)
-        sup = [False] * len(ids)
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            head = self._render(messages[:i], example_id, generation=True)
-            turn = self._render(messages[: i + 1], example_id)
-            if ids[: len(head)] != head or ids[: len(turn)] != turn:
-                raise UsageError(f"example id {example_id}: the chat template does not render a conversation's prefixes as "
-                                 f"token prefixes, so assistant turns cannot be located: use a template that does")
-            sup[len(head): len(turn)] = [True] * (len(turn) - len(head))
-        return ids, sup
+    def _messages(self, messages: list[dict], example_id) -> list[tuple[list[int], list[bool]]]:
+        """One example for the conversation, or one per assistant turn: see ``chat.ChatEncoder``."""
+        # `datasets` gives every message every key seen in the file (None where absent); a template must see the
+        # message as written, as apply_chat_template does (it drops None values too).
+        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        return self.chat(messages, f"example id {example_id!r}")
 
 
 class _Pack:
@@ -277,10 +404,11 @@ class _Pack:
         self.seq_len = seq_len
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        out: dict[str, list] = {"id": [], "input_ids": [], "labels": [], "position_ids": [], "doc_ids": []}
+        out: dict[str, list] = {"id": [], "row": [], "input_ids": [], "labels": [], "position_ids": [], "doc_ids": []}
         for i, (ids, labels) in enumerate(zip(batch["input_ids"], batch["labels"])):
             if not out["input_ids"] or len(out["input_ids"][-1]) + len(ids) > self.seq_len:
                 out["id"].append(batch["id"][i])
+                out["row"].append(batch["row"][i])
                 for k in ("input_ids", "labels", "position_ids", "doc_ids"):
                     out[k].append([])
             # Each document's labels already end in -100, so no target crosses a document boundary.
@@ -294,7 +422,7 @@ class _Pack:
 def get_dataset(path: str, tokenizer, *, seq_len: int, data_format: str = "auto", split: str = "train",
                 max_samples: int | None = None, packing: bool = False, train_on_prompt: bool = False,
                 drop_long: bool = False, example_filter: Callable[[dict], bool] | None = None,
-                num_proc: int | None = None) -> datasets.Dataset:
+                num_proc: int | None = None, chat_template: str | None = None) -> datasets.Dataset:
     """Load and tokenise a corpus.
 
     Sources: a .jsonl/.json/.parquet/.txt (one example per non-empty line)/.md (one example per file) file or a folder
@@ -302,10 +430,12 @@ def get_dataset(path: str, tokenizer, *, seq_len: int, data_format: str = "auto"
     ``split`` also picks from a saved DatasetDict, and is ignored for plain files, which form one split).
     Formats (``data_format="auto"`` picks from the columns): ``text``; ``prompt`` + ``completion`` (only completion
     tokens and the appended eos are targets unless ``train_on_prompt``); ``messages`` (list of {role, content},
-    rendered with the chat template; only assistant turns and their end-of-turn tokens are targets).
+    rendered with the chat template, or the Jinja text ``chat_template`` instead; only assistant replies and their
+    end-of-turn tokens are targets, each given its context as inference renders it: see ``chat.py``). Text fields
+    must be strings: a null or other value stops with the file, line and field (``check_rows``). A BOM is dropped.
 
-    Returns a Dataset with ``id`` (int64; the data's integer ``id`` column or the row index, kept through filtering
-    and packing), ``input_ids`` and ``labels`` (lists of the same length <= seq_len; labels already shifted, -100 where
+    Returns a Dataset with ``id`` (the data's ``id`` as given, integers or strings, else the row number) and ``row``
+    (int64 row number; see the module docstring), both kept through filtering and packing, ``input_ids`` and ``labels`` (lists of the same length <= seq_len; labels already shifted, -100 where
     not supervised), and with ``packing`` also ``position_ids`` (restarting at 0 per document) and ``doc_ids``
     (the ids of the documents in the block; ``id`` is the first of them). Examples longer than ``seq_len`` are
     truncated (or dropped with ``drop_long``); examples left with no target are dropped; both are counted in a warning.
@@ -314,38 +444,28 @@ def get_dataset(path: str, tokenizer, *, seq_len: int, data_format: str = "auto"
     if seq_len < 2:
         raise UsageError(f"seq_len {seq_len} is too small: a training example needs at least 2 tokens")
     with main_process_first():
-        raw = _load_raw(path, split)
+        raw, files = _load_raw(path, split)
         if max_samples is not None:
             raw = raw.select(range(min(max_samples, len(raw))))
         if len(raw) == 0:
             raise UsageError(f"data {path!r} has no examples: check the file or the split")
         fmt = _detect_format(list(raw.column_names), data_format, path)
-
-        # Stable ids: keep an integer `id` column (checked unique), otherwise number the rows.
-        id_type = raw.features.get("id")
-        if isinstance(id_type, datasets.Value) and id_type.dtype.startswith(("int", "uint")):
-            if len(set(raw["id"])) != len(raw):
-                raise UsageError(f"data {path!r} has duplicate values in its integer 'id' column: make them unique or drop the column")
-            raw = raw.cast_column("id", datasets.Value("int64"))
-        else:
-            if "id" in raw.column_names:
-                raw = raw.remove_columns("id")
-            raw = raw.add_column("id", np.arange(len(raw), dtype=np.int64))
+        check_rows(raw, fmt, files)
+        raw = with_ids(raw, path, files)
         if example_filter is not None:
             raw = raw.filter(example_filter, num_proc=num_proc)
             if len(raw) == 0:
                 raise UsageError(f"example_filter removed every example of {path!r}: loosen the filter")
 
-        tokenise = _Tokenise(tokenizer, fmt, seq_len, train_on_prompt)
-        keep = [c for c in raw.column_names if c != "id"]
-        ds = raw.map(tokenise, batched=True, remove_columns=keep, num_proc=num_proc, desc="tokenising")
+        tokenise = _Tokenise(tokenizer, fmt, seq_len, train_on_prompt, chat_template)
+        ds = raw.map(tokenise, batched=True, remove_columns=raw.column_names, num_proc=num_proc, desc="tokenising")
 
-        n_long = pc.sum(ds.with_format("arrow")["_truncated"]).as_py() or 0
+        n_long, n_all = pc.sum(ds.with_format("arrow")["_truncated"]).as_py() or 0, len(ds)
         if n_long and drop_long:
             ds = ds.filter(lambda b: [not t for t in b["_truncated"]], batched=True, num_proc=num_proc)
-            _warn(f"dropped {n_long} of {len(raw)} examples longer than seq_len={seq_len} tokens (drop_long)")
+            _warn(f"dropped {n_long} of {n_all} examples longer than seq_len={seq_len} tokens (drop_long)")
         elif n_long:
-            _warn(f"truncated {n_long} of {len(raw)} examples longer than seq_len={seq_len} tokens")
+            _warn(f"truncated {n_long} of {n_all} examples longer than seq_len={seq_len} tokens")
         ds = ds.remove_columns("_truncated")
 
         n_before = len(ds)
@@ -361,11 +481,12 @@ def get_dataset(path: str, tokenizer, *, seq_len: int, data_format: str = "auto"
     return ds
 
 
-def split_eval(dataset: datasets.Dataset, eval_fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """Split off a held-out slice: round(len * eval_fraction) rows (at least 1) chosen by a permutation seeded with
-    `seed`; both parts keep the dataset order. Returns (train, eval)."""
+def split_eval(dataset: datasets.Dataset, eval_fraction: float, seed: int,
+               min_eval: int = 1) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Split off a held-out slice: round(len * eval_fraction) rows, at least ``min_eval`` (e.g. one micro-batch per
+    rank), chosen by a permutation seeded with `seed`; both parts keep the dataset order. Returns (train, eval)."""
     n = len(dataset)
-    n_eval = max(1, round(n * eval_fraction))
+    n_eval = max(min_eval, round(n * eval_fraction))
     if not 0 < eval_fraction < 1 or n_eval >= n:
         raise UsageError(f"eval_fraction {eval_fraction} leaves no training or no eval examples out of {n}: use a value in (0, 1)")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
@@ -380,7 +501,7 @@ def split_eval(dataset: datasets.Dataset, eval_fraction: float, seed: int) -> tu
 def collate(rows: dict[str, list], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Columns of B examples -> a right-padded batch, padded to the longest example (T).
 
-    Returns input_ids [B, T] long, labels [B, T] long (-100 on pads), example_ids [B] int64 and either
+    Returns input_ids [B, T] long, labels [B, T] long (-100 on pads), example_ids [B] int64 (``row``) and either
     attention_mask [B, T] long (1 = token, 0 = pad) or, for packed rows, position_ids [B, T] long and attention_mask
     [B, 1, T, T] bool (True = may attend): causal and block-diagonal per document. transformers (5.x) passes a 4-D
     mask through unchanged; it is the form its sdpa attention expects. Pads form one extra block, so no query row is
@@ -406,7 +527,7 @@ def collate(rows: dict[str, list], pad_token_id: int) -> dict[str, torch.Tensor]
     else:
         batch["attention_mask"] = (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).long()
     batch["labels"] = labels
-    batch["example_ids"] = torch.tensor(rows["id"], dtype=torch.int64)
+    batch["example_ids"] = torch.tensor(rows["row"], dtype=torch.int64)  # row numbers: see the module docstring
     return batch
 
 

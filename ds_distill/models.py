@@ -138,14 +138,12 @@ def teacher_placement(paths: list[str], *, sharded: str, replicated: str, world_
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """The tokenizer exactly as saved (no pad token added: it is written back into checkpoints and exports, where a
+    pad = eos would make standard collators mask every eos label; batching picks its own pad id, data.BatchStream)."""
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise UsageError(f"could not load the tokenizer of {path!r}: {str(exc).splitlines()[0]}; save one with tokenizer.save_pretrained") from None
-    if tok.pad_token_id is None:
-        # Padding positions are masked out of every loss; any id works, eos is the usual choice.
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def shared_vocab_size(student_path: str, student_tok, teacher_paths: list[str]) -> int:

@@ -37,6 +37,7 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir)
         self.ckpt_root = self.output_dir / "checkpoints"
         self.step, self.exit_code, self.last_tag = 0, 0, None
+        self.source_ids: data.SourceIds | None = None  # batches' example_ids (row numbers) -> the data's ids; set by build()
         self.history: list[dict[str, float]] = []  # logged metrics (rank 0 also writes them to the DeepSpeed monitor)
         weights = torch.tensor(cfg.teacher_weights) if cfg.teacher_weights else None
         self.loss_kw = dict(loss=cfg.loss, alpha=cfg.alpha, temperature=cfg.temperature, beta=cfg.beta, skew=cfg.skew,
@@ -243,13 +244,22 @@ def build(cfg: RunConfig, callbacks: list[Callback] = ()) -> Trainer:
     _prepare_output_dir(cfg, sds, tds, world.rank)
 
     tokenizer = models.load_tokenizer(cfg.student)
-    data_kw = dict(seq_len=cfg.seq_len, data_format=cfg.data_format, packing=cfg.packing, train_on_prompt=cfg.train_on_prompt, drop_long=cfg.drop_long)
+    chat_template = Path(cfg.chat_template).read_text() if cfg.chat_template else None
+    data_kw = dict(seq_len=cfg.seq_len, data_format=cfg.data_format, packing=cfg.packing, train_on_prompt=cfg.train_on_prompt,
+                   drop_long=cfg.drop_long, chat_template=chat_template)
     train_set = data.get_dataset(cfg.data, tokenizer, split=cfg.data_split, max_samples=cfg.max_samples or None, **data_kw)
+    one_batch = sds.micro_batch * world.world_size  # one micro-batch per rank
     if cfg.eval_data:
         eval_set = data.get_dataset(cfg.eval_data, tokenizer, **data_kw)
-    elif cfg.eval_fraction:
-        train_set, eval_set = data.split_eval(train_set, cfg.eval_fraction, cfg.seed)
+    elif cfg.eval_fraction and len(train_set) >= 2 * one_batch:  # then both parts get a micro-batch per rank
+        train_set, eval_set = data.split_eval(train_set, cfg.eval_fraction, cfg.seed, min_eval=one_batch)
     else:
+        if cfg.eval_fraction and world.rank == 0:
+            log.info("evaluation off: %d examples are too few to hold out one micro-batch per rank (%d) and train on the rest",
+                     len(train_set), one_batch)
+        if cfg.eval_fraction and cfg.early_stopping_patience:
+            raise UsageError(f"--early_stopping_patience needs an eval set but {len(train_set)} examples are too few to hold "
+                             f"out one micro-batch per rank ({one_batch}): pass --eval_data or use more data")
         eval_set = None
     if eval_set is not None and len(eval_set) < sds.micro_batch * world.world_size:
         raise UsageError(f"the eval set has {len(eval_set)} examples, fewer than one micro-batch per rank "
@@ -264,6 +274,7 @@ def build(cfg: RunConfig, callbacks: list[Callback] = ()) -> Trainer:
     stream = data.BatchStream(train_set, batch_size=sds.micro_batch, rank=world.rank, world_size=world.world_size,
                               seed=cfg.seed, pad_token_id=tokenizer.pad_token_id)
     trainer = Trainer(cfg, student, teachers, stream, eval_set, vocab_size=vocab, ds=sds, tokenizer=tokenizer, callbacks=callbacks)
+    trainer.source_ids = data.SourceIds(train_set)
     if cfg.resume and checkpoint.read_latest(trainer.ckpt_root):
         trainer.resume()
     elif cfg.resume and world.rank == 0:

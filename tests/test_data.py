@@ -6,6 +6,7 @@ import datasets
 import pytest
 import torch
 
+from ds_distill import data
 from ds_distill.config import UsageError
 from ds_distill.data import IGNORE_INDEX, BatchStream, collate, get_dataset, split_eval
 from tests import tiny
@@ -42,8 +43,8 @@ def expect_text(tok, text):
 
 
 def check_text_rows(ds, tok, rows):
-    assert ds.column_names == ["id", "input_ids", "labels"]
-    assert ds["id"] == list(range(len(rows)))
+    assert ds.column_names == ["id", "row", "input_ids", "labels"]
+    assert ds["id"] == ds["row"] == list(range(len(rows)))
     for got, row in zip(ds, rows):
         ids, labels = expect_text(tok, row["text"])
         assert got["input_ids"] == ids and got["labels"] == labels
@@ -80,9 +81,13 @@ def test_max_samples_integer_ids_and_filter_keep_ids(tmp_path, tok):
     ds = get_dataset(path, tok, seq_len=64, example_filter=lambda r: r["id"] % 2 == 1)
     assert ds["id"] == [101, 103, 105, 107]
     assert ds[1]["input_ids"] == expect_text(tok, rows[3]["text"])[0]
-    # A string id column is not an example index: rows are numbered instead.
-    path = write_jsonl(tmp_path / "s.jsonl", [{"id": f"x{i}", **r} for i, r in enumerate(texts(3))])
-    assert get_dataset(path, tok, seq_len=64)["id"] == [0, 1, 2]
+    assert ds["row"] == [1, 3, 5, 7]  # row numbers in the file: what batches carry as example_ids
+    # String ids are kept as given (issue 13), next to the row numbers.
+    path = write_jsonl(tmp_path / "s.jsonl", [{"id": f"conv-{1007 + i}", **r} for i, r in enumerate(texts(3))])
+    ds = get_dataset(path, tok, seq_len=64, example_filter=lambda r: r["id"] != "conv-1008")
+    assert ds["id"] == ["conv-1007", "conv-1009"] and ds["row"] == [0, 2]
+    assert data.SourceIds(ds)([2, 0, 2]) == ["conv-1009", "conv-1007", "conv-1009"]
+    assert collate(ds[:], pad_token_id=0)["example_ids"].tolist() == [0, 2]
 
 
 # -------------------------------------------------------------------------------------------------- supervision
@@ -217,7 +222,7 @@ def test_packed_documents_do_not_see_each_other(tmp_path, tok):
 
 def small_dataset(n=23, lengths=None):
     lengths = lengths or [2 + i % 5 for i in range(n)]
-    rows = [{"id": 1000 + i, "input_ids": list(range(1, L + 1)), "labels": list(range(2, L + 1)) + [IGNORE_INDEX]}
+    rows = [{"id": 1000 + i, "row": 1000 + i, "input_ids": list(range(1, L + 1)), "labels": list(range(2, L + 1)) + [IGNORE_INDEX]}
             for i, L in enumerate(lengths)]
     return datasets.Dataset.from_list(rows)
 
@@ -329,7 +334,8 @@ def test_prefix_unstable_template_is_refused(tmp_path, tok):
                          "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
     conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     path = write_jsonl(tmp_path / "m.jsonl", [{"messages": conv}])
-    with pytest.raises(UsageError, match="example id 0: the chat template does not render a conversation's prefixes"):
+    with pytest.raises(UsageError, match=r"example id 0, turn 1: the chat template renders the context of this reply .*"
+                                         r"\('LAST <\|user.*' vs '<\|user.*' at character 0\).*--chat_template FILE"):
         get_dataset(path, odd, seq_len=64)
 
 

@@ -139,3 +139,130 @@ def make_sentencepiece_tokenizer(dir, vocab_size: int = 400):
         "model_max_length": 512,
     }))
     return AutoTokenizer.from_pretrained(dir)
+
+
+# ----------------------------------------------------------------------------------------- chat-model tokenizers
+# Chat corpora with the newlines real chat data has, so that the BPE learns "\n\n" merges (Qwen-style pre-tokenizer:
+# "\n\n" is one pre-token, so a reply starting with "\n" merges with the "\n" that ends the assistant header).
+CHAT_CORPUS = CORPUS + ["hello\n\nthe answer is paris.\n\nthank you\n\n", "sure\n\nhere is a poem\n\nthe sea\n"]
+# The pre-tokenizer regex of Qwen2/Qwen3 (tokenizer.json of Qwen/Qwen3-0.6B); Llama 3's differs only in digit runs.
+QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                r"|\s+(?!\S)|\s+")
+
+# Qwen3's template, reduced to messages (no tools) but with its history rewrite kept verbatim: an assistant turn
+# after the last user message is rendered with its <think> block (the reasoning from `reasoning_content` or from the
+# content's <think>...</think>), an earlier one without it; content is lstripped of "\n" only in the think branch.
+QWEN3_TEMPLATE = """{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if message.content is string %}
+        {%- set content = message.content %}
+    {%- else %}
+        {%- set content = '' %}
+    {%- endif %}
+    {%- if (message.role == "user") or (message.role == "system") %}
+        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set reasoning_content = '' %}
+        {%- if message.reasoning_content is string %}
+            {%- set reasoning_content = message.reasoning_content %}
+        {%- else %}
+            {%- if '</think>' in content %}
+                {%- set reasoning_content = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}
+                {%- set content = content.split('</think>')[-1].lstrip('\\n') %}
+            {%- endif %}
+        {%- endif %}
+        {%- if loop.index0 > ns.last_query_index %}
+            {%- if loop.last or (not loop.last and reasoning_content) %}
+                {{- '<|im_start|>' + message.role + '\\n<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}
+            {%- else %}
+                {{- '<|im_start|>' + message.role + '\\n' + content }}
+            {%- endif %}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\\n' + content }}
+        {%- endif %}
+        {{- '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\\n\\n</think>\\n\\n' }}
+    {%- endif %}
+{%- endif %}"""
+
+# Qwen2.5's ChatML (no history rewrite; the reply follows "assistant\n" verbatim).
+CHATML_TEMPLATE = ("{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + "
+                   "'<|im_end|>' + '\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+# ChatML with TRL-style {% generation %} blocks around each assistant reply and its <|im_end|>.
+GENERATION_TEMPLATE = ("{%- for message in messages %}{%- if message.role == 'assistant' %}{{- '<|im_start|>assistant\\n' }}"
+                       "{%- generation %}{{- message.content + '<|im_end|>' }}{%- endgeneration %}{{- '\\n' }}"
+                       "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}"
+                       "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+# Meta Llama 3 Instruct's template (verbatim): contents are trimmed, bos before the first message.
+LLAMA3_TEMPLATE = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+                   "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + "
+                   "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+                   "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+                   "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+
+
+def _regex_bpe(specials: list[str], vocab_size: int):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(CHAT_CORPUS, trainer=trainer)
+    return tk
+
+
+def make_qwen_tokenizer(dir, template: str = QWEN3_TEMPLATE, vocab_size: int = 420):
+    """A Qwen-style byte-level BPE (Qwen's pre-tokenizer regex; no bos; eos = <|im_end|>, pad = <|endoftext|>) with
+    `template` (QWEN3_TEMPLATE, CHATML_TEMPLATE or GENERATION_TEMPLATE). "\\n\\n" is one token, so "assistant\\n" +
+    "\\nhello" tokenised as one text merges across the boundary."""
+    from transformers import PreTrainedTokenizerFast
+
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tk = _regex_bpe(specials, vocab_size)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  additional_special_tokens=specials[1:])
+    tok.add_tokens(["<think>", "</think>"])  # added, not special, as in Qwen3
+    assert len(tok("\n\n", add_special_tokens=False)["input_ids"]) == 1
+    tok.chat_template = template
+    tok.save_pretrained(dir)
+    return tok
+
+
+def make_llama3_tokenizer(dir, vocab_size: int = 420):
+    """A Llama-3-style byte-level BPE: bos <|begin_of_text|> added when encoding, eos <|eot_id|>, NO pad token (as
+    Meta ships it), LLAMA3_TEMPLATE."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    tk = _regex_bpe(specials, vocab_size)
+    tk.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B",
+                                                      special_tokens=[("<|begin_of_text|>", 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                  additional_special_tokens=specials[1:])
+    tok.chat_template = LLAMA3_TEMPLATE
+    tok.save_pretrained(dir)
+    return tok

@@ -1,0 +1,145 @@
+"""Chat supervision (ds_distill/chat.py through data.get_dataset): exact supervised positions under a Qwen3-style
+template that rewrites history, ChatML on a Qwen-style BPE (a reply starting with "\\n" merges at the boundary), a
+Llama-3 template and a template with {% generation %} blocks.
+
+The authority is the text inference would see: hand-written context strings, tokenised as one text by the tokenizer,
+and the hand-written reply with its end-of-turn token(s).
+"""
+import json
+
+import datasets
+import pytest
+
+from ds_distill.config import UsageError
+from ds_distill.data import IGNORE_INDEX, get_dataset
+from tests import tiny
+
+datasets.disable_progress_bars()
+
+# Turn 1 is a reply starting with "\n"; turn 3 carries reasoning, which Qwen3 drops once a later user turn follows.
+CONV = [{"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "\nsure"},
+        {"role": "user", "content": "the sea"},
+        {"role": "assistant", "content": "<think>\nthe wind\n</think>\n\nhere is a poem"}]
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    return tiny.make_qwen_tokenizer(tmp_path_factory.mktemp("qwen"))
+
+
+def load(tmp_path, tok, convs, **kw):
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"id": f"conv-{i}", "messages": c}) + "\n" for i, c in enumerate(convs)))
+    return get_dataset(str(path), tok, seq_len=256, **kw)
+
+
+def targets(example):
+    """Positions of the supervised tokens (labels are shifted: label t is the target token t + 1)."""
+    return [t + 1 for t, x in enumerate(example["labels"]) if x != IGNORE_INDEX]
+
+
+def enc(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def assert_turn(tok, example, context, reply):
+    """example == tokens(context as one text) + tokens of the reply; exactly the reply is supervised."""
+    ctx = enc(tok, context)
+    ids = example["input_ids"]
+    assert ids[: len(ctx)] == ctx, "the context is tokenised as inference tokenises it"
+    assert tok.decode(ids[len(ctx):]) == reply
+    assert targets(example) == list(range(len(ctx), len(ids)))
+    assert example["labels"][len(ctx) - 1: -1] == ids[len(ctx):]
+
+
+def test_qwen3_history_rewrite_gives_one_example_per_assistant_turn(tmp_path, qwen):
+    ds = load(tmp_path, qwen, [CONV])
+    assert len(ds) == 2 and ds["id"] == ["conv-0", "conv-0"] and ds["row"] == [0, 0]
+    # Turn 1 as inference sees it when it is the last turn: Qwen3 writes an (empty) think block and lstrips "\n".
+    assert_turn(qwen, ds[0], "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n",
+                "<think>\n\n</think>\n\nsure<|im_end|>\n")
+    # Turn 3's context holds turn 1 rewritten (no think block, content verbatim: "assistant\n\nsure", with "\n\n"
+    # one token, as inference tokenises it).
+    context = ("<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n\nsure<|im_end|>\n"
+               "<|im_start|>user\nthe sea<|im_end|>\n<|im_start|>assistant\n")
+    assert qwen.convert_ids_to_tokens(enc(qwen, context)).count("ĊĊ") == 1
+    assert_turn(qwen, ds[1], context, "<think>\nthe wind\n</think>\n\nhere is a poem<|im_end|>\n")
+
+
+def test_chatml_reply_starting_with_newline(tmp_path):
+    tok = tiny.make_qwen_tokenizer(tmp_path / "tok", template=tiny.CHATML_TEMPLATE)
+    head = "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+    # "assistant\n" + "\nsure" as one text would merge "\n\n": the reply is cut at the boundary, as generation does.
+    assert tok.convert_ids_to_tokens(enc(tok, head + "\nsure"))[len(enc(tok, head)) - 1] == "ĊĊ"
+    last_only = [CONV[0], {"role": "assistant", "content": "\nsure"}]
+    (ex,) = load(tmp_path, tok, [last_only])
+    assert_turn(tok, ex, head, "\nsure<|im_end|>\n")
+    assert ex["input_ids"] == enc(tok, head) + enc(tok, "\nsure<|im_end|>\n")
+    # When that reply is an earlier turn, the later turn's context (tokenised whole) holds the merged "\n\n": the
+    # conversation is no longer one token sequence for both turns, so each turn is its own example.
+    ds = load(tmp_path, tok, [CONV])
+    assert len(ds) == 2
+    assert_turn(tok, ds[0], head, "\nsure<|im_end|>\n")
+    assert_turn(tok, ds[1], head + "\nsure<|im_end|>\n<|im_start|>user\nthe sea<|im_end|>\n<|im_start|>assistant\n",
+                "<think>\nthe wind\n</think>\n\nhere is a poem<|im_end|>\n")
+    # Without the merge, a multi-turn ChatML conversation stays ONE example, every reply supervised.
+    plain = [CONV[0], {"role": "assistant", "content": "sure"}, *CONV[2:]]
+    (ex,) = load(tmp_path, tok, [plain])
+    first = head + "sure<|im_end|>\n<|im_start|>user\nthe sea<|im_end|>\n<|im_start|>assistant\n"
+    reply = "<think>\nthe wind\n</think>\n\nhere is a poem<|im_end|>\n"
+    assert ex["input_ids"] == enc(tok, first + reply)
+    a, b = len(enc(tok, head)), len(enc(tok, head + "sure<|im_end|>\n"))
+    assert targets(ex) == list(range(a, b)) + list(range(len(enc(tok, first)), len(ex["input_ids"])))
+
+
+def test_llama3_template_one_example_every_reply_and_eot(tmp_path):
+    tok = tiny.make_llama3_tokenizer(tmp_path / "tok")
+    (ex,) = load(tmp_path, tok, [CONV])
+    h = "<|start_header_id|>{}<|end_header_id|>\n\n"
+    ctx1 = "<|begin_of_text|>" + h.format("user") + "hello<|eot_id|>" + h.format("assistant")
+    turn1 = ctx1 + "sure<|eot_id|>"  # Llama 3 trims contents: the leading "\n" is not rendered
+    ctx3 = turn1 + h.format("user") + "the sea<|eot_id|>" + h.format("assistant")
+    full = ctx3 + "<think>\nthe wind\n</think>\n\nhere is a poem<|eot_id|>"
+    assert ex["input_ids"] == enc(tok, full)
+    want = list(range(len(enc(tok, ctx1)), len(enc(tok, turn1)))) + list(range(len(enc(tok, ctx3)), len(enc(tok, full))))
+    assert targets(ex) == want
+    assert tok.decode([ex["input_ids"][t] for t in want]) == "sure<|eot_id|><think>\nthe wind\n</think>\n\nhere is a poem<|eot_id|>"
+
+
+def test_generation_blocks_match_transformers_assistant_mask(tmp_path):
+    tok = tiny.make_qwen_tokenizer(tmp_path / "tok", template=tiny.GENERATION_TEMPLATE)
+    plain = [CONV[0], {"role": "assistant", "content": "sure"}, CONV[2], {"role": "assistant", "content": "\nhere is a poem"}]
+    (ex,) = load(tmp_path, tok, [plain])
+    # Turn 1 (no merge): exactly transformers' own return_assistant_tokens_mask positions; the "\n" after
+    # <|im_end|> is outside the generation block, so it is not supervised.
+    mask = tok.apply_chat_template(plain[:2], tokenize=True, return_dict=True, return_assistant_tokens_mask=True)["assistant_masks"]
+    first = [t for t, m in enumerate(mask) if m]
+    assert tok.decode([ex["input_ids"][t] for t in first]) == "sure<|im_end|>"
+    # Turn 3's reply starts with "\n": cut at the boundary, the block's text supervised, the trailing "\n" not.
+    ctx3 = ("<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\nsure<|im_end|>\n"
+            "<|im_start|>user\nthe sea<|im_end|>\n<|im_start|>assistant\n")
+    third = list(range(len(enc(tok, ctx3)), len(enc(tok, ctx3)) + len(enc(tok, "\nhere is a poem<|im_end|>"))))
+    assert targets(ex) == first + third
+    assert tok.decode([ex["input_ids"][t] for t in third]) == "\nhere is a poem<|im_end|>"
+    assert ex["input_ids"][third[-1] + 1:] == enc(tok, "\n")
+
+
+def test_train_on_prompt_and_replacement_template(tmp_path, qwen):
+    (ex,) = load(tmp_path, qwen, [CONV], train_on_prompt=True)  # the whole conversation as rendered, all supervised
+    full = qwen.apply_chat_template(CONV, tokenize=False)
+    assert ex["input_ids"] == enc(qwen, full) and targets(ex) == list(range(1, len(ex["input_ids"])))
+    # --chat_template: the run's template replaces the tokenizer's for tokenising; the tokenizer is left as it was.
+    ds = load(tmp_path, qwen, [CONV], chat_template=tiny.CHATML_TEMPLATE)
+    assert len(ds) == 2 and qwen.decode(ds[0]["input_ids"]).endswith("assistant\n\nsure<|im_end|>\n")
+    assert qwen.chat_template == tiny.QWEN3_TEMPLATE
+
+
+def test_template_that_moves_the_reply_is_refused(tmp_path, qwen):
+    # DeepSeek-R1-distill style: the generation prompt opens "<think>\n", but a rendered assistant turn does not
+    # (its content's think block is cut): no reply can be located, so the run stops and names the fix.
+    r1 = ("{% for m in messages %}{% if m.role == 'user' %}{{ '<|im_start|>' + m.content }}{% else %}"
+          "{{ '<|im_end|>' + m.content.split('</think>')[-1] + '<|endoftext|>' }}{% endif %}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_end|><think>\\n' }}{% endif %}")
+    with pytest.raises(UsageError, match=r"example id 'conv-0', turn 1: .*\('<think>\\n' vs '\\nsure<\|endoftext\|>' .*--chat_template FILE"):
+        load(tmp_path, qwen, [CONV[:2]], chat_template=r1)
