@@ -165,7 +165,7 @@ def _first_bad_string(column) -> tuple[int, str] | None:
     import pyarrow as pa
 
     kind = column.type
-    if isinstance(kind, pa.ExtensionType):
+    if isinstance(kind, pa.BaseExtensionType):
         column, kind = (column.storage if isinstance(column, pa.Array) else
                         pa.chunked_array([c.storage for c in column.chunks], kind.storage_type)), kind.storage_type
         bad = pc.invert(pc.fill_null(pc.starts_with(column, '"'), False))
@@ -224,14 +224,16 @@ def with_ids(raw: datasets.Dataset, path: str, files: list[Path] | None) -> data
     if "id" in raw.column_names:
         column = raw.with_format("arrow")[:].column("id")
         kind = column.type
-        null = pc.index(pc.is_null(column), True).as_py() if not isinstance(kind, pa.ExtensionType) else -1
+        null = pc.index(pc.is_null(column), True).as_py() if not isinstance(kind, pa.BaseExtensionType) else -1
         if null >= 0:
             raise UsageError(f"{_where(files, null)}: field 'id' is null: give every row an id, or drop the 'id' column")
-        if isinstance(kind, pa.ExtensionType):  # `datasets` Json: the file mixes id types
-            first = column[0].as_py()
-            odd = next(i for i, v in enumerate(column.to_pylist()) if type(v) is not type(first))
-            raise UsageError(f"{_where(files, odd)}: field 'id' is {column[odd].as_py()!r} but the first row's id is "
-                             f"{first!r}: use one id type (all integers or all strings)")
+        if isinstance(kind, pa.BaseExtensionType):  # `datasets` Json (JSON text per value): the file mixes id types
+            values = [None if v is None else json.loads(v) for v in column.combine_chunks().storage.to_pylist()]
+            odd = next(i for i, v in enumerate(values) if v is None or type(v) is not type(values[0]))
+            if values[odd] is None:
+                raise UsageError(f"{_where(files, odd)}: field 'id' is null: give every row an id, or drop the 'id' column")
+            raise UsageError(f"{_where(files, odd)}: field 'id' is {values[odd]!r} but the first row's id is "
+                             f"{values[0]!r}: use one id type (all integers or all strings)")
         if not (pa.types.is_integer(kind) or pa.types.is_string(kind) or pa.types.is_large_string(kind)):
             raise UsageError(f"data {path!r}: its 'id' column holds {kind} values: ids must be integers or strings")
         if pc.count_distinct(column).as_py() != len(raw):
@@ -482,13 +484,21 @@ def get_dataset(path: str, tokenizer, *, seq_len: int, data_format: str = "auto"
 
 
 def split_eval(dataset: datasets.Dataset, eval_fraction: float, seed: int,
-               min_eval: int = 1) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """Split off a held-out slice: round(len * eval_fraction) rows, at least ``min_eval`` (e.g. one micro-batch per
-    rank), chosen by a permutation seeded with `seed`; both parts keep the dataset order. Returns (train, eval)."""
+               min_eval: int = 1) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """Split off a held-out slice: round(len * eval_fraction) rows, at least ``min_eval`` (one micro-batch per rank),
+    chosen by a permutation seeded with `seed`; both parts keep the dataset order. Returns (train, eval).
+
+    Data too small to leave ``min_eval`` rows on both sides gives (dataset, None), evaluation off, in one logged line.
+    """
     n = len(dataset)
-    n_eval = max(min_eval, round(n * eval_fraction))
-    if not 0 < eval_fraction < 1 or n_eval >= n:
+    if not 0 < eval_fraction < 1:
         raise UsageError(f"eval_fraction {eval_fraction} leaves no training or no eval examples out of {n}: use a value in (0, 1)")
+    if n < 2 * min_eval:
+        if _dist_rank() in (None, 0):
+            logger.info(f"evaluation off: {n} examples are too few to hold out one micro-batch per rank ({min_eval}) "
+                        f"and train on the rest; pass --eval_data to evaluate")
+        return dataset, None
+    n_eval = min(max(min_eval, round(n * eval_fraction)), n - min_eval)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     eval_idx = sorted(perm[:n_eval])
     train_idx = sorted(perm[n_eval:])

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from ds_distill.config import UsageError
+from ds_distill.models import copy_tokenizer
 
 
 def resolve_tag(checkpoint: Path) -> Path:
@@ -48,7 +49,7 @@ def export_checkpoint(checkpoint: Path | str, out_dir: Path | str) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.to(dtype).save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(tag_dir / "hf").save_pretrained(out)
+    copy_tokenizer(tag_dir / "hf", out)
     return out
 
 

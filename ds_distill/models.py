@@ -146,6 +146,27 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
         raise UsageError(f"could not load the tokenizer of {path!r}: {str(exc).splitlines()[0]}; save one with tokenizer.save_pretrained") from None
 
 
+# The files a Hugging Face tokenizer folder may hold (tokenization_utils_base and the slow tokenizers' vocab files).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model", "vocab.json", "merges.txt", "vocab.txt")
+
+
+def copy_tokenizer(src: str | Path, dst: str | Path) -> None:
+    """Copy a model folder's tokenizer files byte for byte into ``dst``: checkpoints and exports hold the student's
+    tokenizer exactly as given (a load + save_pretrained round trip rewrites tokenizer_config.json, e.g. adding
+    ``is_local``, and would write back anything set on the loaded object)."""
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = [shutil.copy2(src / name, dst / name) for name in TOKENIZER_FILES if (src / name).is_file()]
+    if (src / "additional_chat_templates").is_dir():
+        shutil.copytree(src / "additional_chat_templates", dst / "additional_chat_templates", dirs_exist_ok=True)
+    if not copied:
+        raise UsageError(f"{src} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): save one with tokenizer.save_pretrained")
+
+
 def shared_vocab_size(student_path: str, student_tok, teacher_paths: list[str]) -> int:
     """The vocabulary distilled over: the tokenizer's real vocabulary, which every model must share.
 

@@ -164,7 +164,7 @@ class Trainer:
     def _write_hf_files(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.student.module.config.save_pretrained(folder)
-        self.tokenizer.save_pretrained(folder)
+        models.copy_tokenizer(self.cfg.student, folder)  # as given, not the loaded object re-saved
         (folder / "ds_config.json").write_text(json.dumps(self.ds.raw, indent=2))
 
     def resume(self) -> None:
@@ -248,18 +248,14 @@ def build(cfg: RunConfig, callbacks: list[Callback] = ()) -> Trainer:
     data_kw = dict(seq_len=cfg.seq_len, data_format=cfg.data_format, packing=cfg.packing, train_on_prompt=cfg.train_on_prompt,
                    drop_long=cfg.drop_long, chat_template=chat_template)
     train_set = data.get_dataset(cfg.data, tokenizer, split=cfg.data_split, max_samples=cfg.max_samples or None, **data_kw)
-    one_batch = sds.micro_batch * world.world_size  # one micro-batch per rank
     if cfg.eval_data:
         eval_set = data.get_dataset(cfg.eval_data, tokenizer, **data_kw)
-    elif cfg.eval_fraction and len(train_set) >= 2 * one_batch:  # then both parts get a micro-batch per rank
-        train_set, eval_set = data.split_eval(train_set, cfg.eval_fraction, cfg.seed, min_eval=one_batch)
-    else:
-        if cfg.eval_fraction and world.rank == 0:
-            log.info("evaluation off: %d examples are too few to hold out one micro-batch per rank (%d) and train on the rest",
-                     len(train_set), one_batch)
-        if cfg.eval_fraction and cfg.early_stopping_patience:
+    elif cfg.eval_fraction:
+        train_set, eval_set = data.split_eval(train_set, cfg.eval_fraction, cfg.seed, min_eval=sds.micro_batch * world.world_size)
+        if eval_set is None and cfg.early_stopping_patience:
             raise UsageError(f"--early_stopping_patience needs an eval set but {len(train_set)} examples are too few to hold "
-                             f"out one micro-batch per rank ({one_batch}): pass --eval_data or use more data")
+                             f"out one micro-batch per rank: pass --eval_data or use more data")
+    else:
         eval_set = None
     if eval_set is not None and len(eval_set) < sds.micro_batch * world.world_size:
         raise UsageError(f"the eval set has {len(eval_set)} examples, fewer than one micro-batch per rank "

@@ -10,7 +10,7 @@ import json
 import datasets
 import pytest
 
-from ds_distill.config import UsageError
+from ds_distill.config import REPO_CONFIGS, UsageError
 from ds_distill.data import IGNORE_INDEX, get_dataset
 from tests import tiny
 
@@ -143,3 +143,56 @@ def test_template_that_moves_the_reply_is_refused(tmp_path, qwen):
           "{% if add_generation_prompt %}{{ '<|im_end|><think>\\n' }}{% endif %}")
     with pytest.raises(UsageError, match=r"example id 'conv-0', turn 1: .*\('<think>\\n' vs '\\nsure<\|endoftext\|>' .*--chat_template FILE"):
         load(tmp_path, qwen, [CONV[:2]], chat_template=r1)
+
+
+def test_tracked_chat_run_string_ids_template_file_and_tokenizer_round_trip(dist_env, tmp_path, caplog):
+    """A Llama-3-style base student: tokenizer without pad token and without chat template; 40 conversations with
+    string ids, the default held-out fraction, --chat_template FILE, --track_examples, checkpoints and export."""
+    import csv
+    import logging
+
+    from ds_distill import train
+    from ds_distill.tracking import hardest_examples, write_subset
+    from tests.test_train import ds_json
+
+    tok = tiny.make_llama3_tokenizer(tmp_path / "tok", template=None)
+    given = {f.name: f.read_bytes() for f in (tmp_path / "tok").iterdir()}
+    teacher = tiny.make_model(tmp_path / "teacher", tok, layers=1, hidden=16, heads=2, seed=1)
+    student = tiny.make_model(tmp_path / "student", tok, layers=1, hidden=16, heads=2, seed=2)
+    assert {f.name: f.read_bytes() for f in (tmp_path / "student").iterdir() if f.name in given} == given
+    words = "the quick brown fox jumps over the lazy dog".split()
+    convs = [{"id": f"conv-{1000 + i}", "messages": [{"role": "user", "content": words[i % 9]},
+                                                     {"role": "assistant", "content": " ".join(words[i % 5: i % 5 + 3])}]}
+             for i in range(40)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in convs))
+    (tmp_path / "llama3.jinja").write_text(tiny.LLAMA3_TEMPLATE)
+    out = tmp_path / "run"
+    argv = ["--teacher", teacher, "--student", student, "--data", str(tmp_path / "chat.jsonl"), "--output_dir", str(out),
+            "--chat_template", str(tmp_path / "llama3.jinja"), "--track_examples", "--max_steps", "2",
+            "--seq_len", "32", "--log_steps", "1", "--chunk_size", "16",
+            "--deepspeed_config", ds_json(tmp_path, train_micro_batch_size_per_gpu=4),
+            "--teacher_deepspeed_config", str(REPO_CONFIGS / "cpu_teacher_zero3.json")]
+    with caplog.at_level(logging.INFO):
+        assert train.main(argv) == 0
+    # The default 5% of 40 rows (2) is raised to one micro-batch per rank (4): evaluation ran.
+    assert "eval_loss=" in caplog.text and "evaluation off" not in caplog.text
+
+    with open(out / "examples.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 8 and all(r["example_id"].startswith("conv-") for r in rows)
+    assert {r["example_id"] for r in rows} <= {c["id"] for c in convs}
+    hard = hardest_examples(out / "examples.csv", 0.5)
+    assert len(hard) == 4 and all(isinstance(i, str) for i in hard)
+    assert write_subset(str(tmp_path / "chat.jsonl"), hard, str(tmp_path / "hard.jsonl")) == 4
+    written = [json.loads(line) for line in (tmp_path / "hard.jsonl").read_text().splitlines()]
+    assert {r["id"] for r in written} == hard and all(r == next(c for c in convs if c["id"] == r["id"]) for r in written)
+
+    # The tokenizer round trip: every exported folder holds the student's tokenizer files as given (no pad token
+    # added, no chat template added).
+    from transformers import AutoTokenizer
+
+    for folder in (out / "final", out / "checkpoints" / "step_00000002" / "hf"):
+        assert {f.name: f.read_bytes() for f in folder.iterdir() if f.name in given} == given, folder
+        back = AutoTokenizer.from_pretrained(folder)
+        assert back.pad_token is None and back.chat_template is None
+        assert back.special_tokens_map == tok.special_tokens_map and back.get_vocab() == tok.get_vocab()

@@ -291,6 +291,17 @@ def test_split_eval_deterministic_and_disjoint():
         split_eval(ds, 1.0, seed=0)
 
 
+def test_split_eval_small_data_keeps_a_micro_batch_per_rank_or_turns_eval_off(caplog):
+    ds = small_dataset(40)
+    train, held = split_eval(ds, 0.05, seed=0, min_eval=4)  # round(40 * 0.05) = 2 < one micro-batch per rank
+    assert len(held) == 4 and len(train) == 36
+    with caplog.at_level(logging.INFO, logger="ds_distill.data"):
+        train, held = split_eval(small_dataset(7), 0.05, seed=0, min_eval=4)
+    assert held is None and len(train) == 7
+    assert "evaluation off: 7 examples are too few to hold out one micro-batch per rank (4)" in caplog.text
+    assert len(split_eval(small_dataset(8), 0.05, seed=0, min_eval=4)[1]) == 4
+
+
 # ------------------------------------------------------------------------------------------------------ bad data
 
 
@@ -371,3 +382,59 @@ def test_main_process_first_orders_ranks(tmp_path):
     log_file = tmp_path / "log"
     mp.spawn(_main_process_first_worker, args=(str(tmp_path / "init"), str(log_file)), nprocs=2, join=True)
     assert log_file.read_text().split("\n")[:4] == ["enter 0", "exit 0", "enter 1", "exit 1"]
+
+
+# ------------------------------------------------------------------------------------- messy files (issue 13)
+BAD_ROWS = [  # (file content, error naming the file's line and the field)
+    ('{"text": "a"}\n\n{"text": null}\n', r"bad.jsonl' line 3: field 'text' is null, not a string"),
+    ('{"text": "a"}\n{"text": 5}\n', r"bad.jsonl' line 2: field 'text' is a JSON 5, not a string"),
+    ('{"text": 5}\n{"text": 6}\n', r"bad.jsonl' line 1: field 'text' is of type int64, not a string"),
+    ('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": null}\n',
+     r"bad.jsonl' line 2: field 'completion' is null"),
+    ('{"prompt": null, "completion": "b"}\n', r"bad.jsonl' line 1: field 'prompt' is null"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n'
+     '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": null}]}\n',
+     r"bad.jsonl' line 2: field 'messages\[1\].content' is null"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [{"role": "user", "content": ["x"]}]}\n',
+     r"bad.jsonl' line 2: field 'messages\[0\].content' is a JSON \[\"x\"\], not a string"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": null}\n', r"bad.jsonl' line 2: field 'messages' is null"),
+    ('{"id": 1, "text": "a"}\n{"id": null, "text": "b"}\n', r"bad.jsonl' line 2: field 'id' is null"),
+    ('{"id": 1, "text": "a"}\n{"id": "conv-2", "text": "b"}\n',
+     r"bad.jsonl' line 2: field 'id' is 'conv-2' but the first row's id is 1: use one id type"),
+    ('{"id": "a", "text": "a"}\n{"id": "a", "text": "b"}\n', r"duplicate values in its 'id' column"),
+]
+
+
+@pytest.mark.parametrize("content, error", BAD_ROWS)
+def test_bad_rows_one_line_before_training(tmp_path, tok, content, error):
+    (tmp_path / "bad.jsonl").write_text(content)
+    with pytest.raises(UsageError, match=error):
+        get_dataset(str(tmp_path / "bad.jsonl"), tok, seq_len=32)
+
+
+def test_bad_row_in_a_folder_names_its_file_and_line(tmp_path, tok):
+    (tmp_path / "d").mkdir()
+    write_jsonl(tmp_path / "d" / "a.jsonl", texts(3))
+    write_jsonl(tmp_path / "d" / "b.jsonl", [*texts(2), {"text": None}])
+    with pytest.raises(UsageError, match=r"d/b.jsonl' line 3: field 'text' is null"):
+        get_dataset(str(tmp_path / "d"), tok, seq_len=32)
+    datasets.Dataset.from_list([*texts(2), {"text": None}]).to_parquet(tmp_path / "c.parquet")
+    with pytest.raises(UsageError, match=r"c.parquet' row 3: field 'text' is null"):
+        get_dataset(str(tmp_path / "c.parquet"), tok, seq_len=32)
+    (tmp_path / "e.json").write_text(json.dumps([*texts(1), {"text": None}]))
+    with pytest.raises(UsageError, match=r"e.json' entry 2: field 'text' is null"):
+        get_dataset(str(tmp_path / "e.json"), tok, seq_len=32)
+
+
+def test_bom_is_dropped_from_every_text_source(tmp_path, tok):
+    rows = texts(2)
+    plain = get_dataset(write_jsonl(tmp_path / "plain.jsonl", rows), tok, seq_len=64)["input_ids"]
+    bom = "\ufeff"
+    (tmp_path / "a.txt").write_text(bom + "".join(r["text"] + "\n" for r in rows), encoding="utf-8")
+    (tmp_path / "a.jsonl").write_text(bom + "".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (tmp_path / "a.json").write_text(bom + json.dumps(rows), encoding="utf-8")
+    for name in ("a.txt", "a.jsonl", "a.json"):
+        assert get_dataset(str(tmp_path / name), tok, seq_len=64)["input_ids"] == plain, name
+    (tmp_path / "md").mkdir()
+    (tmp_path / "md" / "a.md").write_text(bom + "# title\n", encoding="utf-8")
+    assert get_dataset(str(tmp_path / "md"), tok, seq_len=64)[0]["input_ids"] == expect_text(tok, "# title\n")[0]

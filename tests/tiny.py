@@ -249,9 +249,9 @@ def make_qwen_tokenizer(dir, template: str = QWEN3_TEMPLATE, vocab_size: int = 4
     return tok
 
 
-def make_llama3_tokenizer(dir, vocab_size: int = 420):
+def make_llama3_tokenizer(dir, template: str | None = LLAMA3_TEMPLATE, vocab_size: int = 420):
     """A Llama-3-style byte-level BPE: bos <|begin_of_text|> added when encoding, eos <|eot_id|>, NO pad token (as
-    Meta ships it), LLAMA3_TEMPLATE."""
+    Meta ships it), LLAMA3_TEMPLATE (None: no chat template, as a base model)."""
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
@@ -263,6 +263,6 @@ def make_llama3_tokenizer(dir, vocab_size: int = 420):
                                                       special_tokens=[("<|begin_of_text|>", 0)])
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
                                   additional_special_tokens=specials[1:])
-    tok.chat_template = LLAMA3_TEMPLATE
+    tok.chat_template = template
     tok.save_pretrained(dir)
     return tok
