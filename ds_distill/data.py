@@ -195,22 +195,27 @@ def check_rows(raw: datasets.Dataset, fmt: str, files: list[Path] | None) -> Non
             raise UsageError(f"{_where(files, bad[0])}: field {name!r} is {bad[1]}, not a string: fix or remove that row")
     if fmt != "messages":
         return
-    column = table.column("messages").combine_chunks()
+    column = table.column("messages")
     if not pa.types.is_list(column.type) or not pa.types.is_struct(column.type.value_type):
         raise UsageError(f"{_where(files, 0)}: field 'messages' is {column.type}, not a list of {{role, content}} objects: "
                          f"write each conversation as [{{\"role\": ..., \"content\": ...}}, ...]")
-    null_row = pc.index(pc.is_null(column), True).as_py()
-    if null_row >= 0:
-        raise UsageError(f"{_where(files, null_row)}: field 'messages' is null: fix or remove that row")
-    flat, parent = pc.list_flatten(column), pc.list_parent_indices(column)
     for key in ("role", "content"):
         if column.type.value_type.get_field_index(key) < 0:
             raise UsageError(f"{_where(files, 0)}: the messages have no {key!r} field: each message needs 'role' and 'content'")
-        bad = _first_bad_string(pc.struct_field(flat, key))
-        if bad:
-            row = parent[bad[0]].as_py()
-            turn = bad[0] - pc.index(parent, row).as_py()
-            raise UsageError(f"{_where(files, row)}: field 'messages[{turn}].{key}' is {bad[1]}, not a string: fix or remove that message")
+    start = 0  # row of the chunk's first conversation (chunk by chunk: a column is never copied whole)
+    for chunk in column.chunks:
+        null_row = pc.index(pc.is_null(chunk), True).as_py()
+        if null_row >= 0:
+            raise UsageError(f"{_where(files, start + null_row)}: field 'messages' is null: fix or remove that row")
+        flat, parent = pc.list_flatten(chunk), pc.list_parent_indices(chunk)
+        for key in ("role", "content"):
+            bad = _first_bad_string(pc.struct_field(flat, key))
+            if bad:
+                row = parent[bad[0]].as_py()
+                turn = bad[0] - pc.index(parent, row).as_py()
+                raise UsageError(f"{_where(files, start + row)}: field 'messages[{turn}].{key}' is {bad[1]}, not a string: "
+                                 f"fix or remove that message")
+        start += len(chunk)
 
 
 def with_ids(raw: datasets.Dataset, path: str, files: list[Path] | None) -> datasets.Dataset:
@@ -242,6 +247,8 @@ def with_ids(raw: datasets.Dataset, path: str, files: list[Path] | None) -> data
             raw = raw.cast_column("id", datasets.Value("int64"))
     else:
         raw = raw.add_column("id", np.arange(len(raw), dtype=np.int64))
+    if "row" in raw.column_names:  # a column of the data named like ours: training never reads it
+        raw = raw.remove_columns("row")
     return raw.add_column("row", np.arange(len(raw), dtype=np.int64))
 
 
