@@ -65,6 +65,14 @@ def test_qwen3_history_rewrite_gives_one_example_per_assistant_turn(tmp_path, qw
                "<|im_start|>user\nthe sea<|im_end|>\n<|im_start|>assistant\n")
     assert qwen.convert_ids_to_tokens(enc(qwen, context)).count("ĊĊ") == 1
     assert_turn(qwen, ds[1], context, "<think>\nthe wind\n</think>\n\nhere is a poem<|im_end|>\n")
+    # Without that merge only the history rewrite tells the renderings apart: still one example per reply.
+    plain = [CONV[0], {"role": "assistant", "content": "sure"}, *CONV[2:]]
+    ds = load(tmp_path, qwen, [plain])
+    head = "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+    assert len(ds) == 2
+    assert_turn(qwen, ds[0], head, "<think>\n\n</think>\n\nsure<|im_end|>\n")
+    assert_turn(qwen, ds[1], head + "sure<|im_end|>\n<|im_start|>user\nthe sea<|im_end|>\n<|im_start|>assistant\n",
+                "<think>\nthe wind\n</think>\n\nhere is a poem<|im_end|>\n")
 
 
 def test_chatml_reply_starting_with_newline(tmp_path):
