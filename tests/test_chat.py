@@ -155,7 +155,8 @@ def test_template_that_moves_the_reply_is_refused(tmp_path, qwen):
 
 def test_tracked_chat_run_string_ids_template_file_and_tokenizer_round_trip(dist_env, tmp_path, caplog):
     """A Llama-3-style base student: tokenizer without pad token and without chat template; 40 conversations with
-    string ids, the default held-out fraction, --chat_template FILE, --track_examples, checkpoints and export."""
+    string ids, the default held-out fraction, --chat_template FILE, --track_examples, checkpoints and export.
+    alpha = 1 (no teacher engine): nothing checked here depends on the teacher."""
     import csv
     import logging
 
@@ -176,7 +177,7 @@ def test_tracked_chat_run_string_ids_template_file_and_tokenizer_round_trip(dist
     (tmp_path / "llama3.jinja").write_text(tiny.LLAMA3_TEMPLATE)
     out = tmp_path / "run"
     argv = ["--teacher", teacher, "--student", student, "--data", str(tmp_path / "chat.jsonl"), "--output_dir", str(out),
-            "--chat_template", str(tmp_path / "llama3.jinja"), "--track_examples", "--max_steps", "2",
+            "--chat_template", str(tmp_path / "llama3.jinja"), "--track_examples", "--max_steps", "2", "--alpha", "1",
             "--seq_len", "32", "--log_steps", "1", "--chunk_size", "16",
             "--deepspeed_config", ds_json(tmp_path, train_micro_batch_size_per_gpu=4),
             "--teacher_deepspeed_config", str(REPO_CONFIGS / "cpu_teacher_zero3.json")]
