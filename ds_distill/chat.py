@@ -13,6 +13,12 @@ render turn i differently in its own context than in the contexts of later turns
   - otherwise it becomes ONE EXAMPLE PER ASSISTANT TURN: ``tokens(context_i) + tokens(reply_i)``.
 Either way every supervised token is predicted from exactly the tokens inference would give the model.
 
+Templates whose rendered turn does not extend the context at all (DeepSeek-R1 distill: the generation prompt writes
+``<｜Assistant｜><think>\\n``, a rendered turn ``<｜Assistant｜>`` + the answer after ``</think>``, reasoning cut) are
+supervised on what the model generates after the generation prompt: the content as written in the data minus what the
+prompt already wrote after the turn header (``<think>\\n``), then the end-of-turn text the template writes after a reply
+(found by rendering a sentinel reply). The answer and end-of-turn are checked against the template's own rendering.
+
 Tokenising by segments: context and reply are tokenised as one text when the reply's first token does not merge with
 the context's last one (then the ids are the tokenizer's own for the whole text); when it does (a reply starting with
 "\\n" under a Qwen-style BPE), the reply is tokenised on its own, as generation produces it after a prompt, and its
@@ -26,6 +32,7 @@ from typing import Any
 from ds_distill.config import UsageError
 
 _GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")  # the test transformers uses
+_SENTINEL = "DS_DISTILL_REPLY_SENTINEL"  # a reply no template rewrites (no markup, no surrounding whitespace)
 
 
 class ChatEncoder:
@@ -36,8 +43,9 @@ class ChatEncoder:
         chat_template: Jinja text replacing the tokenizer's template (``--chat_template FILE``); the tokenizer itself
             is not modified.
         train_on_prompt: supervise every token of the whole rendered conversation (one example).
-    Errors: UsageError naming the example when the template fails or renders a turn's context so that it is not a
-    text prefix of the turn (then no reply can be located).
+    Errors: UsageError naming the example when the template fails, renders a turn's context so that it is not a
+    text prefix of the turn and no reply can be located after it either (``reply_after_prompt``), or the generation
+    prompt writes text the reply does not start with.
     """
 
     def __init__(self, tokenizer, chat_template: str | None = None, train_on_prompt: bool = False):
@@ -85,13 +93,44 @@ class ChatEncoder:
                                  f"its generation prompt ends: put {{% generation %}} right after the assistant header")
             return context, text[start:end], text[end:]
         text = self.render(messages[: i + 1], where)
-        if not text.startswith(context):
+        if text.startswith(context):
+            return context, text[len(context):], ""
+        reply = self.reply_after_prompt(messages, i, context, text, where)
+        if reply is None:
             k = next(k for k, (a, b) in enumerate(zip(context + "\0", text + "\0")) if a != b)  # first difference
             raise UsageError(f"{where}, turn {i}: the chat template renders the context of this reply (with the "
                              f"generation prompt) differently from the conversation up to it ({context[k:k + 30]!r} vs "
                              f"{text[k:k + 30]!r} at character {k}), so the reply cannot be located: pass a training "
                              f"template with --chat_template FILE")
-        return context, text[len(context):], ""
+        return context, reply, ""
+
+    def reply_after_prompt(self, messages: list[dict], i: int, context: str, text: str, where: str) -> str | None:
+        """The reply of assistant turn i when the rendered turn ``text`` does not extend its ``context`` (DeepSeek-R1
+        distill: the generation prompt writes ``<｜Assistant｜><think>\\n``, a rendered turn ``<｜Assistant｜>`` and
+        only the answer after ``</think>``), or None when the template's structure cannot be determined.
+
+        The reply is what the model generates after the generation prompt: the content as written in the data, minus
+        what the prompt already wrote after the turn header (``<think>\\n``), plus the end-of-turn text. Header and
+        end-of-turn come from the template itself: the conversation rendered with a sentinel reply. Checked against
+        the template's rendering of the turn: header, then a suffix of the reply (the answer) ending in end-of-turn.
+        Errors: UsageError when a reply does not start with what the generation prompt already wrote.
+        """
+        base = self.render(messages[:i], where)
+        probe = self.render(messages[:i] + [{"role": "assistant", "content": _SENTINEL}], where)
+        if probe.count(_SENTINEL) != 1 or not probe.startswith(base) or not context.startswith(base):
+            return None
+        header, end = probe[len(base):].split(_SENTINEL)
+        prompt = context[len(base):]  # the generation prompt
+        if not prompt.startswith(header) or not text.startswith(base + header):
+            return None
+        opened, content = prompt[len(header):], messages[i]["content"]
+        if not content.startswith(opened):
+            raise UsageError(f"{where}, turn {i}: the chat template's generation prompt already writes {opened!r}, "
+                             f"but the reply does not start with it, so what the model says after the prompt is "
+                             f"unknown: write each assistant reply as generated from the header on (starting "
+                             f"{opened!r}), or pass a template with --chat_template FILE")
+        reply, shown = content[len(opened):] + end, text[len(base + header):]
+        return reply if shown.endswith(end) and reply.endswith(shown) else None
 
     # ------------------------------------------------------------------------------------------- tokenising
     def _encode(self, text: str) -> list[int]:

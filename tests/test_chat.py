@@ -1,6 +1,7 @@
 """Chat supervision (ds_distill/chat.py through data.get_dataset): exact supervised positions under a Qwen3-style
 template that rewrites history, ChatML on a Qwen-style BPE (a reply starting with "\\n" merges at the boundary), a
-Llama-3 template and a template with {% generation %} blocks.
+Llama-3 template, a template with {% generation %} blocks and a DeepSeek-R1-distill-style template (the rendered turn
+does not extend the generation prompt).
 
 The authority is the text inference would see: hand-written context strings, tokenised as one text by the tokenizer,
 and the hand-written reply with its end-of-turn token(s).
@@ -143,14 +144,42 @@ def test_train_on_prompt_and_replacement_template(tmp_path, qwen):
     assert qwen.chat_template == tiny.QWEN3_TEMPLATE
 
 
-def test_template_that_moves_the_reply_is_refused(tmp_path, qwen):
-    # DeepSeek-R1-distill style: the generation prompt opens "<think>\n", but a rendered assistant turn does not
-    # (its content's think block is cut): no reply can be located, so the run stops and names the fix.
-    r1 = ("{% for m in messages %}{% if m.role == 'user' %}{{ '<|im_start|>' + m.content }}{% else %}"
-          "{{ '<|im_end|>' + m.content.split('</think>')[-1] + '<|endoftext|>' }}{% endif %}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_end|><think>\\n' }}{% endif %}")
-    with pytest.raises(UsageError, match=r"example id 'conv-0', turn 1: .*\('<think>\\n' vs '\\nsure<\|endoftext\|>' .*--chat_template FILE"):
-        load(tmp_path, qwen, [CONV[:2]], chat_template=r1)
+R1_MARKERS = ["<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"]
+
+
+def test_r1_distill_template_supervises_the_reasoning_after_its_generation_prompt(tmp_path):
+    # The template renders earlier replies with the reasoning cut and opens the generation prompt with "<think>\n":
+    # a rendered turn never extends its context. Each reply is supervised as the model generates it after the prompt:
+    # the content minus the "<think>\n" the prompt wrote, then the end-of-turn token.
+    tok = tiny.make_qwen_tokenizer(tmp_path / "tok", template=tiny.R1_TEMPLATE)
+    tok.add_tokens(R1_MARKERS, special_tokens=True)
+    conv = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": "<think>\nsay hi\n</think>\n\nsure"}, *CONV[2:]]
+    merge = [CONV[0], {"role": "assistant", "content": "<think>\n\nhmm\n</think>ok"}]  # "\n" + "\nhmm" would merge
+    ds = load(tmp_path, tok, [conv, merge])
+    assert len(ds) == 3 and ds["id"] == ["conv-0", "conv-0", "conv-1"]
+    head = "<｜begin▁of▁sentence｜>be brief<｜User｜>hello<｜Assistant｜>"
+    assert_turn(tok, ds[0], head + "<think>\n", "say hi\n</think>\n\nsure<｜end▁of▁sentence｜>")
+    # Turn 3's context as inference renders it: turn 1 reduced to its answer, then the prompt opening the reasoning.
+    assert_turn(tok, ds[1], head + "\n\nsure<｜end▁of▁sentence｜><｜User｜>the sea<｜Assistant｜><think>\n",
+                "the wind\n</think>\n\nhere is a poem<｜end▁of▁sentence｜>")
+    assert ds[1]["labels"][-2] == tok.convert_tokens_to_ids("<｜end▁of▁sentence｜>")  # the student learns to stop
+    context = "<｜begin▁of▁sentence｜><｜User｜>hello<｜Assistant｜><think>\n"
+    assert enc(tok, context + "\nhmm") != enc(tok, context) + enc(tok, "\nhmm")  # one text would merge "\n\n"
+    assert_turn(tok, ds[2], context, "\nhmm\n</think>ok<｜end▁of▁sentence｜>")
+    assert ds[2]["input_ids"] == enc(tok, context) + enc(tok, "\nhmm\n</think>ok<｜end▁of▁sentence｜>")
+
+
+def test_template_whose_reply_cannot_be_located_is_refused(tmp_path, qwen):
+    # The R1 template's generation prompt writes "<think>\n"; a reply without it has no known generation after it.
+    with pytest.raises(UsageError, match=r"example id 'conv-0', turn 1: .*already writes '<think>\\n', but the reply "
+                                         r"does not start with it.*--chat_template FILE"):
+        load(tmp_path, qwen, [CONV[:2]], chat_template=tiny.R1_TEMPLATE)
+    # A template that also rewrites the answer: the reply cannot be checked against its rendering, so the run stops.
+    upper = tiny.R1_TEMPLATE.replace("content + '<｜end", "content | upper + '<｜end")
+    conv = [CONV[0], {"role": "assistant", "content": "<think>\nx\n</think>sure"}]
+    with pytest.raises(UsageError, match=r"example id 'conv-0', turn 1: .*\('<think>\\n' vs 'SURE<｜end.*--chat_template FILE"):
+        load(tmp_path, qwen, [conv], chat_template=upper)
 
 
 def test_tracked_chat_run_string_ids_template_file_and_tokenizer_round_trip(dist_env, tmp_path, caplog):

@@ -208,6 +208,16 @@ GENERATION_TEMPLATE = ("{%- for message in messages %}{%- if message.role == 'as
                        "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
 
 # Meta Llama 3 Instruct's template (verbatim): contents are trimmed, bos before the first message.
+# DeepSeek-R1-distill's template, simplified (no tools): earlier replies keep only the answer after </think>; the
+# generation prompt opens the reasoning.
+R1_TEMPLATE = ("{% set ns = namespace(system_prompt='') %}{% for m in messages %}{% if m.role == 'system' %}"
+               "{% set ns.system_prompt = m.content %}{% endif %}{% endfor %}"
+               "{{ '<｜begin▁of▁sentence｜>' + ns.system_prompt }}{% for m in messages %}"
+               "{% if m.role == 'user' %}{{ '<｜User｜>' + m.content }}{% elif m.role == 'assistant' %}"
+               "{% set content = m.content %}{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}"
+               "{% endif %}{{ '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}"
+               "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}")
+
 LLAMA3_TEMPLATE = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
                    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + "
                    "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
