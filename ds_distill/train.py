@@ -271,6 +271,11 @@ def build(cfg: RunConfig, callbacks: list[Callback] = ()) -> Trainer:
     models.check_output_rows(vocab, [student, *teachers], [cfg.student, *cfg.teacher][: 1 + len(teachers)])
     stream = data.BatchStream(train_set, batch_size=sds.micro_batch, rank=world.rank, world_size=world.world_size,
                               seed=cfg.seed, pad_token_id=tokenizer.pad_token_id)
+    if cfg.prefetch_batches:
+        from ds_distill.prefetch import ClosePrefetcher, Prefetcher
+
+        stream = Prefetcher(stream, cfg.prefetch_batches, pin=has_gpu)
+        callbacks = [ClosePrefetcher(stream), *callbacks]
     trainer = Trainer(cfg, student, teachers, stream, eval_set, vocab_size=vocab, ds=sds, tokenizer=tokenizer, callbacks=callbacks)
     trainer.source_ids = data.SourceIds(train_set)
     if cfg.resume and checkpoint.read_latest(trainer.ckpt_root):
