@@ -55,3 +55,24 @@ def test_resume_with_prefetching_continues_the_same_curve(tiny, dist_env, tmp_pa
     second = train.run(make_cfg(tiny, tmp_path / "r", max_steps=6, resume=True, prefetch_batches=2, deepspeed_config=cfg_ds))
     assert second.history[0]["step"] == 4
     assert losses_of(first) + losses_of(second) == pytest.approx(losses_of(straight), rel=1e-5, abs=1e-6)
+
+
+def test_pin_copies_every_tensor_into_pinned_memory(monkeypatch):
+    """pin=True: each tensor of the micro-batch goes through Tensor.pin_memory (a CUDA call, faked on this CPU build)."""
+    pinned = []
+
+    def fake_pin(t):
+        pinned.append(t.clone())
+        return pinned[-1]
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    batch = next(Prefetcher(_stream(), depth=1, pin=True))
+    assert len(pinned) == len(batch) and all(any(b is p for p in pinned) for b in batch.values())
+    next(Prefetcher(_stream(), depth=1, pin=False))
+    assert len(pinned) == len(batch), "pin=False pins nothing"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+def test_pinned_on_a_gpu():
+    batch = next(Prefetcher(_stream(), depth=1, pin=True))
+    assert all(t.is_pinned() for t in batch.values())
