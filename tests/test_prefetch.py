@@ -13,7 +13,7 @@ def _stream(n=20, batch_size=3):
     rows = [{"input_ids": list(range(i, i + 2 + i % 5)), "labels": list(range(i, i + 2 + i % 5))} for i in range(n)]
     import datasets
 
-    ds = datasets.Dataset.from_list([{**r, "id": i} for i, r in enumerate(rows)])
+    ds = datasets.Dataset.from_list([{**r, "id": i, "row": i} for i, r in enumerate(rows)])  # the columns data.get_dataset gives
     return data.BatchStream(ds, batch_size=batch_size, rank=0, world_size=1, seed=3, pad_token_id=0)
 
 
