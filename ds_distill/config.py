@@ -55,6 +55,7 @@ class RunConfig:
     train_on_prompt: bool = _f(False, "Also supervise prompt / non-assistant tokens.")
     chat_template: str = _f("", "Jinja file replacing the student tokenizer's chat template for 'messages' data in this run (the saved tokenizer keeps its own).")
     drop_long: bool = _f(False, "Drop examples longer than --seq_len instead of truncating them.")
+    prefetch_batches: int = _f(0, "Micro-batches prepared ahead on a background thread, into pinned memory when a GPU is present (ds_distill/prefetch.py); 0 = collated on the training thread.")
     # --- schedule
     max_steps: int = _f(100, "Optimizer steps to run.")
     eval_steps: int = _f(0, "Evaluate every N optimizer steps (0 = only at the end).")
@@ -112,7 +113,7 @@ class RunConfig:
         for name in ("seq_len", "max_steps", "log_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name} {getattr(self, name)} must be >= 1")
-        for name in ("chunk_size", "eval_steps", "eval_batches", "save_steps", "keep_last", "max_samples"):
+        for name in ("chunk_size", "eval_steps", "eval_batches", "save_steps", "keep_last", "max_samples", "prefetch_batches"):
             if getattr(self, name) < 0:
                 problems.append(f"--{name} {getattr(self, name)} must be >= 0")
         if not 0.0 <= self.eval_fraction < 1.0:

@@ -8,7 +8,6 @@ module hooks gather the partitioned lm_head weight on each call).
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,18 +104,30 @@ REPLICATE_FRACTION = 0.25
 
 
 def parameter_count(path: str) -> int | None:
-    """Parameters stored in a model folder's safetensors files (read from their headers, nothing loaded); None if
-    the folder has none (e.g. a .bin or GGUF checkpoint)."""
-    from safetensors import safe_open
+    """Parameters of the model a folder's config.json describes, counted on an empty-weights instantiation
+    (``accelerate.init_empty_weights`` + ``AutoModelForCausalLM.from_config``: meta tensors, no weight file read), so
+    .bin, sharded and single-file safetensors checkpoints are sized alike; shared (tied) parameters count once.
+    None if the folder has no config transformers can read (e.g. a bare GGUF file)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+    from transformers.integrations import deepspeed as hf_deepspeed
 
-    files = sorted(Path(path).glob("*.safetensors"))
-    if not files:
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError):
         return None
-    total = 0
-    for file in files:
-        with safe_open(str(file), framework="pt") as fh:
-            total += sum(math.prod(fh.get_slice(name).get_shape()) for name in fh.keys())
-    return total
+    # A live ZeRO-3 config (an engine already built) would make from_config partition under zero.Init: count plainly.
+    live = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        with init_empty_weights():
+            lm = AutoModelForCausalLM.from_config(config)
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = live
+    # init_empty_weights re-registers every parameter as a new meta tensor, which unties tied embeddings; tie them
+    # again outside the context (inside it, tying would be undone the same way).
+    lm.tie_weights()
+    return sum(p.numel() for p in lm.parameters())
 
 
 def teacher_placement(paths: list[str], *, sharded: str, replicated: str, world_size: int, rank_memory: int,
@@ -130,7 +141,7 @@ def teacher_placement(paths: list[str], *, sharded: str, replicated: str, world_
         return replicated, "one rank: sharding would save nothing"
     counts = [parameter_count(p) for p in paths]
     if any(c is None for c in counts):
-        return sharded, "teacher size unknown (no safetensors files)"
+        return sharded, "teacher size unknown (no config.json transformers can read)"
     need, budget = sum(counts) * bytes_per_param, REPLICATE_FRACTION * rank_memory
     verdict = "fit" if need <= budget else "do not fit"
     why = f"teachers {need / 2**30:.2f} GiB {verdict} in {REPLICATE_FRACTION:.0%} of {rank_memory / 2**30:.1f} GiB per rank"

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
-from ds_distill import checkpoint, data, distributed, losses, models
+from ds_distill import checkpoint, data, distributed, losses, models, monitors
 from ds_distill.callbacks import Callback
 from ds_distill.config import DSConfig, RunConfig, UsageError, default_ds_configs, load_ds_config, parse_args
 
@@ -231,6 +231,7 @@ def build(cfg: RunConfig, callbacks: list[Callback] = ()) -> Trainer:
     has_gpu = get_accelerator().device_name() != "cpu"
     default_student, sharded, replicated = default_ds_configs(has_gpu)
     sds = load_ds_config(cfg.deepspeed_config or default_student, world_size=world.world_size, flag="deepspeed_config", needs_optimizer=True)
+    monitors.check_packages(sds.raw)
     if world.rank == 0 and not cfg.deepspeed_config:
         log.info("no --deepspeed_config given: using %s (%s present)", sds.path, "a GPU is" if has_gpu else "no GPU is")
     teacher_config = cfg.teacher_deepspeed_config
@@ -264,11 +265,17 @@ def build(cfg: RunConfig, callbacks: list[Callback] = ()) -> Trainer:
 
     _seed_everything(cfg.seed)
     student = models.student_engine(cfg.student, sds)
+    monitors.attach(student)
     # alpha = 1 is plain fine-tuning: no teacher forward at all (the tokenizers were still checked above).
     teachers = [models.teacher_engine(path, tds) for path in cfg.teacher] if cfg.alpha < 1.0 else []
     models.check_output_rows(vocab, [student, *teachers], [cfg.student, *cfg.teacher][: 1 + len(teachers)])
     stream = data.BatchStream(train_set, batch_size=sds.micro_batch, rank=world.rank, world_size=world.world_size,
                               seed=cfg.seed, pad_token_id=tokenizer.pad_token_id)
+    if cfg.prefetch_batches:
+        from ds_distill.prefetch import ClosePrefetcher, Prefetcher
+
+        stream = Prefetcher(stream, cfg.prefetch_batches, pin=has_gpu)
+        callbacks = [ClosePrefetcher(stream), *callbacks]
     trainer = Trainer(cfg, student, teachers, stream, eval_set, vocab_size=vocab, ds=sds, tokenizer=tokenizer, callbacks=callbacks)
     trainer.source_ids = data.SourceIds(train_set)
     if cfg.resume and checkpoint.read_latest(trainer.ckpt_root):
@@ -284,12 +291,7 @@ def _prepare_output_dir(cfg: RunConfig, sds: DSConfig, tds: DSConfig, rank: int)
     latest = checkpoint.read_latest(out / "checkpoints")
     if latest and not cfg.resume:
         raise UsageError(f"{out} already holds checkpoints (latest: {latest}): pass --resume to continue, or pick another --output_dir")
-    for block in ("csv_monitor", "tensorboard"):
-        # The monitors write under the run directory unless the JSON names a place: a merge, logged below.
-        conf = sds.raw.get(block)
-        if isinstance(conf, dict) and conf.get("enabled") and not conf.get("output_path"):
-            conf["output_path"] = str(out / "monitor")
-            conf.setdefault("job_name", "train")
+    monitors.place(sds.raw, out, rank)  # the monitors write under the run directory unless the JSON names a place: a merge, logged below
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))

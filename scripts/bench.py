@@ -12,11 +12,12 @@ steps, each timed to the end of the device's work. Variants:
     plain_full        plain PyTorch loop, full [tokens, V] logits           (the reference of the "vs plain" column)
     plain_chunked     plain PyTorch loop, loss in token chunks (losses.chunked_loss_sums)
     teacher_forward   the teacher's forward alone (a ceiling, no student)
-    ds_z{0,1,2,3}[_teacher_zero3|_teacher_replicated][_full_logits]
+    ds_z{0,1,2,3}[_teacher_zero3|_teacher_replicated][_full_logits][_prefetch]
                       ds_distill.train.build(RunConfig(...)) + Trainer.train_step, exactly as Trainer.fit calls it;
                       student ZeRO stage k; teacher placed as the toolkit chooses when no teacher JSON is given (by
                       fit: replicated on one rank), or forced to ZeRO-3 / replicated (stage 0); chunked loss
-                      (RunConfig's default chunk_size) or full logits (chunk_size 0).
+                      (RunConfig's default chunk_size) or full logits (chunk_size 0); _prefetch: micro-batches
+                      drawn 2 ahead on a background thread, pinned on GPU (--prefetch_batches 2).
 
 Both loops use loss 0.5 CE + 0.5 forward KL (T = 1) through ``ds_distill.losses``, AdamW (lr 1e-4, betas 0.9/0.95),
 gradient clipping 1.0 and micro-batches from ``ds_distill.data``. On GPU the DeepSpeed JSONs are the shipped bf16 ones
@@ -48,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "ds_configs"
 REFERENCE = "plain_full"
 PLAIN = ("plain_full", "plain_chunked", "teacher_forward")
-DS_VARIANT = re.compile(r"^ds_z([0-3])(?:_teacher_(zero3|replicated))?(_full_logits)?$")
+DS_VARIANT = re.compile(r"^ds_z([0-3])(?:_teacher_(zero3|replicated))?(_full_logits)?(_prefetch)?$")
 
 # Peak dense bf16 tensor FLOP/s (no sparsity), by the first name fragment found in torch.cuda.get_device_name().
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -134,7 +135,7 @@ def ds_configs(variant: str, workdir: Path, micro_batch: int, gpu: bool, zero_se
     """(student JSON, teacher JSON or "" for the toolkit's choice, full_logits) for a ds_* variant: shipped files
     copied with only the micro-batch changed (and the stage, for ZeRO stage 0). ``zero_set``: "key=value"
     experiments written into the ``zero_optimization`` block of every ZeRO-3 copy (``--zero_set``; off by default)."""
-    stage, teacher_kind, full = DS_VARIANT.match(variant).groups()
+    stage, teacher_kind, full, _prefetch = DS_VARIANT.match(variant).groups()
     student_file = f"zero{max(int(stage), 1)}_bf16.json" if gpu else f"cpu_zero{max(int(stage), 1)}.json"
     files = {"student": student_file}
     if teacher_kind:
@@ -260,7 +261,8 @@ def toolkit_step(a: argparse.Namespace, device) -> Callable[[], None]:
     sds, tds, full = ds_configs(a.variant, Path(a.workdir), a.micro_batch, device.type == "cuda", a.zero_set)
     cfg = RunConfig(teacher=[a.teacher], student=a.student, data=a.data, output_dir=str(Path(a.workdir) / "runs" / a.variant),
                     deepspeed_config=sds, teacher_deepspeed_config=tds, chunk_size=0 if full else a.chunk_size,
-                    seq_len=a.seq_len, eval_fraction=0.0, max_steps=a.warmup + a.steps, export=False)
+                    seq_len=a.seq_len, eval_fraction=0.0, max_steps=a.warmup + a.steps, export=False,
+                    prefetch_batches=2 if a.variant.endswith("_prefetch") else 0)
     trainer = build(cfg)
     if trainer.ds.grad_accum != 1:
         raise SystemExit(f"{sds}: gradient_accumulation_steps must be 1 for tokens per step = micro batch x seq_len")
@@ -335,7 +337,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in PLAIN and not DS_VARIANT.match(v)]
     if bad:
-        raise SystemExit(f"error: unknown --variants {bad}: use {', '.join(PLAIN)} or ds_z{{0,1,2,3}}[_teacher_zero3|_teacher_replicated][_full_logits]")
+        raise SystemExit(f"error: unknown --variants {bad}: use {', '.join(PLAIN)} or ds_z{{0,1,2,3}}[_teacher_zero3|_teacher_replicated][_full_logits][_prefetch]")
 
     import torch
 

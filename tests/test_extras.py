@@ -1,4 +1,4 @@
-"""The extras around the loop: manifest, early stopping, per-example tracking, routers/ensembles, rounds, monitors.
+"""The extras around the loop: manifest, early stopping, per-example tracking, routers/ensembles, rounds (monitors: tests/test_monitors.py).
 
 Trainer runs are in-process on the tiny models (a few steps each); one 2-rank check goes through `deepspeed`.
 """
@@ -312,18 +312,6 @@ def test_round_overrides_are_checked(tmp_path):
     bad.write_text(json.dumps([{}]))
     with pytest.raises(UsageError, match="list of 2 objects"):
         rounds.load_overrides(RunConfig(rounds=2, round_overrides=str(bad)))
-
-
-# ------------------------------------------------------------------------------------------------ logging
-def test_tensorboard_block_in_student_json(tiny, dist_env, tmp_path):
-    pytest.importorskip("tensorboard")
-    d = json.loads(Path(ds_json(tmp_path)).read_text())
-    d["tensorboard"] = {"enabled": True, "output_path": "", "job_name": "tb"}
-    path = tmp_path / "tb.json"
-    path.write_text(json.dumps(d))
-    out = tmp_path / "tbrun"
-    train.run(make_cfg(tiny, out, max_steps=2, deepspeed_config=str(path)))
-    assert list((out / "monitor").rglob("events.out.tfevents.*")), "DeepSpeed's tensorboard monitor wrote event files"
 
 
 # ------------------------------------------------------------------------------------------------ 2 ranks
