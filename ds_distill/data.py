@@ -523,6 +523,8 @@ def collate(rows: dict[str, list], pad_token_id: int) -> dict[str, torch.Tensor]
     document and no attention mask: transformers then builds per-document causal attention from the positions
     (masking_utils.find_packed_sequence_indices; varlen kernels with flash attention), keeping each model's own
     sliding windows and attention variants. Pads restart at 0 too, so they form one extra block of their own.
+    The model must run with ``use_cache=False`` (as ``models.HiddenStatesLM`` does): with a cache, transformers
+    ignores packed position_ids.
     """
     lengths = [len(x) for x in rows["input_ids"]]
     B, T = len(lengths), max(lengths)
