@@ -2,8 +2,9 @@
 
 Both models are wrapped in ``HiddenStatesLM``: the same child modules under the same names (so checkpoints and
 exports keep the Hugging Face parameter names), but ``forward`` returns the final hidden states ``[B, T, H]``. The
-loss then calls the lm_head module itself, chunk by chunk, so full ``[tokens, vocab]`` logits never exist (ZeRO-3's
-module hooks gather the partitioned lm_head weight on each call).
+loss then calls ``head`` (an ``OutputHead``: the lm_head module plus whatever the model's own forward applies after it),
+chunk by chunk, so full ``[tokens, vocab]`` logits never exist (ZeRO-3's module hooks gather the partitioned lm_head
+weight on each call). ``check_logits`` proves at start-up that this gives the model's own logits.
 """
 from __future__ import annotations
 
@@ -320,11 +321,11 @@ _PROBE_RTOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
 @torch.no_grad()
 def check_logits(engine, path: str, vocab_size: int, *, packing: bool, doc_len: int = 8) -> None:
-    """Start-up probe: the logits the loss uses equal the model's own forward, on two random documents.
+    """Start-up probe: the logits the loss uses equal the model's own forward, on two rows of random tokens.
 
     1. ``head(engine(ids))`` against ``lm(ids).logits`` (the model's own forward, projection and post-processing).
-    2. With packing: the two documents packed in one row (``position_ids`` restarting at 0, no attention mask)
-       against each document alone, through the model's own forward.
+    2. With packing: each row as two packed documents (``position_ids`` restarting at 0, no attention mask) against
+       each document alone, through the model's own forward.
     Every rank must call this (under ZeRO-3 each module call is a collective gather); all use the same tokens.
     Raises UsageError naming the model and the largest difference.
     """

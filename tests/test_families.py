@@ -204,3 +204,36 @@ def test_probe_stops_on_wrong_logits(tiny, family_root, dist_env, tmp_path, sgd_
     assert train.main(family_argv(path, tiny["data"], tmp_path / "run", sgd_json)) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and err[0].startswith(f"error: model {path!r}: the chunked loss's head does not give the model's own logits (max abs difference"), err
+
+
+@pytest.mark.multiprocess
+def test_moe_families_under_zero3_on_two_ranks(tiny, family_root, tmp_path):
+    """Qwen3-MoE student, Mixtral and gpt-oss teachers, all ZeRO-3 over 2 ranks through the real deepspeed launcher.
+
+    The ranks see different examples, so their tokens pick different experts; each MoE block is one ZeRO-3 leaf, so
+    the gathers still match and nothing hangs. Every rank runs the start-up logits probe on every model."""
+    import random
+    import subprocess
+    import sys
+
+    from tests.cluster_fixtures import launcher_env
+
+    paths = {n: str(family_root / n) if (family_root / n).is_dir() else make_family(family_root, n, tiny["tokenizer"])
+             for n in ("qwen3_moe", "mixtral", "gpt_oss")}
+    d = json.loads((REPO_CONFIGS / "cpu_zero3.json").read_text())
+    d.pop("scheduler", None)
+    d["train_micro_batch_size_per_gpu"] = 2
+    (tmp_path / "z3.json").write_text(json.dumps(d))
+    out = tmp_path / "moe"
+    root = Path(__file__).resolve().parent.parent
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(random.randint(20000, 40000)),
+           "--module", "ds_distill.train", "--student", paths["qwen3_moe"], "--teacher", paths["mixtral"],
+           "--teacher", paths["gpt_oss"], "--data", tiny["data"], "--output_dir", str(out),
+           "--deepspeed_config", str(tmp_path / "z3.json"), "--teacher_deepspeed_config", str(REPO_CONFIGS / "cpu_teacher_zero3.json"),
+           "--max_steps", "2", "--seq_len", "16", "--log_steps", "1", "--eval_fraction", "0", "--chunk_size", "8"]
+    proc = subprocess.run(cmd, cwd=root, env=launcher_env(PYTHONPATH=str(root)), capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    for name in ("Qwen3MoeSparseMoeBlock", "MixtralSparseMoeBlock", "GptOssMLP"):
+        assert f"ZeRO-3 leaf modules ['{name}']" in log, name
+    assert (out / "final" / "config.json").is_file()
