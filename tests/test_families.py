@@ -103,7 +103,7 @@ def test_head_and_packing_give_the_models_own_logits(family):
         assert (wrapped.transform is not None) == (name in TRANSFORMED), name
         docs = documents(lm.config.vocab_size)
         # two packed rows of different lengths: [12 + 7] and [12 + 5 + pads]
-        rows = {"input_ids": [docs[0] + docs[1], docs[2] + docs[3]], "labels": [[0] * 19, [0] * 17], "id": [0, 1],
+        rows = {"input_ids": [docs[0] + docs[1], docs[2] + docs[3]], "labels": [[0] * 19, [0] * 17], "row": [0, 1],
                 "position_ids": [list(range(12)) + list(range(7)), list(range(12)) + list(range(5))]}
         batch = collate(rows, pad_token_id=0)
         assert "attention_mask" not in batch
