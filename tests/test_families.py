@@ -36,7 +36,7 @@ FAMILIES = {
                                              layer_types=["sliding_attention", "full_attention"],
                                              final_logit_softcapping=0.5)),
     "phi3": ("Phi3Config", dict(sliding_window=4)),
-    "granite": ("GraniteConfig", dict(logits_scaling=8.0)),
+    "granite": ("GraniteConfig", dict(logits_scaling=8.0, initializer_range=1.0)),  # large logits: the scale matters
     "cohere": ("CohereConfig", dict(logit_scale=0.25)),
     "olmo2": ("Olmo2Config", {}),
     "gpt_neox": ("GPTNeoXConfig", dict(use_parallel_residual=True)),
