@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager", "flex_attention")
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
 
 
@@ -37,6 +38,7 @@ class RunConfig:
     deepspeed_config: str = _f("", "Student DeepSpeed JSON. Default: ds_configs/zero3_bf16.json on GPU, cpu_zero3.json on CPU.")
     teacher_deepspeed_config: str = _f("", "Teacher DeepSpeed JSON (inference, no optimizer). Default: chosen by fit: replicated on every rank (stage 0, no per-layer gathers) when the teachers take at most a quarter of a rank's memory or there is one rank, else ZeRO-3 sharded.")
     teacher_weights: list[float] = _f(list, "Ensemble weights, one per --teacher (normalised). Default: uniform.", multi=True)
+    attn_implementation: str = _f("auto", "Attention kernel of every model: auto (flash_attention_2 with a GPU and flash-attn installed, else sdpa where the model supports it, else eager), flash_attention_2, sdpa, eager or flex_attention.")
     # --- loss
     loss: str = _f("forward_kl", "Divergence: forward_kl, reverse_kl, jsd, skew_forward_kl, skew_reverse_kl, tvd.")
     alpha: float = _f(0.5, "Weight of the CE term; the KD term gets 1 - alpha. 1.0 = plain fine-tuning.")
@@ -124,6 +126,8 @@ class RunConfig:
             problems.append("--early_stopping_patience and --early_stopping_min_delta must be >= 0")
         if self.early_stopping_patience and self.eval_fraction == 0 and not self.eval_data:
             problems.append("--early_stopping_patience needs an eval set: pass --eval_data or --eval_fraction > 0")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            problems.append(f"--attn_implementation {self.attn_implementation!r} must be one of {', '.join(ATTN_IMPLEMENTATIONS)}")
         if self.router not in ("fixed", "lowest_ce"):
             problems.append(f"--router {self.router!r} must be fixed or lowest_ce")
         if self.router == "lowest_ce" and self.teacher_weights:

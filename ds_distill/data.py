@@ -519,10 +519,12 @@ def collate(rows: dict[str, list], pad_token_id: int) -> dict[str, torch.Tensor]
     """Columns of B examples -> a right-padded batch, padded to the longest example (T).
 
     Returns input_ids [B, T] long, labels [B, T] long (-100 on pads), example_ids [B] int64 (``row``) and either
-    attention_mask [B, T] long (1 = token, 0 = pad) or, for packed rows, position_ids [B, T] long and attention_mask
-    [B, 1, T, T] bool (True = may attend): causal and block-diagonal per document. transformers (5.x) passes a 4-D
-    mask through unchanged; it is the form its sdpa attention expects. Pads form one extra block, so no query row is
-    fully masked (which would give NaN with sdpa).
+    attention_mask [B, T] long (1 = token, 0 = pad) or, for packed rows, position_ids [B, T] long restarting at 0 per
+    document and no attention mask: transformers then builds per-document causal attention from the positions
+    (masking_utils.find_packed_sequence_indices; varlen kernels with flash attention), keeping each model's own
+    sliding windows and attention variants. Pads restart at 0 too, so they form one extra block of their own.
+    The model must run with ``use_cache=False`` (as ``models.HiddenStatesLM`` does): with a cache, transformers
+    ignores packed position_ids.
     """
     lengths = [len(x) for x in rows["input_ids"]]
     B, T = len(lengths), max(lengths)
@@ -537,9 +539,6 @@ def collate(rows: dict[str, list], pad_token_id: int) -> dict[str, torch.Tensor]
         for b, pos in enumerate(rows["position_ids"]):
             position_ids[b, : len(pos)] = torch.tensor(pos, dtype=torch.long)
             position_ids[b, len(pos):] = torch.arange(T - len(pos))  # the pad block restarts at 0 too
-        doc = (position_ids == 0).cumsum(-1)  # [B, T] document index of each token
-        causal = torch.ones(T, T, dtype=torch.bool).tril()
-        batch["attention_mask"] = ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
         batch["position_ids"] = position_ids
     else:
         batch["attention_mask"] = (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).long()

@@ -98,6 +98,23 @@ class LossSums:
     tokens_per_seq: Tensor  # [B] int64
 
 
+
+@dataclass(frozen=True)
+class OutputHead:
+    """A causal LM's output layer as the loss calls it: ``logits = transform(linear(h))``, ``[n, H] -> [n, V_model]``.
+
+    linear: the output projection module (called, never its .weight read, so ZeRO-3's hooks gather it).
+    transform: what the model applies after the projection in its own forward (softcapping, logit scales, ...),
+    elementwise; None when the model applies nothing (then the fast paths may use ``linear`` alone).
+    """
+    linear: torch.nn.Module
+    transform: Callable[[Tensor], Tensor] | None = None
+
+    def __call__(self, h: Tensor) -> Tensor:
+        z = self.linear(h)
+        return z if self.transform is None else self.transform(z)
+
+
 def check_args(loss: str, alpha: float, temperature: float, beta: float, skew: float) -> None:
     """Raise a one-line ValueError naming the first bad hyperparameter and its allowed values."""
     if loss not in LOSSES:

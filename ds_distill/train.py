@@ -242,6 +242,9 @@ def build(cfg: RunConfig, callbacks: list[Callback] = ()) -> Trainer:
         if world.rank == 0 and cfg.alpha < 1.0:
             log.info("no --teacher_deepspeed_config given: using %s (%s)", teacher_config, why)
     tds = load_ds_config(teacher_config, world_size=world.world_size, flag="teacher_deepspeed_config", needs_optimizer=False)
+    # alpha = 1 is plain fine-tuning: no teacher forward at all (the tokenizers are still checked below).
+    teacher_paths = cfg.teacher if cfg.alpha < 1.0 else []
+    models.check_positions(cfg.seq_len, [cfg.student, *teacher_paths])
     _prepare_output_dir(cfg, sds, tds, world.rank)
 
     tokenizer = models.load_tokenizer(cfg.student)
@@ -264,11 +267,13 @@ def build(cfg: RunConfig, callbacks: list[Callback] = ()) -> Trainer:
     vocab = models.shared_vocab_size(cfg.student, tokenizer, cfg.teacher)
 
     _seed_everything(cfg.seed)
-    student = models.student_engine(cfg.student, sds)
+    packed_rows = cfg.packing and sds.micro_batch > 1
+    student = models.student_engine(cfg.student, sds, cfg.attn_implementation, packed_rows)
     monitors.attach(student)
-    # alpha = 1 is plain fine-tuning: no teacher forward at all (the tokenizers were still checked above).
-    teachers = [models.teacher_engine(path, tds) for path in cfg.teacher] if cfg.alpha < 1.0 else []
-    models.check_output_rows(vocab, [student, *teachers], [cfg.student, *cfg.teacher][: 1 + len(teachers)])
+    teachers = [models.teacher_engine(path, tds, cfg.attn_implementation, packed_rows) for path in teacher_paths]
+    models.check_output_rows(vocab, [student, *teachers], [cfg.student, *teacher_paths])
+    for engine, path in zip([student, *teachers], [cfg.student, *teacher_paths]):
+        models.check_logits(engine, path, vocab, packing=cfg.packing)
     stream = data.BatchStream(train_set, batch_size=sds.micro_batch, rank=world.rank, world_size=world.world_size,
                               seed=cfg.seed, pad_token_id=tokenizer.pad_token_id)
     if cfg.prefetch_batches:
