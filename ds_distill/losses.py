@@ -11,6 +11,8 @@ Divergences ``D`` are looked up by exact name in ``LOSSES``.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -21,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 Tensor = torch.Tensor
+log = logging.getLogger(__name__)
 
 
 def _kl(logp: Tensor, logq: Tensor) -> Tensor:
@@ -96,6 +99,22 @@ class LossSums:
     ce_per_seq: Tensor  # [B] CE sum of each row (for per-example tracking)
     kd_per_seq: Tensor  # [B]
     tokens_per_seq: Tensor  # [B] int64
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """A causal LM's output layer as the loss calls it: ``logits = transform(linear(h))``, ``[n, H] -> [n, V_model]``.
+
+    linear: the output projection module (called, never its .weight read, so ZeRO-3's hooks gather it).
+    transform: what the model applies after the projection in its own forward (softcapping, logit scales, ...),
+    elementwise; None when the model applies nothing (then the fast paths may use ``linear`` alone).
+    """
+    linear: torch.nn.Module
+    transform: Callable[[Tensor], Tensor] | None = None
+
+    def __call__(self, h: Tensor) -> Tensor:
+        z = self.linear(h)
+        return z if self.transform is None else self.transform(z)
 
 
 def check_args(loss: str, alpha: float, temperature: float, beta: float, skew: float) -> None:
@@ -231,12 +250,25 @@ def chunked_loss_sums(student_hidden: Tensor, student_head: Callable[[Tensor], T
     """The same sums from final hidden states, without ever holding full ``[tokens, V]`` logits.
 
     student_hidden ``[B, T, H]``; teacher_hidden ``[B, T, H_t]`` or a list (ensemble) with teacher_head one callable
-    or a list. Heads are *called* (``[n, H] -> [n, V_model]``), so ZeRO-3's module hooks gather their weights.
-    Only supervised positions are scored, ``chunk_size`` tokens at a time; each chunk's logits (both models) are
-    recomputed in backward instead of stored, so peak extra memory is ~3 chunks of ``[chunk_size, V]`` fp32.
-    num_chunks: call the heads exactly this many times (trailing chunks may be empty). Under ZeRO-3 every head call
-    is a collective weight gather, so all ranks must make the same number of calls although their numbers of
-    supervised tokens differ: the trainer passes the maximum over ranks of ``ceil(n_tokens / chunk_size)``.
+    or a list. Heads are callables ``[n, H] -> [n, V_model]`` (teacher heads are called under no_grad, once per chunk).
+    Only supervised positions are scored, ``chunk_size`` tokens at a time. Two ways, chosen by the student head
+    (logged once each):
+
+    - fused (an ``OutputHead`` over an ``nn.Linear``): the gradient is computed in the forward, as fused
+      linear-cross-entropy kernels do (Liger-Kernel): per chunk the student logits ``z`` are computed once, the loss
+      terms and ``dL/dz`` by autograd on the chunk alone (through ``transform``), then ``dL/dh = dL/dz @ W`` and
+      ``dL/dW += dL/dz^T h`` (``dL/db += sum dL/dz``) are kept and the chunk's logits dropped. Backward recomputes
+      nothing. The weight is read inside ``deepspeed.zero.GatheredParameters`` (a no-op unless ZeRO-3 partitioned
+      it) and its gradient reaches autograd's (and ZeRO's) gradient hooks through the returned ``total``; the module
+      is also called once on a zero row so that ZeRO-3 gathers the weight again in backward, before its gradient
+      accumulates. Extra memory: the ``[V, H]`` fp32 gradient buffer, plus ~3 chunks of ``[chunk_size, V]`` fp32.
+    - checkpointed (any other callable): each chunk's logits (both models) are recomputed in backward instead of
+      stored; extra memory ~3 chunks of ``[chunk_size, V]`` fp32.
+
+    num_chunks: call the teacher heads (and, checkpointed, the student head) exactly this many times (trailing chunks
+    may be empty). Under ZeRO-3 every head call is a collective weight gather, so all ranks must make the same number
+    of calls although their numbers of supervised tokens differ: the trainer passes the maximum over ranks of
+    ``ceil(n_tokens / chunk_size)``. The fused path gathers the student weight once per call, on every rank.
     """
     check_args(loss, alpha, temperature, beta, skew)
     if chunk_size < 1:
@@ -250,27 +282,131 @@ def chunked_loss_sums(student_hidden: Tensor, student_head: Callable[[Tensor], T
     hs = student_hidden.flatten(0, 1)[idx]
     ths = [t.flatten(0, 1)[idx] for t in t_hidden]
     kw = dict(loss=loss, alpha=alpha, temperature=temperature, beta=beta, skew=skew)
-
-    def chunk_terms(h: Tensor, lab_c: Tensor, w_c: Tensor | None, *t_h: Tensor) -> tuple[Tensor, Tensor]:
-        s_logits = student_head(h)
-        with torch.no_grad():  # recomputed in backward too: cheaper in memory than keeping teacher logits alive
-            t_logits = [head(x) for head, x in zip(t_heads, t_h)]
-        v = _check_vocab(vocab_size, s_logits.shape[-1], [t.shape[-1] for t in t_logits])
-        return _token_terms(s_logits[:, :v], [t[:, :v] for t in t_logits], lab_c, weights=w_c, **kw)
-
-    ces, kds = [], []
     needed = -(-hs.shape[0] // chunk_size)
     if num_chunks is not None and num_chunks < needed:
         raise ValueError(f"num_chunks={num_chunks} is too few for {hs.shape[0]} tokens in chunks of {chunk_size}")
-    for start in range(0, chunk_size * (needed if num_chunks is None else num_chunks), chunk_size):
-        sl = slice(start, start + chunk_size)
-        w_c = w[sl] if isinstance(w, Tensor) and w.dim() == 2 else w
-        ce, kd = checkpoint(chunk_terms, hs[sl], lab[sl], w_c, *[t[sl] for t in ths], use_reentrant=False)
+    chunks = [slice(start, start + chunk_size) for start in range(0, chunk_size * (needed if num_chunks is None else num_chunks), chunk_size)]
+    weights_of = lambda sl: w[sl] if isinstance(w, Tensor) and w.dim() == 2 else w
+
+    def teacher_logits(sl: slice) -> list[Tensor]:
+        with torch.no_grad():
+            return [head(x[sl]) for head, x in zip(t_heads, ths)]
+
+    def terms(s_logits: Tensor, t_logits: list[Tensor], sl: slice) -> tuple[Tensor, Tensor]:
+        v = _check_vocab(vocab_size, s_logits.shape[-1], [t.shape[-1] for t in t_logits])
+        return _token_terms(s_logits[:, :v], [t[:, :v] for t in t_logits], lab[sl], weights=weights_of(sl), **kw)
+
+    if _fusable(student_head):
+        return _fused_chunks(hs, student_head, chunks, teacher_logits, terms, rows, labels.shape[0], alpha, student_hidden)
+
+    def chunk_terms(h: Tensor, sl: slice) -> tuple[Tensor, Tensor]:
+        # Checkpointed: recomputed in backward too, cheaper in memory than keeping the teacher logits alive.
+        return terms(student_head(h), teacher_logits(sl), sl)
+
+    ces, kds = [], []
+    for sl in chunks:
+        ce, kd = checkpoint(chunk_terms, hs[sl], sl, use_reentrant=False)
         ces.append(ce)
         kds.append(kd)
     empty = hs.new_zeros(0, dtype=torch.float32)
     ce, kd = (torch.cat(ces), torch.cat(kds)) if ces else (empty, empty)
     return _sums(ce, kd, rows, labels.shape[0], alpha, student_hidden)
+
+
+_LOGGED: set[str] = set()
+
+
+def _fusable(head) -> bool:
+    """Whether the fused path serves ``head``; logs the choice once per kind of head."""
+    fused = isinstance(head, OutputHead) and isinstance(head.linear, torch.nn.Linear)
+    why = ("fused: gradients computed in the forward, each head runs once per chunk" if fused else
+           f"checkpointed: the student head is a {type(head).__name__}, not an OutputHead over an nn.Linear, so both "
+           "heads run again in backward")
+    if why not in _LOGGED:
+        _LOGGED.add(why)
+        log.info("chunked loss: %s", why)
+    return fused
+
+
+class _GradInForward(torch.autograd.Function):
+    """Returns ``value``; its backward hands out gradients computed in the forward, times the incoming gradient.
+
+    forward(value, anchor, *pairs): ``value`` a detached scalar; ``anchor`` any tensor whose gradient is zero (a
+    module output that must be part of the graph); ``pairs`` = tensors then their gradients (same count), a gradient
+    None where its tensor needs none.
+    """
+
+    @staticmethod
+    def forward(ctx, value: Tensor, anchor: Tensor, *pairs):
+        half = len(pairs) // 2
+        ctx.grads = pairs[half:]
+        ctx.dtypes = [None if t is None else t.dtype for t in pairs[:half]]
+        ctx.anchor_shape = anchor.shape
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        outs = [None if g is None else (g * grad).to(dtype) for g, dtype in zip(ctx.grads, ctx.dtypes)]
+        return (None, grad.new_zeros(ctx.anchor_shape), *outs, *[None] * len(ctx.grads))
+
+
+def _fused_chunks(hs: Tensor, head: OutputHead, chunks: list[slice], teacher_logits, terms, rows: Tensor, batch: int,
+                  alpha: float, anchor: Tensor) -> LossSums:
+    """The fused path of ``chunked_loss_sums`` (see there): ``hs`` ``[n, H]`` the supervised student hidden states."""
+    linear: torch.nn.Linear = head.linear
+    weight, bias = linear.weight, linear.bias
+    params = [p for p in (weight, bias) if p is not None]
+    grad_of = lambda t: torch.is_grad_enabled() and t is not None and t.requires_grad
+    need = [grad_of(hs), grad_of(weight), grad_of(bias)]
+    # A zero row through the module: under ZeRO-3 its hooks gather the weight again in backward (fetched before the
+    # module's backward runs), and autograd accumulates the weight's gradient only after that backward, hence once
+    # the weight is whole again. Elsewhere it costs one [1, V] matmul.
+    probe = linear(hs.new_zeros(1, linear.in_features)) if any(need[1:]) else None
+    partitioned = any(hasattr(p, "ds_id") for p in params)
+    if partitioned:
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(params)
+    else:
+        gathered = contextlib.nullcontext()
+    ces, kds, g_hs = [], [], []
+    with gathered:
+        # fp32 accumulators: per-chunk products are summed here, as the full-logits path's one matmul would in fp32.
+        g_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None
+        g_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need[2] else None
+        for sl in chunks:
+            t_logits = teacher_logits(sl)  # called for every chunk, empty ones too (collective calls under ZeRO-3)
+            h = hs[sl].detach()
+            if h.shape[0] == 0:
+                continue
+            with torch.no_grad():
+                z_lin = F.linear(h, weight, bias)
+            if not any(need):
+                with torch.no_grad():
+                    ce, kd = terms(z_lin if head.transform is None else head.transform(z_lin), t_logits, sl)
+            else:
+                with torch.enable_grad():
+                    z_lin.requires_grad_()
+                    ce, kd = terms(z_lin if head.transform is None else head.transform(z_lin), t_logits, sl)
+                    (g_z,) = torch.autograd.grad((alpha * ce + (1.0 - alpha) * kd).sum(), z_lin)
+                if need[0]:
+                    g_hs.append(g_z @ weight)
+                if need[1]:
+                    g_w += (g_z.t() @ h).float()
+                if need[2]:
+                    g_b += g_z.float().sum(0)
+            ces.append(ce.detach())
+            kds.append(kd.detach())
+        empty = hs.new_zeros(0, dtype=torch.float32)
+        ce, kd = (torch.cat(ces), torch.cat(kds)) if ces else (empty, empty)
+        out = _sums(ce, kd, rows, batch, alpha, anchor.detach())
+        if any(need):
+            g_h = (torch.cat(g_hs) if g_hs else torch.zeros_like(hs)) if need[0] else None
+            # Applied while the weight is gathered: autograd checks returned gradients against the shapes it saw here.
+            out.total = _GradInForward.apply(out.total.detach(), probe if probe is not None else hs.new_zeros(0),
+                                             hs if need[0] else None, weight if need[1] else None,
+                                             bias if need[2] else None, g_h, g_w, g_b)
+    return out
 
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, loss: str = "forward_kl",

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
 from ds_distill.config import DSConfig, UsageError
+from ds_distill.losses import OutputHead
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +46,10 @@ class HiddenStatesLM(nn.Module):
             raise UsageError(f"{type(lm).__name__} post-processes its logits ({unsupported}); ds-distill supports causal LMs whose logits are lm_head(hidden)")
 
     @property
-    def head(self) -> nn.Module:
-        """The output projection ``[n, H] -> [n, V_model]``; call it (do not read .weight) so ZeRO-3 gathers it."""
-        return self.lm.get_output_embeddings()
+    def head(self) -> OutputHead:
+        """The output layer ``[n, H] -> [n, V_model]`` as the loss calls it (the projection alone: models that
+        post-process their logits are refused above)."""
+        return OutputHead(self.lm.get_output_embeddings())
 
     @property
     def config(self) -> Any:
@@ -189,7 +191,7 @@ def shared_vocab_size(student_path: str, student_tok, teacher_paths: list[str]) 
 def check_output_rows(vocab_size: int, engines: list, paths: list[str]) -> None:
     """Every model must score at least the tokenizer's tokens (extra padding rows are fine and ignored)."""
     for engine, path in zip(engines, paths):
-        head = engine.module.head
+        head = engine.module.head.linear
         rows = getattr(head, "out_features", None) or engine.module.config.vocab_size
         if rows < vocab_size:
             raise UsageError(f"model {path!r} has {rows} output rows but the tokenizer has {vocab_size} tokens: resize its embeddings (model.resize_token_embeddings)")
