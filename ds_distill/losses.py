@@ -333,21 +333,28 @@ class _GradInForward(torch.autograd.Function):
 
     forward(value, anchor, *pairs): ``value`` a detached scalar; ``anchor`` any tensor whose gradient is zero (a
     module output that must be part of the graph); ``pairs`` = tensors then their gradients (same count), a gradient
-    None where its tensor needs none.
+    None where its tensor needs none. The gradients are scaled in place: a second backward through the same graph
+    (retain_graph) raises instead of handing out twice-scaled gradients.
     """
 
     @staticmethod
     def forward(ctx, value: Tensor, anchor: Tensor, *pairs):
         half = len(pairs) // 2
-        ctx.grads = pairs[half:]
+        ctx.save_for_backward(*pairs[half:])
         ctx.dtypes = [None if t is None else t.dtype for t in pairs[:half]]
         ctx.anchor_shape = anchor.shape
         return value.clone()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        outs = [None if g is None else (g * grad).to(dtype) for g, dtype in zip(ctx.grads, ctx.dtypes)]
-        return (None, grad.new_zeros(ctx.anchor_shape), *outs, *[None] * len(ctx.grads))
+        grads = ctx.saved_tensors
+        outs = [None if g is None else g.mul_(grad).to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
+        return (None, grad.new_zeros(ctx.anchor_shape), *outs, *[None] * len(grads))
+
+
+def _accumulate(acc: Tensor | None, x: Tensor) -> Tensor:
+    """acc + x in fp32 (a new fp32 tensor for the first chunk, then in place)."""
+    return x.float() if acc is None else acc.add_(x)
 
 
 def _fused_chunks(hs: Tensor, head: OutputHead, chunks: list[slice], teacher_logits, terms, rows: Tensor, batch: int,
@@ -358,11 +365,11 @@ def _fused_chunks(hs: Tensor, head: OutputHead, chunks: list[slice], teacher_log
     params = [p for p in (weight, bias) if p is not None]
     grad_of = lambda t: torch.is_grad_enabled() and t is not None and t.requires_grad
     need = [grad_of(hs), grad_of(weight), grad_of(bias)]
-    # A zero row through the module: under ZeRO-3 its hooks gather the weight again in backward (fetched before the
-    # module's backward runs), and autograd accumulates the weight's gradient only after that backward, hence once
-    # the weight is whole again. Elsewhere it costs one [1, V] matmul.
-    probe = linear(hs.new_zeros(1, linear.in_features)) if any(need[1:]) else None
     partitioned = any(hasattr(p, "ds_id") for p in params)
+    # ZeRO-3: a zero row through the module, so that its hooks gather the weight again in backward (before the
+    # module's backward runs); autograd accumulates the weight's gradient only after that backward, hence while the
+    # weight is whole again, and DeepSpeed's gradient hooks then reduce it into the partition as usual.
+    probe = linear(hs.new_zeros(1, linear.in_features)) if partitioned and any(need[1:]) else None
     if partitioned:
         import deepspeed
 
@@ -371,9 +378,8 @@ def _fused_chunks(hs: Tensor, head: OutputHead, chunks: list[slice], teacher_log
         gathered = contextlib.nullcontext()
     ces, kds, g_hs = [], [], []
     with gathered:
-        # fp32 accumulators: per-chunk products are summed here, as the full-logits path's one matmul would in fp32.
-        g_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None
-        g_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need[2] else None
+        # fp32 accumulators of the weight and bias gradients: per-chunk products are summed in fp32.
+        g_w = g_b = None
         for sl in chunks:
             t_logits = teacher_logits(sl)  # called for every chunk, empty ones too (collective calls under ZeRO-3)
             h = hs[sl].detach()
@@ -392,9 +398,9 @@ def _fused_chunks(hs: Tensor, head: OutputHead, chunks: list[slice], teacher_log
                 if need[0]:
                     g_hs.append(g_z @ weight)
                 if need[1]:
-                    g_w += (g_z.t() @ h).float()
+                    g_w = _accumulate(g_w, g_z.t() @ h)
                 if need[2]:
-                    g_b += g_z.float().sum(0)
+                    g_b = _accumulate(g_b, g_z.sum(0))
             ces.append(ce.detach())
             kds.append(kd.detach())
         empty = hs.new_zeros(0, dtype=torch.float32)
@@ -402,6 +408,8 @@ def _fused_chunks(hs: Tensor, head: OutputHead, chunks: list[slice], teacher_log
         out = _sums(ce, kd, rows, batch, alpha, anchor.detach())
         if any(need):
             g_h = (torch.cat(g_hs) if g_hs else torch.zeros_like(hs)) if need[0] else None
+            g_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] and g_w is None else g_w
+            g_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need[2] and g_b is None else g_b
             # Applied while the weight is gathered: autograd checks returned gradients against the shapes it saw here.
             out.total = _GradInForward.apply(out.total.detach(), probe if probe is not None else hs.new_zeros(0),
                                              hs if need[0] else None, weight if need[1] else None,
