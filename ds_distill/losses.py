@@ -11,7 +11,6 @@ Divergences ``D`` are looked up by exact name in ``LOSSES``.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -254,21 +253,20 @@ def chunked_loss_sums(student_hidden: Tensor, student_head: Callable[[Tensor], T
     Only supervised positions are scored, ``chunk_size`` tokens at a time. Two ways, chosen by the student head
     (logged once each):
 
-    - fused (an ``OutputHead`` over an ``nn.Linear``): the gradient is computed in the forward, as fused
-      linear-cross-entropy kernels do (Liger-Kernel): per chunk the student logits ``z`` are computed once, the loss
-      terms and ``dL/dz`` by autograd on the chunk alone (through ``transform``), then ``dL/dh = dL/dz @ W`` and
-      ``dL/dW += dL/dz^T h`` (``dL/db += sum dL/dz``) are kept and the chunk's logits dropped. Backward recomputes
-      nothing. The weight is read inside ``deepspeed.zero.GatheredParameters`` (a no-op unless ZeRO-3 partitioned
-      it) and its gradient reaches autograd's (and ZeRO's) gradient hooks through the returned ``total``; the module
-      is also called once on a zero row so that ZeRO-3 gathers the weight again in backward, before its gradient
-      accumulates. Extra memory: the ``[V, H]`` fp32 gradient buffer, plus ~3 chunks of ``[chunk_size, V]`` fp32.
+    - fused (an ``OutputHead`` over an ``nn.Linear`` whose weight ZeRO-3 does not partition): the gradient is
+      computed in the forward, as fused linear-cross-entropy kernels do (Liger-Kernel): per chunk the student logits
+      ``z`` are computed once, the loss terms and ``dL/dz`` by autograd on the chunk alone (through ``transform``),
+      then ``dL/dh = dL/dz @ W`` and ``dL/dW += dL/dz^T h`` (``dL/db += sum dL/dz``) are kept and the chunk's
+      logits dropped. Backward recomputes nothing; the head's gradient reaches autograd's (and DeepSpeed's) gradient
+      hooks through the returned ``total``. Extra memory: the ``[V, H]`` fp32 gradient buffer, plus ~3 chunks of
+      ``[chunk_size, V]`` fp32.
     - checkpointed (any other callable): each chunk's logits (both models) are recomputed in backward instead of
       stored; extra memory ~3 chunks of ``[chunk_size, V]`` fp32.
 
     num_chunks: call the teacher heads (and, checkpointed, the student head) exactly this many times (trailing chunks
     may be empty). Under ZeRO-3 every head call is a collective weight gather, so all ranks must make the same number
     of calls although their numbers of supervised tokens differ: the trainer passes the maximum over ranks of
-    ``ceil(n_tokens / chunk_size)``. The fused path gathers the student weight once per call, on every rank.
+    ``ceil(n_tokens / chunk_size)``.
     """
     check_args(loss, alpha, temperature, beta, skew)
     if chunk_size < 1:
@@ -316,12 +314,23 @@ def chunked_loss_sums(student_hidden: Tensor, student_head: Callable[[Tensor], T
 _LOGGED: set[str] = set()
 
 
+def _partitioned(params) -> bool:
+    """Whether ZeRO-3 partitions any of ``params`` (persistent ones are always whole)."""
+    return any(hasattr(p, "ds_id") and not getattr(p, "ds_persist", False) for p in params)
+
+
 def _fusable(head) -> bool:
-    """Whether the fused path serves ``head``; logs the choice once per kind of head."""
+    """Whether the fused path serves ``head``; logs the choice once per reason."""
     fused = isinstance(head, OutputHead) and isinstance(head.linear, torch.nn.Linear)
-    why = ("fused: gradients computed in the forward, each head runs once per chunk" if fused else
-           f"checkpointed: the student head is a {type(head).__name__}, not an OutputHead over an nn.Linear, so both "
-           "heads run again in backward")
+    if fused and _partitioned(head.linear.parameters()):
+        # A partitioned head's gradient through the fused path did not match the checkpointed one in a first
+        # in-process ZeRO-3 test (issue 17): until that is understood, such heads keep the checkpointed path.
+        fused, why = False, "checkpointed: the student head is partitioned by ZeRO-3"
+    elif fused:
+        why = "fused: gradients computed in the forward, each head runs once per chunk"
+    else:
+        why = (f"checkpointed: the student head is a {type(head).__name__}, not an OutputHead over an nn.Linear, so "
+               "both heads run again in backward")
     if why not in _LOGGED:
         _LOGGED.add(why)
         log.info("chunked loss: %s", why)
@@ -331,25 +340,23 @@ def _fusable(head) -> bool:
 class _GradInForward(torch.autograd.Function):
     """Returns ``value``; its backward hands out gradients computed in the forward, times the incoming gradient.
 
-    forward(value, anchor, *pairs): ``value`` a detached scalar; ``anchor`` any tensor whose gradient is zero (a
-    module output that must be part of the graph); ``pairs`` = tensors then their gradients (same count), a gradient
-    None where its tensor needs none. The gradients are scaled in place: a second backward through the same graph
+    forward(value, *pairs): ``value`` a detached scalar; ``pairs`` = tensors then their gradients (same count), a
+    gradient None where its tensor needs none. The gradients are scaled in place: a second backward through the same graph
     (retain_graph) raises instead of handing out twice-scaled gradients.
     """
 
     @staticmethod
-    def forward(ctx, value: Tensor, anchor: Tensor, *pairs):
+    def forward(ctx, value: Tensor, *pairs):
         half = len(pairs) // 2
         ctx.save_for_backward(*pairs[half:])
         ctx.dtypes = [None if t is None else t.dtype for t in pairs[:half]]
-        ctx.anchor_shape = anchor.shape
         return value.clone()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         grads = ctx.saved_tensors
         outs = [None if g is None else g.mul_(grad).to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
-        return (None, grad.new_zeros(ctx.anchor_shape), *outs, *[None] * len(grads))
+        return (None, *outs, *[None] * len(grads))
 
 
 def _accumulate(acc: Tensor | None, x: Tensor) -> Tensor:
@@ -362,58 +369,43 @@ def _fused_chunks(hs: Tensor, head: OutputHead, chunks: list[slice], teacher_log
     """The fused path of ``chunked_loss_sums`` (see there): ``hs`` ``[n, H]`` the supervised student hidden states."""
     linear: torch.nn.Linear = head.linear
     weight, bias = linear.weight, linear.bias
-    params = [p for p in (weight, bias) if p is not None]
     grad_of = lambda t: torch.is_grad_enabled() and t is not None and t.requires_grad
     need = [grad_of(hs), grad_of(weight), grad_of(bias)]
-    partitioned = any(hasattr(p, "ds_id") for p in params)
-    # ZeRO-3: a zero row through the module, so that its hooks gather the weight again in backward (before the
-    # module's backward runs); autograd accumulates the weight's gradient only after that backward, hence while the
-    # weight is whole again, and DeepSpeed's gradient hooks then reduce it into the partition as usual.
-    probe = linear(hs.new_zeros(1, linear.in_features)) if partitioned and any(need[1:]) else None
-    if partitioned:
-        import deepspeed
-
-        gathered = deepspeed.zero.GatheredParameters(params)
-    else:
-        gathered = contextlib.nullcontext()
     ces, kds, g_hs = [], [], []
-    with gathered:
-        # fp32 accumulators of the weight and bias gradients: per-chunk products are summed in fp32.
-        g_w = g_b = None
-        for sl in chunks:
-            t_logits = teacher_logits(sl)  # called for every chunk, empty ones too (collective calls under ZeRO-3)
-            h = hs[sl].detach()
-            if h.shape[0] == 0:
-                continue
+    # fp32 accumulators of the weight and bias gradients: per-chunk products are summed in fp32.
+    g_w = g_b = None
+    for sl in chunks:
+        t_logits = teacher_logits(sl)  # called for every chunk, empty ones too (collective calls under ZeRO-3)
+        h = hs[sl].detach()
+        if h.shape[0] == 0:
+            continue
+        with torch.no_grad():
+            z_lin = F.linear(h, weight, bias)
+        if not any(need):
             with torch.no_grad():
-                z_lin = F.linear(h, weight, bias)
-            if not any(need):
-                with torch.no_grad():
-                    ce, kd = terms(z_lin if head.transform is None else head.transform(z_lin), t_logits, sl)
-            else:
-                with torch.enable_grad():
-                    z_lin.requires_grad_()
-                    ce, kd = terms(z_lin if head.transform is None else head.transform(z_lin), t_logits, sl)
-                    (g_z,) = torch.autograd.grad((alpha * ce + (1.0 - alpha) * kd).sum(), z_lin)
-                if need[0]:
-                    g_hs.append(g_z @ weight)
-                if need[1]:
-                    g_w = _accumulate(g_w, g_z.t() @ h)
-                if need[2]:
-                    g_b = _accumulate(g_b, g_z.sum(0))
-            ces.append(ce.detach())
-            kds.append(kd.detach())
-        empty = hs.new_zeros(0, dtype=torch.float32)
-        ce, kd = (torch.cat(ces), torch.cat(kds)) if ces else (empty, empty)
-        out = _sums(ce, kd, rows, batch, alpha, anchor.detach())
-        if any(need):
-            g_h = (torch.cat(g_hs) if g_hs else torch.zeros_like(hs)) if need[0] else None
-            g_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] and g_w is None else g_w
-            g_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need[2] and g_b is None else g_b
-            # Applied while the weight is gathered: autograd checks returned gradients against the shapes it saw here.
-            out.total = _GradInForward.apply(out.total.detach(), probe if probe is not None else hs.new_zeros(0),
-                                             hs if need[0] else None, weight if need[1] else None,
-                                             bias if need[2] else None, g_h, g_w, g_b)
+                ce, kd = terms(z_lin if head.transform is None else head.transform(z_lin), t_logits, sl)
+        else:
+            with torch.enable_grad():
+                z_lin.requires_grad_()
+                ce, kd = terms(z_lin if head.transform is None else head.transform(z_lin), t_logits, sl)
+                (g_z,) = torch.autograd.grad((alpha * ce + (1.0 - alpha) * kd).sum(), z_lin)
+            if need[0]:
+                g_hs.append(g_z @ weight)
+            if need[1]:
+                g_w = _accumulate(g_w, g_z.t() @ h)
+            if need[2]:
+                g_b = _accumulate(g_b, g_z.sum(0))
+        ces.append(ce.detach())
+        kds.append(kd.detach())
+    empty = hs.new_zeros(0, dtype=torch.float32)
+    ce, kd = (torch.cat(ces), torch.cat(kds)) if ces else (empty, empty)
+    out = _sums(ce, kd, rows, batch, alpha, anchor.detach())
+    if any(need):
+        g_h = (torch.cat(g_hs) if g_hs else torch.zeros_like(hs)) if need[0] else None
+        g_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] and g_w is None else g_w
+        g_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need[2] and g_b is None else g_b
+        out.total = _GradInForward.apply(out.total.detach(), hs if need[0] else None, weight if need[1] else None,
+                                         bias if need[2] else None, g_h, g_w, g_b)
     return out
 
 
