@@ -253,7 +253,7 @@ def chunked_loss_sums(student_hidden: Tensor, student_head: Callable[[Tensor], T
     Only supervised positions are scored, ``chunk_size`` tokens at a time. Two ways, chosen by the student head
     (logged once each):
 
-    - fused (an ``OutputHead`` over an ``nn.Linear`` whose weight ZeRO-3 does not partition): the gradient is
+    - fused (an ``OutputHead`` over an ``nn.Linear`` that ZeRO-3 does not manage): the gradient is
       computed in the forward, as fused linear-cross-entropy kernels do (Liger-Kernel): per chunk the student logits
       ``z`` are computed once, the loss terms and ``dL/dz`` by autograd on the chunk alone (through ``transform``),
       then ``dL/dh = dL/dz @ W`` and ``dL/dW += dL/dz^T h`` (``dL/db += sum dL/dz``) are kept and the chunk's
@@ -314,18 +314,19 @@ def chunked_loss_sums(student_hidden: Tensor, student_head: Callable[[Tensor], T
 _LOGGED: set[str] = set()
 
 
-def _partitioned(params) -> bool:
-    """Whether ZeRO-3 partitions any of ``params`` (persistent ones are always whole)."""
-    return any(hasattr(p, "ds_id") and not getattr(p, "ds_persist", False) for p in params)
+def _zero3(params) -> bool:
+    """Whether any of ``params`` is managed by ZeRO-3 (gathered by module hooks, possibly empty between calls)."""
+    return any(hasattr(p, "ds_id") for p in params)
 
 
 def _fusable(head) -> bool:
     """Whether the fused path serves ``head``; logs the choice once per reason."""
     fused = isinstance(head, OutputHead) and isinstance(head.linear, torch.nn.Linear)
-    if fused and _partitioned(head.linear.parameters()):
-        # A partitioned head's gradient through the fused path did not match the checkpointed one in a first
-        # in-process ZeRO-3 test (issue 17): until that is understood, such heads keep the checkpointed path.
-        fused, why = False, "checkpointed: the student head is partitioned by ZeRO-3"
+    if fused and _zero3(head.linear.parameters()):
+        # A ZeRO-3 head is whole only inside its module call. A version that gathered it (GatheredParameters, plus a
+        # module call so that it is gathered again in backward) gave other SGD updates than the checkpointed path in
+        # an in-process test (issue 17); until that is understood, ZeRO-3 heads keep the checkpointed path.
+        fused, why = False, "checkpointed: the student head is a ZeRO-3 parameter"
     elif fused:
         why = "fused: gradients computed in the forward, each head runs once per chunk"
     else:

@@ -19,7 +19,7 @@ steps, each timed to the end of the device's work. Variants:
                       ds_distill.train.build(RunConfig(...)) + Trainer.train_step, exactly as Trainer.fit calls it;
                       student ZeRO stage k; teacher placed as the toolkit chooses when no teacher JSON is given (by
                       fit: replicated on one rank), or forced to ZeRO-3 / replicated (stage 0); chunked loss
-                      (RunConfig's default chunk_size; the fused path, as models return OutputHeads), full
+                      (RunConfig's default chunk_size; fused for ZeRO stages 0-2, checkpointed for a ZeRO-3 head), full
                       logits (chunk_size 0), or the chunked loss forced onto its checkpointed path (an experiment).
 
 Both loops use loss 0.5 CE + 0.5 forward KL (T = 1) through ``ds_distill.losses``, AdamW (lr 1e-4, betas 0.9/0.95),

@@ -669,14 +669,11 @@ def test_fused_all_masked_no_grad_and_logged_once(caplog):
     assert len(lines) == 2 and "fused" in lines[0] and "checkpointed" in lines[1] and "Linear" in lines[1]
 
 
-def test_partitioned_head_takes_the_checkpointed_path():
-    """A head whose weight ZeRO-3 partitions (ds_id, not persistent) keeps the checkpointed path; a persistent one
-    (always whole) and a plain one are fused."""
+def test_zero3_head_takes_the_checkpointed_path():
+    """A head managed by ZeRO-3 (ds_id; whole only inside its module call) keeps the checkpointed path."""
     import ds_distill.losses as losses_mod
 
     lin = torch.nn.Linear(H, V)
     assert losses_mod._fusable(OutputHead(lin))
-    lin.weight.ds_id, lin.weight.ds_persist = 0, True
-    assert losses_mod._fusable(OutputHead(lin))
-    lin.weight.ds_persist = False
+    lin.weight.ds_id = 0
     assert not losses_mod._fusable(OutputHead(lin))
