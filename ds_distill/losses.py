@@ -11,6 +11,7 @@ Divergences ``D`` are looked up by exact name in ``LOSSES``.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -21,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 Tensor = torch.Tensor
+log = logging.getLogger(__name__)
 
 
 def _kl(logp: Tensor, logq: Tensor) -> Tensor:
@@ -248,12 +250,24 @@ def chunked_loss_sums(student_hidden: Tensor, student_head: Callable[[Tensor], T
     """The same sums from final hidden states, without ever holding full ``[tokens, V]`` logits.
 
     student_hidden ``[B, T, H]``; teacher_hidden ``[B, T, H_t]`` or a list (ensemble) with teacher_head one callable
-    or a list. Heads are *called* (``[n, H] -> [n, V_model]``), so ZeRO-3's module hooks gather their weights.
-    Only supervised positions are scored, ``chunk_size`` tokens at a time; each chunk's logits (both models) are
-    recomputed in backward instead of stored, so peak extra memory is ~3 chunks of ``[chunk_size, V]`` fp32.
-    num_chunks: call the heads exactly this many times (trailing chunks may be empty). Under ZeRO-3 every head call
-    is a collective weight gather, so all ranks must make the same number of calls although their numbers of
-    supervised tokens differ: the trainer passes the maximum over ranks of ``ceil(n_tokens / chunk_size)``.
+    or a list. Heads are callables ``[n, H] -> [n, V_model]`` (teacher heads are called under no_grad, once per chunk).
+    Only supervised positions are scored, ``chunk_size`` tokens at a time. Two ways, chosen by the student head
+    (logged once each):
+
+    - fused (an ``OutputHead`` over an ``nn.Linear`` that ZeRO-3 does not manage): the gradient is
+      computed in the forward, as fused linear-cross-entropy kernels do (Liger-Kernel): per chunk the student logits
+      ``z`` are computed once, the loss terms and ``dL/dz`` by autograd on the chunk alone (through ``transform``),
+      then ``dL/dh = dL/dz @ W`` and ``dL/dW += dL/dz^T h`` (``dL/db += sum dL/dz``) are kept and the chunk's
+      logits dropped. Backward recomputes nothing; the head's gradient reaches autograd's (and DeepSpeed's) gradient
+      hooks through the returned ``total``. Extra memory: the ``[V, H]`` fp32 gradient buffer, plus ~3 chunks of
+      ``[chunk_size, V]`` fp32.
+    - checkpointed (any other callable): each chunk's logits (both models) are recomputed in backward instead of
+      stored; extra memory ~3 chunks of ``[chunk_size, V]`` fp32.
+
+    num_chunks: call the teacher heads (and, checkpointed, the student head) exactly this many times (trailing chunks
+    may be empty). Under ZeRO-3 every head call is a collective weight gather, so all ranks must make the same number
+    of calls although their numbers of supervised tokens differ: the trainer passes the maximum over ranks of
+    ``ceil(n_tokens / chunk_size)``.
     """
     check_args(loss, alpha, temperature, beta, skew)
     if chunk_size < 1:
@@ -267,27 +281,134 @@ def chunked_loss_sums(student_hidden: Tensor, student_head: Callable[[Tensor], T
     hs = student_hidden.flatten(0, 1)[idx]
     ths = [t.flatten(0, 1)[idx] for t in t_hidden]
     kw = dict(loss=loss, alpha=alpha, temperature=temperature, beta=beta, skew=skew)
-
-    def chunk_terms(h: Tensor, lab_c: Tensor, w_c: Tensor | None, *t_h: Tensor) -> tuple[Tensor, Tensor]:
-        s_logits = student_head(h)
-        with torch.no_grad():  # recomputed in backward too: cheaper in memory than keeping teacher logits alive
-            t_logits = [head(x) for head, x in zip(t_heads, t_h)]
-        v = _check_vocab(vocab_size, s_logits.shape[-1], [t.shape[-1] for t in t_logits])
-        return _token_terms(s_logits[:, :v], [t[:, :v] for t in t_logits], lab_c, weights=w_c, **kw)
-
-    ces, kds = [], []
     needed = -(-hs.shape[0] // chunk_size)
     if num_chunks is not None and num_chunks < needed:
         raise ValueError(f"num_chunks={num_chunks} is too few for {hs.shape[0]} tokens in chunks of {chunk_size}")
-    for start in range(0, chunk_size * (needed if num_chunks is None else num_chunks), chunk_size):
-        sl = slice(start, start + chunk_size)
-        w_c = w[sl] if isinstance(w, Tensor) and w.dim() == 2 else w
-        ce, kd = checkpoint(chunk_terms, hs[sl], lab[sl], w_c, *[t[sl] for t in ths], use_reentrant=False)
+    chunks = [slice(start, start + chunk_size) for start in range(0, chunk_size * (needed if num_chunks is None else num_chunks), chunk_size)]
+    weights_of = lambda sl: w[sl] if isinstance(w, Tensor) and w.dim() == 2 else w
+
+    def teacher_logits(sl: slice) -> list[Tensor]:
+        with torch.no_grad():
+            return [head(x[sl]) for head, x in zip(t_heads, ths)]
+
+    def terms(s_logits: Tensor, t_logits: list[Tensor], sl: slice) -> tuple[Tensor, Tensor]:
+        v = _check_vocab(vocab_size, s_logits.shape[-1], [t.shape[-1] for t in t_logits])
+        return _token_terms(s_logits[:, :v], [t[:, :v] for t in t_logits], lab[sl], weights=weights_of(sl), **kw)
+
+    if _fusable(student_head):
+        return _fused_chunks(hs, student_head, chunks, teacher_logits, terms, rows, labels.shape[0], alpha, student_hidden)
+
+    def chunk_terms(h: Tensor, sl: slice) -> tuple[Tensor, Tensor]:
+        # Checkpointed: recomputed in backward too, cheaper in memory than keeping the teacher logits alive.
+        return terms(student_head(h), teacher_logits(sl), sl)
+
+    ces, kds = [], []
+    for sl in chunks:
+        ce, kd = checkpoint(chunk_terms, hs[sl], sl, use_reentrant=False)
         ces.append(ce)
         kds.append(kd)
     empty = hs.new_zeros(0, dtype=torch.float32)
     ce, kd = (torch.cat(ces), torch.cat(kds)) if ces else (empty, empty)
     return _sums(ce, kd, rows, labels.shape[0], alpha, student_hidden)
+
+
+_LOGGED: set[str] = set()
+
+
+def _zero3(params) -> bool:
+    """Whether any of ``params`` is managed by ZeRO-3 (gathered by module hooks, possibly empty between calls)."""
+    return any(hasattr(p, "ds_id") for p in params)
+
+
+def _fusable(head) -> bool:
+    """Whether the fused path serves ``head``; logs the choice once per reason."""
+    fused = isinstance(head, OutputHead) and isinstance(head.linear, torch.nn.Linear)
+    if fused and _zero3(head.linear.parameters()):
+        # A ZeRO-3 head is whole only inside its module call. A version that gathered it (GatheredParameters, plus a
+        # module call so that it is gathered again in backward) gave other SGD updates than the checkpointed path in
+        # an in-process test (issue 17); until that is understood, ZeRO-3 heads keep the checkpointed path.
+        fused, why = False, "checkpointed: the student head is a ZeRO-3 parameter"
+    elif fused:
+        why = "fused: gradients computed in the forward, each head runs once per chunk"
+    else:
+        why = (f"checkpointed: the student head is a {type(head).__name__}, not an OutputHead over an nn.Linear, so "
+               "both heads run again in backward")
+    if why not in _LOGGED:
+        _LOGGED.add(why)
+        log.info("chunked loss: %s", why)
+    return fused
+
+
+class _GradInForward(torch.autograd.Function):
+    """Returns ``value``; its backward hands out gradients computed in the forward, times the incoming gradient.
+
+    forward(value, *pairs): ``value`` a detached scalar; ``pairs`` = tensors then their gradients (same count), a
+    gradient None where its tensor needs none. The gradients are scaled in place: a second backward through the same graph
+    (retain_graph) raises instead of handing out twice-scaled gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, value: Tensor, *pairs):
+        half = len(pairs) // 2
+        ctx.save_for_backward(*pairs[half:])
+        ctx.dtypes = [None if t is None else t.dtype for t in pairs[:half]]
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grads = ctx.saved_tensors
+        outs = [None if g is None else g.mul_(grad).to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
+        return (None, *outs, *[None] * len(grads))
+
+
+def _accumulate(acc: Tensor | None, x: Tensor) -> Tensor:
+    """acc + x in fp32 (a new fp32 tensor for the first chunk, then in place)."""
+    return x.float() if acc is None else acc.add_(x)
+
+
+def _fused_chunks(hs: Tensor, head: OutputHead, chunks: list[slice], teacher_logits, terms, rows: Tensor, batch: int,
+                  alpha: float, anchor: Tensor) -> LossSums:
+    """The fused path of ``chunked_loss_sums`` (see there): ``hs`` ``[n, H]`` the supervised student hidden states."""
+    linear: torch.nn.Linear = head.linear
+    weight, bias = linear.weight, linear.bias
+    grad_of = lambda t: torch.is_grad_enabled() and t is not None and t.requires_grad
+    need = [grad_of(hs), grad_of(weight), grad_of(bias)]
+    ces, kds, g_hs = [], [], []
+    # fp32 accumulators of the weight and bias gradients: per-chunk products are summed in fp32.
+    g_w = g_b = None
+    for sl in chunks:
+        t_logits = teacher_logits(sl)  # called for every chunk, empty ones too (collective calls under ZeRO-3)
+        h = hs[sl].detach()
+        if h.shape[0] == 0:
+            continue
+        with torch.no_grad():
+            z_lin = F.linear(h, weight, bias)
+        if not any(need):
+            with torch.no_grad():
+                ce, kd = terms(z_lin if head.transform is None else head.transform(z_lin), t_logits, sl)
+        else:
+            with torch.enable_grad():
+                z_lin.requires_grad_()
+                ce, kd = terms(z_lin if head.transform is None else head.transform(z_lin), t_logits, sl)
+                (g_z,) = torch.autograd.grad((alpha * ce + (1.0 - alpha) * kd).sum(), z_lin)
+            if need[0]:
+                g_hs.append(g_z @ weight)
+            if need[1]:
+                g_w = _accumulate(g_w, g_z.t() @ h)
+            if need[2]:
+                g_b = _accumulate(g_b, g_z.sum(0))
+        ces.append(ce.detach())
+        kds.append(kd.detach())
+    empty = hs.new_zeros(0, dtype=torch.float32)
+    ce, kd = (torch.cat(ces), torch.cat(kds)) if ces else (empty, empty)
+    out = _sums(ce, kd, rows, batch, alpha, anchor.detach())
+    if any(need):
+        g_h = (torch.cat(g_hs) if g_hs else torch.zeros_like(hs)) if need[0] else None
+        g_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] and g_w is None else g_w
+        g_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need[2] and g_b is None else g_b
+        out.total = _GradInForward.apply(out.total.detach(), hs if need[0] else None, weight if need[1] else None,
+                                         bias if need[2] else None, g_h, g_w, g_b)
+    return out
 
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, loss: str = "forward_kl",

@@ -1,6 +1,7 @@
 """Throughput of ds-distill's own training step against a plain PyTorch loop on the same models, data and loss.
 
     python scripts/bench.py --preset cpu                                   # tiny shapes, seconds, CI smoke
+    python scripts/bench.py --preset demo --cpu_threads 2 --steps 3        # the demo's shapes (vocab 49152), CPU
     python scripts/bench.py --preset h100 --variants plain_full,plain_chunked,ds_z3,ds_z3_teacher_zero3 \
         --json bench.json --markdown bench.md                              # the shapes of issue 9 on one GPU
 
@@ -10,14 +11,17 @@ variant then runs in its own process (``--worker``), so peak memory is per varia
 steps, each timed to the end of the device's work. Variants:
 
     plain_full        plain PyTorch loop, full [tokens, V] logits           (the reference of the "vs plain" column)
-    plain_chunked     plain PyTorch loop, loss in token chunks (losses.chunked_loss_sums)
+    plain_chunked     plain PyTorch loop, loss in token chunks (losses.chunked_loss_sums), checkpointed chunks
+                      (the lm_head passed as a bare module: both heads run again in backward)
+    plain_fused       the same with the lm_head as a losses.OutputHead: gradients computed in the forward
     teacher_forward   the teacher's forward alone (a ceiling, no student)
-    ds_z{0,1,2,3}[_teacher_zero3|_teacher_replicated][_full_logits][_prefetch]
+    ds_z{0,1,2,3}[_teacher_zero3|_teacher_replicated][_full_logits|_checkpointed][_prefetch]
                       ds_distill.train.build(RunConfig(...)) + Trainer.train_step, exactly as Trainer.fit calls it;
                       student ZeRO stage k; teacher placed as the toolkit chooses when no teacher JSON is given (by
                       fit: replicated on one rank), or forced to ZeRO-3 / replicated (stage 0); chunked loss
-                      (RunConfig's default chunk_size) or full logits (chunk_size 0); _prefetch: micro-batches
-                      drawn 2 ahead on a background thread, pinned on GPU (--prefetch_batches 2).
+                      (RunConfig's default chunk_size; fused for ZeRO stages 0-2, checkpointed for a ZeRO-3 head), full
+                      logits (chunk_size 0), or the chunked loss forced onto its checkpointed path (an experiment);
+                      _prefetch: micro-batches drawn 2 ahead on a background thread, pinned on GPU (--prefetch_batches 2).
 
 Both loops use loss 0.5 CE + 0.5 forward KL (T = 1) through ``ds_distill.losses``, AdamW (lr 1e-4, betas 0.9/0.95),
 gradient clipping 1.0 and micro-batches from ``ds_distill.data``. On GPU the DeepSpeed JSONs are the shipped bf16 ones
@@ -48,8 +52,8 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "ds_configs"
 REFERENCE = "plain_full"
-PLAIN = ("plain_full", "plain_chunked", "teacher_forward")
-DS_VARIANT = re.compile(r"^ds_z([0-3])(?:_teacher_(zero3|replicated))?(_full_logits)?(_prefetch)?$")
+PLAIN = ("plain_full", "plain_chunked", "plain_fused", "teacher_forward")
+DS_VARIANT = re.compile(r"^ds_z([0-3])(?:_teacher_(zero3|replicated))?(_full_logits|_checkpointed)?(_prefetch)?$")
 
 # Peak dense bf16 tensor FLOP/s (no sparsity), by the first name fragment found in torch.cuda.get_device_name().
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -85,6 +89,10 @@ PRESETS = {
     # Runs in seconds on a laptop CPU.
     "cpu": Preset(Shape(4, 256, 4, 4, 1024), Shape(2, 128, 4, 2, 384), 4096, 2, 128, 2, 5,
                   "plain_full,plain_chunked,ds_z0,ds_z3,ds_z3_teacher_zero3,ds_z3_full_logits"),
+    # The demo (scripts/demo.sh) per rank: SmolLM2-135M's shape as teacher (30 layers), its 7-layer student, vocab
+    # 49152, 2 x 128 tokens per micro-batch; random weights. Minutes on 2 CPU cores.
+    "demo": Preset(Shape(30, 576, 9, 3, 1536), Shape(7, 576, 9, 3, 1536), 49152, 2, 128, 2, 5,
+                   "plain_full,plain_chunked,plain_fused,ds_z3,ds_z3_checkpointed"),
 }
 
 
@@ -154,7 +162,7 @@ def ds_configs(variant: str, workdir: Path, micro_batch: int, gpu: bool, zero_se
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(json.dumps(d, indent=2))
         paths[name] = str(p)
-    return paths["student"], paths["teacher"], bool(full)
+    return paths["student"], paths["teacher"], full == "_full_logits"
 
 
 # ---------------------------------------------------------------------------------------------------- timing
@@ -165,8 +173,10 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(step: Callable[[], None], device, warmup: int, steps: int, profile: str = "") -> list[float]:
-    """Seconds of each timed step, measured to the end of the device's work (one sync per step)."""
+def time_steps(step: Callable[[], None], device, warmup: int, steps: int, profile: str = "") -> tuple[list[float], list[float]]:
+    """(wall seconds, process CPU seconds) of each timed step, measured to the end of the device's work (one sync
+    per step). On a shared CPU the CPU seconds (all threads of this process) measure the step's work; wall time also
+    measures the neighbours."""
     import torch
 
     for _ in range(warmup):
@@ -179,17 +189,18 @@ def time_steps(step: Callable[[], None], device, warmup: int, steps: int, profil
         acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
         prof = torch.profiler.profile(activities=acts, record_shapes=False)
         prof.__enter__()
-    times = []
+    times, cpu = [], []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         _sync(device)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     if prof is not None:
         prof.__exit__(None, None, None)
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         Path(profile).write_text(f"{steps} steps\n" + prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70))
-    return times
+    return times, cpu
 
 
 def peak_gib(device) -> float:
@@ -238,8 +249,9 @@ def plain_step(a: argparse.Namespace, device) -> Callable[[], None]:
             with torch.no_grad():
                 t_hidden = teacher.model(**batch, use_cache=False).last_hidden_state
             s_hidden = student.model(**batch, use_cache=False).last_hidden_state
-            if a.variant == "plain_chunked":
-                out = losses.chunked_loss_sums(s_hidden, student.lm_head, t_hidden, teacher.lm_head, labels,
+            if a.variant in ("plain_chunked", "plain_fused"):
+                head = losses.OutputHead(student.lm_head) if a.variant == "plain_fused" else student.lm_head
+                out = losses.chunked_loss_sums(s_hidden, head, t_hidden, teacher.lm_head, labels,
                                                chunk_size=a.chunk_size, **loss_kw)
             else:
                 with torch.no_grad():
@@ -259,6 +271,10 @@ def toolkit_step(a: argparse.Namespace, device) -> Callable[[], None]:
     from ds_distill.train import build
 
     sds, tds, full = ds_configs(a.variant, Path(a.workdir), a.micro_batch, device.type == "cuda", a.zero_set)
+    if "_checkpointed" in a.variant:
+        from ds_distill import losses
+
+        losses._fusable = lambda head: False  # experiment only: the chunked loss's previous (checkpointed) path
     cfg = RunConfig(teacher=[a.teacher], student=a.student, data=a.data, output_dir=str(Path(a.workdir) / "runs" / a.variant),
                     deepspeed_config=sds, teacher_deepspeed_config=tds, chunk_size=0 if full else a.chunk_size,
                     seq_len=a.seq_len, eval_fraction=0.0, max_steps=a.warmup + a.steps, export=False,
@@ -283,8 +299,8 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.set_device(device)
     make = plain_step if a.variant in PLAIN else toolkit_step
     step = make(a, device)
-    times = time_steps(step, device, a.warmup, a.steps, a.profile)
-    return {"variant": a.variant, "step_s": times, "peak_gib": peak_gib(device), "device": _device_name(device)}
+    times, cpu = time_steps(step, device, a.warmup, a.steps, a.profile)
+    return {"variant": a.variant, "step_s": times, "cpu_s": cpu, "peak_gib": peak_gib(device), "device": _device_name(device)}
 
 
 def _device_name(device) -> str:
@@ -305,7 +321,8 @@ def summarise(results: list[dict[str, Any]], *, tokens_per_step: int, n_student:
         flops = (2 * n_teacher if r["variant"] == "teacher_forward" else 6 * n_student + 2 * n_teacher) * tokens_per_step
         tflops = flops * len(times) / sum(times) / 1e12
         peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in r["device"]), None)
-        rows.append({**r, "tokens_per_s": tps, "median_step_s": statistics.median(times), "tflops": tflops,
+        rows.append({**r, "tokens_per_s": tps, "median_step_s": statistics.median(times),
+                     "median_cpu_s": statistics.median(r["cpu_s"]) if r.get("cpu_s") else None, "tflops": tflops,
                      "mfu": tflops * 1e12 / peak if peak else None})
     by_name = {r["variant"]: r for r in rows}
     ref = by_name.get(REFERENCE) or by_name.get("plain_chunked")
@@ -317,12 +334,13 @@ def summarise(results: list[dict[str, Any]], *, tokens_per_step: int, n_student:
 
 def markdown(rows: list[dict[str, Any]], header: str) -> str:
     ref = rows[0]["reference"] if rows else None
-    lines = [header, "", f"| variant | tokens/s | median step (ms) | peak GiB | TFLOP/s | MFU | vs {ref or 'plain'} |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [header, "", f"| variant | tokens/s | median step (ms) | median CPU (ms) | peak GiB | TFLOP/s | MFU | vs {ref or 'plain'} |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         ratio = f"{r['vs_plain']:.2f}x" if r["vs_plain"] is not None else "n/a"
-        lines.append(f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {1000 * r['median_step_s']:.1f} | {r['peak_gib']:.2f} "
+        cpu = f"{1000 * r['median_cpu_s']:.1f}" if r.get("median_cpu_s") is not None else "n/a"
+        lines.append(f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {1000 * r['median_step_s']:.1f} | {cpu} | {r['peak_gib']:.2f} "
                      f"| {r['tflops']:.3f} | {mfu} | {ratio} |")
     return "\n".join(lines) + "\n"
 
@@ -337,7 +355,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in PLAIN and not DS_VARIANT.match(v)]
     if bad:
-        raise SystemExit(f"error: unknown --variants {bad}: use {', '.join(PLAIN)} or ds_z{{0,1,2,3}}[_teacher_zero3|_teacher_replicated][_full_logits][_prefetch]")
+        raise SystemExit(f"error: unknown --variants {bad}: use {', '.join(PLAIN)} or ds_z{{0,1,2,3}}[_teacher_zero3|_teacher_replicated][_full_logits|_checkpointed][_prefetch]")
 
     import torch
 

@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 
-from ds_distill.losses import IGNORE_INDEX, LOSSES, chunked_loss_sums, distillation_loss, loss_sums, teacher_logprobs
+from ds_distill.losses import (IGNORE_INDEX, LOSSES, OutputHead, chunked_loss_sums, distillation_loss, loss_sums,
+                               teacher_logprobs)
 
 KINDS = list(LOSSES)
 B, T, V, H = 3, 5, 11, 8
@@ -523,3 +524,156 @@ def test_sum_over_global_count_equals_the_concatenated_batch():
     close((a.total + b.total) / (a.n_tokens + b.n_tokens), whole)
     mean_of_means = (a.total / a.n_tokens + b.total / b.n_tokens) / 2
     assert not torch.allclose(mean_of_means, whole, rtol=1e-3)
+
+
+# ---------------------------------------------------------------- the fused path (gradient in the forward)
+def softcap(z):
+    return 3.0 * torch.tanh(z / 3.0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("variant", ["linear", "bias", "softcap_padded"])
+def test_fused_matches_float64_reference(kind, variant):
+    """OutputHead over an nn.Linear (fused path): values and grads of hidden, weight and bias against float64."""
+    g = torch.Generator().manual_seed(30)
+    pad = 3 if variant == "softcap_padded" else 0
+    lin = torch.nn.Linear(H, V + pad, bias=variant == "bias")
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(V + pad, H, generator=g))
+        if lin.bias is not None:
+            lin.bias.copy_(torch.randn(V + pad, generator=g))
+    head = OutputHead(lin, softcap if variant == "softcap_padded" else None)
+    hidden = torch.randn(B, T, H, generator=g, requires_grad=True)
+    t_hidden, t_head = torch.randn(B, T, H + 2, generator=g), torch.nn.Linear(H + 2, V + pad)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[torch.rand(B, T, generator=g) < 0.3] = IGNORE_INDEX
+    labels[0, 0] = 2
+    n = int((labels != IGNORE_INDEX).sum())
+    kw = dict(kind=kind, alpha=0.3, temperature=2.0, beta=0.3, skew=0.2)
+    params = [hidden, lin.weight] + ([lin.bias] if lin.bias is not None else [])
+    p64 = [p.detach().double().requires_grad_() for p in params]
+    z64 = torch.nn.functional.linear(p64[0], p64[1], p64[2] if len(p64) > 2 else None)
+    z64 = z64 if head.transform is None else head.transform(z64)
+    t64 = torch.nn.functional.linear(t_hidden.double(), t_head.weight.double(), t_head.bias.double()).detach()
+    total64, ce64, kd64, _ = ref_terms(z64[..., :V], [t64[..., :V]], labels, **kw)
+    g64 = torch.autograd.grad(total64.sum(), p64)
+    for chunk_size, num_chunks in [(1, None), (4, None), (n + 5, None), (4, -(-n // 4) + 2)]:
+        out = chunked_loss_sums(hidden, head, t_hidden, t_head, labels, chunk_size=chunk_size, num_chunks=num_chunks,
+                                vocab_size=V, loss=kind, alpha=0.3, temperature=2.0, beta=0.3, skew=0.2)
+        close(out.total, total64.sum())
+        close(out.ce_per_seq, ce64.sum(1))
+        close(out.kd_per_seq, kd64.sum(1))
+        for a, b in zip(torch.autograd.grad(out.total, params), g64):
+            close(a, b, rtol=1e-4, atol=1e-5)
+
+
+class _VocabMatmuls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts matrix products with a vocabulary-sized (V) operand or result: the heads' work, forward and backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+            shapes = [a.shape for a in args if isinstance(a, torch.Tensor)] + [out.shape]
+            self.count += any(V in s for s in shapes)
+        return out
+
+
+def test_fused_runs_each_head_once_per_chunk_and_equals_checkpointed():
+    """Per non-empty chunk the fused path does 4 head-sized matmuls (teacher head, student head, dL/dh, dL/dW), as
+    full logits do; the checkpointed path 6 (both heads again in backward). Same values and gradients."""
+    hidden, lin, t_hidden, t_heads, labels = _chunk_setup(31)
+    k = -(-int((labels != IGNORE_INDEX).sum()) // 4)  # non-empty chunks; one empty chunk follows
+    kw = dict(loss="jsd", alpha=0.4, temperature=1.5, chunk_size=4, num_chunks=k + 1)
+    results = {}
+    for name, head in (("fused", OutputHead(lin)), ("checkpointed", lin)):
+        with _VocabMatmuls() as counter:
+            out = chunked_loss_sums(hidden, head, t_hidden, t_heads, labels, **kw)
+            grads = torch.autograd.grad(out.total, [hidden, lin.weight])
+        results[name] = (out, grads, counter.count)
+    (f, fg, f_mm), (c, cg, c_mm) = results["fused"], results["checkpointed"]
+    assert (f_mm, c_mm) == (4 * k + 1, 6 * (k + 1))  # the empty chunk: the teacher head's (collective) call only
+    close(f.total, c.total)
+    close(f.kd_per_seq, c.kd_per_seq)
+    for a, b in zip(fg, cg):
+        close(a, b)
+
+
+@pytest.mark.parametrize("weights", ["per_token", "router"])
+def test_fused_ensemble_equals_checkpointed(weights):
+    from ds_distill.routing import LowestTeacherCE
+
+    hidden, lin, t_hidden, t_heads, labels = _chunk_setup(32, k=2)
+    w = torch.softmax(torch.randn(B, T, 2, generator=torch.Generator().manual_seed(0)), -1) if weights == "per_token" else LowestTeacherCE()
+    kw = dict(loss="skew_reverse_kl", alpha=0.2, temperature=2.0, skew=0.3, chunk_size=2, teacher_weights=w)
+    f = chunked_loss_sums(hidden, OutputHead(lin), t_hidden, t_heads, labels, **kw)
+    c = chunked_loss_sums(hidden, lin, t_hidden, t_heads, labels, **kw)
+    close(f.total, c.total)
+    close(f.kd_per_seq, c.kd_per_seq)
+    for a, b in zip(torch.autograd.grad(f.total, [hidden, lin.weight]), torch.autograd.grad(c.total, [hidden, lin.weight])):
+        close(a, b)
+
+
+def test_fused_tied_head_shared_with_the_embedding():
+    """The head's nn.Linear shares its weight with the input embedding: the weight's grad gets both uses."""
+    g = torch.Generator().manual_seed(33)
+    emb, proj = torch.nn.Embedding(V, H), torch.nn.Linear(H, H)
+    lin = torch.nn.Linear(H, V, bias=False)
+    lin.weight = emb.weight
+    ids = torch.randint(0, V, (B, T), generator=g)
+    labels = torch.roll(ids, -1, dims=1)
+    labels[:, -1] = IGNORE_INDEX
+    t_hidden, t_head = torch.randn(B, T, H, generator=g), torch.nn.Linear(H, V, bias=False)
+    params = [emb.weight, proj.weight, proj.bias]
+    kw = dict(loss="forward_kl", alpha=0.5, temperature=1.5)
+
+    def grads(chunk_size):
+        hidden = torch.tanh(proj(emb(ids)))
+        if chunk_size is None:
+            out = loss_sums(lin(hidden), t_head(t_hidden), labels, **kw)
+        else:
+            out = chunked_loss_sums(hidden, OutputHead(lin), t_hidden, t_head, labels, chunk_size=chunk_size, **kw)
+        return out.total, torch.autograd.grad(out.total, params)
+
+    ref, g_ref = grads(None)
+    for chunk_size in [1, 5, 100]:
+        val, gs = grads(chunk_size)
+        close(val, ref)
+        for a, b in zip(gs, g_ref):
+            close(a, b)
+
+
+def test_fused_all_masked_no_grad_and_logged_once(caplog):
+    hidden, lin, t_hidden, t_heads, labels = _chunk_setup(34)
+    head = OutputHead(lin)
+    masked = torch.full((B, T), IGNORE_INDEX)
+    for num_chunks in [None, 2]:
+        out = chunked_loss_sums(hidden, head, t_hidden, t_heads, masked, chunk_size=4, num_chunks=num_chunks)
+        assert out.total.item() == 0.0 and out.n_tokens.item() == 0
+        for gr in torch.autograd.grad(out.total, [hidden, lin.weight]):
+            assert torch.equal(gr, torch.zeros_like(gr))
+    ref = chunked_loss_sums(hidden, head, t_hidden, t_heads, labels, chunk_size=4)
+    with torch.no_grad():  # evaluation: values only
+        out = chunked_loss_sums(hidden, head, t_hidden, t_heads, labels, chunk_size=4)
+    assert not out.total.requires_grad and torch.equal(out.total, ref.total.detach())
+    import ds_distill.losses as losses_mod
+
+    losses_mod._LOGGED.clear()
+    with caplog.at_level("INFO", logger="ds_distill.losses"):
+        for h in (head, head, lin, lin):
+            chunked_loss_sums(hidden, h, t_hidden, t_heads, labels, chunk_size=4)
+    lines = [r.getMessage() for r in caplog.records if r.name == "ds_distill.losses"]
+    assert len(lines) == 2 and "fused" in lines[0] and "checkpointed" in lines[1] and "Linear" in lines[1]
+
+
+def test_zero3_head_takes_the_checkpointed_path():
+    """A head managed by ZeRO-3 (ds_id; whole only inside its module call) keeps the checkpointed path."""
+    import ds_distill.losses as losses_mod
+
+    lin = torch.nn.Linear(H, V)
+    assert losses_mod._fusable(OutputHead(lin))
+    lin.weight.ds_id = 0
+    assert not losses_mod._fusable(OutputHead(lin))

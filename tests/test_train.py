@@ -278,3 +278,30 @@ def test_gpu_configs_run(tiny, dist_env, tmp_path, student_json, teacher_json):
                                  teacher_deepspeed_config=str(REPO_CONFIGS / teacher_json)))
     assert trainer.ds.bf16 and trainer.ds.zero_stage == int(student_json[4])
     assert all(math.isfinite(x) for x in losses_of(trainer)) and len(losses_of(trainer)) == 2
+
+
+def test_fused_loss_under_zero2_equals_checkpointed(tiny, dist_env, tmp_path, monkeypatch):
+    """The fused chunked loss (the default outside ZeRO-3) under ZeRO-2 with a tied lm_head gives the same SGD
+    updates as the checkpointed one: the head's gradient reaches DeepSpeed's gradient hooks (reduce buckets)."""
+    from ds_distill import losses
+
+    d = json.loads(Path(ds_json(tmp_path, "cpu_zero2.json", lr=0.5)).read_text())
+    d["optimizer"] = {"type": "SGD", "params": {"lr": 0.5}}  # updates proportional to the gradients (no Adam scaling)
+    d["gradient_clipping"] = 0.0
+    d["zero_allow_untested_optimizer"] = True
+    p = tmp_path / "sgd_zero2.json"
+    p.write_text(json.dumps(d))
+
+    def run(out, checkpointed):
+        if checkpointed:
+            monkeypatch.setattr(losses, "_fusable", lambda head: False)
+        trainer = train.run(make_cfg(tiny, tmp_path / out, chunk_size=7, max_steps=2, deepspeed_config=str(p)))
+        monkeypatch.undo()
+        head = trainer.student.module.head
+        assert losses._fusable(head)  # the default path here is the fused one
+        return losses_of(trainer), head.linear.weight.detach().clone()
+
+    fused_losses, fused_w = run("fused", False)
+    ckpt_losses, ckpt_w = run("ckpt", True)
+    assert fused_losses == pytest.approx(ckpt_losses, rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(fused_w, ckpt_w, rtol=1e-4, atol=1e-6)
