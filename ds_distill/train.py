@@ -48,8 +48,10 @@ class Trainer:
     def fit(self) -> int:
         for cb in self.callbacks:
             cb.on_train_start(self)
+        if self.step >= self.cfg.max_steps and self.rank == 0:
+            log.info("--resume: the checkpoint is at step %d, at or past --max_steps %d: nothing left to train", self.step, self.cfg.max_steps)
         window = _Window(self.device)
-        bar = _progress(self.rank, self.step, self.cfg.max_steps)
+        bar = _progress(self.rank, min(self.step, self.cfg.max_steps), self.cfg.max_steps)
         while self.step < self.cfg.max_steps:
             sums = self.train_step([next(self.train) for _ in range(self.ds.grad_accum)])
             self.step += 1
@@ -169,7 +171,7 @@ class Trainer:
 
     def resume(self) -> None:
         state = checkpoint.load(self.student, self.ckpt_root)
-        self.step = state["step"]
+        self.step, self.last_tag = state["step"], checkpoint.read_latest(self.ckpt_root)
         self.train.load_state_dict(state["data"])
 
 
@@ -317,12 +319,17 @@ def _seed_everything(seed: int) -> None:
 
 def run(cfg: RunConfig, callbacks: list[Callback] = ()) -> Trainer:
     trainer = build(cfg, callbacks)
+    start = trainer.step
     trainer.fit()
-    if cfg.export and trainer.step == cfg.max_steps:
+    final = Path(cfg.output_dir) / "final"
+    # A run resumed at or past max_steps trained nothing: it exports only what a previous job left unexported.
+    if cfg.export and trainer.step >= cfg.max_steps and (trainer.step > start or not (final / "config.json").is_file()):
         from ds_distill.export import export_checkpoint
 
         if trainer.rank == 0:
-            export_checkpoint(trainer.ckpt_root / trainer.last_tag, Path(cfg.output_dir) / "final")
+            export_checkpoint(trainer.ckpt_root / trainer.last_tag, final)
+            if trainer.step == start:
+                log.info("exported %s (step %d) to %s", trainer.last_tag, trainer.step, final)
         distributed.barrier()
     for cb in trainer.callbacks:
         cb.on_train_end(trainer)

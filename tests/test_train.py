@@ -226,6 +226,26 @@ def test_existing_checkpoints_are_never_overwritten(tiny, dist_env, tmp_path, ca
     assert (out / "checkpoints" / "latest").read_text() == before and (out / "checkpoints" / before).is_dir()
 
 
+def test_resume_of_a_finished_run_exports_once_and_exits_0(tiny, dist_env, tmp_path, caplog, capsys, keep_process_group):
+    """Job scripts always pass --resume: a run at (or past) --max_steps trains nothing, exports final/ only if missing."""
+    import logging
+    import shutil
+
+    out = tmp_path / "done"
+    cfg_ds = ds_json(tmp_path)
+    train.run(make_cfg(tiny, out, max_steps=2, export=True, deepspeed_config=cfg_ds))
+    shutil.rmtree(out / "final")  # a job killed between its last checkpoint and the export
+    args = base_args(tiny, out) + ["--deepspeed_config", cfg_ds, "--chunk_size", "16", "--resume"]
+    with caplog.at_level(logging.INFO, logger="ds_distill"):
+        assert train.main(args + ["--max_steps", "2"]) == 0
+    assert (out / "final" / "config.json").is_file()
+    assert sum("nothing left to train" in r.getMessage() for r in caplog.records) == 1
+    stamp = (out / "final" / "model.safetensors").stat().st_mtime_ns
+    assert train.main(args + ["--max_steps", "1"]) == 0  # past max_steps: final/ is there, left as it is
+    assert (out / "final" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000002"
+
+
 def test_cli_error_has_no_traceback(tiny, tmp_path):
     """Through the real `python -m ds_distill.train`: exit code 2, one line, no traceback."""
     proc = subprocess.run([sys.executable, "-m", "ds_distill.train", *base_args(tiny, tmp_path / "o"), "--temperature", "0"],
