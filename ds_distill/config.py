@@ -294,9 +294,86 @@ def load_ds_config(path: str, *, world_size: int, flag: str, needs_optimizer: bo
         problems.append('no "optimizer" block: the student needs one (see ds_configs/zero3_bf16.json)')
     if not needs_optimizer and stage != 3 and stage != 0:
         problems.append(f"teacher ZeRO stage {stage}: a frozen teacher is sharded with stage 3 or replicated with stage 0")
+    if not problems:  # DeepSpeed's classes assume the basics above hold; they stop at the first bad block
+        problems = deepspeed_problems(raw)
     if problems:
         raise UsageError(f"--{flag} {path}: " + "; ".join(problems))
     return DSConfig(path=str(path), raw=raw)
+
+
+def deepspeed_problems(raw: dict[str, Any]) -> list[str]:
+    """What DeepSpeed's own config parsing (``deepspeed.runtime.config.DeepSpeedConfig``, which builds its pydantic
+    models such as DeepSpeedZeroConfig) rejects in ``raw``, each as "full.key.path: what is wrong", with the valid
+    neighbouring keys for a misspelt one. Run here, before any model loads, instead of inside the engine's init."""
+    import copy
+
+    import pydantic
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    # A copy (DeepSpeed may fill in defaults) without train_batch_size: checked above against the launch's world size,
+    # which DeepSpeed would take from a process group that may not exist yet.
+    try:
+        DeepSpeedConfig({k: copy.deepcopy(v) for k, v in raw.items() if k != "train_batch_size"})
+    except pydantic.ValidationError as exc:
+        model = _deepspeed_model(exc.title)
+        return [_describe(raw, model, err) for err in exc.errors()]
+    except (ValueError, AssertionError) as exc:
+        return [f"DeepSpeed rejects it: {' '.join(str(exc).split())}"]
+    return []
+
+
+def _deepspeed_model(name: str):
+    """The pydantic class of DeepSpeed's config named ``name`` (a ValidationError carries only the name)."""
+    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+
+    todo, seen = [DeepSpeedConfigModel], {}
+    while todo:
+        cls = todo.pop()
+        seen[cls.__name__] = cls
+        todo += cls.__subclasses__()
+    return seen.get(name)
+
+
+def _model_keys(model, loc: tuple) -> list[str]:
+    """Field names and aliases (DeepSpeed accepts both) of the model found by following ``loc`` from ``model``."""
+    import typing
+
+    import pydantic
+
+    for key in loc:
+        info = {**{f.alias: f for f in model.model_fields.values() if f.alias}, **model.model_fields}.get(key) if model else None
+        kinds = [info.annotation, *typing.get_args(info.annotation)] if info else []
+        model = next((k for k in kinds if isinstance(k, type) and issubclass(k, pydantic.BaseModel)), None)
+    if model is None:
+        return []
+    return sorted({*model.model_fields, *(f.alias for f in model.model_fields.values() if f.alias)})
+
+
+def _describe(raw: dict[str, Any], model, err: dict[str, Any]) -> str:
+    """One pydantic error as ``full.key.path: problem``. DeepSpeed validates each block on its own, so the error's
+    location starts inside the block: the block is the dict in ``raw`` where that location leads."""
+    import difflib
+
+    loc = tuple(str(x) for x in err["loc"])
+
+    def reaches(prefix: tuple) -> bool:
+        node: Any = raw
+        for key in prefix + loc[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        return isinstance(node, dict) and (loc[-1] in node or err["type"] == "missing")
+
+    blocks = [(), *((k,) for k, v in raw.items() if isinstance(v, dict))]
+    fields = set(_model_keys(model, ()))
+    # Several blocks may lead there: the one whose keys the model knows best is the one DeepSpeed validated.
+    block = max((b for b in blocks if reaches(b)), key=lambda b: len(fields & set(raw[b[0]] if b else raw)), default=())
+    where = ".".join(block + loc)
+    if err["type"] == "extra_forbidden":
+        valid = _model_keys(model, loc[:-1])
+        near = difflib.get_close_matches(loc[-1], valid, n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(near)}?" if near else f"valid keys there: {', '.join(valid)}"
+        return f"{where} is not a DeepSpeed key ({model.__name__ if model else 'unknown block'}): {hint}"
+    return f"{where}: {err['msg']} (got {err.get('input')!r})"
+
 
 
 def default_ds_configs(has_gpu: bool) -> tuple[str, str, str]:

@@ -53,6 +53,24 @@ def test_bad_ds_config_is_named(tmp_path, mutate, message):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d["zero_optimization"].update(stage3_prefetch_bucket_sz=1000),
+     "zero_optimization.stage3_prefetch_bucket_sz is not a DeepSpeed key (DeepSpeedZeroConfig): did you mean stage3_prefetch_bucket_size"),
+    (lambda d: d["zero_optimization"].update(offload_optimizer={"device": "cpu", "pin_mem": True}),
+     "zero_optimization.offload_optimizer.pin_mem is not a DeepSpeed key (DeepSpeedZeroConfig): did you mean pin_memory?"),
+    (lambda d: d.update(csv_monitor={"enabled": True, "outpt_path": "m"}), "csv_monitor.outpt_path is not a DeepSpeed key (DeepSpeedMonitorConfig): did you mean output_path?"),
+    (lambda d: d.update(bf16={"enabled": True, "zzz": 1}), "bf16.zzz is not a DeepSpeed key (DeepSpeedBF16Config): valid keys there: bf16_master_weights_and_grads,"),
+    (lambda d: d["zero_optimization"].update(overlap_comm="sometimes"), "zero_optimization.overlap_comm: Input should be a valid boolean"),
+])
+def test_deepspeed_checks_name_the_full_key(tmp_path, mutate, message):
+    """DeepSpeed's own config classes check the blocks, before any model loads; the error names the key path."""
+    d = json.loads(json.dumps(GOOD))
+    mutate(d)
+    with pytest.raises(UsageError) as exc:
+        load_ds_config(write(tmp_path, d), world_size=2, flag="deepspeed_config", needs_optimizer=True)
+    assert message in str(exc.value) and "\n" not in str(exc.value), str(exc.value)
+
+
 def test_good_ds_config_is_not_rewritten(tmp_path):
     ds = load_ds_config(write(tmp_path, dict(GOOD, train_batch_size=8)), world_size=2, flag="deepspeed_config", needs_optimizer=True)
     assert ds.raw == dict(GOOD, train_batch_size=8) and ds.grad_accum == 2 and ds.zero_stage == 3
