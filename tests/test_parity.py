@@ -1,0 +1,90 @@
+"""Parity tests that see a gradient-scale error: one plain-SGD step (no clipping, lr 1) moves every parameter by
+exactly minus the gradient of the documented loss, which a plain PyTorch forward/backward computes here (the
+reference, no DeepSpeed). Loss curves under AdamW with clipping barely move when the gradient is off by a constant
+factor; an SGD update moves by that factor. Plus a golden loss curve of a fixed tiny run, kept in tests/golden/.
+"""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from ds_distill import data, losses, models, train
+from ds_distill.config import REPO_CONFIGS
+from tests.test_train import ds_json, losses_of, make_cfg
+
+GOLDEN = Path(__file__).resolve().parent / "golden" / "loss_curve.json"
+LR = 1.0
+
+
+def sgd_json(tmp_path, stage: int, micro: int, accum: int) -> str:
+    """A shipped CPU config with plain SGD, no clipping and no scheduler: the step is exactly ``p -= lr * grad``."""
+    d = json.loads((REPO_CONFIGS / "cpu_zero3.json").read_text())
+    for key in ("scheduler", "gradient_clipping", "csv_monitor"):
+        d.pop(key)
+    d["optimizer"] = {"type": "SGD", "params": {"lr": LR}}  # torch.optim.SGD, as DeepSpeed builds any torch optimizer
+    d["zero_allow_untested_optimizer"] = True
+    d["zero_optimization"] = d["zero_optimization"] if stage == 3 else {"stage": stage}
+    d.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum)
+    p = tmp_path / f"sgd_z{stage}_{micro}x{accum}.json"
+    p.write_text(json.dumps(d))
+    return str(p)
+
+
+def engine_parameters(engine) -> dict[str, torch.Tensor]:
+    """Full fp32 parameters by Hugging Face name (gathered under ZeRO-3)."""
+    import deepspeed
+
+    params = dict(engine.module.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        return {k: v.detach().clone().float() for k, v in params.items()}
+
+
+def reference_gradients(tiny, trainer, examples: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]:
+    """(initial parameters, gradients of the step's loss, its norm) from plain Hugging Face models in fp32, on the
+    step's global batch as one batch: loss = sum over supervised tokens / global supervised tokens (train.py)."""
+    from transformers import AutoModelForCausalLM
+
+    models.unset_hf_deepspeed_config()  # the engines' ZeRO-3 config would partition these plain loads
+    student = AutoModelForCausalLM.from_pretrained(tiny["student"], dtype=torch.float32).train()
+    teacher = AutoModelForCausalLM.from_pretrained(tiny["teacher"], dtype=torch.float32).eval()
+    stream = data.BatchStream(trainer.train.dataset, batch_size=examples, rank=0, world_size=1, seed=trainer.cfg.seed,
+                              pad_token_id=tiny["tokenizer"].pad_token_id)
+    batch = next(stream)
+    labels = batch.pop("labels")
+    batch.pop("example_ids")
+    with torch.no_grad():
+        t_logits = teacher(**batch).logits
+    out = losses.loss_sums(student(**batch).logits, [t_logits], labels, **trainer.loss_kw)
+    (out.total / out.n_tokens).backward()
+    before = {k: p.detach().clone() for k, p in student.named_parameters()}
+    grads = {k: p.grad.detach().clone() for k, p in student.named_parameters()}
+    return before, grads, torch.sqrt(sum((g**2).sum() for g in grads.values())).item()
+
+
+@pytest.mark.parametrize("stage, micro, accum", [(0, 8, 1), (1, 4, 2), (2, 8, 1), (2, 4, 2), (3, 8, 1), (3, 4, 2)])
+def test_one_sgd_step_moves_by_minus_the_gradient(tiny, dist_env, tmp_path, stage, micro, accum):
+    """ZeRO 0/1/2/3 and micro-batch x accumulation: the same update, and it is -lr x the reference gradient."""
+    trainer = train.run(make_cfg(tiny, tmp_path / "o", max_steps=1, deepspeed_config=sgd_json(tmp_path, stage, micro, accum)))
+    after = engine_parameters(trainer.student)
+    before, grads, norm = reference_gradients(tiny, trainer, micro * accum)
+    assert set(after) == set(grads)
+    assert norm > 1e-2, "a step that barely moves proves nothing"
+    for name in grads:
+        torch.testing.assert_close(after[name] - before[name], -LR * grads[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    if stage > 0:  # without ZeRO, DeepSpeed computes the norm only to clip (the log says nan)
+        assert trainer.history[0]["Train/grad_norm"] == pytest.approx(norm, rel=1e-4), "logged grad_norm = reference norm"
+
+
+def test_golden_loss_curve(tiny, dist_env, tmp_path):
+    """A fixed tiny run (shipped ZeRO-3 CPU config, AdamW at lr 1e-2) against the curve committed in tests/golden/.
+    It changes only on purpose: after a deliberate change rerun with DS_DISTILL_UPDATE_GOLDEN=1 and commit the file."""
+    trainer = train.run(make_cfg(tiny, tmp_path / "g", max_steps=4, deepspeed_config=ds_json(tmp_path)))
+    curve = {key: losses_of(trainer, f"Train/{key}") for key in ("loss", "ce", "kd", "grad_norm")}
+    if os.environ.get("DS_DISTILL_UPDATE_GOLDEN") == "1":
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps(curve, indent=1) + "\n")
+    golden = json.loads(GOLDEN.read_text())
+    for key, values in golden.items():
+        assert curve[key] == pytest.approx(values, rel=1e-4, abs=1e-6), key
