@@ -548,11 +548,13 @@ def collate(rows: dict[str, list], pad_token_id: int) -> dict[str, torch.Tensor]
 
 
 class BatchStream:
-    """Endless, seeded, resumable micro-batches of one rank's shard.
+    """Endless, seeded, resumable micro-batches of one rank, in one global order whatever the number of ranks.
 
-    Each epoch draws a permutation of the dataset seeded with (seed, epoch), truncates it to a multiple of world_size
-    and gives rank r the positions perm[r::world_size]: shards are disjoint and equally long, so every rank yields the
-    same number of batches per epoch. The last incomplete batch of an epoch is dropped; the epoch then advances.
+    Each epoch draws a permutation of the dataset seeded with (seed, epoch). Micro-step k of the epoch covers the
+    global examples perm[k*B*W : (k+1)*B*W] (B = batch_size, W = world_size) and rank r takes the r-th B of them: the
+    ranks' batches are disjoint, and W ranks x B read the same examples per micro-step as 1 rank x W*B. An epoch ends
+    when fewer than B*W examples are left (they are dropped). The position is the count of the epoch's examples read
+    by all ranks together, so a checkpoint resumes on any number of ranks with no example skipped or read twice.
     """
 
     def __init__(self, dataset, *, batch_size: int, rank: int, world_size: int, seed: int, pad_token_id: int | None,
@@ -563,39 +565,49 @@ class BatchStream:
         # Tokenizers without a pad token (Llama 3) are common; the pad id's value never matters because pads are
         # masked out of attention and carry label -100, so any valid id will do.
         self.seed, self.pad_token_id, self.shuffle = seed, 0 if pad_token_id is None else pad_token_id, shuffle
-        self.shard_size = len(dataset) // world_size
-        if self.shard_size < batch_size:
+        if len(dataset) // world_size < batch_size:
             raise UsageError(f"the dataset has {len(dataset)} examples, which gives each of {world_size} ranks "
-                             f"{self.shard_size}, fewer than the micro-batch size {batch_size}: use more data or a smaller batch")
+                             f"{len(dataset) // world_size}, fewer than the micro-batch size {batch_size}: use more data or a smaller batch")
         self.epoch = 0
-        self.index = 0  # examples of this epoch's shard already yielded
-        self._shard: list[int] | None = None  # cached positions of `self.epoch`'s shard
+        self.consumed = 0  # examples of this epoch read by all ranks together
+        self._order: list[int] | None = None  # cached global order of `self.epoch`
+
+    @property
+    def index(self) -> int:
+        """Examples of this epoch read by this rank."""
+        return self.consumed // self.world_size
+
+    def _order_of(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self.dataset)))
+        # One generator seed per (seed, epoch) pair; the large odd multiplier keeps pairs apart.
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (2**63))
+        return torch.randperm(len(self.dataset), generator=g).tolist()
 
     def _shard_of(self, epoch: int) -> list[int]:
-        n = self.shard_size * self.world_size
-        if self.shuffle:
-            # One generator seed per (seed, epoch) pair; the large odd multiplier keeps pairs apart.
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (2**63))
-            perm = torch.randperm(len(self.dataset), generator=g)[:n]
-        else:
-            perm = torch.arange(n)
-        return perm[self.rank:: self.world_size].tolist()
+        """This rank's positions of ``epoch``, in the order it reads them."""
+        order, step = self._order_of(epoch), self.batch_size * self.world_size
+        start = self.rank * self.batch_size
+        return [i for k in range(0, len(order) - step + 1, step) for i in order[k + start: k + start + self.batch_size]]
 
     def __iter__(self) -> "BatchStream":
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        if self.index + self.batch_size > self.shard_size:
-            self.epoch, self.index, self._shard = self.epoch + 1, 0, None
-        if self._shard is None:
-            self._shard = self._shard_of(self.epoch)
-        rows = self.dataset[self._shard[self.index: self.index + self.batch_size]]
-        self.index += self.batch_size
+        if self.consumed + self.batch_size * self.world_size > len(self.dataset):
+            self.epoch, self.consumed, self._order = self.epoch + 1, 0, None
+        if self._order is None:
+            self._order = self._order_of(self.epoch)
+        start = self.consumed + self.rank * self.batch_size
+        rows = self.dataset[self._order[start: start + self.batch_size]]
+        self.consumed += self.batch_size * self.world_size
         return collate(rows, self.pad_token_id)
 
     def state_dict(self) -> dict:
-        """{"epoch": int, "index": int}: examples of the epoch's shard already yielded."""
-        return {"epoch": self.epoch, "index": self.index}
+        """{"epoch": int, "consumed": int}: examples of the epoch already read by all ranks together."""
+        return {"epoch": self.epoch, "consumed": self.consumed}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.index, self._shard = int(state["epoch"]), int(state["index"]), None
+        # "index" (per-rank examples) is the position checkpoints of earlier versions saved (same world size).
+        consumed = state["consumed"] if "consumed" in state else int(state["index"]) * self.world_size
+        self.epoch, self.consumed, self._order = int(state["epoch"]), int(consumed), None
