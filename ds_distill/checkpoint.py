@@ -84,6 +84,19 @@ def save(engine, ckpt_root: Path, step: int, client_state: dict[str, Any], *, ke
     return tag
 
 
+def check_world_size(ckpt_root: Path, world_size: int, zero_stage: int) -> None:
+    """Before any model loads: a ZeRO checkpoint's optimizer shards fit only the number of ranks that wrote them.
+
+    The data position carries over to any number of ranks (data.BatchStream counts examples globally), and without
+    ZeRO (stage 0) every rank holds the whole state; under ZeRO 1-3 DeepSpeed refuses the shards with a traceback.
+    """
+    tag = read_latest(ckpt_root)
+    saved = len(list((ckpt_root / tag).glob("rng_rank*.pt"))) if tag else 0  # one per rank that saved
+    if zero_stage > 0 and saved and saved != world_size:
+        raise UsageError(f"--resume: {ckpt_root / tag} was written by {saved} ranks (ZeRO stage {zero_stage} shards) and this "
+                         f"job has {world_size}: resume it on {saved} ranks (resharding ZeRO optimizer state is not supported)")
+
+
 def load(engine, ckpt_root: Path) -> dict[str, Any]:
     """Load the tag named by ``latest`` into the engine; returns the client state saved with it."""
     tag = read_latest(ckpt_root)

@@ -248,6 +248,8 @@ def build(cfg: RunConfig, callbacks: list[Callback] = ()) -> Trainer:
     teacher_paths = cfg.teacher if cfg.alpha < 1.0 else []
     models.check_positions(cfg.seq_len, [cfg.student, *teacher_paths])
     _prepare_output_dir(cfg, sds, tds, world.rank)
+    if cfg.resume:
+        checkpoint.check_world_size(Path(cfg.output_dir) / "checkpoints", world.world_size, sds.zero_stage)
 
     tokenizer = models.load_tokenizer(cfg.student)
     chat_template = Path(cfg.chat_template).read_text() if cfg.chat_template else None

@@ -246,6 +246,20 @@ def test_resume_of_a_finished_run_exports_once_and_exits_0(tiny, dist_env, tmp_p
     assert (out / "checkpoints" / "latest").read_text() == "step_00000002"
 
 
+def test_resume_on_another_number_of_ranks_under_zero_is_one_line(tiny, dist_env, tmp_path, capsys, keep_process_group):
+    """ZeRO optimizer shards fit only the ranks that wrote them: one line that says what to do, before any model loads."""
+    import shutil
+
+    out = tmp_path / "w"
+    cfg_ds = ds_json(tmp_path)
+    train.run(make_cfg(tiny, out, max_steps=1, deepspeed_config=cfg_ds))
+    tag = out / "checkpoints" / "step_00000001"
+    shutil.copy(tag / "rng_rank0.pt", tag / "rng_rank1.pt")  # as if 2 ranks had written it
+    code, errors = run_main(base_args(tiny, out) + ["--deepspeed_config", cfg_ds, "--resume", "--max_steps", "2"], capsys)
+    assert code == 2 and errors == [f"error: --resume: {tag} was written by 2 ranks (ZeRO stage 3 shards) and this job has 1: "
+                                    "resume it on 2 ranks (resharding ZeRO optimizer state is not supported)"], errors
+
+
 def test_cli_error_has_no_traceback(tiny, tmp_path):
     """Through the real `python -m ds_distill.train`: exit code 2, one line, no traceback."""
     proc = subprocess.run([sys.executable, "-m", "ds_distill.train", *base_args(tiny, tmp_path / "o"), "--temperature", "0"],
