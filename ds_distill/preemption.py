@@ -39,11 +39,13 @@ class Preemption(Callback):
             self.received = signum
 
     def should_stop(self, trainer) -> bool:
-        # The signal may reach only some ranks (or reach them between steps): all ranks stop at the same step.
-        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=trainer.device)
+        # The signal may reach only some ranks (or reach them between steps): all ranks stop at the same step. One
+        # rank decides alone, on the host: no device tensor, so no host sync per step.
+        self.stopped = self.received is not None
         if dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([float(self.stopped)], device=trainer.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.stopped = bool(flag.item())
+            self.stopped = bool(flag.item())
         if self.stopped and trainer.rank == 0:
             log.info("preemption signal received: saving a checkpoint at step %d and exiting with code %d", trainer.step, PREEMPTED_EXIT_CODE)
         return self.stopped

@@ -295,6 +295,25 @@ def test_preemption_signal_checkpoints_exits_75_and_resumes(tiny, dist_env, tmp_
     assert losses_of(stopped) + losses_of(resumed) == pytest.approx(losses_of(straight), rel=1e-5, abs=1e-6)
 
 
+def test_preemption_check_costs_no_host_sync_on_one_rank(monkeypatch):
+    """The step's docstring promises no host sync on one rank: the preemption flag is decided on the host there."""
+    import signal
+    from types import SimpleNamespace
+
+    from ds_distill.preemption import Preemption
+
+    def sync(self, *a, **k):
+        raise AssertionError("a host sync (Tensor.item/tolist) in the per-step preemption check")
+
+    monkeypatch.setattr(torch.Tensor, "item", sync)
+    monkeypatch.setattr(torch.Tensor, "tolist", sync)
+    trainer = SimpleNamespace(device=torch.device("cpu"), rank=0, step=1)
+    cb = Preemption()
+    assert cb.should_stop(trainer) is False
+    cb._record(signal.SIGUSR1, None)
+    assert cb.should_stop(trainer) is True
+
+
 @pytest.mark.parametrize("student_json, teacher_json", [
     ("zero3_bf16.json", "teacher_zero3_bf16.json"),
     ("zero2_bf16.json", "teacher_replicated_bf16.json"),
