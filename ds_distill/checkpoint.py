@@ -4,6 +4,7 @@ Layout of ``output_dir/checkpoints/``:
     step_00000010/           one DeepSpeed tag (every rank's ZeRO shards + client state)
         rng_rank{r}.pt       each rank's RNG states (dropout and friends continue exactly)
         hf/                  the student's config and tokenizer, so the tag exports on its own
+    step_00000010_universal/ the tag converted for another number of ranks (universal_for_resume), pruned with it
     latest                   names the newest *complete* tag; written last, atomically (write + rename)
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ds_distill.distributed import barrier
 
 log = logging.getLogger(__name__)
 TAG = re.compile(r"^step_(\d+)$")
+UNIVERSAL = "_universal"  # suffix of a tag converted for another number of ranks (universal_for_resume)
 
 
 def tag_for(step: int) -> str:
@@ -80,34 +82,76 @@ def save(engine, ckpt_root: Path, step: int, client_state: dict[str, Any], *, ke
         done = [t for t in tags if t not in stale]
         for old in stale + (done[:-keep_last] if keep_last else []):
             shutil.rmtree(ckpt_root / old, ignore_errors=True)
+            shutil.rmtree(ckpt_root / f"{old}{UNIVERSAL}", ignore_errors=True)
     barrier()
     return tag
 
 
-def check_world_size(ckpt_root: Path, world_size: int, zero_stage: int) -> None:
-    """Before any model loads: a ZeRO checkpoint's optimizer shards fit only the number of ranks that wrote them.
+def saved_world_size(tag_dir: Path) -> int:
+    """How many ranks wrote the tag (each saves its RNG states); 0 if it holds none."""
+    return len(list(tag_dir.glob("rng_rank*.pt")))
 
-    The data position carries over to any number of ranks (data.BatchStream counts examples globally), and without
-    ZeRO (stage 0) every rank holds the whole state; under ZeRO 1-3 DeepSpeed refuses the shards with a traceback.
+
+def universal_for_resume(ckpt_root: Path, world_size: int, zero_stage: int, rank: int) -> str | None:
+    """Before any model loads, for ``--resume``: the name of the folder to load the latest tag from when it was
+    written by another number of ranks under ZeRO 1-3, or None when it loads as it is.
+
+    ZeRO optimizer shards fit only the ranks that wrote them, so such a tag is converted once, on rank 0 while the
+    others wait, into DeepSpeed's universal checkpoint (``deepspeed.checkpoint.ds_to_universal``) in
+    ``checkpoints/<tag>_universal``, which any number of ranks loads with ``"checkpoint": {"load_universal": true}``.
+    Without ZeRO every rank saved the whole state. The data position is a global example count (data.BatchStream).
     """
     tag = read_latest(ckpt_root)
-    saved = len(list((ckpt_root / tag).glob("rng_rank*.pt"))) if tag else 0  # one per rank that saved
-    if zero_stage > 0 and saved and saved != world_size:
-        raise UsageError(f"--resume: {ckpt_root / tag} was written by {saved} ranks (ZeRO stage {zero_stage} shards) and this "
-                         f"job has {world_size}: resume it on {saved} ranks (resharding ZeRO optimizer state is not supported)")
+    saved = saved_world_size(ckpt_root / tag) if tag else 0
+    if zero_stage == 0 or not saved or saved == world_size:
+        return None
+    target, failed = ckpt_root / f"{tag}{UNIVERSAL}", None
+    if rank == 0 and not target.is_dir():
+        log.info("--resume: %s was written by %d ranks and this job has %d: converting it to a universal checkpoint in %s",
+                 ckpt_root / tag, saved, world_size, target)
+        try:
+            _to_universal(ckpt_root / tag, target)
+        except UsageError as exc:
+            failed = exc  # raised after the barrier, so that the other ranks do not wait forever
+    barrier()
+    if failed is not None:
+        raise failed
+    if not target.is_dir():  # rank 0 failed (and said why)
+        raise UsageError(f"--resume: {ckpt_root / tag} was written by {saved} ranks and could not be converted for {world_size}: resume it on {saved} ranks")
+    return target.name
 
 
-def load(engine, ckpt_root: Path) -> dict[str, Any]:
-    """Load the tag named by ``latest`` into the engine; returns the client state saved with it."""
+def _to_universal(tag_dir: Path, target: Path) -> None:
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    tmp = target.with_name(target.name + ".tmp")  # renamed when complete: a crash never leaves a half folder
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
+                              keep_temp_folder=False, strict=True, inject_missing_state=False)
+    try:
+        ds_to_universal.main(args)
+    except Exception as exc:  # any failure of the converter means the same thing to the user
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UsageError(f"--resume: converting {tag_dir} to a universal checkpoint failed ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:200]}): resume it on the number of ranks that wrote it") from None
+    (tag_dir.parent / "latest_universal").unlink(missing_ok=True)  # the converter's own pointer; ours is 'latest'
+    os.replace(tmp, target)
+
+
+def load(engine, ckpt_root: Path, universal: str | None = None) -> dict[str, Any]:
+    """Load the tag named by ``latest`` into the engine (from its ``universal`` conversion when given: the engine was
+    then built with ``"checkpoint": {"load_universal": true}``); returns the client state saved with it."""
     tag = read_latest(ckpt_root)
     if tag is None:
         raise UsageError(f"--resume: no checkpoint under {ckpt_root} (no 'latest' file): drop --resume to start a new run")
-    path, client_state = engine.load_checkpoint(str(ckpt_root), tag=tag, load_module_strict=True)
+    path, client_state = engine.load_checkpoint(str(ckpt_root), tag=universal or tag, load_module_strict=True)
     if path is None:
         raise UsageError(f"--resume: checkpoint {ckpt_root / tag} could not be loaded: check the files or delete the tag and point 'latest' at an older one")
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng_file = ckpt_root / tag / f"rng_rank{rank}.pt"
-    if rng_file.is_file():
+    if rng_file.is_file():  # a rank the tag's writers did not have starts from its seeded state
         set_rng_state(torch.load(rng_file, weights_only=False))
-    log.info("resumed from %s (step %d)", ckpt_root / tag, client_state["step"])
+    log.info("resumed from %s (step %d)", ckpt_root / (universal or tag), client_state["step"])
     return client_state

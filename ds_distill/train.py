@@ -169,8 +169,8 @@ class Trainer:
         models.copy_tokenizer(self.cfg.student, folder)  # as given, not the loaded object re-saved
         (folder / "ds_config.json").write_text(json.dumps(self.ds.raw, indent=2))
 
-    def resume(self) -> None:
-        state = checkpoint.load(self.student, self.ckpt_root)
+    def resume(self, universal: str | None = None) -> None:
+        state = checkpoint.load(self.student, self.ckpt_root, universal)
         self.step, self.last_tag = state["step"], checkpoint.read_latest(self.ckpt_root)
         self.train.load_state_dict(state["data"])
 
@@ -247,9 +247,11 @@ def build(cfg: RunConfig, callbacks: list[Callback] = ()) -> Trainer:
     # alpha = 1 is plain fine-tuning: no teacher forward at all (the tokenizers are still checked below).
     teacher_paths = cfg.teacher if cfg.alpha < 1.0 else []
     models.check_positions(cfg.seq_len, [cfg.student, *teacher_paths])
+    universal = checkpoint.universal_for_resume(Path(cfg.output_dir) / "checkpoints", world.world_size, sds.zero_stage,
+                                                world.rank) if cfg.resume else None
+    if universal:  # a merge into the student's JSON, logged with it below
+        sds.raw["checkpoint"] = {**sds.raw.get("checkpoint", {}), "load_universal": True}
     _prepare_output_dir(cfg, sds, tds, world.rank)
-    if cfg.resume:
-        checkpoint.check_world_size(Path(cfg.output_dir) / "checkpoints", world.world_size, sds.zero_stage)
 
     tokenizer = models.load_tokenizer(cfg.student)
     chat_template = Path(cfg.chat_template).read_text() if cfg.chat_template else None
@@ -288,7 +290,7 @@ def build(cfg: RunConfig, callbacks: list[Callback] = ()) -> Trainer:
     trainer = Trainer(cfg, student, teachers, stream, eval_set, vocab_size=vocab, ds=sds, tokenizer=tokenizer, callbacks=callbacks)
     trainer.source_ids = data.SourceIds(train_set)
     if cfg.resume and checkpoint.read_latest(trainer.ckpt_root):
-        trainer.resume()
+        trainer.resume(universal)
     elif cfg.resume and world.rank == 0:
         log.info("--resume: no checkpoint yet under %s, starting at step 0", trainer.ckpt_root)
     return trainer

@@ -246,18 +246,38 @@ def test_resume_of_a_finished_run_exports_once_and_exits_0(tiny, dist_env, tmp_p
     assert (out / "checkpoints" / "latest").read_text() == "step_00000002"
 
 
-def test_resume_on_another_number_of_ranks_under_zero_is_one_line(tiny, dist_env, tmp_path, capsys, keep_process_group):
-    """ZeRO optimizer shards fit only the ranks that wrote them: one line that says what to do, before any model loads."""
+def test_tag_of_another_world_size_resumes_through_a_universal_checkpoint(tiny, dist_env, tmp_path, caplog, capsys, keep_process_group):
+    """A ZeRO tag written by another number of ranks is converted once (DeepSpeed's ds_to_universal) and loaded with
+    "load_universal": the curve continues. Here 1 rank wrote it and a copied RNG file makes it look like 2; the real
+    2 -> 1 -> 2 ranks run is tests/test_multirank.py. A conversion that fails is one line."""
+    import logging
     import shutil
 
-    out = tmp_path / "w"
     cfg_ds = ds_json(tmp_path)
-    train.run(make_cfg(tiny, out, max_steps=1, deepspeed_config=cfg_ds))
-    tag = out / "checkpoints" / "step_00000001"
+    straight = train.run(make_cfg(tiny, tmp_path / "s", max_steps=3, deepspeed_config=cfg_ds))
+    out = tmp_path / "w"
+    first = train.run(make_cfg(tiny, out, max_steps=2, deepspeed_config=cfg_ds))
+    tag = out / "checkpoints" / "step_00000002"
+    shutil.copytree(tag, tmp_path / "broken")
     shutil.copy(tag / "rng_rank0.pt", tag / "rng_rank1.pt")  # as if 2 ranks had written it
-    code, errors = run_main(base_args(tiny, out) + ["--deepspeed_config", cfg_ds, "--resume", "--max_steps", "2"], capsys)
-    assert code == 2 and errors == [f"error: --resume: {tag} was written by 2 ranks (ZeRO stage 3 shards) and this job has 1: "
-                                    "resume it on 2 ranks (resharding ZeRO optimizer state is not supported)"], errors
+    with caplog.at_level(logging.INFO, logger="ds_distill"):
+        resumed = train.run(make_cfg(tiny, out, max_steps=3, resume=True, deepspeed_config=cfg_ds))
+    assert sum("converting it to a universal checkpoint" in r.getMessage() for r in caplog.records) == 1
+    assert (out / "checkpoints" / "step_00000002_universal" / "zero").is_dir()
+    assert json.loads((out / "ds_config_student.json").read_text())["checkpoint"] == {"load_universal": True}
+    assert losses_of(first) + losses_of(resumed) == pytest.approx(losses_of(straight), rel=1e-5, abs=1e-6)
+
+    # a tag the converter cannot read (its optimizer shards are gone): one line, exit 2
+    bad = tmp_path / "bad"
+    (bad / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "broken", bad / "checkpoints" / "step_00000002")
+    (bad / "checkpoints" / "latest").write_text("step_00000002")
+    shutil.copy(tag / "rng_rank0.pt", bad / "checkpoints" / "step_00000002" / "rng_rank1.pt")
+    for f in (bad / "checkpoints" / "step_00000002").glob("*optim_states.pt"):
+        f.unlink()
+    code, errors = run_main(base_args(tiny, bad) + ["--deepspeed_config", cfg_ds, "--resume", "--max_steps", "3"], capsys)
+    assert code == 2 and len(errors) == 1 and "to a universal checkpoint failed (" in errors[0], errors
+    assert errors[0].endswith("): resume it on the number of ranks that wrote it"), errors
 
 
 def test_cli_error_has_no_traceback(tiny, tmp_path):
