@@ -129,7 +129,9 @@ def _to_universal(tag_dir: Path, target: Path) -> None:
     tmp = target.with_name(target.name + ".tmp")  # renamed when complete: a crash never leaves a half folder
     shutil.rmtree(tmp, ignore_errors=True)
     args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
-                              keep_temp_folder=False, strict=True, inject_missing_state=False)
+                              keep_temp_folder=False, strict=True,
+                              # ZeRO 1/2 conversion wants a description of tensor/pipeline slicing; pure data parallel has none
+                              inject_missing_state=True)
     try:
         ds_to_universal.main(args)
     except Exception as exc:  # any failure of the converter means the same thing to the user

@@ -246,14 +246,15 @@ def test_resume_of_a_finished_run_exports_once_and_exits_0(tiny, dist_env, tmp_p
     assert (out / "checkpoints" / "latest").read_text() == "step_00000002"
 
 
-def test_tag_of_another_world_size_resumes_through_a_universal_checkpoint(tiny, dist_env, tmp_path, caplog, capsys, keep_process_group):
+@pytest.mark.parametrize("base", ["cpu_zero3.json", "cpu_zero1.json"])
+def test_tag_of_another_world_size_resumes_through_a_universal_checkpoint(tiny, dist_env, tmp_path, caplog, capsys, keep_process_group, base):
     """A ZeRO tag written by another number of ranks is converted once (DeepSpeed's ds_to_universal) and loaded with
     "load_universal": the curve continues. Here 1 rank wrote it and a copied RNG file makes it look like 2; the real
     2 -> 1 -> 2 ranks run is tests/test_multirank.py. A conversion that fails is one line."""
     import logging
     import shutil
 
-    cfg_ds = ds_json(tmp_path)
+    cfg_ds = ds_json(tmp_path, base)
     straight = train.run(make_cfg(tiny, tmp_path / "s", max_steps=3, deepspeed_config=cfg_ds))
     out = tmp_path / "w"
     first = train.run(make_cfg(tiny, out, max_steps=2, deepspeed_config=cfg_ds))
