@@ -46,6 +46,13 @@ class RunConfig:
     beta: float = _f(0.5, "jsd mixture weight of the teacher (0 = forward KL, 1 = reverse KL).")
     skew: float = _f(0.1, "Skew of skew_forward_kl / skew_reverse_kl (DistiLLM).")
     chunk_size: int = _f(1024, "Tokens per loss chunk: the lm_heads run per chunk so full logits never exist. 0 = full logits.")
+    # --- on-policy distillation (ds_distill/on_policy.py)
+    on_policy_fraction: float = _f(0.0, "Fraction of micro-batches (seeded, GKD's lambda) whose completions the student samples for the example's prompt; the loss then covers the sampled tokens only. 0 = off-policy (the dataset's completions).")
+    max_new_tokens: int = _f(128, "On-policy: most tokens sampled per prompt (the sequence still stops at --seq_len).")
+    generation_temperature: float = _f(1.0, "On-policy: sampling temperature of the student (not the KD --temperature).")
+    top_p: float = _f(1.0, "On-policy: nucleus sampling threshold (1 = off).")
+    top_k: int = _f(0, "On-policy: sample from the k most likely tokens only (0 = off).")
+    generation_gather: str = _f("auto", "On-policy under ZeRO-3: whole (gather the student once per optimizer step into a plain copy), layered (gather per layer per token), or auto (whole when it fits in a quarter of a rank's memory).")
     # --- data
     seq_len: int = _f(512, "Tokens per sequence (longer examples are truncated, or dropped with --drop_long).")
     data_format: str = _f("auto", "auto, text, prompt_completion or messages.")
@@ -132,6 +139,15 @@ class RunConfig:
             problems.append(f"--router {self.router!r} must be fixed or lowest_ce")
         if self.router == "lowest_ce" and self.teacher_weights:
             problems.append("--router lowest_ce picks the teacher per token: drop --teacher_weights (used only by --router fixed)")
+        if not 0.0 <= self.on_policy_fraction <= 1.0:
+            problems.append(f"--on_policy_fraction {self.on_policy_fraction} must be in [0, 1]")
+        if self.on_policy_fraction and (self.packing or self.train_on_prompt):
+            problems.append("--on_policy_fraction needs one example per sequence whose prompt is unsupervised: drop --packing / --train_on_prompt")
+        if self.max_new_tokens < 1 or self.generation_temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            problems.append(f"generation flags out of range (--max_new_tokens {self.max_new_tokens} >= 1, --generation_temperature "
+                            f"{self.generation_temperature} > 0, --top_p {self.top_p} in (0, 1], --top_k {self.top_k} >= 0)")
+        if self.generation_gather not in ("auto", "whole", "layered"):
+            problems.append(f"--generation_gather {self.generation_gather!r} must be auto, whole or layered")
         if self.rounds < 1:
             problems.append(f"--rounds {self.rounds} must be >= 1")
         if self.rounds > 1 and not self.export:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
-from ds_distill import checkpoint, data, distributed, losses, models, monitors
+from ds_distill import checkpoint, data, distributed, losses, models, monitors, on_policy
 from ds_distill.callbacks import Callback
 from ds_distill.config import DSConfig, RunConfig, UsageError, default_ds_configs, load_ds_config, parse_args
 
@@ -237,8 +237,8 @@ def build(cfg: RunConfig, callbacks: list[Callback] = ()) -> Trainer:
     if world.rank == 0 and not cfg.deepspeed_config:
         log.info("no --deepspeed_config given: using %s (%s present)", sds.path, "a GPU is" if has_gpu else "no GPU is")
     teacher_config = cfg.teacher_deepspeed_config
+    per_rank = get_accelerator().total_memory() // (1 if has_gpu else world.local_world_size)
     if not teacher_config:
-        per_rank = get_accelerator().total_memory() // (1 if has_gpu else world.local_world_size)
         teacher_config, why = models.teacher_placement(cfg.teacher, sharded=sharded, replicated=replicated, world_size=world.world_size,
                                                        rank_memory=per_rank, bytes_per_param=2 if has_gpu else 4)
         if world.rank == 0 and cfg.alpha < 1.0:
@@ -271,6 +271,8 @@ def build(cfg: RunConfig, callbacks: list[Callback] = ()) -> Trainer:
         raise UsageError(f"the eval set has {len(eval_set)} examples, fewer than one micro-batch per rank "
                          f"({sds.micro_batch} x {world.world_size}): raise --eval_fraction, pass a larger --eval_data, or set --eval_fraction 0")
     vocab = models.shared_vocab_size(cfg.student, tokenizer, cfg.teacher)
+    if cfg.on_policy_fraction:
+        on_policy.check_prompts(train_set, repr(cfg.data))
 
     _seed_everything(cfg.seed)
     packed_rows = cfg.packing and sds.micro_batch > 1
@@ -287,6 +289,10 @@ def build(cfg: RunConfig, callbacks: list[Callback] = ()) -> Trainer:
 
         stream = Prefetcher(stream, cfg.prefetch_batches, pin=has_gpu)
         callbacks = [ClosePrefetcher(stream), *callbacks]
+    # After the prefetcher (data only, on its thread): generation's collectives stay on the main thread.
+    if cfg.on_policy_fraction:  # the student writes a seeded fraction of the completions
+        stream = on_policy.wrap(cfg, stream, student, tokenizer, world=world, rank_memory=per_rank)
+        callbacks = [*callbacks, on_policy.GenerationRate(stream)]
     trainer = Trainer(cfg, student, teachers, stream, eval_set, vocab_size=vocab, ds=sds, tokenizer=tokenizer, callbacks=callbacks)
     trainer.source_ids = data.SourceIds(train_set)
     if cfg.resume and checkpoint.read_latest(trainer.ckpt_root):

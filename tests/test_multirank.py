@@ -75,3 +75,32 @@ def test_rank_error_is_one_line_and_nonzero(tiny, tmp_path):
     proc = launch(tiny, tmp_path / "bad", ds_json(tmp_path, "bad.json", train_batch_size=3), ranks=2, steps=1, expect=2)
     errors = {l.split("error: ", 1)[1] for l in (proc.stdout + proc.stderr).splitlines() if "error: " in l}
     assert errors == {f"--deepspeed_config {tmp_path / 'bad.json'}: train_batch_size 3 != micro batch 2 x accumulation 1 x world size 2 = 4: set it to that or remove it"}, errors
+
+
+def test_on_policy_generation_with_unequal_lengths_finishes_under_zero3(tiny, tmp_path):
+    """2 ranks, per-layer ZeRO-3 generation (every token a collective): rank 0's prompt is short and ends in eos, so
+    its greedy sample is eos at once (tiny random models repeat the last token); rank 1's prompt is 5x longer and
+    samples 10 or more. Without synced stepping rank 0 would stop while rank 1 waits on a gather: a hang. (That the
+    gathered copy samples the same tokens is tested in process, in test_on_policy.py.)"""
+    from ds_distill.data import BatchStream, get_dataset
+    from ds_distill.plot import read_curves
+
+    words = "the quick brown fox jumps over the lazy dog while a small cat sleeps".split()
+    path = tmp_path / "pc.jsonl"
+    with open(path, "w") as fh:
+        for i in range(16):
+            prompt = "the cat</s>" if i % 2 == 0 else " ".join(words[:10])
+            fh.write(json.dumps({"id": i, "prompt": prompt, "completion": " a dog"}) + "\n")
+    ds = get_dataset(str(path), tiny["tokenizer"], seq_len=32)
+    short, long = (len(tiny["tokenizer"](p)["input_ids"]) for p in ("the cat</s>", " ".join(words[:10])))  # prompt tokens
+    assert ds[0]["input_ids"][short - 1] == tiny["tokenizer"].eos_token_id
+    # The data seed whose first micro-batch gives rank 0 a short eos prompt and rank 1 a long one.
+    seed = next(s for s in range(100) if [BatchStream(ds, batch_size=1, rank=r, world_size=2, seed=s, pad_token_id=0).__next__()
+                                          ["example_ids"].item() % 2 for r in (0, 1)] == [0, 1])
+    out = tmp_path / "layered"
+    launch({**tiny, "data": str(path)}, out, ds_json(tmp_path, "micro1.json", train_micro_batch_size_per_gpu=1), ranks=2, steps=2,
+           extra=["--on_policy_fraction", "1", "--max_new_tokens", "12", "--top_k", "1", "--generation_gather", "layered",
+                  "--alpha", "0", "--loss", "jsd", "--seed", str(seed), "--export", "false"])
+    # Step 1: 1 token on rank 0 (eos), on rank 1 the room its prompt leaves (>= 10 tokens).
+    long_room = min(12, 32 - long)
+    assert long_room >= 10 and read_curves(out)["Generate/tokens"][0] == (1, 1 + long_room)

@@ -1,0 +1,219 @@
+"""On-policy distillation (ds_distill/on_policy.py) and ds_distill.generate on tiny random models, in process."""
+import json
+import random
+
+import pytest
+import torch
+
+from ds_distill import on_policy, train
+from ds_distill.data import IGNORE_INDEX, get_dataset
+from tests.test_train import ds_json, losses_of, make_cfg
+
+WORDS = "the quick brown fox jumps over the lazy dog while a small cat sleeps in the warm sun".split()
+
+
+@pytest.fixture(scope="module")
+def pc_data(tiny):
+    """Prompt/completion records with prompts of 2 to 12 words."""
+    rng = random.Random(1)
+    path = tiny["root"] / "pc.jsonl"
+    with open(path, "w") as fh:
+        for _ in range(48):
+            fh.write(json.dumps({"prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 12))),
+                                 "completion": " " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8)))}) + "\n")
+    return str(path)
+
+
+def op_cfg(tiny, pc_data, out, **kw):
+    base = dict(data=pc_data, seq_len=24, max_new_tokens=8, alpha=0.0, loss="jsd")
+    base.update(kw)
+    return make_cfg(tiny, out, **base)
+
+
+class Scripted:
+    """A generator that returns fixed completions (and records its calls)."""
+
+    def __init__(self, completions):
+        self.completions, self.calls = completions, []
+
+    def generate(self, prompts, sampling, seed):
+        self.calls.append((prompts, sampling, seed))
+        return [list(self.completions[i % len(self.completions)]) for i in range(len(prompts))]
+
+
+class ListStream:
+    def __init__(self, batches):
+        self.batches, self.i = batches, 0
+
+    def __next__(self):
+        self.i += 1
+        return self.batches[self.i - 1]
+
+    def state_dict(self):
+        return {"i": self.i}
+
+    def load_state_dict(self, state):
+        self.i = state["i"]
+
+
+def test_sampled_rows_supervise_exactly_the_generated_tokens(tiny, pc_data):
+    """prompt -> -100; sample up to and including eos supervised; past eos and past seq_len nothing."""
+    tok = tiny["tokenizer"]
+    ds = get_dataset(pc_data, tok, seq_len=24)
+    rows = ds[:3]
+    from ds_distill.data import collate
+
+    batch = collate(rows, tok.pad_token_id)
+    records = [json.loads(l) for l in open(pc_data)]
+    lens = {i: len(tok(records[i]["prompt"])["input_ids"]) for i in rows["row"]}  # prompt tokens of each record
+    eos = tok.eos_token_id
+    gen = Scripted([[50, 51, eos], [60], list(range(100, 140))])  # ends at eos / no eos / longer than seq_len
+    stream = on_policy.OnPolicyStream(ListStream([batch]), gen, fraction=1.0, sampling=on_policy.Sampling(8),
+                                      seq_len=24, pad_token_id=tok.pad_token_id, seed=0, rank=0)
+    out = next(stream)
+    assert out["example_ids"].tolist() == rows["row"]
+    for b, (ids, i) in enumerate(zip(rows["input_ids"], rows["row"])):
+        P = lens[i]
+        prompt = tok(records[i]["prompt"])["input_ids"]
+        assert ids[:P] == prompt and on_policy.prompt_length(rows["labels"][b]) == P  # read from the mask
+        new = gen.completions[b][: 24 - P]
+        seq = prompt + new
+        assert out["input_ids"][b, : len(seq)].tolist() == seq
+        assert out["attention_mask"][b].tolist() == [1] * len(seq) + [0] * (out["input_ids"].shape[1] - len(seq))
+        expect = [IGNORE_INDEX] * (P - 1) + new + [IGNORE_INDEX] * (out["labels"].shape[1] - P + 1 - len(new))
+        assert out["labels"][b].tolist() == expect
+    # The generator was asked for the prompts, with the room left before seq_len.
+    prompts, sampling, _ = gen.calls[0]
+    assert prompts == [ids[: lens[i]] for ids, i in zip(rows["input_ids"], rows["row"])]
+    assert sampling.max_new_tokens == min(8, 24 - min(lens.values()))
+
+
+def test_hf_generator_stops_at_eos_and_follows_the_model(tiny):
+    """top_k=1 is greedy: the samples equal the argmax of the model's own forward, cut after eos; seeded sampling
+    is reproducible and does not touch the global RNG."""
+    from transformers import AutoModelForCausalLM
+
+    tok = tiny["tokenizer"]
+    on_policy_lm = AutoModelForCausalLM.from_pretrained(tiny["student"]).eval()
+    prompts = [[1, 30, 31, 32, 33, 34], [1, 40]]
+    ref = []
+    for p in prompts:
+        ids = list(p)
+        for _ in range(6):
+            ids.append(int(on_policy_lm(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+        ref.append(ids[len(p):])
+    eos = ref[1][0]  # tiny random models repeat the last token: row 1 hits this eos at once, row 0 never
+    gen = on_policy.HFGenerator(lambda: on_policy_lm, eos_token_id=eos, pad_token_id=tok.pad_token_id, synced=False)
+    state = torch.random.get_rng_state()
+    out = gen.generate(prompts, on_policy.Sampling(6, top_k=1), seed=3)
+    assert torch.equal(state, torch.random.get_rng_state())
+    for got, want in zip(out, ref):
+        assert got == (want[: want.index(eos) + 1] if eos in want else want)
+    assert len(out[0]) == 6 and out[1] == [eos]
+    a = gen.generate(prompts, on_policy.Sampling(6, temperature=2.0), seed=5)
+    assert a == gen.generate(prompts, on_policy.Sampling(6, temperature=2.0), seed=5)
+    assert a != gen.generate(prompts, on_policy.Sampling(6, temperature=2.0), seed=6)
+
+
+def test_zero_fraction_is_the_off_policy_run(tiny, pc_data, dist_env, tmp_path):
+    """L = 0 is today's run to the bit; so is a wrapped stream whose draws never pick a micro-batch."""
+    cfg_ds = ds_json(tmp_path)
+    off = train.run(op_cfg(tiny, pc_data, tmp_path / "off", deepspeed_config=cfg_ds))
+    zero = train.run(op_cfg(tiny, pc_data, tmp_path / "zero", deepspeed_config=cfg_ds, on_policy_fraction=0.0))
+    never = train.run(op_cfg(tiny, pc_data, tmp_path / "never", deepspeed_config=cfg_ds, on_policy_fraction=1e-9))
+    assert isinstance(never.train, on_policy.OnPolicyStream) and not isinstance(zero.train, on_policy.OnPolicyStream)
+    assert losses_of(off) == losses_of(zero) == losses_of(never)
+    assert abs(losses_of(off)[0] - losses_of(off)[-1]) > 1e-3
+
+
+def test_whole_and_layered_generation_agree_and_resume_continues_the_curve(tiny, pc_data, dist_env, tmp_path):
+    """ZeRO-3: the gathered copy and the per-layer path sample the same tokens (same losses); a run stopped and
+    resumed mid on-policy training continues the same loss curve."""
+    cfg_ds = ds_json(tmp_path)
+    kw = dict(deepspeed_config=cfg_ds, on_policy_fraction=0.5, max_steps=4)
+    whole = train.run(op_cfg(tiny, pc_data, tmp_path / "w", generation_gather="whole", **kw))
+    layered = train.run(op_cfg(tiny, pc_data, tmp_path / "l", generation_gather="layered", **kw))
+    off = train.run(op_cfg(tiny, pc_data, tmp_path / "o", deepspeed_config=cfg_ds, max_steps=4))
+    assert losses_of(whole) == pytest.approx(losses_of(layered), rel=1e-5, abs=1e-6)
+    assert losses_of(whole) != pytest.approx(losses_of(off), rel=1e-3)  # some micro-batches were sampled
+    assert [h for h in whole.history if "Generate/tokens" in h], "generation tokens/s is logged"
+
+    first = train.run(op_cfg(tiny, pc_data, tmp_path / "r", save_steps=2, **{**kw, "max_steps": 2}))
+    second = train.run(op_cfg(tiny, pc_data, tmp_path / "r", resume=True, **kw))
+    assert losses_of(first) + losses_of(second) == pytest.approx(losses_of(whole), rel=1e-5, abs=1e-6)
+
+
+def test_on_policy_needs_prompts_and_no_packing(tiny, dist_env, tmp_path, capsys):
+    base = ["--teacher", tiny["teacher"], "--student", tiny["student"], "--output_dir", str(tmp_path / "x"), "--max_steps", "1"]
+    assert train.main([*base, "--data", tiny["data"], "--on_policy_fraction", "0.5"]) == 2
+    assert "--on_policy_fraction needs prompts" in capsys.readouterr().err
+    assert train.main([*base, "--data", tiny["data"], "--on_policy_fraction", "0.5", "--packing"]) == 2
+    assert "drop --packing" in capsys.readouterr().err
+    # A conversation's prompt is everything before its last assistant reply.
+    assert on_policy.prompt_length([-100, -100, 5, 6, -100, -100, -100, 7, 8, -100, -100]) == 8
+    assert on_policy.prompt_length([-100, 5, -100]) == 2 and on_policy.prompt_length([5, 6, -100]) == 1
+
+
+def test_generate_writes_records_and_resumes(tiny, pc_data, tmp_path, capsys):
+    """Greedy (top_k=1) completions equal the model's own argmax continuation; a rerun redoes only missing prompts."""
+    from transformers import AutoModelForCausalLM
+
+    from ds_distill import generate
+
+    tok = tiny["tokenizer"]
+    prompts = [json.loads(l)["prompt"] for l in open(pc_data).readlines()[:5]]
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("".join(json.dumps({"prompt": p, "extra": 1}) + "\n" for p in prompts))
+    out = tmp_path / "out.jsonl"
+    args = ["--model", tiny["student"], "--data", str(src), "--output", str(out), "--max_new_tokens", "4", "--batch_size", "2"]
+    assert generate.main([*args, "--top_k", "1"]) == 0
+    records = [json.loads(l) for l in out.read_text().splitlines()]
+    assert [r["id"] for r in records] == [0, 1, 2, 3, 4] and [r["prompt"] for r in records] == prompts
+    generate.models.unset_hf_deepspeed_config()
+    lm = AutoModelForCausalLM.from_pretrained(tiny["student"]).eval()
+    for r in records:
+        ids = tok(r["prompt"])["input_ids"]
+        new = []
+        with torch.no_grad():
+            for _ in range(4):
+                new.append(int(lm(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax()))
+        if tok.eos_token_id in new:
+            new = new[: new.index(tok.eos_token_id)]
+        assert r["completion"] == tok.decode(new)
+    assert not list(tmp_path.glob("out.jsonl.rank*"))
+
+    # Resume: drop two records and rerun with another seed and sampling: only those two are written again.
+    sampled = [*args, "--temperature", "2.0", "--seed", "7"]
+    kept = [l for n, l in enumerate(out.read_text().splitlines(keepends=True)) if n not in (1, 3)]
+    out.write_text("".join(kept))
+    assert generate.main(sampled) == 0
+    again = out.read_text().splitlines(keepends=True)
+    assert [json.loads(l)["id"] for l in again] == [0, 1, 2, 3, 4]
+    assert [again[n] for n in (0, 2, 4)] == kept
+    assert generate.main(sampled) == 0 and out.read_text() == "".join(again)  # nothing left to do
+
+    assert generate.main(["--model", tiny["student"], "--data", tiny["data"], "--output", str(tmp_path / "x.jsonl")]) == 2
+    assert "no 'prompt'" in capsys.readouterr().err
+
+
+def test_on_policy_second_round_resumes_in_that_round(tiny, pc_data, dist_env, tmp_path):
+    """--rounds 2 with {"on_policy_fraction": 1.0} for round 2: a job stopped in round 2 resumes there (round 1 is
+    skipped) and continues round 2's loss curve."""
+    from ds_distill import rounds
+    from ds_distill.callbacks import Callback
+
+    class StopInRound2(Callback):
+        def should_stop(self, trainer):
+            return trainer.cfg.on_policy_fraction == 1.0 and trainer.step == 1
+
+    overrides = tmp_path / "r.json"
+    overrides.write_text(json.dumps([{}, {"on_policy_fraction": 1.0}]))
+    kw = dict(deepspeed_config=ds_json(tmp_path), rounds=2, round_overrides=str(overrides), max_steps=2, export=True)
+    straight = rounds.run_rounds(op_cfg(tiny, pc_data, tmp_path / "a", **kw), lambda c: [])
+    assert [t.cfg.on_policy_fraction for t in straight] == [0.0, 1.0]
+    assert isinstance(straight[1].train, on_policy.OnPolicyStream)
+    stopped = rounds.run_rounds(op_cfg(tiny, pc_data, tmp_path / "b", **kw), lambda c: [StopInRound2()])
+    assert len(stopped) == 2 and stopped[1].step == 1
+    resumed = rounds.run_rounds(op_cfg(tiny, pc_data, tmp_path / "b", resume=True, **kw), lambda c: [])
+    assert len(resumed) == 1 and resumed[0].history[0]["step"] == 2
+    assert losses_of(stopped[1]) + losses_of(resumed[0]) == pytest.approx(losses_of(straight[1]), rel=1e-5, abs=1e-6)
