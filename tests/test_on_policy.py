@@ -143,6 +143,31 @@ def test_whole_and_layered_generation_agree_and_resume_continues_the_curve(tiny,
     assert losses_of(first) + losses_of(second) == pytest.approx(losses_of(whole), rel=1e-5, abs=1e-6)
 
 
+def test_on_policy_second_round_resumes_in_that_round(tiny, pc_data, dist_env, tmp_path):
+    """--rounds 2 with {"on_policy_fraction": 1.0} for round 2: a job stopped in round 2 resumes there (round 1 is
+    skipped) and continues round 2's loss curve."""
+    from ds_distill import rounds
+    from ds_distill.callbacks import Callback
+
+    class StopInRound2(Callback):
+        def should_stop(self, trainer):
+            return trainer.cfg.on_policy_fraction == 1.0 and trainer.step == 1
+
+    overrides = tmp_path / "r.json"
+    overrides.write_text(json.dumps([{}, {"on_policy_fraction": 1.0}]))
+    kw = dict(deepspeed_config=ds_json(tmp_path), rounds=2, round_overrides=str(overrides), max_steps=2, export=True)
+    straight = rounds.run_rounds(op_cfg(tiny, pc_data, tmp_path / "a", **kw), lambda c: [])
+    assert [t.cfg.on_policy_fraction for t in straight] == [0.0, 1.0]
+    assert isinstance(straight[1].train, on_policy.OnPolicyStream)
+    stopped = rounds.run_rounds(op_cfg(tiny, pc_data, tmp_path / "b", **kw), lambda c: [StopInRound2()])
+    assert len(stopped) == 2 and stopped[1].step == 1
+    resumed = rounds.run_rounds(op_cfg(tiny, pc_data, tmp_path / "b", resume=True, **kw), lambda c: [])
+    assert len(resumed) == 1 and resumed[0].history[0]["step"] == 2
+    assert losses_of(stopped[1]) + losses_of(resumed[0]) == pytest.approx(losses_of(straight[1]), rel=1e-5, abs=1e-6)
+
+# The tests below call entry points' main(), which tears the process group down (as a real run does at exit); the
+# engine-building tests above run first, on the session's group.
+
 def test_on_policy_needs_prompts_and_no_packing(tiny, dist_env, tmp_path, capsys):
     base = ["--teacher", tiny["teacher"], "--student", tiny["student"], "--output_dir", str(tmp_path / "x"), "--max_steps", "1"]
     assert train.main([*base, "--data", tiny["data"], "--on_policy_fraction", "0.5"]) == 2
@@ -194,26 +219,3 @@ def test_generate_writes_records_and_resumes(tiny, pc_data, tmp_path, capsys):
 
     assert generate.main(["--model", tiny["student"], "--data", tiny["data"], "--output", str(tmp_path / "x.jsonl")]) == 2
     assert "no 'prompt'" in capsys.readouterr().err
-
-
-def test_on_policy_second_round_resumes_in_that_round(tiny, pc_data, dist_env, tmp_path):
-    """--rounds 2 with {"on_policy_fraction": 1.0} for round 2: a job stopped in round 2 resumes there (round 1 is
-    skipped) and continues round 2's loss curve."""
-    from ds_distill import rounds
-    from ds_distill.callbacks import Callback
-
-    class StopInRound2(Callback):
-        def should_stop(self, trainer):
-            return trainer.cfg.on_policy_fraction == 1.0 and trainer.step == 1
-
-    overrides = tmp_path / "r.json"
-    overrides.write_text(json.dumps([{}, {"on_policy_fraction": 1.0}]))
-    kw = dict(deepspeed_config=ds_json(tmp_path), rounds=2, round_overrides=str(overrides), max_steps=2, export=True)
-    straight = rounds.run_rounds(op_cfg(tiny, pc_data, tmp_path / "a", **kw), lambda c: [])
-    assert [t.cfg.on_policy_fraction for t in straight] == [0.0, 1.0]
-    assert isinstance(straight[1].train, on_policy.OnPolicyStream)
-    stopped = rounds.run_rounds(op_cfg(tiny, pc_data, tmp_path / "b", **kw), lambda c: [StopInRound2()])
-    assert len(stopped) == 2 and stopped[1].step == 1
-    resumed = rounds.run_rounds(op_cfg(tiny, pc_data, tmp_path / "b", resume=True, **kw), lambda c: [])
-    assert len(resumed) == 1 and resumed[0].history[0]["step"] == 2
-    assert losses_of(stopped[1]) + losses_of(resumed[0]) == pytest.approx(losses_of(straight[1]), rel=1e-5, abs=1e-6)
