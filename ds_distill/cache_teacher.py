@@ -85,9 +85,10 @@ def run(cfg, on_shard: Callable[[dict], None] | None = None) -> dict | None:
         "teacher_fingerprint": teacher_cache.teacher_fingerprint(teacher),
         "token_flags": {name: getattr(cfg, name) for name in teacher_cache.TOKEN_FLAGS},
         "splits": {name: {"examples": len(ds), "fingerprint": teacher_cache.dataset_fingerprint(ds)} for name, ds in splits.items()},
+        "id_order": "identity" if cfg.exact else "data_frequency",
         "shard_examples": cfg.shard_examples, "batch_size": cfg.batch_size, "chunk_size": cfg.chunk_size,
     }
-    info = {"teacher": teacher, "data": cfg.data, "eval_data": cfg.eval_data, "step": teacher_cache.STEP, "row_group": teacher_cache.ROW_GROUP}
+    info = {"teacher": teacher, "data": cfg.data, "eval_data": cfg.eval_data, "levels": teacher_cache.LEVELS, "row_group": teacher_cache.ROW_GROUP}
     tds = teacher_ds_config(cfg.teacher, cfg.teacher_deepspeed_config, world)
     engine = models.teacher_engine(teacher, tds)
     models.check_output_rows(vocab, [engine], [teacher])
@@ -98,7 +99,7 @@ def run(cfg, on_shard: Callable[[dict], None] | None = None) -> dict | None:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return int(t.item())
 
-    manifest = teacher_cache.write_cache(Path(cfg.output_dir), settings, info, splits, engine, rank=world.rank, world_size=world.world_size,
+    manifest = teacher_cache.write_cache(Path(cfg.output_dir), settings, info, splits, engine, world_rank=world.rank, world_size=world.world_size,
                                          device=device, pad_token_id=tokenizer.pad_token_id, zero3=tds.zero_stage == 3,
                                          barrier=distributed.barrier, all_reduce_max=all_reduce_max, on_shard=on_shard)
     if manifest is not None:

@@ -3,6 +3,7 @@
 is the only one that knows the cache directory's layout.
 
 Layout of ``CACHE/``:
+    vocab_order.npy                token ids by descending count in the data (int32): the order ids are coded in
     manifest.json                  rank 0 writes it before the first shard ("complete": false, the settings) and after
                                    the last one ("complete": true, every shard with its sha256, the measurements)
     shards/<split>-<s>.parquet     examples ``[s * S, (s + 1) * S)`` of the split's dataset order (S: shard_examples)
@@ -14,13 +15,14 @@ shard and a half-written one is never read. Splits: ``data`` (from --data) and `
 One Parquet row per example (zstd, row groups of ``ROW_GROUP`` examples for random access by example id):
     id      int64   the dataset's example id (``data.get_dataset``'s ``id``)
     tokens  int32   n, its supervised positions (labels != -100), in position order
-    ids     binary  n x K token ids, each token's sorted ascending and delta-coded (the first id, then gaps - 1) as
-                    LEB128 varints (1 byte below 128, 2 below 16384, 3 below 2**21)
-    logp    binary  n x K uint8 codes ``q = min(round((max logp - logp) / STEP), 255)`` (STEP = 1/16 nat: a range of
-                    16 nats below the token's top log-prob), or float32 log-probs (exact caches)
+    ids     binary  n x K token ids as their ranks in vocab_order (token ids themselves in exact caches), each
+                    token's sorted ascending and delta-coded (the first, then gaps - 1) as LEB128 varints (1 byte
+                    below 128, 2 below 16384, 3 below 2**21)
+    logp    binary  n x K uint8 codes ``q = max(round(LEVELS * sqrt(p / p_top)), 1)`` in the ids' order (LEVELS = 63,
+                    p_top the token's largest top-K probability), or float32 log-probs (exact caches)
     tail    binary  n float16 (float32 when exact) logs of the mass outside the top K, floored at TAIL_FLOOR nats
 Log-probs are of ``softmax(teacher_logits / T)`` over the tokenizer's vocabulary, T the cache's temperature.
-Decoding: ``logp = -q * STEP + c`` with c such that ``sum exp(logp) = 1 - exp(tail)``: the codes fix the shape of the
+Decoding: ``logp = 2 log(q / LEVELS) + c`` with c such that ``sum exp(logp) = 1 - exp(tail)``: the codes fix the shape of the
 top-K part and the tail its total mass. An exact cache (``--exact``: K = V, float32, no quantisation) holds the
 teacher's full log-softmax, and training from it gives the live teacher's loss.
 """
@@ -48,7 +50,7 @@ from ds_distill.config import UsageError
 log = logging.getLogger("ds_distill")
 
 FORMAT_VERSION = 1
-STEP = 1.0 / 16  # nats per uint8 code: rounding errors <= 1/32 nat per log-prob
+LEVELS = 63  # codes of sqrt(p / p_top): 1..63 (6 bits in a uint8), 63 = the token's top probability
 TAIL_FLOOR = -50.0  # nats: a tail mass below exp(-50) is stored as exp(-50) (reverse divergences stay finite)
 ROW_GROUP = 8  # examples per Parquet row group: the unit of random access
 SPLITS = ("data", "eval_data")
@@ -105,15 +107,19 @@ def top_k(logits: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tenso
 
 
 def quantise(logp: torch.Tensor, tail: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 codes ``[n, K]`` relative to each token's top log-prob, float16 log tails ``[n]``)."""
-    rel = logp.max(dim=-1, keepdim=True).values - logp
-    codes = torch.round(rel / STEP).clamp(max=255).to(torch.uint8)
+    """(uint8 codes ``[n, K]`` = round(LEVELS * sqrt(p / p_top)) >= 1, float16 log tails ``[n]``).
+
+    Why sqrt: an error dp in a probability p costs about dp^2 / (2 p) of KL, so uniform steps in sqrt(p) spend the
+    same KL on every entry; the many small probabilities of a top-K get small codes, which zstd packs tightly.
+    """
+    u = torch.exp(0.5 * (logp - logp.max(dim=-1, keepdim=True).values))
+    codes = torch.round(u * LEVELS).clamp(min=1).to(torch.uint8)
     return codes.cpu().numpy(), tail.cpu().numpy().astype(np.float16)
 
 
 def dequantise(codes: torch.Tensor, tail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of ``quantise``: (log-probs ``[n, K]``, log tails ``[n]``), fp32, together a distribution."""
-    rel = -codes.float() * STEP
+    rel = 2.0 * torch.log(codes.float() / LEVELS)
     tail = tail.float().clamp(max=-1e-7)  # float16 may round a tiny top-K mass up to a tail of 1
     return rel + (torch.log1p(-tail.exp()) - torch.logsumexp(rel, dim=-1))[:, None], tail
 
@@ -149,9 +155,28 @@ def decode_ids(buf: bytes, k: int) -> np.ndarray:
     return np.cumsum(varint_decode(buf).reshape(-1, k) + 1, axis=1) - 1
 
 
-def encode_example(ids: torch.Tensor, logp: torch.Tensor, tail: torch.Tensor, exact: bool) -> dict[str, Any]:
-    """One example's n supervised tokens -> the Parquet row's binary columns (see the module docstring)."""
-    row = {"tokens": ids.shape[0], "ids": encode_ids(ids.cpu().numpy())}
+def frequency_rank(datasets: list, vocab_size: int) -> np.ndarray:
+    """rank[token id] for the cache's id coding: tokens by descending count in the data's input_ids (ties: by id).
+    Frequent tokens fill most top-K lists, and small gaps between their ranks take one varint byte."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for ds in datasets:
+        for table in ds.with_format("arrow").iter(batch_size=4096):
+            ids = np.asarray(table["input_ids"].combine_chunks().flatten(), dtype=np.int64)
+            counts += np.bincount(ids[ids < vocab_size], minlength=vocab_size)
+    rank = np.empty(vocab_size, dtype=np.int32)
+    rank[np.lexsort((np.arange(vocab_size), -counts))] = np.arange(vocab_size, dtype=np.int32)
+    return rank
+
+
+def encode_example(ids: torch.Tensor, logp: torch.Tensor, tail: torch.Tensor, exact: bool, rank: np.ndarray | None = None) -> dict[str, Any]:
+    """One example's n supervised tokens -> the Parquet row's binary columns (see the module docstring).
+    rank: the id coding's order (``frequency_rank``); None = token ids as they are (exact caches)."""
+    ids_np, logp = ids.cpu().numpy(), logp.cpu()
+    if rank is not None:  # code ranks, sorted; the log-probs follow the same permutation
+        ranks = rank[ids_np]
+        perm = np.argsort(ranks, axis=1, kind="stable")
+        ids_np, logp = np.take_along_axis(ranks, perm, 1), logp.gather(1, torch.from_numpy(perm))
+    row = {"tokens": ids.shape[0], "ids": encode_ids(ids_np)}
     if exact:
         row.update(logp=logp.cpu().numpy().astype(np.float32).tobytes(), tail=tail.cpu().numpy().astype(np.float32).tobytes())
     else:
@@ -160,9 +185,11 @@ def encode_example(ids: torch.Tensor, logp: torch.Tensor, tail: torch.Tensor, ex
     return row
 
 
-def decode_example(row: dict[str, Any], k: int, exact: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A Parquet row -> (ids ``[n, K]`` int64, log-probs ``[n, K]`` fp32, log tails ``[n]`` fp32)."""
-    ids = torch.from_numpy(decode_ids(row["ids"], k))
+def decode_example(row: dict[str, Any], k: int, exact: bool, order: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Parquet row -> (ids ``[n, K]`` int64, log-probs ``[n, K]`` fp32, log tails ``[n]`` fp32).
+    order: the inverse of ``encode_example``'s rank (order[rank] = token id); the ids then come in rank order."""
+    ids = decode_ids(row["ids"], k)
+    ids = torch.from_numpy(ids if order is None else order[ids].astype(np.int64))
     if exact:
         logp = torch.from_numpy(np.frombuffer(row["logp"], dtype=np.float32).reshape(-1, k).copy())
         return ids, logp, torch.from_numpy(np.frombuffer(row["tail"], dtype=np.float32).copy())
@@ -259,11 +286,12 @@ def summarise(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
              "kl_buckets_per_token": sum(s["kl_buckets_sum"] for s in every) / tokens,
              "tail_mass_per_token": sum(s["tail_mass_sum"] for s in every) / tokens,
              "teacher_seconds": sum(s["seconds"] for s in every)}
-    return {**manifest, "complete": True, "shards": shards, "stats": stats}
+    order = root / "vocab_order.npy"
+    return {**manifest, "complete": True, "shards": shards, "stats": stats, "vocab_order_sha256": _sha256(order) if order.is_file() else None}
 
 
 def write_cache(root: Path, settings: dict[str, Any], info: dict[str, Any], datasets: dict[str, Any], teacher, *,
-                rank: int, world_size: int, device: torch.device, pad_token_id: int, zero3: bool,
+                world_rank: int, world_size: int, device: torch.device, pad_token_id: int, zero3: bool,
                 barrier: Callable[[], None], all_reduce_max: Callable[[int], int],
                 on_shard: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any] | None:
     """Run ``teacher`` (an engine whose forward gives final hidden states; ``teacher.module.head`` the output layer)
@@ -281,15 +309,19 @@ def write_cache(root: Path, settings: dict[str, Any], info: dict[str, Any], data
         raise UsageError(f"{root} holds a teacher cache written with other settings ({', '.join(diff)} differ): "
                          "pick another --output_dir, or delete that one")
     barrier()
-    if rank == 0 and existing is None:
+    if world_rank == 0 and existing is None:
         (root / "shards").mkdir(exist_ok=True)
         _write_json_atomic(root / "manifest.json", {"format_version": FORMAT_VERSION, "complete": False, "settings": settings, "info": info})
     barrier()
 
     k, vocab, temperature, exact = settings["top_k"], settings["vocab_size"], settings["temperature"], settings["exact"]
+    rank = frequency_rank(list(datasets.values()), vocab) if settings["id_order"] == "data_frequency" else None
+    order = None if rank is None else np.argsort(rank).astype(np.int32)
+    if rank is not None and world_rank == 0:
+        np.save(root / "vocab_order.npy", order)  # the same on every rank and every resume: a function of the data
     size, batch = settings["shard_examples"], settings["batch_size"]
     todo = [(split, s) for split, ds in datasets.items() for s in range(-(-len(ds) // size))
-            if s % world_size == rank and not shard_done(root, shard_name(split, s))]
+            if s % world_size == world_rank and not shard_done(root, shard_name(split, s))]
     n_batches = sum(-(-(min(len(datasets[sp]), (s + 1) * size) - s * size) // batch) for sp, s in todo)
     # Fixed head calls per batch (from its largest possible token count), so every rank and batch makes the same.
     chunk = max(settings["chunk_size"], 1)
@@ -318,10 +350,11 @@ def write_cache(root: Path, settings: dict[str, Any], info: dict[str, Any], data
             part = ds[start: min(start + batch, len(ds), (s + 1) * size)]
             (ids, logp, tail, full), counts = forward(part)
             for example_id, piece in zip(part["id"], torch.split(torch.arange(ids.shape[0]), counts)):
-                rows.append({"id": int(example_id), **encode_example(ids[piece], logp[piece], tail[piece], exact)})
+                rows.append({"id": int(example_id), **encode_example(ids[piece], logp[piece], tail[piece], exact, rank)})
                 # The error is measured on what was stored: the row decoded again.
-                _, rec_logp, rec_tail = decode_example(rows[-1], k, exact)
-                kl_full, kl_b = reconstruction_kl(full[piece].cpu(), ids[piece].cpu(), logp[piece].cpu(), tail[piece].cpu(), rec_logp, rec_tail)
+                rec_ids, rec_logp, rec_tail = decode_example(rows[-1], k, exact, order)
+                f = full[piece].cpu()
+                kl_full, kl_b = reconstruction_kl(f, rec_ids, f.gather(1, rec_ids), tail[piece].cpu(), rec_logp, rec_tail)
                 stats["kl_full_sum"] += kl_full.sum().item()
                 stats["kl_buckets_sum"] += kl_b.sum().item()
                 stats["tail_mass_sum"] += tail[piece].exp().sum().item()
@@ -334,7 +367,7 @@ def write_cache(root: Path, settings: dict[str, Any], info: dict[str, Any], data
         for _ in range(all_reduce_max(n_batches) - n_batches):
             forward(first[0:min(batch, len(first))])  # a collective the other ranks are making: results discarded
     barrier()
-    if rank != 0:
+    if world_rank != 0:
         return None
     manifest = summarise(root, read_manifest(root))
     _write_json_atomic(root / "manifest.json", manifest)
@@ -358,6 +391,12 @@ class TeacherCache:
                              "python -m ds_distill.cache_teacher command to finish it")
         self.manifest, self.settings = manifest, manifest["settings"]
         self.k, self.exact = self.settings["top_k"], self.settings["exact"]
+        self.order = None
+        if self.settings["id_order"] == "data_frequency":
+            path = self.root / "vocab_order.npy"
+            if not path.is_file() or _sha256(path) != manifest["vocab_order_sha256"]:
+                raise UsageError(f"--teacher_cache {path}: missing or corrupt (checksum): rewrite the cache")
+            self.order = np.load(path)
         self._index: dict[str, dict[int, tuple[int, int]]] = {}
         self._files: dict[tuple[str, int], pq.ParquetFile] = {}
         self._groups: OrderedDict = OrderedDict()
@@ -430,7 +469,7 @@ class TeacherCache:
             if example_id not in where:
                 raise UsageError(f"--teacher_cache {self.root} has no example id {example_id} in its {split} split: "
                                  "write the cache from the run's data")
-            parts.append(decode_example(self._row(split, *where[example_id]), self.k, self.exact))
+            parts.append(decode_example(self._row(split, *where[example_id]), self.k, self.exact, self.order))
         return (*(torch.cat([p[i] for p in parts]) for i in range(3)), [p[0].shape[0] for p in parts])
 
 
