@@ -74,10 +74,16 @@ def run(cfg, on_shard: Callable[[dict], None] | None = None) -> dict | None:
         logging.getLogger().setLevel(logging.WARNING)
     teacher = cfg.teacher[0]
     tokenizer = models.load_tokenizer(teacher)
-    data_kw = dict(seq_len=cfg.seq_len, data_format=cfg.data_format, packing=cfg.packing, train_on_prompt=cfg.train_on_prompt, drop_long=cfg.drop_long)
+    chat_template = Path(cfg.chat_template).read_text() if cfg.chat_template else None
+    data_kw = dict(seq_len=cfg.seq_len, data_format=cfg.data_format, packing=cfg.packing, train_on_prompt=cfg.train_on_prompt,
+                   drop_long=cfg.drop_long, chat_template=chat_template)
     splits = {"data": data.get_dataset(cfg.data, tokenizer, split=cfg.data_split, max_samples=cfg.max_samples or None, **data_kw)}
     if cfg.eval_data:
         splits["eval_data"] = data.get_dataset(cfg.eval_data, tokenizer, **data_kw)
+    for name, ds in splits.items():
+        if len(set(ds["row"])) != len(ds):
+            raise UsageError(f"--{name} {getattr(cfg, name)}: some conversations give one example per assistant turn (they share a row "
+                             "number, by which a cache is read): teacher caches do not support them yet; train with --teacher")
     vocab = len(tokenizer)
     settings = {
         "format_version": teacher_cache.FORMAT_VERSION, "top_k": vocab if cfg.exact else min(cfg.top_k, vocab), "exact": cfg.exact,

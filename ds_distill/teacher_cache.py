@@ -13,7 +13,7 @@ shard exists only when its sidecar does and the sizes agree, so a killed writer 
 shard and a half-written one is never read. Splits: ``data`` (from --data) and ``eval_data`` (from --eval_data).
 
 One Parquet row per example (zstd, row groups of ``ROW_GROUP`` examples for random access by example id):
-    id      int64   the dataset's example id (``data.get_dataset``'s ``id``)
+    row     int64   the example's row number (``data.get_dataset``'s ``row``, the batches' ``example_ids``)
     tokens  int32   n, its supervised positions (labels != -100), in position order
     ids     binary  n x K token ids as their ranks in vocab_order (token ids themselves in exact caches), each
                     token's sorted ascending and delta-coded (the first, then gaps - 1) as LEB128 varints (1 byte
@@ -55,7 +55,7 @@ TAIL_FLOOR = -50.0  # nats: a tail mass below exp(-50) is stored as exp(-50) (re
 ROW_GROUP = 8  # examples per Parquet row group: the unit of random access
 SPLITS = ("data", "eval_data")
 # Run-config fields that change which tokens a dataset holds; a cache only fits a run with the same values.
-TOKEN_FLAGS = ("seq_len", "data_format", "data_split", "max_samples", "packing", "train_on_prompt", "drop_long")
+TOKEN_FLAGS = ("seq_len", "data_format", "data_split", "max_samples", "packing", "train_on_prompt", "drop_long", "chat_template")
 
 
 # ------------------------------------------------------------------------------------------------- fingerprints
@@ -66,10 +66,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def dataset_fingerprint(dataset) -> str:
-    """sha256 of the tokenised rows as a run reads them (id, input_ids, labels, position_ids), in dataset order: the
+    """sha256 of the tokenised rows as a run reads them (row, input_ids, labels, position_ids), in dataset order: the
     real tokens, whatever file, path or `datasets` cache they came from."""
     h = hashlib.sha256()
-    columns = [c for c in ("id", "input_ids", "labels", "position_ids") if c in dataset.column_names]
+    columns = [c for c in ("row", "input_ids", "labels", "position_ids") if c in dataset.column_names]
     for table in dataset.with_format("arrow").iter(batch_size=4096):
         for c in columns:
             col = table[c].combine_chunks()
@@ -250,7 +250,7 @@ def write_shard(root: Path, name: str, rows: list[dict[str, Any]], stats: dict[s
     """Write one shard (temp name, then rename, then its sidecar) and return the sidecar."""
     shards = root / "shards"
     tmp, final = shards / f"{name}.parquet.tmp", shards / f"{name}.parquet"
-    table = pa.table({"id": pa.array([r["id"] for r in rows], pa.int64()), "tokens": pa.array([r["tokens"] for r in rows], pa.int32()),
+    table = pa.table({"row": pa.array([r["row"] for r in rows], pa.int64()), "tokens": pa.array([r["tokens"] for r in rows], pa.int32()),
                       **{c: pa.array([r[c] for r in rows], pa.binary()) for c in ("ids", "logp", "tail")}})
     # No column statistics: min/max of binary columns would store whole values again in the footer.
     pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP, write_statistics=False)
@@ -349,8 +349,8 @@ def write_cache(root: Path, settings: dict[str, Any], info: dict[str, Any], data
         for start in range(s * size, min(len(ds), (s + 1) * size), batch):
             part = ds[start: min(start + batch, len(ds), (s + 1) * size)]
             (ids, logp, tail, full), counts = forward(part)
-            for example_id, piece in zip(part["id"], torch.split(torch.arange(ids.shape[0]), counts)):
-                rows.append({"id": int(example_id), **encode_example(ids[piece], logp[piece], tail[piece], exact, rank)})
+            for example_row, piece in zip(part["row"], torch.split(torch.arange(ids.shape[0]), counts)):
+                rows.append({"row": int(example_row), **encode_example(ids[piece], logp[piece], tail[piece], exact, rank)})
                 # The error is measured on what was stored: the row decoded again.
                 rec_ids, rec_logp, rec_tail = decode_example(rows[-1], k, exact, order)
                 f = full[piece].cpu()
@@ -446,8 +446,8 @@ class TeacherCache:
         if split not in self._index:
             index = {}
             for s in range(len(self.manifest["shards"][split])):
-                for row, example_id in enumerate(self._file(split, s).read(columns=["id"])["id"].to_pylist()):
-                    index[example_id] = (s, row)
+                for i, example_row in enumerate(self._file(split, s).read(columns=["row"])["row"].to_pylist()):
+                    index[example_row] = (s, i)
             self._index[split] = index
         return self._index[split]
 
@@ -461,7 +461,7 @@ class TeacherCache:
         return self._groups[key][row % ROW_GROUP]
 
     def read(self, split: str, example_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
-        """The rows of ``example_ids``, concatenated in that order: (ids ``[n, K]``, log-probs ``[n, K]``, log tails
+        """The examples of ``example_ids`` (row numbers), concatenated in that order: (ids ``[n, K]``, log-probs ``[n, K]``, log tails
         ``[n]``, supervised tokens per example)."""
         where = self._where(split)
         parts = []
