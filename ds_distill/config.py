@@ -37,6 +37,7 @@ class RunConfig:
     output_dir: str = _f("", "Where checkpoints, logs, metrics and the exported student go.")
     deepspeed_config: str = _f("", "Student DeepSpeed JSON. Default: ds_configs/zero3_bf16.json on GPU, cpu_zero3.json on CPU.")
     teacher_deepspeed_config: str = _f("", "Teacher DeepSpeed JSON (inference, no optimizer). Default: chosen by fit: replicated on every rank (stage 0, no per-layer gathers) when the teachers take at most a quarter of a rank's memory or there is one rank, else ZeRO-3 sharded.")
+    teacher_cache: list[str] = _f(list, "Train from a teacher cache written by `python -m ds_distill.cache_teacher` instead of --teacher: no teacher model is loaded. One cache (ensembles of caches are refused).", multi=True)
     teacher_weights: list[float] = _f(list, "Ensemble weights, one per --teacher (normalised). Default: uniform.", multi=True)
     attn_implementation: str = _f("auto", "Attention kernel of every model: auto (flash_attention_2 with a GPU and flash-attn installed, else sdpa where the model supports it, else eager), flash_attention_2, sdpa, eager or flex_attention.")
     # --- loss
@@ -91,8 +92,8 @@ class RunConfig:
 
         problems: list[str] = []
         if require_paths:
-            if not self.teacher:
-                problems.append("--teacher is required (a model directory; repeat it for an ensemble)")
+            if not self.teacher and not self.teacher_cache:
+                problems.append("--teacher is required (a model directory; repeat it for an ensemble), or --teacher_cache")
             for name in ("student", "data", "output_dir"):
                 if not getattr(self, name):
                     problems.append(f"--{name} is required")
@@ -115,7 +116,9 @@ class RunConfig:
         for name in ("beta", "skew"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"--{name} {getattr(self, name)} must be in [0, 1]")
-        if self.teacher_weights and len(self.teacher_weights) != len(self.teacher):
+        if self.teacher_cache:
+            problems.extend(_teacher_cache_problems(self))
+        elif self.teacher_weights and len(self.teacher_weights) != len(self.teacher):
             problems.append(f"--teacher_weights has {len(self.teacher_weights)} values for {len(self.teacher)} teachers")
         if any(w < 0 for w in self.teacher_weights) or (self.teacher_weights and sum(self.teacher_weights) <= 0):
             problems.append("--teacher_weights must be >= 0 with a positive sum")
@@ -161,6 +164,20 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+def _teacher_cache_problems(cfg: RunConfig) -> list[str]:
+    problems = []
+    if cfg.teacher:
+        problems.append("--teacher and --teacher_cache are both given: pass one (the cache replaces the teacher)")
+    if len(cfg.teacher_cache) > 1:
+        problems.append(f"--teacher_cache is given {len(cfg.teacher_cache)} times: ensembles of caches are not supported, pass one cache "
+                        "(or train from the live teachers with --teacher repeated)")
+    if cfg.teacher_weights or cfg.router != "fixed":
+        problems.append("--teacher_weights and --router mix an ensemble's teachers: drop them with --teacher_cache (one cache)")
+    if cfg.on_policy_fraction:
+        problems.append("--on_policy_fraction samples new tokens that a teacher cache cannot score: train on-policy with --teacher")
+    return problems
+
+
 def _parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -169,11 +186,11 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """One flag per RunConfig field (same name), plus --config for a YAML/JSON run file with the same keys."""
-    parser = argparse.ArgumentParser(prog="ds_distill.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="", help="YAML or JSON run file whose keys are RunConfig fields; flags override it.")
-    for f in dataclasses.fields(RunConfig):
+def build_parser(cls: type = RunConfig, prog: str = "ds_distill.train") -> argparse.ArgumentParser:
+    """One flag per field of ``cls`` (same name), plus --config for a YAML/JSON run file with the same keys."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="", help=f"YAML or JSON run file whose keys are {cls.__name__} fields; flags override it.")
+    for f in dataclasses.fields(cls):
         kind = f.type if isinstance(f.type, str) else f.type.__name__
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata["help"]}
         if f.metadata.get("multi"):
@@ -186,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_run_file(path: str) -> dict[str, Any]:
+def load_run_file(path: str, cls: type = RunConfig) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"--config {path!r} does not exist: pass a YAML or JSON run file")
@@ -198,23 +215,23 @@ def load_run_file(path: str) -> dict[str, Any]:
         raise UsageError(f"--config {path!r} could not be parsed: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
         raise UsageError(f"--config {path!r} must hold a mapping of RunConfig fields, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(RunConfig)}
+    known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise UsageError(f"--config {path!r} has unknown keys {unknown}: valid keys are the flags of `python -m ds_distill.train --help`")
     return data
 
 
-def parse_args(argv: list[str] | None = None) -> RunConfig:
-    """Run file first, then CLI flags on top; lists from the CLI replace the file's lists."""
-    args = vars(build_parser().parse_args(argv))
-    values: dict[str, Any] = load_run_file(args.pop("config")) if args.get("config") else {}
+def parse_args(argv: list[str] | None = None, cls: type = RunConfig, prog: str = "ds_distill.train") -> Any:
+    """Run file first, then CLI flags on top; lists from the CLI replace the file's lists. Returns a ``cls``."""
+    args = vars(build_parser(cls, prog).parse_args(argv))
+    values: dict[str, Any] = load_run_file(args.pop("config"), cls) if args.get("config") else {}
     args.pop("config", None)
     values.update(args)
-    for name in ("teacher", "teacher_weights"):
+    for name in ("teacher", "teacher_weights", "teacher_cache"):
         if isinstance(values.get(name), (str, int, float)):
             values[name] = [values[name]]
-    return RunConfig(**values)
+    return cls(**values)
 
 
 # --------------------------------------------------------------------------------------------- DeepSpeed JSON

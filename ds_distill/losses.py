@@ -420,3 +420,96 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Te
     out = loss_sums(student_logits, teacher_logits, labels, loss=loss, alpha=alpha, temperature=temperature, beta=beta,
                     skew=skew, ignore_index=ignore_index)
     return out.total / out.n_tokens.clamp(min=1)
+
+
+# ------------------------------------------------------------------------------------- sparse (cached) teacher targets
+def _sparse_token_terms(s_logits: Tensor, labels: Tensor, t_ids: Tensor, t_logp: Tensor, t_tail: Tensor, *, loss: str,
+                        alpha: float, temperature: float, beta: float, skew: float) -> tuple[Tensor, Tensor]:
+    """CE and T^2 * D on the top-K support plus one tail bucket: ``[n, V], [n], [n, K], [n, K], [n] -> ([n], [n])``."""
+    s = s_logits.float()
+    ce = F.cross_entropy(s, labels, reduction="none")
+    if alpha == 1.0:
+        return ce, torch.zeros_like(ce)
+    s_logp = F.log_softmax(s / temperature, dim=-1)
+    s_top = s_logp.gather(-1, t_ids)
+    if t_ids.shape[-1] < s.shape[-1]:
+        # The student's tail bucket: log of its mass outside the teacher's top-K ids, from its own logits (not
+        # log(1 - sum p_top), which cancels catastrophically when the top-K hold almost all the mass).
+        s_tail = torch.logsumexp(s_logp.scatter(-1, t_ids, -math.inf), dim=-1)
+        t, s_b = torch.cat([t_logp.float(), t_tail.float()[:, None]], -1), torch.cat([s_top, s_tail[:, None]], -1)
+    else:  # K = V: the top-K ids are the whole vocabulary, there is no tail
+        t, s_b = t_logp.float(), s_top
+    return ce, temperature**2 * LOSSES[loss](t, s_b, beta=beta, skew=skew)
+
+
+def _check_sparse(t_ids: Tensor, t_logp: Tensor, t_tail: Tensor, n: int, v: int) -> None:
+    if t_ids.dim() != 2 or t_logp.shape != t_ids.shape or t_tail.shape != t_ids.shape[:1] or t_ids.shape[0] != n:
+        raise ValueError(f"teacher ids {tuple(t_ids.shape)}, log-probs {tuple(t_logp.shape)} and tail {tuple(t_tail.shape)} "
+                         f"must be [n, K], [n, K], [n] with n={n} supervised tokens")
+    if not 1 <= t_ids.shape[1] <= v:
+        raise ValueError(f"top-K={t_ids.shape[1]} must be in [1, {v}] (the vocabulary scored)")
+
+
+def sparse_loss_sums(student_logits: Tensor, teacher_ids: Tensor, teacher_logp: Tensor, teacher_tail: Tensor,
+                     labels: Tensor, *, loss: str = "forward_kl", alpha: float = 0.5, temperature: float = 1.0,
+                     beta: float = 0.5, skew: float = 0.1, ignore_index: int = IGNORE_INDEX,
+                     vocab_size: int | None = None) -> LossSums:
+    """Loss sums against a sparse teacher (e.g. ``ds_distill.teacher_cache``): its top-K plus one tail bucket.
+
+    teacher_ids ``[n, K]`` int64, teacher_logp ``[n, K]`` and teacher_tail ``[n]`` (log-probabilities at
+    ``temperature``; ``logsumexp(teacher_logp) + exp(teacher_tail)`` = 1, the tail = the mass outside the ids), one row
+    per supervised position in row-major ``[B, T]`` order (the order of ``labels != ignore_index``).
+    What is compared: the two distributions over K + 1 buckets (the K teacher ids, then "any other token"):
+    the teacher's ``[exp(teacher_logp), exp(teacher_tail)]`` and the student's ``[p_s(ids), 1 - sum p_s(ids)]`` with
+    ``p_s = softmax(student / T)`` over the first ``vocab_size`` logits, the student's tail formed as the logsumexp of
+    its log-probs outside the ids. ``D`` is the divergence between these coarse distributions (by the data-processing
+    inequality at most the full-vocabulary D); when K equals the vocabulary there is no tail bucket and the result is
+    the full-vocabulary loss of ``loss_sums`` (ids sorted: the same sums, term by term).
+    Divergences: every one in ``LOSSES`` is supported (each is defined on any finite set of outcomes); none is refused.
+    CE is the ordinary full-vocabulary cross-entropy on the labels.
+    """
+    check_args(loss, alpha, temperature, beta, skew)
+    idx, rows, lab, _ = _prepare(student_logits, labels, [], None, ignore_index, 1.0, "logits")
+    v = _check_vocab(vocab_size, student_logits.shape[-1], [])
+    _check_sparse(teacher_ids, teacher_logp, teacher_tail, idx.shape[0], v)
+    s = student_logits.flatten(0, 1)[idx, :v]
+    t_ids, t_logp, t_tail = (x.to(s.device, non_blocking=True) for x in (teacher_ids, teacher_logp, teacher_tail))
+    ce, kd = _sparse_token_terms(s, lab, t_ids, t_logp, t_tail, loss=loss, alpha=alpha, temperature=temperature, beta=beta, skew=skew)
+    return _sums(ce, kd, rows, labels.shape[0], alpha, student_logits)
+
+
+def chunked_sparse_loss_sums(student_hidden: Tensor, student_head: Callable[[Tensor], Tensor], teacher_ids: Tensor,
+                             teacher_logp: Tensor, teacher_tail: Tensor, labels: Tensor, *, chunk_size: int = 1024,
+                             num_chunks: int | None = None, vocab_size: int | None = None, loss: str = "forward_kl",
+                             alpha: float = 0.5, temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1,
+                             ignore_index: int = IGNORE_INDEX) -> LossSums:
+    """``sparse_loss_sums`` from the student's final hidden states ``[B, T, H]``, its head called ``chunk_size``
+    supervised tokens at a time (recomputed in backward, never ``[tokens, V]`` logits at once); ``num_chunks`` as in
+    ``chunked_loss_sums`` (the same number of head calls on every rank under ZeRO-3)."""
+    check_args(loss, alpha, temperature, beta, skew)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    idx, rows, lab, _ = _prepare(student_hidden, labels, [], None, ignore_index, 1.0, "hidden states")
+    hs = student_hidden.flatten(0, 1)[idx]
+    _check_sparse(teacher_ids, teacher_logp, teacher_tail, hs.shape[0], teacher_ids.shape[-1])  # K against V: per chunk
+    t_ids, t_logp, t_tail = (x.to(hs.device, non_blocking=True) for x in (teacher_ids, teacher_logp, teacher_tail))
+    kw = dict(loss=loss, alpha=alpha, temperature=temperature, beta=beta, skew=skew)
+
+    def chunk_terms(h: Tensor, lab_c: Tensor, ids_c: Tensor, logp_c: Tensor, tail_c: Tensor) -> tuple[Tensor, Tensor]:
+        s_logits = student_head(h)
+        v = _check_vocab(vocab_size, s_logits.shape[-1], [])
+        _check_sparse(ids_c, logp_c, tail_c, h.shape[0], v)
+        return _sparse_token_terms(s_logits[:, :v], lab_c, ids_c, logp_c, tail_c, **kw)
+
+    needed = -(-hs.shape[0] // chunk_size)
+    if num_chunks is not None and num_chunks < needed:
+        raise ValueError(f"num_chunks={num_chunks} is too few for {hs.shape[0]} tokens in chunks of {chunk_size}")
+    ces, kds = [], []
+    for start in range(0, chunk_size * (needed if num_chunks is None else num_chunks), chunk_size):
+        sl = slice(start, start + chunk_size)
+        ce, kd = checkpoint(chunk_terms, hs[sl], lab[sl], t_ids[sl], t_logp[sl], t_tail[sl], use_reentrant=False)
+        ces.append(ce)
+        kds.append(kd)
+    empty = hs.new_zeros(0, dtype=torch.float32)
+    ce, kd = (torch.cat(ces), torch.cat(kds)) if ces else (empty, empty)
+    return _sums(ce, kd, rows, labels.shape[0], alpha, student_hidden)

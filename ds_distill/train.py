@@ -19,9 +19,10 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
-from ds_distill import checkpoint, data, distributed, losses, models, monitors, on_policy
+from ds_distill import checkpoint, data, distributed, losses, models, monitors, on_policy, teacher_cache
 from ds_distill.callbacks import Callback
 from ds_distill.config import DSConfig, RunConfig, UsageError, default_ds_configs, load_ds_config, parse_args
+from ds_distill.teachers import LiveTeachers, TeacherSource
 
 log = logging.getLogger("ds_distill")
 
@@ -29,7 +30,7 @@ log = logging.getLogger("ds_distill")
 class Trainer:
     """The loop and the little state an exact resume needs (step + data position; DeepSpeed keeps the rest)."""
 
-    def __init__(self, cfg: RunConfig, student, teachers: list, train: data.BatchStream, eval_set, *, vocab_size: int,
+    def __init__(self, cfg: RunConfig, student, teachers: TeacherSource, train: data.BatchStream, eval_set, *, vocab_size: int,
                  ds: DSConfig, tokenizer, callbacks: list[Callback] = ()):
         self.cfg, self.student, self.teachers, self.train, self.eval_set = cfg, student, teachers, train, eval_set
         self.ds, self.tokenizer, self.callbacks = ds, tokenizer, list(callbacks)
@@ -88,21 +89,20 @@ class Trainer:
         sums: dict[str, Any] = {"n_tokens": n_global, "input_tokens": 0, "total": 0, "ce": 0, "kd": 0, "per_example": []}
         for batch, chunks in zip(micro_batches, num_chunks):
             batch, labels, ids = self.split(batch)
-            with torch.no_grad():
-                t_hidden = [t(**batch) for t in self.teachers]
-            out = self.loss_sums(self.student(**batch), t_hidden, labels, chunks)
+            targets = self.teachers.targets(batch, labels, ids, "train")
+            out = self.loss_sums(self.student(**batch), targets, labels, chunks)
             self.student.backward(out.total * self.world_size / n_global.clamp(min=1), scale_wrt_gas=False)
             self.student.step()
             for key in ("total", "ce", "kd"):
                 sums[key] = sums[key] + getattr(out, key).detach()
             sums["input_tokens"] += labels.numel()
-            sums["per_example"].append((ids, out.ce_per_seq.detach(), out.kd_per_seq.detach(), out.tokens_per_seq))
+            sums["per_example"].append((ids.to(self.device, non_blocking=True), out.ce_per_seq.detach(), out.kd_per_seq.detach(), out.tokens_per_seq))
         return sums
 
     def split(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-        """(model inputs on the device, labels left on the host for the loss, example ids on the device)."""
+        """(model inputs on the device, labels and example ids left on the host for the loss and the teacher source)."""
         inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k not in ("labels", "example_ids")}
-        return inputs, batch["labels"], batch["example_ids"].to(self.device, non_blocking=True)
+        return inputs, batch["labels"], batch["example_ids"]
 
     def chunk_counts(self, counts: torch.Tensor) -> list[int | None]:
         """Loss chunks per micro-batch from this rank's host token counts, the same on every rank: under ZeRO-3
@@ -115,13 +115,9 @@ class Trainer:
             dist.all_reduce(chunks, op=dist.ReduceOp.MAX)
         return [int(c) for c in chunks.tolist()]
 
-    def loss_sums(self, s_hidden: torch.Tensor, t_hidden: list[torch.Tensor], labels: torch.Tensor,
-                  num_chunks: int | None) -> losses.LossSums:
-        heads = [t.module.head for t in self.teachers]
-        if self.cfg.chunk_size:
-            return losses.chunked_loss_sums(s_hidden, self.student.module.head, t_hidden, heads, labels,
-                                            chunk_size=self.cfg.chunk_size, num_chunks=num_chunks, **self.loss_kw)
-        return losses.loss_sums(self.student.module.head(s_hidden), [h(x) for h, x in zip(heads, t_hidden)], labels, **self.loss_kw)
+    def loss_sums(self, s_hidden: torch.Tensor, targets, labels: torch.Tensor, num_chunks: int | None) -> losses.LossSums:
+        return self.teachers.loss_sums(s_hidden, self.student.module.head, targets, labels, chunk_size=self.cfg.chunk_size,
+                                       num_chunks=num_chunks, **self.loss_kw)
 
     # ------------------------------------------------------------------------------------------ eval, log, save
     @torch.no_grad()
@@ -135,9 +131,9 @@ class Trainer:
                                   seed=0, pad_token_id=self.tokenizer.pad_token_id, shuffle=False)
         available = len(self.eval_set) // (self.ds.micro_batch * self.world_size)  # >= 1, checked in build()
         for _ in range(min(self.cfg.eval_batches or available, available)):
-            batch, labels, _ = self.split(next(stream))
+            batch, labels, ids = self.split(next(stream))
             chunks = self.chunk_counts((labels != -100).sum().float().reshape(1))[0]
-            out = self.loss_sums(self.student(**batch), [t(**batch) for t in self.teachers], labels, chunks)
+            out = self.loss_sums(self.student(**batch), self.teachers.targets(batch, labels, ids, "eval"), labels, chunks)
             totals += torch.stack([out.total, out.ce, out.kd, out.n_tokens.float()]).float()
         self.student.train()
         total, ce, kd, n = _all_reduce(totals).tolist()
@@ -231,19 +227,13 @@ def build(cfg: RunConfig, callbacks: list[Callback] = ()) -> Trainer:
     if world.rank != 0:
         logging.getLogger().setLevel(logging.WARNING)  # console logging on rank 0 only
     has_gpu = get_accelerator().device_name() != "cpu"
-    default_student, sharded, replicated = default_ds_configs(has_gpu)
+    default_student = default_ds_configs(has_gpu)[0]
     sds = load_ds_config(cfg.deepspeed_config or default_student, world_size=world.world_size, flag="deepspeed_config", needs_optimizer=True)
     monitors.check_packages(sds.raw)
     if world.rank == 0 and not cfg.deepspeed_config:
         log.info("no --deepspeed_config given: using %s (%s present)", sds.path, "a GPU is" if has_gpu else "no GPU is")
-    teacher_config = cfg.teacher_deepspeed_config
     per_rank = get_accelerator().total_memory() // (1 if has_gpu else world.local_world_size)
-    if not teacher_config:
-        teacher_config, why = models.teacher_placement(cfg.teacher, sharded=sharded, replicated=replicated, world_size=world.world_size,
-                                                       rank_memory=per_rank, bytes_per_param=2 if has_gpu else 4)
-        if world.rank == 0 and cfg.alpha < 1.0:
-            log.info("no --teacher_deepspeed_config given: using %s (%s)", teacher_config, why)
-    tds = load_ds_config(teacher_config, world_size=world.world_size, flag="teacher_deepspeed_config", needs_optimizer=False)
+    tds = teacher_ds_config(cfg.teacher, cfg.teacher_deepspeed_config, world, quiet=cfg.alpha == 1.0 or not cfg.teacher)
     # alpha = 1 is plain fine-tuning: no teacher forward at all (the tokenizers are still checked below).
     teacher_paths = cfg.teacher if cfg.alpha < 1.0 else []
     models.check_positions(cfg.seq_len, [cfg.student, *teacher_paths])
@@ -258,15 +248,15 @@ def build(cfg: RunConfig, callbacks: list[Callback] = ()) -> Trainer:
     data_kw = dict(seq_len=cfg.seq_len, data_format=cfg.data_format, packing=cfg.packing, train_on_prompt=cfg.train_on_prompt,
                    drop_long=cfg.drop_long, chat_template=chat_template)
     train_set = data.get_dataset(cfg.data, tokenizer, split=cfg.data_split, max_samples=cfg.max_samples or None, **data_kw)
-    if cfg.eval_data:
-        eval_set = data.get_dataset(cfg.eval_data, tokenizer, **data_kw)
-    elif cfg.eval_fraction:
+    eval_set = data.get_dataset(cfg.eval_data, tokenizer, **data_kw) if cfg.eval_data else None
+    # A teacher cache must hold exactly these tokens (checked before any model loads); its eval rows come either from
+    # --eval_data or, split off below, from --data.
+    cache = teacher_cache.open_for_run(cfg, tokenizer, train_set, eval_set) if cfg.teacher_cache else None
+    if eval_set is None and cfg.eval_fraction:
         train_set, eval_set = data.split_eval(train_set, cfg.eval_fraction, cfg.seed, min_eval=sds.micro_batch * world.world_size)
         if eval_set is None and cfg.early_stopping_patience:
             raise UsageError(f"--early_stopping_patience needs an eval set but {len(train_set)} examples are too few to hold "
                              f"out one micro-batch per rank: pass --eval_data or use more data")
-    else:
-        eval_set = None
     if eval_set is not None and len(eval_set) < sds.micro_batch * world.world_size:
         raise UsageError(f"the eval set has {len(eval_set)} examples, fewer than one micro-batch per rank "
                          f"({sds.micro_batch} x {world.world_size}): raise --eval_fraction, pass a larger --eval_data, or set --eval_fraction 0")
@@ -278,10 +268,11 @@ def build(cfg: RunConfig, callbacks: list[Callback] = ()) -> Trainer:
     packed_rows = cfg.packing and sds.micro_batch > 1
     student = models.student_engine(cfg.student, sds, cfg.attn_implementation, packed_rows)
     monitors.attach(student)
-    teachers = [models.teacher_engine(path, tds, cfg.attn_implementation, packed_rows) for path in teacher_paths]
-    models.check_output_rows(vocab, [student, *teachers], [cfg.student, *teacher_paths])
-    for engine, path in zip([student, *teachers], [cfg.student, *teacher_paths]):
+    engines = [models.teacher_engine(path, tds, cfg.attn_implementation, packed_rows) for path in teacher_paths]
+    models.check_output_rows(vocab, [student, *engines], [cfg.student, *teacher_paths])
+    for engine, path in zip([student, *engines], [cfg.student, *teacher_paths]):
         models.check_logits(engine, path, vocab, packing=cfg.packing)
+    teachers = cache.source(eval_split="eval_data" if cfg.eval_data else "data") if cache else LiveTeachers(engines)
     stream = data.BatchStream(train_set, batch_size=sds.micro_batch, rank=world.rank, world_size=world.world_size,
                               seed=cfg.seed, pad_token_id=tokenizer.pad_token_id)
     if cfg.prefetch_batches:
@@ -300,6 +291,20 @@ def build(cfg: RunConfig, callbacks: list[Callback] = ()) -> Trainer:
     elif cfg.resume and world.rank == 0:
         log.info("--resume: no checkpoint yet under %s, starting at step 0", trainer.ckpt_root)
     return trainer
+
+
+def teacher_ds_config(teachers: list[str], teacher_deepspeed_config: str, world, quiet: bool = False) -> DSConfig:
+    """The teachers' DeepSpeed JSON: the one named, else chosen by fit (``models.teacher_placement``), checked."""
+    path = teacher_deepspeed_config
+    if not path:
+        has_gpu = get_accelerator().device_name() != "cpu"
+        _, sharded, replicated = default_ds_configs(has_gpu)
+        per_rank = get_accelerator().total_memory() // (1 if has_gpu else world.local_world_size)
+        path, why = models.teacher_placement(teachers, sharded=sharded, replicated=replicated, world_size=world.world_size,
+                                             rank_memory=per_rank, bytes_per_param=2 if has_gpu else 4)
+        if world.rank == 0 and not quiet:
+            log.info("no --teacher_deepspeed_config given: using %s (%s)", path, why)
+    return load_ds_config(path, world_size=world.world_size, flag="teacher_deepspeed_config", needs_optimizer=False)
 
 
 def _prepare_output_dir(cfg: RunConfig, sds: DSConfig, tds: DSConfig, rank: int) -> None:

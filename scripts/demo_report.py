@@ -7,6 +7,7 @@ Each NAME is a row, read from files that scripts/demo.sh writes under the output
   runs/NAME/demo_run.json  {"label", "loss", "alpha", "temperature", "wall_s", "steps"}; trained rows only
   runs/NAME/monitor/train/*.csv  the trainer's csv monitor (Train_tokens_per_s is averaged; curves are drawn)
 Rows without a run folder (the teacher, the untrained student) only have a perplexity.
+  teacher_cache.json    the teacher cache's measurements (bytes/token, reconstruction KL, wall_s), when there is one
 """
 from __future__ import annotations
 
@@ -69,12 +70,18 @@ def main(argv: list[str]) -> int:
     out_dir, names = Path(argv[0]), argv[1:]
     rows = gather(out_dir, names)
     table = markdown(rows)
-    (out_dir / "results.json").write_text(json.dumps({"rows": rows}, indent=2))
+    cache_path = out_dir / "teacher_cache.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else None
+    (out_dir / "results.json").write_text(json.dumps({"rows": rows, "teacher_cache": cache}, indent=2))
     (out_dir / "results.md").write_text(table)
     trained = [r for r in rows if "wall_s" in r]
     if trained:
         plot_runs([out_dir / "runs" / r["name"] for r in trained], out_dir / "curves.png", [r["name"] for r in trained])
     print(table, end="")
+    if cache:
+        print(f"teacher cache: one pass of {cache['wall_s']:.0f} s, top-{cache['top_k']}, {cache['bytes_per_token']:.1f} bytes/token, "
+              f"KL(teacher || reconstructed) {cache['kl_full_per_token']:.3g} nats/token ({cache['kl_buckets_per_token']:.2g} on the "
+              f"top-K + tail buckets the loss sees), tail mass {cache['tail_mass_per_token']:.3f}")
     print(f"demo_report: wrote {out_dir / 'results.json'}, {out_dir / 'results.md'}" + (f", {out_dir / 'curves.png'}" if trained else ""))
     return 0
 

@@ -74,7 +74,7 @@ def test_demo_script_end_to_end(tmp_path):
     proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "demo.sh")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        stdout, stderr = proc.communicate(timeout=900)
+        stdout, stderr = proc.communicate(timeout=1500)  # 4 runs and a cache pass; a loaded machine takes over 15 minutes
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
@@ -87,12 +87,13 @@ def test_demo_script_end_to_end(tmp_path):
 
     results = json.loads((out / "results.json").read_text())
     rows = {r["name"]: r for r in results["rows"]}
-    assert list(rows) == ["teacher", "student_init", "ce", "forward_kl", "reverse_kl"]
+    assert list(rows) == ["teacher", "student_init", "ce", "forward_kl", "reverse_kl", "forward_kl_live"]
     eval_tokens = {r["eval_tokens"] for r in rows.values()}
     assert len(eval_tokens) == 1 and eval_tokens.pop() > 0  # every model scored on the same tokens
     for r in rows.values():
         assert math.isfinite(r["ppl"]) and r["ppl"] > 1
-    for name, loss, alpha in (("ce", "forward_kl", 1.0), ("forward_kl", "forward_kl", 0.5), ("reverse_kl", "reverse_kl", 0.5)):
+    for name, loss, alpha in (("ce", "forward_kl", 1.0), ("forward_kl", "forward_kl", 0.5), ("reverse_kl", "reverse_kl", 0.5),
+                              ("forward_kl_live", "forward_kl", 0.5)):
         run = out / "runs" / name
         assert rows[name]["wall_s"] > 0 and rows[name]["tokens_per_s"] > 0 and rows[name]["steps"] == 3
         cfg = json.loads((run / "run_config.json").read_text())
@@ -104,6 +105,13 @@ def test_demo_script_end_to_end(tmp_path):
     assert rows["ce"]["ppl"] != rows["student_init"]["ppl"]
 
     table = (out / "results.md").read_text()
-    assert table.startswith("| model |") and table.count("\n") == 2 + 5
+    # The two KD runs read one teacher cache; the live forward-KL run loads the teacher.
+    for name, cached in (("forward_kl", True), ("reverse_kl", True), ("forward_kl_live", False)):
+        cfg = json.loads((out / "runs" / name / "run_config.json").read_text())
+        assert bool(cfg["teacher_cache"]) == cached and bool(cfg["teacher"]) != cached
+    cache = results["teacher_cache"]
+    assert cache["top_k"] == 64 and 0 < cache["bytes_per_token"] and cache["wall_s"] > 0 and cache["kl_full_per_token"] >= 0
+    assert "bytes/token" in stdout
+    assert table.startswith("| model |") and table.count("\n") == 2 + 6
     assert table in stdout
     assert (out / "curves.png").stat().st_size > 1000

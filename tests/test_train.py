@@ -79,7 +79,7 @@ def test_teacher_placement_by_fit(tiny, dist_env, tmp_path):
 
     sharded = train.run(make_cfg(tiny, tmp_path / "s", deepspeed_config=ds_json(tmp_path)))
     auto = train.run(make_cfg(tiny, tmp_path / "a", deepspeed_config=ds_json(tmp_path), teacher_deepspeed_config=""))
-    assert sharded.teachers[0].zero_optimization_stage() == 3 and auto.teachers[0].zero_optimization_stage() == 0
+    assert sharded.teachers.engines[0].zero_optimization_stage() == 3 and auto.teachers.engines[0].zero_optimization_stage() == 0
     assert json.loads((tmp_path / "a" / "ds_config_teacher.json").read_text())["zero_optimization"] == {"stage": 0}
     assert abs(losses_of(auto)[0] - losses_of(auto)[-1]) > 1e-3
     assert losses_of(auto) == pytest.approx(losses_of(sharded), rel=1e-5, abs=1e-6)

@@ -1,0 +1,135 @@
+"""Run a teacher once over the data and store its top-K distribution per supervised token, for many students:
+
+    deepspeed --module ds_distill.cache_teacher --teacher T --data train.jsonl [--eval_data eval.jsonl] \\
+        --output_dir CACHE --top_k 64 --seq_len 512 [the training run's other data flags]
+    deepspeed --module ds_distill.train --teacher_cache CACHE --student S --data train.jsonl ...   # no teacher loaded
+
+One or several ranks through the same launchers as training; the teacher is placed by fit or by
+--teacher_deepspeed_config as in training. Each rank writes its own shards; a killed writer is resumed by running the
+same command again. The cache's format, checks and measurements live in ``ds_distill.teacher_cache``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from deepspeed.accelerator import get_accelerator
+
+from ds_distill import data, distributed, models, teacher_cache
+from ds_distill.config import RunConfig, UsageError, _f, parse_args
+
+log = logging.getLogger("ds_distill")
+
+# The flags shared with training, with the training run's names, defaults and help.
+SHARED = ("teacher", "data", "eval_data", "output_dir", "teacher_deepspeed_config", "temperature", "chunk_size",
+          *teacher_cache.TOKEN_FLAGS, "local_rank")
+
+
+def _shared(name: str) -> tuple[str, Any, dataclasses.Field]:
+    f = RunConfig.__dataclass_fields__[name]
+    default = dataclasses.field(default_factory=f.default_factory, metadata=f.metadata) if f.default is dataclasses.MISSING \
+        else dataclasses.field(default=f.default, metadata=f.metadata)
+    return name, f.type, default
+
+
+CacheConfig = dataclasses.make_dataclass("CacheConfig", [_shared(n) for n in SHARED] + [
+    ("top_k", "int", _f(64, "Teacher tokens kept per supervised token (the rest is one tail bucket).")),
+    ("exact", "bool", _f(False, "Keep the whole vocabulary as float32, no quantisation (K = vocabulary; for exactness checks, large).")),
+    ("batch_size", "int", _f(8, "Examples per teacher forward.")),
+    ("shard_examples", "int", _f(1024, "Examples per shard file (the unit of resume and of parallel writing).")),
+])
+CacheConfig.__doc__ = "The flags of ds_distill.cache_teacher (data flags as in training: a cache fits runs with the same ones)."
+
+
+def validate(cfg) -> None:
+    problems = []
+    if len(cfg.teacher) != 1:
+        problems.append(f"--teacher must be given once (one teacher per cache), got {len(cfg.teacher)}")
+    for path in cfg.teacher:
+        if not (Path(path) / "config.json").is_file():
+            problems.append(f"--teacher {path!r} is not a model folder with config.json")
+    for name in ("data", "output_dir"):
+        if not getattr(cfg, name):
+            problems.append(f"--{name} is required")
+    for name in ("top_k", "batch_size", "shard_examples", "seq_len"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"--{name} {getattr(cfg, name)} must be >= 1")
+    if cfg.temperature <= 0:
+        problems.append(f"--temperature {cfg.temperature} must be > 0")
+    if problems:
+        raise UsageError("invalid cache config: " + "; ".join(problems))
+
+
+def run(cfg, on_shard: Callable[[dict], None] | None = None) -> dict | None:
+    """Write (or finish) the cache; returns its manifest on rank 0."""
+    from ds_distill.train import teacher_ds_config
+
+    validate(cfg)
+    world = distributed.init_distributed()
+    if world.rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    teacher = cfg.teacher[0]
+    tokenizer = models.load_tokenizer(teacher)
+    chat_template = Path(cfg.chat_template).read_text() if cfg.chat_template else None
+    data_kw = dict(seq_len=cfg.seq_len, data_format=cfg.data_format, packing=cfg.packing, train_on_prompt=cfg.train_on_prompt,
+                   drop_long=cfg.drop_long, chat_template=chat_template)
+    splits = {"data": data.get_dataset(cfg.data, tokenizer, split=cfg.data_split, max_samples=cfg.max_samples or None, **data_kw)}
+    if cfg.eval_data:
+        splits["eval_data"] = data.get_dataset(cfg.eval_data, tokenizer, **data_kw)
+    for name, ds in splits.items():
+        if len(set(ds["row"])) != len(ds):
+            raise UsageError(f"--{name} {getattr(cfg, name)}: some conversations give one example per assistant turn (they share a row "
+                             "number, by which a cache is read): teacher caches do not support them yet; train with --teacher")
+    vocab = len(tokenizer)
+    settings = {
+        "format_version": teacher_cache.FORMAT_VERSION, "top_k": vocab if cfg.exact else min(cfg.top_k, vocab), "exact": cfg.exact,
+        "temperature": cfg.temperature, "vocab_size": vocab, "tokenizer_fingerprint": teacher_cache.tokenizer_fingerprint(tokenizer),
+        "teacher_fingerprint": teacher_cache.teacher_fingerprint(teacher),
+        "token_flags": {name: getattr(cfg, name) for name in teacher_cache.TOKEN_FLAGS},
+        "splits": {name: {"examples": len(ds), "fingerprint": teacher_cache.dataset_fingerprint(ds)} for name, ds in splits.items()},
+        "id_order": "identity" if cfg.exact else "data_frequency",
+        "shard_examples": cfg.shard_examples, "batch_size": cfg.batch_size, "chunk_size": cfg.chunk_size,
+    }
+    info = {"teacher": teacher, "data": cfg.data, "eval_data": cfg.eval_data, "levels": teacher_cache.LEVELS, "row_group": teacher_cache.ROW_GROUP}
+    tds = teacher_ds_config(cfg.teacher, cfg.teacher_deepspeed_config, world)
+    models.check_positions(cfg.seq_len, [teacher])
+    engine = models.teacher_engine(teacher, tds, packed_rows=cfg.packing and cfg.batch_size > 1)
+    models.check_output_rows(vocab, [engine], [teacher])
+    models.check_logits(engine, teacher, vocab, packing=cfg.packing)  # the cache stores the model's own logits
+    device = torch.device(get_accelerator().current_device_name())
+
+    def all_reduce_max(n: int) -> int:
+        t = torch.tensor(n, device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t.item())
+
+    manifest = teacher_cache.write_cache(Path(cfg.output_dir), settings, info, splits, engine, world_rank=world.rank, world_size=world.world_size,
+                                         device=device, pad_token_id=tokenizer.pad_token_id, zero3=tds.zero_stage == 3,
+                                         barrier=distributed.barrier, all_reduce_max=all_reduce_max, on_shard=on_shard)
+    if manifest is not None:
+        s = manifest["stats"]
+        cols = ", ".join(f"{c} {b:.1f}" for c, b in s["column_bytes_per_token"].items())
+        print(f"teacher cache {cfg.output_dir}: {s['tokens']} tokens, K={settings['top_k']}, {s['bytes_per_token']:.1f} bytes/token "
+              f"({cols}); KL(teacher || reconstructed) {s['kl_full_per_token']:.4g} nats/token "
+              f"({s['kl_buckets_per_token']:.3g} on the K+1 buckets), tail mass {s['tail_mass_per_token']:.3g}", flush=True)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        run(parse_args(argv, CacheConfig, "ds_distill.cache_teacher"))
+        return 0
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        distributed.destroy()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Teacher caches (issue 16): the sparse loss against float64 and against the live-teacher loss, the coding, training
+from an exact cache against the live teacher, resume after a killed writer, bytes/token at K = 64, mismatches, ranks."""
+import csv
+import json
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ds_distill import cache_teacher, losses, teacher_cache, train
+from ds_distill.config import REPO_CONFIGS, parse_args
+
+ROOT = Path(__file__).resolve().parent.parent
+REPLICATED = str(REPO_CONFIGS / "cpu_teacher_replicated.json")
+
+
+# ------------------------------------------------------------------------------------------------ the loss, pure
+def _reference(s_logits, t_logits, k, loss, temperature, beta=0.5, skew=0.1):
+    """float64: the teacher's top-k ids, both models' K+1 bucket distributions, then the divergence by its formula."""
+    s, t = s_logits.double() / temperature, t_logits.double() / temperature
+    tp, sp = t.softmax(-1), s.softmax(-1)
+    ids = tp.topk(k, dim=-1).indices
+    tb = torch.cat([tp.gather(-1, ids), 1 - tp.gather(-1, ids).sum(-1, keepdim=True)], -1)
+    sb = torch.cat([sp.gather(-1, ids), 1 - sp.gather(-1, ids).sum(-1, keepdim=True)], -1)
+    kl = lambda p, q: (p * (p / q).log()).sum(-1)
+    mix = lambda p, q, w: w * p + (1 - w) * q
+    d = {"forward_kl": lambda: kl(tb, sb), "reverse_kl": lambda: kl(sb, tb),
+         "jsd": lambda: beta * kl(tb, mix(tb, sb, beta)) + (1 - beta) * kl(sb, mix(tb, sb, beta)),
+         "skew_forward_kl": lambda: kl(tb, mix(tb, sb, skew)), "skew_reverse_kl": lambda: kl(sb, mix(sb, tb, skew)),
+         "tvd": lambda: 0.5 * (tb - sb).abs().sum(-1)}[loss]()
+    return temperature**2 * d
+
+
+def _sparse_inputs(t_logits, k, temperature):
+    ids, logp, tail, _ = teacher_cache.top_k(t_logits, k, temperature)
+    return ids, logp, tail
+
+
+@pytest.mark.parametrize("loss", sorted(losses.LOSSES))
+def test_sparse_loss_matches_float64_and_the_live_loss(loss):
+    torch.manual_seed(0)
+    B, T, V, H, K, temp = 2, 5, 13, 6, 4, 2.0
+    labels = torch.randint(0, V, (B, T))
+    labels[0, :2] = -100
+    t_logits = torch.randn(B, T, V) * 3
+    s_logits = torch.randn(B, T, V, requires_grad=True)
+    sup = labels != -100
+    kw = dict(loss=loss, alpha=0.3, temperature=temp)
+    # K < V: the K + 1 buckets against float64
+    ids, logp, tail = _sparse_inputs(t_logits[sup], K, temp)
+    got = losses.sparse_loss_sums(s_logits, ids, logp, tail, labels, **kw)
+    ref_kd = _reference(s_logits[sup].detach(), t_logits[sup], K, loss, temp)
+    assert got.kd.item() == pytest.approx(ref_kd.sum().item(), rel=1e-5, abs=1e-6)
+    # chunked (the head called per chunk) == unchunked, values and gradients
+    head = torch.nn.Linear(H, V, bias=False)
+    hidden = torch.randn(B, T, H, requires_grad=True)
+    full = losses.sparse_loss_sums(head(hidden), ids, logp, tail, labels, **kw)
+    g_full = torch.autograd.grad(full.total, [hidden, head.weight])
+    chunked = losses.chunked_sparse_loss_sums(hidden, head, ids, logp, tail, labels, chunk_size=3, num_chunks=4, **kw)
+    g_chunked = torch.autograd.grad(chunked.total, [hidden, head.weight])
+    assert chunked.total.item() == pytest.approx(full.total.item(), rel=1e-6)
+    for a, b in zip(g_full, g_chunked):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    # K = V, unquantised: the live-teacher loss, values and gradients
+    ids, logp, tail = _sparse_inputs(t_logits[sup], V, temp)
+    sparse = losses.sparse_loss_sums(s_logits, ids, logp, tail, labels, **kw)
+    live = losses.loss_sums(s_logits, t_logits, labels, **kw)
+    assert sparse.total.item() == pytest.approx(live.total.item(), rel=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(sparse.total, s_logits)[0], torch.autograd.grad(live.total, s_logits)[0], rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------------ coding
+def test_coding_round_trips_and_quantisation_error_is_bounded():
+    values = np.array([0, 1, 127, 128, 16383, 16384, 2**21 - 1])
+    assert teacher_cache.varint_decode(teacher_cache.varint_encode(values)).tolist() == values.tolist()
+    assert len(teacher_cache.varint_encode(values)) == 1 + 1 + 1 + 2 + 2 + 3 + 3
+    torch.manual_seed(0)
+    t = torch.randn(50, 300) * 4
+    ids, logp, tail, full = teacher_cache.top_k(t, 64, 1.0)
+    assert (ids.diff(dim=1) > 0).all()
+    assert torch.equal(torch.from_numpy(teacher_cache.decode_ids(teacher_cache.encode_ids(ids.numpy()), 64)), ids)
+    rank = np.random.default_rng(0).permutation(300).astype(np.int32)  # any coding order
+    row = teacher_cache.encode_example(ids, logp, tail, exact=False, rank=rank)
+    d_ids, d_logp, d_tail = teacher_cache.decode_example(row, 64, exact=False, order=np.argsort(rank))
+    assert torch.equal(d_ids.sort(dim=1).values, ids) and not torch.equal(d_ids, ids)
+    total = torch.logsumexp(torch.cat([d_logp, d_tail[:, None]], -1), -1)
+    torch.testing.assert_close(total, torch.zeros(50), atol=1e-5, rtol=0)  # a distribution again
+    # sqrt(p / p_top) rounds to half a level; the tail is float16; the absolute level follows from both
+    true = full.gather(1, d_ids)
+    u = lambda lp: torch.exp(0.5 * (lp - lp.max(-1, keepdim=True).values))
+    assert ((u(d_logp) - u(true)).abs() * teacher_cache.LEVELS)[u(true) * teacher_cache.LEVELS >= 1].max() <= 0.5 + 1e-4
+    logp = true
+    kl_full, kl_b = teacher_cache.reconstruction_kl(full, d_ids, logp, tail, d_logp, d_tail)
+    assert (kl_b >= -1e-6).all() and (kl_b < 1e-2).all() and (kl_full >= kl_b - 1e-6).all()
+    e_ids, e_logp, e_tail = teacher_cache.decode_example(teacher_cache.encode_example(*teacher_cache.top_k(t, 300, 1.0)[:3], exact=True), 300, exact=True)
+    assert torch.equal(e_logp, F.log_softmax(t, -1)) and torch.equal(e_ids, torch.arange(300).expand(50, -1))
+
+
+# ------------------------------------------------------------------------------------------- writing and training
+def write(tiny, out, *extra, on_shard=None):
+    args = ["--teacher", tiny["teacher"], "--data", tiny["data"], "--output_dir", str(out), "--seq_len", "32",
+            "--shard_examples", "24", "--batch_size", "4", "--teacher_deepspeed_config", REPLICATED, *extra]
+    return cache_teacher.run(parse_args(args, cache_teacher.CacheConfig), on_shard=on_shard)
+
+
+@pytest.fixture(scope="module")
+def k64(tiny, tmp_path_factory):
+    """A K = 64 cache of the tiny data, written in one go by one rank."""
+    from ds_distill import distributed
+
+    distributed.init_distributed()
+    out = tmp_path_factory.mktemp("k64") / "cache"
+    return out, write(tiny, out, "--top_k", "64")
+
+
+def test_bytes_per_token_at_k64_and_resume_after_a_kill(tiny, dist_env, tmp_path, k64, capsys):
+    reference_dir, reference = k64
+    stats = reference["stats"]
+    print(f"\nK=64 on the tiny data: {stats['bytes_per_token']:.1f} bytes/token {stats['column_bytes_per_token']}, "
+          f"KL {stats['kl_full_per_token']:.3g} (buckets {stats['kl_buckets_per_token']:.3g}) nats/token")
+    assert stats["tokens"] > 500 and stats["bytes_per_token"] <= 100
+    assert stats["bytes_per_token"] == pytest.approx(sum(p.stat().st_size for p in (reference_dir / "shards").glob("*.parquet")) / stats["tokens"])
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first(side):
+        raise Killed(side["name"])
+
+    out = tmp_path / "cache"
+    with pytest.raises(Killed):
+        write(tiny, out, "--top_k", "64", on_shard=kill_after_first)
+    first = out / "shards" / "data-00000.parquet"
+    assert first.is_file() and not json.loads((out / "manifest.json").read_text())["complete"]
+    before = first.stat().st_mtime_ns
+    (out / "shards" / "data-00001.parquet.tmp").write_bytes(b"half a shard")  # the writer died mid-file
+    (out / "shards" / "data-00002.parquet").write_bytes(b"renamed, sidecar never written")
+    capsys.readouterr()
+    resumed = write(tiny, out, "--top_k", "64")
+    assert "bytes/token" in capsys.readouterr().out
+    assert first.stat().st_mtime_ns == before, "a finished shard is never rewritten"
+    assert [s["sha256"] for s in resumed["shards"]["data"]] == [s["sha256"] for s in reference["shards"]["data"]]
+    assert not list((out / "shards").glob("*.tmp"))
+
+
+def test_exact_cache_trains_like_the_live_teacher(tiny, dist_env, tmp_path):
+    """K = vocabulary, float32: the same loss curve (train and eval) and the same per-example tracking."""
+    write(tiny, tmp_path / "exact", "--exact")
+    base = ["--student", tiny["student"], "--data", tiny["data"], "--max_steps", "2", "--seq_len", "32", "--log_steps", "1",
+            "--eval_fraction", "0.1", "--chunk_size", "16", "--export", "false", "--track_examples", "--seed", "0",
+            "--deepspeed_config", str(REPO_CONFIGS / "cpu_zero3.json"), "--teacher_deepspeed_config", REPLICATED]
+    run = lambda cfg: train.run(cfg, train.default_callbacks(cfg))
+    live = run(parse_args(base + ["--teacher", tiny["teacher"], "--output_dir", str(tmp_path / "live")]))
+    cached = run(parse_args(base + ["--teacher_cache", str(tmp_path / "exact"), "--output_dir", str(tmp_path / "cached")]))
+    for key in ("Train/loss", "Train/kd", "Eval/kd", "Train/grad_norm"):
+        a, b = [h[key] for h in live.history if key in h], [h[key] for h in cached.history if key in h]
+        assert a and a == pytest.approx(b, rel=1e-5, abs=1e-7), key
+    assert cached.teachers.__class__.__name__ == "CachedTeacher"
+    rows = lambda d: [(r["example_id"], round(float(r["kd"]), 4)) for r in csv.DictReader(open(d / "examples.csv"))]
+    assert rows(tmp_path / "live") == rows(tmp_path / "cached") and rows(tmp_path / "live")
+
+
+@pytest.fixture
+def keep_process_group(monkeypatch):
+    monkeypatch.setattr(train.distributed, "destroy", lambda: None)
+
+
+def test_mismatches_stop_in_one_line(tiny, dist_env, tmp_path, k64, capsys, keep_process_group):
+    from tests import tiny as tiny_mod
+
+    cache = str(k64[0])
+    other_tok = tiny_mod.make_tokenizer(tmp_path / "tok2", vocab_size=300)
+    other_student = tiny_mod.make_model(tmp_path / "other", other_tok, layers=1, hidden=16, heads=2)
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text(Path(tiny["data"]).read_text().replace("fox", "cat"))
+    incomplete = tmp_path / "incomplete"
+    incomplete.mkdir()
+    manifest = json.loads((k64[0] / "manifest.json").read_text())
+    (incomplete / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    base = {"--student": tiny["student"], "--data": tiny["data"], "--output_dir": str(tmp_path / "o"), "--teacher_cache": cache,
+            "--max_steps": "1", "--seq_len": "32", "--eval_fraction": "0"}
+    cases = [
+        ({"--seq_len": "24"}, [], "was written with --seq_len 32 but this run has --seq_len 24"),
+        ({}, ["--packing"], "was written with --packing False but this run has --packing True"),
+        ({"--temperature": "2"}, [], "holds log-probs at temperature 1.0 but this run has --temperature 2.0"),
+        ({"--student": other_student}, [], "was written with another tokenizer"),
+        ({"--data": str(changed)}, [], "was written from other --data tokens"),
+        ({"--eval_data": tiny["data"]}, [], "holds no eval_data split"),
+        ({}, ["--teacher_cache", cache], "ensembles of caches are not supported"),
+        ({"--teacher": tiny["teacher"]}, [], "--teacher and --teacher_cache are both given"),
+        ({"--teacher_cache": str(incomplete)}, [], "is incomplete"),
+        ({"--on_policy_fraction": "0.5"}, [], "a teacher cache cannot score"),
+    ]
+    for replace, extra, message in cases:
+        args = [x for k, v in {**base, **replace}.items() for x in (k, v)] + extra
+        code = train.main(args)
+        errors = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+        assert code == 2 and len(errors) == 1 and message in errors[0], (replace, extra, errors)
+
+
+# ------------------------------------------------------------------------------------------------------- ranks
+@pytest.mark.multiprocess
+def test_two_ranks_write_the_same_cache_as_one(tiny, tmp_path, k64):
+    """2 ranks through the real deepspeed launcher, the teacher sharded (ZeRO-3; rank 1 has one shard fewer, so it
+    makes dummy collective calls): the same shards, byte for byte, as one rank."""
+    from tests.cluster_fixtures import launcher_env
+
+    out = tmp_path / "two"
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(random.randint(20000, 40000)),
+           "--module", "ds_distill.cache_teacher", "--teacher", tiny["teacher"], "--data", tiny["data"], "--output_dir", str(out),
+           "--seq_len", "32", "--shard_examples", "24", "--batch_size", "4", "--top_k", "64",
+           "--teacher_deepspeed_config", str(REPO_CONFIGS / "cpu_teacher_zero3.json")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=launcher_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "bytes/token" in proc.stdout
+    two = json.loads((out / "manifest.json").read_text())
+    one = k64[1]
+    assert [s["sha256"] for s in two["shards"]["data"]] == [s["sha256"] for s in one["shards"]["data"]]
+    assert two["stats"]["bytes_per_token"] == one["stats"]["bytes_per_token"]
