@@ -6,8 +6,14 @@ JSON files of ``ds_configs/``. This module checks those files (``load_ds_config`
 from __future__ import annotations
 
 import argparse
+import ast
+import copy
 import dataclasses
+import functools
+import inspect
 import json
+import textwrap
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +27,12 @@ class UsageError(ValueError):
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A RunConfig field: its default (``list``/``dict`` for an empty one) and its help text, shown by ``--help``.
+
+    A string literal right under a plain ``name: type = default`` documents a field too (``field_docs``). ``kw`` goes
+    into the field's metadata: argparse keywords (``choices``, ``metavar``, ``aliases``...) reach the flag, other keys
+    (``multi``: list fields are always repeatable) are kept for the reader only.
+    """
     if default in (list, dict):  # a factory: each RunConfig gets its own empty list (not the `list` class itself)
         return field(default_factory=default, metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
@@ -186,20 +198,86 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """Help text of each field of dataclass ``cls``: ``_f(default, "help")``, else the field's attribute docstring.
+
+    Both forms document a field; the parser shows whichever is present (``_f`` wins when both are)::
+
+        alpha: float = _f(0.5, "Weight of the CE term.")   # the help string of _f
+        beta: float = 0.5
+        \"\"\"jsd mixture weight of the teacher.\"\"\"      # a string literal right under the field
+
+    Attribute docstrings are not kept by Python at run time, so they are read from the class source with ``ast``.
+    """
+    docs: dict[str, str] = {}
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+    except (OSError, TypeError, IndexError, AttributeError):  # no source (frozen app, REPL): _f help only
+        body = []
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = inspect.cleandoc(after.value.value)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("help"):
+            docs[f.name] = f.metadata["help"]
+    return docs
+
+
+class _Repeatable(argparse.Action):
+    """A list flag given as ``--teacher a --teacher b`` (or ``--teacher a b``): CLI values replace a run file's list."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[no-untyped-def]
+        current = getattr(namespace, self.dest, None)
+        kept = [] if current is None or current is self.default else list(current)  # first use drops the default
+        setattr(namespace, self.dest, kept + list(values))
+
+
+# add_argument's keywords: any other key in a field's metadata (e.g. `multi`) is ours, not argparse's.
+_ARGPARSE_KEYS = frozenset("action nargs const default type choices required help metavar aliases".split())
+
+
+def dataclass_parser(dtype: type, **kwargs: Any) -> argparse.ArgumentParser:
+    """transformers' ``HfArgumentParser`` over dataclass ``dtype`` with ds_distill's flag forms (``_parser_class``)."""
+    return _parser_class()(dtype, **kwargs)
+
+
+@functools.cache
+def _parser_class() -> type:
+    from transformers import HfArgumentParser  # importing transformers takes seconds: only when a command line is parsed
+
+    class RunParser(HfArgumentParser):
+        """transformers' HfArgumentParser over one dataclass, with ds_distill's flag forms.
+
+        HfArgumentParser makes one ``--name`` flag per field (plus ``--name-with-dashes`` and ``--no_<bool>`` for
+        booleans that default to True), typed from the annotations; bool flags take ``--flag`` or ``--flag true/false``.
+        What we change: list fields are repeatable (``_Repeatable``), help comes from ``field_docs``, and metadata keys
+        that argparse does not know are dropped before they reach ``add_argument``.
+        """
+
+        def _add_dataclass_arguments(self, dtype: Any) -> None:
+            self._docs = field_docs(dtype)
+            super()._add_dataclass_arguments(dtype)
+
+        def _parse_dataclass_field(self, parser: argparse.ArgumentParser, f: dataclasses.Field) -> None:  # type: ignore[override]
+            meta = {k: v for k, v in f.metadata.items() if k in _ARGPARSE_KEYS}
+            meta["help"] = self._docs.get(f.name, "")
+            if isinstance(getattr(f.type, "__origin__", None), type) and issubclass(f.type.__origin__, list):
+                meta["action"] = _Repeatable
+            f = copy.copy(f)  # HfArgumentParser reads the metadata; RunConfig's own field keeps its metadata
+            f.metadata = types.MappingProxyType(meta)
+            HfArgumentParser._parse_dataclass_field(parser, f)
+            if f.type is bool:  # keep our spellings (on/off too) rather than transformers' string_to_bool
+                parser._option_string_actions[f"--{f.name}"].type = _parse_bool
+
+    return RunParser
+
+
 def build_parser(cls: type = RunConfig, prog: str = "ds_distill.train") -> argparse.ArgumentParser:
     """One flag per field of ``cls`` (same name), plus --config for a YAML/JSON run file with the same keys."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser = dataclass_parser(cls, prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="", help=f"YAML or JSON run file whose keys are {cls.__name__} fields; flags override it.")
-    for f in dataclasses.fields(cls):
-        kind = f.type if isinstance(f.type, str) else f.type.__name__
-        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata["help"]}
-        if f.metadata.get("multi"):
-            kw.update(action="append", type=float if "float" in kind else str)
-        elif kind == "bool":
-            kw.update(nargs="?", const=True, type=_parse_bool)
-        else:
-            kw.update(type={"int": int, "float": float}.get(kind, str))
-        parser.add_argument(f"--{f.name}", **kw)
     return parser
 
 
@@ -223,15 +301,24 @@ def load_run_file(path: str, cls: type = RunConfig) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None, cls: type = RunConfig, prog: str = "ds_distill.train") -> Any:
-    """Run file first, then CLI flags on top; lists from the CLI replace the file's lists. Returns a ``cls``."""
-    args = vars(build_parser(cls, prog).parse_args(argv))
-    values: dict[str, Any] = load_run_file(args.pop("config"), cls) if args.get("config") else {}
-    args.pop("config", None)
-    values.update(args)
-    for name in ("teacher", "teacher_weights", "teacher_cache"):
-        if isinstance(values.get(name), (str, int, float)):
-            values[name] = [values[name]]
-    return cls(**values)
+    """Run file first, then CLI flags on top; lists from the CLI replace the file's lists. Returns a ``cls``.
+
+    The run file's values become the parser's defaults (the usual HfArgumentParser pattern), so a flag overrides
+    its key and every other field keeps the file's value or the dataclass default. Unknown flags and bad values
+    exit 2 with argparse's one-line error; file problems raise UsageError.
+    """
+    parser = build_parser(cls, prog)
+    config = parser.parse_known_args(argv)[0].config  # --config first: its keys are the defaults of the real parse
+    if config:
+        values = load_run_file(config, cls)
+        for name in ("teacher", "teacher_weights", "teacher_cache"):  # a run file may give one teacher as a plain value
+            if isinstance(values.get(name), (str, int, float)):
+                values[name] = [values[name]]
+        parser.set_defaults(**values)
+    cfg, _, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True, look_for_args_file=False)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return cfg
 
 
 # --------------------------------------------------------------------------------------------- DeepSpeed JSON

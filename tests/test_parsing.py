@@ -1,0 +1,37 @@
+"""The CLI parser is transformers' HfArgumentParser over RunConfig; help comes from `_f` or attribute docstrings."""
+from dataclasses import dataclass
+
+from transformers import HfArgumentParser
+
+from ds_distill.config import RunConfig, _f, build_parser, dataclass_parser, field_docs, parse_args
+
+
+@dataclass
+class Documented:
+    plain: int = 3
+    """Documented by the string under it,
+    over two lines."""
+    helped: float = _f(0.5, "Documented by _f.")
+    both: str = _f("x", "_f wins.")
+    """Not shown."""
+    names: list[str] = _f(list, "A repeatable list.", multi=True)
+
+
+def test_help_comes_from_docstrings_and_f():
+    assert field_docs(Documented) == {"plain": "Documented by the string under it,\nover two lines.",
+                                      "helped": "Documented by _f.", "both": "_f wins.", "names": "A repeatable list."}
+    parser = dataclass_parser(Documented)
+    helps = {a.dest: a.help for a in parser._actions}
+    assert helps["plain"].startswith("Documented by the string") and helps["both"] == "_f wins."
+    out, = parser.parse_args_into_dataclasses(["--plain", "4", "--names", "a", "--names", "b"], look_for_args_file=False)
+    assert out == Documented(plain=4, names=["a", "b"])
+    run_helps = {a.dest: a.help for a in build_parser()._actions}
+    assert all(run_helps[f] for f in RunConfig.__dataclass_fields__), "every RunConfig field has help text"
+
+
+def test_run_config_parser_is_hf_argument_parser():
+    assert isinstance(build_parser(), HfArgumentParser)
+    # HfArgumentParser's own forms come along: dashed aliases, --no_<flag> for True defaults, several values at once
+    cfg = parse_args(["--teacher", "a", "b", "--teacher", "c", "--seq-len", "8", "--no_export"])
+    assert cfg.teacher == ["a", "b", "c"] and cfg.seq_len == 8 and cfg.export is False
+    assert parse_args(["--packing", "off", "--export", "yes"]).packing is False
