@@ -1,9 +1,11 @@
 """Two CPU ranks through the real `deepspeed` launcher: ZeRO-3 student and teacher, checkpoints, exact resume, export.
 
-Also the data-parallel invariance: 1 rank x micro-batch 4 gives the same losses as 2 ranks x micro-batch 2.
+Also the data-parallel invariance: 1 rank x micro-batch 4 gives the same losses and grad_norm as 2 ranks x micro-batch 2;
+and elastic resume: a 2-rank checkpoint resumed on 1 rank, then on 2 again, equals the straight run step by step.
 """
 import json
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,32 +40,70 @@ def launch(tiny, out, ds_config, *, ranks, steps, extra=(), expect=0):
     return proc
 
 
-def csv_losses(out):
-    """The per-step train loss from DeepSpeed's csv monitor (a resumed run appends to the same files)."""
+def csv_curve(out, name="loss"):
+    """{step: value} of one Train/ metric from DeepSpeed's csv monitor (a resumed run appends to the same files)."""
     from ds_distill.plot import read_curves
 
-    return dict(read_curves(out)["Train/loss"])
+    return dict(read_curves(out)[f"Train/{name}"])
+
+
+def examples_per_step(out):
+    """{step: sorted [(epoch, example id)]} from examples.csv: which examples each global step trained on."""
+    from ds_distill.tracking import read_examples
+
+    steps = {}
+    for row in read_examples(out / "examples.csv"):
+        steps.setdefault(int(row["step"]), []).append((int(row["epoch"]), row["example_id"]))
+    return {s: sorted(ids) for s, ids in steps.items()}
+
+
+def converted(proc):
+    return [l for l in (proc.stdout + proc.stderr).splitlines() if "converting it to a universal checkpoint" in l]
 
 
 def test_two_ranks_checkpoint_resume_export(tiny, tmp_path):
     cfg2 = ds_json(tmp_path, "two.json", train_micro_batch_size_per_gpu=2)
+    cfg1 = ds_json(tmp_path, "one.json", train_micro_batch_size_per_gpu=4)  # the same global batch on one rank
     straight = tmp_path / "straight"
-    launch(tiny, straight, cfg2, ranks=2, steps=4, extra=["--export", "false"])
-    resumed = tmp_path / "resumed"
-    launch(tiny, resumed, cfg2, ranks=2, steps=2, extra=["--save_steps", "2"])
-    assert (resumed / "checkpoints" / "latest").read_text() == "step_00000002"
-    assert {p.name for p in (resumed / "checkpoints" / "step_00000002").glob("*rank*")} >= {"rng_rank0.pt", "rng_rank1.pt"}
-    launch(tiny, resumed, cfg2, ranks=2, steps=4, extra=["--resume"])
-    a, b = csv_losses(straight), csv_losses(resumed)
-    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
-    assert [b[s] for s in range(1, 5)] == pytest.approx([a[s] for s in range(1, 5)], rel=1e-5, abs=1e-6)
+    launch(tiny, straight, cfg2, ranks=2, steps=4, extra=["--export", "false", "--track_examples"])
+    a, norm2 = csv_curve(straight), csv_curve(straight, "grad_norm")
+    assert sorted(a) == sorted(norm2) == [1, 2, 3, 4]
     assert abs(a[1] - a[4]) > 1e-3
 
-    # one rank with the same global batch sees the same examples per step: same losses
+    # One rank with the same global batch sees the same examples per step: same losses, and the same gradient. The
+    # loss curve under AdamW is blind to a constant gradient scale (a lost `* world_size` in train_step); grad_norm is
+    # not: DeepSpeed records it before clipping (ZeRO-3 step(): _global_grad_norm, then unscale_and_clip_grads).
     one = tmp_path / "one"
-    launch(tiny, one, ds_json(tmp_path, "one.json", train_micro_batch_size_per_gpu=4), ranks=1, steps=4, extra=["--export", "false"])
-    c = csv_losses(one)
+    launch(tiny, one, cfg1, ranks=1, steps=4, extra=["--export", "false"])
+    c, norm1 = csv_curve(one), csv_curve(one, "grad_norm")
     assert [c[s] for s in range(1, 5)] == pytest.approx([a[s] for s in range(1, 5)], rel=1e-5, abs=1e-6)
+    assert [norm2[s] for s in range(1, 5)] == pytest.approx([norm1[s] for s in range(1, 5)], rel=1e-4)
+    assert all(n > 0 for n in norm1.values())
+
+    resumed = tmp_path / "resumed"
+    launch(tiny, resumed, cfg2, ranks=2, steps=2, extra=["--save_steps", "2", "--track_examples"])
+    assert (resumed / "checkpoints" / "latest").read_text() == "step_00000002"
+    assert {p.name for p in (resumed / "checkpoints" / "step_00000002").glob("*rank*")} >= {"rng_rank0.pt", "rng_rank1.pt"}
+    elastic = tmp_path / "elastic"
+    shutil.copytree(resumed, elastic)
+    launch(tiny, resumed, cfg2, ranks=2, steps=4, extra=["--resume"])
+    b = csv_curve(resumed)
+    assert sorted(b) == [1, 2, 3, 4]
+    assert [b[s] for s in range(1, 5)] == pytest.approx([a[s] for s in range(1, 5)], rel=1e-5, abs=1e-6)
+
+    # Elastic resume through universal checkpoints (AdamW: ds_to_universal cannot convert SGD momentum): the 2-rank
+    # step-2 checkpoint resumed on 1 rank to step 3, then on 2 ranks to step 4 = the straight run, example by example.
+    to_one = launch(tiny, elastic, cfg1, ranks=1, steps=3, extra=["--resume", "--save_steps", "1", "--export", "false", "--track_examples"])
+    assert len(converted(to_one)) == 1 and "written by 2 ranks and this job has 1" in converted(to_one)[0], to_one.stdout[-2000:]
+    to_two = launch(tiny, elastic, cfg2, ranks=2, steps=4, extra=["--resume", "--export", "false", "--track_examples"])
+    assert len(converted(to_two)) == 1 and "written by 1 ranks and this job has 2" in converted(to_two)[0], to_two.stdout[-2000:]
+    e, norm_e = csv_curve(elastic), csv_curve(elastic, "grad_norm")
+    assert sorted(e) == [1, 2, 3, 4]
+    assert [e[s] for s in range(1, 5)] == pytest.approx([a[s] for s in range(1, 5)], rel=1e-5, abs=1e-6)
+    assert [norm_e[s] for s in range(1, 5)] == pytest.approx([norm2[s] for s in range(1, 5)], rel=1e-4)
+    seen, want = examples_per_step(elastic), examples_per_step(straight)
+    assert sorted(want) == [1, 2, 3, 4] and all(len(ids) == 4 for ids in want.values())
+    assert seen == want
 
     from transformers import AutoModelForCausalLM
 
