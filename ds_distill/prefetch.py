@@ -65,8 +65,14 @@ class Prefetcher:
         ``batch_size``) from the wrapped stream."""
         if name.startswith("_") or name in ("stream", "depth", "pin"):
             raise AttributeError(name)
-        state = self.__dict__.get("_state") or {}
-        return state[name] if name in state else getattr(self.stream, name)
+        state = self.__dict__.get("_state")
+        if not state:
+            return getattr(self.stream, name)
+        # A shallow copy of the wrapped stream moved back to the consumed state: derived positions (properties such as
+        # BatchStream.index) are right too, whatever the stream's state dict holds.
+        view = copy.copy(self.stream)
+        view.load_state_dict(copy.deepcopy(state))
+        return getattr(view, name)
 
     def state_dict(self) -> dict[str, Any]:
         """The wrapped stream's state dict as of the last batch returned by ``__next__`` (a copy)."""

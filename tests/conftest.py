@@ -13,6 +13,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def keep_process_group(monkeypatch):
+    """The entry points (train, cache_teacher, generate) tear the process group down at exit; DeepSpeed caches its
+    groups, so in-process tests keep the session's group alive (launcher tests run in their own processes)."""
+    from ds_distill import distributed
+
+    monkeypatch.setattr(distributed, "destroy", lambda: None)
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_zero3_config():
+    """transformers keeps the last HfDeepSpeedConfig as a global: a ZeRO-3 one left by an earlier test's engine would
+    make a later test's plain from_pretrained build empty (partitioned) weights. Every engine sets its own again."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    yield
+
+
 @pytest.fixture(scope="session")
 def dist_env():
     """One-rank process group for in-process engine tests (the same call the entry point makes)."""

@@ -64,12 +64,6 @@ def make_family(root: Path, name: str, tok, **overrides) -> str:
     return str(path)
 
 
-@pytest.fixture
-def keep_process_group(monkeypatch):
-    """main() tears the process group down at exit; in-process tests keep it (as in tests/test_train.py)."""
-    monkeypatch.setattr(train.distributed, "destroy", lambda: None)
-
-
 @pytest.fixture(scope="module")
 def family_root(tiny, tmp_path_factory):
     return tmp_path_factory.mktemp("families")

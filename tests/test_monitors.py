@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ds_distill import models, monitors, plot, train
-from tests.test_train import base_args, ds_json, keep_process_group, make_cfg, run_main  # noqa: F401 (fixture)
+from tests.test_train import base_args, ds_json, make_cfg, run_main
 
 
 def read_wandb_history(run_file: str) -> list[dict | None]:

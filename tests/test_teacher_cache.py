@@ -166,11 +166,6 @@ def test_exact_cache_trains_like_the_live_teacher(tiny, dist_env, tmp_path):
     assert rows(tmp_path / "live") == rows(tmp_path / "cached") and rows(tmp_path / "live")
 
 
-@pytest.fixture
-def keep_process_group(monkeypatch):
-    monkeypatch.setattr(train.distributed, "destroy", lambda: None)
-
-
 def test_mismatches_stop_in_one_line(tiny, dist_env, tmp_path, k64, capsys, keep_process_group):
     from tests import tiny as tiny_mod
 

@@ -176,12 +176,6 @@ def test_eval_and_monitor_csv(tiny, dist_env, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ bad input
-@pytest.fixture
-def keep_process_group(monkeypatch):
-    """main() tears the process group down at exit; DeepSpeed caches its groups, so in-process tests keep it."""
-    monkeypatch.setattr(train.distributed, "destroy", lambda: None)
-
-
 def run_main(args, capsys):
     code = train.main(args)
     err = capsys.readouterr().err.strip().splitlines()
