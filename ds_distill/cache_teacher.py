@@ -120,15 +120,11 @@ def run(cfg, on_shard: Callable[[dict], None] | None = None) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
+    def body() -> int:
         run(parse_args(argv, CacheConfig, "ds_distill.cache_teacher"))
         return 0
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        distributed.destroy()
+
+    return distributed.entry_point(body)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -352,3 +353,16 @@ def destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
     _world = None
+
+
+def entry_point(body: Callable[[], int]) -> int:
+    """Run an entry point's ``body`` the same way everywhere: log lines with times, a UsageError printed as one
+    ``error: ...`` line with exit code 2 (no traceback), and the process group torn down at exit."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return body()
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        destroy()

@@ -114,15 +114,11 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
+    def body() -> int:
         generate(parse_args(argv))
         return 0
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        distributed.destroy()
+
+    return distributed.entry_point(body)
 
 
 if __name__ == "__main__":

@@ -370,8 +370,7 @@ def default_callbacks(cfg: RunConfig) -> list[Callback]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
+    def body() -> int:
         cfg = parse_args(argv)
         if cfg.rounds > 1:
             from ds_distill import rounds
@@ -379,11 +378,8 @@ def main(argv: list[str] | None = None) -> int:
             trainers = rounds.run_rounds(cfg, default_callbacks)
             return trainers[-1].exit_code if trainers else 0
         return run(cfg, default_callbacks(cfg)).exit_code
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        distributed.destroy()
+
+    return distributed.entry_point(body)
 
 
 if __name__ == "__main__":
