@@ -17,14 +17,19 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
 
 
-def launcher_env(**extra: str) -> dict[str, str]:
-    """The environment of a launched job: CPU DeepSpeed, the shared JIT cache, Open MPI allowed as root."""
-    # Drop every launcher's variables: in-process tests set RANK/WORLD_SIZE/MASTER_* in os.environ (init_distributed),
-    # and a pytest run inside a SLURM or MPI job carries that job's; the launched ranks would inherit them.
-    launcher_prefixes = ("SLURM_", "OMPI_", "PMIX_", "TORCHELASTIC_")
+def without_launcher_vars(environ: dict[str, str]) -> dict[str, str]:
+    """``environ`` without any launcher's variables: in-process tests set RANK/WORLD_SIZE/LOCAL_WORLD_SIZE/MASTER_* in
+    os.environ (init_distributed), and a pytest run inside a SLURM or MPI job carries that job's; launched ranks would
+    inherit them (a stale LOCAL_WORLD_SIZE=1 makes rank 1 of a 2-rank job refuse to start)."""
+    launcher_prefixes = ("SLURM_", "OMPI_", "PMIX_", "PMI_", "TORCHELASTIC_")
     launcher_vars = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "CROSS_RANK", "CROSS_SIZE",
                      "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK", "ROLE_RANK"}
-    env = {k: v for k, v in os.environ.items() if k not in launcher_vars and not k.startswith(launcher_prefixes)}
+    return {k: v for k, v in environ.items() if k not in launcher_vars and not k.startswith(launcher_prefixes)}
+
+
+def launcher_env(**extra: str) -> dict[str, str]:
+    """The environment of a launched job: CPU DeepSpeed, the shared JIT cache, Open MPI allowed as root."""
+    env = without_launcher_vars(dict(os.environ))
     env.update(DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions")),
                OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",

@@ -16,6 +16,7 @@ import torch
 
 from ds_distill.evaluate import perplexity
 from tests import tiny
+from tests.cluster_fixtures import without_launcher_vars
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,7 +68,7 @@ def test_demo_script_end_to_end(tmp_path):
     assets = tmp_path / "assets"
     tiny.make_model(assets / "teacher", tok, layers=4, hidden=32, heads=4, seed=1)
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "OMPI_", "PMI_", "SLURM_"))}
+    env = without_launcher_vars(dict(os.environ))
     env.update(DEMO_ASSETS=str(assets), DEMO_OUT=str(out), DEMO_STEPS="3", DEMO_SEQ_LEN="32", DEMO_LAYERS="0,3",
                DEMO_EVAL_STEPS="2", CUDA_VISIBLE_DEVICES="")
     # Own process group: on a timeout the launcher and its ranks go too, not just bash.
