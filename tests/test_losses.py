@@ -318,31 +318,41 @@ def test_chunked_num_chunks_calls_the_head_exactly_that_many_times():
     assert torch.equal(out.total, ref.total)
 
 
-def test_chunked_tied_head_shared_with_the_embedding():
+@pytest.mark.parametrize("fused, seed, loss, mask_start, chunk_sizes", [
+    (False, 10, "jsd", True, [1, 3, 100]),  # a plain callable head: the checkpointed path
+    (True, 33, "forward_kl", False, [1, 5, 100]),  # an OutputHead over the tied nn.Linear: the fused path
+])
+def test_chunked_tied_head_shared_with_the_embedding(fused, seed, loss, mask_start, chunk_sizes):
     """The head weight is also the input embedding: its grad gets both uses, identically in both paths."""
-    g = torch.Generator().manual_seed(10)
+    g = torch.Generator().manual_seed(seed)
     emb = torch.nn.Embedding(V, H)
     proj = torch.nn.Linear(H, H)
     ids = torch.randint(0, V, (B, T), generator=g)
     labels = torch.roll(ids, -1, dims=1)
     labels[:, -1] = IGNORE_INDEX
-    labels[1, :2] = IGNORE_INDEX
+    if mask_start:
+        labels[1, :2] = IGNORE_INDEX
     t_hidden = torch.randn(B, T, H, generator=g)
     t_head = torch.nn.Linear(H, V, bias=False)
-    head = lambda h: h @ emb.weight.T
+    if fused:
+        lin = torch.nn.Linear(H, V, bias=False)
+        lin.weight = emb.weight
+        full_head, head = lin, OutputHead(lin)
+    else:
+        full_head = head = lambda h: h @ emb.weight.T
     params = [emb.weight, proj.weight, proj.bias]
-    kw = dict(loss="jsd", alpha=0.5, temperature=1.5)
+    kw = dict(loss=loss, alpha=0.5, temperature=1.5)
 
     def grads(chunk_size):
         hidden = torch.tanh(proj(emb(ids)))
         if chunk_size is None:
-            out = loss_sums(head(hidden), t_head(t_hidden), labels, **kw)
+            out = loss_sums(full_head(hidden), t_head(t_hidden), labels, **kw)
         else:
             out = chunked_loss_sums(hidden, head, t_hidden, t_head, labels, chunk_size=chunk_size, **kw)
         return out.total, torch.autograd.grad(out.total, params)
 
     ref, g_ref = grads(None)
-    for chunk_size in [1, 3, 100]:
+    for chunk_size in chunk_sizes:
         val, gs = grads(chunk_size)
         close(val, ref)
         for a, b in zip(gs, g_ref):
@@ -615,35 +625,6 @@ def test_fused_ensemble_equals_checkpointed(weights):
     close(f.kd_per_seq, c.kd_per_seq)
     for a, b in zip(torch.autograd.grad(f.total, [hidden, lin.weight]), torch.autograd.grad(c.total, [hidden, lin.weight])):
         close(a, b)
-
-
-def test_fused_tied_head_shared_with_the_embedding():
-    """The head's nn.Linear shares its weight with the input embedding: the weight's grad gets both uses."""
-    g = torch.Generator().manual_seed(33)
-    emb, proj = torch.nn.Embedding(V, H), torch.nn.Linear(H, H)
-    lin = torch.nn.Linear(H, V, bias=False)
-    lin.weight = emb.weight
-    ids = torch.randint(0, V, (B, T), generator=g)
-    labels = torch.roll(ids, -1, dims=1)
-    labels[:, -1] = IGNORE_INDEX
-    t_hidden, t_head = torch.randn(B, T, H, generator=g), torch.nn.Linear(H, V, bias=False)
-    params = [emb.weight, proj.weight, proj.bias]
-    kw = dict(loss="forward_kl", alpha=0.5, temperature=1.5)
-
-    def grads(chunk_size):
-        hidden = torch.tanh(proj(emb(ids)))
-        if chunk_size is None:
-            out = loss_sums(lin(hidden), t_head(t_hidden), labels, **kw)
-        else:
-            out = chunked_loss_sums(hidden, OutputHead(lin), t_hidden, t_head, labels, chunk_size=chunk_size, **kw)
-        return out.total, torch.autograd.grad(out.total, params)
-
-    ref, g_ref = grads(None)
-    for chunk_size in [1, 5, 100]:
-        val, gs = grads(chunk_size)
-        close(val, ref)
-        for a, b in zip(gs, g_ref):
-            close(a, b)
 
 
 def test_fused_all_masked_no_grad_and_logged_once(caplog):
