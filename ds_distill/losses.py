@@ -254,8 +254,8 @@ def chunked_loss_sums(student_hidden: Tensor, student_head: Callable[[Tensor], T
     Only supervised positions are scored, ``chunk_size`` tokens at a time. Two ways, chosen by the student head
     (logged once each):
 
-    - fused (an ``OutputHead`` over an ``nn.Linear`` that ZeRO-3 does not manage): the gradient is
-      computed in the forward, as fused linear-cross-entropy kernels do (Liger-Kernel): per chunk the student logits
+    - fused (an ``OutputHead`` over an ``nn.Linear``, ZeRO-3's or not; the loop runs inside one call of that module,
+      where ZeRO-3 has gathered its weight): the gradient is computed in the forward, as fused linear-cross-entropy kernels do (Liger-Kernel): per chunk the student logits
       ``z`` are computed once, the loss terms and ``dL/dz`` by autograd on the chunk alone (through ``transform``),
       then ``dL/dh = dL/dz @ W`` and ``dL/dW += dL/dz^T h`` (``dL/db += sum dL/dz``) are kept and the chunk's
       logits dropped. Backward recomputes nothing; the head's gradient reaches autograd's (and DeepSpeed's) gradient
@@ -315,20 +315,10 @@ def chunked_loss_sums(student_hidden: Tensor, student_head: Callable[[Tensor], T
 _LOGGED: set[str] = set()
 
 
-def _zero3(params) -> bool:
-    """Whether any of ``params`` is managed by ZeRO-3 (gathered by module hooks, possibly empty between calls)."""
-    return any(hasattr(p, "ds_id") for p in params)
-
-
 def _fusable(head) -> bool:
     """Whether the fused path serves ``head``; logs the choice once per reason."""
     fused = isinstance(head, OutputHead) and isinstance(head.linear, torch.nn.Linear)
-    if fused and _zero3(head.linear.parameters()):
-        # A ZeRO-3 head is whole only inside its module call. A version that gathered it (GatheredParameters, plus a
-        # module call so that it is gathered again in backward) gave other SGD updates than the checkpointed path in
-        # an in-process test (issue 17); until that is understood, ZeRO-3 heads keep the checkpointed path.
-        fused, why = False, "checkpointed: the student head is a ZeRO-3 parameter"
-    elif fused:
+    if fused:
         why = "fused: gradients computed in the forward, each head runs once per chunk"
     else:
         why = (f"checkpointed: the student head is a {type(head).__name__}, not an OutputHead over an nn.Linear, so "
@@ -337,6 +327,25 @@ def _fusable(head) -> bool:
         _LOGGED.add(why)
         log.info("chunked loss: %s", why)
     return fused
+
+
+def _call_as_forward(module: torch.nn.Module, fn: Callable, *args):
+    """``module(*args)`` with ``fn`` standing in for ``module.forward``: the module's hooks run around ``fn``.
+
+    Under ZeRO-3 those hooks gather the module's partitioned parameters before ``fn`` runs and release them after,
+    and they attach themselves to ``fn``'s inputs and outputs so that the parameters are gathered again when backward
+    reaches the outputs and released once it has passed the inputs: ``fn`` must compute from the ``args`` it receives
+    and return what backward enters through. Without hooks this is just ``fn(*args)``.
+    """
+    own = module.__dict__.get("forward")  # an instance-level forward someone else installed (restored after)
+    module.forward = fn
+    try:
+        return module(*args)
+    finally:
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
 
 
 class _GradInForward(torch.autograd.Function):
@@ -368,47 +377,60 @@ def _accumulate(acc: Tensor | None, x: Tensor) -> Tensor:
 
 def _fused_chunks(hs: Tensor, head: OutputHead, chunks: list[slice], teacher_logits, terms, rows: Tensor, batch: int,
                   alpha: float, anchor: Tensor) -> LossSums:
-    """The fused path of ``chunked_loss_sums`` (see there): ``hs`` ``[n, H]`` the supervised student hidden states."""
+    """The fused path of ``chunked_loss_sums`` (see there): ``hs`` ``[n, H]`` the supervised student hidden states.
+
+    The chunk loop runs as the forward of ``head.linear`` (``_call_as_forward``): a ZeRO-3 weight is whole only there,
+    and the loss total returned from that call is where backward enters the module, so ZeRO-3 gathers the weight
+    again before ``_GradInForward`` hands its gradient to autograd, whose accumulation (summed with a tied embedding's
+    gradient) fires DeepSpeed's reduce hook once, as for an ordinary module. Without ZeRO-3 the call adds nothing.
+    """
     linear: torch.nn.Linear = head.linear
-    weight, bias = linear.weight, linear.bias
-    grad_of = lambda t: torch.is_grad_enabled() and t is not None and t.requires_grad
-    need = [grad_of(hs), grad_of(weight), grad_of(bias)]
-    ces, kds, g_hs = [], [], []
-    # fp32 accumulators of the weight and bias gradients: per-chunk products are summed in fp32.
-    g_w = g_b = None
-    for sl in chunks:
-        t_logits = teacher_logits(sl)  # called for every chunk, empty ones too (collective calls under ZeRO-3)
-        h = hs[sl].detach()
-        if h.shape[0] == 0:
-            continue
-        with torch.no_grad():
-            z_lin = F.linear(h, weight, bias)
-        if not any(need):
+    sums: list[LossSums] = []
+
+    def forward(h: Tensor) -> Tensor:
+        weight, bias = linear.weight, linear.bias
+        grad_of = lambda t: torch.is_grad_enabled() and t is not None and t.requires_grad
+        need = [grad_of(h), grad_of(weight), grad_of(bias)]
+        ces, kds, g_hs = [], [], []
+        # fp32 accumulators of the weight and bias gradients: per-chunk products are summed in fp32.
+        g_w = g_b = None
+        for sl in chunks:
+            t_logits = teacher_logits(sl)  # called for every chunk, empty ones too (collective calls under ZeRO-3)
+            x = h[sl].detach()
+            if x.shape[0] == 0:
+                continue
             with torch.no_grad():
-                ce, kd = terms(z_lin if head.transform is None else head.transform(z_lin), t_logits, sl)
-        else:
-            with torch.enable_grad():
-                z_lin.requires_grad_()
-                ce, kd = terms(z_lin if head.transform is None else head.transform(z_lin), t_logits, sl)
-                (g_z,) = torch.autograd.grad((alpha * ce + (1.0 - alpha) * kd).sum(), z_lin)
-            if need[0]:
-                g_hs.append(g_z @ weight)
-            if need[1]:
-                g_w = _accumulate(g_w, g_z.t() @ h)
-            if need[2]:
-                g_b = _accumulate(g_b, g_z.sum(0))
-        ces.append(ce.detach())
-        kds.append(kd.detach())
-    empty = hs.new_zeros(0, dtype=torch.float32)
-    ce, kd = (torch.cat(ces), torch.cat(kds)) if ces else (empty, empty)
-    out = _sums(ce, kd, rows, batch, alpha, anchor.detach())
-    if any(need):
-        g_h = (torch.cat(g_hs) if g_hs else torch.zeros_like(hs)) if need[0] else None
+                z_lin = F.linear(x, weight, bias)
+            if not any(need):
+                with torch.no_grad():
+                    ce, kd = terms(z_lin if head.transform is None else head.transform(z_lin), t_logits, sl)
+            else:
+                with torch.enable_grad():
+                    z_lin.requires_grad_()
+                    ce, kd = terms(z_lin if head.transform is None else head.transform(z_lin), t_logits, sl)
+                    (g_z,) = torch.autograd.grad((alpha * ce + (1.0 - alpha) * kd).sum(), z_lin)
+                if need[0]:
+                    g_hs.append(g_z @ weight)
+                if need[1]:
+                    g_w = _accumulate(g_w, g_z.t() @ x)
+                if need[2]:
+                    g_b = _accumulate(g_b, g_z.sum(0))
+            ces.append(ce.detach())
+            kds.append(kd.detach())
+        empty = h.new_zeros(0, dtype=torch.float32)
+        ce, kd = (torch.cat(ces), torch.cat(kds)) if ces else (empty, empty)
+        sums.append(_sums(ce, kd, rows, batch, alpha, anchor.detach()))
+        if not any(need):
+            return sums[0].total
+        g_h = (torch.cat(g_hs) if g_hs else torch.zeros_like(h)) if need[0] else None
         g_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] and g_w is None else g_w
         g_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need[2] and g_b is None else g_b
-        out.total = _GradInForward.apply(out.total.detach(), hs if need[0] else None, weight if need[1] else None,
-                                         bias if need[2] else None, g_h, g_w, g_b)
-    return out
+        return _GradInForward.apply(sums[0].total.detach(), h if need[0] else None, weight if need[1] else None,
+                                    bias if need[2] else None, g_h, g_w, g_b)
+
+    total = _call_as_forward(linear, forward, hs)
+    sums[0].total = total
+    return sums[0]
 
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, loss: str = "forward_kl",

@@ -650,11 +650,15 @@ def test_fused_all_masked_no_grad_and_logged_once(caplog):
     assert len(lines) == 2 and "fused" in lines[0] and "checkpointed" in lines[1] and "Linear" in lines[1]
 
 
-def test_zero3_head_takes_the_checkpointed_path():
-    """A head managed by ZeRO-3 (ds_id; whole only inside its module call) keeps the checkpointed path."""
-    import ds_distill.losses as losses_mod
-
-    lin = torch.nn.Linear(H, V)
-    assert losses_mod._fusable(OutputHead(lin))
-    lin.weight.ds_id = 0
-    assert not losses_mod._fusable(OutputHead(lin))
+def test_fused_loop_runs_inside_one_head_module_call():
+    """ZeRO-3's contract (its hooks gather a weight only around its module's call, and again in backward from that
+    call's output): the fused loop runs as one call of the head module, whose hooks see the hidden states going in
+    and the loss total coming out, the total that backward enters; the module's own forward is restored after."""
+    hidden, lin, t_hidden, t_heads, labels = _chunk_setup(35)
+    seen = []
+    lin.register_forward_pre_hook(lambda m, args: seen.append(("pre", args[0].shape)))
+    lin.register_forward_hook(lambda m, args, out: seen.append(("post", out)))
+    out = chunked_loss_sums(hidden, OutputHead(lin), t_hidden, t_heads, labels, chunk_size=4, num_chunks=9)
+    n = int((labels != IGNORE_INDEX).sum())
+    assert seen == [("pre", (n, H)), ("post", out.total)]
+    assert "forward" not in lin.__dict__ and lin(hidden[0]).shape == (T, V)
