@@ -19,7 +19,7 @@ steps, each timed to the end of the device's work. Variants:
                       ds_distill.train.build(RunConfig(...)) + Trainer.train_step, exactly as Trainer.fit calls it;
                       student ZeRO stage k; teacher placed as the toolkit chooses when no teacher JSON is given (by
                       fit: replicated on one rank), or forced to ZeRO-3 / replicated (stage 0); chunked loss
-                      (RunConfig's default chunk_size; fused for ZeRO stages 0-2, checkpointed for a ZeRO-3 head), full
+                      (RunConfig's default chunk_size; the fused path, ZeRO-3 head included), full
                       logits (chunk_size 0), or the chunked loss forced onto its checkpointed path (an experiment);
                       _prefetch: micro-batches drawn 2 ahead on a background thread, pinned on GPU (--prefetch_batches 2).
 
