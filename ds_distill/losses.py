@@ -255,8 +255,8 @@ def chunked_loss_sums(student_hidden: Tensor, student_head: Callable[[Tensor], T
     (logged once each):
 
     - fused (an ``OutputHead`` over an ``nn.Linear``, ZeRO-3's or not; the loop runs inside one call of that module,
-      where ZeRO-3 has gathered its weight): the gradient is computed in the forward, as fused linear-cross-entropy kernels do (Liger-Kernel): per chunk the student logits
-      ``z`` are computed once, the loss terms and ``dL/dz`` by autograd on the chunk alone (through ``transform``),
+      where ZeRO-3 has gathered its weight): the gradient is computed in the forward, as fused linear-cross-entropy
+      kernels do (Liger-Kernel): per chunk the student logits ``z`` are computed once, the loss terms and ``dL/dz`` by autograd on the chunk alone (through ``transform``),
       then ``dL/dh = dL/dz @ W`` and ``dL/dW += dL/dz^T h`` (``dL/db += sum dL/dz``) are kept and the chunk's
       logits dropped. Backward recomputes nothing; the head's gradient reaches autograd's (and DeepSpeed's) gradient
       hooks through the returned ``total``. Extra memory: the ``[V, H]`` fp32 gradient buffer, plus ~3 chunks of
