@@ -49,8 +49,8 @@ class RunConfig:
     output_dir: str = _f("", "Where checkpoints, logs, metrics and the exported student go.")
     deepspeed_config: str = _f("", "Student DeepSpeed JSON. Default: ds_configs/zero3_bf16.json on GPU, cpu_zero3.json on CPU.")
     teacher_deepspeed_config: str = _f("", "Teacher DeepSpeed JSON (inference, no optimizer). Default: chosen by fit: replicated on every rank (stage 0, no per-layer gathers) when the teachers take at most a quarter of a rank's memory or there is one rank, else ZeRO-3 sharded.")
-    teacher_cache: list[str] = _f(list, "Train from a teacher cache written by `python -m ds_distill.cache_teacher` instead of --teacher: no teacher model is loaded. One cache (ensembles of caches are refused).", multi=True)
-    teacher_weights: list[float] = _f(list, "Ensemble weights, one per --teacher (normalised). Default: uniform.", multi=True)
+    teacher_cache: list[str] = _f(list, "Train from a teacher cache written by `python -m ds_distill.cache_teacher` instead of --teacher: no teacher model is loaded. Repeat it for an ensemble (mixed by --teacher_weights or --router, as teachers).", multi=True)
+    teacher_weights: list[float] = _f(list, "Ensemble weights, one per --teacher or --teacher_cache (normalised). Default: uniform.", multi=True)
     attn_implementation: str = _f("auto", "Attention kernel of every model: auto (flash_attention_2 with a GPU and flash-attn installed, else sdpa where the model supports it, else eager), flash_attention_2, sdpa, eager or flex_attention.")
     # --- loss
     loss: str = _f("forward_kl", "Divergence: forward_kl, reverse_kl, jsd, skew_forward_kl, skew_reverse_kl, tvd.")
@@ -180,11 +180,11 @@ def _teacher_cache_problems(cfg: RunConfig) -> list[str]:
     problems = []
     if cfg.teacher:
         problems.append("--teacher and --teacher_cache are both given: pass one (the cache replaces the teacher)")
-    if len(cfg.teacher_cache) > 1:
-        problems.append(f"--teacher_cache is given {len(cfg.teacher_cache)} times: ensembles of caches are not supported, pass one cache "
-                        "(or train from the live teachers with --teacher repeated)")
-    if cfg.teacher_weights or cfg.router != "fixed":
-        problems.append("--teacher_weights and --router mix an ensemble's teachers: drop them with --teacher_cache (one cache)")
+    if cfg.teacher_weights and len(cfg.teacher_weights) != len(cfg.teacher_cache):
+        problems.append(f"--teacher_weights has {len(cfg.teacher_weights)} values for {len(cfg.teacher_cache)} teacher caches")
+    if cfg.router != "fixed" and cfg.temperature != 1.0:
+        problems.append(f"--router {cfg.router} scores labels at temperature 1 but teacher caches hold log-probs at --temperature "
+                        f"{cfg.temperature}: use --temperature 1 (caches written at 1), or --router fixed")
     if cfg.on_policy_fraction:
         problems.append("--on_policy_fraction samples new tokens that a teacher cache cannot score: train on-policy with --teacher")
     return problems

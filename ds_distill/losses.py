@@ -453,7 +453,12 @@ def _sparse_token_terms(s_logits: Tensor, labels: Tensor, t_ids: Tensor, t_logp:
     if alpha == 1.0:
         return ce, torch.zeros_like(ce)
     s_logp = F.log_softmax(s / temperature, dim=-1)
-    s_top = s_logp.gather(-1, t_ids)
+    # id -1: no bucket (rows with fewer ids, e.g. an ensemble's union): no mass on either side. It points at a real id
+    # of its row (the row's largest) so the scatter below is unchanged; no host sync to find out whether there are any.
+    pad = t_ids < 0
+    t_ids = torch.where(pad, t_ids.max(-1, keepdim=True).values, t_ids)
+    t_logp = t_logp.masked_fill(pad, -math.inf)
+    s_top = s_logp.gather(-1, t_ids).masked_fill(pad, -math.inf)
     if t_ids.shape[-1] < s.shape[-1]:
         # The student's tail bucket: log of its mass outside the teacher's top-K ids, from its own logits (not
         # log(1 - sum p_top), which cancels catastrophically when the top-K hold almost all the mass).
@@ -481,6 +486,7 @@ def sparse_loss_sums(student_logits: Tensor, teacher_ids: Tensor, teacher_logp: 
     teacher_ids ``[n, K]`` int64, teacher_logp ``[n, K]`` and teacher_tail ``[n]`` (log-probabilities at
     ``temperature``; ``logsumexp(teacher_logp) + exp(teacher_tail)`` = 1, the tail = the mass outside the ids), one row
     per supervised position in row-major ``[B, T]`` order (the order of ``labels != ignore_index``).
+    An id of -1 is no bucket (padding for rows with fewer ids; its log-prob is taken as -inf).
     What is compared: the two distributions over K + 1 buckets (the K teacher ids, then "any other token"):
     the teacher's ``[exp(teacher_logp), exp(teacher_tail)]`` and the student's ``[p_s(ids), 1 - sum p_s(ids)]`` with
     ``p_s = softmax(student / T)`` over the first ``vocab_size`` logits, the student's tail formed as the logsumexp of

@@ -12,7 +12,8 @@ A shard is written to ``<name>.parquet.tmp``, renamed when complete, then its si
 shard exists only when its sidecar does and the sizes agree, so a killed writer resumes without rewriting a finished
 shard and a half-written one is never read. Splits: ``data`` (from --data) and ``eval_data`` (from --eval_data).
 
-One Parquet row per example (zstd, row groups of ``ROW_GROUP`` examples for random access by example id):
+One Parquet row per example (zstd at --zstd_level, row groups of ``ROW_GROUP`` examples for random access by
+example id):
     row     int64   the example's row number (``data.get_dataset``'s ``row``, the batches' ``example_ids``)
     tokens  int32   n, its supervised positions (labels != -100), in position order
     ids     binary  n x K token ids as their ranks in vocab_order (token ids themselves in exact caches), each
@@ -20,11 +21,13 @@ One Parquet row per example (zstd, row groups of ``ROW_GROUP`` examples for rand
                     below 128, 2 below 16384, 3 below 2**21)
     logp    binary  n x K uint8 codes ``q = max(round(LEVELS * sqrt(p / p_top)), 1)`` in the ids' order (LEVELS = 63,
                     p_top the token's largest top-K probability), or float32 log-probs (exact caches)
-    tail    binary  n float16 (float32 when exact) logs of the mass outside the top K, floored at TAIL_FLOOR nats
+    tail    binary  n uint8 codes ``c = round(255 sqrt(tail mass))`` clipped to [1, 254] of the mass outside the top K
+                    (so a tail in [1.5e-5, 0.992]), or float32 logs (exact caches)
 Log-probs are of ``softmax(teacher_logits / T)`` over the tokenizer's vocabulary, T the cache's temperature.
-Decoding: ``logp = 2 log(q / LEVELS) + c`` with c such that ``sum exp(logp) = 1 - exp(tail)``: the codes fix the shape of the
-top-K part and the tail its total mass. An exact cache (``--exact``: K = V, float32, no quantisation) holds the
-teacher's full log-softmax, and training from it gives the live teacher's loss.
+Decoding: ``tail = 2 log(c / 255)``, ``logp = 2 log(q / LEVELS) + b`` with b such that ``sum exp(logp) = 1 - exp(tail)``:
+the codes fix the shape of the top-K part and the tail its total mass. An exact cache (``--exact``: K = V, float32, no
+quantisation) holds the teacher's full log-softmax, and training from it gives the live teacher's loss.
+Format versions: 1 (float16 tail, zstd default level, row groups of 8) is refused; rewrite such a cache.
 """
 from __future__ import annotations
 
@@ -49,10 +52,13 @@ from ds_distill.config import UsageError
 
 log = logging.getLogger("ds_distill")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 LEVELS = 63  # codes of sqrt(p / p_top): 1..63 (6 bits in a uint8), 63 = the token's top probability
-TAIL_FLOOR = -50.0  # nats: a tail mass below exp(-50) is stored as exp(-50) (reverse divergences stay finite)
-ROW_GROUP = 8  # examples per Parquet row group: the unit of random access
+TAIL_LEVELS = 255  # codes of sqrt(tail mass): 1..254
+TAIL_FLOOR = -50.0  # nats: a tail mass below exp(-50) is taken as exp(-50) (exact caches; reverse divergences stay finite)
+ROW_GROUP = 32  # examples per Parquet row group: the unit of random access (8 cost 0.6 byte/token more on the demo data)
+ZSTD_LEVEL = 19  # the default of --zstd_level: 4 bytes/token fewer than zstd's level 1 on the demo data (docs/performance.md)
+KL_BINS = np.linspace(-8.0, 2.0, 501)  # log10 nats: the histogram of per-token reconstruction KL (its p99)
 SPLITS = ("data", "eval_data")
 # Run-config fields that change which tokens a dataset holds; a cache only fits a run with the same values.
 TOKEN_FLAGS = ("seq_len", "data_format", "data_split", "max_samples", "packing", "train_on_prompt", "drop_long", "chat_template")
@@ -107,20 +113,23 @@ def top_k(logits: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tenso
 
 
 def quantise(logp: torch.Tensor, tail: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 codes ``[n, K]`` = round(LEVELS * sqrt(p / p_top)) >= 1, float16 log tails ``[n]``).
+    """(uint8 codes ``[n, K]`` = round(LEVELS * sqrt(p / p_top)) >= 1, uint8 tail codes ``[n]`` =
+    round(TAIL_LEVELS * sqrt(tail mass)) in [1, TAIL_LEVELS - 1]).
 
     Why sqrt: an error dp in a probability p costs about dp^2 / (2 p) of KL, so uniform steps in sqrt(p) spend the
-    same KL on every entry; the many small probabilities of a top-K get small codes, which zstd packs tightly.
+    same KL on every entry; the many small probabilities of a top-K get small codes, which zstd packs tightly. For the
+    tail that is at most 2 / TAIL_LEVELS^2 = 3e-5 nats per token, whatever its size (the floor of code 1: 1.5e-5 nats).
     """
     u = torch.exp(0.5 * (logp - logp.max(dim=-1, keepdim=True).values))
     codes = torch.round(u * LEVELS).clamp(min=1).to(torch.uint8)
-    return codes.cpu().numpy(), tail.cpu().numpy().astype(np.float16)
+    tail_codes = torch.round(torch.exp(0.5 * tail.double()) * TAIL_LEVELS).clamp(1, TAIL_LEVELS - 1).to(torch.uint8)
+    return codes.cpu().numpy(), tail_codes.cpu().numpy()
 
 
-def dequantise(codes: torch.Tensor, tail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def dequantise(codes: torch.Tensor, tail_codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of ``quantise``: (log-probs ``[n, K]``, log tails ``[n]``), fp32, together a distribution."""
     rel = 2.0 * torch.log(codes.float() / LEVELS)
-    tail = tail.float().clamp(max=-1e-7)  # float16 may round a tiny top-K mass up to a tail of 1
+    tail = 2.0 * torch.log(tail_codes.float() / TAIL_LEVELS)
     return rel + (torch.log1p(-tail.exp()) - torch.logsumexp(rel, dim=-1))[:, None], tail
 
 
@@ -180,8 +189,8 @@ def encode_example(ids: torch.Tensor, logp: torch.Tensor, tail: torch.Tensor, ex
     if exact:
         row.update(logp=logp.cpu().numpy().astype(np.float32).tobytes(), tail=tail.cpu().numpy().astype(np.float32).tobytes())
     else:
-        codes, tail16 = quantise(logp, tail)
-        row.update(logp=codes.tobytes(), tail=tail16.tobytes())
+        codes, tail_codes = quantise(logp, tail)
+        row.update(logp=codes.tobytes(), tail=tail_codes.tobytes())
     return row
 
 
@@ -194,7 +203,7 @@ def decode_example(row: dict[str, Any], k: int, exact: bool, order: np.ndarray |
         logp = torch.from_numpy(np.frombuffer(row["logp"], dtype=np.float32).reshape(-1, k).copy())
         return ids, logp, torch.from_numpy(np.frombuffer(row["tail"], dtype=np.float32).copy())
     codes = torch.from_numpy(np.frombuffer(row["logp"], dtype=np.uint8).reshape(-1, k).copy())
-    logp, tail = dequantise(codes, torch.from_numpy(np.frombuffer(row["tail"], dtype=np.float16).copy()))
+    logp, tail = dequantise(codes, torch.from_numpy(np.frombuffer(row["tail"], dtype=np.uint8).copy()))
     return ids, logp, tail
 
 
@@ -217,6 +226,21 @@ def reconstruction_kl(full: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor,
     kl_full = top + plogp_tail - tail.exp() * (rec_tail - math.log(v - k))
     kl_buckets = top + tail.exp() * (tail - rec_tail)
     return kl_full, kl_buckets
+
+
+def kl_histogram(kl: torch.Tensor) -> np.ndarray:
+    """Per-token KLs ``[n]`` -> counts per ``KL_BINS`` bin of log10(KL) (bin 0: below 1e-8 nats, incl. 0)."""
+    return np.bincount(np.searchsorted(KL_BINS, np.log10(kl.double().clamp(min=1e-300).numpy())), minlength=len(KL_BINS) + 1)
+
+
+def kl_quantile(hists: list, q: float) -> float:
+    """The q-quantile of the per-token KL from summed ``kl_histogram`` counts: the upper edge of its bin (<= 5% high;
+    0 below 1e-8 nats)."""
+    counts = np.sum(np.asarray(hists, dtype=np.int64), axis=0) if hists else np.zeros(len(KL_BINS) + 1, np.int64)
+    if counts.sum() == 0:
+        return 0.0
+    b = int(np.searchsorted(np.cumsum(counts), q * counts.sum()))
+    return 0.0 if b == 0 else float(10 ** KL_BINS[min(b, len(KL_BINS) - 1)])
 
 
 # ------------------------------------------------------------------------------------------------------- writing
@@ -246,14 +270,14 @@ def shard_done(root: Path, name: str) -> bool:
     return json.loads(side.read_text())["bytes"] == file.stat().st_size
 
 
-def write_shard(root: Path, name: str, rows: list[dict[str, Any]], stats: dict[str, float]) -> dict[str, Any]:
+def write_shard(root: Path, name: str, rows: list[dict[str, Any]], stats: dict[str, float], zstd_level: int = ZSTD_LEVEL) -> dict[str, Any]:
     """Write one shard (temp name, then rename, then its sidecar) and return the sidecar."""
     shards = root / "shards"
     tmp, final = shards / f"{name}.parquet.tmp", shards / f"{name}.parquet"
     table = pa.table({"row": pa.array([r["row"] for r in rows], pa.int64()), "tokens": pa.array([r["tokens"] for r in rows], pa.int32()),
                       **{c: pa.array([r[c] for r in rows], pa.binary()) for c in ("ids", "logp", "tail")}})
     # No column statistics: min/max of binary columns would store whole values again in the footer.
-    pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP, write_statistics=False)
+    pq.write_table(table, tmp, compression="zstd", compression_level=zstd_level, row_group_size=ROW_GROUP, write_statistics=False)
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
     meta = pq.ParquetFile(tmp).metadata
@@ -283,7 +307,9 @@ def summarise(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     stats = {"tokens": sum(s["tokens"] for s in every), "bytes": sum(s["bytes"] for s in every),
              "bytes_per_token": sum(s["bytes"] for s in every) / tokens, "column_bytes_per_token": column_bytes,
              "kl_full_per_token": sum(s["kl_full_sum"] for s in every) / tokens,
+             "kl_full_p99": kl_quantile([s["kl_full_hist"] for s in every], 0.99),
              "kl_buckets_per_token": sum(s["kl_buckets_sum"] for s in every) / tokens,
+             "kl_buckets_p99": kl_quantile([s["kl_buckets_hist"] for s in every], 0.99),
              "tail_mass_per_token": sum(s["tail_mass_sum"] for s in every) / tokens,
              "teacher_seconds": sum(s["seconds"] for s in every)}
     order = root / "vocab_order.npy"
@@ -346,6 +372,7 @@ def write_cache(root: Path, settings: dict[str, Any], info: dict[str, Any], data
     for split, s in todo:
         ds, t0 = datasets[split], time.perf_counter()
         rows, stats = [], {"kl_full_sum": 0.0, "kl_buckets_sum": 0.0, "tail_mass_sum": 0.0}
+        hists = {"kl_full_hist": np.zeros(len(KL_BINS) + 1, np.int64), "kl_buckets_hist": np.zeros(len(KL_BINS) + 1, np.int64)}
         for start in range(s * size, min(len(ds), (s + 1) * size), batch):
             part = ds[start: min(start + batch, len(ds), (s + 1) * size)]
             (ids, logp, tail, full), counts = forward(part)
@@ -357,9 +384,12 @@ def write_cache(root: Path, settings: dict[str, Any], info: dict[str, Any], data
                 kl_full, kl_b = reconstruction_kl(f, rec_ids, f.gather(1, rec_ids), tail[piece].cpu(), rec_logp, rec_tail)
                 stats["kl_full_sum"] += kl_full.sum().item()
                 stats["kl_buckets_sum"] += kl_b.sum().item()
+                for name, kl in (("kl_full_hist", kl_full), ("kl_buckets_hist", kl_b)):
+                    hists[name] += kl_histogram(kl)
                 stats["tail_mass_sum"] += tail[piece].exp().sum().item()
         stats["seconds"] = time.perf_counter() - t0
-        side = write_shard(root, shard_name(split, s), rows, stats)
+        stats.update({name: h.tolist() for name, h in hists.items()})
+        side = write_shard(root, shard_name(split, s), rows, stats, info.get("zstd_level", ZSTD_LEVEL))
         if on_shard is not None:
             on_shard(side)
     if zero3 and world_size > 1:
@@ -427,9 +457,6 @@ class TeacherCache:
             raise UsageError(f"{where} was written from other --{split} tokens than this run's {flag} (data fingerprint differs): "
                              f"write the cache from this data with the same data flags")
 
-    def source(self, eval_split: str) -> "CachedTeacher":
-        return CachedTeacher(self, {"train": "data", "eval": eval_split})
-
     # ---- reading
     def _file(self, split: str, s: int) -> pq.ParquetFile:
         key = (split, s)
@@ -473,35 +500,104 @@ class TeacherCache:
         return (*(torch.cat([p[i] for p in parts]) for i in range(3)), [p[0].shape[0] for p in parts])
 
 
-class CachedTeacher:
-    """A ``teachers.TeacherSource`` reading a ``TeacherCache``: no teacher model; the loss runs on the top-K support
-    plus one tail bucket (``losses.sparse_loss_sums``). splits: "train"/"eval" -> the cache split it reads."""
+def mix(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], weights: torch.Tensor, vocab: int
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An ensemble of caches as one sparse teacher: ``M x (ids [n, K_m], log-probs [n, K_m], log tails [n])`` and
+    mixture weights ``[n, M]`` (rows >= 0 summing to 1) -> (ids ``[n, W]``, log-probs ``[n, W]``, log tail ``[n]``).
 
-    def __init__(self, cache: TeacherCache, splits: dict[str, str]):
-        self.cache, self.splits = cache, splits
+    What is computed: each cache stands for its reconstructed distribution (its top-K probabilities, its tail mass
+    spread uniformly over the vocab's other V - K_m ids: ``p_m(v) = exp(tail_m) / (V - K_m)`` there, the same
+    reconstruction as ``reconstruction_kl``), and the target is their mixture ``sum_m w_m p_m`` over the buckets the
+    loss compares: every id in the union U of the caches' top-K lists, then one bucket for the V - |U| other ids
+    (mass ``sum_m w_m exp(tail_m) (V - |U|) / (V - K_m)``). W = the largest |U| in the batch; shorter rows are padded
+    with id -1 and log-prob -inf (no bucket, see ``losses.sparse_loss_sums``). Exact caches (K = V) give the live
+    ensemble's mixture; one cache with weight 1 gives its own K + 1 buckets. Computed in float64, without grad.
+    """
+    every = torch.cat([p[0] for p in parts], dim=1)
+    ids, _ = every.sort(dim=1)
+    dup = torch.zeros_like(ids, dtype=torch.bool)
+    dup[:, 1:] = ids[:, 1:] == ids[:, :-1]
+    mass = torch.zeros(ids.shape, dtype=torch.float64)
+    tail = torch.zeros(ids.shape[0], dtype=torch.float64)
+    size = (~dup).sum(1)  # |U| per token
+    for (m_ids, m_logp, m_tail), w in zip(parts, weights.double().T):
+        k = m_ids.shape[1]
+        m_ids, order = m_ids.sort(dim=1)
+        pos = torch.searchsorted(m_ids, ids).clamp(max=k - 1)
+        inside = m_ids.gather(1, pos) == ids
+        spread = m_tail.double().exp() / (vocab - k) if k < vocab else torch.zeros_like(tail)
+        p = torch.where(inside, m_logp.gather(1, order).double().exp().gather(1, pos), spread[:, None])
+        mass += w[:, None] * p
+        tail += w * spread * (vocab - size)
+    # unique ids first (stable), then cut to the widest row
+    keep = torch.sort(dup.to(torch.int8), dim=1, stable=True).indices[:, : int(size.max())]
+    pad = dup.gather(1, keep)
+    if keep.shape[1] == vocab and pad.any():  # the loss reads a V-wide row as "no tail bucket"
+        raise ValueError(f"the caches' top-K lists cover all {vocab} ids for some tokens but not others: write them with --exact")
+    ids = ids.gather(1, keep).masked_fill(pad, -1)
+    logp = mass.gather(1, keep).log().masked_fill(pad, -math.inf)
+    return ids, logp.float(), tail.log().float()
+
+
+class CachedTeacher:
+    """A ``teachers.TeacherSource`` reading one or several ``TeacherCache``s: no teacher model; the loss runs on the
+    top-K support plus one tail bucket (``losses.sparse_loss_sums``), for an ensemble on the union of the caches'
+    supports plus one bucket (``mix``). splits: "train"/"eval" -> the cache split it reads."""
+
+    def __init__(self, caches: list[TeacherCache], splits: dict[str, str]):
+        self.caches, self.splits = list(caches), splits
 
     def targets(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, example_ids: torch.Tensor, split: str):
-        ids, logp, tail, counts = self.cache.read(self.splits[split], example_ids.tolist())
-        expected = (labels != -100).sum(1).tolist()
-        if counts != expected:
-            raise UsageError(f"--teacher_cache {self.cache.root} holds {counts} supervised tokens for examples {example_ids.tolist()} "
-                             f"but the batch has {expected}: the data changed since the cache was written; rewrite the cache")
-        return ids, logp, tail
+        expected, parts = (labels != -100).sum(1).tolist(), []
+        for cache in self.caches:
+            ids, logp, tail, counts = cache.read(self.splits[split], example_ids.tolist())
+            if counts != expected:
+                raise UsageError(f"--teacher_cache {cache.root} holds {counts} supervised tokens for examples {example_ids.tolist()} "
+                                 f"but the batch has {expected}: the data changed since the cache was written; rewrite the cache")
+            parts.append((ids, logp, tail))
+        return parts
 
     def loss_sums(self, student_hidden: torch.Tensor, student_head: Callable, targets, labels: torch.Tensor, *,
                   chunk_size: int, num_chunks: int | None, **loss_kw: Any) -> losses.LossSums:
-        kw = {k: v for k, v in loss_kw.items() if k != "teacher_weights"}  # one cache: nothing to weigh
+        weights = loss_kw.pop("teacher_weights", None)
+        target = targets[0] if len(targets) == 1 else self._mix(targets, weights, labels, loss_kw["vocab_size"])
         if chunk_size:
-            return losses.chunked_sparse_loss_sums(student_hidden, student_head, *targets, labels, chunk_size=chunk_size,
-                                                   num_chunks=num_chunks, **kw)
-        return losses.sparse_loss_sums(student_head(student_hidden), *targets, labels, **kw)
+            return losses.chunked_sparse_loss_sums(student_hidden, student_head, *target, labels, chunk_size=chunk_size,
+                                                   num_chunks=num_chunks, **loss_kw)
+        return losses.sparse_loss_sums(student_head(student_hidden), *target, labels, **loss_kw)
+
+    def _mix(self, parts, weights, labels: torch.Tensor, vocab: int):
+        """Mixture weights ``[n, M]`` from --teacher_weights (None: uniform) or a router, then ``mix``."""
+        n, m = parts[0][0].shape[0], len(parts)
+        if callable(weights):  # a router scores the label with each cache's reconstructed distribution at temperature 1
+            if self.caches[0].settings["temperature"] != 1.0:
+                raise ValueError(f"a router scores labels at temperature 1 but the caches hold log-probs at temperature "
+                                 f"{self.caches[0].settings['temperature']}: write the caches at --temperature 1")
+            lab = labels[labels != -100]
+            w = torch.cat([weights([_full_logp(*p, vocab, rows) for p in parts], lab[rows]) for rows in torch.arange(n).split(1024)])
+        else:
+            w = torch.full((m,), 1.0 / m) if weights is None else torch.as_tensor(weights, dtype=torch.float64).cpu()
+            if w.shape != (m,):
+                raise ValueError(f"teacher_weights {tuple(w.shape)} must be one weight per cache ({m})")
+            w = (w / w.sum()).expand(n, m)
+        return mix(parts, w, vocab)
 
 
-def open_for_run(cfg, tokenizer, train_set, eval_set) -> TeacherCache:
-    """The run's ``--teacher_cache``, checked against its flags, tokenizer and tokens (one UsageError on a mismatch)."""
-    cache = TeacherCache(cfg.teacher_cache[0])
-    cache.check_run(cfg, tokenizer)
-    cache.check_data("data", train_set, f"--data {cfg.data}")
-    if eval_set is not None:
-        cache.check_data("eval_data", eval_set, f"--eval_data {cfg.eval_data}")
-    return cache
+def _full_logp(ids: torch.Tensor, logp: torch.Tensor, tail: torch.Tensor, vocab: int, rows: torch.Tensor) -> torch.Tensor:
+    """A cache's reconstructed log-probs over the whole vocabulary ``[len(rows), V]`` (the tail spread uniformly)."""
+    k = ids.shape[1]
+    fill = tail[rows] - math.log(vocab - k) if k < vocab else torch.full((len(rows),), -math.inf)
+    return fill[:, None].expand(-1, vocab).scatter(1, ids[rows], logp[rows])
+
+
+def open_for_run(cfg, tokenizer, train_set, eval_set) -> list[TeacherCache]:
+    """The run's ``--teacher_cache``s, each checked against its flags, tokenizer and tokens (one UsageError on a mismatch)."""
+    caches = []
+    for path in cfg.teacher_cache:
+        cache = TeacherCache(path)
+        cache.check_run(cfg, tokenizer)
+        cache.check_data("data", train_set, f"--data {cfg.data}")
+        if eval_set is not None:
+            cache.check_data("eval_data", eval_set, f"--eval_data {cfg.eval_data}")
+        caches.append(cache)
+    return caches

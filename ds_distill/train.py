@@ -251,7 +251,7 @@ def build(cfg: RunConfig, callbacks: list[Callback] = ()) -> Trainer:
     eval_set = data.get_dataset(cfg.eval_data, tokenizer, **data_kw) if cfg.eval_data else None
     # A teacher cache must hold exactly these tokens (checked before any model loads); its eval rows come either from
     # --eval_data or, split off below, from --data.
-    cache = teacher_cache.open_for_run(cfg, tokenizer, train_set, eval_set) if cfg.teacher_cache else None
+    caches = teacher_cache.open_for_run(cfg, tokenizer, train_set, eval_set) if cfg.teacher_cache else None
     if eval_set is None and cfg.eval_fraction:
         train_set, eval_set = data.split_eval(train_set, cfg.eval_fraction, cfg.seed, min_eval=sds.micro_batch * world.world_size)
         if eval_set is None and cfg.early_stopping_patience:
@@ -272,7 +272,8 @@ def build(cfg: RunConfig, callbacks: list[Callback] = ()) -> Trainer:
     models.check_output_rows(vocab, [student, *engines], [cfg.student, *teacher_paths])
     for engine, path in zip([student, *engines], [cfg.student, *teacher_paths]):
         models.check_logits(engine, path, vocab, packing=cfg.packing)
-    teachers = cache.source(eval_split="eval_data" if cfg.eval_data else "data") if cache else LiveTeachers(engines)
+    teachers = teacher_cache.CachedTeacher(caches, {"train": "data", "eval": "eval_data" if cfg.eval_data else "data"}) \
+        if caches else LiveTeachers(engines)
     stream = data.BatchStream(train_set, batch_size=sds.micro_batch, rank=world.rank, world_size=world.world_size,
                               seed=cfg.seed, pad_token_id=tokenizer.pad_token_id)
     if cfg.prefetch_batches:
