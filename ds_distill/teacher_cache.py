@@ -7,7 +7,8 @@ Layout of ``CACHE/``:
     manifest.json                  rank 0 writes it before the first shard ("complete": false, the settings) and after
                                    the last one ("complete": true, every shard with its sha256, the measurements)
     shards/<split>-<s>.parquet     examples ``[s * S, (s + 1) * S)`` of the split's dataset order (S: shard_examples)
-    shards/<split>-<s>.json        the shard's sidecar (sha256, bytes, examples, tokens, reconstruction error sums)
+    shards/<split>-<s>.json        the shard's sidecar (sha256, bytes, examples, tokens, reconstruction error sums and
+                                   histograms)
 A shard is written to ``<name>.parquet.tmp``, renamed when complete, then its sidecar is written (atomically): a
 shard exists only when its sidecar does and the sizes agree, so a killed writer resumes without rewriting a finished
 shard and a half-written one is never read. Splits: ``data`` (from --data) and ``eval_data`` (from --eval_data).
