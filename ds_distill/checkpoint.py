@@ -1,14 +1,20 @@
-"""Checkpoints: DeepSpeed writes the model/optimizer/scheduler shards; we add what an exact resume needs.
+"""Checkpoints and exports: the whole on-disk layout of a run directory (everyone else asks this module).
 
-Layout of ``output_dir/checkpoints/``:
-    step_00000010/           one DeepSpeed tag (every rank's ZeRO shards + client state)
-        rng_rank{r}.pt       each rank's RNG states (dropout and friends continue exactly)
-        hf/                  the student's config and tokenizer, so the tag exports on its own
-    step_00000010_universal/ the tag converted for another number of ranks (universal_for_resume), pruned with it
-    latest                   names the newest *complete* tag; written last, atomically (write + rename)
+DeepSpeed writes the model/optimizer/scheduler shards; we add what an exact resume needs. Layout of ``output_dir``:
+    checkpoints/
+        step_00000010/           one DeepSpeed tag (every rank's ZeRO shards + client state)
+            rng_rank{r}.pt       each rank's RNG states (dropout and friends continue exactly)
+            hf/                  the student's config and tokenizer, so the tag exports on its own
+        step_00000010_universal/ the tag converted for another number of ranks (universal_for_resume), pruned with it
+        latest                   names the newest *complete* tag; written last, atomically (write + rename)
+    final/                       the Hugging Face export of the last step (export_final)
+    best/                        early stopping's best so far (export_best): the export plus export.json
+        export.json              {"step", "tag", "eval_<metric>"}
+        early_stopped.json       written when early stopping ended the run: {"stopped_at", "best_step"}
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -31,6 +37,79 @@ UNIVERSAL = "_universal"  # suffix of a tag converted for another number of rank
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def step_of(tag: str) -> int:
+    """The optimizer step a tag was saved at (``step_00000010`` -> 10)."""
+    return int(TAG.match(tag)[1])
+
+
+def ckpt_root(output_dir: Path | str) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def final_dir(output_dir: Path | str) -> Path:
+    return Path(output_dir) / "final"
+
+
+def best_dir(output_dir: Path | str) -> Path:
+    return Path(output_dir) / "best"
+
+
+def is_export(folder: Path) -> bool:
+    """A Hugging Face export is there (the folder holds its config)."""
+    return (folder / "config.json").is_file()
+
+
+def export_final(output_dir: Path | str, tag: str) -> Path:
+    """Export ``checkpoints/<tag>`` to ``final/`` (rank 0 only: a plain file conversion, no process group)."""
+    from ds_distill.export import export_checkpoint
+
+    return export_checkpoint(ckpt_root(output_dir) / tag, final_dir(output_dir))
+
+
+def export_best(output_dir: Path | str, tag: str, record: dict[str, Any]) -> Path:
+    """Export ``checkpoints/<tag>`` to ``best/`` with ``record`` as ``best/export.json`` (rank 0 only). The export is
+    built in ``best.tmp`` and replaces the old ``best/`` only once complete, so a crash keeps the previous best."""
+    from ds_distill.export import export_checkpoint
+
+    best, tmp = best_dir(output_dir), Path(output_dir) / "best.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier export
+    export_checkpoint(ckpt_root(output_dir) / tag, tmp)
+    (tmp / "export.json").write_text(json.dumps(record))
+    shutil.rmtree(best, ignore_errors=True)
+    os.replace(tmp, best)
+    return best
+
+
+def read_best(output_dir: Path | str) -> dict[str, Any] | None:
+    """``best/export.json`` (the step, tag and eval metric of the best export), or None when there is none."""
+    record = best_dir(output_dir) / "export.json"
+    return json.loads(record.read_text()) if record.is_file() else None
+
+
+def mark_early_stopped(output_dir: Path | str, info: dict[str, Any]) -> None:
+    """Record in ``best/`` that early stopping ended the run (the run is finished, short of max_steps)."""
+    (best_dir(output_dir) / "early_stopped.json").write_text(json.dumps(info))
+
+
+def finished_export(output_dir: Path | str) -> Path | None:
+    """The student a finished run hands on: its ``final/`` export, or ``best/`` if early stopping ended it; None
+    while the run is unfinished."""
+    if is_export(final_dir(output_dir)):
+        return final_dir(output_dir)
+    if (best_dir(output_dir) / "early_stopped.json").is_file():
+        return best_dir(output_dir)
+    return None
+
+
+def exports(output_dir: Path | str) -> dict[str, dict[str, Any]]:
+    """The complete exports present: {"final" / "best": {"path", and best's export.json fields}}."""
+    found = {}
+    for name, folder in (("final", final_dir(output_dir)), ("best", best_dir(output_dir))):
+        if is_export(folder):
+            found[name] = {"path": str(folder), **((read_best(output_dir) or {}) if name == "best" else {})}
+    return found
 
 
 def read_latest(ckpt_root: Path) -> str | None:

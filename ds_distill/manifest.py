@@ -18,6 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from ds_distill import checkpoint
 from ds_distill.callbacks import Callback
 
 log = logging.getLogger(__name__)
@@ -123,12 +124,8 @@ class Manifest(Callback):
             return
         self.data["checkpoints"] = [c for c in self.data["checkpoints"] if c["tag"] != tag]
         self.data["checkpoints"].append({"tag": tag, "step": trainer.step, "time": _now(), "metrics": latest_metrics(trainer.history)})
+        self._record_exports(trainer, ("best",))  # early stopping (earlier in the callback list) may just have exported a new best
         self.write()
-
-    def on_eval(self, trainer, metrics: dict[str, float]) -> None:
-        # Early stopping (earlier in the callback list) may just have exported a new best.
-        if trainer.rank == 0 and self._record_exports(trainer, ("best",)):
-            self.write()
 
     def on_train_end(self, trainer) -> None:
         if trainer.rank != 0:
@@ -137,15 +134,12 @@ class Manifest(Callback):
         self.data["results"] = {"step": trainer.step, "exit_code": trainer.exit_code, "finished": _now(), "metrics": latest_metrics(trainer.history)}
         self.write()
 
-    def _record_exports(self, trainer, names: tuple[str, ...]) -> bool:
-        """Note the exports present on disk (``best/export.json`` names its step); True if anything changed."""
-        before = json.dumps(self.data["exports"], sort_keys=True, default=str)
+    def _record_exports(self, trainer, names: tuple[str, ...]) -> None:
+        """Note the exports present on disk (``best/export.json`` names its step; ``final/`` is this step's)."""
+        found = checkpoint.exports(trainer.output_dir)
         for name in names:
-            folder = trainer.output_dir / name
-            if (folder / "config.json").is_file():
-                info = _read_json(folder / "export.json") or {}
-                self.data["exports"][name] = {"path": str(folder), "step": info.get("step", trainer.step if name == "final" else None), **info}
-        return json.dumps(self.data["exports"], sort_keys=True, default=str) != before
+            if name in found:
+                self.data["exports"][name] = {"step": trainer.step if name == "final" else None, **found[name]}
 
     def write(self) -> None:
         write_atomic(self.path, self.data)

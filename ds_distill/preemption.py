@@ -1,5 +1,8 @@
 """Preemption: on SIGTERM or SIGUSR1, finish the step, agree across ranks, checkpoint, exit with a distinct code.
 
+The ranks agree at the next step boundary (``ds_distill.step_sync``): the signal's vote travels in the next step's
+one collective, before that step's work, and every rank stops at the step the signal arrived in.
+
 SLURM sends SIGUSR1 ahead of the time limit with ``#SBATCH --signal=USR1@120`` (and ``scancel --signal=USR1``);
 schedulers send SIGTERM before killing. The handler only records the signal: the trainer saves at the next step
 boundary, so a second signal during the save changes nothing and ``latest`` always names a complete checkpoint.
@@ -14,9 +17,6 @@ import logging
 import os
 import signal
 import subprocess
-
-import torch
-import torch.distributed as dist
 
 from ds_distill.callbacks import Callback
 
@@ -39,16 +39,14 @@ class Preemption(Callback):
             self.received = signum
 
     def should_stop(self, trainer) -> bool:
-        # The signal may reach only some ranks (or reach them between steps): all ranks stop at the same step. One
-        # rank decides alone, on the host: no device tensor, so no host sync per step.
-        self.stopped = self.received is not None
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            flag = torch.tensor([float(self.stopped)], device=trainer.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            self.stopped = bool(flag.item())
-        if self.stopped and trainer.rank == 0:
+        # The signal may reach only some ranks: this is this rank's vote, a host boolean (no device tensor, no sync);
+        # the trainer agrees over the ranks in the next step's one collective and stops them all at the same step.
+        return self.received is not None
+
+    def on_stop(self, trainer) -> None:
+        self.stopped = True  # on every rank, also those the signal did not reach
+        if trainer.rank == 0:
             log.info("preemption signal received: saving a checkpoint at step %d and exiting with code %d", trainer.step, PREEMPTED_EXIT_CODE)
-        return self.stopped
 
     def on_train_end(self, trainer) -> None:
         for sig, handler in self.previous.items():

@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
+from ds_distill import checkpoint
 from ds_distill.callbacks import Callback
 from ds_distill.config import RunConfig, UsageError, read_json
 
@@ -51,11 +52,7 @@ def round_config(cfg: RunConfig, k: int, student: str, overrides: dict[str, Any]
 
 def round_result(round_dir: Path) -> Path | None:
     """The student a finished round hands on: its ``final/`` export, or ``best/`` if early stopping ended it."""
-    if (round_dir / "final" / "config.json").is_file():
-        return round_dir / "final"
-    if (round_dir / "best" / "early_stopped.json").is_file():
-        return round_dir / "best"
-    return None
+    return checkpoint.finished_export(round_dir)
 
 
 def run_rounds(cfg: RunConfig, callbacks_factory: Callable[[RunConfig], list[Callback]]):

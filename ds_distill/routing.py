@@ -11,16 +11,17 @@ supervised). It returns mixture weights, rows >= 0 summing to 1; the KD target o
 ``torch.no_grad``: routing is a choice, not something trained. Weights of unsupervised tokens do not matter.
 
 Pass one as ``teacher_weights`` to ``losses.loss_sums`` / ``losses.chunked_loss_sums``; from the command line,
-``--router fixed`` (the default: ``--teacher_weights``, or uniform) or ``--router lowest_ce``. A custom router plugs in
-as ``train.run(cfg, [*train.default_callbacks(cfg), UseRouter(my_router)])``.
+``--router fixed`` (the default: ``--teacher_weights``, or uniform) or ``--router lowest_ce``. The router is part of
+the run's objective (``ds_distill.objective.Objective``); a custom one plugs in by building the objective:
+
+    from ds_distill.objective import Objective
+    train.run(cfg, train.default_callbacks(cfg), objective=Objective.from_config(cfg, router=my_router))
 """
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
 import torch
-
-from ds_distill.callbacks import Callback
 
 Router = Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor]
 ROUTERS = ("fixed", "lowest_ce")
@@ -62,12 +63,3 @@ def make_router(name: str, teacher_weights: Sequence[float], n_teachers: int) ->
         return LowestTeacherCE()
     raise ValueError(f"unknown router {name!r}: use one of {', '.join(ROUTERS)}")
 
-
-class UseRouter(Callback):
-    """Makes the trainer's loss mix its teachers with ``router`` (set once, before the first step)."""
-
-    def __init__(self, router: Router):
-        self.router = router
-
-    def on_train_start(self, trainer) -> None:
-        trainer.loss_kw["teacher_weights"] = self.router

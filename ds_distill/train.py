@@ -22,6 +22,8 @@ from deepspeed.accelerator import get_accelerator
 from ds_distill import checkpoint, data, distributed, losses, models, monitors, on_policy, teacher_cache
 from ds_distill.callbacks import Callback
 from ds_distill.config import DSConfig, RunConfig, UsageError, default_ds_configs, load_ds_config, parse_args
+from ds_distill.objective import Objective
+from ds_distill.step_sync import StepPlan, StepSync
 from ds_distill.teachers import LiveTeachers, TeacherSource
 
 log = logging.getLogger("ds_distill")
@@ -30,20 +32,18 @@ log = logging.getLogger("ds_distill")
 class Trainer:
     """The loop and the little state an exact resume needs (step + data position; DeepSpeed keeps the rest)."""
 
-    def __init__(self, cfg: RunConfig, student, teachers: TeacherSource, train: data.BatchStream, eval_set, *, vocab_size: int,
+    def __init__(self, cfg: RunConfig, student, teachers: TeacherSource, train: data.BatchStream, eval_set, *, objective: Objective,
                  ds: DSConfig, tokenizer, callbacks: list[Callback] = ()):
         self.cfg, self.student, self.teachers, self.train, self.eval_set = cfg, student, teachers, train, eval_set
-        self.ds, self.tokenizer, self.callbacks = ds, tokenizer, list(callbacks)
+        self.objective, self.ds, self.tokenizer, self.callbacks = objective, ds, tokenizer, list(callbacks)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.output_dir = Path(cfg.output_dir)
-        self.ckpt_root = self.output_dir / "checkpoints"
+        self.ckpt_root = checkpoint.ckpt_root(self.output_dir)
         self.step, self.exit_code, self.last_tag = 0, 0, None
         self.source_ids: data.SourceIds | None = None  # batches' example_ids (row numbers) -> the data's ids; set by build()
         self.history: list[dict[str, float]] = []  # logged metrics (rank 0 also writes them to the DeepSpeed monitor)
-        weights = torch.tensor(cfg.teacher_weights) if cfg.teacher_weights else None
-        self.loss_kw = dict(loss=cfg.loss, alpha=cfg.alpha, temperature=cfg.temperature, beta=cfg.beta, skew=cfg.skew,
-                            vocab_size=vocab_size, teacher_weights=weights)
         self.device = torch.device(get_accelerator().current_device_name())
+        self.sync = StepSync(self.world_size, cfg.chunk_size, self.device)
 
     # ------------------------------------------------------------------------------------------------ the loop
     def fit(self) -> int:
@@ -54,7 +54,14 @@ class Trainer:
         window = _Window(self.device)
         bar = _progress(self.rank, min(self.step, self.cfg.max_steps), self.cfg.max_steps)
         while self.step < self.cfg.max_steps:
-            sums = self.train_step([next(self.train) for _ in range(self.ds.grad_accum)])
+            votes = [cb.should_stop(self) for cb in self.callbacks]  # rank-local; agreed in this step's collective
+            position = self.train.state_dict()  # where a run stopped before this step's work resumes
+            micro_batches = [next(self.train) for _ in range(self.ds.grad_accum)]
+            plan = self.sync.plan([b["labels"] for b in micro_batches], votes)  # the step's one collective
+            if plan.stop:
+                self.stop(plan, position)
+                break
+            sums = self.train_step(micro_batches, plan)
             self.step += 1
             bar.update(1)
             window.add(sums)
@@ -63,35 +70,40 @@ class Trainer:
             last = self.step == self.cfg.max_steps
             if self.step % self.cfg.log_steps == 0 or last:
                 self.log_metrics(window.flush(self.student, self.world_size), "Train")
+            asked = False  # a callback asked for this step's checkpoint (early stopping's new best)
             if (self.cfg.eval_steps and self.step % self.cfg.eval_steps == 0) or last:
                 with window.paused():
-                    self.evaluate()
-            stop = any([cb.should_stop(self) for cb in self.callbacks])  # a list, not a generator: ask every callback
-            if (self.cfg.save_steps and self.step % self.cfg.save_steps == 0) or stop or last:
+                    asked = self.evaluate()
+            if (self.cfg.save_steps and self.step % self.cfg.save_steps == 0) or asked or last:
                 with window.paused():
                     self.save()
-            if stop:
-                break
         bar.close()
         return self.step
 
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    def stop(self, plan: StepPlan, position: dict[str, Any]) -> None:
+        """End training at this step boundary on every rank: tell the callbacks whose vote (on some rank) stopped the
+        run, then save this step once, with the data position from before the micro-batches drawn for the next."""
+        for cb, voted in zip(self.callbacks, plan.votes):
+            if voted:
+                cb.on_stop(self)
+        if self.last_tag != checkpoint.tag_for(self.step):
+            self.save(position)
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], plan: StepPlan) -> dict[str, Any]:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns device sums.
 
-        Host syncs: with several ranks one per step (the chunk counts' MAX over ranks); none with one rank. Labels
+        ``plan`` (``self.sync.plan`` of these micro-batches) holds the step's global token count and chunk counts; its
+        collective is the step's one host sync with several ranks (none with one rank); nothing here syncs. Labels
         stay on the host, where the loss finds the supervised positions without waiting for the device.
         """
         # Divide by the global count of supervised tokens of this step (all micro-batches, all ranks), so that every
         # token weighs the same whatever the micro-batching. DeepSpeed averages gradients over ranks, hence * world.
-        counts = torch.stack([(b["labels"] != -100).sum() for b in micro_batches]).float()  # on the host
-        n_global = _all_reduce(counts.sum().to(self.device))
-        num_chunks = self.chunk_counts(counts)
-        sums: dict[str, Any] = {"n_tokens": n_global, "input_tokens": 0, "total": 0, "ce": 0, "kd": 0, "per_example": []}
-        for batch, chunks in zip(micro_batches, num_chunks):
+        sums: dict[str, Any] = {"n_tokens": plan.n_global, "input_tokens": 0, "total": 0, "ce": 0, "kd": 0, "per_example": []}
+        for batch, chunks in zip(micro_batches, plan.num_chunks):
             batch, labels, ids = self.split(batch)
             targets = self.teachers.targets(batch, labels, ids, "train")
             out = self.loss_sums(self.student(**batch), targets, labels, chunks)
-            self.student.backward(out.total * self.world_size / n_global.clamp(min=1), scale_wrt_gas=False)
+            self.student.backward(out.total * self.world_size / max(plan.n_global, 1), scale_wrt_gas=False)
             self.student.step()
             for key in ("total", "ce", "kd"):
                 sums[key] = sums[key] + getattr(out, key).detach()
@@ -104,27 +116,23 @@ class Trainer:
         inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k not in ("labels", "example_ids")}
         return inputs, batch["labels"], batch["example_ids"]
 
-    def chunk_counts(self, counts: torch.Tensor) -> list[int | None]:
-        """Loss chunks per micro-batch from this rank's host token counts, the same on every rank: under ZeRO-3
-        each lm_head call is a collective gather, so every rank makes max-over-ranks calls (one host sync)."""
-        if not self.cfg.chunk_size:
-            return [None] * len(counts)
-        chunks = torch.ceil(counts / self.cfg.chunk_size)
-        if dist.get_world_size() > 1:
-            chunks = chunks.to(self.device)
-            dist.all_reduce(chunks, op=dist.ReduceOp.MAX)
-        return [int(c) for c in chunks.tolist()]
-
     def loss_sums(self, s_hidden: torch.Tensor, targets, labels: torch.Tensor, num_chunks: int | None) -> losses.LossSums:
         return self.teachers.loss_sums(s_hidden, self.student.module.head, targets, labels, chunk_size=self.cfg.chunk_size,
-                                       num_chunks=num_chunks, **self.loss_kw)
+                                       num_chunks=num_chunks, **self.objective.loss_kw())
 
     # ------------------------------------------------------------------------------------------ eval, log, save
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Held-out loss: CE (-> perplexity), KD and the total, over the same batches every time."""
+    def evaluate(self) -> bool:
+        """Evaluate, log the metrics and hand them to the callbacks' ``on_eval``; True when one of them asked for a
+        checkpoint at this step (a new best). No eval set: nothing to do."""
         if self.eval_set is None:
-            return {}
+            return False
+        metrics = self.eval_metrics()
+        self.log_metrics(metrics, "Eval")
+        return any([cb.on_eval(self, metrics) for cb in self.callbacks])  # a list, not a generator: tell every callback
+
+    @torch.no_grad()
+    def eval_metrics(self) -> dict[str, float]:
+        """Held-out loss per supervised token: CE (-> perplexity), KD and the total, over the same batches every time."""
         self.student.eval()
         totals = torch.zeros(4, device=self.device)  # total, ce, kd, n_tokens
         stream = data.BatchStream(self.eval_set, batch_size=self.ds.micro_batch, rank=self.rank, world_size=self.world_size,
@@ -132,17 +140,13 @@ class Trainer:
         available = len(self.eval_set) // (self.ds.micro_batch * self.world_size)  # >= 1, checked in build()
         for _ in range(min(self.cfg.eval_batches or available, available)):
             batch, labels, ids = self.split(next(stream))
-            chunks = self.chunk_counts((labels != -100).sum().float().reshape(1))[0]
+            chunks = self.sync.plan([labels]).num_chunks[0]  # one collective per eval batch with several ranks
             out = self.loss_sums(self.student(**batch), self.teachers.targets(batch, labels, ids, "eval"), labels, chunks)
             totals += torch.stack([out.total, out.ce, out.kd, out.n_tokens.float()]).float()
         self.student.train()
         total, ce, kd, n = _all_reduce(totals).tolist()
         n = max(n, 1.0)
-        metrics = {"loss": total / n, "ce": ce / n, "kd": kd / n, "ppl": math.exp(min(ce / n, 50.0))}
-        self.log_metrics(metrics, "Eval")
-        for cb in self.callbacks:
-            cb.on_eval(self, metrics)
-        return metrics
+        return {"loss": total / n, "ce": ce / n, "kd": kd / n, "ppl": math.exp(min(ce / n, 50.0))}
 
     def log_metrics(self, metrics: dict[str, float], prefix: str) -> None:
         self.history.append({"step": self.step, **{f"{prefix}/{k}": v for k, v in metrics.items()}})
@@ -151,8 +155,10 @@ class Trainer:
                 self.student.monitor.write_events([(f"{prefix}/{k}", v, self.step) for k, v in metrics.items()])
             log.info("step %d %s", self.step, " ".join(f"{prefix.lower()}_{k}={v:.4g}" for k, v in metrics.items()))
 
-    def save(self) -> str:
-        state = {"step": self.step, "data": self.train.state_dict(), "run_config": self.cfg.to_dict()}
+    def save(self, data_state: dict[str, Any] | None = None) -> str:
+        """Checkpoint this step (a collective: every rank); ``data_state``: the data position to resume from, if not
+        the stream's current one."""
+        state = {"step": self.step, "data": self.train.state_dict() if data_state is None else data_state, "run_config": self.cfg.to_dict()}
         self.last_tag = checkpoint.save(self.student, self.ckpt_root, self.step, state, keep_last=self.cfg.keep_last,
                                         hf_files=self._write_hf_files)
         for cb in self.callbacks:
@@ -220,8 +226,9 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ entry point
-def build(cfg: RunConfig, callbacks: list[Callback] = ()) -> Trainer:
-    """Check everything that can be checked before any model loads, then build the engines and the data."""
+def build(cfg: RunConfig, callbacks: list[Callback] = (), objective: Objective | None = None) -> Trainer:
+    """Check everything that can be checked before any model loads, then build the engines and the data.
+    ``objective``: what to train for (default: ``Objective.from_config(cfg)``); build() sets its vocabulary."""
     cfg.validate()
     world = distributed.init_distributed()
     if world.rank != 0:
@@ -237,7 +244,7 @@ def build(cfg: RunConfig, callbacks: list[Callback] = ()) -> Trainer:
     # alpha = 1 is plain fine-tuning: no teacher forward at all (the tokenizers are still checked below).
     teacher_paths = cfg.teacher if cfg.alpha < 1.0 else []
     models.check_positions(cfg.seq_len, [cfg.student, *teacher_paths])
-    universal = checkpoint.universal_for_resume(Path(cfg.output_dir) / "checkpoints", world.world_size, sds.zero_stage,
+    universal = checkpoint.universal_for_resume(checkpoint.ckpt_root(cfg.output_dir), world.world_size, sds.zero_stage,
                                                 world.rank) if cfg.resume else None
     if universal:  # a merge into the student's JSON, logged with it below
         sds.raw["checkpoint"] = {**sds.raw.get("checkpoint", {}), "load_universal": True}
@@ -285,7 +292,8 @@ def build(cfg: RunConfig, callbacks: list[Callback] = ()) -> Trainer:
     if cfg.on_policy_fraction:  # the student writes a seeded fraction of the completions
         stream = on_policy.wrap(cfg, stream, student, tokenizer, world=world, rank_memory=per_rank)
         callbacks = [*callbacks, on_policy.GenerationRate(stream)]
-    trainer = Trainer(cfg, student, teachers, stream, eval_set, vocab_size=vocab, ds=sds, tokenizer=tokenizer, callbacks=callbacks)
+    objective = (objective or Objective.from_config(cfg)).with_vocab(vocab)
+    trainer = Trainer(cfg, student, teachers, stream, eval_set, objective=objective, ds=sds, tokenizer=tokenizer, callbacks=callbacks)
     trainer.source_ids = data.SourceIds(train_set)
     if cfg.resume and checkpoint.read_latest(trainer.ckpt_root):
         trainer.resume(universal)
@@ -311,7 +319,7 @@ def teacher_ds_config(teachers: list[str], teacher_deepspeed_config: str, world,
 def _prepare_output_dir(cfg: RunConfig, sds: DSConfig, tds: DSConfig, rank: int) -> None:
     """Refuse to train over someone's checkpoints; record the configs that really ran."""
     out = Path(cfg.output_dir)
-    latest = checkpoint.read_latest(out / "checkpoints")
+    latest = checkpoint.read_latest(checkpoint.ckpt_root(out))
     if latest and not cfg.resume:
         raise UsageError(f"{out} already holds checkpoints (latest: {latest}): pass --resume to continue, or pick another --output_dir")
     monitors.place(sds.raw, out, rank)  # the monitors write under the run directory unless the JSON names a place: a merge, logged below
@@ -333,17 +341,15 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run(cfg: RunConfig, callbacks: list[Callback] = ()) -> Trainer:
-    trainer = build(cfg, callbacks)
+def run(cfg: RunConfig, callbacks: list[Callback] = (), objective: Objective | None = None) -> Trainer:
+    trainer = build(cfg, callbacks, objective)
     start = trainer.step
     trainer.fit()
-    final = Path(cfg.output_dir) / "final"
+    final = checkpoint.final_dir(cfg.output_dir)
     # A run resumed at or past max_steps trained nothing: it exports only what a previous job left unexported.
-    if cfg.export and trainer.step >= cfg.max_steps and (trainer.step > start or not (final / "config.json").is_file()):
-        from ds_distill.export import export_checkpoint
-
+    if cfg.export and trainer.step >= cfg.max_steps and (trainer.step > start or not checkpoint.is_export(final)):
         if trainer.rank == 0:
-            export_checkpoint(trainer.ckpt_root / trainer.last_tag, final)
+            checkpoint.export_final(cfg.output_dir, trainer.last_tag)
             if trainer.step == start:
                 log.info("exported %s (step %d) to %s", trainer.last_tag, trainer.step, final)
         distributed.barrier()
@@ -357,12 +363,9 @@ def default_callbacks(cfg: RunConfig) -> list[Callback]:
     from ds_distill.early_stopping import EarlyStopping
     from ds_distill.manifest import Manifest
     from ds_distill.preemption import Preemption
-    from ds_distill.routing import UseRouter, make_router
     from ds_distill.tracking import ExampleTracker
 
-    callbacks: list[Callback] = [Preemption()]
-    if cfg.router != "fixed":  # "fixed" is the trainer's own --teacher_weights mixture
-        callbacks.append(UseRouter(make_router(cfg.router, cfg.teacher_weights, len(cfg.teacher))))
+    callbacks: list[Callback] = [Preemption()]  # (--router is part of the objective: build())
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStopping(cfg.early_stopping_patience, cfg.early_stopping_min_delta))
     if cfg.track_examples:

@@ -284,7 +284,8 @@ def toolkit_step(a: argparse.Namespace, device) -> Callable[[], None]:
         raise SystemExit(f"{sds}: gradient_accumulation_steps must be 1 for tokens per step = micro batch x seq_len")
 
     def step() -> None:
-        trainer.train_step([next(trainer.train) for _ in range(trainer.ds.grad_accum)])
+        micro_batches = [next(trainer.train) for _ in range(trainer.ds.grad_accum)]
+        trainer.train_step(micro_batches, trainer.sync.plan([b["labels"] for b in micro_batches]))
         trainer.step += 1
 
     return step

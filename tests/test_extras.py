@@ -17,6 +17,7 @@ from ds_distill.callbacks import Callback
 from ds_distill.config import RunConfig, UsageError, parse_args
 from ds_distill.early_stopping import EarlyStopping
 from ds_distill.manifest import Manifest, write_atomic
+from ds_distill.objective import Objective
 from ds_distill.routing import FixedWeights, LowestTeacherCE
 from ds_distill.tracking import ExampleTracker, hardest_examples, write_subset
 from tests.test_train import ds_json, losses_of, make_cfg
@@ -84,13 +85,15 @@ def second_teacher(tiny, tmp_path_factory):
     return str(tiny_mod.make_model(tmp_path_factory.mktemp("t2") / "teacher2", tiny["tokenizer"], layers=1, hidden=32, heads=4, seed=7))
 
 
-@pytest.mark.parametrize("router", ["fixed", "lowest_ce"])
+@pytest.mark.parametrize("router", ["fixed", "lowest_ce", "custom"])
 def test_two_teacher_mixture_equals_hand_computation(tiny, dist_env, tmp_path, second_teacher, router):
+    """--router through build(), and a custom router plugged in by building the objective (over --teacher_weights)."""
     teachers = [tiny["teacher"], second_teacher]
-    kw = dict(teacher_weights=[1.0, 3.0]) if router == "fixed" else dict(router="lowest_ce")
+    kw = dict(router="lowest_ce") if router == "lowest_ce" else dict(teacher_weights=[1.0, 3.0])
     cfg = make_cfg(tiny, tmp_path / router, teacher=teachers, max_steps=1, alpha=0.3, chunk_size=7,
                    deepspeed_config=ds_json(tmp_path, gradient_accumulation_steps=2), **kw)
-    trainer = train.run(cfg, train.default_callbacks(cfg))
+    objective = Objective.from_config(cfg, router=LowestTeacherCE()) if router == "custom" else None
+    trainer = train.run(cfg, train.default_callbacks(cfg), objective=objective)
     stream = data.BatchStream(trainer.train.dataset, batch_size=2, rank=0, world_size=1, seed=0, pad_token_id=trainer.tokenizer.pad_token_id)
     batches = [next(stream), next(stream)]
     route = FixedWeights([1.0, 3.0]) if router == "fixed" else LowestTeacherCE()
@@ -202,14 +205,8 @@ def test_early_stopping_on_a_scripted_eval_curve(tiny, dist_env, tmp_path, monke
     # best at step 2; step 4 improves by less than min_delta; patience 3 runs out at step 5
     curve = {1: 3.0, 2: 2.0, 3: 2.5, 4: 1.95, 5: 2.1, 6: 1.0}
 
-    def scripted_evaluate(self):
-        metrics = {"loss": curve[self.step]}
-        for cb in self.callbacks:
-            cb.on_eval(self, metrics)
-        return metrics
-
-    monkeypatch.setattr(train.Trainer, "evaluate", scripted_evaluate)
-    snapshots = {}
+    monkeypatch.setattr(train.Trainer, "eval_metrics", lambda self: {"loss": curve[self.step]})
+    snapshots, saves = {}, []
 
     class Snapshot(Callback):
         def on_step_end(self, trainer, sums):
@@ -221,8 +218,12 @@ def test_early_stopping_on_a_scripted_eval_curve(tiny, dist_env, tmp_path, monke
                 m = json.loads((trainer.output_dir / "manifest.json").read_text())
                 snapshots["manifest_best_at_3"] = m["exports"]["best"]["step"]
 
+        def on_save(self, trainer, tag):
+            saves.append(trainer.step)
+
     out = tmp_path / "es"
-    cfg = make_cfg(tiny, out, max_steps=8, eval_steps=1, export=True, deepspeed_config=ds_json(tmp_path))
+    # save_steps 2: the new best at step 2 falls on a regular save, and the loop still saves it once
+    cfg = make_cfg(tiny, out, max_steps=8, eval_steps=1, save_steps=2, eval_fraction=0.25, export=True, deepspeed_config=ds_json(tmp_path))
     trainer = train.run(cfg, [EarlyStopping(patience=3, min_delta=0.1), Manifest(), Snapshot()])
     assert trainer.step == 5 and not (out / "final").exists()
     assert json.loads((out / "best" / "export.json").read_text())["step"] == 2
@@ -232,14 +233,15 @@ def test_early_stopping_on_a_scripted_eval_curve(tiny, dist_env, tmp_path, monke
     assert not torch.allclose(best, snapshots[5], atol=1e-4), "the steps after the best must have moved the weights"
     m = json.loads((out / "manifest.json").read_text())
     assert m["exports"]["best"]["step"] == 2 and m["results"]["step"] == 5 and snapshots["manifest_best_at_3"] == 2
-    assert {c["step"] for c in m["checkpoints"]} == {1, 2, 5}  # the saves of each new best, and the stop
+    assert saves == [1, 2, 4, 5], "each new best (1, 2), the save_steps (2, 4) and the stop (5): every step saved once"
+    assert [c["step"] for c in m["checkpoints"]] == [1, 2, 4, 5]
 
 
 def test_extra_flags_wire_callbacks_and_validate(tiny, tmp_path):
     base = ["--teacher", tiny["teacher"], "--student", tiny["student"], "--data", tiny["data"], "--output_dir", str(tmp_path)]
     cfg = parse_args(base + ["--track_examples", "--early_stopping_patience", "2", "--router", "lowest_ce"])
     names = [type(cb).__name__ for cb in train.default_callbacks(cfg)]
-    assert names == ["Preemption", "UseRouter", "EarlyStopping", "ExampleTracker", "Manifest"]
+    assert names == ["Preemption", "EarlyStopping", "ExampleTracker", "Manifest"]
     plain = [type(cb).__name__ for cb in train.default_callbacks(parse_args(base))]
     assert plain == ["Preemption", "Manifest"], "every extra off: nothing else runs around the step"
     assert Manifest.on_step_end is Callback.on_step_end and Manifest.should_stop is Callback.should_stop, "no per-step work"

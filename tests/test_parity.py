@@ -56,7 +56,7 @@ def reference_gradients(tiny, trainer, examples: int) -> tuple[dict[str, torch.T
     batch.pop("example_ids")
     with torch.no_grad():
         t_logits = teacher(**batch).logits
-    out = losses.loss_sums(student(**batch).logits, [t_logits], labels, **trainer.loss_kw)
+    out = losses.loss_sums(student(**batch).logits, [t_logits], labels, **trainer.objective.loss_kw())
     (out.total / out.n_tokens).backward()
     before = {k: p.detach().clone() for k, p in student.named_parameters()}
     grads = {k: p.grad.detach().clone() for k, p in student.named_parameters()}

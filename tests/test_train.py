@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ds_distill import train
+from ds_distill.callbacks import Callback
 from ds_distill.config import REPO_CONFIGS, RunConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -157,7 +158,7 @@ def test_padded_vocabulary_is_distilled_over_the_real_tokens(tiny, dist_env, tmp
     cfg_ds = ds_json(tmp_path)
     ref = train.run(make_cfg(tiny, tmp_path / "ref", deepspeed_config=cfg_ds))
     pad = train.run(make_cfg(tiny, tmp_path / "pad", teacher=[padded], deepspeed_config=cfg_ds))
-    assert pad.loss_kw["vocab_size"] == len(tiny["tokenizer"])
+    assert pad.objective.vocab_size == len(tiny["tokenizer"])
     # the same teacher on the real rows, so the same losses
     assert losses_of(pad) == pytest.approx(losses_of(ref), rel=1e-5, abs=1e-6)
 
@@ -310,23 +311,72 @@ def test_preemption_signal_checkpoints_exits_75_and_resumes(tiny, dist_env, tmp_
     assert losses_of(stopped) + losses_of(resumed) == pytest.approx(losses_of(straight), rel=1e-5, abs=1e-6)
 
 
-def test_preemption_check_costs_no_host_sync_on_one_rank(monkeypatch):
-    """The step's docstring promises no host sync on one rank: the preemption flag is decided on the host there."""
-    import signal
-    from types import SimpleNamespace
+def test_step_plan_is_one_collective_and_one_host_sync(monkeypatch):
+    """The step-end decisions of all ranks travel in one collective: with 2 (faked) ranks one all-gather and one
+    read-back give the global token count (SUM), the chunk counts (MAX) and the stop votes (any rank: a signal that
+    reached rank 1 only stops rank 0 too). With one rank: no collective and no read-back."""
+    import math
 
-    from ds_distill.preemption import Preemption
+    import torch.distributed as dist
 
-    def sync(self, *a, **k):
-        raise AssertionError("a host sync (Tensor.item/tolist) in the per-step preemption check")
+    from ds_distill.step_sync import StepSync
 
-    monkeypatch.setattr(torch.Tensor, "item", sync)
-    monkeypatch.setattr(torch.Tensor, "tolist", sync)
-    trainer = SimpleNamespace(device=torch.device("cpu"), rank=0, step=1)
-    cb = Preemption()
-    assert cb.should_stop(trainer) is False
-    cb._record(signal.SIGUSR1, None)
-    assert cb.should_stop(trainer) is True
+    calls = {"collective": 0, "sync": 0}
+    real_tolist = torch.Tensor.tolist
+    other_rank = [9, 1, 0, 1]  # rank 1: tokens of its 2 micro-batches, votes of 2 callbacks (the second: a signal)
+
+    def all_gather(out, mine):
+        calls["collective"] += 1
+        out.copy_(torch.cat([mine, torch.tensor(other_rank)]))  # rank 0's row, then rank 1's
+
+    def tolist(self):
+        calls["sync"] += 1
+        return real_tolist(self)
+
+    monkeypatch.setattr(dist, "all_gather_into_tensor", all_gather)
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: pytest.fail("a host sync through .item()"))
+    labels = [torch.tensor([[5, 6, -100, 7]]), torch.tensor([[1, 2, 3, 4], [-100, 8, 9, -100]])]  # 3 and 6 tokens
+    plan = StepSync(world_size=2, chunk_size=4, device=torch.device("cpu")).plan(labels, [False, False])
+    assert calls == {"collective": 1, "sync": 1}
+    assert plan.n_global == 3 + 6 + 9 + 1
+    assert plan.num_chunks == [math.ceil(9 / 4), math.ceil(6 / 4)]
+    assert plan.votes == [False, True] and plan.stop
+
+    calls.update(collective=0, sync=0)
+    alone = StepSync(world_size=1, chunk_size=0, device=torch.device("cpu")).plan(labels, [False, True])
+    assert calls == {"collective": 0, "sync": 0}
+    assert (alone.n_global, alone.num_chunks, alone.votes) == (9, [None, None], [False, True])
+
+
+def test_a_stop_vote_is_agreed_in_the_next_steps_plan_and_saves_once(tiny, dist_env, tmp_path, monkeypatch):
+    """A vote cast after step 2 rides in step 3's plan (one per step, asked of every callback), the run stops at step
+    2 and step 2, already a --save_steps checkpoint, is not saved again; on_stop reaches the callback that voted."""
+    from ds_distill.step_sync import StepSync
+
+    plans, saves, stopped = [], [], []
+    real_plan = StepSync.plan
+
+    def plan(self, labels, votes=()):
+        plans.append(list(votes))
+        return real_plan(self, labels, votes)
+
+    monkeypatch.setattr(StepSync, "plan", plan)
+
+    class Vote(Callback):
+        def should_stop(self, trainer):
+            return trainer.step == 2
+
+        def on_stop(self, trainer):
+            stopped.append(trainer.step)
+
+        def on_save(self, trainer, tag):
+            saves.append(tag)
+
+    trainer = train.run(make_cfg(tiny, tmp_path / "v", max_steps=4, save_steps=2, deepspeed_config=ds_json(tmp_path)), [Callback(), Vote()])
+    assert trainer.step == 2 and stopped == [2]
+    assert plans == [[False, False], [False, False], [False, True]], "one plan per step, with every callback's vote"
+    assert saves == ["step_00000002"], "the stop step is saved once"
 
 
 @pytest.mark.parametrize("student_json, teacher_json", [
