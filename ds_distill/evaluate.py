@@ -1,10 +1,18 @@
-"""Held-out perplexity of a Hugging Face model directory, on the same tokenised examples the trainer evaluates.
+"""Held-out perplexity of a Hugging Face model directory, on the same tokenised examples the trainer evaluates, and
+optionally the teacher's NLL of what the model writes.
 
-    python -m ds_distill.evaluate MODEL_DIR --data eval.jsonl --seq_len 256 [--batch_size 4] [--json out.json]
+    python -m ds_distill.evaluate MODEL_DIR --data eval.jsonl --seq_len 256 [--batch_size 4] [--json out.json] \
+        [--generation_prompts eval_prompts.jsonl --teacher TEACHER_DIR --max_new_tokens 64 [--seed 0]]
 
 Perplexity = exp(sum of next-token CE over every supervised token / number of those tokens), over the whole file
 (examples truncated to `seq_len` as in training, via `data.get_dataset`), so numbers of different models on the
 same file and `seq_len` compare token for token. One process, no DeepSpeed: it runs on the exported `final/` folders.
+
+Generation metric (``generation_nll``): the model samples a continuation of each held-out prompt (seeded), and the
+teacher scores it: the mean over every sampled token of -log p_teacher(token | prompt, earlier sampled tokens), in
+nats per token. This is what on-policy distillation optimises (reverse KL to the teacher on the student's own
+samples, up to the student's entropy: E_student[-log p_teacher] = KL(student || teacher) + H(student)), while
+perplexity scores the model on the dataset's text.
 """
 from __future__ import annotations
 
@@ -18,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ds_distill import data
+from ds_distill import data, models, on_policy
 from ds_distill.config import UsageError
 
 
@@ -50,6 +58,66 @@ def perplexity(model_dir: str | os.PathLike, data_path: str, *, seq_len: int, ba
     return {"ppl": math.exp(min(ce, 50.0)), "ce": ce, "tokens": n_tokens, "seconds": time.perf_counter() - start}
 
 
+@torch.no_grad()
+def generation_nll(model_dir: str | os.PathLike, prompts_path: str, *, teacher_dir: str | os.PathLike, seq_len: int,
+                   max_new_tokens: int, temperature: float = 1.0, seed: int = 0, batch_size: int = 8) -> dict:
+    """The teacher's NLL of `model_dir`'s sampled continuations of the prompts in `prompts_path`.
+
+    Prompts are read as training reads them (prompt/completion or messages records through ``data.get_dataset`` at
+    `seq_len`; the prompt is every token before the supervised completion, ``on_policy.prompt_length``). The model
+    samples at most `max_new_tokens` per prompt (transformers' ``generate`` through ``on_policy.HFGenerator``; batches
+    of `batch_size` prompts, batch k seeded by (seed, k), so the samples depend on seed and batch_size). The sample
+    ends at the model's first eos, which is scored (the model chose to stop); nothing after it is. The teacher scores
+    each ``prompt + sample`` in one forward over its full output rows.
+
+    Returns {"gen_nll" (nats per sampled token, the teacher's), "gen_tokens" (sampled tokens scored), "gen_prompts",
+    "gen_mean_len" (tokens per sample), "gen_eos_fraction" (samples that ended in eos),
+    "gen_seconds", "samples": [{"id", "completion" (decoded, eos kept), "completion_ids", "nll" (mean)}]}.
+    Raises UsageError when the prompts file has no prompts or the tokenizers differ.
+    """
+    from transformers import AutoModelForCausalLM
+
+    start = time.perf_counter()
+    for d, what in ((model_dir, "model"), (teacher_dir, "--teacher")):
+        if not (Path(d) / "config.json").is_file():
+            raise UsageError(f"{what} {str(d)!r} has no config.json: pass a Hugging Face model directory")
+    tokenizer = models.load_tokenizer(str(model_dir))
+    models.shared_vocab_size(str(model_dir), tokenizer, [str(teacher_dir)])  # the teacher must score the same tokens
+    dataset = data.get_dataset(prompts_path, tokenizer, seq_len=seq_len)
+    on_policy.check_prompts(dataset, f"--generation_prompts {prompts_path!r}")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    teacher = model if Path(teacher_dir).resolve() == Path(model_dir).resolve() else \
+        AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    generator = on_policy.HFGenerator(lambda: model, eos_token_id=eos, pad_token_id=pad, synced=False)
+    sampling = on_policy.Sampling(max_new_tokens, temperature)
+    samples, nll_sum, n_tokens, n_eos = [], 0.0, 0, 0
+    for k, lo in enumerate(range(0, len(dataset), batch_size)):
+        rows = dataset[lo: lo + batch_size]
+        prompts = [ids[: on_policy.prompt_length(lab)] for ids, lab in zip(rows["input_ids"], rows["labels"])]
+        completions = generator.generate(prompts, sampling, seed=on_policy._mix(seed, k))
+        # Right-padded prompt + sample; position t's logits predict token t + 1.
+        width = max(len(p) + len(c) for p, c in zip(prompts, completions))
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, (p, c) in enumerate(zip(prompts, completions)):
+            ids[b, : len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
+            mask[b, : len(p) + len(c)] = 1
+        logprobs = torch.log_softmax(teacher(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+        for b, (p, c, example_id) in enumerate(zip(prompts, completions, rows["id"])):
+            positions = torch.arange(len(p) - 1, len(p) + len(c) - 1)
+            token_nll = -logprobs[b, positions, torch.tensor(c, dtype=torch.long)]
+            nll_sum += token_nll.sum().item()
+            n_tokens += len(c)
+            n_eos += bool(c) and c[-1] == eos
+            samples.append({"id": example_id, "completion": tokenizer.decode(c), "completion_ids": c,
+                            "nll": token_nll.mean().item() if c else None})
+    return {"gen_nll": nll_sum / max(n_tokens, 1), "gen_tokens": n_tokens, "gen_prompts": len(samples),
+            "gen_mean_len": n_tokens / max(len(samples), 1), "gen_eos_fraction": n_eos / max(len(samples), 1),
+            "gen_seconds": time.perf_counter() - start, "samples": samples}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir", help="Hugging Face model directory (config.json, weights, tokenizer)")
@@ -57,13 +125,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq_len", type=int, required=True, help="tokens per example; longer ones are truncated as in training")
     parser.add_argument("--batch_size", type=int, default=4, help="examples per forward pass (memory only; the result is the same)")
     parser.add_argument("--json", help="also write the result to this JSON file")
+    gen = parser.add_argument_group("generation metric (the teacher's NLL of the model's samples; needs both flags)")
+    gen.add_argument("--generation_prompts", help="held-out prompt/completion or messages records whose prompts the model continues")
+    gen.add_argument("--teacher", help="the model directory that scores the samples (same tokenizer)")
+    gen.add_argument("--max_new_tokens", type=int, default=64, help="most tokens sampled per prompt")
+    gen.add_argument("--generation_temperature", type=float, default=1.0, help="sampling temperature of the model")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (batch k is seeded by (seed, k))")
     args = parser.parse_args(argv)
     try:
+        if bool(args.generation_prompts) != bool(args.teacher):
+            raise UsageError("--generation_prompts and --teacher go together: pass both for the generation metric, or neither")
+        if args.max_new_tokens < 1 or args.generation_temperature <= 0:
+            raise UsageError(f"--max_new_tokens {args.max_new_tokens} must be >= 1 and --generation_temperature "
+                             f"{args.generation_temperature} > 0")
         result = perplexity(args.model_dir, args.data, seq_len=args.seq_len, batch_size=args.batch_size)
+        if args.generation_prompts:
+            result.update(generation_nll(args.model_dir, args.generation_prompts, teacher_dir=args.teacher, seq_len=args.seq_len,
+                                         max_new_tokens=args.max_new_tokens, temperature=args.generation_temperature,
+                                         seed=args.seed, batch_size=args.batch_size))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"evaluate: {args.model_dir}: ppl {result['ppl']:.2f} (ce {result['ce']:.4f} over {result['tokens']} tokens, {result['seconds']:.0f} s)")
+    if args.generation_prompts:
+        print(f"evaluate: {args.model_dir}: teacher NLL of its samples {result['gen_nll']:.4f} nats/token over {result['gen_tokens']} "
+              f"tokens ({result['gen_prompts']} prompts, {result['gen_mean_len']:.1f} tokens per sample, "
+              f"{result['gen_eos_fraction']:.0%} ended in eos, {result['gen_seconds']:.0f} s)")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0

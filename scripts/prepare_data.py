@@ -8,6 +8,11 @@ so eval text is never seen in training (paragraphs of one topic repeat phrases).
 
 Each line: {"id": int (unique across both files), "topic": str, "text": str}. Deterministic for a given Python
 version (the topics text changes between CPython releases); re-running rewrites the same files.
+
+The same records are also written as prompt/completion pairs, train_prompts.jsonl / eval_prompts.jsonl (same ids
+and topics; prompt + completion == text): the prompt is the record's first lines (at most PROMPT_CHARS characters),
+the completion the rest. On-policy training samples completions for the train prompts; the evaluation's generation
+metric samples them for the eval prompts.
 """
 from __future__ import annotations
 
@@ -22,6 +27,9 @@ from pathlib import Path
 # Record size in characters (~4 characters per token for English prose, so ~500 tokens): small enough that a
 # short training sequence sees most of a record, large enough to keep paragraphs in context.
 CHUNK_CHARS = 2000
+# Prompt size in characters (~50 tokens): a record's heading or first sentence, leaving most of a 128-token sequence
+# for the sampled completion.
+PROMPT_CHARS = 200
 
 
 def chunk_paragraphs(text: str, max_chars: int = CHUNK_CHARS) -> list[str]:
@@ -66,6 +74,32 @@ def build_records(topics: dict[str, str], eval_fraction: float = 0.1, seed: int 
     return out
 
 
+def split_prompt(text: str, max_chars: int = PROMPT_CHARS) -> tuple[str, str]:
+    """(prompt, completion) with prompt + completion == text: the prompt is the longest run of whole leading lines
+    of at most `max_chars` characters (a first line longer than that is cut after its last space within the limit),
+    never the whole text. The completion keeps the newline that starts it.
+    """
+    lines = text.split("\n")
+    n = 0
+    while n + 1 < len(lines) and len("\n".join(lines[: n + 1])) <= max_chars:
+        n += 1
+    if n:
+        prompt = "\n".join(lines[:n])
+    else:  # one long first line (or a one-line record)
+        cut = text.rfind(" ", 1, min(max_chars, len(text) - 1))
+        prompt = text[: cut if cut > 0 else min(max_chars, len(text) - 1)]
+    return prompt, text[len(prompt):]
+
+
+def prompt_records(records: list[dict]) -> list[dict]:
+    """The records as {"id", "topic", "prompt", "completion"} (see `split_prompt`)."""
+    out = []
+    for r in records:
+        prompt, completion = split_prompt(r["text"])
+        out.append({"id": r["id"], "topic": r["topic"], "prompt": prompt, "completion": completion})
+    return out
+
+
 def write_jsonl(path: Path, records: list[dict]) -> None:
     # Write then rename: a reader never sees a half-written file.
     tmp = path.with_name(path.name + ".tmp")
@@ -77,7 +111,7 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, type=Path, help="directory for train.jsonl and eval.jsonl")
+    parser.add_argument("--out", required=True, type=Path, help="directory for {train,eval}.jsonl and {train,eval}_prompts.jsonl")
     parser.add_argument("--eval_fraction", type=float, default=0.1, help="fraction of topics (not records) held out")
     parser.add_argument("--seed", type=int, default=0, help="seed of the topic split")
     args = parser.parse_args(argv)
@@ -88,9 +122,11 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for split, recs in records.items():
         write_jsonl(args.out / f"{split}.jsonl", recs)
+        write_jsonl(args.out / f"{split}_prompts.jsonl", prompt_records(recs))
         n_topics = len({r["topic"] for r in recs})
         n_chars = sum(len(r["text"]) for r in recs)
-        print(f"prepare_data: {args.out / f'{split}.jsonl'}: {len(recs)} records, {n_topics} topics, {n_chars} characters")
+        print(f"prepare_data: {args.out / f'{split}.jsonl'}: {len(recs)} records, {n_topics} topics, {n_chars} characters "
+              f"(and as prompt/completion pairs in {split}_prompts.jsonl)")
 
 
 if __name__ == "__main__":

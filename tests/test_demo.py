@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ds_distill.evaluate import perplexity
+from ds_distill import on_policy
+from ds_distill.evaluate import generation_nll, perplexity
 from tests import tiny
 from tests.cluster_fixtures import without_launcher_vars
 
@@ -49,6 +50,52 @@ def test_perplexity_matches_the_models_own_loss(tmp_path):
     assert got["tokens"] == n
     assert got["ce"] == pytest.approx(ce_sum / n, rel=1e-5)
     assert got["ppl"] == pytest.approx(math.exp(ce_sum / n), rel=1e-5)
+
+
+def test_generation_nll_is_the_teachers_own_nll_of_the_samples(tmp_path, monkeypatch):
+    """Mean over sampled tokens of -log_softmax(teacher's own forward of prompt + sample) at those tokens: the prompt
+    is not scored, an eos the model sampled is, and nothing after it (nor any padding) is."""
+    from transformers import AutoModelForCausalLM
+
+    tok = tiny.make_tokenizer(tmp_path / "tok")
+    model_dir = tiny.make_model(tmp_path / "student", tok, layers=1, seed=0)
+    teacher_dir = tiny.make_model(tmp_path / "teacher", tok, layers=2, seed=1)
+    prompts = ["the quick brown fox jumps over", "hi", "one two three four five six seven"]  # unequal: padding both ways
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"id": 10 + i, "prompt": p, "completion": " x"}) + "\n" for i, p in enumerate(prompts)))
+    eos = tok.eos_token_id
+    real = on_policy.HFGenerator.generate
+
+    def eos_in_row_0(self, prompt_ids, sampling, seed):  # the real samples; row 0 as if the model stopped at its 3rd token
+        out = real(self, prompt_ids, sampling, seed)
+        if len(prompt_ids) == 2:
+            out[0] = out[0][:2] + [eos]
+        return out
+
+    monkeypatch.setattr(on_policy.HFGenerator, "generate", eos_in_row_0)
+    got = generation_nll(model_dir, str(path), teacher_dir=teacher_dir, seq_len=32, max_new_tokens=6, seed=0, batch_size=2)
+
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    samples = got["samples"]
+    assert [s["id"] for s in samples] == [10, 11, 12]
+    assert samples[0]["completion_ids"][-1] == eos and len(samples[0]["completion_ids"]) == 3
+    assert [len(s["completion_ids"]) for s in samples[1:]] == [6, 6]  # tiny random models never pick eos here
+    nll_sum = 0.0
+    with torch.no_grad():
+        for text, s in zip(prompts, samples):
+            prompt = tok(text)["input_ids"]  # bos + prompt, as the trainer encodes a prompt
+            new = s["completion_ids"]
+            logits = teacher(input_ids=torch.tensor([prompt + new])).logits[0].double()  # alone: no padding
+            token_nll = [-torch.log_softmax(logits[len(prompt) - 1 + j], -1)[t].item() for j, t in enumerate(new)]
+            assert s["nll"] == pytest.approx(sum(token_nll) / len(new), rel=1e-5)
+            nll_sum += sum(token_nll)
+    assert got["gen_tokens"] == 3 + 6 + 6 and got["gen_prompts"] == 3 and got["gen_eos_fraction"] == pytest.approx(1 / 3)
+    assert got["gen_nll"] == pytest.approx(nll_sum / 15, rel=1e-5)
+    # Seeded: the same call samples the same tokens; another seed samples others.
+    again = generation_nll(model_dir, str(path), teacher_dir=teacher_dir, seq_len=32, max_new_tokens=6, seed=0, batch_size=2)
+    other = generation_nll(model_dir, str(path), teacher_dir=teacher_dir, seq_len=32, max_new_tokens=6, seed=1, batch_size=2)
+    assert [s["completion_ids"] for s in again["samples"]] == [s["completion_ids"] for s in samples]
+    assert [s["completion_ids"] for s in other["samples"]] != [s["completion_ids"] for s in samples]
 
 
 def test_report_objective_names():

@@ -161,6 +161,12 @@ def test_data_split_by_topic_and_deterministic(tmp_path):
     ids = [r["id"] for s in rows for r in rows[s]]
     assert len(ids) == len(set(ids)) and all(isinstance(i, int) for i in ids)
     assert all(r["text"].strip() for s in rows for r in rows[s])
+    # The same records as prompt/completion pairs (for on-policy training and the generation metric): a short prompt of
+    # whole leading lines and a non-empty completion that together are the record's text.
+    for s in rows:
+        pairs = [json.loads(line) for line in open(tmp_path / "a" / f"{s}_prompts.jsonl")]
+        assert [(p["id"], p["topic"], p["prompt"] + p["completion"]) for p in pairs] == [(r["id"], r["topic"], r["text"]) for r in rows[s]]
+        assert all(0 < len(p["prompt"]) <= prep.PROMPT_CHARS and p["completion"].strip() for p in pairs)
     other_eval = {json.loads(line)["topic"] for line in open(tmp_path / "c" / "eval.jsonl")}
     assert other_eval != eval_topics  # the seed matters
 
