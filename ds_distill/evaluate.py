@@ -84,6 +84,9 @@ def generation_nll(model_dir: str | os.PathLike, prompts_path: str, *, teacher_d
     tokenizer = models.load_tokenizer(str(model_dir))
     models.shared_vocab_size(str(model_dir), tokenizer, [str(teacher_dir)])  # the teacher must score the same tokens
     dataset = data.get_dataset(prompts_path, tokenizer, seq_len=seq_len)
+    if len(dataset) == 0:
+        raise UsageError(f"--generation_prompts {prompts_path!r}: no example has a completion token within --seq_len {seq_len} "
+                         f"(every prompt fills it): raise --seq_len or shorten the prompts")
     on_policy.check_prompts(dataset, f"--generation_prompts {prompts_path!r}")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     teacher = model if Path(teacher_dir).resolve() == Path(model_dir).resolve() else \

@@ -1,6 +1,9 @@
 """Loss curves of one or more runs in one PNG, read from the files DeepSpeed's csv_monitor writes.
 
-    python -m ds_distill.plot runs/a runs/b --out curves.png [--labels kd,ce]
+    python -m ds_distill.plot runs/a runs/b --out curves.png [--labels kd,ce]     # each run's own train and eval loss
+
+``plot_runs`` draws each run's own objective (comparable between runs of one objective only); ``plot_metric`` draws
+one metric of every run on one panel (the held-out CE, comparable across objectives; scripts/demo_report.py).
 
 The trainer configures the csv_monitor with output_path RUN_DIR/monitor and job_name "train". DeepSpeed's
 csvMonitor (deepspeed/monitor/csv_monitor.py) then writes one file per event, RUN_DIR/monitor/train/{name}.csv,
@@ -82,6 +85,39 @@ def plot_runs(run_dirs: list[str | os.PathLike], out_png: str | os.PathLike, lab
                 ax.plot(steps, values, style, color=color, label=f"{label} {name.split('/')[0].lower()}", markersize=3)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (per supervised token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+
+
+def plot_metric(run_dirs: list[str | os.PathLike], out_png: str | os.PathLike, labels: list[str], *, metric: str = "Eval/ce",
+                offsets: list[int] | None = None, ylabel: str = "held-out CE (nats per token)") -> None:
+    """One panel: `metric` of every run against the optimizer step, one line per run, into `out_png`.
+
+    For comparing runs with different objectives: their own losses are not on one scale, but the held-out CE of the
+    labels (``Eval/ce``, what the trainer's eval reports as ``ppl = exp(ce)``) is. `offsets` shift a run's steps (a run
+    that continues another's student starts at that run's last step). A run without the metric is an error.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    offsets = list(offsets) if offsets is not None else [0] * len(run_dirs)
+    if not len(labels) == len(offsets) == len(run_dirs):
+        raise UsageError(f"{len(labels)} labels and {len(offsets)} offsets for {len(run_dirs)} runs: give one of each per run directory")
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (run_dir, label, offset) in enumerate(zip(run_dirs, labels, offsets)):
+        curves = read_curves(run_dir)
+        if not curves.get(metric):
+            raise UsageError(f"{run_dir} has no {metric} metric (found: {', '.join(sorted(curves))}): was it trained with an eval set and --eval_steps?")
+        steps, values = zip(*curves[metric])
+        ax.plot([offset + s for s in steps], values, "-o", color=f"C{i}", label=label, markersize=4)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

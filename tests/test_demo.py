@@ -107,6 +107,8 @@ def test_report_objective_names():
     assert report._objective({"alpha": 1.0, "loss": "forward_kl", "temperature": 1.0}) == "CE only (alpha=1)"
     assert report._objective({"alpha": 0.5, "loss": "reverse_kl", "temperature": 2.0}) == "0.5*CE + 0.5*reverse_kl, T=2"
     assert report._objective({"alpha": 0.0, "loss": "jsd", "temperature": 1.0}) == "jsd, T=1 (pure KD)"
+    assert (report._objective({"alpha": 0.0, "loss": "reverse_kl", "temperature": 1.0, "on_policy_fraction": 1.0})
+            == "reverse_kl, T=1 (pure KD), on-policy (100% of micro-batches sampled)")
 
 
 @pytest.mark.multiprocess
@@ -116,13 +118,14 @@ def test_demo_script_end_to_end(tmp_path):
     tiny.make_model(assets / "teacher", tok, layers=4, hidden=32, heads=4, seed=1)
     out = tmp_path / "out"
     env = without_launcher_vars(dict(os.environ))
-    env.update(DEMO_ASSETS=str(assets), DEMO_OUT=str(out), DEMO_STEPS="3", DEMO_SEQ_LEN="32", DEMO_LAYERS="0,3",
-               DEMO_EVAL_STEPS="2", CUDA_VISIBLE_DEVICES="")
+    # seq_len 160: the pydoc prompts (~200 characters) are up to 153 tokens of the tiny byte-level tokenizer.
+    env.update(DEMO_ASSETS=str(assets), DEMO_OUT=str(out), DEMO_STEPS="3", DEMO_SEQ_LEN="160", DEMO_LAYERS="0,3",
+               DEMO_EVAL_STEPS="2", DEMO_ON_POLICY_STEPS="2", DEMO_MAX_NEW_TOKENS="6", CUDA_VISIBLE_DEVICES="")
     # Own process group: on a timeout the launcher and its ranks go too, not just bash.
     proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "demo.sh")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        stdout, stderr = proc.communicate(timeout=1500)  # 4 runs and a cache pass; a loaded machine takes over 15 minutes
+        stdout, stderr = proc.communicate(timeout=1800)  # 5 runs and a cache pass; a loaded machine takes over 15 minutes
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
@@ -135,19 +138,30 @@ def test_demo_script_end_to_end(tmp_path):
 
     results = json.loads((out / "results.json").read_text())
     rows = {r["name"]: r for r in results["rows"]}
-    assert list(rows) == ["teacher", "student_init", "ce", "forward_kl", "reverse_kl", "forward_kl_live"]
+    assert list(rows) == ["teacher", "student_init", "ce", "forward_kl", "reverse_kl", "forward_kl_live", "on_policy"]
     eval_tokens = {r["eval_tokens"] for r in rows.values()}
     assert len(eval_tokens) == 1 and eval_tokens.pop() > 0  # every model scored on the same tokens
+    n_eval = sum(1 for _ in open(assets / "data" / "eval_prompts.jsonl"))
     for r in rows.values():
         assert math.isfinite(r["ppl"]) and r["ppl"] > 1
+        # The generation metric: every model continued every held-out prompt (at most 6 tokens), the teacher scored it.
+        ev = json.loads((out / "eval" / f"{r['name']}.json").read_text())
+        assert ev["gen_prompts"] == n_eval and 0 < r["gen_tokens"] <= 6 * n_eval and math.isfinite(r["gen_nll"]) and r["gen_nll"] > 0
     for name, loss, alpha in (("ce", "forward_kl", 1.0), ("forward_kl", "forward_kl", 0.5), ("reverse_kl", "reverse_kl", 0.5),
                               ("forward_kl_live", "forward_kl", 0.5)):
         run = out / "runs" / name
         assert rows[name]["wall_s"] > 0 and rows[name]["tokens_per_s"] > 0 and rows[name]["steps"] == 3
         cfg = json.loads((run / "run_config.json").read_text())
-        assert (cfg["loss"], cfg["alpha"], cfg["seq_len"], cfg["max_steps"], cfg["seed"]) == (loss, alpha, 32, 3, 0)
+        assert (cfg["loss"], cfg["alpha"], cfg["seq_len"], cfg["max_steps"], cfg["seed"]) == (loss, alpha, 160, 3, 0)
         assert (run / "final" / "config.json").is_file() and not (run / "checkpoints").exists()
         assert (run / "monitor" / "train" / "Eval_ppl.csv").is_file()
+    # The on-policy row continues the live forward-KL student on its own samples of the train prompts.
+    cfg = json.loads((out / "runs" / "on_policy" / "run_config.json").read_text())
+    assert (cfg["loss"], cfg["alpha"], cfg["on_policy_fraction"], cfg["max_steps"], cfg["max_new_tokens"]) == ("reverse_kl", 0.0, 1.0, 2, 6)
+    assert cfg["student"] == str(out / "runs" / "forward_kl_live" / "final") and cfg["data"].endswith("train_prompts.jsonl") and cfg["teacher"]
+    assert rows["on_policy"]["steps"] == 2 and rows["on_policy"]["start"] == "forward_kl_live"
+    assert rows["on_policy"]["generate_tokens_per_s"] > 0 and (out / "runs" / "on_policy" / "final" / "config.json").is_file()
+    assert rows["on_policy"]["ppl"] != rows["forward_kl_live"]["ppl"]
     # The trained students are not the untrained one (the exports hold the trained weights). 3 steps, not 2: the
     # warmup schedule starts at lr 0, so the first update changes nothing.
     assert rows["ce"]["ppl"] != rows["student_init"]["ppl"]
@@ -160,6 +174,7 @@ def test_demo_script_end_to_end(tmp_path):
     cache = results["teacher_cache"]
     assert cache["top_k"] == 64 and 0 < cache["bytes_per_token"] and cache["wall_s"] > 0 and cache["kl_full_per_token"] >= 0
     assert "bytes/token" in stdout
-    assert table.startswith("| model |") and table.count("\n") == 2 + 6
+    assert table.startswith("| model |") and table.count("\n") == 2 + 7
+    assert "2 after forward_kl_live" in table and "on-policy (100% of micro-batches sampled)" in table
     assert table in stdout
     assert (out / "curves.png").stat().st_size > 1000
