@@ -45,7 +45,8 @@ def gather(out_dir: Path, names: list[str]) -> list[dict]:
             run = json.loads((run_dir / "demo_run.json").read_text())
             row.update(label=run["label"], objective=_objective(run), wall_s=run["wall_s"], steps=run["steps"])
             student = Path(run.get("student", ""))
-            row["start"] = student.parent.name if student.name == "final" and student.parent.parent == run_dir.parent else None
+            from_row = student.name == "final" and student.parent.parent.resolve() == run_dir.parent.resolve()
+            row["start"] = student.parent.name if from_row else None
             curves = read_curves(run_dir)
             row["tokens_per_s"] = _steady(curves.get("Train/tokens_per_s", []))
             row["generate_tokens_per_s"] = _steady(curves.get("Generate/tokens_per_s", []))
