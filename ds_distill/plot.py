@@ -94,12 +94,13 @@ def plot_runs(run_dirs: list[str | os.PathLike], out_png: str | os.PathLike, lab
 
 
 def plot_metric(run_dirs: list[str | os.PathLike], out_png: str | os.PathLike, labels: list[str], *, metric: str = "Eval/ce",
-                offsets: list[int] | None = None, ylabel: str = "held-out CE (nats per token)") -> None:
+                offsets: list[int] | None = None, ylabel: str = "held-out CE (nats per token)") -> dict[str, list[tuple[int, float]]]:
     """One panel: `metric` of every run against the optimizer step, one line per run, into `out_png`.
 
     For comparing runs with different objectives: their own losses are not on one scale, but the held-out CE of the
     labels (``Eval/ce``, what the trainer's eval reports as ``ppl = exp(ce)``) is. `offsets` shift a run's steps (a run
     that continues another's student starts at that run's last step). A run without the metric is an error.
+    Returns {label: [(shifted step, value), ...]}, the points drawn.
     """
     import matplotlib
 
@@ -110,12 +111,13 @@ def plot_metric(run_dirs: list[str | os.PathLike], out_png: str | os.PathLike, l
     if not len(labels) == len(offsets) == len(run_dirs):
         raise UsageError(f"{len(labels)} labels and {len(offsets)} offsets for {len(run_dirs)} runs: give one of each per run directory")
     fig, ax = plt.subplots(figsize=(8, 5))
+    drawn = {}
     for i, (run_dir, label, offset) in enumerate(zip(run_dirs, labels, offsets)):
         curves = read_curves(run_dir)
         if not curves.get(metric):
             raise UsageError(f"{run_dir} has no {metric} metric (found: {', '.join(sorted(curves))}): was it trained with an eval set and --eval_steps?")
-        steps, values = zip(*curves[metric])
-        ax.plot([offset + s for s in steps], values, "-o", color=f"C{i}", label=label, markersize=4)
+        drawn[label] = [(offset + step, value) for step, value in curves[metric]]
+        ax.plot(*zip(*drawn[label]), "-o", color=f"C{i}", label=label, markersize=4)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -124,6 +126,7 @@ def plot_metric(run_dirs: list[str | os.PathLike], out_png: str | os.PathLike, l
     Path(out_png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
+    return drawn
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -179,7 +179,7 @@ def test_plot_reads_deepspeed_csv_monitor(tmp_path, monkeypatch):
     from deepspeed.monitor.config import CSVConfig
     from deepspeed.monitor.csv_monitor import csvMonitor
 
-    from ds_distill.plot import plot_runs, read_curves
+    from ds_distill.plot import plot_metric, plot_runs, read_curves
 
     # The monitor only asks the rank to decide who writes; one process needs no process group for that.
     monkeypatch.setattr(deepspeed.comm, "get_rank", lambda group=None: 0)
@@ -201,6 +201,13 @@ def test_plot_reads_deepspeed_csv_monitor(tmp_path, monkeypatch):
     out = tmp_path / "curves.png"
     plot_runs([tmp_path / "a", tmp_path / "b"], out, labels=["kd", "ce"])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # One metric of every run on one panel; a run that continues another is drawn from that run's last step.
+    drawn = plot_metric([tmp_path / "a", tmp_path / "b"], tmp_path / "one.png", ["a", "b then"], metric="Train/loss", offsets=[0, 4])
+    assert drawn == {"a": [(1, 4.0), (2, 2.0), (3, 1.2), (4, 1.0)], "b then": [(5, 8.0), (6, 4.0), (7, 2.4), (8, 2.0)]}
+    assert (tmp_path / "one.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(UsageError, match=r"has no Eval/ce metric .*was it trained with an eval set"):
+        plot_metric([tmp_path / "a"], tmp_path / "x.png", ["a"])
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(UsageError, match=r"no metrics under .*empty/monitor: was the run started with a csv_monitor block\?"):
