@@ -116,7 +116,7 @@ train on_policy "on-policy reverse KL (after KD forward KL live)" reverse_kl 0 -
 # --- evaluate every model on the held-out topics, then the table --------------------------------------------------
 evaluate() {  # NAME DIR LABEL; held-out ppl, and the teacher's NLL of the model's samples of the held-out prompts
     [[ -z "${3:-}" ]] || echo "$3" > "$out/eval/$1.label"
-    "$py" -m ds_distill.evaluate "$2" --data "$data/eval.jsonl" --seq_len "$seq_len" --json "$out/eval/$1.json" \
+    "$py" -m ds_distill.evaluate "$2" --data "$data/eval.jsonl" --seq_len "$seq_len" --json "$out/eval/$1.json" --batch_size 8 \
         --generation_prompts "$data/eval_prompts.jsonl" --teacher "$teacher" --max_new_tokens "$max_new_tokens" --seed "$seed"
 }
 evaluate teacher "$teacher" "teacher (30 layers)"
