@@ -120,7 +120,7 @@ def test_demo_script_end_to_end(tmp_path):
     env = without_launcher_vars(dict(os.environ))
     # seq_len 160: the pydoc prompts (~200 characters) are up to 153 tokens of the tiny byte-level tokenizer.
     env.update(DEMO_ASSETS=str(assets), DEMO_OUT=str(out), DEMO_STEPS="3", DEMO_SEQ_LEN="160", DEMO_LAYERS="0,3",
-               DEMO_EVAL_STEPS="2", DEMO_ON_POLICY_STEPS="2", DEMO_MAX_NEW_TOKENS="6", CUDA_VISIBLE_DEVICES="")
+               DEMO_EVAL_STEPS="2", DEMO_ON_POLICY_STEPS="3", DEMO_MAX_NEW_TOKENS="6", CUDA_VISIBLE_DEVICES="")
     # Own process group: on a timeout the launcher and its ranks go too, not just bash.
     proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "demo.sh")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -157,11 +157,11 @@ def test_demo_script_end_to_end(tmp_path):
         assert (run / "monitor" / "train" / "Eval_ppl.csv").is_file()
     # The on-policy row continues the live forward-KL student on its own samples of the train prompts.
     cfg = json.loads((out / "runs" / "on_policy" / "run_config.json").read_text())
-    assert (cfg["loss"], cfg["alpha"], cfg["on_policy_fraction"], cfg["max_steps"], cfg["max_new_tokens"]) == ("reverse_kl", 0.0, 1.0, 2, 6)
+    assert (cfg["loss"], cfg["alpha"], cfg["on_policy_fraction"], cfg["max_steps"], cfg["max_new_tokens"]) == ("reverse_kl", 0.0, 1.0, 3, 6)
     assert cfg["student"] == str(out / "runs" / "forward_kl_live" / "final") and cfg["data"].endswith("train_prompts.jsonl") and cfg["teacher"]
-    assert rows["on_policy"]["steps"] == 2 and rows["on_policy"]["start"] == "forward_kl_live"
+    assert rows["on_policy"]["steps"] == 3 and rows["on_policy"]["start"] == "forward_kl_live"
     assert rows["on_policy"]["generate_tokens_per_s"] > 0 and (out / "runs" / "on_policy" / "final" / "config.json").is_file()
-    assert rows["on_policy"]["ppl"] != rows["forward_kl_live"]["ppl"]
+    assert rows["on_policy"]["ppl"] != rows["forward_kl_live"]["ppl"]  # 3 steps: the first two run at lr 0 (warmup)
     # The trained students are not the untrained one (the exports hold the trained weights). 3 steps, not 2: the
     # warmup schedule starts at lr 0, so the first update changes nothing.
     assert rows["ce"]["ppl"] != rows["student_init"]["ppl"]
@@ -175,6 +175,6 @@ def test_demo_script_end_to_end(tmp_path):
     assert cache["top_k"] == 64 and 0 < cache["bytes_per_token"] and cache["wall_s"] > 0 and cache["kl_full_per_token"] >= 0
     assert "bytes/token" in stdout
     assert table.startswith("| model |") and table.count("\n") == 2 + 7
-    assert "2 after forward_kl_live" in table and "on-policy (100% of micro-batches sampled)" in table
+    assert "3 after forward_kl_live" in table and "on-policy (100% of micro-batches sampled)" in table
     assert table in stdout
     assert (out / "curves.png").stat().st_size > 1000
