@@ -317,12 +317,23 @@ def summarise(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     return {**manifest, "complete": True, "shards": shards, "stats": stats, "vocab_order_sha256": _sha256(order) if order.is_file() else None}
 
 
+def shards_of_rank(split_sizes: dict[str, int], shard_examples: int, world_size: int, rank: int) -> list[tuple[str, int]]:
+    """The (split, shard index) pairs that ``rank`` writes: the shards of all splits in order, dealt out in turn
+    (shard i: rank i % world_size), so that a small split (eval) does not pile onto rank 0 with the first shard of
+    every other split. Fewer shards than ranks leaves ranks idle: logged once, on rank 0."""
+    shards = [(split, s) for split, n in split_sizes.items() for s in range(-(-n // shard_examples))]
+    if len(shards) < world_size and rank == 0:
+        log.warning("%d shard(s) for %d ranks: %d rank(s) will have nothing to write; lower --shard_examples (now %d)",
+                    len(shards), world_size, world_size - len(shards), shard_examples)
+    return [shard for i, shard in enumerate(shards) if i % world_size == rank]
+
+
 def write_cache(root: Path, settings: dict[str, Any], info: dict[str, Any], datasets: dict[str, Any], teacher, *,
                 world_rank: int, world_size: int, device: torch.device, pad_token_id: int, zero3: bool,
                 barrier: Callable[[], None], all_reduce_max: Callable[[int], int],
                 on_shard: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any] | None:
     """Run ``teacher`` (an engine whose forward gives final hidden states; ``teacher.module.head`` the output layer)
-    over ``datasets`` (split -> tokenised Dataset) and write the shards this rank owns (shard s: rank s % world_size).
+    over ``datasets`` (split -> tokenised Dataset) and write the shards this rank owns (shard i of all splits in order: rank i % world_size).
 
     Resumable: finished shards are skipped; the settings must equal those of the cache already in ``root``.
     zero3: the teacher is sharded, so every forward and head call is a collective: ranks with fewer batches to do
@@ -347,8 +358,8 @@ def write_cache(root: Path, settings: dict[str, Any], info: dict[str, Any], data
     if rank is not None and world_rank == 0:
         np.save(root / "vocab_order.npy", order)  # the same on every rank and every resume: a function of the data
     size, batch = settings["shard_examples"], settings["batch_size"]
-    todo = [(split, s) for split, ds in datasets.items() for s in range(-(-len(ds) // size))
-            if s % world_size == world_rank and not shard_done(root, shard_name(split, s))]
+    shards = shards_of_rank({split: len(ds) for split, ds in datasets.items()}, size, world_size, world_rank)
+    todo = [(split, s) for split, s in shards if not shard_done(root, shard_name(split, s))]
     n_batches = sum(-(-(min(len(datasets[sp]), (s + 1) * size) - s * size) // batch) for sp, s in todo)
     # Fixed head calls per batch (from its largest possible token count), so every rank and batch makes the same.
     chunk = max(settings["chunk_size"], 1)

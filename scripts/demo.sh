@@ -77,7 +77,7 @@ echo "demo: caching the teacher's top-${DEMO_TOP_K:-64} (one pass for both KD ru
 t0=$(date +%s.%N)
 "$root/.venv/bin/deepspeed" --num_gpus "$ranks" --master_port "$(free_port)" --module ds_distill.cache_teacher \
     --teacher "$teacher" --data "$data/train.jsonl" --eval_data "$data/eval.jsonl" --output_dir "$out/teacher_cache" \
-    --seq_len "$seq_len" --temperature "$temperature" --top_k "${DEMO_TOP_K:-64}" "${teacher_args[@]}" > "$out/teacher_cache.log" 2>&1 \
+    --seq_len "$seq_len" --temperature "$temperature" --top_k "${DEMO_TOP_K:-64}" --shard_examples 32 "${teacher_args[@]}" > "$out/teacher_cache.log" 2>&1 \
     || { echo "demo: caching the teacher failed; last lines of $out/teacher_cache.log:"; tail -n 30 "$out/teacher_cache.log"; exit 1; }
 "$py" -c 'import json, sys; d, t0, t1 = sys.argv[1:]; m = json.load(open(f"{d}/teacher_cache/manifest.json"))
 json.dump({"wall_s": float(t1) - float(t0), "top_k": m["settings"]["top_k"], **m["stats"]}, open(f"{d}/teacher_cache.json", "w"), indent=2)' "$out" "$t0" "$(date +%s.%N)"

@@ -303,3 +303,19 @@ def test_two_ranks_write_the_same_cache_as_one(tiny, tmp_path, k64):
     one = k64[1]
     assert [s["sha256"] for s in two["shards"]["data"]] == [s["sha256"] for s in one["shards"]["data"]]
     assert two["stats"]["bytes_per_token"] == one["stats"]["bytes_per_token"]
+
+
+def test_shards_of_every_split_are_dealt_to_every_rank(caplog):
+    """Each shard written once; the demo's layout (one train shard + one eval shard before) kept rank 1 idle."""
+    sizes = {"data": 267, "eval_data": 21}
+    for world in (1, 2, 3):
+        dealt = [teacher_cache.shards_of_rank(sizes, 32, world, r) for r in range(world)]
+        flat = sorted(s for shards in dealt for s in shards)
+        assert flat == sorted([("data", s) for s in range(9)] + [("eval_data", 0)])
+        assert max(map(len, dealt)) - min(map(len, dealt)) <= 1  # balanced
+    # one shard per split and two ranks: each rank gets one (not both on rank 0)
+    assert [teacher_cache.shards_of_rank({"data": 10, "eval_data": 5}, 1024, 2, r) for r in (0, 1)] == [[("data", 0)], [("eval_data", 0)]]
+    with caplog.at_level("WARNING", logger="ds_distill"):
+        assert teacher_cache.shards_of_rank({"data": 10}, 1024, 2, 1) == []
+        teacher_cache.shards_of_rank({"data": 10}, 1024, 2, 0)
+    assert "1 shard(s) for 2 ranks" in caplog.text and "--shard_examples" in caplog.text
