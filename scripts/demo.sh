@@ -6,7 +6,7 @@
 # (ds_distill.on_policy: the student writes completions of the train prompts, the teacher grades them, reverse KL).
 # Every model gets the held-out perplexity and a generation metric: the teacher's NLL of its samples of held-out prompts.
 #
-#     bash scripts/demo.sh            # ~15 minutes on 2 CPU cores; prints the table, writes demo_output/results.{json,md}
+#     bash scripts/demo.sh            # ~27 minutes on 2 idle CPU cores; prints the table, writes demo_output/results.{json,md}
 #
 # Re-runnable: the environment, teacher, data and student in demo_assets/ are made once and reused; the training
 # runs and evaluations are redone every time (demo_output/ is rewritten). Without a GPU it runs 2 CPU ranks with the
@@ -74,6 +74,7 @@ free_port() {  # the launcher's default 29500 may be held by another job on a sh
     "$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 echo "demo: caching the teacher's top-${DEMO_TOP_K:-64} (one pass for both KD runs)"
+# Shards of 32 records: the 267 train + 21 eval records make 10 shards, dealt to the ranks in turn (both stay busy).
 t0=$(date +%s.%N)
 "$root/.venv/bin/deepspeed" --num_gpus "$ranks" --master_port "$(free_port)" --module ds_distill.cache_teacher \
     --teacher "$teacher" --data "$data/train.jsonl" --eval_data "$data/eval.jsonl" --output_dir "$out/teacher_cache" \
