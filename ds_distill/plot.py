@@ -83,14 +83,7 @@ def plot_runs(run_dirs: list[str | os.PathLike], out_png: str | os.PathLike, lab
             if name in curves:
                 steps, values = zip(*curves[name]) if curves[name] else ((), ())
                 ax.plot(steps, values, style, color=color, label=f"{label} {name.split('/')[0].lower()}", markersize=3)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (per supervised token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
+    _save(fig, ax, "loss (per supervised token)", out_png)
 
 
 def plot_metric(run_dirs: list[str | os.PathLike], out_png: str | os.PathLike, labels: list[str], *, metric: str = "Eval/ce",
@@ -118,6 +111,14 @@ def plot_metric(run_dirs: list[str | os.PathLike], out_png: str | os.PathLike, l
             raise UsageError(f"{run_dir} has no {metric} metric (found: {', '.join(sorted(curves))}): was it trained with an eval set and --eval_steps?")
         drawn[label] = [(offset + step, value) for step, value in curves[metric]]
         ax.plot(*zip(*drawn[label]), "-o", color=f"C{i}", label=label, markersize=4)
+    _save(fig, ax, ylabel, out_png)
+    return drawn
+
+
+def _save(fig, ax, ylabel: str, out_png: str | os.PathLike) -> None:
+    """Label the step axis, add grid and legend, write the PNG (its folder made) and free the figure."""
+    import matplotlib.pyplot as plt
+
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -126,7 +127,6 @@ def plot_metric(run_dirs: list[str | os.PathLike], out_png: str | os.PathLike, l
     Path(out_png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
-    return drawn
 
 
 def main(argv: list[str] | None = None) -> None:
