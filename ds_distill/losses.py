@@ -281,10 +281,6 @@ def chunked_loss_sums(student_hidden: Tensor, student_head: Callable[[Tensor], T
     hs = student_hidden.flatten(0, 1)[idx]
     ths = [t.flatten(0, 1)[idx] for t in t_hidden]
     kw = dict(loss=loss, alpha=alpha, temperature=temperature, beta=beta, skew=skew)
-    needed = -(-hs.shape[0] // chunk_size)
-    if num_chunks is not None and num_chunks < needed:
-        raise ValueError(f"num_chunks={num_chunks} is too few for {hs.shape[0]} tokens in chunks of {chunk_size}")
-    chunks = [slice(start, start + chunk_size) for start in range(0, chunk_size * (needed if num_chunks is None else num_chunks), chunk_size)]
     weights_of = lambda sl: w[sl] if isinstance(w, Tensor) and w.dim() == 2 else w
 
     def teacher_logits(sl: slice) -> list[Tensor]:
@@ -295,12 +291,27 @@ def chunked_loss_sums(student_hidden: Tensor, student_head: Callable[[Tensor], T
         v = _check_vocab(vocab_size, s_logits.shape[-1], [t.shape[-1] for t in t_logits])
         return _token_terms(s_logits[:, :v], [t[:, :v] for t in t_logits], lab[sl], weights=weights_of(sl), **kw)
 
-    if _fusable(student_head):
-        return _fused_chunks(hs, student_head, chunks, teacher_logits, terms, rows, labels.shape[0], alpha, student_hidden)
+    chunks = _chunk_slices(hs.shape[0], chunk_size, num_chunks)
+    run = _fused_chunks if _fusable(student_head) else _checkpointed_chunks
+    return run(hs, student_head, chunks, teacher_logits, terms, rows, labels.shape[0], alpha, student_hidden)
+
+
+def _chunk_slices(n: int, chunk_size: int, num_chunks: int | None) -> list[slice]:
+    """``num_chunks`` slices of ``chunk_size`` (>= 1, checked by the callers) over ``n`` rows (trailing ones may be
+    empty); as many as ``n`` needs if None."""
+    needed = -(-n // chunk_size)
+    if num_chunks is not None and num_chunks < needed:
+        raise ValueError(f"num_chunks={num_chunks} is too few for {n} tokens in chunks of {chunk_size}")
+    return [slice(start, start + chunk_size) for start in range(0, chunk_size * (needed if num_chunks is None else num_chunks), chunk_size)]
+
+
+def _checkpointed_chunks(hs: Tensor, head: Callable[[Tensor], Tensor], chunks: list[slice], teacher_logits, terms,
+                         rows: Tensor, batch: int, alpha: float, anchor: Tensor) -> LossSums:
+    """The checkpointed path of ``chunked_loss_sums`` (see there): each chunk's logits, the student's and the
+    teachers', are recomputed in backward, cheaper in memory than keeping them alive."""
 
     def chunk_terms(h: Tensor, sl: slice) -> tuple[Tensor, Tensor]:
-        # Checkpointed: recomputed in backward too, cheaper in memory than keeping the teacher logits alive.
-        return terms(student_head(h), teacher_logits(sl), sl)
+        return terms(head(h), teacher_logits(sl), sl)
 
     ces, kds = [], []
     for sl in chunks:
@@ -309,7 +320,7 @@ def chunked_loss_sums(student_hidden: Tensor, student_head: Callable[[Tensor], T
         kds.append(kd)
     empty = hs.new_zeros(0, dtype=torch.float32)
     ce, kd = (torch.cat(ces), torch.cat(kds)) if ces else (empty, empty)
-    return _sums(ce, kd, rows, labels.shape[0], alpha, student_hidden)
+    return _sums(ce, kd, rows, batch, alpha, anchor)
 
 
 _LOGGED: set[str] = set()
@@ -512,8 +523,9 @@ def chunked_sparse_loss_sums(student_hidden: Tensor, student_head: Callable[[Ten
                              alpha: float = 0.5, temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1,
                              ignore_index: int = IGNORE_INDEX) -> LossSums:
     """``sparse_loss_sums`` from the student's final hidden states ``[B, T, H]``, its head called ``chunk_size``
-    supervised tokens at a time (recomputed in backward, never ``[tokens, V]`` logits at once); ``num_chunks`` as in
-    ``chunked_loss_sums`` (the same number of head calls on every rank under ZeRO-3)."""
+    supervised tokens at a time, never ``[tokens, V]`` logits at once: fused (gradients in the forward) or checkpointed
+    (recomputed in backward), chosen by the head as in ``chunked_loss_sums``; ``num_chunks`` as there (the same number
+    of head calls on every rank under ZeRO-3)."""
     check_args(loss, alpha, temperature, beta, skew)
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
@@ -523,21 +535,11 @@ def chunked_sparse_loss_sums(student_hidden: Tensor, student_head: Callable[[Ten
     t_ids, t_logp, t_tail = (x.to(hs.device, non_blocking=True) for x in (teacher_ids, teacher_logp, teacher_tail))
     kw = dict(loss=loss, alpha=alpha, temperature=temperature, beta=beta, skew=skew)
 
-    def chunk_terms(h: Tensor, lab_c: Tensor, ids_c: Tensor, logp_c: Tensor, tail_c: Tensor) -> tuple[Tensor, Tensor]:
-        s_logits = student_head(h)
+    def terms(s_logits: Tensor, _: list[Tensor], sl: slice) -> tuple[Tensor, Tensor]:
         v = _check_vocab(vocab_size, s_logits.shape[-1], [])
-        _check_sparse(ids_c, logp_c, tail_c, h.shape[0], v)
-        return _sparse_token_terms(s_logits[:, :v], lab_c, ids_c, logp_c, tail_c, **kw)
+        _check_sparse(t_ids[sl], t_logp[sl], t_tail[sl], s_logits.shape[0], v)
+        return _sparse_token_terms(s_logits[:, :v], lab[sl], t_ids[sl], t_logp[sl], t_tail[sl], **kw)
 
-    needed = -(-hs.shape[0] // chunk_size)
-    if num_chunks is not None and num_chunks < needed:
-        raise ValueError(f"num_chunks={num_chunks} is too few for {hs.shape[0]} tokens in chunks of {chunk_size}")
-    ces, kds = [], []
-    for start in range(0, chunk_size * (needed if num_chunks is None else num_chunks), chunk_size):
-        sl = slice(start, start + chunk_size)
-        ce, kd = checkpoint(chunk_terms, hs[sl], lab[sl], t_ids[sl], t_logp[sl], t_tail[sl], use_reentrant=False)
-        ces.append(ce)
-        kds.append(kd)
-    empty = hs.new_zeros(0, dtype=torch.float32)
-    ce, kd = (torch.cat(ces), torch.cat(kds)) if ces else (empty, empty)
-    return _sums(ce, kd, rows, labels.shape[0], alpha, student_hidden)
+    chunks = _chunk_slices(hs.shape[0], chunk_size, num_chunks)
+    run = _fused_chunks if _fusable(student_head) else _checkpointed_chunks
+    return run(hs, student_head, chunks, lambda sl: [], terms, rows, labels.shape[0], alpha, student_hidden)
