@@ -50,11 +50,6 @@ def round_config(cfg: RunConfig, k: int, student: str, overrides: dict[str, Any]
     return RunConfig(**values)
 
 
-def round_result(round_dir: Path) -> Path | None:
-    """The student a finished round hands on: its ``final/`` export, or ``best/`` if early stopping ended it."""
-    return checkpoint.finished_export(round_dir)
-
-
 def run_rounds(cfg: RunConfig, callbacks_factory: Callable[[RunConfig], list[Callback]]):
     """Run (or resume) the K rounds; returns the Trainers of the rounds run by this call (the last one's exit_code
     is the job's; an empty list when every round was already complete)."""
@@ -65,7 +60,7 @@ def run_rounds(cfg: RunConfig, callbacks_factory: Callable[[RunConfig], list[Cal
     root, student, trainers = Path(cfg.output_dir), cfg.student, []
     for k in range(1, cfg.rounds + 1):
         rdir = root / f"round_{k}"
-        done = round_result(rdir)
+        done = checkpoint.finished_export(rdir)  # final/, or best/ when early stopping ended the round
         if cfg.resume and done is not None:
             log.info("round %d of %d is complete (%s): skipped", k, cfg.rounds, done)
             student = str(done)
@@ -74,7 +69,7 @@ def run_rounds(cfg: RunConfig, callbacks_factory: Callable[[RunConfig], list[Cal
         log.info("round %d of %d: %s -> %s", k, cfg.rounds, student, rdir)
         trainer = train.run(rcfg, callbacks_factory(rcfg))
         trainers.append(trainer)
-        done = round_result(rdir)
+        done = checkpoint.finished_export(rdir)  # final/, or best/ when early stopping ended the round
         if trainer.exit_code != 0 or done is None:  # preempted or stopped: resume later with --resume
             log.info("round %d stopped at step %d (exit code %d): rerun with --resume to continue", k, trainer.step, trainer.exit_code)
             return trainers
