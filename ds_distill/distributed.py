@@ -305,6 +305,7 @@ def init_distributed(backend: str | None = None) -> WorldInfo:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     if (dist.get_rank(), dist.get_world_size()) != (rv.rank, rv.world_size):
         raise RuntimeError(f"process group says rank {dist.get_rank()} of {dist.get_world_size()}, environment {rv.rank} of {rv.world_size}")
+    release_cpu_shm(rv.rank, rv.world_size)
     _world = WorldInfo(rv.rank, rv.local_rank, rv.world_size, rv.local_world_size, backend, rv.launcher)
     threads = share_cpu_threads(rv.local_world_size) if backend == "gloo" else None
     if rv.rank == 0:
@@ -312,6 +313,34 @@ def init_distributed(backend: str | None = None) -> WorldInfo:
                  rv.local_world_size, backend, rv.launcher, rv.master_addr, rv.master_port,
                  f", {threads} CPU thread(s) per rank" if threads else "")
     return _world
+
+
+def cpu_shm_segment(rank: int, environ: Mapping[str, str] = os.environ) -> Path:
+    """The /dev/shm segment DeepSpeed's CPU all-reduce op makes for `rank` (its ``shm_initialize`` naming)."""
+    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{environ.get('MASTER_ADDR', '')}_"
+                               f"{environ.get('MASTER_PORT', '')}_{rank}")
+
+
+def release_cpu_shm(rank: int, world_size: int) -> bool:
+    """Unlink this rank's DeepSpeed CPU all-reduce segment once every rank has mapped it; True if one was unlinked.
+
+    With the CPU accelerator and every rank on one node (LOCAL_SIZE == world size), DeepSpeed's shm op creates one
+    66 MiB ``/dev/shm/deepspeed_allreduce_buffer_*`` segment per rank and never unlinks it (deepspeed
+    csrc/cpu/comm/shm.cpp: ``shared_close`` is never called), so every run, finished or killed, leaves them behind
+    until reboot: /dev/shm is RAM, and a few hundred runs on one machine ended in the OOM killer. Each rank maps
+    every peer's segment before ``init_distributed`` returns, so after one barrier every rank unlinks its own name;
+    the mappings stay valid until the process exits and nothing is left behind, even after a SIGKILL.
+    """
+    from deepspeed import comm
+
+    if getattr(comm.comm.cdb, "shm_comm_op", None) is None or os.environ.get("LOCAL_SIZE") != str(world_size):
+        return False  # no segment was made (GPU accelerators, or ranks on several nodes): the same on every rank
+    barrier()
+    try:
+        cpu_shm_segment(rank).unlink()
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def share_cpu_threads(local_world_size: int, environ: Mapping[str, str] = os.environ) -> int | None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from ds_distill.config import REPO_CONFIGS
+from ds_distill.distributed import cpu_shm_segment
 from tests.cluster_fixtures import launcher_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,13 +30,17 @@ def ds_json(tmp_path, name, **batch):
 
 def launch(tiny, out, ds_config, *, ranks, steps, extra=(), expect=0):
     env = launcher_env(PYTHONPATH=str(ROOT))  # without the RANK/MASTER_* that in-process tests leave in os.environ
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(random.randint(20000, 40000)),
+    port = random.randint(20000, 40000)
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port),
            "--module", "ds_distill.train", "--teacher", tiny["teacher"], "--student", tiny["student"], "--data", tiny["data"],
            "--output_dir", str(out), "--deepspeed_config", ds_config,
            "--teacher_deepspeed_config", str(REPO_CONFIGS / "cpu_teacher_zero3.json"),
            "--max_steps", str(steps), "--seq_len", "32", "--log_steps", "1", "--eval_fraction", "0", "--chunk_size", "16", *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # DeepSpeed's CPU all-reduce segments (66 MiB of RAM per rank) are gone once the run ends, failed or not.
+    left = [seg for r in range(ranks) if (seg := cpu_shm_segment(r, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})).exists()]
+    assert not left, left
     return proc
 
 
