@@ -3,6 +3,11 @@ optionally the teacher's NLL of what the model writes.
 
     python -m ds_distill.evaluate MODEL_DIR --data eval.jsonl --seq_len 256 [--batch_size 4] [--json out.json] \
         [--generation_prompts eval_prompts.jsonl --teacher TEACHER_DIR --max_new_tokens 64 [--seed 0]]
+    python -m ds_distill.evaluate [NAME=]MODEL_DIR [NAME=]MODEL_DIR ... --json_dir results/ ...   # several models
+
+Several models in one process share the imports, the tokenised data and the loaded teacher (the demo's seven
+models: one process instead of seven); each writes ``json_dir/NAME.json`` (NAME defaults to the directory's name, or
+its parent's for a run's ``final``/``best``).
 
 Perplexity = exp(sum of next-token CE over every supervised token / number of those tokens), over the whole file
 (examples truncated to `seq_len` as in training, via `data.get_dataset`), so numbers of different models on the
@@ -17,6 +22,7 @@ perplexity scores the model on the dataset's text.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -30,6 +36,20 @@ from ds_distill import data, models, on_policy
 from ds_distill.config import UsageError
 
 
+@functools.lru_cache(maxsize=2)  # the teacher and the model being evaluated
+def _load(model_dir: str, stamp: float):
+    """The model in `model_dir` (float32, eval mode); `stamp` (config.json's mtime) keys a rewritten directory anew."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def load_model(model_dir: str | os.PathLike):
+    """A Hugging Face model directory's causal LM, loaded once per process for as long as it is in use."""
+    path = Path(model_dir).resolve()
+    return _load(str(path), (path / "config.json").stat().st_mtime)
+
+
 @torch.no_grad()
 def perplexity(model_dir: str | os.PathLike, data_path: str, *, seq_len: int, batch_size: int = 4) -> dict[str, float]:
     """{"ppl", "ce" (nats per token), "tokens" (supervised tokens scored), "seconds"} of `model_dir` on `data_path`.
@@ -37,13 +57,13 @@ def perplexity(model_dir: str | os.PathLike, data_path: str, *, seq_len: int, ba
     Logits are computed over the model's full output rows but CE only needs the label's row, so rows padded beyond
     the tokenizer (never a label) do not change the result.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if not (Path(model_dir) / "config.json").is_file():
         raise UsageError(f"{model_dir} has no config.json: pass a Hugging Face model directory (e.g. a run's final/)")
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = load_model(model_dir)
     dataset = data.get_dataset(data_path, tokenizer, seq_len=seq_len)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ce_sum, n_tokens = 0.0, 0
@@ -70,13 +90,17 @@ def generation_nll(model_dir: str | os.PathLike, prompts_path: str, *, teacher_d
     ends at the model's first eos, which is scored (the model chose to stop); nothing after it is. The teacher scores
     each ``prompt + sample`` in one forward over its full output rows.
 
-    Returns {"gen_nll" (nats per sampled token, the teacher's), "gen_tokens" (sampled tokens scored), "gen_prompts",
+    The model scores its own samples the same way (``gen_self_nll``, a Monte Carlo estimate of its entropy per token
+    along the samples), so ``gen_kl = gen_nll - gen_self_nll`` estimates KL(model || teacher) per sampled token
+    (sequence-level reverse KL, MiniLLM's objective): a model can lower ``gen_nll`` by writing low-entropy text the
+    teacher finds likely (a collapse), which ``gen_self_nll`` shows.
+
+    Returns {"gen_nll" (nats per sampled token, the teacher's), "gen_self_nll", "gen_kl" (nats per sampled token),
+    "gen_tokens" (sampled tokens scored), "gen_prompts",
     "gen_mean_len" (tokens per sample), "gen_eos_fraction" (samples that ended in eos),
     "gen_seconds", "samples": [{"id", "completion" (decoded, eos kept), "completion_ids", "nll" (mean)}]}.
     Raises UsageError when the prompts file has no prompts or the tokenizers differ.
     """
-    from transformers import AutoModelForCausalLM
-
     start = time.perf_counter()
     for d, what in ((model_dir, "model"), (teacher_dir, "--teacher")):
         if not (Path(d) / "config.json").is_file():
@@ -88,14 +112,12 @@ def generation_nll(model_dir: str | os.PathLike, prompts_path: str, *, teacher_d
         raise UsageError(f"--generation_prompts {prompts_path!r}: no example has a completion token within --seq_len {seq_len} "
                          f"(every prompt fills it): raise --seq_len or shorten the prompts")
     on_policy.check_prompts(dataset, f"--generation_prompts {prompts_path!r}")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    teacher = model if Path(teacher_dir).resolve() == Path(model_dir).resolve() else \
-        AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    model, teacher = load_model(model_dir), load_model(teacher_dir)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     generator = on_policy.HFGenerator(lambda: model, eos_token_id=eos, pad_token_id=pad, synced=False)
     sampling = on_policy.Sampling(max_new_tokens, temperature)
-    samples, nll_sum, n_tokens, n_eos = [], 0.0, 0, 0
+    samples, nll_sum, self_sum, n_tokens, n_eos = [], 0.0, 0.0, 0, 0
     for k, lo in enumerate(range(0, len(dataset), batch_size)):
         rows = dataset[lo: lo + batch_size]
         prompts = [ids[: on_policy.prompt_length(lab)] for ids, lab in zip(rows["input_ids"], rows["labels"])]
@@ -108,26 +130,46 @@ def generation_nll(model_dir: str | os.PathLike, prompts_path: str, *, teacher_d
             ids[b, : len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
             mask[b, : len(p) + len(c)] = 1
         logprobs = torch.log_softmax(teacher(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+        own = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
         for b, (p, c, example_id) in enumerate(zip(prompts, completions, rows["id"])):
-            positions = torch.arange(len(p) - 1, len(p) + len(c) - 1)
-            token_nll = -logprobs[b, positions, torch.tensor(c, dtype=torch.long)]
+            positions, tokens = torch.arange(len(p) - 1, len(p) + len(c) - 1), torch.tensor(c, dtype=torch.long)
+            token_nll = -logprobs[b, positions, tokens]
             nll_sum += token_nll.sum().item()
+            self_sum -= own[b, positions, tokens].sum().item()
             n_tokens += len(c)
             n_eos += bool(c) and c[-1] == eos
             samples.append({"id": example_id, "completion": tokenizer.decode(c), "completion_ids": c,
                             "nll": token_nll.mean().item() if c else None})
-    return {"gen_nll": nll_sum / max(n_tokens, 1), "gen_tokens": n_tokens, "gen_prompts": len(samples),
+    return {"gen_nll": nll_sum / max(n_tokens, 1), "gen_self_nll": self_sum / max(n_tokens, 1),
+            "gen_kl": (nll_sum - self_sum) / max(n_tokens, 1), "gen_tokens": n_tokens, "gen_prompts": len(samples),
             "gen_mean_len": n_tokens / max(len(samples), 1), "gen_eos_fraction": n_eos / max(len(samples), 1),
             "gen_seconds": time.perf_counter() - start, "samples": samples}
 
 
+def _named(models_: list[str]) -> dict[str, str]:
+    """{NAME: MODEL_DIR} from ``[NAME=]MODEL_DIR`` arguments; raises UsageError on a repeated name."""
+    named = {}
+    for arg in models_:
+        name, sep, path = arg.partition("=")
+        if not sep:
+            path = arg
+            p = Path(arg.rstrip("/"))
+            name = p.parent.name if p.name in ("final", "best") and p.parent.name else p.name
+        if name in named:
+            raise UsageError(f"two models are named {name!r} ({named[name]} and {path}): name them, e.g. {name}_2={path}")
+        named[name] = path
+    return named
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model_dir", help="Hugging Face model directory (config.json, weights, tokenizer)")
+    parser.add_argument("model_dir", nargs="+", help="Hugging Face model directory (config.json, weights, tokenizer); "
+                                                     "several as [NAME=]DIR with --json_dir")
     parser.add_argument("--data", required=True, help="held-out data, any form ds_distill.train reads (e.g. eval.jsonl)")
     parser.add_argument("--seq_len", type=int, required=True, help="tokens per example; longer ones are truncated as in training")
     parser.add_argument("--batch_size", type=int, default=4, help="examples per forward pass (memory only; the result is the same)")
-    parser.add_argument("--json", help="also write the result to this JSON file")
+    parser.add_argument("--json", help="also write the result to this JSON file (one model)")
+    parser.add_argument("--json_dir", help="write each model's result to DIR/NAME.json")
     gen = parser.add_argument_group("generation metric (the teacher's NLL of the model's samples; needs both flags)")
     gen.add_argument("--generation_prompts", help="held-out prompt/completion or messages records whose prompts the model continues")
     gen.add_argument("--teacher", help="the model directory that scores the samples (same tokenizer)")
@@ -141,21 +183,32 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_new_tokens < 1 or args.generation_temperature <= 0:
             raise UsageError(f"--max_new_tokens {args.max_new_tokens} must be >= 1 and --generation_temperature "
                              f"{args.generation_temperature} > 0")
-        result = perplexity(args.model_dir, args.data, seq_len=args.seq_len, batch_size=args.batch_size)
-        if args.generation_prompts:
-            result.update(generation_nll(args.model_dir, args.generation_prompts, teacher_dir=args.teacher, seq_len=args.seq_len,
-                                         max_new_tokens=args.max_new_tokens, temperature=args.generation_temperature,
-                                         seed=args.seed, batch_size=args.batch_size))
+        if args.json and len(args.model_dir) > 1:
+            raise UsageError(f"--json names one file but {len(args.model_dir)} models were given: use --json_dir DIR (DIR/NAME.json each)")
+        named = _named(args.model_dir)
+        for d in named.values():  # every directory checked before the first (slow) evaluation
+            if not (Path(d) / "config.json").is_file():
+                raise UsageError(f"{d} has no config.json: pass a Hugging Face model directory (e.g. a run's final/)")
+        if args.json_dir:
+            Path(args.json_dir).mkdir(parents=True, exist_ok=True)
+        for name, model_dir in named.items():
+            result = perplexity(model_dir, args.data, seq_len=args.seq_len, batch_size=args.batch_size)
+            if args.generation_prompts:
+                result.update(generation_nll(model_dir, args.generation_prompts, teacher_dir=args.teacher, seq_len=args.seq_len,
+                                             max_new_tokens=args.max_new_tokens, temperature=args.generation_temperature,
+                                             seed=args.seed, batch_size=args.batch_size))
+            print(f"evaluate: {model_dir}: ppl {result['ppl']:.2f} (ce {result['ce']:.4f} over {result['tokens']} tokens, {result['seconds']:.0f} s)")
+            if args.generation_prompts:
+                print(f"evaluate: {model_dir}: teacher NLL of its samples {result['gen_nll']:.4f} nats/token over {result['gen_tokens']} "
+                      f"tokens ({result['gen_prompts']} prompts, {result['gen_mean_len']:.1f} tokens per sample, "
+                      f"{result['gen_eos_fraction']:.0%} ended in eos, {result['gen_seconds']:.0f} s)")
+            if args.json:
+                Path(args.json).write_text(json.dumps(result, indent=2))
+            if args.json_dir:
+                (Path(args.json_dir) / f"{name}.json").write_text(json.dumps(result, indent=2))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"evaluate: {args.model_dir}: ppl {result['ppl']:.2f} (ce {result['ce']:.4f} over {result['tokens']} tokens, {result['seconds']:.0f} s)")
-    if args.generation_prompts:
-        print(f"evaluate: {args.model_dir}: teacher NLL of its samples {result['gen_nll']:.4f} nats/token over {result['gen_tokens']} "
-              f"tokens ({result['gen_prompts']} prompts, {result['gen_mean_len']:.1f} tokens per sample, "
-              f"{result['gen_eos_fraction']:.0%} ended in eos, {result['gen_seconds']:.0f} s)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
 
 

@@ -52,6 +52,32 @@ def test_perplexity_matches_the_models_own_loss(tmp_path):
     assert got["ppl"] == pytest.approx(math.exp(ce_sum / n), rel=1e-5)
 
 
+def test_several_models_in_one_process_equal_one_each(tmp_path, capsys):
+    """`evaluate A=DIR B=DIR --json_dir D` writes D/A.json and D/B.json, each what the model alone gives (the loaded
+    teacher is shared, the results are not)."""
+    from ds_distill import evaluate
+
+    tok = tiny.make_tokenizer(tmp_path / "tok")
+    a = tiny.make_model(tmp_path / "a", tok, layers=1, seed=0)
+    b = tiny.make_model(tmp_path / "runs" / "b" / "final", tok, layers=1, seed=1)
+    teacher = tiny.make_model(tmp_path / "teacher", tok, layers=2, seed=2)
+    data = _text_file(tmp_path / "eval.jsonl", ["the quick brown fox jumps over the lazy dog", "one two three four five"])
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": 0, "prompt": "the quick brown", "completion": " fox"}) + "\n")
+    common = ["--data", data, "--seq_len", "16", "--generation_prompts", str(prompts), "--teacher", str(teacher), "--max_new_tokens", "4"]
+    assert evaluate.main([f"first={a}", str(b), "--json_dir", str(tmp_path / "out"), *common]) == 0
+    for name, d in (("first", a), ("b", b)):  # b: named after its run, not "final"
+        alone = tmp_path / f"{name}_alone.json"
+        assert evaluate.main([str(d), "--json", str(alone), *common]) == 0
+        got, want = (json.loads(f.read_text()) for f in (tmp_path / "out" / f"{name}.json", alone))
+        assert (got["ppl"], got["gen_nll"], got["samples"]) == (want["ppl"], want["gen_nll"], want["samples"])
+    capsys.readouterr()
+    assert evaluate.main([str(a), f"a={b}", "--json_dir", str(tmp_path / "out"), *common]) == 2
+    assert "two models are named 'a'" in capsys.readouterr().err
+    assert evaluate.main([str(a), str(b), "--json", str(tmp_path / "x.json"), *common]) == 2
+    assert "--json_dir" in capsys.readouterr().err
+
+
 def test_generation_nll_is_the_teachers_own_nll_of_the_samples(tmp_path, monkeypatch):
     """Mean over sampled tokens of -log_softmax(teacher's own forward of prompt + sample) at those tokens: the prompt
     is not scored, an eos the model sampled is, and nothing after it (nor any padding) is."""
@@ -76,11 +102,12 @@ def test_generation_nll_is_the_teachers_own_nll_of_the_samples(tmp_path, monkeyp
     got = generation_nll(model_dir, str(path), teacher_dir=teacher_dir, seq_len=32, max_new_tokens=6, seed=0, batch_size=2)
 
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     samples = got["samples"]
     assert [s["id"] for s in samples] == [10, 11, 12]
     assert samples[0]["completion_ids"][-1] == eos and len(samples[0]["completion_ids"]) == 3
     assert [len(s["completion_ids"]) for s in samples[1:]] == [6, 6]  # tiny random models never pick eos here
-    nll_sum = 0.0
+    nll_sum = self_sum = 0.0
     with torch.no_grad():
         for text, s in zip(prompts, samples):
             prompt = tok(text)["input_ids"]  # bos + prompt, as the trainer encodes a prompt
@@ -89,8 +116,12 @@ def test_generation_nll_is_the_teachers_own_nll_of_the_samples(tmp_path, monkeyp
             token_nll = [-torch.log_softmax(logits[len(prompt) - 1 + j], -1)[t].item() for j, t in enumerate(new)]
             assert s["nll"] == pytest.approx(sum(token_nll) / len(new), rel=1e-5)
             nll_sum += sum(token_nll)
+            own = model(input_ids=torch.tensor([prompt + new])).logits[0].double()  # the model's own forward
+            self_sum -= sum(torch.log_softmax(own[len(prompt) - 1 + j], -1)[t].item() for j, t in enumerate(new))
     assert got["gen_tokens"] == 3 + 6 + 6 and got["gen_prompts"] == 3 and got["gen_eos_fraction"] == pytest.approx(1 / 3)
     assert got["gen_nll"] == pytest.approx(nll_sum / 15, rel=1e-5)
+    assert got["gen_self_nll"] == pytest.approx(self_sum / 15, rel=1e-5)
+    assert got["gen_kl"] == pytest.approx((nll_sum - self_sum) / 15, rel=1e-5)
     # Seeded: the same call samples the same tokens; another seed samples others.
     again = generation_nll(model_dir, str(path), teacher_dir=teacher_dir, seq_len=32, max_new_tokens=6, seed=0, batch_size=2)
     other = generation_nll(model_dir, str(path), teacher_dir=teacher_dir, seq_len=32, max_new_tokens=6, seed=1, batch_size=2)
