@@ -37,16 +37,22 @@ temperature="${DEMO_TEMPERATURE:-1.0}"
 eval_steps="${DEMO_EVAL_STEPS:-10}"
 on_policy_steps="${DEMO_ON_POLICY_STEPS:-10}"
 max_new_tokens="${DEMO_MAX_NEW_TOKENS:-32}"
+on_policy_loss="${DEMO_ON_POLICY_LOSS:-jsd}"
+on_policy_alpha="${DEMO_ON_POLICY_ALPHA:-0}"
+on_policy_beta="${DEMO_ON_POLICY_BETA:-0.5}"
+on_policy_fraction="${DEMO_ON_POLICY_FRACTION:-0.5}"
 seed=0
 
 gpus="$("$py" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
 if [[ "$gpus" -gt 0 ]]; then
     ranks="$gpus"
     ds_config="${DEMO_DS_CONFIG:-ds_configs/zero3_bf16.json}"
+    on_policy_ds_config="${DEMO_ON_POLICY_DS_CONFIG:-$ds_config}"
 else
     export DS_ACCELERATOR=cpu
     ranks="${DEMO_RANKS:-2}"
     ds_config="${DEMO_DS_CONFIG:-ds_configs/cpu_demo.json}"
+    on_policy_ds_config="${DEMO_ON_POLICY_DS_CONFIG:-ds_configs/cpu_demo_on_policy.json}"
 fi
 # No teacher JSON: the toolkit picks one by fit (the 135M teacher is replicated on every rank: no per-layer gathers).
 teacher_args=()
@@ -108,22 +114,26 @@ json.dump({"label": label, "loss": c["loss"], "alpha": c["alpha"], "temperature"
 train ce "CE only" forward_kl 1.0
 train forward_kl "KD forward KL (teacher cache)" forward_kl "$alpha" --teacher_cache "$out/teacher_cache"
 train reverse_kl "KD reverse KL (teacher cache)" reverse_kl "$alpha" --teacher_cache "$out/teacher_cache"
-train forward_kl_live "KD forward KL (live teacher)" forward_kl "$alpha"
-# On-policy: the live-teacher forward-KL student continues for a few steps on its own samples of the train prompts
-# (pure reverse KL, MiniLLM's choice on-policy; a teacher cache cannot score new tokens, so the live teacher).
-train on_policy "on-policy reverse KL (after KD forward KL live)" reverse_kl 0 --student "$out/runs/forward_kl_live/final" \
-    --data "$data/train_prompts.jsonl" --max_steps "$on_policy_steps" --on_policy_fraction 1.0 --max_new_tokens "$max_new_tokens"
+rows=(ce forward_kl reverse_kl)
+if [[ "${DEMO_LIVE_REFERENCE:-0}" == 1 ]]; then  # what the cache changes: the same forward-KL run with the live teacher
+    train forward_kl_live "KD forward KL (live teacher)" forward_kl "$alpha"
+    rows+=(forward_kl_live)
+fi
+# On-policy: the forward-KL student continues on its own samples of the train prompts, graded by the live teacher (a
+# cache cannot score new tokens). GKD's recipe, settings chosen on a train-only split (docs/demo_on_policy.md).
+train on_policy "on-policy $on_policy_loss (after KD forward KL)" "$on_policy_loss" "$on_policy_alpha" \
+    --student "$out/runs/forward_kl/final" --deepspeed_config "$on_policy_ds_config" --beta "$on_policy_beta" \
+    --data "$data/train_prompts.jsonl" --max_steps "$on_policy_steps" --on_policy_fraction "$on_policy_fraction" \
+    --max_new_tokens "$max_new_tokens"
+rows+=(on_policy)
 
-# --- evaluate every model on the held-out topics, then the table --------------------------------------------------
-evaluate() {  # NAME DIR LABEL; held-out ppl, and the teacher's NLL of the model's samples of the held-out prompts
-    [[ -z "${3:-}" ]] || echo "$3" > "$out/eval/$1.label"
-    "$py" -m ds_distill.evaluate "$2" --data "$data/eval.jsonl" --seq_len "$seq_len" --json "$out/eval/$1.json" --batch_size 8 \
-        --generation_prompts "$data/eval_prompts.jsonl" --teacher "$teacher" --max_new_tokens "$max_new_tokens" --seed "$seed"
-}
-evaluate teacher "$teacher" "teacher (30 layers)"
-evaluate student_init "$student" "student before training"
-for name in ce forward_kl reverse_kl forward_kl_live on_policy; do
-    evaluate "$name" "$out/runs/$name/final"
-done
-"$py" scripts/demo_report.py "$out" teacher student_init ce forward_kl reverse_kl forward_kl_live on_policy
+# --- evaluate every model on the held-out topics (one process: the teacher loads once), then the table -------------
+echo "teacher (30 layers)" > "$out/eval/teacher.label"
+echo "student before training" > "$out/eval/student_init.label"
+models=("teacher=$teacher" "student_init=$student")
+for name in "${rows[@]}"; do models+=("$name=$out/runs/$name/final"); done
+echo "demo: evaluating ${#models[@]} models (held-out perplexity; the teacher's NLL of their samples of the held-out prompts)"
+"$py" -m ds_distill.evaluate "${models[@]}" --data "$data/eval.jsonl" --seq_len "$seq_len" --json_dir "$out/eval" --batch_size 8 \
+    --generation_prompts "$data/eval_prompts.jsonl" --teacher "$teacher" --max_new_tokens "$max_new_tokens" --seed "$seed"
+"$py" scripts/demo_report.py "$out" teacher student_init "${rows[@]}"
 echo "demo: done in $(( $(date +%s) - start )) s"

@@ -1,10 +1,10 @@
 """Gather the demo's numbers into one table: demo_output/results.json, results.md and curves.png.
 
-    python scripts/demo_report.py demo_output teacher student_init ce forward_kl reverse_kl forward_kl_live on_policy
+    python scripts/demo_report.py demo_output teacher student_init ce forward_kl reverse_kl [forward_kl_live] on_policy
 
 Each NAME is a row, read from files that scripts/demo.sh writes under the output folder:
-  eval/NAME.json        from `python -m ds_distill.evaluate --json` (ppl, ce, tokens, seconds; with --generation_prompts
-                        also gen_nll, gen_tokens, gen_mean_len, gen_eos_fraction, samples); every row has one
+  eval/NAME.json        from `python -m ds_distill.evaluate --json_dir` (ppl, ce, tokens, seconds; with --generation_prompts
+                        also gen_nll, gen_self_nll, gen_kl, gen_tokens, gen_mean_len, gen_eos_fraction, samples); every row has one
   runs/NAME/demo_run.json  {"label", "loss", "alpha", "temperature", "wall_s", "steps", "on_policy_fraction", "student"};
                         trained rows only
   runs/NAME/monitor/train/*.csv  the trainer's csv monitor (Train_tokens_per_s and Generate_tokens_per_s are averaged;
@@ -24,13 +24,13 @@ sys.path.insert(0, str(ROOT))  # ds_distill without an install, as the other scr
 
 from ds_distill.plot import plot_metric, read_curves  # noqa: E402
 
-COLUMNS = ("model", "objective", "held-out ppl", "teacher NLL of samples", "sample tokens", "steps", "wall time (s)",
+COLUMNS = ("model", "objective", "held-out ppl", "teacher NLL of samples", "own NLL of samples", "sample tokens", "steps", "wall time (s)",
            "train tokens/s", "generate tokens/s")
 
 
 def gather(out_dir: Path, names: list[str]) -> list[dict]:
     """One dict per name: name, label, objective, ppl, ce, eval_tokens, the generation metric when evaluated (gen_nll,
-    gen_tokens, gen_mean_len, gen_eos_fraction), and for trained rows wall_s, steps, tokens_per_s, start (the row
+    gen_self_nll, gen_kl, gen_tokens, gen_mean_len, gen_eos_fraction), and for trained rows wall_s, steps, tokens_per_s, start (the row
     whose final/ it started from, or None), generate_tokens_per_s (on-policy runs)."""
     rows = []
     for name in names:
@@ -39,7 +39,7 @@ def gather(out_dir: Path, names: list[str]) -> list[dict]:
             raise SystemExit(f"error: {ev_path} is missing: run scripts/demo.sh (it evaluates every model before the report)")
         ev = json.loads(ev_path.read_text())
         row = {"name": name, "label": name, "objective": "", "ppl": ev["ppl"], "ce": ev["ce"], "eval_tokens": ev["tokens"],
-               **{k: ev[k] for k in ("gen_nll", "gen_tokens", "gen_mean_len", "gen_eos_fraction") if k in ev}}
+               **{k: ev[k] for k in ("gen_nll", "gen_self_nll", "gen_kl", "gen_tokens", "gen_mean_len", "gen_eos_fraction") if k in ev}}
         run_dir = out_dir / "runs" / name
         if (run_dir / "demo_run.json").is_file():
             run = json.loads((run_dir / "demo_run.json").read_text())
@@ -75,7 +75,8 @@ def _objective(run: dict) -> str:
 def markdown(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
-        cells = [r["label"], r["objective"], f"{r['ppl']:.2f}", _fmt(r.get("gen_nll"), ".3f"), _fmt(r.get("gen_mean_len"), ".1f"),
+        cells = [r["label"], r["objective"], f"{r['ppl']:.2f}", _fmt(r.get("gen_nll"), ".3f"), _fmt(r.get("gen_self_nll"), ".3f"),
+                 _fmt(r.get("gen_mean_len"), ".1f"),
                  (f"{r['steps']}" + (f" after {r['start']}" if r.get("start") else "")) if "steps" in r else "",
                  _fmt(r.get("wall_s"), ".0f"), _fmt(r.get("tokens_per_s"), ".0f"), _fmt(r.get("generate_tokens_per_s"), ".0f")]
         lines.append("| " + " | ".join(cells) + " |")

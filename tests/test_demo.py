@@ -142,6 +142,9 @@ def test_report_objective_names():
             == "reverse_kl, T=1 (pure KD), on-policy (100% of micro-batches sampled)")
 
 
+ON_POLICY = ("jsd", 0.0, 0.5, 0.5, 3, 6)  # the demo's on-policy defaults (loss, alpha, beta, fraction), steps, tokens
+
+
 @pytest.mark.multiprocess
 def test_demo_script_end_to_end(tmp_path):
     tok = tiny.make_tokenizer(tmp_path / "tok")
@@ -156,7 +159,7 @@ def test_demo_script_end_to_end(tmp_path):
     proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "demo.sh")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        stdout, stderr = proc.communicate(timeout=1800)  # 5 runs and a cache pass; a loaded machine takes over 15 minutes
+        stdout, stderr = proc.communicate(timeout=1800)  # 4 runs and a cache pass; a loaded machine takes over 15 minutes
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
@@ -169,7 +172,7 @@ def test_demo_script_end_to_end(tmp_path):
 
     results = json.loads((out / "results.json").read_text())
     rows = {r["name"]: r for r in results["rows"]}
-    assert list(rows) == ["teacher", "student_init", "ce", "forward_kl", "reverse_kl", "forward_kl_live", "on_policy"]
+    assert list(rows) == ["teacher", "student_init", "ce", "forward_kl", "reverse_kl", "on_policy"]  # no live reference by default
     eval_tokens = {r["eval_tokens"] for r in rows.values()}
     assert len(eval_tokens) == 1 and eval_tokens.pop() > 0  # every model scored on the same tokens
     n_eval = sum(1 for _ in open(assets / "data" / "eval_prompts.jsonl"))
@@ -178,34 +181,37 @@ def test_demo_script_end_to_end(tmp_path):
         # The generation metric: every model continued every held-out prompt (at most 6 tokens), the teacher scored it.
         ev = json.loads((out / "eval" / f"{r['name']}.json").read_text())
         assert ev["gen_prompts"] == n_eval and 0 < r["gen_tokens"] <= 6 * n_eval and math.isfinite(r["gen_nll"]) and r["gen_nll"] > 0
-    for name, loss, alpha in (("ce", "forward_kl", 1.0), ("forward_kl", "forward_kl", 0.5), ("reverse_kl", "reverse_kl", 0.5),
-                              ("forward_kl_live", "forward_kl", 0.5)):
+        assert r["gen_self_nll"] > 0 and r["gen_kl"] == pytest.approx(r["gen_nll"] - r["gen_self_nll"])
+    for name, loss, alpha in (("ce", "forward_kl", 1.0), ("forward_kl", "forward_kl", 0.5), ("reverse_kl", "reverse_kl", 0.5)):
         run = out / "runs" / name
         assert rows[name]["wall_s"] > 0 and rows[name]["tokens_per_s"] > 0 and rows[name]["steps"] == 3
         cfg = json.loads((run / "run_config.json").read_text())
         assert (cfg["loss"], cfg["alpha"], cfg["seq_len"], cfg["max_steps"], cfg["seed"]) == (loss, alpha, 160, 3, 0)
         assert (run / "final" / "config.json").is_file() and not (run / "checkpoints").exists()
         assert (run / "monitor" / "train" / "Eval_ppl.csv").is_file()
-    # The on-policy row continues the live forward-KL student on its own samples of the train prompts.
+    # The on-policy row continues the (cached) forward-KL student on its own samples of the train prompts, live teacher,
+    # with its own DeepSpeed JSON (the continuation's learning rate).
     cfg = json.loads((out / "runs" / "on_policy" / "run_config.json").read_text())
-    assert (cfg["loss"], cfg["alpha"], cfg["on_policy_fraction"], cfg["max_steps"], cfg["max_new_tokens"]) == ("reverse_kl", 0.0, 1.0, 3, 6)
-    assert cfg["student"] == str(out / "runs" / "forward_kl_live" / "final") and cfg["data"].endswith("train_prompts.jsonl") and cfg["teacher"]
-    assert rows["on_policy"]["steps"] == 3 and rows["on_policy"]["start"] == "forward_kl_live"
+    assert (cfg["loss"], cfg["alpha"], cfg["beta"], cfg["on_policy_fraction"], cfg["max_steps"], cfg["max_new_tokens"]) == ON_POLICY
+    assert cfg["deepspeed_config"] == "ds_configs/cpu_demo_on_policy.json" and not cfg["teacher_cache"] and cfg["teacher"]
+    assert cfg["student"] == str(out / "runs" / "forward_kl" / "final") and cfg["data"].endswith("train_prompts.jsonl")
+    assert rows["on_policy"]["steps"] == 3 and rows["on_policy"]["start"] == "forward_kl"
     assert rows["on_policy"]["generate_tokens_per_s"] > 0 and (out / "runs" / "on_policy" / "final" / "config.json").is_file()
-    assert rows["on_policy"]["ppl"] != rows["forward_kl_live"]["ppl"]  # 3 steps: the first two run at lr 0 (warmup)
+    assert rows["on_policy"]["ppl"] != rows["forward_kl"]["ppl"]  # 3 steps: the first runs at lr 0 (warmup)
     # The trained students are not the untrained one (the exports hold the trained weights). 3 steps, not 2: the
     # warmup schedule starts at lr 0, so the first update changes nothing.
     assert rows["ce"]["ppl"] != rows["student_init"]["ppl"]
 
     table = (out / "results.md").read_text()
-    # The two KD runs read one teacher cache; the live forward-KL run loads the teacher.
-    for name, cached in (("forward_kl", True), ("reverse_kl", True), ("forward_kl_live", False)):
+    # The two KD runs read one teacher cache.
+    for name, cached in (("forward_kl", True), ("reverse_kl", True)):
         cfg = json.loads((out / "runs" / name / "run_config.json").read_text())
         assert bool(cfg["teacher_cache"]) == cached and bool(cfg["teacher"]) != cached
     cache = results["teacher_cache"]
     assert cache["top_k"] == 64 and 0 < cache["bytes_per_token"] and cache["wall_s"] > 0 and cache["kl_full_per_token"] >= 0
     assert "bytes/token" in stdout
-    assert table.startswith("| model |") and table.count("\n") == 2 + 7
-    assert "3 after forward_kl_live" in table and "on-policy (100% of micro-batches sampled)" in table
+    assert table.startswith("| model |") and table.count("\n") == 2 + 6
+    assert "3 after forward_kl |" in table and f"on-policy ({ON_POLICY[3]:.0%} of micro-batches sampled)" in table
+    assert "demo: evaluating 6 models" in stdout  # one evaluation process
     assert table in stdout
     assert (out / "curves.png").stat().st_size > 1000
