@@ -61,6 +61,10 @@ ROW_GROUP = 32  # examples per Parquet row group: the unit of random access (8 c
 ZSTD_LEVEL = 19  # the default of --zstd_level: 4 bytes/token fewer than zstd's level 1 on the demo data (docs/performance.md)
 KL_BINS = np.linspace(-8.0, 2.0, 501)  # log10 nats: the histogram of per-token reconstruction KL (its p99)
 SPLITS = ("data", "eval_data")
+# Logit rows per step of ``top_k``: its [rows, V] fp32 temporaries (12.6 MB at V = 49152) are reused from the heap and
+# stay in the CPU's caches; temporaries of a whole head chunk (1024 rows: 200 MB, above glibc's 32 MB mmap threshold)
+# are fresh pages on every op, and those page faults made top-K and the error measurement ~3x slower (docs/performance.md).
+TOP_K_ROWS = 64
 # Run-config fields that change which tokens a dataset holds; a cache only fits a run with the same values.
 TOKEN_FLAGS = ("seq_len", "data_format", "data_split", "max_samples", "packing", "train_on_prompt", "drop_long", "chat_template")
 
@@ -102,15 +106,24 @@ def teacher_fingerprint(path: str) -> str:
 # -------------------------------------------------------------------------------------------------------- coding
 def top_k(logits: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``[n, V]`` teacher logits -> (ids ``[n, K]`` sorted ascending, their log-probs ``[n, K]``, log tail mass ``[n]``,
-    the full log-probs ``[n, V]``), all at ``temperature``, in fp32. The tail is the logsumexp of the log-probs
-    outside the ids (not log(1 - sum), which cancels when the top K hold nearly all the mass)."""
-    full = F.log_softmax(logits.float() / temperature, dim=-1)
-    ids = full.topk(k, dim=-1).indices.sort(dim=-1).values
-    if k < full.shape[-1]:
-        tail = torch.logsumexp(full.scatter(-1, ids, -math.inf), dim=-1).clamp(min=TAIL_FLOOR)
-    else:
-        tail = full.new_full(full.shape[:1], -math.inf)
-    return ids, full.gather(-1, ids), tail, full
+    ``sum_v p log p`` over the whole vocabulary ``[n]`` (minus the entropy, nats: what ``reconstruction_kl`` needs of
+    the tokens outside the ids)), all at ``temperature``, in fp32. The tail is the logsumexp of the log-probs outside
+    the ids (not log(1 - sum), which cancels when the top K hold nearly all the mass).
+
+    Computed ``TOP_K_ROWS`` rows at a time: every step is per row, so the values are those of one call on all rows,
+    bit for bit, but no ``[n, V]`` temporary exists beside the logits (see ``TOP_K_ROWS``)."""
+    outs = []
+    for x in logits.split(TOP_K_ROWS) or (logits,):
+        full = F.log_softmax(x.float() / temperature, dim=-1)
+        ids = full.topk(k, dim=-1).indices.sort(dim=-1).values
+        logp = full.gather(-1, ids)
+        plogp = full.exp().mul_(full).sum(-1)
+        if k < full.shape[-1]:  # in place: the rows' log-probs are not needed after this
+            tail = torch.logsumexp(full.scatter_(-1, ids, -math.inf), dim=-1).clamp(min=TAIL_FLOOR)
+        else:
+            tail = full.new_full(full.shape[:1], -math.inf)
+        outs.append((ids, logp, tail, plogp))
+    return tuple(torch.cat(o) for o in zip(*outs))
 
 
 def quantise(logp: torch.Tensor, tail: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -208,25 +221,35 @@ def decode_example(row: dict[str, Any], k: int, exact: bool, order: np.ndarray |
     return ids, logp, tail
 
 
-def reconstruction_kl(full: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor, tail: torch.Tensor,
+def reconstruction_kl(plogp: torch.Tensor, vocab: int, logp: torch.Tensor, tail: torch.Tensor,
                       rec_logp: torch.Tensor, rec_tail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token (KL(full || reconstructed), KL on the K + 1 buckets), nats ``[n]``.
 
-    full ``[n, V]``: the teacher's log-probs. The reconstructed full distribution puts ``exp(rec_logp)`` on the ids and
-    spreads ``exp(rec_tail)`` uniformly over the other V - K tokens (what a cache can say about them): this KL counts
-    both the truncation to K and the quantisation. The bucket KL compares ``[logp, tail]`` with ``[rec_logp, rec_tail]``:
-    the quantisation error alone, which is what the loss on the K + 1 buckets sees.
+    plogp ``[n]``: ``sum_v p log p`` of the teacher over the whole vocabulary (``top_k``'s fourth output); logp ``[n, K]``
+    and tail ``[n]``: the teacher's log-probs at the stored ids and its log tail mass; rec_logp, rec_tail: what the cache
+    stores for them (the same ids, the same order). The reconstructed full distribution puts ``exp(rec_logp)`` on the
+    ids and spreads ``exp(rec_tail)`` uniformly over the other V - K tokens (what a cache can say about them): this KL
+    counts both the truncation to K and the quantisation. The bucket KL compares ``[logp, tail]`` with ``[rec_logp,
+    rec_tail]``: the quantisation error alone, which is what the loss on the K + 1 buckets sees.
     """
-    v, k = full.shape[-1], ids.shape[-1]
+    k = logp.shape[-1]
     p_top = logp.exp()
     top = (p_top * (logp - rec_logp)).sum(-1)
-    if k == v:
+    if k == vocab:
         return top, top
-    p_full = full.exp()
-    plogp_tail = (p_full * full).sum(-1) - (p_top * logp).sum(-1)  # sum over the tail tokens of p log p
-    kl_full = top + plogp_tail - tail.exp() * (rec_tail - math.log(v - k))
+    plogp_tail = plogp - (p_top * logp).sum(-1)  # sum over the tail tokens of p log p
+    kl_full = top + plogp_tail - tail.exp() * (rec_tail - math.log(vocab - k))
     kl_buckets = top + tail.exp() * (tail - rec_tail)
     return kl_full, kl_buckets
+
+
+def in_decoded_order(ids: torch.Tensor, logp: torch.Tensor, rec_ids: torch.Tensor) -> torch.Tensor:
+    """The teacher's log-probs ``logp`` ``[n, K]`` at ``ids`` (``top_k``'s, ascending) rearranged to ``rec_ids``, the
+    ids a row decodes to (the same ids per token, in the cache's coding order). RuntimeError when the decoded ids are
+    not the teacher's (a broken id coding: the stored row says nothing about these log-probs then)."""
+    if not torch.equal(rec_ids.sort(dim=1).values, ids):
+        raise RuntimeError("a cache row decodes to other token ids than the teacher's top-K: the id coding is broken")
+    return logp.gather(1, torch.searchsorted(ids, rec_ids))
 
 
 def kl_histogram(kl: torch.Tensor) -> np.ndarray:
@@ -387,13 +410,14 @@ def write_cache(root: Path, settings: dict[str, Any], info: dict[str, Any], data
         hists = {"kl_full_hist": np.zeros(len(KL_BINS) + 1, np.int64), "kl_buckets_hist": np.zeros(len(KL_BINS) + 1, np.int64)}
         for start in range(s * size, min(len(ds), (s + 1) * size), batch):
             part = ds[start: min(start + batch, len(ds), (s + 1) * size)]
-            (ids, logp, tail, full), counts = forward(part)
+            (ids, logp, tail, plogp), counts = forward(part)
+            teacher_cpu = [t.cpu() for t in (ids, logp, tail, plogp)]
             for example_row, piece in zip(part["row"], torch.split(torch.arange(ids.shape[0]), counts)):
                 rows.append({"row": int(example_row), **encode_example(ids[piece], logp[piece], tail[piece], exact, rank)})
                 # The error is measured on what was stored: the row decoded again.
                 rec_ids, rec_logp, rec_tail = decode_example(rows[-1], k, exact, order)
-                f = full[piece].cpu()
-                kl_full, kl_b = reconstruction_kl(f, rec_ids, f.gather(1, rec_ids), tail[piece].cpu(), rec_logp, rec_tail)
+                t_ids, t_logp, t_tail, t_plogp = (t[piece] for t in teacher_cpu)
+                kl_full, kl_b = reconstruction_kl(t_plogp, vocab, in_decoded_order(t_ids, t_logp, rec_ids), t_tail, rec_logp, rec_tail)
                 stats["kl_full_sum"] += kl_full.sum().item()
                 stats["kl_buckets_sum"] += kl_b.sum().item()
                 for name, kl in (("kl_full_hist", kl_full), ("kl_buckets_hist", kl_b)):

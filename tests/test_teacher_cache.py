@@ -82,7 +82,8 @@ def test_coding_round_trips_and_quantisation_error_is_bounded():
     assert len(teacher_cache.varint_encode(values)) == 1 + 1 + 1 + 2 + 2 + 3 + 3
     torch.manual_seed(0)
     t = torch.randn(50, 300) * 4
-    ids, logp, tail, full = teacher_cache.top_k(t, 64, 1.0)
+    ids, logp, tail, plogp = teacher_cache.top_k(t, 64, 1.0)
+    full = F.log_softmax(t, -1)
     assert (ids.diff(dim=1) > 0).all()
     assert torch.equal(torch.from_numpy(teacher_cache.decode_ids(teacher_cache.encode_ids(ids.numpy()), 64)), ids)
     rank = np.random.default_rng(0).permutation(300).astype(np.int32)  # any coding order
@@ -96,14 +97,27 @@ def test_coding_round_trips_and_quantisation_error_is_bounded():
     u = lambda lp: torch.exp(0.5 * (lp - lp.max(-1, keepdim=True).values))
     assert ((u(d_logp) - u(true)).abs() * teacher_cache.LEVELS)[u(true) * teacher_cache.LEVELS >= 1].max() <= 0.5 + 1e-4
     assert ((d_tail / 2).exp() - (tail / 2).exp()).abs().max() * teacher_cache.TAIL_LEVELS <= 0.5 + 1e-4
-    logp = true
-    kl_full, kl_b = teacher_cache.reconstruction_kl(full, d_ids, logp, tail, d_logp, d_tail)
+    kl_full, kl_b = teacher_cache.reconstruction_kl(plogp, 300, true, tail, d_logp, d_tail)
     for kl in (kl_full, kl_b):  # the p99 the cache reports, from its histogram: the true one, at most a bin (4.7%) high
         p99 = teacher_cache.kl_quantile([teacher_cache.kl_histogram(kl)], 0.99)
         assert np.quantile(kl.numpy(), 0.99, method="inverted_cdf") <= p99 <= 1.05 * np.quantile(kl.numpy(), 0.99, method="inverted_cdf")
     assert (kl_b >= -1e-6).all() and (kl_b < 1e-2).all() and (kl_full >= kl_b - 1e-6).all()
     e_ids, e_logp, e_tail = teacher_cache.decode_example(teacher_cache.encode_example(*teacher_cache.top_k(t, 300, 1.0)[:3], exact=True), 300, exact=True)
     assert torch.equal(e_logp, F.log_softmax(t, -1)) and torch.equal(e_ids, torch.arange(300).expand(50, -1))
+
+
+def test_top_k_in_row_blocks_equals_one_call_on_all_rows():
+    """top_k works TOP_K_ROWS rows at a time: the same values, bit for bit, as the formulas on all rows at once."""
+    torch.manual_seed(0)
+    t = torch.randn(2 * teacher_cache.TOP_K_ROWS + 5, 300) * 4
+    for temperature in (1.0, 2.0):
+        full = F.log_softmax(t / temperature, -1)
+        ids, logp, tail, plogp = teacher_cache.top_k(t, 64, temperature)
+        assert torch.equal(ids, full.topk(64, -1).indices.sort(-1).values)
+        assert torch.equal(logp, full.gather(1, ids))
+        assert torch.equal(tail, torch.logsumexp(full.scatter(1, ids, -math.inf), -1))
+        assert torch.equal(plogp, (full.exp() * full).sum(-1))
+    assert [tuple(x.shape) for x in teacher_cache.top_k(t[:0], 64, 1.0)] == [(0, 64), (0, 64), (0,), (0,)]
 
 
 # ------------------------------------------------------------------------------------------- writing and training
@@ -153,6 +167,37 @@ def test_bytes_per_token_at_k64_and_resume_after_a_kill(tiny, dist_env, tmp_path
     assert first.stat().st_mtime_ns == before, "a finished shard is never rewritten"
     assert [s["sha256"] for s in resumed["shards"]["data"]] == [s["sha256"] for s in reference["shards"]["data"]]
     assert not list((out / "shards").glob("*.tmp"))
+
+
+def test_reported_error_is_that_of_the_stored_rows_against_the_teacher(tiny, k64):
+    """The manifest's reconstruction KL (mean and p99, full and on the K + 1 buckets) against float64 from the teacher's
+    own forward and the rows read back: it must measure what was stored (not the unquantised top-K) at the right ids."""
+    from transformers import AutoModelForCausalLM
+
+    from ds_distill import data, models
+
+    root, manifest = k64
+    cache = teacher_cache.TeacherCache(str(root))
+    tok = models.load_tokenizer(tiny["teacher"])
+    ds = data.get_dataset(tiny["data"], tok, seq_len=32)
+    model = AutoModelForCausalLM.from_pretrained(tiny["teacher"], dtype=torch.float32).eval()
+    vocab, k = len(tok), cache.k
+    batch = data.collate(ds[:], tok.pad_token_id)  # right-padded: the tokens' logits are those of each example alone
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    p = logits[batch["labels"] != -100, :vocab].double().log_softmax(-1)  # the examples' supervised tokens, in order
+    ids, logp, tail, _ = cache.read("data", ds["row"])
+    q = (tail.double() - math.log(vocab - k))[:, None].expand(-1, vocab).scatter(1, ids, logp.double())
+    kl_full = (p.exp() * (p - q)).sum(-1)
+    pb = torch.cat([p.gather(1, ids), torch.logsumexp(p.scatter(1, ids, -math.inf), -1, keepdim=True)], 1)
+    qb = torch.cat([logp.double(), tail.double()[:, None]], 1)
+    kl_buckets = (pb.exp() * (pb - qb)).sum(-1)
+    stats = manifest["stats"]
+    for name, kl in (("kl_full", kl_full), ("kl_buckets", kl_buckets)):
+        assert stats[f"{name}_per_token"] == pytest.approx(kl.mean().item(), rel=1e-3), name
+        p99 = np.quantile(kl.numpy(), 0.99, method="inverted_cdf")
+        assert p99 * (1 - 1e-3) <= stats[f"{name}_p99"] <= 1.05 * p99 * (1 + 1e-3), name
+    assert stats["kl_buckets_per_token"] > 1e-5  # the quantisation's own error: 0 if the unquantised rows were measured
 
 
 def test_exact_cache_trains_like_the_live_teacher(tiny, dist_env, tmp_path):
