@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The demo: distil SmolLM2-135M-Instruct (30 layers) into a 7-layer student on CPython's pydoc topics, and compare
 # plain fine-tuning (CE only) with distillation (forward KL, reverse KL) at the same steps, data and seed. The two KD
-# runs read one teacher cache (ds_distill.cache_teacher: one teacher pass, top-64 per token); a third KD run with the
-# live teacher measures what the cache changes. An on-policy run then continues that student on its own samples
-# (ds_distill.on_policy: the student writes completions of the train prompts, the teacher grades them, reverse KL).
-# Every model gets the held-out perplexity and a generation metric: the teacher's NLL of its samples of held-out prompts.
+# runs read one teacher cache (ds_distill.cache_teacher: one teacher pass, top-64 per token). An on-policy run then
+# continues the forward-KL student on its own samples (ds_distill.on_policy: the student writes completions of the
+# train prompts, the live teacher grades them; GKD's JSD(0.5) on half the micro-batches, chosen on a train-only split).
+# Every model gets the held-out perplexity and a generation metric: the teacher's NLL of its samples of held-out
+# prompts, beside the model's own NLL of them. DEMO_LIVE_REFERENCE=1 adds forward KL from the live teacher (what the
+# cache changes; +6 minutes).
 #
-#     bash scripts/demo.sh            # ~27 minutes on 2 idle CPU cores; prints the table, writes demo_output/results.{json,md}
+#     bash scripts/demo.sh            # ~17 minutes on 2 idle CPU cores; prints the table, writes demo_output/results.{json,md}
 #
 # Re-runnable: the environment, teacher, data and student in demo_assets/ are made once and reused; the training
 # runs and evaluations are redone every time (demo_output/ is rewritten). Without a GPU it runs 2 CPU ranks with the
@@ -17,6 +19,8 @@
 #   DEMO_STEPS, DEMO_SEQ_LEN, DEMO_LAYERS (student: teacher layers kept), DEMO_ALPHA, DEMO_TEMPERATURE, DEMO_EVAL_STEPS
 #   DEMO_TOP_K (64, the cache's top-K), DEMO_RANKS (CPU ranks), DEMO_DS_CONFIG / DEMO_TEACHER_DS_CONFIG (DeepSpeed JSONs; batch and learning rate live there)
 #   DEMO_ON_POLICY_STEPS (10, the on-policy run's steps), DEMO_MAX_NEW_TOKENS (32: tokens sampled per prompt, in training and for the metric)
+#   DEMO_ON_POLICY_LOSS (jsd), _BETA (0.5), _FRACTION (0.5), _ALPHA (0), _DS_CONFIG (cpu_demo_on_policy.json: lr 5e-5)
+#   DEMO_LIVE_REFERENCE (0; 1 adds the live-teacher forward-KL run)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
