@@ -1,12 +1,12 @@
-"""Held-out perplexity of a Hugging Face model directory, on the same tokenised examples the trainer evaluates, and
-optionally the teacher's NLL of what the model writes.
+"""Held-out perplexity of Hugging Face model directories on the examples the trainer evaluates, and optionally the
+teacher's NLL of what each model writes (beside the model's own NLL of it).
 
     python -m ds_distill.evaluate MODEL_DIR --data eval.jsonl --seq_len 256 [--batch_size 4] [--json out.json] \
         [--generation_prompts eval_prompts.jsonl --teacher TEACHER_DIR --max_new_tokens 64 [--seed 0]]
     python -m ds_distill.evaluate [NAME=]MODEL_DIR [NAME=]MODEL_DIR ... --json_dir results/ ...   # several models
 
-Several models in one process share the imports, the tokenised data and the loaded teacher (the demo's seven
-models: one process instead of seven); each writes ``json_dir/NAME.json`` (NAME defaults to the directory's name, or
+Several models in one process share the imports and the loaded teacher (the demo's six models, seven with
+DEMO_LIVE_REFERENCE=1, in one process); each writes ``json_dir/NAME.json`` (NAME defaults to the directory's name, or
 its parent's for a run's ``final``/``best``).
 
 Perplexity = exp(sum of next-token CE over every supervised token / number of those tokens), over the whole file
@@ -17,7 +17,8 @@ Generation metric (``generation_nll``): the model samples a continuation of each
 teacher scores it: the mean over every sampled token of -log p_teacher(token | prompt, earlier sampled tokens), in
 nats per token. This is what on-policy distillation optimises (reverse KL to the teacher on the student's own
 samples, up to the student's entropy: E_student[-log p_teacher] = KL(student || teacher) + H(student)), while
-perplexity scores the model on the dataset's text.
+perplexity scores the model on the dataset's text. The model's own NLL of the same samples (``gen_self_nll``, at
+``--generation_temperature 1`` an estimate of H(student) along them) separates the two: ``gen_kl`` = their difference.
 """
 from __future__ import annotations
 
@@ -99,7 +100,10 @@ def generation_nll(model_dir: str | os.PathLike, prompts_path: str, *, teacher_d
     "gen_tokens" (sampled tokens scored), "gen_prompts",
     "gen_mean_len" (tokens per sample), "gen_eos_fraction" (samples that ended in eos),
     "gen_seconds", "samples": [{"id", "completion" (decoded, eos kept), "completion_ids", "nll" (mean)}]}.
-    Raises UsageError when the prompts file has no prompts or the tokenizers differ.
+    ``gen_self_nll`` estimates the model's entropy, and ``gen_kl`` KL(model || teacher), only at ``temperature`` 1 (the
+    model scores its samples at temperature 1).
+    Raises UsageError when a model or teacher directory has no config.json, the prompts file has no prompts or is plain
+    text with no prompt at all (``on_policy.check_prompts``), or the tokenizers differ.
     """
     start = time.perf_counter()
     for d, what in ((model_dir, "model"), (teacher_dir, "--teacher")):
@@ -162,15 +166,16 @@ def _named(models_: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("model_dir", nargs="+", help="Hugging Face model directory (config.json, weights, tokenizer); "
                                                      "several as [NAME=]DIR with --json_dir")
     parser.add_argument("--data", required=True, help="held-out data, any form ds_distill.train reads (e.g. eval.jsonl)")
     parser.add_argument("--seq_len", type=int, required=True, help="tokens per example; longer ones are truncated as in training")
-    parser.add_argument("--batch_size", type=int, default=4, help="examples per forward pass (memory only; the result is the same)")
+    parser.add_argument("--batch_size", type=int, default=4, help="examples per forward pass; perplexity does not depend on it, the generation metric's samples do "
+                                                                "(batch k is seeded by (seed, k))")
     parser.add_argument("--json", help="also write the result to this JSON file (one model)")
     parser.add_argument("--json_dir", help="write each model's result to DIR/NAME.json")
-    gen = parser.add_argument_group("generation metric (the teacher's NLL of the model's samples; needs both flags)")
+    gen = parser.add_argument_group("generation metric (the teacher's and the model's own NLL of the model's samples; needs both flags)")
     gen.add_argument("--generation_prompts", help="held-out prompt/completion or messages records whose prompts the model continues")
     gen.add_argument("--teacher", help="the model directory that scores the samples (same tokenizer)")
     gen.add_argument("--max_new_tokens", type=int, default=64, help="most tokens sampled per prompt")
@@ -201,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.generation_prompts:
                 print(f"evaluate: {model_dir}: teacher NLL of its samples {result['gen_nll']:.4f} nats/token over {result['gen_tokens']} "
                       f"tokens ({result['gen_prompts']} prompts, {result['gen_mean_len']:.1f} tokens per sample, "
-                      f"{result['gen_eos_fraction']:.0%} ended in eos, {result['gen_seconds']:.0f} s)")
+                      f"{result['gen_eos_fraction']:.0%} ended in eos, {result['gen_seconds']:.0f} s); own NLL {result['gen_self_nll']:.4f}, "
+                      f"KL estimate {result['gen_kl']:.4f}")
             if args.json:
                 Path(args.json).write_text(json.dumps(result, indent=2))
             if args.json_dir:

@@ -8,7 +8,7 @@
 # prompts, beside the model's own NLL of them. DEMO_LIVE_REFERENCE=1 adds forward KL from the live teacher (what the
 # cache changes; +6 minutes).
 #
-#     bash scripts/demo.sh            # ~17 minutes on 2 idle CPU cores; prints the table, writes demo_output/results.{json,md}
+#     bash scripts/demo.sh            # ~18.5 minutes on 2 idle CPU cores; prints the table, writes demo_output/results.{json,md}
 #
 # Re-runnable: the environment, teacher, data and student in demo_assets/ are made once and reused; the training
 # runs and evaluations are redone every time (demo_output/ is rewritten). Without a GPU it runs 2 CPU ranks with the
@@ -19,7 +19,8 @@
 #   DEMO_STEPS, DEMO_SEQ_LEN, DEMO_LAYERS (student: teacher layers kept), DEMO_ALPHA, DEMO_TEMPERATURE, DEMO_EVAL_STEPS
 #   DEMO_TOP_K (64, the cache's top-K), DEMO_RANKS (CPU ranks), DEMO_DS_CONFIG / DEMO_TEACHER_DS_CONFIG (DeepSpeed JSONs; batch and learning rate live there)
 #   DEMO_ON_POLICY_STEPS (10, the on-policy run's steps), DEMO_MAX_NEW_TOKENS (32: tokens sampled per prompt, in training and for the metric)
-#   DEMO_ON_POLICY_LOSS (jsd), _BETA (0.5), _FRACTION (0.5), _ALPHA (0), _DS_CONFIG (cpu_demo_on_policy.json: lr 5e-5)
+#   DEMO_ON_POLICY_LOSS (jsd), _BETA (0.5), _FRACTION (0.5), _ALPHA (0), _DS_CONFIG (CPU: cpu_demo_on_policy.json, lr 5e-5;
+#   GPU: the student JSON, whose lr and warm-up were not chosen for a 10-step continuation: pass one that is)
 #   DEMO_LIVE_REFERENCE (0; 1 adds the live-teacher forward-KL run)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -124,7 +125,7 @@ if [[ "${DEMO_LIVE_REFERENCE:-0}" == 1 ]]; then  # what the cache changes: the s
     rows+=(forward_kl_live)
 fi
 # On-policy: the forward-KL student continues on its own samples of the train prompts, graded by the live teacher (a
-# cache cannot score new tokens). GKD's recipe, settings chosen on a train-only split (docs/demo_on_policy.md).
+# cache cannot score new tokens). GKD's recipe, settings chosen on a train-only split (README: "Choosing the on-policy settings").
 train on_policy "on-policy $on_policy_loss (after KD forward KL)" "$on_policy_loss" "$on_policy_alpha" \
     --student "$out/runs/forward_kl/final" --deepspeed_config "$on_policy_ds_config" --beta "$on_policy_beta" \
     --data "$data/train_prompts.jsonl" --max_steps "$on_policy_steps" --on_policy_fraction "$on_policy_fraction" \
