@@ -30,6 +30,7 @@ start=$(date +%s)
 bash scripts/setup.sh
 py="$root/.venv/bin/python"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$root/.cache/torch_extensions}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PATH="$root/.venv/bin:$PATH"  # the venv's ninja for DeepSpeed's JIT ops, as setup.sh and test.sh (no rebuilds)
 
 assets="${DEMO_ASSETS:-demo_assets}"
 out="${DEMO_OUT:-demo_output}"

@@ -24,7 +24,8 @@ mkdir -p "$root/.cache"
 } >"$log" 2>&1 || { echo "setup: pip failed; see $log (last lines below)"; tail -n 20 "$log"; exit 1; }
 # DeepSpeed's CPU all-reduce op is JIT-built by the first process that starts a process group on CPU (~1 minute on
 # 2 cores); build it here, once, into the project's cache, so no test or demo run of a new environment pays for it.
-DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$root/.cache/torch_extensions}" "$venv/bin/python" -c \
+# With the venv's ninja, as scripts/test.sh and scripts/demo.sh use (another ninja would rebuild it).
+PATH="$venv/bin:$PATH" DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$root/.cache/torch_extensions}" "$venv/bin/python" -c \
     'from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder("ShareMemCommBuilder").load()' \
     >>"$log" 2>&1 || echo "setup: DeepSpeed's CPU all-reduce op did not build now (see $log); the first CPU run builds it"
 echo "$want" > "$stamp"

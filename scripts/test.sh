@@ -6,6 +6,10 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup.sh
 export DS_ACCELERATOR=cpu
+# The venv first on PATH, as in an activated venv, for every process of the suite: torch JIT-builds DeepSpeed's ops with
+# the first `ninja` on PATH, and the system's and the venv's ninja do not read each other's build log, so a mix
+# rebuilt the CPU all-reduce op (~55 s) whenever the suite switched between them (docs/performance.md).
+export PATH="$root/.venv/bin:$PATH"
 export TORCH_EXTENSIONS_DIR="$root/.cache/torch_extensions"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 exec .venv/bin/python -m pytest "$@"
