@@ -37,6 +37,12 @@ from ds_distill import data, models, on_policy
 from ds_distill.config import UsageError
 
 
+def require_model_dir(path: str | os.PathLike, what: str = "") -> None:
+    """UsageError unless `path` is a Hugging Face model directory (has a config.json); `what` prefixes the message."""
+    if not (Path(path) / "config.json").is_file():
+        raise UsageError(f"{what}{str(path)!r} has no config.json: pass a Hugging Face model directory (e.g. a run's final/)")
+
+
 @functools.lru_cache(maxsize=2)  # the teacher and the model being evaluated
 def _load(model_dir: str, stamp: float):
     """The model in `model_dir` (float32, eval mode); `stamp` (config.json's mtime) keys a rewritten directory anew."""
@@ -60,8 +66,7 @@ def perplexity(model_dir: str | os.PathLike, data_path: str, *, seq_len: int, ba
     """
     from transformers import AutoTokenizer
 
-    if not (Path(model_dir) / "config.json").is_file():
-        raise UsageError(f"{model_dir} has no config.json: pass a Hugging Face model directory (e.g. a run's final/)")
+    require_model_dir(model_dir)
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = load_model(model_dir)
@@ -106,9 +111,8 @@ def generation_nll(model_dir: str | os.PathLike, prompts_path: str, *, teacher_d
     text with no prompt at all (``on_policy.check_prompts``), or the tokenizers differ.
     """
     start = time.perf_counter()
-    for d, what in ((model_dir, "model"), (teacher_dir, "--teacher")):
-        if not (Path(d) / "config.json").is_file():
-            raise UsageError(f"{what} {str(d)!r} has no config.json: pass a Hugging Face model directory")
+    require_model_dir(model_dir)
+    require_model_dir(teacher_dir, "--teacher ")
     tokenizer = models.load_tokenizer(str(model_dir))
     models.shared_vocab_size(str(model_dir), tokenizer, [str(teacher_dir)])  # the teacher must score the same tokens
     dataset = data.get_dataset(prompts_path, tokenizer, seq_len=seq_len)
@@ -192,8 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--json names one file but {len(args.model_dir)} models were given: use --json_dir DIR (DIR/NAME.json each)")
         named = _named(args.model_dir)
         for d in named.values():  # every directory checked before the first (slow) evaluation
-            if not (Path(d) / "config.json").is_file():
-                raise UsageError(f"{d} has no config.json: pass a Hugging Face model directory (e.g. a run's final/)")
+            require_model_dir(d)
         if args.json_dir:
             Path(args.json_dir).mkdir(parents=True, exist_ok=True)
         for name, model_dir in named.items():
