@@ -142,6 +142,23 @@ def test_report_objective_names():
             == "reverse_kl, T=1 (pure KD), on-policy (100% of micro-batches sampled)")
 
 
+def test_report_compares_the_cached_run_with_the_live_reference():
+    """With DEMO_LIVE_REFERENCE=1 the report prints the cache's line and the cached run against the live one (wall
+    time saved, held-out perplexity change); without the live run only the cache's line."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_report", ROOT / "scripts" / "demo_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    cache = {"wall_s": 124.0, "top_k": 64, "bytes_per_token": 96.0, "kl_full_per_token": 0.411, "kl_full_p99": 1.74,
+             "kl_buckets_per_token": 0.0017, "kl_buckets_p99": 0.014, "tail_mass_per_token": 0.111}
+    rows = {"forward_kl": {"wall_s": 248.0, "ppl": 367.53}, "forward_kl_live": {"wall_s": 340.0, "ppl": 363.47}}
+    text = report.cache_summary(cache, rows)
+    assert text.splitlines()[0].startswith("teacher cache: one pass of 124 s, top-64, 96.0 bytes/token")
+    assert "248 s vs 340 s of training (92 s saved per KD run" in text and "367.530 vs 363.470 (+1.12%" in text
+    assert report.cache_summary(cache, {"forward_kl": rows["forward_kl"]}).count("\n") == 0  # no live run: one line
+
+
 ON_POLICY = ("jsd", 0.0, 0.5, 0.5, 3, 6)  # the demo's on-policy defaults (loss, alpha, beta, fraction), steps, tokens
 
 
