@@ -6,8 +6,9 @@
 
 One or several ranks through the same launchers as training; the teacher is placed by fit or by
 --teacher_deepspeed_config as in training. Each rank writes its own shards; a killed writer is resumed by running the
-same command again. The cache's format, checks and measurements live in ``ds_distill.teacher_cache``.
+same command again. The cache's format, checks and measurements live in ``ds_distill.teachers.cache_format``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,31 +20,67 @@ from typing import Any, Callable
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from ds_distill import data, distributed, models, teacher_cache
-from ds_distill.config import RunConfig, UsageError, _f, parse_args
+from ds_distill import data, models
+from ds_distill.common import UsageError
+from ds_distill.config import RunConfig, _f, parse_args
+from ds_distill.core.build import teacher_ds_config
+from ds_distill.runtime import distributed
+from ds_distill.teachers import cache_format, cache_writer
 
 log = logging.getLogger("ds_distill")
 
 # The flags shared with training, with the training run's names, defaults and help.
-SHARED = ("teacher", "data", "eval_data", "output_dir", "teacher_deepspeed_config", "temperature", "chunk_size",
-          *teacher_cache.TOKEN_FLAGS, "local_rank")
+SHARED = (
+    "teacher",
+    "data",
+    "eval_data",
+    "output_dir",
+    "teacher_deepspeed_config",
+    "temperature",
+    "chunk_size",
+    *cache_format.TOKEN_FLAGS,
+    "local_rank",
+)
 
 
 def _shared(name: str) -> tuple[str, Any, dataclasses.Field]:
     f = RunConfig.__dataclass_fields__[name]
-    default = dataclasses.field(default_factory=f.default_factory, metadata=f.metadata) if f.default is dataclasses.MISSING \
+    default = (
+        dataclasses.field(default_factory=f.default_factory, metadata=f.metadata)
+        if f.default is dataclasses.MISSING
         else dataclasses.field(default=f.default, metadata=f.metadata)
+    )
     return name, f.type, default
 
 
-CacheConfig = dataclasses.make_dataclass("CacheConfig", [_shared(n) for n in SHARED] + [
-    ("top_k", "int", _f(64, "Teacher tokens kept per supervised token (the rest is one tail bucket).")),
-    ("exact", "bool", _f(False, "Keep the whole vocabulary as float32, no quantisation (K = vocabulary; for exactness checks, large).")),
-    ("batch_size", "int", _f(8, "Examples per teacher forward.")),
-    ("shard_examples", "int", _f(1024, "Examples per shard file (the unit of resume and of parallel writing).")),
-    ("zstd_level", "int", _f(teacher_cache.ZSTD_LEVEL, "zstd level of the shards: 19 is 4 bytes/token smaller than 1 on the demo data but costs ~100 us of CPU per token to write (9: ~8 us, 1: ~2 us); lower it when the writer, not the teacher, is the bottleneck.")),
-])
-CacheConfig.__doc__ = "The flags of ds_distill.cache_teacher (data flags as in training: a cache fits runs with the same ones)."
+CacheConfig = dataclasses.make_dataclass(
+    "CacheConfig",
+    [_shared(n) for n in SHARED]
+    + [
+        ("top_k", "int", _f(64, "Teacher tokens kept per supervised token (the rest is one tail bucket).")),
+        (
+            "exact",
+            "bool",
+            _f(
+                False,
+                "Keep the whole vocabulary as float32, no quantisation (K = vocabulary; for exactness checks, large).",
+            ),
+        ),
+        ("batch_size", "int", _f(8, "Examples per teacher forward.")),
+        ("shard_examples", "int", _f(1024, "Examples per shard file (the unit of resume and of parallel writing).")),
+        (
+            "zstd_level",
+            "int",
+            _f(
+                cache_format.ZSTD_LEVEL,
+                "zstd level of the shards: 19 is 4 bytes/token smaller than 1 on the demo data but costs ~100 us of CPU per token to write (9: ~8 us, 1: ~2 us); lower it when the writer, not the teacher, is the bottleneck.",
+            ),
+        ),
+    ],
+)
+CacheConfig.__doc__ = (
+    "The flags of ds_distill.cache_teacher (data flags as in training: a cache fits runs with the same ones)."
+)
 
 
 def validate(cfg) -> None:
@@ -69,7 +106,6 @@ def validate(cfg) -> None:
 
 def run(cfg, on_shard: Callable[[dict], None] | None = None) -> dict | None:
     """Write (or finish) the cache; returns its manifest on rank 0."""
-    from ds_distill.train import teacher_ds_config
 
     validate(cfg)
     world = distributed.init_distributed()
@@ -78,27 +114,54 @@ def run(cfg, on_shard: Callable[[dict], None] | None = None) -> dict | None:
     teacher = cfg.teacher[0]
     tokenizer = models.load_tokenizer(teacher)
     chat_template = Path(cfg.chat_template).read_text() if cfg.chat_template else None
-    data_kw = dict(seq_len=cfg.seq_len, data_format=cfg.data_format, packing=cfg.packing, train_on_prompt=cfg.train_on_prompt,
-                   drop_long=cfg.drop_long, chat_template=chat_template)
-    splits = {"data": data.get_dataset(cfg.data, tokenizer, split=cfg.data_split, max_samples=cfg.max_samples or None, **data_kw)}
+    data_kw = dict(
+        seq_len=cfg.seq_len,
+        data_format=cfg.data_format,
+        packing=cfg.packing,
+        train_on_prompt=cfg.train_on_prompt,
+        drop_long=cfg.drop_long,
+        chat_template=chat_template,
+    )
+    splits = {
+        "data": data.get_dataset(
+            cfg.data, tokenizer, split=cfg.data_split, max_samples=cfg.max_samples or None, **data_kw
+        )
+    }
     if cfg.eval_data:
         splits["eval_data"] = data.get_dataset(cfg.eval_data, tokenizer, **data_kw)
     for name, ds in splits.items():
         if len(set(ds["row"])) != len(ds):
-            raise UsageError(f"--{name} {getattr(cfg, name)}: some conversations give one example per assistant turn (they share a row "
-                             "number, by which a cache is read): teacher caches do not support them yet; train with --teacher")
+            raise UsageError(
+                f"--{name} {getattr(cfg, name)}: some conversations give one example per assistant turn (they share a row "
+                "number, by which a cache is read): teacher caches do not support them yet; train with --teacher"
+            )
     vocab = len(tokenizer)
     settings = {
-        "format_version": teacher_cache.FORMAT_VERSION, "top_k": vocab if cfg.exact else min(cfg.top_k, vocab), "exact": cfg.exact,
-        "temperature": cfg.temperature, "vocab_size": vocab, "tokenizer_fingerprint": teacher_cache.tokenizer_fingerprint(tokenizer),
-        "teacher_fingerprint": teacher_cache.teacher_fingerprint(teacher),
-        "token_flags": {name: getattr(cfg, name) for name in teacher_cache.TOKEN_FLAGS},
-        "splits": {name: {"examples": len(ds), "fingerprint": teacher_cache.dataset_fingerprint(ds)} for name, ds in splits.items()},
+        "format_version": cache_format.FORMAT_VERSION,
+        "top_k": vocab if cfg.exact else min(cfg.top_k, vocab),
+        "exact": cfg.exact,
+        "temperature": cfg.temperature,
+        "vocab_size": vocab,
+        "tokenizer_fingerprint": cache_format.tokenizer_fingerprint(tokenizer),
+        "teacher_fingerprint": cache_format.teacher_fingerprint(teacher),
+        "token_flags": {name: getattr(cfg, name) for name in cache_format.TOKEN_FLAGS},
+        "splits": {
+            name: {"examples": len(ds), "fingerprint": cache_format.dataset_fingerprint(ds)}
+            for name, ds in splits.items()
+        },
         "id_order": "identity" if cfg.exact else "data_frequency",
-        "shard_examples": cfg.shard_examples, "batch_size": cfg.batch_size, "chunk_size": cfg.chunk_size,
+        "shard_examples": cfg.shard_examples,
+        "batch_size": cfg.batch_size,
+        "chunk_size": cfg.chunk_size,
     }
-    info = {"teacher": teacher, "data": cfg.data, "eval_data": cfg.eval_data, "levels": teacher_cache.LEVELS, "row_group": teacher_cache.ROW_GROUP,
-            "zstd_level": cfg.zstd_level}
+    info = {
+        "teacher": teacher,
+        "data": cfg.data,
+        "eval_data": cfg.eval_data,
+        "levels": cache_format.LEVELS,
+        "row_group": cache_format.ROW_GROUP,
+        "zstd_level": cfg.zstd_level,
+    }
     tds = teacher_ds_config(cfg.teacher, cfg.teacher_deepspeed_config, world)
     models.check_positions(cfg.seq_len, [teacher])
     engine = models.teacher_engine(teacher, tds, packed_rows=cfg.packing and cfg.batch_size > 1)
@@ -111,16 +174,31 @@ def run(cfg, on_shard: Callable[[dict], None] | None = None) -> dict | None:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return int(t.item())
 
-    manifest = teacher_cache.write_cache(Path(cfg.output_dir), settings, info, splits, engine, world_rank=world.rank, world_size=world.world_size,
-                                         device=device, pad_token_id=tokenizer.pad_token_id, zero3=tds.zero_stage == 3,
-                                         barrier=distributed.barrier, all_reduce_max=all_reduce_max, on_shard=on_shard)
+    manifest = cache_writer.write_cache(
+        Path(cfg.output_dir),
+        settings,
+        info,
+        splits,
+        engine,
+        world_rank=world.rank,
+        world_size=world.world_size,
+        device=device,
+        pad_token_id=tokenizer.pad_token_id,
+        zero3=tds.zero_stage == 3,
+        barrier=distributed.barrier,
+        all_reduce_max=all_reduce_max,
+        on_shard=on_shard,
+    )
     if manifest is not None:
         s = manifest["stats"]
         cols = ", ".join(f"{c} {b:.1f}" for c, b in s["column_bytes_per_token"].items())
-        print(f"teacher cache {cfg.output_dir}: {s['tokens']} tokens, K={settings['top_k']}, {s['bytes_per_token']:.1f} bytes/token "
-              f"({cols}); KL(teacher || reconstructed) per token: mean {s['kl_full_per_token']:.4g}, p99 {s['kl_full_p99']:.3g} nats "
-              f"(on the K+1 buckets: mean {s['kl_buckets_per_token']:.3g}, p99 {s['kl_buckets_p99']:.3g}), "
-              f"tail mass {s['tail_mass_per_token']:.3g}", flush=True)
+        print(
+            f"teacher cache {cfg.output_dir}: {s['tokens']} tokens, K={settings['top_k']}, {s['bytes_per_token']:.1f} bytes/token "
+            f"({cols}); KL(teacher || reconstructed) per token: mean {s['kl_full_per_token']:.4g}, p99 {s['kl_full_p99']:.3g} nats "
+            f"(on the K+1 buckets: mean {s['kl_buckets_per_token']:.3g}, p99 {s['kl_buckets_p99']:.3g}), "
+            f"tail mass {s['tail_mass_per_token']:.3g}",
+            flush=True,
+        )
     return manifest
 
 

@@ -1,8 +1,9 @@
 """The run config: one dataclass, read from an optional YAML/JSON run file and overridden by CLI flags.
 
 DeepSpeed owns batch sizes, precision, ZeRO stage, optimizer, scheduler, clipping and monitors: those live only in the
-JSON files of ``ds_configs/``. This module checks those files (``load_ds_config``) but never rewrites them.
+JSON files of ``ds_configs/``, checked by ``ds_distill.ds_config`` and never rewritten.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -11,19 +12,15 @@ import copy
 import dataclasses
 import functools
 import inspect
-import json
 import textwrap
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ds_distill.common import UsageError
+
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager", "flex_attention")
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
-
-
-class UsageError(ValueError):
-    """A mistake in the user's input; the message is one line that says what is wrong and how to fix it."""
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -43,29 +40,57 @@ class RunConfig:
     """Everything about a distillation run that is not DeepSpeed's business."""
 
     # --- models and data
-    teacher: list[str] = _f(list, "Teacher model directory (any AutoModelForCausalLM); repeat for an ensemble.", multi=True)
+    teacher: list[str] = _f(
+        list, "Teacher model directory (any AutoModelForCausalLM); repeat for an ensemble.", multi=True
+    )
     student: str = _f("", "Student model directory (AutoModelForCausalLM), e.g. made by ds_distill.student_init.")
-    data: str = _f("", "Training data: .jsonl/.json/.parquet/.txt file or folder, a save_to_disk folder, or a hub name.")
+    data: str = _f(
+        "", "Training data: .jsonl/.json/.parquet/.txt file or folder, a save_to_disk folder, or a hub name."
+    )
     output_dir: str = _f("", "Where checkpoints, logs, metrics and the exported student go.")
-    deepspeed_config: str = _f("", "Student DeepSpeed JSON. Default: ds_configs/zero3_bf16.json on GPU, cpu_zero3.json on CPU.")
-    teacher_deepspeed_config: str = _f("", "Teacher DeepSpeed JSON (inference, no optimizer). Default: chosen by fit: replicated on every rank (stage 0, no per-layer gathers) when the teachers take at most a quarter of a rank's memory or there is one rank, else ZeRO-3 sharded.")
-    teacher_cache: list[str] = _f(list, "Train from a teacher cache written by `python -m ds_distill.cache_teacher` instead of --teacher: no teacher model is loaded. Repeat it for an ensemble (mixed by --teacher_weights or --router, as teachers).", multi=True)
-    teacher_weights: list[float] = _f(list, "Ensemble weights, one per --teacher or --teacher_cache (normalised). Default: uniform.", multi=True)
-    attn_implementation: str = _f("auto", "Attention kernel of every model: auto (flash_attention_2 with a GPU and flash-attn installed, else sdpa where the model supports it, else eager), flash_attention_2, sdpa, eager or flex_attention.")
+    deepspeed_config: str = _f(
+        "", "Student DeepSpeed JSON. Default: ds_configs/zero3_bf16.json on GPU, cpu_zero3.json on CPU."
+    )
+    teacher_deepspeed_config: str = _f(
+        "",
+        "Teacher DeepSpeed JSON (inference, no optimizer). Default: chosen by fit: replicated on every rank (stage 0, no per-layer gathers) when the teachers take at most a quarter of a rank's memory or there is one rank, else ZeRO-3 sharded.",
+    )
+    teacher_cache: list[str] = _f(
+        list,
+        "Train from a teacher cache written by `python -m ds_distill.cache_teacher` instead of --teacher: no teacher model is loaded. Repeat it for an ensemble (mixed by --teacher_weights or --router, as teachers).",
+        multi=True,
+    )
+    teacher_weights: list[float] = _f(
+        list, "Ensemble weights, one per --teacher or --teacher_cache (normalised). Default: uniform.", multi=True
+    )
+    attn_implementation: str = _f(
+        "auto",
+        "Attention kernel of every model: auto (flash_attention_2 with a GPU and flash-attn installed, else sdpa where the model supports it, else eager), flash_attention_2, sdpa, eager or flex_attention.",
+    )
     # --- loss
     loss: str = _f("forward_kl", "Divergence: forward_kl, reverse_kl, jsd, skew_forward_kl, skew_reverse_kl, tvd.")
     alpha: float = _f(0.5, "Weight of the CE term; the KD term gets 1 - alpha. 1.0 = plain fine-tuning.")
     temperature: float = _f(1.0, "Softmax temperature of the KD term (the KD term is scaled by T^2).")
     beta: float = _f(0.5, "jsd mixture weight of the teacher (0 = forward KL, 1 = reverse KL).")
     skew: float = _f(0.1, "Skew of skew_forward_kl / skew_reverse_kl (DistiLLM).")
-    chunk_size: int = _f(1024, "Tokens per loss chunk: the lm_heads run per chunk so full logits never exist. 0 = full logits.")
+    chunk_size: int = _f(
+        1024, "Tokens per loss chunk: the lm_heads run per chunk so full logits never exist. 0 = full logits."
+    )
     # --- on-policy distillation (ds_distill/on_policy.py)
-    on_policy_fraction: float = _f(0.0, "Fraction of micro-batches (seeded, GKD's lambda) whose completions the student samples for the example's prompt; the loss then covers the sampled tokens only. 0 = off-policy (the dataset's completions).")
+    on_policy_fraction: float = _f(
+        0.0,
+        "Fraction of micro-batches (seeded, GKD's lambda) whose completions the student samples for the example's prompt; the loss then covers the sampled tokens only. 0 = off-policy (the dataset's completions).",
+    )
     max_new_tokens: int = _f(128, "On-policy: most tokens sampled per prompt (the sequence still stops at --seq_len).")
-    generation_temperature: float = _f(1.0, "On-policy: sampling temperature of the student (not the KD --temperature).")
+    generation_temperature: float = _f(
+        1.0, "On-policy: sampling temperature of the student (not the KD --temperature)."
+    )
     top_p: float = _f(1.0, "On-policy: nucleus sampling threshold (1 = off).")
     top_k: int = _f(0, "On-policy: sample from the k most likely tokens only (0 = off).")
-    generation_gather: str = _f("auto", "On-policy under ZeRO-3: whole (gather the student once per optimizer step into a plain copy), layered (gather per layer per token), or auto (whole when it fits in a quarter of a rank's memory).")
+    generation_gather: str = _f(
+        "auto",
+        "On-policy under ZeRO-3: whole (gather the student once per optimizer step into a plain copy), layered (gather per layer per token), or auto (whole when it fits in a quarter of a rank's memory).",
+    )
     # --- data
     seq_len: int = _f(512, "Tokens per sequence (longer examples are truncated, or dropped with --drop_long).")
     data_format: str = _f("auto", "auto, text, prompt_completion or messages.")
@@ -75,9 +100,15 @@ class RunConfig:
     max_samples: int = _f(0, "Use only the first N training examples (0 = all).")
     packing: bool = _f(False, "Pack several examples per sequence (documents never attend to each other).")
     train_on_prompt: bool = _f(False, "Also supervise prompt / non-assistant tokens.")
-    chat_template: str = _f("", "Jinja file replacing the student tokenizer's chat template for 'messages' data in this run (the saved tokenizer keeps its own).")
+    chat_template: str = _f(
+        "",
+        "Jinja file replacing the student tokenizer's chat template for 'messages' data in this run (the saved tokenizer keeps its own).",
+    )
     drop_long: bool = _f(False, "Drop examples longer than --seq_len instead of truncating them.")
-    prefetch_batches: int = _f(0, "Micro-batches prepared ahead on a background thread, into pinned memory when a GPU is present (ds_distill/prefetch.py); 0 = collated on the training thread.")
+    prefetch_batches: int = _f(
+        0,
+        "Micro-batches prepared ahead on a background thread, into pinned memory when a GPU is present (ds_distill/prefetch.py); 0 = collated on the training thread.",
+    )
     # --- schedule
     max_steps: int = _f(100, "Optimizer steps to run.")
     eval_steps: int = _f(0, "Evaluate every N optimizer steps (0 = only at the end).")
@@ -89,12 +120,24 @@ class RunConfig:
     seed: int = _f(42, "Seed of data order and initialisation.")
     export: bool = _f(True, "Export the student as a Hugging Face directory (output_dir/final) at the end.")
     # --- extras (each one Callback or entry-level wrapper; all off by default except the manifest)
-    track_examples: bool = _f(False, "Record CE, KD and tokens of every training example per step in output_dir/examples.csv.")
-    early_stopping_patience: int = _f(0, "Stop after N evaluations in a row without a better eval loss; the best is exported to output_dir/best. 0 = off.")
-    early_stopping_min_delta: float = _f(0.0, "An eval loss counts as better only if it is lower than the best by more than this.")
-    router: str = _f("fixed", "How an ensemble's teachers are mixed per token: fixed (--teacher_weights) or lowest_ce (the teacher with the lowest CE on the label).")
+    track_examples: bool = _f(
+        False, "Record CE, KD and tokens of every training example per step in output_dir/examples.csv."
+    )
+    early_stopping_patience: int = _f(
+        0,
+        "Stop after N evaluations in a row without a better eval loss; the best is exported to output_dir/best. 0 = off.",
+    )
+    early_stopping_min_delta: float = _f(
+        0.0, "An eval loss counts as better only if it is lower than the best by more than this."
+    )
+    router: str = _f(
+        "fixed",
+        "How an ensemble's teachers are mixed per token: fixed (--teacher_weights) or lowest_ce (the teacher with the lowest CE on the label).",
+    )
     rounds: int = _f(1, "Distillation rounds in one job: round k trains output_dir/round_k from round k-1's export.")
-    round_overrides: str = _f("", "JSON file: a list of --rounds objects of run-config fields applied to that round (e.g. temperature, data).")
+    round_overrides: str = _f(
+        "", "JSON file: a list of --rounds objects of run-config fields applied to that round (e.g. temperature, data)."
+    )
     # --- launcher
     local_rank: int = _f(-1, "Set by the deepspeed launcher; ignored otherwise.")
 
@@ -105,7 +148,9 @@ class RunConfig:
         problems: list[str] = []
         if require_paths:
             if not self.teacher and not self.teacher_cache:
-                problems.append("--teacher is required (a model directory; repeat it for an ensemble), or --teacher_cache")
+                problems.append(
+                    "--teacher is required (a model directory; repeat it for an ensemble), or --teacher_cache"
+                )
             for name in ("student", "data", "output_dir"):
                 if not getattr(self, name):
                     problems.append(f"--{name} is required")
@@ -131,13 +176,23 @@ class RunConfig:
         if self.teacher_cache:
             problems.extend(_teacher_cache_problems(self))
         elif self.teacher_weights and len(self.teacher_weights) != len(self.teacher):
-            problems.append(f"--teacher_weights has {len(self.teacher_weights)} values for {len(self.teacher)} teachers")
+            problems.append(
+                f"--teacher_weights has {len(self.teacher_weights)} values for {len(self.teacher)} teachers"
+            )
         if any(w < 0 for w in self.teacher_weights) or (self.teacher_weights and sum(self.teacher_weights) <= 0):
             problems.append("--teacher_weights must be >= 0 with a positive sum")
         for name in ("seq_len", "max_steps", "log_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name} {getattr(self, name)} must be >= 1")
-        for name in ("chunk_size", "eval_steps", "eval_batches", "save_steps", "keep_last", "max_samples", "prefetch_batches"):
+        for name in (
+            "chunk_size",
+            "eval_steps",
+            "eval_batches",
+            "save_steps",
+            "keep_last",
+            "max_samples",
+            "prefetch_batches",
+        ):
             if getattr(self, name) < 0:
                 problems.append(f"--{name} {getattr(self, name)} must be >= 0")
         if not 0.0 <= self.eval_fraction < 1.0:
@@ -149,18 +204,26 @@ class RunConfig:
         if self.early_stopping_patience and self.eval_fraction == 0 and not self.eval_data:
             problems.append("--early_stopping_patience needs an eval set: pass --eval_data or --eval_fraction > 0")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
-            problems.append(f"--attn_implementation {self.attn_implementation!r} must be one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+            problems.append(
+                f"--attn_implementation {self.attn_implementation!r} must be one of {', '.join(ATTN_IMPLEMENTATIONS)}"
+            )
         if self.router not in ("fixed", "lowest_ce"):
             problems.append(f"--router {self.router!r} must be fixed or lowest_ce")
         if self.router == "lowest_ce" and self.teacher_weights:
-            problems.append("--router lowest_ce picks the teacher per token: drop --teacher_weights (used only by --router fixed)")
+            problems.append(
+                "--router lowest_ce picks the teacher per token: drop --teacher_weights (used only by --router fixed)"
+            )
         if not 0.0 <= self.on_policy_fraction <= 1.0:
             problems.append(f"--on_policy_fraction {self.on_policy_fraction} must be in [0, 1]")
         if self.on_policy_fraction and (self.packing or self.train_on_prompt):
-            problems.append("--on_policy_fraction needs one example per sequence whose prompt is unsupervised: drop --packing / --train_on_prompt")
+            problems.append(
+                "--on_policy_fraction needs one example per sequence whose prompt is unsupervised: drop --packing / --train_on_prompt"
+            )
         if self.max_new_tokens < 1 or self.generation_temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            problems.append(f"generation flags out of range (--max_new_tokens {self.max_new_tokens} >= 1, --generation_temperature "
-                            f"{self.generation_temperature} > 0, --top_p {self.top_p} in (0, 1], --top_k {self.top_k} >= 0)")
+            problems.append(
+                f"generation flags out of range (--max_new_tokens {self.max_new_tokens} >= 1, --generation_temperature "
+                f"{self.generation_temperature} > 0, --top_p {self.top_p} in (0, 1], --top_k {self.top_k} >= 0)"
+            )
         if self.generation_gather not in ("auto", "whole", "layered"):
             problems.append(f"--generation_gather {self.generation_gather!r} must be auto, whole or layered")
         if self.rounds < 1:
@@ -181,12 +244,18 @@ def _teacher_cache_problems(cfg: RunConfig) -> list[str]:
     if cfg.teacher:
         problems.append("--teacher and --teacher_cache are both given: pass one (the cache replaces the teacher)")
     if cfg.teacher_weights and len(cfg.teacher_weights) != len(cfg.teacher_cache):
-        problems.append(f"--teacher_weights has {len(cfg.teacher_weights)} values for {len(cfg.teacher_cache)} teacher caches")
+        problems.append(
+            f"--teacher_weights has {len(cfg.teacher_weights)} values for {len(cfg.teacher_cache)} teacher caches"
+        )
     if cfg.router != "fixed" and cfg.temperature != 1.0:
-        problems.append(f"--router {cfg.router} scores labels at temperature 1 but teacher caches hold log-probs at --temperature "
-                        f"{cfg.temperature}: use --temperature 1 (caches written at 1), or --router fixed")
+        problems.append(
+            f"--router {cfg.router} scores labels at temperature 1 but teacher caches hold log-probs at --temperature "
+            f"{cfg.temperature}: use --temperature 1 (caches written at 1), or --router fixed"
+        )
     if cfg.on_policy_fraction:
-        problems.append("--on_policy_fraction samples new tokens that a teacher cache cannot score: train on-policy with --teacher")
+        problems.append(
+            "--on_policy_fraction samples new tokens that a teacher cache cannot score: train on-policy with --teacher"
+        )
     return problems
 
 
@@ -216,8 +285,13 @@ def field_docs(cls: type) -> dict[str, str]:
     except (OSError, TypeError, IndexError, AttributeError):  # no source (frozen app, REPL): _f help only
         body = []
     for node, after in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
-                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
             docs[node.target.id] = inspect.cleandoc(after.value.value)
     for f in dataclasses.fields(cls):
         if f.metadata.get("help"):
@@ -245,7 +319,9 @@ def dataclass_parser(dtype: type, **kwargs: Any) -> argparse.ArgumentParser:
 
 @functools.cache
 def _parser_class() -> type:
-    from transformers import HfArgumentParser  # importing transformers takes seconds: only when a command line is parsed
+    from transformers import (
+        HfArgumentParser,
+    )  # importing transformers takes seconds: only when a command line is parsed
 
     class RunParser(HfArgumentParser):
         """transformers' HfArgumentParser over one dataclass, with ds_distill's flag forms.
@@ -277,7 +353,9 @@ def _parser_class() -> type:
 def build_parser(cls: type = RunConfig, prog: str = "ds_distill.train") -> argparse.ArgumentParser:
     """One flag per field of ``cls`` (same name), plus --config for a YAML/JSON run file with the same keys."""
     parser = dataclass_parser(cls, prog=prog, description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="", help=f"YAML or JSON run file whose keys are {cls.__name__} fields; flags override it.")
+    parser.add_argument(
+        "--config", default="", help=f"YAML or JSON run file whose keys are {cls.__name__} fields; flags override it."
+    )
     return parser
 
 
@@ -296,7 +374,9 @@ def load_run_file(path: str, cls: type = RunConfig) -> dict[str, Any]:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise UsageError(f"--config {path!r} has unknown keys {unknown}: valid keys are the flags of `python -m ds_distill.train --help`")
+        raise UsageError(
+            f"--config {path!r} has unknown keys {unknown}: valid keys are the flags of `python -m ds_distill.train --help`"
+        )
     return data
 
 
@@ -319,186 +399,3 @@ def parse_args(argv: list[str] | None = None, cls: type = RunConfig, prog: str =
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return cfg
-
-
-# --------------------------------------------------------------------------------------------- DeepSpeed JSON
-
-# Top-level keys DeepSpeed reads (deepspeed/runtime/constants.py and the feature configs). DeepSpeed ignores unknown
-# keys silently, so a typo such as "gradient_cliping" would quietly disable clipping: we refuse them instead.
-DS_KNOWN_KEYS = frozenset("""
-train_batch_size train_micro_batch_size_per_gpu gradient_accumulation_steps steps_per_print wall_clock_breakdown
-dump_state optimizer scheduler fp16 bf16 bfloat16 amp gradient_clipping zero_optimization zero_allow_untested_optimizer
-zero_force_ds_cpu_optimizer prescale_gradients gradient_predivide_factor sparse_gradients communication_data_type
-seq_parallel_communication_data_type activation_checkpointing flops_profiler tensorboard wandb csv_monitor comet
-elasticity aio pipeline checkpoint data_types compression_training data_efficiency curriculum_learning autotuning
-nebula weight_quantization memory_breakdown disable_allgather sparse_attention torch_autocast compile eigenvalue
-progressive_layer_drop hybrid_engine timers graph_harvesting use_data_before_expert_parallelism zero_quantized_weights
-zero_quantized_gradients zero_hpz_partition_size load_universal_checkpoint use_node_local_storage
-dataloader_drop_last mics_shard_size mics_hierarchical_params_gather pld_enabled pld_params
-""".split())
-
-
-@dataclass
-class DSConfig:
-    """A checked DeepSpeed JSON: the dict handed to DeepSpeed unchanged, plus where it came from."""
-
-    path: str
-    raw: dict[str, Any]
-
-    @property
-    def zero_stage(self) -> int:
-        return int(self.raw.get("zero_optimization", {}).get("stage", 0))
-
-    @property
-    def micro_batch(self) -> int:
-        return int(self.raw["train_micro_batch_size_per_gpu"])
-
-    @property
-    def grad_accum(self) -> int:
-        return int(self.raw.get("gradient_accumulation_steps", 1))
-
-    @property
-    def bf16(self) -> bool:
-        return bool(self.raw.get("bf16", {}).get("enabled", False))
-
-
-def _find_auto(node: Any, where: str = "") -> list[str]:
-    if isinstance(node, dict):
-        return [p for k, v in node.items() for p in _find_auto(v, f"{where}.{k}" if where else k)]
-    if isinstance(node, list):
-        return [p for i, v in enumerate(node) for p in _find_auto(v, f"{where}[{i}]")]
-    return [where] if node == "auto" else []
-
-
-def read_json(path: str, where: str, hint: str) -> Any:
-    """A JSON file's content, or one UsageError naming ``where`` (e.g. the flag) and the problem."""
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"{where} {path!r} does not exist: {hint}")
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{where} {path!r} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}): fix the file") from None
-
-
-def load_ds_config(path: str, *, world_size: int, flag: str, needs_optimizer: bool) -> DSConfig:
-    """Read and check a DeepSpeed JSON; every problem is reported at once, with the fix."""
-    raw = read_json(path, f"--{flag}", "pick a file from ds_configs/")
-    if not isinstance(raw, dict):
-        raise UsageError(f"--{flag} {path!r} must hold a JSON object")
-    problems = []
-    unknown = sorted(k for k in raw if k not in DS_KNOWN_KEYS and not k.startswith("_"))
-    if unknown:
-        problems.append(f"unknown top-level keys {unknown} (DeepSpeed would silently ignore them): fix the spelling or remove them")
-    autos = _find_auto(raw)
-    if autos:
-        problems.append(f'"auto" values at {autos}: write the numbers (only the HF Trainer fills "auto")')
-    micro = raw.get("train_micro_batch_size_per_gpu")
-    if not isinstance(micro, int) or micro < 1:
-        problems.append("train_micro_batch_size_per_gpu must be a positive integer")
-    gas = raw.get("gradient_accumulation_steps", 1)
-    if not isinstance(gas, int) or gas < 1:
-        problems.append("gradient_accumulation_steps must be a positive integer")
-    total = raw.get("train_batch_size")
-    if total is not None and isinstance(micro, int) and isinstance(gas, int) and total != micro * gas * world_size:
-        problems.append(
-            f"train_batch_size {total} != micro batch {micro} x accumulation {gas} x world size {world_size} "
-            f"= {micro * gas * world_size}: set it to that or remove it"
-        )
-    stage = raw.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        problems.append(f"zero_optimization.stage {stage!r} must be 0, 1, 2 or 3")
-    if raw.get("fp16", {}).get("enabled") and raw.get("bf16", {}).get("enabled"):
-        problems.append("fp16 and bf16 are both enabled: enable one")
-    if needs_optimizer and "optimizer" not in raw:
-        problems.append('no "optimizer" block: the student needs one (see ds_configs/zero3_bf16.json)')
-    if not needs_optimizer and stage != 3 and stage != 0:
-        problems.append(f"teacher ZeRO stage {stage}: a frozen teacher is sharded with stage 3 or replicated with stage 0")
-    if not problems:  # DeepSpeed's classes assume the basics above hold; they stop at the first bad block
-        problems = deepspeed_problems(raw)
-    if problems:
-        raise UsageError(f"--{flag} {path}: " + "; ".join(problems))
-    return DSConfig(path=str(path), raw=raw)
-
-
-def deepspeed_problems(raw: dict[str, Any]) -> list[str]:
-    """What DeepSpeed's own config parsing (``deepspeed.runtime.config.DeepSpeedConfig``, which builds its pydantic
-    models such as DeepSpeedZeroConfig) rejects in ``raw``, each as "full.key.path: what is wrong", with the valid
-    neighbouring keys for a misspelt one. Run here, before any model loads, instead of inside the engine's init."""
-    import copy
-
-    import pydantic
-    from deepspeed.runtime.config import DeepSpeedConfig
-
-    # A copy (DeepSpeed may fill in defaults) without train_batch_size: checked above against the launch's world size,
-    # which DeepSpeed would take from a process group that may not exist yet.
-    try:
-        DeepSpeedConfig({k: copy.deepcopy(v) for k, v in raw.items() if k != "train_batch_size"})
-    except pydantic.ValidationError as exc:
-        model = _deepspeed_model(exc.title)
-        return [_describe(raw, model, err) for err in exc.errors()]
-    except (ValueError, AssertionError) as exc:
-        return [f"DeepSpeed rejects it: {' '.join(str(exc).split())}"]
-    return []
-
-
-def _deepspeed_model(name: str):
-    """The pydantic class of DeepSpeed's config named ``name`` (a ValidationError carries only the name)."""
-    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
-
-    todo, seen = [DeepSpeedConfigModel], {}
-    while todo:
-        cls = todo.pop()
-        seen[cls.__name__] = cls
-        todo += cls.__subclasses__()
-    return seen.get(name)
-
-
-def _model_keys(model, loc: tuple) -> list[str]:
-    """Field names and aliases (DeepSpeed accepts both) of the model found by following ``loc`` from ``model``."""
-    import typing
-
-    import pydantic
-
-    for key in loc:
-        info = {**{f.alias: f for f in model.model_fields.values() if f.alias}, **model.model_fields}.get(key) if model else None
-        kinds = [info.annotation, *typing.get_args(info.annotation)] if info else []
-        model = next((k for k in kinds if isinstance(k, type) and issubclass(k, pydantic.BaseModel)), None)
-    if model is None:
-        return []
-    return sorted({*model.model_fields, *(f.alias for f in model.model_fields.values() if f.alias)})
-
-
-def _describe(raw: dict[str, Any], model, err: dict[str, Any]) -> str:
-    """One pydantic error as ``full.key.path: problem``. DeepSpeed validates each block on its own, so the error's
-    location starts inside the block: the block is the dict in ``raw`` where that location leads."""
-    import difflib
-
-    loc = tuple(str(x) for x in err["loc"])
-
-    def reaches(prefix: tuple) -> bool:
-        node: Any = raw
-        for key in prefix + loc[:-1]:
-            node = node.get(key) if isinstance(node, dict) else None
-        return isinstance(node, dict) and (loc[-1] in node or err["type"] == "missing")
-
-    blocks = [(), *((k,) for k, v in raw.items() if isinstance(v, dict))]
-    fields = set(_model_keys(model, ()))
-    # Several blocks may lead there: the one whose keys the model knows best is the one DeepSpeed validated.
-    block = max((b for b in blocks if reaches(b)), key=lambda b: len(fields & set(raw[b[0]] if b else raw)), default=())
-    where = ".".join(block + loc)
-    if err["type"] == "extra_forbidden":
-        valid = _model_keys(model, loc[:-1])
-        near = difflib.get_close_matches(loc[-1], valid, n=3, cutoff=0.6)
-        hint = f"did you mean {' or '.join(near)}?" if near else f"valid keys there: {', '.join(valid)}"
-        return f"{where} is not a DeepSpeed key ({model.__name__ if model else 'unknown block'}): {hint}"
-    return f"{where}: {err['msg']} (got {err.get('input')!r})"
-
-
-
-def default_ds_configs(has_gpu: bool) -> tuple[str, str, str]:
-    """The shipped configs for the device: ZeRO-3 student, sharded (ZeRO-3) teacher, replicated (stage 0) teacher.
-    bf16 on GPU, fp32 on CPU (no bf16 units there). Which teacher file runs is chosen by fit (models.teacher_placement)."""
-    if has_gpu:
-        return tuple(str(REPO_CONFIGS / f) for f in ("zero3_bf16.json", "teacher_zero3_bf16.json", "teacher_replicated_bf16.json"))
-    return tuple(str(REPO_CONFIGS / f) for f in ("cpu_zero3.json", "cpu_teacher_zero3.json", "cpu_teacher_replicated.json"))

@@ -20,6 +20,7 @@ samples, up to the student's entropy: E_student[-log p_teacher] = KL(student || 
 perplexity scores the model on the dataset's text. The model's own NLL of the same samples (``gen_self_nll``, at
 ``--generation_temperature 1`` an estimate of H(student) along them) separates the two: ``gen_kl`` = their difference.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,13 +35,15 @@ from pathlib import Path
 import torch
 
 from ds_distill import data, models, on_policy
-from ds_distill.config import UsageError
+from ds_distill.common import IGNORE_INDEX, UsageError
 
 
 def require_model_dir(path: str | os.PathLike, what: str = "") -> None:
     """UsageError unless `path` is a Hugging Face model directory (has a config.json); `what` prefixes the message."""
     if not (Path(path) / "config.json").is_file():
-        raise UsageError(f"{what}{str(path)!r} has no config.json: pass a Hugging Face model directory (e.g. a run's final/)")
+        raise UsageError(
+            f"{what}{str(path)!r} has no config.json: pass a Hugging Face model directory (e.g. a run's final/)"
+        )
 
 
 @functools.lru_cache(maxsize=2)  # the teacher and the model being evaluated
@@ -74,19 +77,30 @@ def perplexity(model_dir: str | os.PathLike, data_path: str, *, seq_len: int, ba
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ce_sum, n_tokens = 0.0, 0
     for lo in range(0, len(dataset), batch_size):
-        batch = data.collate(dataset[lo: lo + batch_size], pad_token_id=pad)
+        batch = data.collate(dataset[lo : lo + batch_size], pad_token_id=pad)
         labels = batch.pop("labels")
         batch.pop("example_ids")
         logits = model(**batch).logits.float()  # [B, T, V]
-        ce_sum += torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum").item()
-        n_tokens += int((labels != -100).sum())
+        ce_sum += torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        ).item()
+        n_tokens += int((labels != IGNORE_INDEX).sum())
     ce = ce_sum / max(n_tokens, 1)
     return {"ppl": math.exp(min(ce, 50.0)), "ce": ce, "tokens": n_tokens, "seconds": time.perf_counter() - start}
 
 
 @torch.no_grad()
-def generation_nll(model_dir: str | os.PathLike, prompts_path: str, *, teacher_dir: str | os.PathLike, seq_len: int,
-                   max_new_tokens: int, temperature: float = 1.0, seed: int = 0, batch_size: int = 8) -> dict:
+def generation_nll(
+    model_dir: str | os.PathLike,
+    prompts_path: str,
+    *,
+    teacher_dir: str | os.PathLike,
+    seq_len: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 8,
+) -> dict:
     """The teacher's NLL of `model_dir`'s sampled continuations of the prompts in `prompts_path`.
 
     Prompts are read as training reads them (prompt/completion or messages records through ``data.get_dataset`` at
@@ -117,8 +131,10 @@ def generation_nll(model_dir: str | os.PathLike, prompts_path: str, *, teacher_d
     models.shared_vocab_size(str(model_dir), tokenizer, [str(teacher_dir)])  # the teacher must score the same tokens
     dataset = data.get_dataset(prompts_path, tokenizer, seq_len=seq_len)
     if len(dataset) == 0:
-        raise UsageError(f"--generation_prompts {prompts_path!r}: no example has a completion token within --seq_len {seq_len} "
-                         f"(every prompt fills it): raise --seq_len or shorten the prompts")
+        raise UsageError(
+            f"--generation_prompts {prompts_path!r}: no example has a completion token within --seq_len {seq_len} "
+            f"(every prompt fills it): raise --seq_len or shorten the prompts"
+        )
     on_policy.check_prompts(dataset, f"--generation_prompts {prompts_path!r}")
     model, teacher = load_model(model_dir), load_model(teacher_dir)
     eos = tokenizer.eos_token_id
@@ -127,9 +143,9 @@ def generation_nll(model_dir: str | os.PathLike, prompts_path: str, *, teacher_d
     sampling = on_policy.Sampling(max_new_tokens, temperature)
     samples, nll_sum, self_sum, n_tokens, n_eos = [], 0.0, 0.0, 0, 0
     for k, lo in enumerate(range(0, len(dataset), batch_size)):
-        rows = dataset[lo: lo + batch_size]
+        rows = dataset[lo : lo + batch_size]
         prompts = [ids[: on_policy.prompt_length(lab)] for ids, lab in zip(rows["input_ids"], rows["labels"])]
-        completions = generator.generate(prompts, sampling, seed=on_policy._mix(seed, k))
+        completions = generator.generate(prompts, sampling, seed=on_policy.mix_seed(seed, k))
         # Right-padded prompt + sample; position t's logits predict token t + 1.
         width = max(len(p) + len(c) for p, c in zip(prompts, completions))
         ids = torch.full((len(prompts), width), pad, dtype=torch.long)
@@ -146,12 +162,25 @@ def generation_nll(model_dir: str | os.PathLike, prompts_path: str, *, teacher_d
             self_sum -= own[b, positions, tokens].sum().item()
             n_tokens += len(c)
             n_eos += bool(c) and c[-1] == eos
-            samples.append({"id": example_id, "completion": tokenizer.decode(c), "completion_ids": c,
-                            "nll": token_nll.mean().item() if c else None})
-    return {"gen_nll": nll_sum / max(n_tokens, 1), "gen_self_nll": self_sum / max(n_tokens, 1),
-            "gen_kl": (nll_sum - self_sum) / max(n_tokens, 1), "gen_tokens": n_tokens, "gen_prompts": len(samples),
-            "gen_mean_len": n_tokens / max(len(samples), 1), "gen_eos_fraction": n_eos / max(len(samples), 1),
-            "gen_seconds": time.perf_counter() - start, "samples": samples}
+            samples.append(
+                {
+                    "id": example_id,
+                    "completion": tokenizer.decode(c),
+                    "completion_ids": c,
+                    "nll": token_nll.mean().item() if c else None,
+                }
+            )
+    return {
+        "gen_nll": nll_sum / max(n_tokens, 1),
+        "gen_self_nll": self_sum / max(n_tokens, 1),
+        "gen_kl": (nll_sum - self_sum) / max(n_tokens, 1),
+        "gen_tokens": n_tokens,
+        "gen_prompts": len(samples),
+        "gen_mean_len": n_tokens / max(len(samples), 1),
+        "gen_eos_fraction": n_eos / max(len(samples), 1),
+        "gen_seconds": time.perf_counter() - start,
+        "samples": samples,
+    }
 
 
 def _named(models_: list[str]) -> dict[str, str]:
@@ -164,23 +193,41 @@ def _named(models_: list[str]) -> dict[str, str]:
             p = Path(arg.rstrip("/"))
             name = p.parent.name if p.name in ("final", "best") and p.parent.name else p.name
         if name in named:
-            raise UsageError(f"two models are named {name!r} ({named[name]} and {path}): name them, e.g. {name}_2={path}")
+            raise UsageError(
+                f"two models are named {name!r} ({named[name]} and {path}): name them, e.g. {name}_2={path}"
+            )
         named[name] = path
     return named
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
-    parser.add_argument("model_dir", nargs="+", help="Hugging Face model directory (config.json, weights, tokenizer); "
-                                                     "several as [NAME=]DIR with --json_dir")
-    parser.add_argument("--data", required=True, help="held-out data, any form ds_distill.train reads (e.g. eval.jsonl)")
-    parser.add_argument("--seq_len", type=int, required=True, help="tokens per example; longer ones are truncated as in training")
-    parser.add_argument("--batch_size", type=int, default=4, help="examples per forward pass; perplexity does not depend on it, the generation metric's samples do "
-                                                                "(batch k is seeded by (seed, k))")
+    parser.add_argument(
+        "model_dir",
+        nargs="+",
+        help="Hugging Face model directory (config.json, weights, tokenizer); several as [NAME=]DIR with --json_dir",
+    )
+    parser.add_argument(
+        "--data", required=True, help="held-out data, any form ds_distill.train reads (e.g. eval.jsonl)"
+    )
+    parser.add_argument(
+        "--seq_len", type=int, required=True, help="tokens per example; longer ones are truncated as in training"
+    )
+    parser.add_argument(
+        "--batch_size",
+        type=int,
+        default=4,
+        help="examples per forward pass; perplexity does not depend on it, the generation metric's samples do "
+        "(batch k is seeded by (seed, k))",
+    )
     parser.add_argument("--json", help="also write the result to this JSON file (one model)")
     parser.add_argument("--json_dir", help="write each model's result to DIR/NAME.json")
-    gen = parser.add_argument_group("generation metric (the teacher's and the model's own NLL of the model's samples; needs both flags)")
-    gen.add_argument("--generation_prompts", help="held-out prompt/completion or messages records whose prompts the model continues")
+    gen = parser.add_argument_group(
+        "generation metric (the teacher's and the model's own NLL of the model's samples; needs both flags)"
+    )
+    gen.add_argument(
+        "--generation_prompts", help="held-out prompt/completion or messages records whose prompts the model continues"
+    )
     gen.add_argument("--teacher", help="the model directory that scores the samples (same tokenizer)")
     gen.add_argument("--max_new_tokens", type=int, default=64, help="most tokens sampled per prompt")
     gen.add_argument("--generation_temperature", type=float, default=1.0, help="sampling temperature of the model")
@@ -188,12 +235,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if bool(args.generation_prompts) != bool(args.teacher):
-            raise UsageError("--generation_prompts and --teacher go together: pass both for the generation metric, or neither")
+            raise UsageError(
+                "--generation_prompts and --teacher go together: pass both for the generation metric, or neither"
+            )
         if args.max_new_tokens < 1 or args.generation_temperature <= 0:
-            raise UsageError(f"--max_new_tokens {args.max_new_tokens} must be >= 1 and --generation_temperature "
-                             f"{args.generation_temperature} > 0")
+            raise UsageError(
+                f"--max_new_tokens {args.max_new_tokens} must be >= 1 and --generation_temperature "
+                f"{args.generation_temperature} > 0"
+            )
         if args.json and len(args.model_dir) > 1:
-            raise UsageError(f"--json names one file but {len(args.model_dir)} models were given: use --json_dir DIR (DIR/NAME.json each)")
+            raise UsageError(
+                f"--json names one file but {len(args.model_dir)} models were given: use --json_dir DIR (DIR/NAME.json each)"
+            )
         named = _named(args.model_dir)
         for d in named.values():  # every directory checked before the first (slow) evaluation
             require_model_dir(d)
@@ -202,15 +255,28 @@ def main(argv: list[str] | None = None) -> int:
         for name, model_dir in named.items():
             result = perplexity(model_dir, args.data, seq_len=args.seq_len, batch_size=args.batch_size)
             if args.generation_prompts:
-                result.update(generation_nll(model_dir, args.generation_prompts, teacher_dir=args.teacher, seq_len=args.seq_len,
-                                             max_new_tokens=args.max_new_tokens, temperature=args.generation_temperature,
-                                             seed=args.seed, batch_size=args.batch_size))
-            print(f"evaluate: {model_dir}: ppl {result['ppl']:.2f} (ce {result['ce']:.4f} over {result['tokens']} tokens, {result['seconds']:.0f} s)")
+                result.update(
+                    generation_nll(
+                        model_dir,
+                        args.generation_prompts,
+                        teacher_dir=args.teacher,
+                        seq_len=args.seq_len,
+                        max_new_tokens=args.max_new_tokens,
+                        temperature=args.generation_temperature,
+                        seed=args.seed,
+                        batch_size=args.batch_size,
+                    )
+                )
+            print(
+                f"evaluate: {model_dir}: ppl {result['ppl']:.2f} (ce {result['ce']:.4f} over {result['tokens']} tokens, {result['seconds']:.0f} s)"
+            )
             if args.generation_prompts:
-                print(f"evaluate: {model_dir}: teacher NLL of its samples {result['gen_nll']:.4f} nats/token over {result['gen_tokens']} "
-                      f"tokens ({result['gen_prompts']} prompts, {result['gen_mean_len']:.1f} tokens per sample, "
-                      f"{result['gen_eos_fraction']:.0%} ended in eos, {result['gen_seconds']:.0f} s); own NLL {result['gen_self_nll']:.4f}, "
-                      f"KL estimate {result['gen_kl']:.4f}")
+                print(
+                    f"evaluate: {model_dir}: teacher NLL of its samples {result['gen_nll']:.4f} nats/token over {result['gen_tokens']} "
+                    f"tokens ({result['gen_prompts']} prompts, {result['gen_mean_len']:.1f} tokens per sample, "
+                    f"{result['gen_eos_fraction']:.0%} ended in eos, {result['gen_seconds']:.0f} s); own NLL {result['gen_self_nll']:.4f}, "
+                    f"KL estimate {result['gen_kl']:.4f}"
+                )
             if args.json:
                 Path(args.json).write_text(json.dumps(result, indent=2))
             if args.json_dir:

@@ -4,53 +4,14 @@ CHECKPOINT is ``output_dir/checkpoints`` (the tag named by ``latest``) or one ta
 DeepSpeed's fp32 master weights, consolidated from every rank's ZeRO shards (no GPU and no process group needed),
 saved as safetensors in the dtype the student trained in, next to its config and tokenizer.
 """
+
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
-import torch
-from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-from transformers import AutoConfig, AutoModelForCausalLM
-from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-from ds_distill.config import UsageError
-from ds_distill.models import copy_tokenizer
-
-
-def resolve_tag(checkpoint: Path) -> Path:
-    """A tag folder, or the checkpoints folder whose ``latest`` names one."""
-    if (checkpoint / "latest").is_file():
-        checkpoint = checkpoint / (checkpoint / "latest").read_text().strip()
-    if not (checkpoint / "hf" / "config.json").is_file():
-        raise UsageError(f"{checkpoint} is not a ds-distill checkpoint (no hf/config.json): pass output_dir/checkpoints or one step_* folder in it")
-    return checkpoint
-
-
-def export_checkpoint(checkpoint: Path | str, out_dir: Path | str) -> Path:
-    tag_dir = resolve_tag(Path(checkpoint))
-    ds_config = json.loads((tag_dir / "hf" / "ds_config.json").read_text())
-    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else (
-        torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32)
-    state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    config = AutoConfig.from_pretrained(tag_dir / "hf")
-    # In a training process the last engine's HfDeepSpeedConfig is still registered: under ZeRO-3 from_config would
-    # build an empty partitioned model. The engines no longer need it (models.load_model registers a fresh one per load).
-    unset_hf_deepspeed_config()
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # A tied lm_head is stored once (as the embedding); anything else missing means a broken checkpoint.
-    tied = {k for k in missing if getattr(config, "tie_word_embeddings", False) and k.endswith("lm_head.weight")}
-    if set(missing) - tied or unexpected:
-        raise UsageError(f"{tag_dir} does not match its config: missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}")
-    model.tie_weights()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.to(dtype).save_pretrained(out, safe_serialization=True)
-    copy_tokenizer(tag_dir / "hf", out)
-    return out
+from ds_distill.common import UsageError
+from ds_distill.core.export import export_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:

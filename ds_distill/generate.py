@@ -12,19 +12,20 @@ is done; rank 0 then merges every shard with the existing output. Resumable: pro
 shard are skipped, so a killed or preempted job is simply run again. Sampling of a batch is seeded by (seed, the
 batch's first row number).
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 import torch
 
-from ds_distill import data, distributed, models, on_policy
-from ds_distill.config import UsageError
+from ds_distill import data, models, on_policy
+from ds_distill.common import UsageError, write_atomic
+from ds_distill.runtime import distributed
 
 log = logging.getLogger("ds_distill")
 
@@ -32,7 +33,9 @@ log = logging.getLogger("ds_distill")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ds_distill.generate", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="Hugging Face model directory (AutoModelForCausalLM + tokenizer).")
-    p.add_argument("--data", required=True, help="Prompts: a file or folder ds_distill.train reads, with a 'prompt' field.")
+    p.add_argument(
+        "--data", required=True, help="Prompts: a file or folder ds_distill.train reads, with a 'prompt' field."
+    )
     p.add_argument("--output", required=True, help="JSON lines file to write (appended to when resuming).")
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -59,20 +62,36 @@ def read_records(path: Path) -> dict[int, dict]:
 
 def generate(args: argparse.Namespace) -> int:
     """Sample this rank's missing prompts; rank 0 merges. Returns the number of records this rank wrote."""
-    if args.max_new_tokens < 1 or args.temperature <= 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.batch_size < 1:
-        raise UsageError(f"generation flags out of range (--max_new_tokens {args.max_new_tokens} >= 1, --temperature {args.temperature} > 0, "
-                         f"--top_p {args.top_p} in (0, 1], --top_k {args.top_k} >= 0, --batch_size {args.batch_size} >= 1)")
+    if (
+        args.max_new_tokens < 1
+        or args.temperature <= 0
+        or not 0 < args.top_p <= 1
+        or args.top_k < 0
+        or args.batch_size < 1
+    ):
+        raise UsageError(
+            f"generation flags out of range (--max_new_tokens {args.max_new_tokens} >= 1, --temperature {args.temperature} > 0, "
+            f"--top_p {args.top_p} in (0, 1], --top_k {args.top_k} >= 0, --batch_size {args.batch_size} >= 1)"
+        )
     output = Path(args.output)
     if not output.parent.is_dir():
-        raise UsageError(f"--output {args.output!r}: folder {str(output.parent)!r} does not exist: create it or pick another path")
+        raise UsageError(
+            f"--output {args.output!r}: folder {str(output.parent)!r} does not exist: create it or pick another path"
+        )
     world = distributed.init_distributed()
-    raw, files = data._load_raw(args.data, "train")
+    raw, files = data.load_raw(args.data, "train")
     if "prompt" not in raw.column_names:
-        raise UsageError(f"--data {args.data!r} has columns {raw.column_names}, no 'prompt': write one {{\"prompt\": ...}} per line")
+        raise UsageError(
+            f"--data {args.data!r} has columns {raw.column_names}, no 'prompt': write one {{\"prompt\": ...}} per line"
+        )
     ids = data.with_ids(raw, args.data, files)["id"]  # as training reads them: the data's ids, else row numbers
     shard = output.with_name(f"{output.name}.rank{world.rank}")
     done = set(read_records(output)) | set(read_records(shard))
-    todo = [(n, i, p) for n, (i, p) in enumerate(zip(ids, raw["prompt"])) if n % world.world_size == world.rank and i not in done]
+    todo = [
+        (n, i, p)
+        for n, (i, p) in enumerate(zip(ids, raw["prompt"]))
+        if n % world.world_size == world.rank and i not in done
+    ]
 
     tok = models.load_tokenizer(args.model)
     from transformers import AutoModelForCausalLM
@@ -80,18 +99,26 @@ def generate(args: argparse.Namespace) -> int:
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
     models.unset_hf_deepspeed_config()  # one whole model per rank: no ZeRO-3 partitioning left over in this process
     try:
-        lm = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        lm = AutoModelForCausalLM.from_pretrained(
+            args.model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32
+        )
     except (OSError, ValueError) as exc:
         raise UsageError(f"could not load model {args.model!r}: {str(exc).splitlines()[0]}") from None
     lm.to(device)
-    generator = on_policy.HFGenerator(lambda: lm, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, synced=False)
+    generator = on_policy.HFGenerator(
+        lambda: lm, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, synced=False
+    )
     sampling = on_policy.Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
     adds_eos = tok("a")["input_ids"][-1:] == [tok.eos_token_id]
     with open(shard, "a", encoding="utf-8") as fh:
         for start in range(0, len(todo), args.batch_size):
-            batch = todo[start: start + args.batch_size]
-            prompts = [tok(p)["input_ids"][: -1 if adds_eos else None] for _, _, p in batch]  # as data.py tokenises prompts
-            samples = generator.generate(prompts, sampling, seed=on_policy._mix(args.seed, batch[0][0]))  # first row number
+            batch = todo[start : start + args.batch_size]
+            prompts = [
+                tok(p)["input_ids"][: -1 if adds_eos else None] for _, _, p in batch
+            ]  # as data.py tokenises prompts
+            samples = generator.generate(
+                prompts, sampling, seed=on_policy.mix_seed(args.seed, batch[0][0])
+            )  # first row number
             for (_, i, p), new in zip(batch, samples):
                 new = new[:-1] if new[-1:] == [tok.eos_token_id] else new  # training appends eos to every completion
                 fh.write(json.dumps({"id": i, "prompt": p, "completion": tok.decode(new)}) + "\n")
@@ -100,13 +127,16 @@ def generate(args: argparse.Namespace) -> int:
     if world.rank == 0:
         records = read_records(output)
         shards = [output.with_name(f"{output.name}.rank{r}") for r in range(world.world_size)]
-        shards += [p for p in output.parent.glob(f"{output.name}.rank*") if p not in shards]  # from a run with more ranks
+        shards += [
+            p for p in output.parent.glob(f"{output.name}.rank*") if p not in shards
+        ]  # from a run with more ranks
         for s in shards:
             records.update(read_records(s))
-        tmp = output.with_name(output.name + ".tmp")
         order = {i: n for n, i in enumerate(ids)}  # the input's order
-        tmp.write_text("".join(json.dumps(records[i]) + "\n" for i in sorted(records, key=lambda i: order.get(i, len(order)))), encoding="utf-8")
-        os.replace(tmp, output)
+        write_atomic(
+            output,
+            "".join(json.dumps(records[i]) + "\n" for i in sorted(records, key=lambda i: order.get(i, len(order)))),
+        )
         for s in shards:
             s.unlink(missing_ok=True)
         log.info("wrote %d records to %s (%d new on rank 0)", len(records), output, len(todo))

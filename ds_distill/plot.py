@@ -11,6 +11,7 @@ where `name` is the event name with "/" and " " replaced by "_" ("Train/loss" ->
 the header row `step,<last part of the event name>` and then `step,value` rows. A resumed run opens a new monitor
 that appends a second header row and may write steps again; the last value written for a step wins.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from ds_distill.config import UsageError
+from ds_distill.common import UsageError
 
 MONITOR_SUBDIR = Path("monitor") / "train"
 # (event, line style) drawn per run: train solid, eval dashed with markers since eval points are sparse.
@@ -53,7 +54,9 @@ def read_curves(run_dir: str | os.PathLike) -> dict[str, list[tuple[int, float]]
                 try:
                     by_step[int(row[0])] = float(row[1])
                 except (ValueError, IndexError):
-                    raise UsageError(f"{path}:{lineno}: expected 'step,value', got {','.join(row)!r}: is this a csv_monitor file?")
+                    raise UsageError(
+                        f"{path}:{lineno}: expected 'step,value', got {','.join(row)!r}: is this a csv_monitor file?"
+                    )
         curves[_event_name(path.stem)] = sorted(by_step.items())
     return curves
 
@@ -77,7 +80,9 @@ def plot_runs(run_dirs: list[str | os.PathLike], out_png: str | os.PathLike, lab
         curves = read_curves(run_dir)
         if not any(name in curves for name, _ in CURVES):
             found = ", ".join(sorted(curves))
-            raise UsageError(f"{run_dir} has no Train/loss or Eval/loss metrics (found: {found}): was it logged by ds_distill.train?")
+            raise UsageError(
+                f"{run_dir} has no Train/loss or Eval/loss metrics (found: {found}): was it logged by ds_distill.train?"
+            )
         color = f"C{i}"
         for name, style in CURVES:
             if name in curves:
@@ -86,8 +91,15 @@ def plot_runs(run_dirs: list[str | os.PathLike], out_png: str | os.PathLike, lab
     _save(fig, ax, "loss (per supervised token)", out_png)
 
 
-def plot_metric(run_dirs: list[str | os.PathLike], out_png: str | os.PathLike, labels: list[str], *, metric: str = "Eval/ce",
-                offsets: list[int] | None = None, ylabel: str = "held-out CE (nats per token)") -> dict[str, list[tuple[int, float]]]:
+def plot_metric(
+    run_dirs: list[str | os.PathLike],
+    out_png: str | os.PathLike,
+    labels: list[str],
+    *,
+    metric: str = "Eval/ce",
+    offsets: list[int] | None = None,
+    ylabel: str = "held-out CE (nats per token)",
+) -> dict[str, list[tuple[int, float]]]:
     """One panel: `metric` of every run against the optimizer step, one line per run, into `out_png`.
 
     For comparing runs with different objectives: their own losses are not on one scale, but the held-out CE of the
@@ -102,13 +114,17 @@ def plot_metric(run_dirs: list[str | os.PathLike], out_png: str | os.PathLike, l
 
     offsets = list(offsets) if offsets is not None else [0] * len(run_dirs)
     if not len(labels) == len(offsets) == len(run_dirs):
-        raise UsageError(f"{len(labels)} labels and {len(offsets)} offsets for {len(run_dirs)} runs: give one of each per run directory")
+        raise UsageError(
+            f"{len(labels)} labels and {len(offsets)} offsets for {len(run_dirs)} runs: give one of each per run directory"
+        )
     fig, ax = plt.subplots(figsize=(8, 5))
     drawn = {}
     for i, (run_dir, label, offset) in enumerate(zip(run_dirs, labels, offsets)):
         curves = read_curves(run_dir)
         if not curves.get(metric):
-            raise UsageError(f"{run_dir} has no {metric} metric (found: {', '.join(sorted(curves))}): was it trained with an eval set and --eval_steps?")
+            raise UsageError(
+                f"{run_dir} has no {metric} metric (found: {', '.join(sorted(curves))}): was it trained with an eval set and --eval_steps?"
+            )
         drawn[label] = [(offset + step, value) for step, value in curves[metric]]
         ax.plot(*zip(*drawn[label]), "-o", color=f"C{i}", label=label, markersize=4)
     _save(fig, ax, ylabel, out_png)

@@ -9,6 +9,7 @@ With `--random` the student has the same shape but freshly initialised weights (
 
 Works for any Llama-like `AutoModelForCausalLM`: the decoder layers must be `model.model.layers`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ds_distill.config import UsageError
+from ds_distill.common import UsageError
 
 
 def evenly_spaced(num_layers: int, teacher_layers: int) -> list[int]:
@@ -40,7 +41,9 @@ def check_layers(layers: list[int], teacher_layers: int) -> None:
         raise UsageError("--layers is empty: give teacher layer indices like 0,4,8")
     for i in layers:
         if not 0 <= i < teacher_layers:
-            raise UsageError(f"--layers index {i} is out of range: the teacher has {teacher_layers} layers (0..{teacher_layers - 1})")
+            raise UsageError(
+                f"--layers index {i} is out of range: the teacher has {teacher_layers} layers (0..{teacher_layers - 1})"
+            )
     dup = sorted({i for i in layers if layers.count(i) > 1})
     if dup:
         raise UsageError(f"--layers repeats index {dup[0]}: list each teacher layer at most once")
@@ -80,7 +83,9 @@ def make_student(
     config = AutoConfig.from_pretrained(teacher_dir)
     n_teacher = getattr(config, "num_hidden_layers", None)
     if n_teacher is None:
-        raise UsageError(f"{teacher_dir}/config.json has no num_hidden_layers: student_init only handles Llama-like decoders")
+        raise UsageError(
+            f"{teacher_dir}/config.json has no num_hidden_layers: student_init only handles Llama-like decoders"
+        )
     layers = list(layers) if layers is not None else evenly_spaced(num_layers, n_teacher)
     check_layers(layers, n_teacher)
 
@@ -100,7 +105,7 @@ def make_student(
         state = {}
         for name, tensor in teacher.state_dict().items():
             if name.startswith(prefix):
-                index, rest = name[len(prefix):].split(".", 1)
+                index, rest = name[len(prefix) :].split(".", 1)
                 if int(index) in layers:
                     state[f"{prefix}{layers.index(int(index))}.{rest}"] = tensor
             else:
@@ -110,7 +115,9 @@ def make_student(
             student.load_state_dict(state, strict=True)
         except RuntimeError as e:
             first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-            raise UsageError(f"teacher {teacher_dir} weights do not fit the student ({first}): is it a Llama-like model?")
+            raise UsageError(
+                f"teacher {teacher_dir} weights do not fit the student ({first}): is it a Llama-like model?"
+            )
 
     out_dir.mkdir(parents=True, exist_ok=True)
     student.save_pretrained(out_dir, safe_serialization=True)

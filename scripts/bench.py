@@ -32,6 +32,7 @@ stage-1 file with ``stage`` set to 0.
 FLOPs per step: 6 * N_student * tokens + 2 * N_teacher * tokens (N counts tied embeddings once; attention score
 FLOPs and the chunked loss's recomputed heads are not counted). MFU = achieved / peak bf16 dense FLOP/s of the GPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,15 +85,39 @@ class Preset:
 
 PRESETS = {
     # SmolLM2-1.7B-like teacher (1.71B params) and SmolLM2-135M-like student (134.5M), as in issue 9.
-    "h100": Preset(Shape(24, 2048, 32, 32, 8192), Shape(30, 576, 9, 3, 1536), 49152, 4, 2048, 3, 10,
-                   "teacher_forward,plain_full,plain_chunked,ds_z0,ds_z3,ds_z3_teacher_zero3"),
+    "h100": Preset(
+        Shape(24, 2048, 32, 32, 8192),
+        Shape(30, 576, 9, 3, 1536),
+        49152,
+        4,
+        2048,
+        3,
+        10,
+        "teacher_forward,plain_full,plain_chunked,ds_z0,ds_z3,ds_z3_teacher_zero3",
+    ),
     # Runs in seconds on a laptop CPU.
-    "cpu": Preset(Shape(4, 256, 4, 4, 1024), Shape(2, 128, 4, 2, 384), 4096, 2, 128, 2, 5,
-                  "plain_full,plain_chunked,ds_z0,ds_z3,ds_z3_teacher_zero3,ds_z3_full_logits"),
+    "cpu": Preset(
+        Shape(4, 256, 4, 4, 1024),
+        Shape(2, 128, 4, 2, 384),
+        4096,
+        2,
+        128,
+        2,
+        5,
+        "plain_full,plain_chunked,ds_z0,ds_z3,ds_z3_teacher_zero3,ds_z3_full_logits",
+    ),
     # The demo (scripts/demo.sh) per rank: SmolLM2-135M's shape as teacher (30 layers), its 7-layer student, vocab
     # 49152, 2 x 128 tokens per micro-batch; random weights. Minutes on 2 CPU cores.
-    "demo": Preset(Shape(30, 576, 9, 3, 1536), Shape(7, 576, 9, 3, 1536), 49152, 2, 128, 2, 5,
-                   "plain_full,plain_chunked,plain_fused,ds_z3,ds_z3_checkpointed"),
+    "demo": Preset(
+        Shape(30, 576, 9, 3, 1536),
+        Shape(7, 576, 9, 3, 1536),
+        49152,
+        2,
+        128,
+        2,
+        5,
+        "plain_full,plain_chunked,plain_fused,ds_z3,ds_z3_checkpointed",
+    ),
 }
 
 
@@ -106,7 +131,9 @@ def make_tokenizer(folder: Path, vocab: int):
     tk = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
     tok.save_pretrained(folder)
     return tok
 
@@ -116,10 +143,19 @@ def make_model(folder: Path, tok, shape: Shape, vocab: int, seq_len: int, seed: 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-                         num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-                         max_position_embeddings=max(seq_len, 2048), tie_word_embeddings=True, bos_token_id=1,
-                         eos_token_id=2, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=max(seq_len, 2048),
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     torch.manual_seed(seed)
     gpu = torch.cuda.is_available()
     with torch.device("cuda" if gpu else "cpu"):  # initialising 1.7B parameters is minutes on a CPU, seconds on a GPU
@@ -139,7 +175,9 @@ def make_data(path: Path, vocab: int, seq_len: int, rows: int, seed: int = 0) ->
             fh.write(json.dumps({"text": " ".join(f"w{rng.randrange(4, vocab)}" for _ in range(seq_len))}) + "\n")
 
 
-def ds_configs(variant: str, workdir: Path, micro_batch: int, gpu: bool, zero_set: list[str] = ()) -> tuple[str, str, bool]:
+def ds_configs(
+    variant: str, workdir: Path, micro_batch: int, gpu: bool, zero_set: list[str] = ()
+) -> tuple[str, str, bool]:
     """(student JSON, teacher JSON or "" for the toolkit's choice, full_logits) for a ds_* variant: shipped files
     copied with only the micro-batch changed (and the stage, for ZeRO stage 0). ``zero_set``: "key=value"
     experiments written into the ``zero_optimization`` block of every ZeRO-3 copy (``--zero_set``; off by default)."""
@@ -147,7 +185,7 @@ def ds_configs(variant: str, workdir: Path, micro_batch: int, gpu: bool, zero_se
     student_file = f"zero{max(int(stage), 1)}_bf16.json" if gpu else f"cpu_zero{max(int(stage), 1)}.json"
     files = {"student": student_file}
     if teacher_kind:
-        files["teacher"] = (f"teacher_{teacher_kind}_bf16.json" if gpu else f"cpu_teacher_{teacher_kind}.json")
+        files["teacher"] = f"teacher_{teacher_kind}_bf16.json" if gpu else f"cpu_teacher_{teacher_kind}.json"
     paths = {"teacher": ""}
     for name, file in files.items():
         d = json.loads((CONFIGS / file).read_text())
@@ -173,7 +211,9 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(step: Callable[[], None], device, warmup: int, steps: int, profile: str = "") -> tuple[list[float], list[float]]:
+def time_steps(
+    step: Callable[[], None], device, warmup: int, steps: int, profile: str = ""
+) -> tuple[list[float], list[float]]:
     """(wall seconds, process CPU seconds) of each timed step, measured to the end of the device's work (one sync
     per step). On a shared CPU the CPU seconds (all threads of this process) measure the step's work; wall time also
     measures the neighbours."""
@@ -186,7 +226,9 @@ def time_steps(step: Callable[[], None], device, warmup: int, steps: int, profil
         torch.cuda.reset_peak_memory_stats(device)  # the steady-state peak, not the loading
     prof = None
     if profile:
-        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        acts = [torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []
+        )
         prof = torch.profiler.profile(activities=acts, record_shapes=False)
         prof.__enter__()
     times, cpu = [], []
@@ -199,7 +241,9 @@ def time_steps(step: Callable[[], None], device, warmup: int, steps: int, profil
     if prof is not None:
         prof.__exit__(None, None, None)
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        Path(profile).write_text(f"{steps} steps\n" + prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70))
+        Path(profile).write_text(
+            f"{steps} steps\n" + prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70)
+        )
     return times, cpu
 
 
@@ -226,16 +270,26 @@ def plain_step(a: argparse.Namespace, device) -> Callable[[], None]:
     gpu = device.type == "cuda"
     tok = AutoTokenizer.from_pretrained(a.student)
     dataset = data.get_dataset(a.data, tok, seq_len=a.seq_len)
-    stream = data.BatchStream(dataset, batch_size=a.micro_batch, rank=0, world_size=1, seed=42, pad_token_id=tok.pad_token_id)
-    load = lambda path, dtype: AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
+    stream = data.BatchStream(
+        dataset, batch_size=a.micro_batch, rank=0, world_size=1, seed=42, pad_token_id=tok.pad_token_id
+    )
+    load = lambda path, dtype: AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(
+        device
+    )
     teacher = load(a.teacher, torch.bfloat16 if gpu else torch.float32).eval().requires_grad_(False)
     autocast = (lambda: torch.autocast("cuda", torch.bfloat16)) if gpu else contextlib.nullcontext
     vocab = len(tok)
     if a.variant == "teacher_forward":
+
         def step() -> None:
-            batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items() if k not in ("labels", "example_ids")}
+            batch = {
+                k: v.to(device, non_blocking=True)
+                for k, v in next(stream).items()
+                if k not in ("labels", "example_ids")
+            }
             with torch.no_grad(), autocast():
                 teacher.lm_head(teacher.model(**batch, use_cache=False).last_hidden_state)
+
         return step
 
     student = load(a.student, torch.float32).train()  # fp32 master weights; autocast computes in bf16 on GPU
@@ -251,8 +305,9 @@ def plain_step(a: argparse.Namespace, device) -> Callable[[], None]:
             s_hidden = student.model(**batch, use_cache=False).last_hidden_state
             if a.variant in ("plain_chunked", "plain_fused"):
                 head = losses.OutputHead(student.lm_head) if a.variant == "plain_fused" else student.lm_head
-                out = losses.chunked_loss_sums(s_hidden, head, t_hidden, teacher.lm_head, labels,
-                                               chunk_size=a.chunk_size, **loss_kw)
+                out = losses.chunked_loss_sums(
+                    s_hidden, head, t_hidden, teacher.lm_head, labels, chunk_size=a.chunk_size, **loss_kw
+                )
             else:
                 with torch.no_grad():
                     t_logits = teacher.lm_head(t_hidden)
@@ -275,10 +330,20 @@ def toolkit_step(a: argparse.Namespace, device) -> Callable[[], None]:
         from ds_distill import losses
 
         losses._fusable = lambda head: False  # experiment only: the chunked loss's previous (checkpointed) path
-    cfg = RunConfig(teacher=[a.teacher], student=a.student, data=a.data, output_dir=str(Path(a.workdir) / "runs" / a.variant),
-                    deepspeed_config=sds, teacher_deepspeed_config=tds, chunk_size=0 if full else a.chunk_size,
-                    seq_len=a.seq_len, eval_fraction=0.0, max_steps=a.warmup + a.steps, export=False,
-                    prefetch_batches=2 if a.variant.endswith("_prefetch") else 0)
+    cfg = RunConfig(
+        teacher=[a.teacher],
+        student=a.student,
+        data=a.data,
+        output_dir=str(Path(a.workdir) / "runs" / a.variant),
+        deepspeed_config=sds,
+        teacher_deepspeed_config=tds,
+        chunk_size=0 if full else a.chunk_size,
+        seq_len=a.seq_len,
+        eval_fraction=0.0,
+        max_steps=a.warmup + a.steps,
+        export=False,
+        prefetch_batches=2 if a.variant.endswith("_prefetch") else 0,
+    )
     trainer = build(cfg)
     if trainer.ds.grad_accum != 1:
         raise SystemExit(f"{sds}: gradient_accumulation_steps must be 1 for tokens per step = micro batch x seq_len")
@@ -301,7 +366,13 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
     make = plain_step if a.variant in PLAIN else toolkit_step
     step = make(a, device)
     times, cpu = time_steps(step, device, a.warmup, a.steps, a.profile)
-    return {"variant": a.variant, "step_s": times, "cpu_s": cpu, "peak_gib": peak_gib(device), "device": _device_name(device)}
+    return {
+        "variant": a.variant,
+        "step_s": times,
+        "cpu_s": cpu,
+        "peak_gib": peak_gib(device),
+        "device": _device_name(device),
+    }
 
 
 def _device_name(device) -> str:
@@ -313,18 +384,29 @@ def _device_name(device) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- driver
-def summarise(results: list[dict[str, Any]], *, tokens_per_step: int, n_student: int, n_teacher: int) -> list[dict[str, Any]]:
+def summarise(
+    results: list[dict[str, Any]], *, tokens_per_step: int, n_student: int, n_teacher: int
+) -> list[dict[str, Any]]:
     """Add tokens/s, median step, TFLOP/s, MFU and the ratio to the plain loop (plain_full, else plain_chunked)."""
     rows = []
     for r in results:
         times = r["step_s"]
         tps = tokens_per_step * len(times) / sum(times)
-        flops = (2 * n_teacher if r["variant"] == "teacher_forward" else 6 * n_student + 2 * n_teacher) * tokens_per_step
+        flops = (
+            2 * n_teacher if r["variant"] == "teacher_forward" else 6 * n_student + 2 * n_teacher
+        ) * tokens_per_step
         tflops = flops * len(times) / sum(times) / 1e12
         peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in r["device"]), None)
-        rows.append({**r, "tokens_per_s": tps, "median_step_s": statistics.median(times),
-                     "median_cpu_s": statistics.median(r["cpu_s"]) if r.get("cpu_s") else None, "tflops": tflops,
-                     "mfu": tflops * 1e12 / peak if peak else None})
+        rows.append(
+            {
+                **r,
+                "tokens_per_s": tps,
+                "median_step_s": statistics.median(times),
+                "median_cpu_s": statistics.median(r["cpu_s"]) if r.get("cpu_s") else None,
+                "tflops": tflops,
+                "mfu": tflops * 1e12 / peak if peak else None,
+            }
+        )
     by_name = {r["variant"]: r for r in rows}
     ref = by_name.get(REFERENCE) or by_name.get("plain_chunked")
     for r in rows:
@@ -335,14 +417,20 @@ def summarise(results: list[dict[str, Any]], *, tokens_per_step: int, n_student:
 
 def markdown(rows: list[dict[str, Any]], header: str) -> str:
     ref = rows[0]["reference"] if rows else None
-    lines = [header, "", f"| variant | tokens/s | median step (ms) | median CPU (ms) | peak GiB | TFLOP/s | MFU | vs {ref or 'plain'} |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        header,
+        "",
+        f"| variant | tokens/s | median step (ms) | median CPU (ms) | peak GiB | TFLOP/s | MFU | vs {ref or 'plain'} |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         ratio = f"{r['vs_plain']:.2f}x" if r["vs_plain"] is not None else "n/a"
         cpu = f"{1000 * r['median_cpu_s']:.1f}" if r.get("median_cpu_s") is not None else "n/a"
-        lines.append(f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {1000 * r['median_step_s']:.1f} | {cpu} | {r['peak_gib']:.2f} "
-                     f"| {r['tflops']:.3f} | {mfu} | {ratio} |")
+        lines.append(
+            f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {1000 * r['median_step_s']:.1f} | {cpu} | {r['peak_gib']:.2f} "
+            f"| {r['tflops']:.3f} | {mfu} | {ratio} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -356,7 +444,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in PLAIN and not DS_VARIANT.match(v)]
     if bad:
-        raise SystemExit(f"error: unknown --variants {bad}: use {', '.join(PLAIN)} or ds_z{{0,1,2,3}}[_teacher_zero3|_teacher_replicated][_full_logits|_checkpointed][_prefetch]")
+        raise SystemExit(
+            f"error: unknown --variants {bad}: use {', '.join(PLAIN)} or ds_z{{0,1,2,3}}[_teacher_zero3|_teacher_replicated][_full_logits|_checkpointed][_prefetch]"
+        )
 
     import torch
 
@@ -369,8 +459,16 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         n_student = make_model(workdir / "student", tok, preset.student, preset.vocab, a.seq_len, seed=2)
         rows_needed = (a.warmup + a.steps) * a.micro_batch + a.micro_batch
         make_data(workdir / "train.jsonl", preset.vocab, a.seq_len, rows_needed)
-        env = {**os.environ, "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "TOKENIZERS_PARALLELISM": "false",
-               "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        env = {
+            **os.environ,
+            "WORLD_SIZE": "1",
+            "RANK": "0",
+            "LOCAL_RANK": "0",
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        }
         if not gpu:
             # One intra-op thread per worker unless told otherwise: on a small shared CPU, OpenMP threads waiting for
             # each other made the plain loop's step 12x slower (see docs/performance.md), which measures the neighbours.
@@ -380,11 +478,34 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         results = []
         for v in variants:
             result, log = workdir / f"{v}.result.json", workdir / f"{v}.log"
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--variant", v, "--workdir", str(workdir),
-                   "--teacher", str(workdir / "teacher"), "--student", str(workdir / "student"),
-                   "--data", str(workdir / "train.jsonl"), "--result", str(result), "--micro_batch", str(a.micro_batch),
-                   "--seq_len", str(a.seq_len), "--warmup", str(a.warmup), "--steps", str(a.steps),
-                   "--chunk_size", str(a.chunk_size), *(f"--zero_set={z}" for z in a.zero_set)]
+            cmd = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--worker",
+                "--variant",
+                v,
+                "--workdir",
+                str(workdir),
+                "--teacher",
+                str(workdir / "teacher"),
+                "--student",
+                str(workdir / "student"),
+                "--data",
+                str(workdir / "train.jsonl"),
+                "--result",
+                str(result),
+                "--micro_batch",
+                str(a.micro_batch),
+                "--seq_len",
+                str(a.seq_len),
+                "--warmup",
+                str(a.warmup),
+                "--steps",
+                str(a.steps),
+                "--chunk_size",
+                str(a.chunk_size),
+                *(f"--zero_set={z}" for z in a.zero_set),
+            ]
             if a.profile:
                 Path(a.profile).mkdir(parents=True, exist_ok=True)
                 cmd += ["--profile", str(Path(a.profile).resolve() / f"{v}.txt")]
@@ -397,13 +518,22 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         tokens_per_step = a.micro_batch * a.seq_len
         rows = summarise(results, tokens_per_step=tokens_per_step, n_student=n_student, n_teacher=n_teacher)
         device = rows[0]["device"] if rows else "?"
-        header = (f"preset {a.preset}: teacher {n_teacher / 1e6:.1f}M params, student {n_student / 1e6:.1f}M, vocab {preset.vocab}, "
-                  f"{a.micro_batch} x {a.seq_len} tokens per step, {a.warmup} warm-up + {a.steps} timed steps, {device}, "
-                  f"{time.strftime('%Y-%m-%d')}" + (f", zero_optimization overrides {a.zero_set}" if a.zero_set else ""))
+        header = (
+            f"preset {a.preset}: teacher {n_teacher / 1e6:.1f}M params, student {n_student / 1e6:.1f}M, vocab {preset.vocab}, "
+            f"{a.micro_batch} x {a.seq_len} tokens per step, {a.warmup} warm-up + {a.steps} timed steps, {device}, "
+            f"{time.strftime('%Y-%m-%d')}" + (f", zero_optimization overrides {a.zero_set}" if a.zero_set else "")
+        )
         table = markdown(rows, header)
         print(table)
-        report = {"preset": a.preset, "header": header, "n_student": n_student, "n_teacher": n_teacher,
-                  "tokens_per_step": tokens_per_step, "shapes": asdict(preset), "rows": rows}
+        report = {
+            "preset": a.preset,
+            "header": header,
+            "n_student": n_student,
+            "n_teacher": n_teacher,
+            "tokens_per_step": tokens_per_step,
+            "shapes": asdict(preset),
+            "rows": rows,
+        }
         if a.json:
             Path(a.json).write_text(json.dumps(report, indent=2))
         if a.markdown:
@@ -422,14 +552,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seq_len", type=int, help="Tokens per sequence.")
     p.add_argument("--warmup", type=int, help="Untimed optimizer steps first.")
     p.add_argument("--steps", type=int, help="Timed optimizer steps.")
-    p.add_argument("--chunk_size", type=int, default=1024, help="Tokens per loss chunk of the chunked variants (RunConfig's default).")
+    p.add_argument(
+        "--chunk_size",
+        type=int,
+        default=1024,
+        help="Tokens per loss chunk of the chunked variants (RunConfig's default).",
+    )
     p.add_argument("--cpu_threads", type=int, default=1, help="OMP_NUM_THREADS of each worker on CPU (ignored on GPU).")
-    p.add_argument("--zero_set", action="append", default=[], metavar="KEY=JSON",
-                   help="Experiment: set zero_optimization.KEY in the ZeRO-3 copies, e.g. stage3_param_persistence_threshold=1e9 (repeatable).")
+    p.add_argument(
+        "--zero_set",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="Experiment: set zero_optimization.KEY in the ZeRO-3 copies, e.g. stage3_param_persistence_threshold=1e9 (repeatable).",
+    )
     p.add_argument("--json", default="", help="Write the full results (per-step times included) to this JSON file.")
     p.add_argument("--markdown", default="", help="Write the table to this Markdown file.")
-    p.add_argument("--profile", default="", help="Folder for one torch.profiler op table per variant (timed steps only).")
-    p.add_argument("--workdir", default="", help="Where models and data go (kept). Default: a temporary folder, removed.")
+    p.add_argument(
+        "--profile", default="", help="Folder for one torch.profiler op table per variant (timed steps only)."
+    )
+    p.add_argument(
+        "--workdir", default="", help="Where models and data go (kept). Default: a temporary folder, removed."
+    )
     p.add_argument("--keep", action="store_true", help="Keep the temporary folder (its path is in the header of logs).")
     # Internal: one variant in this process.
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -13,6 +13,7 @@ Rows without a run folder (the teacher, the untrained student) have only the eva
 is another row's final/ (the on-policy run) is drawn from that row's last step.
   teacher_cache.json    the teacher cache's measurements (bytes/token, reconstruction KL, wall_s), when there is one
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,18 @@ sys.path.insert(0, str(ROOT))  # ds_distill without an install, as the other scr
 
 from ds_distill.plot import plot_metric, read_curves  # noqa: E402
 
-COLUMNS = ("model", "objective", "held-out ppl", "teacher NLL of samples", "own NLL of samples", "sample tokens", "steps", "wall time (s)",
-           "train tokens/s", "generate tokens/s")
+COLUMNS = (
+    "model",
+    "objective",
+    "held-out ppl",
+    "teacher NLL of samples",
+    "own NLL of samples",
+    "sample tokens",
+    "steps",
+    "wall time (s)",
+    "train tokens/s",
+    "generate tokens/s",
+)
 
 
 def gather(out_dir: Path, names: list[str]) -> list[dict]:
@@ -36,10 +47,23 @@ def gather(out_dir: Path, names: list[str]) -> list[dict]:
     for name in names:
         ev_path = out_dir / "eval" / f"{name}.json"
         if not ev_path.is_file():
-            raise SystemExit(f"error: {ev_path} is missing: run scripts/demo.sh (it evaluates every model before the report)")
+            raise SystemExit(
+                f"error: {ev_path} is missing: run scripts/demo.sh (it evaluates every model before the report)"
+            )
         ev = json.loads(ev_path.read_text())
-        row = {"name": name, "label": name, "objective": "", "ppl": ev["ppl"], "ce": ev["ce"], "eval_tokens": ev["tokens"],
-               **{k: ev[k] for k in ("gen_nll", "gen_self_nll", "gen_kl", "gen_tokens", "gen_mean_len", "gen_eos_fraction") if k in ev}}
+        row = {
+            "name": name,
+            "label": name,
+            "objective": "",
+            "ppl": ev["ppl"],
+            "ce": ev["ce"],
+            "eval_tokens": ev["tokens"],
+            **{
+                k: ev[k]
+                for k in ("gen_nll", "gen_self_nll", "gen_kl", "gen_tokens", "gen_mean_len", "gen_eos_fraction")
+                if k in ev
+            },
+        }
         run_dir = out_dir / "runs" / name
         if (run_dir / "demo_run.json").is_file():
             run = json.loads((run_dir / "demo_run.json").read_text())
@@ -75,10 +99,18 @@ def _objective(run: dict) -> str:
 def markdown(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
-        cells = [r["label"], r["objective"], f"{r['ppl']:.2f}", _fmt(r.get("gen_nll"), ".3f"), _fmt(r.get("gen_self_nll"), ".3f"),
-                 _fmt(r.get("gen_mean_len"), ".1f"),
-                 (f"{r['steps']}" + (f" after {r['start']}" if r.get("start") else "")) if "steps" in r else "",
-                 _fmt(r.get("wall_s"), ".0f"), _fmt(r.get("tokens_per_s"), ".0f"), _fmt(r.get("generate_tokens_per_s"), ".0f")]
+        cells = [
+            r["label"],
+            r["objective"],
+            f"{r['ppl']:.2f}",
+            _fmt(r.get("gen_nll"), ".3f"),
+            _fmt(r.get("gen_self_nll"), ".3f"),
+            _fmt(r.get("gen_mean_len"), ".1f"),
+            (f"{r['steps']}" + (f" after {r['start']}" if r.get("start") else "")) if "steps" in r else "",
+            _fmt(r.get("wall_s"), ".0f"),
+            _fmt(r.get("tokens_per_s"), ".0f"),
+            _fmt(r.get("generate_tokens_per_s"), ".0f"),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -86,16 +118,20 @@ def markdown(rows: list[dict]) -> str:
 def cache_summary(cache: dict, rows: dict[str, dict], cached: str = "forward_kl", live: str = "forward_kl_live") -> str:
     """The teacher cache's lines (issue 16): its size and reconstruction error, its pass time, and forward KL from the
     cache (run ``cached``) against forward KL from the live teacher (run ``live``): wall time and held-out perplexity."""
-    lines = [f"teacher cache: one pass of {cache['wall_s']:.0f} s, top-{cache['top_k']}, {cache['bytes_per_token']:.1f} bytes/token; "
-             f"KL(teacher || reconstructed) per token mean {cache['kl_full_per_token']:.3g}, p99 {cache.get('kl_full_p99', float('nan')):.3g} "
-             f"nats (on the top-K + tail buckets the loss sees: mean {cache['kl_buckets_per_token']:.2g}, "
-             f"p99 {cache.get('kl_buckets_p99', float('nan')):.2g}); tail mass {cache['tail_mass_per_token']:.3f}"]
+    lines = [
+        f"teacher cache: one pass of {cache['wall_s']:.0f} s, top-{cache['top_k']}, {cache['bytes_per_token']:.1f} bytes/token; "
+        f"KL(teacher || reconstructed) per token mean {cache['kl_full_per_token']:.3g}, p99 {cache.get('kl_full_p99', float('nan')):.3g} "
+        f"nats (on the top-K + tail buckets the loss sees: mean {cache['kl_buckets_per_token']:.2g}, "
+        f"p99 {cache.get('kl_buckets_p99', float('nan')):.2g}); tail mass {cache['tail_mass_per_token']:.3f}"
+    ]
     c, l = rows.get(cached), rows.get(live)
     if c and l and "wall_s" in c and "wall_s" in l:
         saved = l["wall_s"] - c["wall_s"]
-        lines.append(f"forward KL from the cache vs the live teacher: {c['wall_s']:.0f} s vs {l['wall_s']:.0f} s of training "
-                     f"({saved:.0f} s saved per KD run; the pass costs {cache['wall_s']:.0f} s once); held-out perplexity "
-                     f"{c['ppl']:.3f} vs {l['ppl']:.3f} ({100 * (c['ppl'] / l['ppl'] - 1):+.2f}%, goal within 1%)")
+        lines.append(
+            f"forward KL from the cache vs the live teacher: {c['wall_s']:.0f} s vs {l['wall_s']:.0f} s of training "
+            f"({saved:.0f} s saved per KD run; the pass costs {cache['wall_s']:.0f} s once); held-out perplexity "
+            f"{c['ppl']:.3f} vs {l['ppl']:.3f} ({100 * (c['ppl'] / l['ppl'] - 1):+.2f}%, goal within 1%)"
+        )
     return "\n".join(lines)
 
 
@@ -117,12 +153,19 @@ def main(argv: list[str]) -> int:
     trained = [r for r in rows if "wall_s" in r]
     if trained:
         steps = {r["name"]: r["steps"] for r in trained}
-        plot_metric([out_dir / "runs" / r["name"] for r in trained], out_dir / "curves.png", [r["name"] for r in trained],
-                    offsets=[steps.get(r["start"], 0) for r in trained])
+        plot_metric(
+            [out_dir / "runs" / r["name"] for r in trained],
+            out_dir / "curves.png",
+            [r["name"] for r in trained],
+            offsets=[steps.get(r["start"], 0) for r in trained],
+        )
     print(table, end="")
     if cache:
         print(cache_summary(cache, {r["name"]: r for r in rows}))
-    print(f"demo_report: wrote {out_dir / 'results.json'}, {out_dir / 'results.md'}" + (f", {out_dir / 'curves.png'}" if trained else ""))
+    print(
+        f"demo_report: wrote {out_dir / 'results.json'}, {out_dir / 'results.md'}"
+        + (f", {out_dir / 'curves.png'}" if trained else "")
+    )
     return 0
 
 

@@ -14,6 +14,7 @@ and topics; prompt + completion == text): the prompt is the record's first lines
 the completion the rest. On-policy training samples completions for the train prompts; the evaluation's generation
 metric samples them for the eval prompts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,7 +89,7 @@ def split_prompt(text: str, max_chars: int = PROMPT_CHARS) -> tuple[str, str]:
     else:  # one long first line (or a one-line record)
         cut = text.rfind(" ", 1, min(max_chars, len(text) - 1))
         prompt = text[: cut if cut > 0 else min(max_chars, len(text) - 1)]
-    return prompt, text[len(prompt):]
+    return prompt, text[len(prompt) :]
 
 
 def prompt_records(records: list[dict]) -> list[dict]:
@@ -111,7 +112,9 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, type=Path, help="directory for {train,eval}.jsonl and {train,eval}_prompts.jsonl")
+    parser.add_argument(
+        "--out", required=True, type=Path, help="directory for {train,eval}.jsonl and {train,eval}_prompts.jsonl"
+    )
     parser.add_argument("--eval_fraction", type=float, default=0.1, help="fraction of topics (not records) held out")
     parser.add_argument("--seed", type=int, default=0, help="seed of the topic split")
     args = parser.parse_args(argv)
@@ -125,8 +128,10 @@ def main(argv: list[str] | None = None) -> None:
         write_jsonl(args.out / f"{split}_prompts.jsonl", prompt_records(recs))
         n_topics = len({r["topic"] for r in recs})
         n_chars = sum(len(r["text"]) for r in recs)
-        print(f"prepare_data: {args.out / f'{split}.jsonl'}: {len(recs)} records, {n_topics} topics, {n_chars} characters "
-              f"(and as prompt/completion pairs in {split}_prompts.jsonl)")
+        print(
+            f"prepare_data: {args.out / f'{split}.jsonl'}: {len(recs)} records, {n_topics} topics, {n_chars} characters "
+            f"(and as prompt/completion pairs in {split}_prompts.jsonl)"
+        )
 
 
 if __name__ == "__main__":

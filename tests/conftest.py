@@ -1,4 +1,5 @@
 """Shared test setup: CPU DeepSpeed, a project-local JIT cache, and tiny models built once per session."""
+
 import os
 from pathlib import Path
 
@@ -17,7 +18,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 def keep_process_group(monkeypatch):
     """The entry points (train, cache_teacher, generate) tear the process group down at exit; DeepSpeed caches its
     groups, so in-process tests keep the session's group alive (launcher tests run in their own processes)."""
-    from ds_distill import distributed
+    from ds_distill.runtime import distributed
 
     monkeypatch.setattr(distributed, "destroy", lambda: None)
 
@@ -35,7 +36,7 @@ def no_leftover_zero3_config():
 @pytest.fixture(scope="session")
 def dist_env():
     """One-rank process group for in-process engine tests (the same call the entry point makes)."""
-    from ds_distill import distributed
+    from ds_distill.runtime import distributed
 
     world = distributed.init_distributed()
     yield world
@@ -59,4 +60,14 @@ def tiny(tmp_path_factory):
     with open(root / "train.jsonl", "w") as fh:
         for i in range(64):
             fh.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(4, 30)))}) + "\n")
-    return {"root": root, "tokenizer": tok, "teacher": str(teacher), "student": str(student), "data": str(root / "train.jsonl")}
+    return {
+        "root": root,
+        "tokenizer": tok,
+        "teacher": str(teacher),
+        "student": str(student),
+        "data": str(root / "train.jsonl"),
+    }
+
+
+# The cluster fixtures (Open MPI, a local SLURM) for every test module that names them.
+from tests.cluster_fixtures import cluster_tools, slurm_cluster  # noqa: E402, F401

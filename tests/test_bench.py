@@ -1,4 +1,5 @@
 """CI smoke test of scripts/bench.py at the CPU preset: every variant measured, the ratio taken from the plain loop."""
+
 import importlib.util
 import json
 import subprocess
@@ -19,10 +20,29 @@ def load_bench():
 def test_bench_cpu_smoke(tmp_path):
     variants = ["plain_full", "ds_z3"]
     out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--preset", "cpu", "--steps", "2",
-                           "--warmup", "1", "--seq_len", "64", "--variants", ",".join(variants),
-                           "--json", str(out_json), "--markdown", str(out_md)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "bench.py"),
+            "--preset",
+            "cpu",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--seq_len",
+            "64",
+            "--variants",
+            ",".join(variants),
+            "--json",
+            str(out_json),
+            "--markdown",
+            str(out_md),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out_json.read_text())
     rows = {r["variant"]: r for r in report["rows"]}
@@ -41,8 +61,10 @@ def test_bench_cpu_smoke(tmp_path):
 
 def test_summarise_flops_and_ratio():
     bench = load_bench()
-    results = [{"variant": "plain_full", "step_s": [1.0, 1.0], "peak_gib": 1.0, "device": "NVIDIA H100 80GB HBM3"},
-               {"variant": "ds_z3", "step_s": [2.0, 2.0], "peak_gib": 0.5, "device": "NVIDIA H100 80GB HBM3"}]
+    results = [
+        {"variant": "plain_full", "step_s": [1.0, 1.0], "peak_gib": 1.0, "device": "NVIDIA H100 80GB HBM3"},
+        {"variant": "ds_z3", "step_s": [2.0, 2.0], "peak_gib": 0.5, "device": "NVIDIA H100 80GB HBM3"},
+    ]
     rows = bench.summarise(results, tokens_per_step=1000, n_student=10**9, n_teacher=10**10)
     flops = (6 * 10**9 + 2 * 10**10) * 1000  # per step
     assert rows[0]["tflops"] == flops / 1e12 and rows[1]["tflops"] == flops / 2 / 1e12

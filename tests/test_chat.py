@@ -6,22 +6,26 @@ does not extend the generation prompt).
 The authority is the text inference would see: hand-written context strings, tokenised as one text by the tokenizer,
 and the hand-written reply with its end-of-turn token(s).
 """
+
 import json
 
 import datasets
 import pytest
 
-from ds_distill.config import REPO_CONFIGS, UsageError
-from ds_distill.data import IGNORE_INDEX, get_dataset
+from ds_distill.common import IGNORE_INDEX, UsageError
+from ds_distill.data import get_dataset
+from ds_distill.ds_config import REPO_CONFIGS
 from tests import tiny
 
 datasets.disable_progress_bars()
 
 # Turn 1 is a reply starting with "\n"; turn 3 carries reasoning, which Qwen3 drops once a later user turn follows.
-CONV = [{"role": "user", "content": "hello"},
-        {"role": "assistant", "content": "\nsure"},
-        {"role": "user", "content": "the sea"},
-        {"role": "assistant", "content": "<think>\nthe wind\n</think>\n\nhere is a poem"}]
+CONV = [
+    {"role": "user", "content": "hello"},
+    {"role": "assistant", "content": "\nsure"},
+    {"role": "user", "content": "the sea"},
+    {"role": "assistant", "content": "<think>\nthe wind\n</think>\n\nhere is a poem"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -49,21 +53,27 @@ def assert_turn(tok, example, context, reply):
     ctx = enc(tok, context)
     ids = example["input_ids"]
     assert ids[: len(ctx)] == ctx, "the context is tokenised as inference tokenises it"
-    assert tok.decode(ids[len(ctx):]) == reply
+    assert tok.decode(ids[len(ctx) :]) == reply
     assert targets(example) == list(range(len(ctx), len(ids)))
-    assert example["labels"][len(ctx) - 1: -1] == ids[len(ctx):]
+    assert example["labels"][len(ctx) - 1 : -1] == ids[len(ctx) :]
 
 
 def test_qwen3_history_rewrite_gives_one_example_per_assistant_turn(tmp_path, qwen):
     ds = load(tmp_path, qwen, [CONV])
     assert len(ds) == 2 and ds["id"] == ["conv-0", "conv-0"] and ds["row"] == [0, 0]
     # Turn 1 as inference sees it when it is the last turn: Qwen3 writes an (empty) think block and lstrips "\n".
-    assert_turn(qwen, ds[0], "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n",
-                "<think>\n\n</think>\n\nsure<|im_end|>\n")
+    assert_turn(
+        qwen,
+        ds[0],
+        "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n",
+        "<think>\n\n</think>\n\nsure<|im_end|>\n",
+    )
     # Turn 3's context holds turn 1 rewritten (no think block, content verbatim: "assistant\n\nsure", with "\n\n"
     # one token, as inference tokenises it).
-    context = ("<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n\nsure<|im_end|>\n"
-               "<|im_start|>user\nthe sea<|im_end|>\n<|im_start|>assistant\n")
+    context = (
+        "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n\nsure<|im_end|>\n"
+        "<|im_start|>user\nthe sea<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert qwen.convert_ids_to_tokens(enc(qwen, context)).count("ĊĊ") == 1
     assert_turn(qwen, ds[1], context, "<think>\nthe wind\n</think>\n\nhere is a poem<|im_end|>\n")
     # Without that merge only the history rewrite tells the renderings apart: still one example per reply.
@@ -72,8 +82,12 @@ def test_qwen3_history_rewrite_gives_one_example_per_assistant_turn(tmp_path, qw
     head = "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
     assert len(ds) == 2
     assert_turn(qwen, ds[0], head, "<think>\n\n</think>\n\nsure<|im_end|>\n")
-    assert_turn(qwen, ds[1], head + "sure<|im_end|>\n<|im_start|>user\nthe sea<|im_end|>\n<|im_start|>assistant\n",
-                "<think>\nthe wind\n</think>\n\nhere is a poem<|im_end|>\n")
+    assert_turn(
+        qwen,
+        ds[1],
+        head + "sure<|im_end|>\n<|im_start|>user\nthe sea<|im_end|>\n<|im_start|>assistant\n",
+        "<think>\nthe wind\n</think>\n\nhere is a poem<|im_end|>\n",
+    )
 
 
 def test_chatml_reply_starting_with_newline(tmp_path):
@@ -90,8 +104,12 @@ def test_chatml_reply_starting_with_newline(tmp_path):
     ds = load(tmp_path, tok, [CONV])
     assert len(ds) == 2
     assert_turn(tok, ds[0], head, "\nsure<|im_end|>\n")
-    assert_turn(tok, ds[1], head + "\nsure<|im_end|>\n<|im_start|>user\nthe sea<|im_end|>\n<|im_start|>assistant\n",
-                "<think>\nthe wind\n</think>\n\nhere is a poem<|im_end|>\n")
+    assert_turn(
+        tok,
+        ds[1],
+        head + "\nsure<|im_end|>\n<|im_start|>user\nthe sea<|im_end|>\n<|im_start|>assistant\n",
+        "<think>\nthe wind\n</think>\n\nhere is a poem<|im_end|>\n",
+    )
     # Without the merge, a multi-turn ChatML conversation stays ONE example, every reply supervised.
     plain = [CONV[0], {"role": "assistant", "content": "sure"}, *CONV[2:]]
     (ex,) = load(tmp_path, tok, [plain])
@@ -111,27 +129,41 @@ def test_llama3_template_one_example_every_reply_and_eot(tmp_path):
     ctx3 = turn1 + h.format("user") + "the sea<|eot_id|>" + h.format("assistant")
     full = ctx3 + "<think>\nthe wind\n</think>\n\nhere is a poem<|eot_id|>"
     assert ex["input_ids"] == enc(tok, full)
-    want = list(range(len(enc(tok, ctx1)), len(enc(tok, turn1)))) + list(range(len(enc(tok, ctx3)), len(enc(tok, full))))
+    want = list(range(len(enc(tok, ctx1)), len(enc(tok, turn1)))) + list(
+        range(len(enc(tok, ctx3)), len(enc(tok, full)))
+    )
     assert targets(ex) == want
-    assert tok.decode([ex["input_ids"][t] for t in want]) == "sure<|eot_id|><think>\nthe wind\n</think>\n\nhere is a poem<|eot_id|>"
+    assert (
+        tok.decode([ex["input_ids"][t] for t in want])
+        == "sure<|eot_id|><think>\nthe wind\n</think>\n\nhere is a poem<|eot_id|>"
+    )
 
 
 def test_generation_blocks_match_transformers_assistant_mask(tmp_path):
     tok = tiny.make_qwen_tokenizer(tmp_path / "tok", template=tiny.GENERATION_TEMPLATE)
-    plain = [CONV[0], {"role": "assistant", "content": "sure"}, CONV[2], {"role": "assistant", "content": "\nhere is a poem"}]
+    plain = [
+        CONV[0],
+        {"role": "assistant", "content": "sure"},
+        CONV[2],
+        {"role": "assistant", "content": "\nhere is a poem"},
+    ]
     (ex,) = load(tmp_path, tok, [plain])
     # Turn 1 (no merge): exactly transformers' own return_assistant_tokens_mask positions; the "\n" after
     # <|im_end|> is outside the generation block, so it is not supervised.
-    mask = tok.apply_chat_template(plain[:2], tokenize=True, return_dict=True, return_assistant_tokens_mask=True)["assistant_masks"]
+    mask = tok.apply_chat_template(plain[:2], tokenize=True, return_dict=True, return_assistant_tokens_mask=True)[
+        "assistant_masks"
+    ]
     first = [t for t, m in enumerate(mask) if m]
     assert tok.decode([ex["input_ids"][t] for t in first]) == "sure<|im_end|>"
     # Turn 3's reply starts with "\n": cut at the boundary, the block's text supervised, the trailing "\n" not.
-    ctx3 = ("<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\nsure<|im_end|>\n"
-            "<|im_start|>user\nthe sea<|im_end|>\n<|im_start|>assistant\n")
+    ctx3 = (
+        "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\nsure<|im_end|>\n"
+        "<|im_start|>user\nthe sea<|im_end|>\n<|im_start|>assistant\n"
+    )
     third = list(range(len(enc(tok, ctx3)), len(enc(tok, ctx3)) + len(enc(tok, "\nhere is a poem<|im_end|>"))))
     assert targets(ex) == first + third
     assert tok.decode([ex["input_ids"][t] for t in third]) == "\nhere is a poem<|im_end|>"
-    assert ex["input_ids"][third[-1] + 1:] == enc(tok, "\n")
+    assert ex["input_ids"][third[-1] + 1 :] == enc(tok, "\n")
 
 
 def test_train_on_prompt_and_replacement_template(tmp_path, qwen):
@@ -153,16 +185,24 @@ def test_r1_distill_template_supervises_the_reasoning_after_its_generation_promp
     # the content minus the "<think>\n" the prompt wrote, then the end-of-turn token.
     tok = tiny.make_qwen_tokenizer(tmp_path / "tok", template=tiny.R1_TEMPLATE)
     tok.add_tokens(R1_MARKERS, special_tokens=True)
-    conv = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"},
-            {"role": "assistant", "content": "<think>\nsay hi\n</think>\n\nsure"}, *CONV[2:]]
+    conv = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "<think>\nsay hi\n</think>\n\nsure"},
+        *CONV[2:],
+    ]
     merge = [CONV[0], {"role": "assistant", "content": "<think>\n\nhmm\n</think>ok"}]  # "\n" + "\nhmm" would merge
     ds = load(tmp_path, tok, [conv, merge])
     assert len(ds) == 3 and ds["id"] == ["conv-0", "conv-0", "conv-1"]
     head = "<｜begin▁of▁sentence｜>be brief<｜User｜>hello<｜Assistant｜>"
     assert_turn(tok, ds[0], head + "<think>\n", "say hi\n</think>\n\nsure<｜end▁of▁sentence｜>")
     # Turn 3's context as inference renders it: turn 1 reduced to its answer, then the prompt opening the reasoning.
-    assert_turn(tok, ds[1], head + "\n\nsure<｜end▁of▁sentence｜><｜User｜>the sea<｜Assistant｜><think>\n",
-                "the wind\n</think>\n\nhere is a poem<｜end▁of▁sentence｜>")
+    assert_turn(
+        tok,
+        ds[1],
+        head + "\n\nsure<｜end▁of▁sentence｜><｜User｜>the sea<｜Assistant｜><think>\n",
+        "the wind\n</think>\n\nhere is a poem<｜end▁of▁sentence｜>",
+    )
     assert ds[1]["labels"][-2] == tok.convert_tokens_to_ids("<｜end▁of▁sentence｜>")  # the student learns to stop
     context = "<｜begin▁of▁sentence｜><｜User｜>hello<｜Assistant｜><think>\n"
     assert enc(tok, context + "\nhmm") != enc(tok, context) + enc(tok, "\nhmm")  # one text would merge "\n\n"
@@ -172,13 +212,18 @@ def test_r1_distill_template_supervises_the_reasoning_after_its_generation_promp
 
 def test_template_whose_reply_cannot_be_located_is_refused(tmp_path, qwen):
     # The R1 template's generation prompt writes "<think>\n"; a reply without it has no known generation after it.
-    with pytest.raises(UsageError, match=r"example id 'conv-0', turn 1: .*already writes '<think>\\n', but the reply "
-                                         r"does not start with it.*--chat_template FILE"):
+    with pytest.raises(
+        UsageError,
+        match=r"example id 'conv-0', turn 1: .*already writes '<think>\\n', but the reply "
+        r"does not start with it.*--chat_template FILE",
+    ):
         load(tmp_path, qwen, [CONV[:2]], chat_template=tiny.R1_TEMPLATE)
     # A template that also rewrites the answer: the reply cannot be checked against its rendering, so the run stops.
     upper = tiny.R1_TEMPLATE.replace("content + '<｜end", "content | upper + '<｜end")
     conv = [CONV[0], {"role": "assistant", "content": "<think>\nx\n</think>sure"}]
-    with pytest.raises(UsageError, match=r"example id 'conv-0', turn 1: .*\('<think>\\n' vs 'SURE<｜end.*--chat_template FILE"):
+    with pytest.raises(
+        UsageError, match=r"example id 'conv-0', turn 1: .*\('<think>\\n' vs 'SURE<｜end.*--chat_template FILE"
+    ):
         load(tmp_path, qwen, [conv], chat_template=upper)
 
 
@@ -190,7 +235,7 @@ def test_tracked_chat_run_string_ids_template_file_and_tokenizer_round_trip(dist
     import logging
 
     from ds_distill import train
-    from ds_distill.tracking import hardest_examples, write_subset
+    from ds_distill.extras.tracking import hardest_examples, write_subset
     from tests.test_train import ds_json
 
     tok = tiny.make_llama3_tokenizer(tmp_path / "tok", template=None)
@@ -199,17 +244,46 @@ def test_tracked_chat_run_string_ids_template_file_and_tokenizer_round_trip(dist
     student = tiny.make_model(tmp_path / "student", tok, layers=1, hidden=16, heads=2, seed=2)
     assert {f.name: f.read_bytes() for f in (tmp_path / "student").iterdir() if f.name in given} == given
     words = "the quick brown fox jumps over the lazy dog".split()
-    convs = [{"id": f"conv-{1000 + i}", "messages": [{"role": "user", "content": words[i % 9]},
-                                                     {"role": "assistant", "content": " ".join(words[i % 5: i % 5 + 3])}]}
-             for i in range(40)]
+    convs = [
+        {
+            "id": f"conv-{1000 + i}",
+            "messages": [
+                {"role": "user", "content": words[i % 9]},
+                {"role": "assistant", "content": " ".join(words[i % 5 : i % 5 + 3])},
+            ],
+        }
+        for i in range(40)
+    ]
     (tmp_path / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in convs))
     (tmp_path / "llama3.jinja").write_text(tiny.LLAMA3_TEMPLATE)
     out = tmp_path / "run"
-    argv = ["--teacher", teacher, "--student", student, "--data", str(tmp_path / "chat.jsonl"), "--output_dir", str(out),
-            "--chat_template", str(tmp_path / "llama3.jinja"), "--track_examples", "--max_steps", "2", "--alpha", "1",
-            "--seq_len", "32", "--log_steps", "1", "--chunk_size", "16",
-            "--deepspeed_config", ds_json(tmp_path, train_micro_batch_size_per_gpu=4),
-            "--teacher_deepspeed_config", str(REPO_CONFIGS / "cpu_teacher_zero3.json")]
+    argv = [
+        "--teacher",
+        teacher,
+        "--student",
+        student,
+        "--data",
+        str(tmp_path / "chat.jsonl"),
+        "--output_dir",
+        str(out),
+        "--chat_template",
+        str(tmp_path / "llama3.jinja"),
+        "--track_examples",
+        "--max_steps",
+        "2",
+        "--alpha",
+        "1",
+        "--seq_len",
+        "32",
+        "--log_steps",
+        "1",
+        "--chunk_size",
+        "16",
+        "--deepspeed_config",
+        ds_json(tmp_path, train_micro_batch_size_per_gpu=4),
+        "--teacher_deepspeed_config",
+        str(REPO_CONFIGS / "cpu_teacher_zero3.json"),
+    ]
     with caplog.at_level(logging.INFO):
         assert train.main(argv) == 0
     # The default 5% of 40 rows (2) is raised to one micro-batch per rank (4): evaluation ran.
@@ -223,7 +297,9 @@ def test_tracked_chat_run_string_ids_template_file_and_tokenizer_round_trip(dist
     assert len(hard) == 4 and all(isinstance(i, str) for i in hard)
     assert write_subset(str(tmp_path / "chat.jsonl"), hard, str(tmp_path / "hard.jsonl")) == 4
     written = [json.loads(line) for line in (tmp_path / "hard.jsonl").read_text().splitlines()]
-    assert {r["id"] for r in written} == hard and all(r == next(c for c in convs if c["id"] == r["id"]) for r in written)
+    assert {r["id"] for r in written} == hard and all(
+        r == next(c for c in convs if c["id"] == r["id"]) for r in written
+    )
 
     # The tokenizer round trip: every exported folder holds the student's tokenizer files as given (no pad token
     # added, no chat template added).

@@ -1,18 +1,29 @@
 """The run config and the DeepSpeed JSON checks: every shipped config is valid, every bad input is named."""
+
 import json
-from pathlib import Path
 
 import pytest
 
-from ds_distill.config import REPO_CONFIGS, RunConfig, UsageError, load_ds_config, parse_args
+from ds_distill.common import UsageError
+from ds_distill.config import RunConfig, parse_args
+from ds_distill.ds_config import REPO_CONFIGS, load_ds_config
 
 SHIPPED = sorted(REPO_CONFIGS.glob("*.json"))
 
 
 def test_configs_are_shipped():
     names = {p.name for p in SHIPPED}
-    for name in ("zero3_bf16.json", "zero2_bf16.json", "zero1_bf16.json", "zero3_offload_bf16.json",
-                 "teacher_zero3_bf16.json", "cpu_zero3.json", "cpu_zero2.json", "cpu_zero1.json", "cpu_teacher_zero3.json"):
+    for name in (
+        "zero3_bf16.json",
+        "zero2_bf16.json",
+        "zero1_bf16.json",
+        "zero3_offload_bf16.json",
+        "teacher_zero3_bf16.json",
+        "cpu_zero3.json",
+        "cpu_zero2.json",
+        "cpu_zero1.json",
+        "cpu_teacher_zero3.json",
+    ):
         assert name in names
 
 
@@ -32,18 +43,31 @@ def write(tmp_path, obj, name="ds.json"):
     return str(p)
 
 
-GOOD = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
-        "zero_optimization": {"stage": 3}}
+GOOD = {
+    "train_micro_batch_size_per_gpu": 2,
+    "gradient_accumulation_steps": 2,
+    "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+    "zero_optimization": {"stage": 3},
+}
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda d: d.update(train_batch_size=7), "train_batch_size 7 != micro batch 2 x accumulation 2 x world size 2 = 8"),
-    (lambda d: d.update(gradient_cliping=1.0), "unknown top-level keys ['gradient_cliping']"),
-    (lambda d: d["optimizer"]["params"].update(lr="auto"), '"auto" values at [\'optimizer.params.lr\']'),
-    (lambda d: d.pop("optimizer"), 'no "optimizer" block'),
-    (lambda d: d["zero_optimization"].update(stage=4), "zero_optimization.stage 4"),
-    (lambda d: d.update(train_micro_batch_size_per_gpu=0), "train_micro_batch_size_per_gpu must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (
+            lambda d: d.update(train_batch_size=7),
+            "train_batch_size 7 != micro batch 2 x accumulation 2 x world size 2 = 8",
+        ),
+        (lambda d: d.update(gradient_cliping=1.0), "unknown top-level keys ['gradient_cliping']"),
+        (lambda d: d["optimizer"]["params"].update(lr="auto"), "\"auto\" values at ['optimizer.params.lr']"),
+        (lambda d: d.pop("optimizer"), 'no "optimizer" block'),
+        (lambda d: d["zero_optimization"].update(stage=4), "zero_optimization.stage 4"),
+        (
+            lambda d: d.update(train_micro_batch_size_per_gpu=0),
+            "train_micro_batch_size_per_gpu must be a positive integer",
+        ),
+    ],
+)
 def test_bad_ds_config_is_named(tmp_path, mutate, message):
     d = json.loads(json.dumps(GOOD))
     mutate(d)
@@ -53,15 +77,31 @@ def test_bad_ds_config_is_named(tmp_path, mutate, message):
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda d: d["zero_optimization"].update(stage3_prefetch_bucket_sz=1000),
-     "zero_optimization.stage3_prefetch_bucket_sz is not a DeepSpeed key (DeepSpeedZeroConfig): did you mean stage3_prefetch_bucket_size"),
-    (lambda d: d["zero_optimization"].update(offload_optimizer={"device": "cpu", "pin_mem": True}),
-     "zero_optimization.offload_optimizer.pin_mem is not a DeepSpeed key (DeepSpeedZeroConfig): did you mean pin_memory?"),
-    (lambda d: d.update(csv_monitor={"enabled": True, "outpt_path": "m"}), "csv_monitor.outpt_path is not a DeepSpeed key (DeepSpeedMonitorConfig): did you mean output_path?"),
-    (lambda d: d.update(bf16={"enabled": True, "zzz": 1}), "bf16.zzz is not a DeepSpeed key (DeepSpeedBF16Config): valid keys there: bf16_master_weights_and_grads,"),
-    (lambda d: d["zero_optimization"].update(overlap_comm="sometimes"), "zero_optimization.overlap_comm: Input should be a valid boolean"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (
+            lambda d: d["zero_optimization"].update(stage3_prefetch_bucket_sz=1000),
+            "zero_optimization.stage3_prefetch_bucket_sz is not a DeepSpeed key (DeepSpeedZeroConfig): did you mean stage3_prefetch_bucket_size",
+        ),
+        (
+            lambda d: d["zero_optimization"].update(offload_optimizer={"device": "cpu", "pin_mem": True}),
+            "zero_optimization.offload_optimizer.pin_mem is not a DeepSpeed key (DeepSpeedZeroConfig): did you mean pin_memory?",
+        ),
+        (
+            lambda d: d.update(csv_monitor={"enabled": True, "outpt_path": "m"}),
+            "csv_monitor.outpt_path is not a DeepSpeed key (DeepSpeedMonitorConfig): did you mean output_path?",
+        ),
+        (
+            lambda d: d.update(bf16={"enabled": True, "zzz": 1}),
+            "bf16.zzz is not a DeepSpeed key (DeepSpeedBF16Config): valid keys there: bf16_master_weights_and_grads,",
+        ),
+        (
+            lambda d: d["zero_optimization"].update(overlap_comm="sometimes"),
+            "zero_optimization.overlap_comm: Input should be a valid boolean",
+        ),
+    ],
+)
 def test_deepspeed_checks_name_the_full_key(tmp_path, mutate, message):
     """DeepSpeed's own config classes check the blocks, before any model loads; the error names the key path."""
     d = json.loads(json.dumps(GOOD))
@@ -72,7 +112,9 @@ def test_deepspeed_checks_name_the_full_key(tmp_path, mutate, message):
 
 
 def test_good_ds_config_is_not_rewritten(tmp_path):
-    ds = load_ds_config(write(tmp_path, dict(GOOD, train_batch_size=8)), world_size=2, flag="deepspeed_config", needs_optimizer=True)
+    ds = load_ds_config(
+        write(tmp_path, dict(GOOD, train_batch_size=8)), world_size=2, flag="deepspeed_config", needs_optimizer=True
+    )
     assert ds.raw == dict(GOOD, train_batch_size=8) and ds.grad_accum == 2 and ds.zero_stage == 3
 
 
@@ -85,8 +127,12 @@ def test_malformed_and_missing_ds_config(tmp_path):
 
 def test_teacher_stage_must_be_0_or_3(tmp_path):
     with pytest.raises(UsageError, match="teacher ZeRO stage 2"):
-        load_ds_config(write(tmp_path, {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}}),
-                       world_size=1, flag="teacher_deepspeed_config", needs_optimizer=False)
+        load_ds_config(
+            write(tmp_path, {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}}),
+            world_size=1,
+            flag="teacher_deepspeed_config",
+            needs_optimizer=False,
+        )
 
 
 def test_cli_overrides_run_file_and_lists(tmp_path):
@@ -95,7 +141,9 @@ def test_cli_overrides_run_file_and_lists(tmp_path):
     assert cfg.teacher == ["a", "b"] and cfg.alpha == 0.7 and cfg.seq_len == 64 and cfg.packing is True
     cfg = parse_args(["--config", run, "--teacher", "c", "--packing", "false"])
     assert cfg.teacher == ["c"] and cfg.packing is False
-    assert parse_args(["--teacher", "x", "--teacher", "y", "--teacher_weights", "1", "--teacher_weights", "3"]).teacher_weights == [1.0, 3.0]
+    assert parse_args(
+        ["--teacher", "x", "--teacher", "y", "--teacher_weights", "1", "--teacher_weights", "3"]
+    ).teacher_weights == [1.0, 3.0]
 
 
 def test_run_file_unknown_key(tmp_path):
@@ -104,13 +152,29 @@ def test_run_file_unknown_key(tmp_path):
 
 
 def test_validation_reports_every_problem_at_once(tmp_path):
-    cfg = RunConfig(teacher=[str(tmp_path / "missing")], student="", data="d", output_dir="o", alpha=1.5,
-                    temperature=0, loss="kl", seq_len=0, teacher_weights=[1.0, 2.0])
+    cfg = RunConfig(
+        teacher=[str(tmp_path / "missing")],
+        student="",
+        data="d",
+        output_dir="o",
+        alpha=1.5,
+        temperature=0,
+        loss="kl",
+        seq_len=0,
+        teacher_weights=[1.0, 2.0],
+    )
     with pytest.raises(UsageError) as err:
         cfg.validate()
     text = str(err.value)
-    for part in ("--student is required", "does not exist", "--loss 'kl' is unknown", "--alpha 1.5 must be in [0, 1]",
-                 "--temperature 0 must be > 0", "--seq_len 0 must be >= 1", "--teacher_weights has 2 values for 1 teachers"):
+    for part in (
+        "--student is required",
+        "does not exist",
+        "--loss 'kl' is unknown",
+        "--alpha 1.5 must be in [0, 1]",
+        "--temperature 0 must be > 0",
+        "--seq_len 0 must be >= 1",
+        "--teacher_weights has 2 values for 1 teachers",
+    ):
         assert part in text, part
     assert "\n" not in text
 

@@ -1,4 +1,5 @@
 """ds_distill.data: sources, formats, exact supervision masks, packing equivalence, sharding, exact resume, bad data."""
+
 import json
 import logging
 
@@ -7,8 +8,8 @@ import pytest
 import torch
 
 from ds_distill import data
-from ds_distill.config import UsageError
-from ds_distill.data import IGNORE_INDEX, BatchStream, collate, get_dataset, split_eval
+from ds_distill.common import IGNORE_INDEX, UsageError
+from ds_distill.data import BatchStream, collate, get_dataset, split_eval
 from tests import tiny
 
 datasets.disable_progress_bars()
@@ -94,7 +95,10 @@ def test_max_samples_integer_ids_and_filter_keep_ids(tmp_path, tok):
 
 
 def test_prompt_completion_mask(tmp_path, tok):
-    rows = [{"prompt": "what is the capital of france?", "completion": " paris."}, {"prompt": "hello", "completion": " fine"}]
+    rows = [
+        {"prompt": "what is the capital of france?", "completion": " paris."},
+        {"prompt": "hello", "completion": " fine"},
+    ]
     ds = get_dataset(write_jsonl(tmp_path / "pc.jsonl", rows), tok, seq_len=64)
     for got, row in zip(ds, rows):
         p = tok(row["prompt"])["input_ids"]
@@ -107,9 +111,13 @@ def test_prompt_completion_mask(tmp_path, tok):
 
 
 def test_messages_mask_assistant_turns_and_end_token(tmp_path, tok):
-    conv = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"},
-            {"role": "assistant", "content": "hello you"}, {"role": "user", "content": "and the dog?"},
-            {"role": "assistant", "content": "it sleeps"}]
+    conv = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi there"},
+        {"role": "assistant", "content": "hello you"},
+        {"role": "user", "content": "and the dog?"},
+        {"role": "assistant", "content": "it sleeps"},
+    ]
     ds = get_dataset(write_jsonl(tmp_path / "m.jsonl", [{"messages": conv}]), tok, seq_len=128)
     ids, labels = ds[0]["input_ids"], ds[0]["labels"]
     assert ids == tok(tok.apply_chat_template(conv, tokenize=False), add_special_tokens=False)["input_ids"]
@@ -155,8 +163,12 @@ def test_truncate_and_drop_long_counts(tmp_path, tok, caplog):
     with caplog.at_level(logging.WARNING, logger="ds_distill.data"):
         ds = get_dataset(path, tok, seq_len=16)
     assert "truncated 2 of 4 examples longer than seq_len=16" in caplog.text
-    assert [len(x) for x in ds["input_ids"]] == [len(expect_text(tok, rows[0]["text"])[0]), 16,
-                                                 len(expect_text(tok, rows[2]["text"])[0]), 16]
+    assert [len(x) for x in ds["input_ids"]] == [
+        len(expect_text(tok, rows[0]["text"])[0]),
+        16,
+        len(expect_text(tok, rows[2]["text"])[0]),
+        16,
+    ]
     long_ids = expect_text(tok, rows[1]["text"])[0]
     assert ds[1]["input_ids"] == long_ids[:16] and ds[1]["labels"] == long_ids[1:16] + [IGNORE_INDEX]
     caplog.clear()
@@ -213,7 +225,7 @@ def test_packed_documents_do_not_see_each_other(tmp_path, tok):
             for doc in docs:
                 ids = torch.tensor([plain[doc]["input_ids"]])
                 alone = model(input_ids=ids).logits[0]
-                torch.testing.assert_close(logits[b, start: start + ids.shape[1]], alone, atol=1e-5, rtol=0)
+                torch.testing.assert_close(logits[b, start : start + ids.shape[1]], alone, atol=1e-5, rtol=0)
                 start += ids.shape[1]
 
 
@@ -222,8 +234,15 @@ def test_packed_documents_do_not_see_each_other(tmp_path, tok):
 
 def small_dataset(n=23, lengths=None):
     lengths = lengths or [2 + i % 5 for i in range(n)]
-    rows = [{"id": 1000 + i, "row": 1000 + i, "input_ids": list(range(1, L + 1)), "labels": list(range(2, L + 1)) + [IGNORE_INDEX]}
-            for i, L in enumerate(lengths)]
+    rows = [
+        {
+            "id": 1000 + i,
+            "row": 1000 + i,
+            "input_ids": list(range(1, L + 1)),
+            "labels": list(range(2, L + 1)) + [IGNORE_INDEX],
+        }
+        for i, L in enumerate(lengths)
+    ]
     return datasets.Dataset.from_list(rows)
 
 
@@ -281,7 +300,10 @@ def test_resume_on_another_number_of_ranks_reads_the_same_examples(k):
     ds = small_dataset(23)
 
     def streams(world, state=None):
-        out = [BatchStream(ds, batch_size=6 // world, rank=r, world_size=world, seed=7, pad_token_id=0) for r in range(world)]
+        out = [
+            BatchStream(ds, batch_size=6 // world, rank=r, world_size=world, seed=7, pad_token_id=0)
+            for r in range(world)
+        ]
         for s in out:
             s.load_state_dict(json.loads(json.dumps(state))) if state else None
         return out
@@ -333,7 +355,9 @@ def test_split_eval_small_data_keeps_a_micro_batch_per_rank_or_turns_eval_off(ca
 
 def test_bad_data_errors(tmp_path, tok):
     path = write_jsonl(tmp_path / "cols.jsonl", [{"body": "x", "title": "y"}])
-    with pytest.raises(UsageError, match=r"columns \['body', 'title'\]; expected 'text', or 'prompt' \+ 'completion', or 'messages'"):
+    with pytest.raises(
+        UsageError, match=r"columns \['body', 'title'\]; expected 'text', or 'prompt' \+ 'completion', or 'messages'"
+    ):
         get_dataset(path, tok, seq_len=16)
     path = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "x"}])
     with pytest.raises(UsageError, match=r"needs \['prompt', 'completion'\]"):
@@ -366,13 +390,18 @@ def test_prefix_unstable_template_is_refused(tmp_path, tok):
     # A template that renders the final assistant turn differently from earlier ones (as some "thinking" templates
     # do) cannot be diffed by prefixes: refuse rather than supervise the wrong tokens.
     odd = tiny.make_tokenizer(tmp_path / "odd")
-    odd.chat_template = ("{% for m in messages %}{% if loop.last %}{{ 'LAST ' }}{% endif %}"
-                         "{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
-                         "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+    odd.chat_template = (
+        "{% for m in messages %}{% if loop.last %}{{ 'LAST ' }}{% endif %}"
+        "{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+    )
     conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     path = write_jsonl(tmp_path / "m.jsonl", [{"messages": conv}])
-    with pytest.raises(UsageError, match=r"example id 0, turn 1: the chat template renders the context of this reply .*"
-                                         r"\('LAST <\|user.*' vs '<\|user.*' at character 0\).*--chat_template FILE"):
+    with pytest.raises(
+        UsageError,
+        match=r"example id 0, turn 1: the chat template renders the context of this reply .*"
+        r"\('LAST <\|user.*' vs '<\|user.*' at character 0\).*--chat_template FILE",
+    ):
         get_dataset(path, odd, seq_len=64)
 
 
@@ -388,7 +417,7 @@ def test_examples_without_targets_are_dropped(tmp_path, tok, caplog):
 def _main_process_first_worker(rank: int, init_file: str, log_file: str) -> None:
     import time
 
-    from ds_distill.data import main_process_first
+    from ds_distill.runtime.distributed import main_process_first
 
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
@@ -415,18 +444,29 @@ BAD_ROWS = [  # (file content, error naming the file's line and the field)
     ('{"text": "a"}\n\n{"text": null}\n', r"bad.jsonl' line 3: field 'text' is null, not a string"),
     ('{"text": "a"}\n{"text": 5}\n', r"bad.jsonl' line 2: field 'text' is a JSON 5, not a string"),
     ('{"text": 5}\n{"text": 6}\n', r"bad.jsonl' line 1: field 'text' is of type int64, not a string"),
-    ('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": null}\n',
-     r"bad.jsonl' line 2: field 'completion' is null"),
+    (
+        '{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": null}\n',
+        r"bad.jsonl' line 2: field 'completion' is null",
+    ),
     ('{"prompt": null, "completion": "b"}\n', r"bad.jsonl' line 1: field 'prompt' is null"),
-    ('{"messages": [{"role": "user", "content": "hi"}]}\n'
-     '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": null}]}\n',
-     r"bad.jsonl' line 2: field 'messages\[1\].content' is null"),
-    ('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [{"role": "user", "content": ["x"]}]}\n',
-     r"bad.jsonl' line 2: field 'messages\[0\].content' is a JSON \[\"x\"\], not a string"),
-    ('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": null}\n', r"bad.jsonl' line 2: field 'messages' is null"),
+    (
+        '{"messages": [{"role": "user", "content": "hi"}]}\n'
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": null}]}\n',
+        r"bad.jsonl' line 2: field 'messages\[1\].content' is null",
+    ),
+    (
+        '{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [{"role": "user", "content": ["x"]}]}\n',
+        r"bad.jsonl' line 2: field 'messages\[0\].content' is a JSON \[\"x\"\], not a string",
+    ),
+    (
+        '{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": null}\n',
+        r"bad.jsonl' line 2: field 'messages' is null",
+    ),
     ('{"id": 1, "text": "a"}\n{"id": null, "text": "b"}\n', r"bad.jsonl' line 2: field 'id' is null"),
-    ('{"id": 1, "text": "a"}\n{"id": "conv-2", "text": "b"}\n',
-     r"bad.jsonl' line 2: field 'id' is 'conv-2' but the first row's id is 1: use one id type"),
+    (
+        '{"id": 1, "text": "a"}\n{"id": "conv-2", "text": "b"}\n',
+        r"bad.jsonl' line 2: field 'id' is 'conv-2' but the first row's id is 1: use one id type",
+    ),
     ('{"id": "a", "text": "a"}\n{"id": "a", "text": "b"}\n', r"duplicate values in its 'id' column"),
 ]
 

@@ -4,6 +4,7 @@ The real script runs end to end through the `deepspeed` launcher with 2 CPU rank
 at a tiny teacher built here; the pydoc data is prepared for real (a second). The GGUF conversion is tested in
 test_demo_prep.py, so the teacher folder given here is already "converted" and demo.sh skips it.
 """
+
 import json
 import math
 import os
@@ -33,7 +34,11 @@ def test_perplexity_matches_the_models_own_loss(tmp_path):
 
     tok = tiny.make_tokenizer(tmp_path / "tok")
     model_dir = tiny.make_model(tmp_path / "m", tok, layers=1)
-    texts = ["the quick brown fox jumps over the lazy dog", "hello, how are you today?", "one two three four five six seven eight nine ten"]
+    texts = [
+        "the quick brown fox jumps over the lazy dog",
+        "hello, how are you today?",
+        "one two three four five six seven eight nine ten",
+    ]
     data = _text_file(tmp_path / "eval.jsonl", texts)
     seq_len = 12
     got = perplexity(model_dir, data, seq_len=seq_len, batch_size=2)  # 2 + 1: the first batch is padded
@@ -61,10 +66,23 @@ def test_several_models_in_one_process_equal_one_each(tmp_path, capsys):
     a = tiny.make_model(tmp_path / "a", tok, layers=1, seed=0)
     b = tiny.make_model(tmp_path / "runs" / "b" / "final", tok, layers=1, seed=1)
     teacher = tiny.make_model(tmp_path / "teacher", tok, layers=2, seed=2)
-    data = _text_file(tmp_path / "eval.jsonl", ["the quick brown fox jumps over the lazy dog", "one two three four five"])
+    data = _text_file(
+        tmp_path / "eval.jsonl", ["the quick brown fox jumps over the lazy dog", "one two three four five"]
+    )
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"id": 0, "prompt": "the quick brown", "completion": " fox"}) + "\n")
-    common = ["--data", data, "--seq_len", "16", "--generation_prompts", str(prompts), "--teacher", str(teacher), "--max_new_tokens", "4"]
+    common = [
+        "--data",
+        data,
+        "--seq_len",
+        "16",
+        "--generation_prompts",
+        str(prompts),
+        "--teacher",
+        str(teacher),
+        "--max_new_tokens",
+        "4",
+    ]
     assert evaluate.main([f"first={a}", str(b), "--json_dir", str(tmp_path / "out"), *common]) == 0
     for name, d in (("first", a), ("b", b)):  # b: named after its run, not "final"
         alone = tmp_path / f"{name}_alone.json"
@@ -86,20 +104,30 @@ def test_generation_nll_is_the_teachers_own_nll_of_the_samples(tmp_path, monkeyp
     tok = tiny.make_tokenizer(tmp_path / "tok")
     model_dir = tiny.make_model(tmp_path / "student", tok, layers=1, seed=0)
     teacher_dir = tiny.make_model(tmp_path / "teacher", tok, layers=2, seed=1)
-    prompts = ["the quick brown fox jumps over", "hi", "one two three four five six seven"]  # unequal: padding both ways
+    prompts = [
+        "the quick brown fox jumps over",
+        "hi",
+        "one two three four five six seven",
+    ]  # unequal: padding both ways
     path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"id": 10 + i, "prompt": p, "completion": " x"}) + "\n" for i, p in enumerate(prompts)))
+    path.write_text(
+        "".join(json.dumps({"id": 10 + i, "prompt": p, "completion": " x"}) + "\n" for i, p in enumerate(prompts))
+    )
     eos = tok.eos_token_id
     real = on_policy.HFGenerator.generate
 
-    def eos_in_row_0(self, prompt_ids, sampling, seed):  # the real samples; row 0 as if the model stopped at its 3rd token
+    def eos_in_row_0(
+        self, prompt_ids, sampling, seed
+    ):  # the real samples; row 0 as if the model stopped at its 3rd token
         out = real(self, prompt_ids, sampling, seed)
         if len(prompt_ids) == 2:
             out[0] = out[0][:2] + [eos]
         return out
 
     monkeypatch.setattr(on_policy.HFGenerator, "generate", eos_in_row_0)
-    got = generation_nll(model_dir, str(path), teacher_dir=teacher_dir, seq_len=32, max_new_tokens=6, seed=0, batch_size=2)
+    got = generation_nll(
+        model_dir, str(path), teacher_dir=teacher_dir, seq_len=32, max_new_tokens=6, seed=0, batch_size=2
+    )
 
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
@@ -118,13 +146,19 @@ def test_generation_nll_is_the_teachers_own_nll_of_the_samples(tmp_path, monkeyp
             nll_sum += sum(token_nll)
             own = model(input_ids=torch.tensor([prompt + new])).logits[0].double()  # the model's own forward
             self_sum -= sum(torch.log_softmax(own[len(prompt) - 1 + j], -1)[t].item() for j, t in enumerate(new))
-    assert got["gen_tokens"] == 3 + 6 + 6 and got["gen_prompts"] == 3 and got["gen_eos_fraction"] == pytest.approx(1 / 3)
+    assert (
+        got["gen_tokens"] == 3 + 6 + 6 and got["gen_prompts"] == 3 and got["gen_eos_fraction"] == pytest.approx(1 / 3)
+    )
     assert got["gen_nll"] == pytest.approx(nll_sum / 15, rel=1e-5)
     assert got["gen_self_nll"] == pytest.approx(self_sum / 15, rel=1e-5)
     assert got["gen_kl"] == pytest.approx((nll_sum - self_sum) / 15, rel=1e-5)
     # Seeded: the same call samples the same tokens; another seed samples others.
-    again = generation_nll(model_dir, str(path), teacher_dir=teacher_dir, seq_len=32, max_new_tokens=6, seed=0, batch_size=2)
-    other = generation_nll(model_dir, str(path), teacher_dir=teacher_dir, seq_len=32, max_new_tokens=6, seed=1, batch_size=2)
+    again = generation_nll(
+        model_dir, str(path), teacher_dir=teacher_dir, seq_len=32, max_new_tokens=6, seed=0, batch_size=2
+    )
+    other = generation_nll(
+        model_dir, str(path), teacher_dir=teacher_dir, seq_len=32, max_new_tokens=6, seed=1, batch_size=2
+    )
     assert [s["completion_ids"] for s in again["samples"]] == [s["completion_ids"] for s in samples]
     assert [s["completion_ids"] for s in other["samples"]] != [s["completion_ids"] for s in samples]
 
@@ -138,8 +172,10 @@ def test_report_objective_names():
     assert report._objective({"alpha": 1.0, "loss": "forward_kl", "temperature": 1.0}) == "CE only (alpha=1)"
     assert report._objective({"alpha": 0.5, "loss": "reverse_kl", "temperature": 2.0}) == "0.5*CE + 0.5*reverse_kl, T=2"
     assert report._objective({"alpha": 0.0, "loss": "jsd", "temperature": 1.0}) == "jsd, T=1 (pure KD)"
-    assert (report._objective({"alpha": 0.0, "loss": "reverse_kl", "temperature": 1.0, "on_policy_fraction": 1.0})
-            == "reverse_kl, T=1 (pure KD), on-policy (100% of micro-batches sampled)")
+    assert (
+        report._objective({"alpha": 0.0, "loss": "reverse_kl", "temperature": 1.0, "on_policy_fraction": 1.0})
+        == "reverse_kl, T=1 (pure KD), on-policy (100% of micro-batches sampled)"
+    )
 
 
 def test_report_compares_the_cached_run_with_the_live_reference():
@@ -150,8 +186,16 @@ def test_report_compares_the_cached_run_with_the_live_reference():
     spec = importlib.util.spec_from_file_location("demo_report", ROOT / "scripts" / "demo_report.py")
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
-    cache = {"wall_s": 124.0, "top_k": 64, "bytes_per_token": 96.0, "kl_full_per_token": 0.411, "kl_full_p99": 1.74,
-             "kl_buckets_per_token": 0.0017, "kl_buckets_p99": 0.014, "tail_mass_per_token": 0.111}
+    cache = {
+        "wall_s": 124.0,
+        "top_k": 64,
+        "bytes_per_token": 96.0,
+        "kl_full_per_token": 0.411,
+        "kl_full_p99": 1.74,
+        "kl_buckets_per_token": 0.0017,
+        "kl_buckets_p99": 0.014,
+        "tail_mass_per_token": 0.111,
+    }
     rows = {"forward_kl": {"wall_s": 248.0, "ppl": 367.53}, "forward_kl_live": {"wall_s": 340.0, "ppl": 363.47}}
     text = report.cache_summary(cache, rows)
     assert text.splitlines()[0].startswith("teacher cache: one pass of 124 s, top-64, 96.0 bytes/token")
@@ -170,13 +214,31 @@ def test_demo_script_end_to_end(tmp_path):
     out = tmp_path / "out"
     env = without_launcher_vars(dict(os.environ))
     # seq_len 160: the pydoc prompts (~200 characters) are up to 153 tokens of the tiny byte-level tokenizer.
-    env.update(DEMO_ASSETS=str(assets), DEMO_OUT=str(out), DEMO_STEPS="3", DEMO_SEQ_LEN="160", DEMO_LAYERS="0,3",
-               DEMO_EVAL_STEPS="2", DEMO_ON_POLICY_STEPS="3", DEMO_MAX_NEW_TOKENS="6", CUDA_VISIBLE_DEVICES="")
+    env.update(
+        DEMO_ASSETS=str(assets),
+        DEMO_OUT=str(out),
+        DEMO_STEPS="3",
+        DEMO_SEQ_LEN="160",
+        DEMO_LAYERS="0,3",
+        DEMO_EVAL_STEPS="2",
+        DEMO_ON_POLICY_STEPS="3",
+        DEMO_MAX_NEW_TOKENS="6",
+        CUDA_VISIBLE_DEVICES="",
+    )
     # Own process group: on a timeout the launcher and its ranks go too, not just bash.
-    proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "demo.sh")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        ["bash", str(ROOT / "scripts" / "demo.sh")],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        stdout, stderr = proc.communicate(timeout=1800)  # 4 runs and a cache pass; a loaded machine takes over 15 minutes
+        stdout, stderr = proc.communicate(
+            timeout=1800
+        )  # 4 runs and a cache pass; a loaded machine takes over 15 minutes
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
@@ -189,7 +251,14 @@ def test_demo_script_end_to_end(tmp_path):
 
     results = json.loads((out / "results.json").read_text())
     rows = {r["name"]: r for r in results["rows"]}
-    assert list(rows) == ["teacher", "student_init", "ce", "forward_kl", "reverse_kl", "on_policy"]  # no live reference by default
+    assert list(rows) == [
+        "teacher",
+        "student_init",
+        "ce",
+        "forward_kl",
+        "reverse_kl",
+        "on_policy",
+    ]  # no live reference by default
     eval_tokens = {r["eval_tokens"] for r in rows.values()}
     assert len(eval_tokens) == 1 and eval_tokens.pop() > 0  # every model scored on the same tokens
     n_eval = sum(1 for _ in open(assets / "data" / "eval_prompts.jsonl"))
@@ -197,9 +266,18 @@ def test_demo_script_end_to_end(tmp_path):
         assert math.isfinite(r["ppl"]) and r["ppl"] > 1
         # The generation metric: every model continued every held-out prompt (at most 6 tokens), the teacher scored it.
         ev = json.loads((out / "eval" / f"{r['name']}.json").read_text())
-        assert ev["gen_prompts"] == n_eval and 0 < r["gen_tokens"] <= 6 * n_eval and math.isfinite(r["gen_nll"]) and r["gen_nll"] > 0
+        assert (
+            ev["gen_prompts"] == n_eval
+            and 0 < r["gen_tokens"] <= 6 * n_eval
+            and math.isfinite(r["gen_nll"])
+            and r["gen_nll"] > 0
+        )
         assert r["gen_self_nll"] > 0 and r["gen_kl"] == pytest.approx(r["gen_nll"] - r["gen_self_nll"])
-    for name, loss, alpha in (("ce", "forward_kl", 1.0), ("forward_kl", "forward_kl", 0.5), ("reverse_kl", "reverse_kl", 0.5)):
+    for name, loss, alpha in (
+        ("ce", "forward_kl", 1.0),
+        ("forward_kl", "forward_kl", 0.5),
+        ("reverse_kl", "reverse_kl", 0.5),
+    ):
         run = out / "runs" / name
         assert rows[name]["wall_s"] > 0 and rows[name]["tokens_per_s"] > 0 and rows[name]["steps"] == 3
         cfg = json.loads((run / "run_config.json").read_text())
@@ -209,11 +287,23 @@ def test_demo_script_end_to_end(tmp_path):
     # The on-policy row continues the (cached) forward-KL student on its own samples of the train prompts, live teacher,
     # with its own DeepSpeed JSON (the continuation's learning rate).
     cfg = json.loads((out / "runs" / "on_policy" / "run_config.json").read_text())
-    assert (cfg["loss"], cfg["alpha"], cfg["beta"], cfg["on_policy_fraction"], cfg["max_steps"], cfg["max_new_tokens"]) == ON_POLICY
-    assert cfg["deepspeed_config"] == "ds_configs/cpu_demo_on_policy.json" and not cfg["teacher_cache"] and cfg["teacher"]
+    assert (
+        cfg["loss"],
+        cfg["alpha"],
+        cfg["beta"],
+        cfg["on_policy_fraction"],
+        cfg["max_steps"],
+        cfg["max_new_tokens"],
+    ) == ON_POLICY
+    assert (
+        cfg["deepspeed_config"] == "ds_configs/cpu_demo_on_policy.json" and not cfg["teacher_cache"] and cfg["teacher"]
+    )
     assert cfg["student"] == str(out / "runs" / "forward_kl" / "final") and cfg["data"].endswith("train_prompts.jsonl")
     assert rows["on_policy"]["steps"] == 3 and rows["on_policy"]["start"] == "forward_kl"
-    assert rows["on_policy"]["generate_tokens_per_s"] > 0 and (out / "runs" / "on_policy" / "final" / "config.json").is_file()
+    assert (
+        rows["on_policy"]["generate_tokens_per_s"] > 0
+        and (out / "runs" / "on_policy" / "final" / "config.json").is_file()
+    )
     assert rows["on_policy"]["ppl"] != rows["forward_kl"]["ppl"]  # 3 steps: the first runs at lr 0 (warmup)
     # The trained students are not the untrained one (the exports hold the trained weights). 3 steps, not 2: the
     # warmup schedule starts at lr 0, so the first update changes nothing.
@@ -225,7 +315,12 @@ def test_demo_script_end_to_end(tmp_path):
         cfg = json.loads((out / "runs" / name / "run_config.json").read_text())
         assert bool(cfg["teacher_cache"]) == cached and bool(cfg["teacher"]) != cached
     cache = results["teacher_cache"]
-    assert cache["top_k"] == 64 and 0 < cache["bytes_per_token"] and cache["wall_s"] > 0 and cache["kl_full_per_token"] >= 0
+    assert (
+        cache["top_k"] == 64
+        and 0 < cache["bytes_per_token"]
+        and cache["wall_s"] > 0
+        and cache["kl_full_per_token"] >= 0
+    )
     assert "bytes/token" in stdout
     assert table.startswith("| model |") and table.count("\n") == 2 + 6
     assert "3 after forward_kl |" in table and f"on-policy ({ON_POLICY[3]:.0%} of micro-batches sampled)" in table

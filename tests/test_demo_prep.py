@@ -2,6 +2,7 @@
 
 Everything runs on tiny models built here (a 262-token byte-level vocabulary, hidden size 32), in a few seconds.
 """
+
 import importlib.util
 import json
 from pathlib import Path
@@ -10,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from ds_distill.config import UsageError
-from ds_distill.student_init import evenly_spaced, main as student_main, make_student
+from ds_distill.common import UsageError
+from ds_distill.student_init import evenly_spaced, make_student
+from ds_distill.student_init import main as student_main
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 as in SmolLM2
@@ -40,9 +42,20 @@ def _llama_config(layers: int):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=len(_vocab_tokens()), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64, rms_norm_eps=1e-5,
-        rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        vocab_size=len(_vocab_tokens()),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
     )
 
 
@@ -55,7 +68,10 @@ def _tokenizer():
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>",
+        tokenizer_object=backend,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
         unk_token="<|endoftext|>",
     )
     tok.add_special_tokens({"additional_special_tokens": SPECIALS})
@@ -165,7 +181,9 @@ def test_data_split_by_topic_and_deterministic(tmp_path):
     # whole leading lines and a non-empty completion that together are the record's text.
     for s in rows:
         pairs = [json.loads(line) for line in open(tmp_path / "a" / f"{s}_prompts.jsonl")]
-        assert [(p["id"], p["topic"], p["prompt"] + p["completion"]) for p in pairs] == [(r["id"], r["topic"], r["text"]) for r in rows[s]]
+        assert [(p["id"], p["topic"], p["prompt"] + p["completion"]) for p in pairs] == [
+            (r["id"], r["topic"], r["text"]) for r in rows[s]
+        ]
         assert all(0 < len(p["prompt"]) <= prep.PROMPT_CHARS and p["completion"].strip() for p in pairs)
     other_eval = {json.loads(line)["topic"] for line in open(tmp_path / "c" / "eval.jsonl")}
     assert other_eval != eval_topics  # the seed matters
@@ -203,14 +221,18 @@ def test_plot_reads_deepspeed_csv_monitor(tmp_path, monkeypatch):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # One metric of every run on one panel; a run that continues another is drawn from that run's last step.
-    drawn = plot_metric([tmp_path / "a", tmp_path / "b"], tmp_path / "one.png", ["a", "b then"], metric="Train/loss", offsets=[0, 4])
+    drawn = plot_metric(
+        [tmp_path / "a", tmp_path / "b"], tmp_path / "one.png", ["a", "b then"], metric="Train/loss", offsets=[0, 4]
+    )
     assert drawn == {"a": [(1, 4.0), (2, 2.0), (3, 1.2), (4, 1.0)], "b then": [(5, 8.0), (6, 4.0), (7, 2.4), (8, 2.0)]}
     assert (tmp_path / "one.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(UsageError, match=r"has no Eval/ce metric .*was it trained with an eval set"):
         plot_metric([tmp_path / "a"], tmp_path / "x.png", ["a"])
 
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UsageError, match=r"no metrics under .*empty/monitor: was the run started with a csv_monitor block\?"):
+    with pytest.raises(
+        UsageError, match=r"no metrics under .*empty/monitor: was the run started with a csv_monitor block\?"
+    ):
         read_curves(tmp_path / "empty")
 
 
@@ -255,9 +277,15 @@ def _write_tiny_gguf(model, path: Path) -> None:
     writer.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     writer.add_tensor("output_norm.weight", sd["model.norm.weight"])
     names = {
-        "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-        "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-        "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+        "input_layernorm": "attn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "post_attention_layernorm": "ffn_norm",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
     }
     for i in range(cfg.num_hidden_layers):
         for hf, gg in names.items():
@@ -297,7 +325,9 @@ def test_convert_gguf_round_trip(tmp_path):
     assert tok.chat_template == CHAT_TEMPLATE
     text = "the theme"
     assert tok(text)["input_ids"] == _tokenizer()(text)["input_ids"]
-    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, return_dict=True)["input_ids"]
+    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, return_dict=True)[
+        "input_ids"
+    ]
     assert ids[0] == 1 and tok.decode(ids).endswith("<|im_start|>assistant\n")
 
 

@@ -2,9 +2,11 @@
 
 Trainer runs are in-process on the tiny models (a few steps each); one 2-rank check goes through `deepspeed`.
 """
+
 import csv
 import json
 import math
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -12,14 +14,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ds_distill import data, rounds, train
-from ds_distill.callbacks import Callback
-from ds_distill.config import RunConfig, UsageError, parse_args
-from ds_distill.early_stopping import EarlyStopping
-from ds_distill.manifest import Manifest, write_atomic
-from ds_distill.objective import Objective
-from ds_distill.routing import FixedWeights, LowestTeacherCE
-from ds_distill.tracking import ExampleTracker, hardest_examples, write_subset
+from ds_distill import data, train
+from ds_distill.common import UsageError, write_json_atomic
+from ds_distill.config import RunConfig, parse_args
+from ds_distill.core import trainer as trainer_mod
+from ds_distill.extras import rounds
+from ds_distill.extras.early_stopping import EarlyStopping
+from ds_distill.extras.manifest import Manifest
+from ds_distill.extras.tracking import ExampleTracker, hardest_examples, write_subset
+from ds_distill.losses.objective import Objective
+from ds_distill.losses.routing import FixedWeights, LowestTeacherCE
+from ds_distill.runtime.callbacks import Callback
 from tests.test_train import ds_json, losses_of, make_cfg
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,7 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def fixed_inputs(trainer, n=2):
     """A deterministic batch of the run's data (model inputs only)."""
-    stream = data.BatchStream(trainer.train.dataset, batch_size=n, rank=0, world_size=1, seed=123, pad_token_id=trainer.tokenizer.pad_token_id)
+    stream = data.BatchStream(
+        trainer.train.dataset, batch_size=n, rank=0, world_size=1, seed=123, pad_token_id=trainer.tokenizer.pad_token_id
+    )
     batch = next(stream)
     return {k: v for k, v in batch.items() if k not in ("labels", "example_ids")}
 
@@ -70,7 +77,7 @@ def mixture_loss_by_hand(student, teachers, batches, route, alpha):
         ts = [F.log_softmax(hf_logits(t, inputs).double(), -1).flatten(0, 1)[keep] for t in teachers]
         y = labels[keep]
         w = route(ts, y)  # [n, K]
-        mix = sum(w[:, k: k + 1] * ts[k].exp() for k in range(len(ts)))
+        mix = sum(w[:, k : k + 1] * ts[k].exp() for k in range(len(ts)))
         kl = (mix * (mix.log() - s)).sum(-1)
         ce = -s.gather(-1, y[:, None])[:, 0]
         total += (alpha * ce + (1 - alpha) * kl).sum().item()
@@ -82,7 +89,11 @@ def mixture_loss_by_hand(student, teachers, batches, route, alpha):
 def second_teacher(tiny, tmp_path_factory):
     from tests import tiny as tiny_mod
 
-    return str(tiny_mod.make_model(tmp_path_factory.mktemp("t2") / "teacher2", tiny["tokenizer"], layers=1, hidden=32, heads=4, seed=7))
+    return str(
+        tiny_mod.make_model(
+            tmp_path_factory.mktemp("t2") / "teacher2", tiny["tokenizer"], layers=1, hidden=32, heads=4, seed=7
+        )
+    )
 
 
 @pytest.mark.parametrize("router", ["fixed", "lowest_ce", "custom"])
@@ -90,11 +101,21 @@ def test_two_teacher_mixture_equals_hand_computation(tiny, dist_env, tmp_path, s
     """--router through build(), and a custom router plugged in by building the objective (over --teacher_weights)."""
     teachers = [tiny["teacher"], second_teacher]
     kw = dict(router="lowest_ce") if router == "lowest_ce" else dict(teacher_weights=[1.0, 3.0])
-    cfg = make_cfg(tiny, tmp_path / router, teacher=teachers, max_steps=1, alpha=0.3, chunk_size=7,
-                   deepspeed_config=ds_json(tmp_path, gradient_accumulation_steps=2), **kw)
+    cfg = make_cfg(
+        tiny,
+        tmp_path / router,
+        teacher=teachers,
+        max_steps=1,
+        alpha=0.3,
+        chunk_size=7,
+        deepspeed_config=ds_json(tmp_path, gradient_accumulation_steps=2),
+        **kw,
+    )
     objective = Objective.from_config(cfg, router=LowestTeacherCE()) if router == "custom" else None
     trainer = train.run(cfg, train.default_callbacks(cfg), objective=objective)
-    stream = data.BatchStream(trainer.train.dataset, batch_size=2, rank=0, world_size=1, seed=0, pad_token_id=trainer.tokenizer.pad_token_id)
+    stream = data.BatchStream(
+        trainer.train.dataset, batch_size=2, rank=0, world_size=1, seed=0, pad_token_id=trainer.tokenizer.pad_token_id
+    )
     batches = [next(stream), next(stream)]
     route = FixedWeights([1.0, 3.0]) if router == "fixed" else LowestTeacherCE()
     expected = mixture_loss_by_hand(tiny["student"], teachers, batches, route, alpha=0.3)
@@ -107,7 +128,9 @@ def test_two_teacher_mixture_equals_hand_computation(tiny, dist_env, tmp_path, s
 def test_second_teacher_with_another_vocabulary_fails_at_start(tiny, dist_env, tmp_path):
     from tests import tiny as tiny_mod
 
-    other = tiny_mod.make_model(tmp_path / "other", tiny_mod.make_tokenizer(tmp_path / "tok2", vocab_size=300), layers=1, hidden=32, heads=4)
+    other = tiny_mod.make_model(
+        tmp_path / "other", tiny_mod.make_tokenizer(tmp_path / "tok2", vocab_size=300), layers=1, hidden=32, heads=4
+    )
     with pytest.raises(UsageError) as exc:  # main() prints it as one `error:` line and exits 2 (tests/test_train.py)
         train.run(make_cfg(tiny, tmp_path / "o", teacher=[tiny["teacher"], str(other)]))
     assert "different tokenizers" in str(exc.value) and repr(str(other)) in str(exc.value)
@@ -117,15 +140,14 @@ def test_second_teacher_with_another_vocabulary_fails_at_start(tiny, dist_env, t
 # ------------------------------------------------------------------------------------------------ manifest
 def test_manifest_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "manifest.json"
-    write_atomic(path, {"step": 1, "checkpoints": ["a"]})
+    write_json_atomic(path, {"step": 1, "checkpoints": ["a"]})
 
-    def dies_half_way(obj, fh, **kw):
-        fh.write('{"step": 2, "checkpo')
-        raise OSError("disk full")
+    def disk_full(fd):
+        raise OSError("disk full")  # the new bytes are written to the temporary file, not yet on disk
 
-    monkeypatch.setattr(json, "dump", dies_half_way)
+    monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(OSError, match="disk full"):
-        write_atomic(path, {"step": 2, "checkpoints": ["a", "b"]})
+        write_json_atomic(path, {"step": 2, "checkpoints": ["a", "b"]})
     assert json.loads(path.read_text()) == {"step": 1, "checkpoints": ["a"]}
     assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"], "no temporary file is left behind"
 
@@ -133,22 +155,40 @@ def test_manifest_write_is_atomic(tmp_path, monkeypatch):
 def test_manifest_and_example_tracking_after_a_run(tiny, dist_env, tmp_path):
     """4 steps of 2 x 16 examples = 2 epochs of the 64-example corpus; a checkpoint every 2 steps; the export."""
     out = tmp_path / "run"
-    cfg = make_cfg(tiny, out, max_steps=4, save_steps=2, keep_last=0, log_steps=3, export=True, track_examples=True,
-                   deepspeed_config=ds_json(tmp_path, train_micro_batch_size_per_gpu=16, gradient_accumulation_steps=2))
+    cfg = make_cfg(
+        tiny,
+        out,
+        max_steps=4,
+        save_steps=2,
+        keep_last=0,
+        log_steps=3,
+        export=True,
+        track_examples=True,
+        deepspeed_config=ds_json(tmp_path, train_micro_batch_size_per_gpu=16, gradient_accumulation_steps=2),
+    )
     trainer = train.run(cfg, train.default_callbacks(cfg))
     assert any(isinstance(cb, ExampleTracker) for cb in trainer.callbacks)
 
     m = json.loads((out / "manifest.json").read_text())
     assert m["run_config"] == cfg.to_dict()
-    assert m["deepspeed"]["student"]["train_micro_batch_size_per_gpu"] == 16 and "optimizer" not in m["deepspeed"]["teacher"]
+    assert (
+        m["deepspeed"]["student"]["train_micro_batch_size_per_gpu"] == 16
+        and "optimizer" not in m["deepspeed"]["teacher"]
+    )
     assert m["versions"]["torch"] == torch.__version__.split("+")[0] or m["versions"]["torch"] == torch.__version__
     assert all(m["versions"][p] for p in ("deepspeed", "transformers", "datasets", "ds_distill"))
     assert m["git"] is None or len(m["git"]["commit"]) == 40
     assert m["data"]["train_fingerprint"] == trainer.train.dataset._fingerprint
-    assert m["data"]["train_file"]["bytes"] == Path(tiny["data"]).stat().st_size and len(m["data"]["train_file"]["sha256"]) == 64
+    assert (
+        m["data"]["train_file"]["bytes"] == Path(tiny["data"]).stat().st_size
+        and len(m["data"]["train_file"]["sha256"]) == 64
+    )
     assert [(c["tag"], c["step"]) for c in m["checkpoints"]] == [("step_00000002", 2), ("step_00000004", 4)]
     assert m["checkpoints"][0]["metrics"] == {}, "log_steps 3: nothing logged before the step-2 checkpoint"
-    assert m["checkpoints"][1]["metrics"]["Train/step"] == 4 and m["checkpoints"][1]["metrics"]["Train/loss"] == losses_of(trainer)[-1]
+    assert (
+        m["checkpoints"][1]["metrics"]["Train/step"] == 4
+        and m["checkpoints"][1]["metrics"]["Train/loss"] == losses_of(trainer)[-1]
+    )
     assert m["exports"]["final"]["step"] == 4 and m["exports"]["final"]["path"] == str(out / "final")
     assert m["results"]["step"] == 4 and m["results"]["exit_code"] == 0
     assert m["results"]["metrics"]["Train/loss"] == losses_of(trainer)[-1]
@@ -189,8 +229,12 @@ def test_manifest_and_example_tracking_after_a_run(tiny, dist_env, tmp_path):
 
 def test_hardest_examples_uses_latest_per_token_values(tmp_path):
     path = tmp_path / "examples.csv"
-    rows = [(1, 0, 0, 10.0, 1.0, 10), (1, 0, 1, 4.0, 1.0, 2), (1, 0, 2, 1.0, 9.0, 1),  # per-token CE: 1, 2, 1
-            (2, 1, 0, 30.0, 1.0, 10)]  # example 0 later: 3 per token
+    rows = [
+        (1, 0, 0, 10.0, 1.0, 10),
+        (1, 0, 1, 4.0, 1.0, 2),
+        (1, 0, 2, 1.0, 9.0, 1),  # per-token CE: 1, 2, 1
+        (2, 1, 0, 30.0, 1.0, 10),
+    ]  # example 0 later: 3 per token
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["step", "epoch", "example_id", "ce", "kd", "tokens"])
@@ -205,7 +249,7 @@ def test_early_stopping_on_a_scripted_eval_curve(tiny, dist_env, tmp_path, monke
     # best at step 2; step 4 improves by less than min_delta; patience 3 runs out at step 5
     curve = {1: 3.0, 2: 2.0, 3: 2.5, 4: 1.95, 5: 2.1, 6: 1.0}
 
-    monkeypatch.setattr(train.Trainer, "eval_metrics", lambda self: {"loss": curve[self.step]})
+    monkeypatch.setattr(trainer_mod.Trainer, "eval_metrics", lambda self: {"loss": curve[self.step]})
     snapshots, saves = {}, []
 
     class Snapshot(Callback):
@@ -223,7 +267,16 @@ def test_early_stopping_on_a_scripted_eval_curve(tiny, dist_env, tmp_path, monke
 
     out = tmp_path / "es"
     # save_steps 2: the new best at step 2 falls on a regular save, and the loop still saves it once
-    cfg = make_cfg(tiny, out, max_steps=8, eval_steps=1, save_steps=2, eval_fraction=0.25, export=True, deepspeed_config=ds_json(tmp_path))
+    cfg = make_cfg(
+        tiny,
+        out,
+        max_steps=8,
+        eval_steps=1,
+        save_steps=2,
+        eval_fraction=0.25,
+        export=True,
+        deepspeed_config=ds_json(tmp_path),
+    )
     trainer = train.run(cfg, [EarlyStopping(patience=3, min_delta=0.1), Manifest(), Snapshot()])
     assert trainer.step == 5 and not (out / "final").exists()
     assert json.loads((out / "best" / "export.json").read_text())["step"] == 2
@@ -238,15 +291,28 @@ def test_early_stopping_on_a_scripted_eval_curve(tiny, dist_env, tmp_path, monke
 
 
 def test_extra_flags_wire_callbacks_and_validate(tiny, tmp_path):
-    base = ["--teacher", tiny["teacher"], "--student", tiny["student"], "--data", tiny["data"], "--output_dir", str(tmp_path)]
+    base = [
+        "--teacher",
+        tiny["teacher"],
+        "--student",
+        tiny["student"],
+        "--data",
+        tiny["data"],
+        "--output_dir",
+        str(tmp_path),
+    ]
     cfg = parse_args(base + ["--track_examples", "--early_stopping_patience", "2", "--router", "lowest_ce"])
     names = [type(cb).__name__ for cb in train.default_callbacks(cfg)]
     assert names == ["Preemption", "EarlyStopping", "ExampleTracker", "Manifest"]
     plain = [type(cb).__name__ for cb in train.default_callbacks(parse_args(base))]
     assert plain == ["Preemption", "Manifest"], "every extra off: nothing else runs around the step"
-    assert Manifest.on_step_end is Callback.on_step_end and Manifest.should_stop is Callback.should_stop, "no per-step work"
+    assert Manifest.on_step_end is Callback.on_step_end and Manifest.should_stop is Callback.should_stop, (
+        "no per-step work"
+    )
     with pytest.raises(UsageError) as exc:
-        parse_args(base + ["--early_stopping_patience", "2", "--eval_fraction", "0", "--router", "best", "--rounds", "0"]).validate()
+        parse_args(
+            base + ["--early_stopping_patience", "2", "--eval_fraction", "0", "--router", "best", "--rounds", "0"]
+        ).validate()
     for part in ("--early_stopping_patience needs an eval set", "--router 'best'", "--rounds 0 must be >= 1"):
         assert part in str(exc.value)
 
@@ -270,16 +336,23 @@ def test_rounds_chain_exports_and_resume_in_the_right_round(tiny, dist_env, tmp_
 
     class Start(Callback):
         def on_train_start(self, trainer):
-            starts[trainer.cfg.output_dir] = (trainer.step, fixed_inputs(trainer), engine_logits(trainer, fixed_inputs(trainer)))
+            starts[trainer.cfg.output_dir] = (
+                trainer.step,
+                fixed_inputs(trainer),
+                engine_logits(trainer, fixed_inputs(trainer)),
+            )
 
     def factory(kill):
         def callbacks(rcfg):
             built.append(Path(rcfg.output_dir).name)
             extra = [StopAtStep1()] if kill and rcfg.output_dir.endswith("round_2") else []
             return [Start(), *extra, Manifest()]
+
         return callbacks
 
-    cfg = make_cfg(tiny, out, max_steps=2, rounds=2, round_overrides=str(overrides), export=True, deepspeed_config=cfg_ds)
+    cfg = make_cfg(
+        tiny, out, max_steps=2, rounds=2, round_overrides=str(overrides), export=True, deepspeed_config=cfg_ds
+    )
     first = rounds.run_rounds(cfg, factory(kill=True))
     assert built == ["round_1", "round_2"] and first[-1].exit_code == 75 and first[-1].step == 1
     assert (out / "round_1" / "final" / "config.json").is_file() and not (out / "round_2" / "final").exists()
@@ -327,11 +400,38 @@ def test_two_ranks_track_every_example_once_per_epoch(tiny, tmp_path):
     out = tmp_path / "two"
     # 2 ranks x micro-batch 8 x accumulation 2 = 32 examples per step: 2 steps per epoch of 64
     cfg = ds_json(tmp_path, train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=2)
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(random.randint(20000, 40000)),
-           "--module", "ds_distill.train", "--teacher", tiny["teacher"], "--student", tiny["student"], "--data", tiny["data"],
-           "--output_dir", str(out), "--deepspeed_config", cfg, "--teacher_deepspeed_config", str(ROOT / "ds_configs" / "cpu_teacher_zero3.json"),
-           "--max_steps", "4", "--seq_len", "32", "--log_steps", "3", "--eval_fraction", "0",
-           "--track_examples", "--export", "false"]
+    cmd = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(random.randint(20000, 40000)),
+        "--module",
+        "ds_distill.train",
+        "--teacher",
+        tiny["teacher"],
+        "--student",
+        tiny["student"],
+        "--data",
+        tiny["data"],
+        "--output_dir",
+        str(out),
+        "--deepspeed_config",
+        cfg,
+        "--teacher_deepspeed_config",
+        str(ROOT / "ds_configs" / "cpu_teacher_zero3.json"),
+        "--max_steps",
+        "4",
+        "--seq_len",
+        "32",
+        "--log_steps",
+        "3",
+        "--eval_fraction",
+        "0",
+        "--track_examples",
+        "--export",
+        "false",
+    ]
     proc = run_logged(cmd, env=launcher_env(PYTHONPATH=str(ROOT)), timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:]
     with open(out / "examples.csv", newline="") as fh:
@@ -357,8 +457,9 @@ def test_losses_accept_a_router_as_teacher_weights():
     # a fixed-weights router == the [K] weights, on both paths
     ref = losses.loss_sums(logits[0], logits[1:], labels, teacher_weights=torch.tensor([1.0, 3.0]), **kw)
     full = losses.loss_sums(logits[0], logits[1:], labels, teacher_weights=FixedWeights([1.0, 3.0]), **kw)
-    chunked = losses.chunked_loss_sums(s_h, heads[0], [t1_h, t2_h], heads[1:], labels, chunk_size=3,
-                                       teacher_weights=FixedWeights([1.0, 3.0]), **kw)
+    chunked = losses.chunked_loss_sums(
+        s_h, heads[0], [t1_h, t2_h], heads[1:], labels, chunk_size=3, teacher_weights=FixedWeights([1.0, 3.0]), **kw
+    )
     for out in (full, chunked):
         torch.testing.assert_close(out.total, ref.total)
         torch.testing.assert_close(out.kd_per_seq, ref.kd_per_seq)
@@ -366,6 +467,8 @@ def test_losses_accept_a_router_as_teacher_weights():
     lp = [F.log_softmax(t, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0] for t in logits[1:]]
     per_token = F.one_hot((lp[1] > lp[0]).long(), 2).float()  # [B, T, K]
     ref = losses.loss_sums(logits[0], logits[1:], labels, teacher_weights=per_token, **kw)
-    routed = losses.chunked_loss_sums(s_h, heads[0], [t1_h, t2_h], heads[1:], labels, chunk_size=3, teacher_weights=LowestTeacherCE(), **kw)
+    routed = losses.chunked_loss_sums(
+        s_h, heads[0], [t1_h, t2_h], heads[1:], labels, chunk_size=3, teacher_weights=LowestTeacherCE(), **kw
+    )
     torch.testing.assert_close(routed.total, ref.total)
     torch.testing.assert_close(routed.kd_per_seq, ref.kd_per_seq)

@@ -5,6 +5,7 @@ alone under every attention implementation the family supports (documents longer
 2-step run through the real entry point exports a folder whose logits equal the engine's. Plus the refusals: a
 --seq_len beyond a model's positions, and the Granite logit scale that used to be dropped.
 """
+
 import json
 from pathlib import Path
 
@@ -13,12 +14,19 @@ import torch
 import transformers
 
 from ds_distill import models, train
-from ds_distill.config import REPO_CONFIGS, UsageError, parse_args
+from ds_distill.config import parse_args
 from ds_distill.data import collate
+from ds_distill.ds_config import REPO_CONFIGS
 
 # Every family: hidden 16, 1-2 layers, 64 positions; sliding windows (4) shorter than the test documents (12 tokens).
-DIMS = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-            max_position_embeddings=64)
+DIMS = dict(
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=64,
+)
 MOE = dict(num_experts_per_tok=2, output_router_logits=False)
 FAMILIES = {
     "llama": ("LlamaConfig", {}),
@@ -27,14 +35,34 @@ FAMILIES = {
     "qwen3": ("Qwen3Config", dict(head_dim=8)),
     "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=8, num_experts=4, moe_intermediate_size=16, **MOE)),
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, sliding_window=4, **MOE)),
-    "gpt_oss": ("GptOssConfig", dict(head_dim=8, num_local_experts=4, sliding_window=4, num_hidden_layers=2,
-                                     layer_types=["sliding_attention", "full_attention"], **MOE)),
+    "gpt_oss": (
+        "GptOssConfig",
+        dict(
+            head_dim=8,
+            num_local_experts=4,
+            sliding_window=4,
+            num_hidden_layers=2,
+            layer_types=["sliding_attention", "full_attention"],
+            **MOE,
+        ),
+    ),
     "gemma": ("GemmaConfig", dict(head_dim=8)),
-    "gemma2": ("Gemma2Config", dict(head_dim=8, sliding_window=4, num_hidden_layers=2, final_logit_softcapping=0.5,
-                                    attn_logit_softcapping=1.0)),
-    "gemma3_text": ("Gemma3TextConfig", dict(head_dim=8, sliding_window=4, num_hidden_layers=2,
-                                             layer_types=["sliding_attention", "full_attention"],
-                                             final_logit_softcapping=0.5)),
+    "gemma2": (
+        "Gemma2Config",
+        dict(
+            head_dim=8, sliding_window=4, num_hidden_layers=2, final_logit_softcapping=0.5, attn_logit_softcapping=1.0
+        ),
+    ),
+    "gemma3_text": (
+        "Gemma3TextConfig",
+        dict(
+            head_dim=8,
+            sliding_window=4,
+            num_hidden_layers=2,
+            layer_types=["sliding_attention", "full_attention"],
+            final_logit_softcapping=0.5,
+        ),
+    ),
     "phi3": ("Phi3Config", dict(sliding_window=4)),
     "granite": ("GraniteConfig", dict(logits_scaling=8.0, initializer_range=1.0)),  # large logits: the scale matters
     "cohere": ("CohereConfig", dict(logit_scale=0.25)),
@@ -54,8 +82,13 @@ def make_family(root: Path, name: str, tok, **overrides) -> str:
     """Save a tiny random model of `name` (FAMILIES) plus the tokenizer to root/name; return the path."""
     cls, extra = FAMILIES[name]
     kw = {**DIMS, **extra, **overrides} if cls != "GPT2Config" else {**extra, **overrides}
-    config = getattr(transformers, cls)(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                        pad_token_id=tok.pad_token_id, **kw)
+    config = getattr(transformers, cls)(
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **kw,
+    )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).to(torch.float32)
     path = root / name
@@ -92,13 +125,19 @@ def documents(vocab: int) -> list[list[int]]:
 def test_head_and_packing_give_the_models_own_logits(family):
     name, path = family
     for impl in impls(path):
-        lm = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=impl).eval()
+        lm = transformers.AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, attn_implementation=impl
+        ).eval()
         wrapped = models.HiddenStatesLM(lm)
         assert (wrapped.transform is not None) == (name in TRANSFORMED), name
         docs = documents(lm.config.vocab_size)
         # two packed rows of different lengths: [12 + 7] and [12 + 5 + pads]
-        rows = {"input_ids": [docs[0] + docs[1], docs[2] + docs[3]], "labels": [[0] * 19, [0] * 17], "row": [0, 1],
-                "position_ids": [list(range(12)) + list(range(7)), list(range(12)) + list(range(5))]}
+        rows = {
+            "input_ids": [docs[0] + docs[1], docs[2] + docs[3]],
+            "labels": [[0] * 19, [0] * 17],
+            "row": [0, 1],
+            "position_ids": [list(range(12)) + list(range(7)), list(range(12)) + list(range(5))],
+        }
         batch = collate(rows, pad_token_id=0)
         assert "attention_mask" not in batch
         with torch.no_grad():
@@ -112,16 +151,44 @@ def test_head_and_packing_give_the_models_own_logits(family):
                 torch.testing.assert_close(wrapped.head(wrapped(input_ids=ids)[0]), alone, atol=1e-5, rtol=1e-5)
                 if name in NO_PACKING:
                     continue
-                torch.testing.assert_close(packed[b, start: start + len(doc)], alone, atol=1e-5, rtol=1e-5,
-                                           msg=lambda m: f"{name} {impl}: packed != alone\n{m}")
+                torch.testing.assert_close(
+                    packed[b, start : start + len(doc)],
+                    alone,
+                    atol=1e-5,
+                    rtol=1e-5,
+                    msg=lambda m: f"{name} {impl}: packed != alone\n{m}",
+                )
             if name in NO_PACKING:  # the second document of a row does see the first: hence the refusal
                 assert not torch.allclose(packed[0, 12:], lm(input_ids=torch.tensor([docs[1]])).logits[0], atol=1e-3)
 
 
 def family_argv(path: str, data: str, out: Path, ds: str, *extra: str) -> list[str]:
-    return ["--teacher", path, "--student", path, "--data", data, "--output_dir", str(out), "--deepspeed_config", ds,
-            "--teacher_deepspeed_config", str(REPO_CONFIGS / "cpu_teacher_replicated.json"), "--max_steps", "2",
-            "--seq_len", "16", "--eval_fraction", "0", "--chunk_size", "16", "--log_steps", "1", "--packing", *extra]
+    return [
+        "--teacher",
+        path,
+        "--student",
+        path,
+        "--data",
+        data,
+        "--output_dir",
+        str(out),
+        "--deepspeed_config",
+        ds,
+        "--teacher_deepspeed_config",
+        str(REPO_CONFIGS / "cpu_teacher_replicated.json"),
+        "--max_steps",
+        "2",
+        "--seq_len",
+        "16",
+        "--eval_fraction",
+        "0",
+        "--chunk_size",
+        "16",
+        "--log_steps",
+        "1",
+        "--packing",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +205,16 @@ def sgd_json(tmp_path_factory):
 def test_two_steps_export_the_engine_logits(family, tiny, dist_env, tmp_path, sgd_json, capsys, keep_process_group):
     name, path = family
     # A teacher engine (alpha 0.5) where its logits need the model's own post-processing; elsewhere alpha 1 saves time.
-    argv = family_argv(path, tiny["data"], tmp_path / "run", sgd_json, "--export", "true",
-                       "--alpha", "0.5" if name in TRANSFORMED else "1")
+    argv = family_argv(
+        path,
+        tiny["data"],
+        tmp_path / "run",
+        sgd_json,
+        "--export",
+        "true",
+        "--alpha",
+        "0.5" if name in TRANSFORMED else "1",
+    )
     if name in NO_PACKING:
         assert train.main(argv) == 2
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
@@ -148,7 +223,9 @@ def test_two_steps_export_the_engine_logits(family, tiny, dist_env, tmp_path, sg
         argv[argv.index("--output_dir") + 1] = str(tmp_path / "unpacked")
     trainer = train.run(parse_args(argv))
     assert trainer.step == 2
-    exported = transformers.AutoModelForCausalLM.from_pretrained(Path(trainer.cfg.output_dir) / "final", dtype=torch.float32).eval()
+    exported = transformers.AutoModelForCausalLM.from_pretrained(
+        Path(trainer.cfg.output_dir) / "final", dtype=torch.float32
+    ).eval()
     batch = next(trainer.train)
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "example_ids")}
     with torch.no_grad():
@@ -159,16 +236,20 @@ def test_two_steps_export_the_engine_logits(family, tiny, dist_env, tmp_path, sg
     assert not torch.allclose(before, engine_logits, atol=1e-4), "the two steps must have changed the student"
 
 
-def test_seq_len_beyond_positions_is_refused_before_loading(tiny, family_root, tmp_path, monkeypatch, capsys, keep_process_group):
+def test_seq_len_beyond_positions_is_refused_before_loading(
+    tiny, family_root, tmp_path, monkeypatch, capsys, keep_process_group
+):
     gpt2 = make_family(family_root, "gpt2", tiny["tokenizer"], n_positions=32)
     loads = []
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: loads.append(a))
+    monkeypatch.setattr(models.loading, "load_model", lambda *a, **k: loads.append(a))
     argv = family_argv(gpt2, tiny["data"], tmp_path / "run", str(REPO_CONFIGS / "cpu_zero3.json"))
     argv[argv.index("--seq_len") + 1] = "64"
     assert train.main(argv) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert err == [f"error: --seq_len 64 is longer than model {gpt2!r} supports (32 positions, max_position_embeddings "
-                   "in its config.json): use --seq_len 32 or less"], err
+    assert err == [
+        f"error: --seq_len 64 is longer than model {gpt2!r} supports (32 positions, max_position_embeddings "
+        "in its config.json): use --seq_len 32 or less"
+    ], err
     assert loads == []
 
 
@@ -177,13 +258,29 @@ def test_granite_logit_scale_is_in_the_loss(tiny, family_root, dist_env, tmp_pat
     equals the CE of the model's own forward (ds_distill.evaluate), not that of lm_head alone."""
     from ds_distill.evaluate import perplexity
 
-    path = str(family_root / "granite") if (family_root / "granite").is_dir() else make_family(family_root, "granite", tiny["tokenizer"])
+    path = (
+        str(family_root / "granite")
+        if (family_root / "granite").is_dir()
+        else make_family(family_root, "granite", tiny["tokenizer"])
+    )
     d = json.loads(Path(sgd_json).read_text())
     d["optimizer"]["params"]["lr"] = 0.0
     ds = tmp_path / "lr0.json"
     ds.write_text(json.dumps(d))
-    argv = family_argv(path, tiny["data"], tmp_path / "run", str(ds), "--alpha", "1", "--eval_data", tiny["data"],
-                       "--eval_batches", "0", "--export", "false")
+    argv = family_argv(
+        path,
+        tiny["data"],
+        tmp_path / "run",
+        str(ds),
+        "--alpha",
+        "1",
+        "--eval_data",
+        tiny["data"],
+        "--eval_batches",
+        "0",
+        "--export",
+        "false",
+    )
     argv.remove("--packing")
     own = perplexity(path, tiny["data"], seq_len=16)  # before the trainer sets a global ZeRO-3 config for loading
     trainer = train.run(parse_args(argv))
@@ -191,13 +288,21 @@ def test_granite_logit_scale_is_in_the_loss(tiny, family_root, dist_env, tmp_pat
     assert ce == pytest.approx(own["ce"], rel=1e-4), (ce, own)
 
 
-def test_probe_stops_on_wrong_logits(tiny, family_root, dist_env, tmp_path, sgd_json, monkeypatch, capsys, keep_process_group):
+def test_probe_stops_on_wrong_logits(
+    tiny, family_root, dist_env, tmp_path, sgd_json, monkeypatch, capsys, keep_process_group
+):
     """A head that drops the model's post-processing (what ds-distill did for Granite) stops the run in one line."""
-    path = str(family_root / "granite") if (family_root / "granite").is_dir() else make_family(family_root, "granite", tiny["tokenizer"])
+    path = (
+        str(family_root / "granite")
+        if (family_root / "granite").is_dir()
+        else make_family(family_root, "granite", tiny["tokenizer"])
+    )
     monkeypatch.setattr(models.LogitTransform, "of", classmethod(lambda cls, lm: None))
     assert train.main(family_argv(path, tiny["data"], tmp_path / "run", sgd_json)) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(err) == 1 and err[0].startswith(f"error: model {path!r}: the chunked loss's head does not give the model's own logits (max abs difference"), err
+    assert len(err) == 1 and err[0].startswith(
+        f"error: model {path!r}: the chunked loss's head does not give the model's own logits (max abs difference"
+    ), err
 
 
 @pytest.mark.multiprocess
@@ -212,20 +317,52 @@ def test_moe_families_under_zero3_on_two_ranks(tiny, family_root, tmp_path):
 
     from tests.cluster_fixtures import launcher_env
 
-    paths = {n: str(family_root / n) if (family_root / n).is_dir() else make_family(family_root, n, tiny["tokenizer"])
-             for n in ("qwen3_moe", "mixtral", "gpt_oss")}
+    paths = {
+        n: str(family_root / n) if (family_root / n).is_dir() else make_family(family_root, n, tiny["tokenizer"])
+        for n in ("qwen3_moe", "mixtral", "gpt_oss")
+    }
     d = json.loads((REPO_CONFIGS / "cpu_zero3.json").read_text())
     d.pop("scheduler", None)
     d["train_micro_batch_size_per_gpu"] = 2
     (tmp_path / "z3.json").write_text(json.dumps(d))
     out = tmp_path / "moe"
     root = Path(__file__).resolve().parent.parent
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(random.randint(20000, 40000)),
-           "--module", "ds_distill.train", "--student", paths["qwen3_moe"], "--teacher", paths["mixtral"],
-           "--teacher", paths["gpt_oss"], "--data", tiny["data"], "--output_dir", str(out),
-           "--deepspeed_config", str(tmp_path / "z3.json"), "--teacher_deepspeed_config", str(REPO_CONFIGS / "cpu_teacher_zero3.json"),
-           "--max_steps", "2", "--seq_len", "16", "--log_steps", "1", "--eval_fraction", "0", "--chunk_size", "8"]
-    proc = subprocess.run(cmd, cwd=root, env=launcher_env(PYTHONPATH=str(root)), capture_output=True, text=True, timeout=600)
+    cmd = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(random.randint(20000, 40000)),
+        "--module",
+        "ds_distill.train",
+        "--student",
+        paths["qwen3_moe"],
+        "--teacher",
+        paths["mixtral"],
+        "--teacher",
+        paths["gpt_oss"],
+        "--data",
+        tiny["data"],
+        "--output_dir",
+        str(out),
+        "--deepspeed_config",
+        str(tmp_path / "z3.json"),
+        "--teacher_deepspeed_config",
+        str(REPO_CONFIGS / "cpu_teacher_zero3.json"),
+        "--max_steps",
+        "2",
+        "--seq_len",
+        "16",
+        "--log_steps",
+        "1",
+        "--eval_fraction",
+        "0",
+        "--chunk_size",
+        "8",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=root, env=launcher_env(PYTHONPATH=str(root)), capture_output=True, text=True, timeout=600
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     for name in ("Qwen3MoeSparseMoeBlock", "MixtralSparseMoeBlock", "GptOssMLP"):

@@ -1,11 +1,12 @@
 """The fused chunked loss with a ZeRO-3 lm_head (the default config), in process: SGD updates against full logits."""
+
 import json
 
 import pytest
 import torch
 
 from ds_distill import losses, train
-from ds_distill.config import REPO_CONFIGS
+from ds_distill.ds_config import REPO_CONFIGS
 from tests.test_train import losses_of, make_cfg
 
 
@@ -32,18 +33,31 @@ def test_fused_zero3_head_equals_full_logits(tiny, dist_env, tmp_path, monkeypat
 
     from tests import tiny as tiny_mod
 
-    student = tiny["student"] if tie else tiny_mod.make_model(tmp_path / "untied", tiny["tokenizer"], layers=1, tie=False, seed=2)
+    student = (
+        tiny["student"]
+        if tie
+        else tiny_mod.make_model(tmp_path / "untied", tiny["tokenizer"], layers=1, tie=False, seed=2)
+    )
     config = sgd_zero3_json(tmp_path)
 
     def run(path: str):
         if path == "checkpointed":
-            monkeypatch.setattr(losses, "_fusable", lambda head: False)
-        trainer = train.run(make_cfg(tiny, tmp_path / path, student=student, chunk_size=0 if path == "full" else 7,
-                                     max_steps=2, temperature=2.0, deepspeed_config=config))
+            monkeypatch.setattr(losses.chunked, "fusable", lambda head: False)
+        trainer = train.run(
+            make_cfg(
+                tiny,
+                tmp_path / path,
+                student=student,
+                chunk_size=0 if path == "full" else 7,
+                max_steps=2,
+                temperature=2.0,
+                deepspeed_config=config,
+            )
+        )
         monkeypatch.undo()
         module = trainer.student.module
         head = module.head
-        assert hasattr(head.linear.weight, "ds_id") and losses._fusable(head)  # a ZeRO-3 head, fused by default
+        assert hasattr(head.linear.weight, "ds_id") and losses.chunked.fusable(head)  # a ZeRO-3 head, fused by default
         assert (module.lm.get_input_embeddings().weight is head.linear.weight) == tie
         params = dict(module.named_parameters())
         with deepspeed.zero.GatheredParameters(list(params.values())):

@@ -1,5 +1,6 @@
 """Rank discovery (in process, from environment variables) and 2-rank distillation through the shipped launch scripts:
 mpirun, deepspeed --launcher openmpi, and sbatch + srun on a one-node SLURM cluster on localhost."""
+
 from __future__ import annotations
 
 import os
@@ -8,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from ds_distill import distributed
-from ds_distill.config import REPO_CONFIGS, UsageError
-from ds_distill.distributed import _tasks_on_node, resolve
-from tests.cluster_fixtures import ROOT, SCRIPTS, cluster_tools, launcher_env, run_logged, slurm_cluster, wait_for_job  # noqa: F401
+from ds_distill.common import UsageError
+from ds_distill.ds_config import REPO_CONFIGS
+from ds_distill.runtime import distributed
+from ds_distill.runtime.distributed import _tasks_on_node, resolve
+from tests.cluster_fixtures import ROOT, SCRIPTS, launcher_env, run_logged, wait_for_job
 
 JOB_TIMEOUT = 300  # seconds for one tiny 2-rank run, the first DeepSpeed JIT build included
 
@@ -28,16 +30,34 @@ def test_no_launcher_is_one_process():
 
 
 def test_deepspeed_launcher_variables():
-    env = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_SIZE": "2", "CROSS_RANK": "1",
-           "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29600"}
+    env = {
+        "RANK": "3",
+        "LOCAL_RANK": "1",
+        "WORLD_SIZE": "4",
+        "LOCAL_SIZE": "2",
+        "CROSS_RANK": "1",
+        "MASTER_ADDR": "10.0.0.1",
+        "MASTER_PORT": "29600",
+    }
     rv = resolve(env)
     assert (rv.launcher, rv.rank, rv.local_rank, rv.world_size, rv.local_world_size) == ("deepspeed", 3, 1, 4, 2)
-    assert rv.env() == {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2",
-                        "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29600"}
+    assert rv.env() == {
+        "RANK": "3",
+        "LOCAL_RANK": "1",
+        "WORLD_SIZE": "4",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "10.0.0.1",
+        "MASTER_PORT": "29600",
+    }
 
 
 def test_openmpi_variables():
-    env = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
+    env = {
+        "OMPI_COMM_WORLD_RANK": "1",
+        "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+        "OMPI_COMM_WORLD_SIZE": "2",
+        "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+    }
     rv = resolve(env)
     assert (rv.launcher, rv.rank, rv.local_rank, rv.world_size, rv.local_world_size) == ("openmpi", 1, 1, 2, 2)
     # One node: loopback; the port is agreed through mpi4py at start-up.
@@ -47,8 +67,17 @@ def test_openmpi_variables():
 
 
 def test_srun_variables():
-    env = {"SLURM_JOB_ID": "1234", "SLURM_STEP_ID": "0", "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
-           "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_TASKS_PER_NODE": "2(x2)", "SLURM_STEP_NODELIST": "node[07-08]"}
+    env = {
+        "SLURM_JOB_ID": "1234",
+        "SLURM_STEP_ID": "0",
+        "SLURM_PROCID": "3",
+        "SLURM_LOCALID": "1",
+        "SLURM_NODEID": "1",
+        "SLURM_NTASKS": "4",
+        "SLURM_STEP_NUM_TASKS": "4",
+        "SLURM_STEP_TASKS_PER_NODE": "2(x2)",
+        "SLURM_STEP_NODELIST": "node[07-08]",
+    }
     rv = resolve(env, first_host=hosts)
     assert (rv.launcher, rv.rank, rv.local_rank, rv.world_size, rv.local_world_size) == ("slurm", 3, 1, 4, 2)
     assert (rv.master_addr, rv.master_port) == ("node07", 22340)  # port 20000 + (job % 1000) * 10 + step
@@ -61,24 +90,67 @@ def test_slurm_task_counts():
 
 
 def test_one_launcher_per_node_under_srun_is_fine():
-    env = {"SLURM_JOB_ID": "5", "SLURM_STEP_ID": "0", "SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2",
-           "RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "node07", "MASTER_PORT": "29500"}
+    env = {
+        "SLURM_JOB_ID": "5",
+        "SLURM_STEP_ID": "0",
+        "SLURM_PROCID": "1",
+        "SLURM_STEP_NUM_TASKS": "2",
+        "RANK": "5",
+        "LOCAL_RANK": "1",
+        "WORLD_SIZE": "8",
+        "LOCAL_WORLD_SIZE": "4",
+        "MASTER_ADDR": "node07",
+        "MASTER_PORT": "29500",
+    }
     assert resolve(env).world_size == 8
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}, "rank 2 from RANK/WORLD_SIZE is outside the world of 2 ranks"),
-    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "h"}, "local rank 1 from RANK/WORLD_SIZE is outside the 1 ranks"),
-    ({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}, "spans several nodes but MASTER_ADDR is not set"),
-    ({"RANK": "0"}, "RANK is set but WORLD_SIZE is not"),
-    ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK='x' in the environment is not an integer"),
-    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
-      "OMPI_COMM_WORLD_SIZE": "4"}, "mixed launcher variables disagree: RANK=0 WORLD_SIZE=2 but mpirun says rank 0 of 4"),
-    # srun -n 2 deepspeed --num_gpus 2: every srun task starts its own 2-rank world.
-    ({"SLURM_JOB_ID": "5", "SLURM_STEP_ID": "0", "SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2",
-      "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}, "srun started 2 tasks (this is task 1)"),
-    ({"SLURM_JOB_ID": "5", "SLURM_PROCID": "0", "SLURM_NTASKS": "2"}, "this process was not started by srun"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        (
+            {"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"},
+            "rank 2 from RANK/WORLD_SIZE is outside the world of 2 ranks",
+        ),
+        (
+            {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "h"},
+            "local rank 1 from RANK/WORLD_SIZE is outside the 1 ranks",
+        ),
+        (
+            {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"},
+            "spans several nodes but MASTER_ADDR is not set",
+        ),
+        ({"RANK": "0"}, "RANK is set but WORLD_SIZE is not"),
+        ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK='x' in the environment is not an integer"),
+        (
+            {
+                "RANK": "0",
+                "WORLD_SIZE": "2",
+                "LOCAL_RANK": "0",
+                "OMPI_COMM_WORLD_RANK": "0",
+                "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+                "OMPI_COMM_WORLD_SIZE": "4",
+            },
+            "mixed launcher variables disagree: RANK=0 WORLD_SIZE=2 but mpirun says rank 0 of 4",
+        ),
+        # srun -n 2 deepspeed --num_gpus 2: every srun task starts its own 2-rank world.
+        (
+            {
+                "SLURM_JOB_ID": "5",
+                "SLURM_STEP_ID": "0",
+                "SLURM_PROCID": "1",
+                "SLURM_STEP_NUM_TASKS": "2",
+                "RANK": "0",
+                "LOCAL_RANK": "0",
+                "WORLD_SIZE": "2",
+                "LOCAL_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1",
+            },
+            "srun started 2 tasks (this is task 1)",
+        ),
+        ({"SLURM_JOB_ID": "5", "SLURM_PROCID": "0", "SLURM_NTASKS": "2"}, "this process was not started by srun"),
+    ],
+)
 def test_inconsistent_variables_fail_in_one_line(env, message):
     with pytest.raises(UsageError) as err:
         resolve(env)
@@ -102,14 +174,38 @@ def test_cpu_ranks_share_the_cores(monkeypatch):
     finally:
         torch.set_num_threads(before)
 
+
 # ------------------------------------------------------------------------------------------------ real launchers
 def run_args(tiny, out: Path) -> str:
     """Two optimizer steps of the tiny pair (default chunked loss), one checkpoint (pytest's tmp paths have no spaces)."""
-    return " ".join(["--teacher", tiny["teacher"], "--student", tiny["student"], "--data", tiny["data"], "--output_dir", str(out),
-                     "--deepspeed_config", str(REPO_CONFIGS / "cpu_zero3.json"),
-                     "--teacher_deepspeed_config", str(REPO_CONFIGS / "cpu_teacher_zero3.json"),
-                     "--max_steps", "2", "--save_steps", "2", "--seq_len", "32", "--log_steps", "1",
-                     "--eval_fraction", "0", "--export", "false"])
+    return " ".join(
+        [
+            "--teacher",
+            tiny["teacher"],
+            "--student",
+            tiny["student"],
+            "--data",
+            tiny["data"],
+            "--output_dir",
+            str(out),
+            "--deepspeed_config",
+            str(REPO_CONFIGS / "cpu_zero3.json"),
+            "--teacher_deepspeed_config",
+            str(REPO_CONFIGS / "cpu_teacher_zero3.json"),
+            "--max_steps",
+            "2",
+            "--save_steps",
+            "2",
+            "--seq_len",
+            "32",
+            "--log_steps",
+            "1",
+            "--eval_fraction",
+            "0",
+            "--export",
+            "false",
+        ]
+    )
 
 
 def assert_two_rank_run(out: Path, log: str, launcher: str) -> None:
@@ -135,8 +231,14 @@ def test_deepspeed_openmpi_launcher(cluster_tools, tiny, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
     # --force_multi: use the openmpi launcher for one host; --no_ssh_check: mpirun starts local ranks without ssh.
-    env = launcher_env(HOSTFILE=str(hostfile), LAUNCHER="openmpi", MASTER_ADDR="127.0.0.1", DS_ARGS="--force_multi --no_ssh_check",
-                       LAUNCHER_ARGS="--oversubscribe --mca btl_tcp_if_include lo", RUN_ARGS=run_args(tiny, out))
+    env = launcher_env(
+        HOSTFILE=str(hostfile),
+        LAUNCHER="openmpi",
+        MASTER_ADDR="127.0.0.1",
+        DS_ARGS="--force_multi --no_ssh_check",
+        LAUNCHER_ARGS="--oversubscribe --mca btl_tcp_if_include lo",
+        RUN_ARGS=run_args(tiny, out),
+    )
     proc = run_logged(["bash", str(SCRIPTS / "launch_deepspeed.sh")], env=env, timeout=JOB_TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-6000:]
     assert "mpirun -n 2 -hostfile" in proc.stdout, proc.stdout[-6000:]
@@ -148,8 +250,14 @@ def test_sbatch_srun(slurm_cluster, tiny, tmp_path):
     out = tmp_path / "run"
     job_log = tmp_path / "job.out"
     env = launcher_env(RUN_ARGS=run_args(tiny, out), **slurm_cluster)
-    sub = subprocess.run(["sbatch", "--parsable", "--output", str(job_log), str(SCRIPTS / "launch_slurm.sbatch")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    sub = subprocess.run(
+        ["sbatch", "--parsable", "--output", str(job_log), str(SCRIPTS / "launch_slurm.sbatch")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert sub.returncode == 0, sub.stdout + sub.stderr
     job_id = sub.stdout.strip().split(";")[0]
     state = wait_for_job(job_id, env, timeout=JOB_TIMEOUT)
@@ -163,7 +271,7 @@ def test_stale_jit_lock_is_removed_only_beside_a_built_op(tmp_path, monkeypatch)
     import os
     import time as _time
 
-    from ds_distill.distributed import clear_stale_jit_locks
+    from ds_distill.runtime.distributed import clear_stale_jit_locks
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     built, building, fresh = (tmp_path / "py311_cpu" / name for name in ("built_op", "building_op", "fresh_op"))
@@ -177,4 +285,3 @@ def test_stale_jit_lock_is_removed_only_beside_a_built_op(tmp_path, monkeypatch)
         os.utime(folder / "lock", (old, old))
     assert clear_stale_jit_locks() == [str(built / "lock")]
     assert not (built / "lock").exists() and (building / "lock").exists() and (fresh / "lock").exists()
-

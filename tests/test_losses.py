@@ -4,14 +4,15 @@ The reference below is deliberately plain (probabilities, not log-probabilities;
 documented jsd endpoints) so that it shares no code or tricks with ``ds_distill.losses``. The library computes in
 fp32, hence rtol ~1e-5 on values.
 """
+
 import itertools
 import math
 
 import pytest
 import torch
 
-from ds_distill.losses import (IGNORE_INDEX, LOSSES, OutputHead, chunked_loss_sums, distillation_loss, loss_sums,
-                               teacher_logprobs)
+from ds_distill.common import IGNORE_INDEX
+from ds_distill.losses import LOSSES, OutputHead, chunked_loss_sums, distillation_loss, loss_sums, teacher_logprobs
 
 KINDS = list(LOSSES)
 B, T, V, H = 3, 5, 11, 8
@@ -153,7 +154,9 @@ def test_golden_values(kind):
 def test_divergence_of_a_distribution_with_itself_is_zero(kind, temperature):
     student, _, labels = make(1)
     for beta, skew in [(0.5, 0.1), (0.0, 0.0), (1.0, 1.0), (0.3, 0.7)]:
-        sums = loss_sums(student, student.detach(), labels, loss=kind, alpha=0.0, temperature=temperature, beta=beta, skew=skew)
+        sums = loss_sums(
+            student, student.detach(), labels, loss=kind, alpha=0.0, temperature=temperature, beta=beta, skew=skew
+        )
         assert abs(sums.kd.item()) < 1e-5
         assert sums.kd_per_seq.abs().max().item() < 1e-5
 
@@ -247,7 +250,9 @@ def test_all_masked_is_a_finite_zero_with_zero_grads(kind):
     hidden = torch.randn(B, T, H, requires_grad=True)
     head = torch.nn.Linear(H, V, bias=False)
     for num_chunks in [None, 2]:
-        c = chunked_loss_sums(hidden, head, torch.randn(B, T, H), head, labels, loss=kind, chunk_size=4, num_chunks=num_chunks)
+        c = chunked_loss_sums(
+            hidden, head, torch.randn(B, T, H), head, labels, loss=kind, chunk_size=4, num_chunks=num_chunks
+        )
         assert c.total.item() == 0.0
         (gh,) = torch.autograd.grad(c.total, hidden)
         assert torch.equal(gh, torch.zeros_like(gh))
@@ -299,7 +304,9 @@ def test_chunked_equals_unchunked(kind):
     ref = loss_sums(head(hidden), [h(x) for h, x in zip(t_heads, t_hidden)], labels, **kw)
     g_ref = torch.autograd.grad(ref.total, [hidden, head.weight])
     for chunk_size, num_chunks in [(1, None), (3, None), (n + 5, None), (3, -(-n // 3) + 2), (n + 5, 3)]:
-        out = chunked_loss_sums(hidden, head, t_hidden, t_heads, labels, chunk_size=chunk_size, num_chunks=num_chunks, **kw)
+        out = chunked_loss_sums(
+            hidden, head, t_hidden, t_heads, labels, chunk_size=chunk_size, num_chunks=num_chunks, **kw
+        )
         close(out.total, ref.total)
         for f in ("ce", "kd", "ce_per_seq", "kd_per_seq"):
             close(getattr(out, f), getattr(ref, f))
@@ -318,10 +325,13 @@ def test_chunked_num_chunks_calls_the_head_exactly_that_many_times():
     assert torch.equal(out.total, ref.total)
 
 
-@pytest.mark.parametrize("fused, seed, loss, mask_start, chunk_sizes", [
-    (False, 10, "jsd", True, [1, 3, 100]),  # a plain callable head: the checkpointed path
-    (True, 33, "forward_kl", False, [1, 5, 100]),  # an OutputHead over the tied nn.Linear: the fused path
-])
+@pytest.mark.parametrize(
+    "fused, seed, loss, mask_start, chunk_sizes",
+    [
+        (False, 10, "jsd", True, [1, 3, 100]),  # a plain callable head: the checkpointed path
+        (True, 33, "forward_kl", False, [1, 5, 100]),  # an OutputHead over the tied nn.Linear: the fused path
+    ],
+)
 def test_chunked_tied_head_shared_with_the_embedding(fused, seed, loss, mask_start, chunk_sizes):
     """The head weight is also the input embedding: its grad gets both uses, identically in both paths."""
     g = torch.Generator().manual_seed(seed)
@@ -360,21 +370,34 @@ def test_chunked_tied_head_shared_with_the_embedding(fused, seed, loss, mask_sta
 
 
 # ---------------------------------------------------------------- errors and registry
-@pytest.mark.parametrize("kwargs, word", [
-    (dict(loss="forward"), "loss"), (dict(loss="FORWARD_KL"), "loss"), (dict(loss="kl"), "loss"),
-    (dict(loss="forward_kl "), "loss"),
-    (dict(alpha=-0.1), "alpha"), (dict(alpha=1.5), "alpha"),
-    (dict(beta=-0.01), "beta"), (dict(beta=1.01), "beta"),
-    (dict(skew=-1.0), "skew"), (dict(skew=2.0), "skew"),
-    (dict(temperature=0.0), "temperature"), (dict(temperature=-1.0), "temperature"),
-    (dict(temperature=math.inf), "temperature"), (dict(alpha=math.nan), "alpha"),
-])
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [
+        (dict(loss="forward"), "loss"),
+        (dict(loss="FORWARD_KL"), "loss"),
+        (dict(loss="kl"), "loss"),
+        (dict(loss="forward_kl "), "loss"),
+        (dict(alpha=-0.1), "alpha"),
+        (dict(alpha=1.5), "alpha"),
+        (dict(beta=-0.01), "beta"),
+        (dict(beta=1.01), "beta"),
+        (dict(skew=-1.0), "skew"),
+        (dict(skew=2.0), "skew"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(temperature=math.inf), "temperature"),
+        (dict(alpha=math.nan), "alpha"),
+    ],
+)
 def test_bad_arguments_raise_naming_the_argument(kwargs, word):
     student, teachers, labels = make(11)
-    for call in (lambda: distillation_loss(student, teachers[0], labels, **kwargs),
-                 lambda: loss_sums(student, teachers, labels, **kwargs),
-                 lambda: chunked_loss_sums(torch.randn(B, T, H), torch.nn.Linear(H, V), torch.randn(B, T, H),
-                                           torch.nn.Linear(H, V), labels, **kwargs)):
+    for call in (
+        lambda: distillation_loss(student, teachers[0], labels, **kwargs),
+        lambda: loss_sums(student, teachers, labels, **kwargs),
+        lambda: chunked_loss_sums(
+            torch.randn(B, T, H), torch.nn.Linear(H, V), torch.randn(B, T, H), torch.nn.Linear(H, V), labels, **kwargs
+        ),
+    ):
         with pytest.raises(ValueError, match=word):
             call()
 
@@ -418,11 +441,20 @@ def test_vocab_mismatches_raise_instead_of_truncating():
         loss_sums(student[0], teachers[0][0], labels[0])
 
 
-@pytest.mark.parametrize("weights", [
-    [1.0],  # one weight for two teachers would broadcast into a "mixture" that sums to 2
-    [1.0, 1.0, 1.0], [1.0, -0.5], [0.0, 0.0], [math.nan, 1.0],
-    torch.ones(B, T), torch.ones(B, T, 3), torch.ones(B, T - 1, 2),
-], ids=["K1", "K3", "negative", "zero-sum", "nan", "2d", "BTK3", "B(T-1)K"])
+@pytest.mark.parametrize(
+    "weights",
+    [
+        [1.0],  # one weight for two teachers would broadcast into a "mixture" that sums to 2
+        [1.0, 1.0, 1.0],
+        [1.0, -0.5],
+        [0.0, 0.0],
+        [math.nan, 1.0],
+        torch.ones(B, T),
+        torch.ones(B, T, 3),
+        torch.ones(B, T - 1, 2),
+    ],
+    ids=["K1", "K3", "negative", "zero-sum", "nan", "2d", "BTK3", "B(T-1)K"],
+)
 def test_bad_teacher_weights_raise(weights):
     student, teachers, labels = make(20, k=2)
     with pytest.raises(ValueError, match="teacher_weights"):
@@ -462,16 +494,26 @@ def test_two_teacher_mixture_matches_hand_computed(kind):
     kw = dict(loss=kind, alpha=0.2, temperature=1.5, beta=0.3, skew=0.4)
     for weights in [None, [1.0, 3.0], torch.tensor([0.5, 0.5])]:
         out = loss_sums(student, teachers, labels, teacher_weights=weights, **kw)
-        total, _, _, _ = ref_terms(student.detach(), teachers, labels, weights=weights, kind=kind, alpha=0.2,
-                                    temperature=1.5, beta=0.3, skew=0.4)
+        total, _, _, _ = ref_terms(
+            student.detach(),
+            teachers,
+            labels,
+            weights=weights,
+            kind=kind,
+            alpha=0.2,
+            temperature=1.5,
+            beta=0.3,
+            skew=0.4,
+        )
         close(out.total, total.sum())
     # per-token weights [B, T, K]
     g = torch.Generator().manual_seed(0)
     per_token = torch.softmax(torch.randn(B, T, 2, generator=g), -1)
     out = loss_sums(student, teachers, labels, teacher_weights=per_token, **kw)
     s64 = student.detach().double().requires_grad_()
-    total, _, _, _ = ref_terms(s64, teachers, labels, weights=per_token, kind=kind, alpha=0.2, temperature=1.5,
-                               beta=0.3, skew=0.4)
+    total, _, _, _ = ref_terms(
+        s64, teachers, labels, weights=per_token, kind=kind, alpha=0.2, temperature=1.5, beta=0.3, skew=0.4
+    )
     close(out.total, total.sum())
     close(torch.autograd.grad(out.total, student)[0], torch.autograd.grad(total.sum(), s64)[0], rtol=1e-4)
     # and the chunked path with per-token weights
@@ -486,7 +528,10 @@ def test_one_teacher_ensemble_equals_single_teacher():
     student, teachers, labels = make(15)
     single = loss_sums(student, teachers[0], labels, alpha=0.0, temperature=2.0)
     for weights in [None, [1.0], torch.ones(B, T, 1)]:
-        close(loss_sums(student, teachers, labels, alpha=0.0, temperature=2.0, teacher_weights=weights).total, single.total)
+        close(
+            loss_sums(student, teachers, labels, alpha=0.0, temperature=2.0, teacher_weights=weights).total,
+            single.total,
+        )
     lp = teacher_logprobs(teachers, 2.0, torch.tensor([2.0]))
     close(lp, torch.log_softmax(teachers[0] / 2.0, -1))
 
@@ -568,8 +613,21 @@ def test_fused_matches_float64_reference(kind, variant):
     total64, ce64, kd64, _ = ref_terms(z64[..., :V], [t64[..., :V]], labels, **kw)
     g64 = torch.autograd.grad(total64.sum(), p64)
     for chunk_size, num_chunks in [(1, None), (4, None), (n + 5, None), (4, -(-n // 4) + 2)]:
-        out = chunked_loss_sums(hidden, head, t_hidden, t_head, labels, chunk_size=chunk_size, num_chunks=num_chunks,
-                                vocab_size=V, loss=kind, alpha=0.3, temperature=2.0, beta=0.3, skew=0.2)
+        out = chunked_loss_sums(
+            hidden,
+            head,
+            t_hidden,
+            t_head,
+            labels,
+            chunk_size=chunk_size,
+            num_chunks=num_chunks,
+            vocab_size=V,
+            loss=kind,
+            alpha=0.3,
+            temperature=2.0,
+            beta=0.3,
+            skew=0.2,
+        )
         close(out.total, total64.sum())
         close(out.ce_per_seq, ce64.sum(1))
         close(out.kd_per_seq, kd64.sum(1))
@@ -614,16 +672,22 @@ def test_fused_runs_each_head_once_per_chunk_and_equals_checkpointed():
 
 @pytest.mark.parametrize("weights", ["per_token", "router"])
 def test_fused_ensemble_equals_checkpointed(weights):
-    from ds_distill.routing import LowestTeacherCE
+    from ds_distill.losses.routing import LowestTeacherCE
 
     hidden, lin, t_hidden, t_heads, labels = _chunk_setup(32, k=2)
-    w = torch.softmax(torch.randn(B, T, 2, generator=torch.Generator().manual_seed(0)), -1) if weights == "per_token" else LowestTeacherCE()
+    w = (
+        torch.softmax(torch.randn(B, T, 2, generator=torch.Generator().manual_seed(0)), -1)
+        if weights == "per_token"
+        else LowestTeacherCE()
+    )
     kw = dict(loss="skew_reverse_kl", alpha=0.2, temperature=2.0, skew=0.3, chunk_size=2, teacher_weights=w)
     f = chunked_loss_sums(hidden, OutputHead(lin), t_hidden, t_heads, labels, **kw)
     c = chunked_loss_sums(hidden, lin, t_hidden, t_heads, labels, **kw)
     close(f.total, c.total)
     close(f.kd_per_seq, c.kd_per_seq)
-    for a, b in zip(torch.autograd.grad(f.total, [hidden, lin.weight]), torch.autograd.grad(c.total, [hidden, lin.weight])):
+    for a, b in zip(
+        torch.autograd.grad(f.total, [hidden, lin.weight]), torch.autograd.grad(c.total, [hidden, lin.weight])
+    ):
         close(a, b)
 
 
@@ -640,7 +704,7 @@ def test_fused_all_masked_no_grad_and_logged_once(caplog):
     with torch.no_grad():  # evaluation: values only
         out = chunked_loss_sums(hidden, head, t_hidden, t_heads, labels, chunk_size=4)
     assert not out.total.requires_grad and torch.equal(out.total, ref.total.detach())
-    import ds_distill.losses as losses_mod
+    import ds_distill.losses.chunked as losses_mod
 
     losses_mod._LOGGED.clear()
     with caplog.at_level("INFO", logger="ds_distill.losses"):

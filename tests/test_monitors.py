@@ -1,4 +1,5 @@
 """DeepSpeed's monitors as users turn them on: the scalars read back with each tool's own reader, and a missing package."""
+
 import glob
 import json
 import struct
@@ -7,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ds_distill import models, monitors, plot, train
+from ds_distill import models, plot, train
+from ds_distill.runtime import monitors
 from tests.test_train import base_args, ds_json, make_cfg, run_main
 
 
@@ -29,12 +31,12 @@ def read_wandb_history(run_file: str) -> list[dict | None]:
         if left < 7:
             pos += left
             continue
-        _crc, n, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+        _crc, n, kind = struct.unpack("<IHB", raw[pos : pos + 7])
         pos += 7
         if kind == 0:  # zero padding up to the block end
             pos += left - 7
             continue
-        piece += raw[pos:pos + n]
+        piece += raw[pos : pos + n]
         pos += n
         if kind in (1, 4):
             record = wandb_internal_pb2.Record()
@@ -43,7 +45,9 @@ def read_wandb_history(run_file: str) -> list[dict | None]:
             if record.WhichOneof("record_type") == "exit":
                 rows.append(None)  # the run's end: everything before it is on disk
             elif record.WhichOneof("record_type") == "history":
-                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+                rows.append(
+                    {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+                )
     return rows
 
 
@@ -60,11 +64,22 @@ def test_tensorboard_and_wandb_log_the_csv_scalars(tiny, dist_env, tmp_path, mon
     d["wandb"] = {"enabled": True, "project": "ds-distill-test"}
     (tmp_path / "all.json").write_text(json.dumps(d))
     out = tmp_path / "run"
-    trainer = train.run(make_cfg(tiny, out, max_steps=2, eval_steps=2, eval_fraction=0.25, deepspeed_config=str(tmp_path / "all.json")))
+    trainer = train.run(
+        make_cfg(tiny, out, max_steps=2, eval_steps=2, eval_fraction=0.25, deepspeed_config=str(tmp_path / "all.json"))
+    )
     wandb.finish()  # flush the offline run file (at exit otherwise)
 
     logged = {k for h in trainer.history for k in h if k != "step"}
-    assert {"Train/loss", "Train/ce", "Train/kd", "Train/lr", "Train/grad_norm", "Train/tokens_per_s", "Eval/loss", "Eval/ppl"} <= logged
+    assert {
+        "Train/loss",
+        "Train/ce",
+        "Train/kd",
+        "Train/lr",
+        "Train/grad_norm",
+        "Train/tokens_per_s",
+        "Eval/loss",
+        "Eval/ppl",
+    } <= logged
     csv_curves = {k: v for k, v in plot.read_curves(out).items() if k in logged}
     assert set(csv_curves) == logged and all(len(v) >= 1 for v in csv_curves.values())
 
@@ -95,18 +110,23 @@ def test_tensorboard_and_wandb_log_the_csv_scalars(tiny, dist_env, tmp_path, mon
 
 
 @pytest.mark.parametrize("block, package", [("tensorboard", "tensorboard"), ("wandb", "wandb")])
-def test_missing_monitor_package_is_one_line_before_any_model(tiny, tmp_path, capsys, keep_process_group, monkeypatch, block, package):
+def test_missing_monitor_package_is_one_line_before_any_model(
+    tiny, tmp_path, capsys, keep_process_group, monkeypatch, block, package
+):
     real = monitors.module_available
     monkeypatch.setattr(monitors, "module_available", lambda name: name != package and real(name))
 
     def no_model(*a, **k):
         raise AssertionError("a model was loaded before the monitor check")
 
-    monkeypatch.setattr(models, "load_model", no_model)
+    monkeypatch.setattr(models.loading, "load_model", no_model)
     d = json.loads(Path(ds_json(tmp_path)).read_text())
     d[block] = {"enabled": True}
     (tmp_path / "m.json").write_text(json.dumps(d))
     code, errors = run_main(base_args(tiny, tmp_path / "o") + ["--deepspeed_config", str(tmp_path / "m.json")], capsys)
     assert code == 2 and len(errors) == 1, errors
-    assert f'enables the "{block}" monitor but the {package!r} package is not installed: pip install \'ds-distill[{block}]\'' in errors[0]
+    assert (
+        f"enables the \"{block}\" monitor but the {package!r} package is not installed: pip install 'ds-distill[{block}]'"
+        in errors[0]
+    )
     assert not (tmp_path / "o").exists(), "stopped before the run directory was written"

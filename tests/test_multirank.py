@@ -3,6 +3,7 @@
 Also the data-parallel invariance: 1 rank x micro-batch 4 gives the same losses and grad_norm as 2 ranks x micro-batch 2;
 and elastic resume: a 2-rank checkpoint resumed on 1 rank, then on 2 again, equals the straight run step by step.
 """
+
 import json
 import random
 import subprocess
@@ -11,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from ds_distill.config import REPO_CONFIGS
-from ds_distill.distributed import cpu_shm_segment
+from ds_distill.ds_config import REPO_CONFIGS
+from ds_distill.runtime.distributed import cpu_shm_segment
 from tests.cluster_fixtures import launcher_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,15 +32,46 @@ def ds_json(tmp_path, name, **batch):
 def launch(tiny, out, ds_config, *, ranks, steps, extra=(), expect=0):
     env = launcher_env(PYTHONPATH=str(ROOT))  # without the RANK/MASTER_* that in-process tests leave in os.environ
     port = random.randint(20000, 40000)
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port),
-           "--module", "ds_distill.train", "--teacher", tiny["teacher"], "--student", tiny["student"], "--data", tiny["data"],
-           "--output_dir", str(out), "--deepspeed_config", ds_config,
-           "--teacher_deepspeed_config", str(REPO_CONFIGS / "cpu_teacher_zero3.json"),
-           "--max_steps", str(steps), "--seq_len", "32", "--log_steps", "1", "--eval_fraction", "0", "--chunk_size", "16", *extra]
+    cmd = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(port),
+        "--module",
+        "ds_distill.train",
+        "--teacher",
+        tiny["teacher"],
+        "--student",
+        tiny["student"],
+        "--data",
+        tiny["data"],
+        "--output_dir",
+        str(out),
+        "--deepspeed_config",
+        ds_config,
+        "--teacher_deepspeed_config",
+        str(REPO_CONFIGS / "cpu_teacher_zero3.json"),
+        "--max_steps",
+        str(steps),
+        "--seq_len",
+        "32",
+        "--log_steps",
+        "1",
+        "--eval_fraction",
+        "0",
+        "--chunk_size",
+        "16",
+        *extra,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
     # DeepSpeed's CPU all-reduce segments (66 MiB of RAM per rank) are gone once the run ends, failed or not.
-    left = [seg for r in range(ranks) if (seg := cpu_shm_segment(r, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})).exists()]
+    left = [
+        seg
+        for r in range(ranks)
+        if (seg := cpu_shm_segment(r, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})).exists()
+    ]
     assert not left, left
     return proc
 
@@ -53,7 +85,7 @@ def csv_curve(out, name="loss"):
 
 def examples_per_step(out):
     """{step: sorted [(epoch, example id)]} from examples.csv: which examples each global step trained on."""
-    from ds_distill.tracking import read_examples
+    from ds_distill.extras.tracking import read_examples
 
     steps = {}
     for row in read_examples(out / "examples.csv"):
@@ -85,11 +117,25 @@ def test_two_ranks_checkpoint_resume_export(tiny, tmp_path):
     elastic = tmp_path / "elastic"
     launch(tiny, elastic, cfg2, ranks=2, steps=2, extra=["--save_steps", "2", "--track_examples", "--export", "false"])
     assert (elastic / "checkpoints" / "latest").read_text() == "step_00000002"
-    assert {p.name for p in (elastic / "checkpoints" / "step_00000002").glob("*rank*")} >= {"rng_rank0.pt", "rng_rank1.pt"}
-    to_one = launch(tiny, elastic, cfg1, ranks=1, steps=3, extra=["--resume", "--save_steps", "1", "--export", "false", "--track_examples"])
-    assert len(converted(to_one)) == 1 and "written by 2 ranks and this job has 1" in converted(to_one)[0], to_one.stdout[-2000:]
+    assert {p.name for p in (elastic / "checkpoints" / "step_00000002").glob("*rank*")} >= {
+        "rng_rank0.pt",
+        "rng_rank1.pt",
+    }
+    to_one = launch(
+        tiny,
+        elastic,
+        cfg1,
+        ranks=1,
+        steps=3,
+        extra=["--resume", "--save_steps", "1", "--export", "false", "--track_examples"],
+    )
+    assert len(converted(to_one)) == 1 and "written by 2 ranks and this job has 1" in converted(to_one)[0], (
+        to_one.stdout[-2000:]
+    )
     to_two = launch(tiny, elastic, cfg2, ranks=2, steps=4, extra=["--resume", "--track_examples"])
-    assert len(converted(to_two)) == 1 and "written by 1 ranks and this job has 2" in converted(to_two)[0], to_two.stdout[-2000:]
+    assert len(converted(to_two)) == 1 and "written by 1 ranks and this job has 2" in converted(to_two)[0], (
+        to_two.stdout[-2000:]
+    )
     e, norm_e = csv_curve(elastic), csv_curve(elastic, "grad_norm")
     assert sorted(e) == [1, 2, 3, 4]
     assert [e[s] for s in range(1, 5)] == pytest.approx([a[s] for s in range(1, 5)], rel=1e-5, abs=1e-6)
@@ -108,7 +154,9 @@ def test_two_ranks_checkpoint_resume_export(tiny, tmp_path):
 def test_rank_error_is_one_line_and_nonzero(tiny, tmp_path):
     proc = launch(tiny, tmp_path / "bad", ds_json(tmp_path, "bad.json", train_batch_size=3), ranks=2, steps=1, expect=2)
     errors = {l.split("error: ", 1)[1] for l in (proc.stdout + proc.stderr).splitlines() if "error: " in l}
-    assert errors == {f"--deepspeed_config {tmp_path / 'bad.json'}: train_batch_size 3 != micro batch 2 x accumulation 1 x world size 2 = 4: set it to that or remove it"}, errors
+    assert errors == {
+        f"--deepspeed_config {tmp_path / 'bad.json'}: train_batch_size 3 != micro batch 2 x accumulation 1 x world size 2 = 4: set it to that or remove it"
+    }, errors
 
 
 def test_on_policy_generation_with_unequal_lengths_finishes_under_zero3(tiny, tmp_path):
@@ -126,15 +174,47 @@ def test_on_policy_generation_with_unequal_lengths_finishes_under_zero3(tiny, tm
             prompt = "the cat</s>" if i % 2 == 0 else " ".join(words[:10])
             fh.write(json.dumps({"id": i, "prompt": prompt, "completion": " a dog"}) + "\n")
     ds = get_dataset(str(path), tiny["tokenizer"], seq_len=32)
-    short, long = (len(tiny["tokenizer"](p)["input_ids"]) for p in ("the cat</s>", " ".join(words[:10])))  # prompt tokens
+    short, long = (
+        len(tiny["tokenizer"](p)["input_ids"]) for p in ("the cat</s>", " ".join(words[:10]))
+    )  # prompt tokens
     assert ds[0]["input_ids"][short - 1] == tiny["tokenizer"].eos_token_id
     # The data seed whose first micro-batch gives rank 0 a short eos prompt and rank 1 a long one.
-    seed = next(s for s in range(100) if [BatchStream(ds, batch_size=1, rank=r, world_size=2, seed=s, pad_token_id=0).__next__()
-                                          ["example_ids"].item() % 2 for r in (0, 1)] == [0, 1])
+    seed = next(
+        s
+        for s in range(100)
+        if [
+            BatchStream(ds, batch_size=1, rank=r, world_size=2, seed=s, pad_token_id=0).__next__()["example_ids"].item()
+            % 2
+            for r in (0, 1)
+        ]
+        == [0, 1]
+    )
     out = tmp_path / "layered"
-    launch({**tiny, "data": str(path)}, out, ds_json(tmp_path, "micro1.json", train_micro_batch_size_per_gpu=1), ranks=2, steps=2,
-           extra=["--on_policy_fraction", "1", "--max_new_tokens", "12", "--top_k", "1", "--generation_gather", "layered",
-                  "--alpha", "0", "--loss", "jsd", "--seed", str(seed), "--export", "false"])
+    launch(
+        {**tiny, "data": str(path)},
+        out,
+        ds_json(tmp_path, "micro1.json", train_micro_batch_size_per_gpu=1),
+        ranks=2,
+        steps=2,
+        extra=[
+            "--on_policy_fraction",
+            "1",
+            "--max_new_tokens",
+            "12",
+            "--top_k",
+            "1",
+            "--generation_gather",
+            "layered",
+            "--alpha",
+            "0",
+            "--loss",
+            "jsd",
+            "--seed",
+            str(seed),
+            "--export",
+            "false",
+        ],
+    )
     # Step 1: 1 token on rank 0 (eos), on rank 1 the room its prompt leaves (>= 10 tokens).
     long_room = min(12, 32 - long)
     assert long_room >= 10 and read_curves(out)["Generate/tokens"][0] == (1, 1 + long_room)

@@ -1,12 +1,15 @@
 """On-policy distillation (ds_distill/on_policy.py) and ds_distill.generate on tiny random models, in process."""
+
 import json
 import random
 
 import pytest
 import torch
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from ds_distill import on_policy, train
-from ds_distill.data import IGNORE_INDEX, get_dataset
+from ds_distill.common import IGNORE_INDEX
+from ds_distill.data import get_dataset
 from tests.test_train import ds_json, losses_of, make_cfg
 
 WORDS = "the quick brown fox jumps over the lazy dog while a small cat sleeps in the warm sun".split()
@@ -19,8 +22,15 @@ def pc_data(tiny):
     path = tiny["root"] / "pc.jsonl"
     with open(path, "w") as fh:
         for _ in range(48):
-            fh.write(json.dumps({"prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 12))),
-                                 "completion": " " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8)))}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 12))),
+                        "completion": " " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8))),
+                    }
+                )
+                + "\n"
+            )
     return str(path)
 
 
@@ -68,8 +78,16 @@ def test_sampled_rows_supervise_exactly_the_generated_tokens(tiny, pc_data):
     lens = {i: len(tok(records[i]["prompt"])["input_ids"]) for i in rows["row"]}  # prompt tokens of each record
     eos = tok.eos_token_id
     gen = Scripted([[50, 51, eos], [60], list(range(100, 140))])  # ends at eos / no eos / longer than seq_len
-    stream = on_policy.OnPolicyStream(ListStream([batch]), gen, fraction=1.0, sampling=on_policy.Sampling(8),
-                                      seq_len=24, pad_token_id=tok.pad_token_id, seed=0, rank=0)
+    stream = on_policy.OnPolicyStream(
+        ListStream([batch]),
+        gen,
+        fraction=1.0,
+        sampling=on_policy.Sampling(8),
+        seq_len=24,
+        pad_token_id=tok.pad_token_id,
+        seed=0,
+        rank=0,
+    )
     out = next(stream)
     assert out["example_ids"].tolist() == rows["row"]
     for b, (ids, i) in enumerate(zip(rows["input_ids"], rows["row"])):
@@ -101,7 +119,7 @@ def test_hf_generator_stops_at_eos_and_follows_the_model(tiny):
         ids = list(p)
         for _ in range(6):
             ids.append(int(on_policy_lm(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
-        ref.append(ids[len(p):])
+        ref.append(ids[len(p) :])
     eos = ref[1][0]  # tiny random models repeat the last token: row 1 hits this eos at once, row 0 never
     gen = on_policy.HFGenerator(lambda: on_policy_lm, eos_token_id=eos, pad_token_id=tok.pad_token_id, synced=False)
     state = torch.random.get_rng_state()
@@ -146,8 +164,8 @@ def test_whole_and_layered_generation_agree_and_resume_continues_the_curve(tiny,
 def test_on_policy_second_round_resumes_in_that_round(tiny, pc_data, dist_env, tmp_path):
     """--rounds 2 with {"on_policy_fraction": 1.0} for round 2: a job stopped in round 2 resumes there (round 1 is
     skipped) and continues round 2's loss curve."""
-    from ds_distill import rounds
-    from ds_distill.callbacks import Callback
+    from ds_distill.extras import rounds
+    from ds_distill.runtime.callbacks import Callback
 
     class StopInRound2(Callback):
         def should_stop(self, trainer):
@@ -165,11 +183,22 @@ def test_on_policy_second_round_resumes_in_that_round(tiny, pc_data, dist_env, t
     assert len(resumed) == 1 and resumed[0].history[0]["step"] == 2
     assert losses_of(stopped[1]) + losses_of(resumed[0]) == pytest.approx(losses_of(straight[1]), rel=1e-5, abs=1e-6)
 
+
 # The tests below call entry points' main(), which tears the process group down (as a real run does at exit); the
 # engine-building tests above run first, on the session's group.
 
+
 def test_on_policy_needs_prompts_and_no_packing(tiny, dist_env, tmp_path, capsys):
-    base = ["--teacher", tiny["teacher"], "--student", tiny["student"], "--output_dir", str(tmp_path / "x"), "--max_steps", "1"]
+    base = [
+        "--teacher",
+        tiny["teacher"],
+        "--student",
+        tiny["student"],
+        "--output_dir",
+        str(tmp_path / "x"),
+        "--max_steps",
+        "1",
+    ]
     assert train.main([*base, "--data", tiny["data"], "--on_policy_fraction", "0.5"]) == 2
     assert "--on_policy_fraction needs prompts" in capsys.readouterr().err
     assert train.main([*base, "--data", tiny["data"], "--on_policy_fraction", "0.5", "--packing"]) == 2
@@ -190,11 +219,22 @@ def test_generate_writes_records_and_resumes(tiny, pc_data, tmp_path, capsys):
     src = tmp_path / "prompts.jsonl"
     src.write_text("".join(json.dumps({"prompt": p, "extra": 1}) + "\n" for p in prompts))
     out = tmp_path / "out.jsonl"
-    args = ["--model", tiny["student"], "--data", str(src), "--output", str(out), "--max_new_tokens", "4", "--batch_size", "2"]
+    args = [
+        "--model",
+        tiny["student"],
+        "--data",
+        str(src),
+        "--output",
+        str(out),
+        "--max_new_tokens",
+        "4",
+        "--batch_size",
+        "2",
+    ]
     assert generate.main([*args, "--top_k", "1"]) == 0
     records = [json.loads(l) for l in out.read_text().splitlines()]
     assert [r["id"] for r in records] == [0, 1, 2, 3, 4] and [r["prompt"] for r in records] == prompts
-    generate.models.unset_hf_deepspeed_config()
+    unset_hf_deepspeed_config()
     lm = AutoModelForCausalLM.from_pretrained(tiny["student"]).eval()
     for r in records:
         ids = tok(r["prompt"])["input_ids"]
@@ -217,5 +257,7 @@ def test_generate_writes_records_and_resumes(tiny, pc_data, tmp_path, capsys):
     assert [again[n] for n in (0, 2, 4)] == kept
     assert generate.main(sampled) == 0 and out.read_text() == "".join(again)  # nothing left to do
 
-    assert generate.main(["--model", tiny["student"], "--data", tiny["data"], "--output", str(tmp_path / "x.jsonl")]) == 2
+    assert (
+        generate.main(["--model", tiny["student"], "--data", tiny["data"], "--output", str(tmp_path / "x.jsonl")]) == 2
+    )
     assert "no 'prompt'" in capsys.readouterr().err

@@ -3,15 +3,17 @@ exactly minus the gradient of the documented loss, which a plain PyTorch forward
 reference, no DeepSpeed). Loss curves under AdamW with clipping barely move when the gradient is off by a constant
 factor; an SGD update moves by that factor. Plus a golden loss curve of a fixed tiny run, kept in tests/golden/.
 """
+
 import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-from ds_distill import data, losses, models, train
-from ds_distill.config import REPO_CONFIGS
+from ds_distill import data, losses, train
+from ds_distill.ds_config import REPO_CONFIGS
 from tests.test_train import ds_json, losses_of, make_cfg
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "loss_curve.json"
@@ -46,11 +48,17 @@ def reference_gradients(tiny, trainer, examples: int) -> tuple[dict[str, torch.T
     step's global batch as one batch: loss = sum over supervised tokens / global supervised tokens (train.py)."""
     from transformers import AutoModelForCausalLM
 
-    models.unset_hf_deepspeed_config()  # the engines' ZeRO-3 config would partition these plain loads
+    unset_hf_deepspeed_config()  # the engines' ZeRO-3 config would partition these plain loads
     student = AutoModelForCausalLM.from_pretrained(tiny["student"], dtype=torch.float32).train()
     teacher = AutoModelForCausalLM.from_pretrained(tiny["teacher"], dtype=torch.float32).eval()
-    stream = data.BatchStream(trainer.train.dataset, batch_size=examples, rank=0, world_size=1, seed=trainer.cfg.seed,
-                              pad_token_id=tiny["tokenizer"].pad_token_id)
+    stream = data.BatchStream(
+        trainer.train.dataset,
+        batch_size=examples,
+        rank=0,
+        world_size=1,
+        seed=trainer.cfg.seed,
+        pad_token_id=tiny["tokenizer"].pad_token_id,
+    )
     batch = next(stream)
     labels = batch.pop("labels")
     batch.pop("example_ids")
@@ -66,15 +74,21 @@ def reference_gradients(tiny, trainer, examples: int) -> tuple[dict[str, torch.T
 @pytest.mark.parametrize("stage, micro, accum", [(0, 8, 1), (1, 4, 2), (2, 8, 1), (2, 4, 2), (3, 8, 1), (3, 4, 2)])
 def test_one_sgd_step_moves_by_minus_the_gradient(tiny, dist_env, tmp_path, stage, micro, accum):
     """ZeRO 0/1/2/3 and micro-batch x accumulation: the same update, and it is -lr x the reference gradient."""
-    trainer = train.run(make_cfg(tiny, tmp_path / "o", max_steps=1, deepspeed_config=sgd_json(tmp_path, stage, micro, accum)))
+    trainer = train.run(
+        make_cfg(tiny, tmp_path / "o", max_steps=1, deepspeed_config=sgd_json(tmp_path, stage, micro, accum))
+    )
     after = engine_parameters(trainer.student)
     before, grads, norm = reference_gradients(tiny, trainer, micro * accum)
     assert set(after) == set(grads)
     assert norm > 1e-2, "a step that barely moves proves nothing"
     for name in grads:
-        torch.testing.assert_close(after[name] - before[name], -LR * grads[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            after[name] - before[name], -LR * grads[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}"
+        )
     if stage > 0:  # without ZeRO, DeepSpeed computes the norm only to clip (the log says nan)
-        assert trainer.history[0]["Train/grad_norm"] == pytest.approx(norm, rel=1e-4), "logged grad_norm = reference norm"
+        assert trainer.history[0]["Train/grad_norm"] == pytest.approx(norm, rel=1e-4), (
+            "logged grad_norm = reference norm"
+        )
 
 
 def test_golden_loss_curve(tiny, dist_env, tmp_path):

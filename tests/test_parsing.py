@@ -1,4 +1,5 @@
 """The CLI parser is transformers' HfArgumentParser over RunConfig; help comes from `_f` or attribute docstrings."""
+
 from dataclasses import dataclass
 
 from transformers import HfArgumentParser
@@ -18,12 +19,18 @@ class Documented:
 
 
 def test_help_comes_from_docstrings_and_f():
-    assert field_docs(Documented) == {"plain": "Documented by the string under it,\nover two lines.",
-                                      "helped": "Documented by _f.", "both": "_f wins.", "names": "A repeatable list."}
+    assert field_docs(Documented) == {
+        "plain": "Documented by the string under it,\nover two lines.",
+        "helped": "Documented by _f.",
+        "both": "_f wins.",
+        "names": "A repeatable list.",
+    }
     parser = dataclass_parser(Documented)
     helps = {a.dest: a.help for a in parser._actions}
     assert helps["plain"].startswith("Documented by the string") and helps["both"] == "_f wins."
-    out, = parser.parse_args_into_dataclasses(["--plain", "4", "--names", "a", "--names", "b"], look_for_args_file=False)
+    (out,) = parser.parse_args_into_dataclasses(
+        ["--plain", "4", "--names", "a", "--names", "b"], look_for_args_file=False
+    )
     assert out == Documented(plain=4, names=["a", "b"])
     run_helps = {a.dest: a.help for a in build_parser()._actions}
     assert all(run_helps[f] for f in RunConfig.__dataclass_fields__), "every RunConfig field has help text"

@@ -1,6 +1,7 @@
 """Preemption and crash safety for real: SIGUSR1 to a SLURM job (checkpoint, exit 75, requeue, same loss curve),
 SIGKILL of one rank under the deepspeed launcher (resume from the last complete checkpoint), and a second signal
 during the save (in process)."""
+
 from __future__ import annotations
 
 import os
@@ -14,12 +15,13 @@ import psutil
 import pytest
 
 from ds_distill import train
-from ds_distill.callbacks import Callback
-from ds_distill.checkpoint import read_latest, tag_for
-from ds_distill.config import REPO_CONFIGS, UsageError
+from ds_distill.common import UsageError
+from ds_distill.core.checkpoint import read_latest, tag_for
+from ds_distill.ds_config import REPO_CONFIGS
+from ds_distill.extras.preemption import PREEMPTED_EXIT_CODE, Preemption
 from ds_distill.plot import read_curves
-from ds_distill.preemption import PREEMPTED_EXIT_CODE, Preemption
-from tests.cluster_fixtures import ROOT, SCRIPTS, cluster_tools, launcher_env, run_logged, slurm_cluster, wait_for_job  # noqa: F401
+from ds_distill.runtime.callbacks import Callback
+from tests.cluster_fixtures import ROOT, SCRIPTS, launcher_env, run_logged, wait_for_job
 from tests.test_train import ds_json, losses_of, make_cfg
 
 pytestmark = pytest.mark.multiprocess
@@ -29,15 +31,49 @@ JOB_TIMEOUT = 300  # seconds for one tiny 2-rank run (both runs of a requeued jo
 
 def run_args(tiny, out: Path, ds_config: str, *, save_steps: int) -> list[str]:
     """The same 2-rank run for every launcher here; only the checkpoint interval differs (it does not change losses)."""
-    return ["--teacher", tiny["teacher"], "--student", tiny["student"], "--data", tiny["data"], "--output_dir", str(out),
-            "--deepspeed_config", ds_config, "--teacher_deepspeed_config", str(REPO_CONFIGS / "cpu_teacher_zero3.json"),
-            "--max_steps", str(STEPS), "--save_steps", str(save_steps), "--seq_len", "32", "--chunk_size", "16",
-            "--log_steps", "1", "--eval_fraction", "0", "--export", "false", "--keep_last", "0"]
+    return [
+        "--teacher",
+        tiny["teacher"],
+        "--student",
+        tiny["student"],
+        "--data",
+        tiny["data"],
+        "--output_dir",
+        str(out),
+        "--deepspeed_config",
+        ds_config,
+        "--teacher_deepspeed_config",
+        str(REPO_CONFIGS / "cpu_teacher_zero3.json"),
+        "--max_steps",
+        str(STEPS),
+        "--save_steps",
+        str(save_steps),
+        "--seq_len",
+        "32",
+        "--chunk_size",
+        "16",
+        "--log_steps",
+        "1",
+        "--eval_fraction",
+        "0",
+        "--export",
+        "false",
+        "--keep_last",
+        "0",
+    ]
 
 
 def deepspeed_cmd(args: list[str]) -> list[str]:
-    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(20000 + os.getpid() % 10000),
-            "--module", "ds_distill.train", *args]
+    return [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(20000 + os.getpid() % 10000),
+        "--module",
+        "ds_distill.train",
+        *args,
+    ]
 
 
 def train_losses(out: Path) -> dict[int, float]:
@@ -65,8 +101,11 @@ def constant_lr(tmp_path_factory) -> str:
 def reference(cluster_tools, tiny, constant_lr, tmp_path_factory) -> dict[int, float]:
     """An uninterrupted 2-rank run: the loss curve the interrupted ones must reproduce."""
     out = tmp_path_factory.mktemp("reference")
-    proc = run_logged(deepspeed_cmd(run_args(tiny, out, constant_lr, save_steps=0)), env=launcher_env(PYTHONPATH=str(ROOT)),
-                      timeout=JOB_TIMEOUT)
+    proc = run_logged(
+        deepspeed_cmd(run_args(tiny, out, constant_lr, save_steps=0)),
+        env=launcher_env(PYTHONPATH=str(ROOT)),
+        timeout=JOB_TIMEOUT,
+    )
     assert proc.returncode == 0, proc.stdout[-6000:]
     losses = train_losses(out)
     assert sorted(losses) == list(range(1, STEPS + 1)) and abs(losses[1] - losses[STEPS]) > 1e-3, losses
@@ -74,7 +113,9 @@ def reference(cluster_tools, tiny, constant_lr, tmp_path_factory) -> dict[int, f
 
 
 def job_fields(job_id: str, env: dict[str, str]) -> dict[str, str]:
-    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=env, capture_output=True, text=True, timeout=30).stdout
+    out = subprocess.run(
+        ["scontrol", "show", "job", "-o", job_id], env=env, capture_output=True, text=True, timeout=30
+    ).stdout
     return dict(f.split("=", 1) for f in out.split() if "=" in f)
 
 
@@ -93,8 +134,14 @@ def test_slurm_preemption_checkpoints_requeues_and_resumes(slurm_cluster, tiny, 
     # --resume from the first submission: the requeued job runs the same command (no checkpoint yet = step 0).
     args = run_args(tiny, out, constant_lr, save_steps=100) + ["--resume"]
     env = launcher_env(RUN_ARGS=" ".join(args), **slurm_cluster)
-    sub = subprocess.run(["sbatch", "--parsable", "--output", str(job_log), str(SCRIPTS / "launch_slurm.sbatch")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    sub = subprocess.run(
+        ["sbatch", "--parsable", "--output", str(job_log), str(SCRIPTS / "launch_slurm.sbatch")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert sub.returncode == 0, sub.stdout + sub.stderr
     job = sub.stdout.strip().split(";")[0]
     log = lambda: job_log.read_text() if job_log.exists() else "(no job output yet)"  # noqa: E731
@@ -111,7 +158,9 @@ def test_slurm_preemption_checkpoints_requeues_and_resumes(slurm_cluster, tiny, 
     assert state == "COMPLETED", f"job {job}: {state}\n{text[-6000:]}"
     assert tag is not None and STEPS > int(tag[5:]) >= 2, f"latest after the preemption: {tag}\n{text[-6000:]}"
     stopped = int(tag[5:])
-    assert f"preemption signal received: saving a checkpoint at step {stopped} and exiting with code 75" in text, text[-6000:]
+    assert f"preemption signal received: saving a checkpoint at step {stopped} and exiting with code 75" in text, text[
+        -6000:
+    ]
     assert f"launch_slurm: job {job} run 0: training exited with code {PREEMPTED_EXIT_CODE}" in text, text[-6000:]
     assert f"resumed from {out / 'checkpoints' / tag} (step {stopped})" in text, text[-6000:]
     assert f"launch_slurm: job {job} run 1: training exited with code 0" in text, text[-6000:]
@@ -119,17 +168,27 @@ def test_slurm_preemption_checkpoints_requeues_and_resumes(slurm_cluster, tiny, 
     assert read_latest(out / "checkpoints") == tag_for(STEPS)
     losses = train_losses(out)
     assert sorted(losses) == sorted(reference)
-    assert [losses[s] for s in sorted(reference)] == pytest.approx([reference[s] for s in sorted(reference)], rel=1e-5, abs=1e-6)
+    assert [losses[s] for s in sorted(reference)] == pytest.approx(
+        [reference[s] for s in sorted(reference)], rel=1e-5, abs=1e-6
+    )
 
 
-def test_sigkill_of_one_rank_resumes_from_last_complete_checkpoint(cluster_tools, tiny, constant_lr, reference, tmp_path):
+def test_sigkill_of_one_rank_resumes_from_last_complete_checkpoint(
+    cluster_tools, tiny, constant_lr, reference, tmp_path
+):
     out = tmp_path / "run"
     cmd = deepspeed_cmd(run_args(tiny, out, constant_lr, save_steps=2))
     env = launcher_env(PYTHONPATH=str(ROOT))
-    launcher = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    launcher = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         poll(lambda: read_latest(out / "checkpoints"), JOB_TIMEOUT, "the first checkpoint")
-        ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "--local_rank=1" in " ".join(p.cmdline())]
+        ranks = [
+            p
+            for p in psutil.Process(launcher.pid).children(recursive=True)
+            if "--local_rank=1" in " ".join(p.cmdline())
+        ]
         assert len(ranks) == 1, [p.cmdline() for p in psutil.Process(launcher.pid).children(recursive=True)]
         ranks[0].send_signal(signal.SIGKILL)
         output, _ = launcher.communicate(timeout=120)
@@ -143,11 +202,15 @@ def test_sigkill_of_one_rank_resumes_from_last_complete_checkpoint(cluster_tools
     assert STEPS > int(tag[5:]) >= 2, f"{tag}\n{output[-6000:]}"
     assert_complete(ckpt, tag, ranks=2)
 
-    proc = run_logged(deepspeed_cmd(run_args(tiny, out, constant_lr, save_steps=2) + ["--resume"]), env=env, timeout=JOB_TIMEOUT)
+    proc = run_logged(
+        deepspeed_cmd(run_args(tiny, out, constant_lr, save_steps=2) + ["--resume"]), env=env, timeout=JOB_TIMEOUT
+    )
     assert proc.returncode == 0, proc.stdout[-6000:]
     assert f"resumed from {ckpt / tag}" in proc.stdout, proc.stdout[-6000:]
     losses = train_losses(out)  # the steps the resumed run redid overwrite those the killed run logged
-    assert [losses[s] for s in sorted(reference)] == pytest.approx([reference[s] for s in sorted(reference)], rel=1e-5, abs=1e-6)
+    assert [losses[s] for s in sorted(reference)] == pytest.approx(
+        [reference[s] for s in sorted(reference)], rel=1e-5, abs=1e-6
+    )
 
 
 def test_second_signal_during_save_leaves_a_complete_checkpoint(tiny, dist_env, tmp_path):
@@ -181,5 +244,7 @@ def test_second_signal_during_save_leaves_a_complete_checkpoint(tiny, dist_env, 
     assert_complete(out / "checkpoints", tag_for(2), ranks=1)
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, "handlers are restored after the run"
     # The tag loads (test_train checks that a resumed curve equals an uninterrupted one).
-    resumed = train.run(make_cfg(tiny, out, max_steps=4, resume=True, deepspeed_config=cfg_ds), [Preemption(requeue=False)])
+    resumed = train.run(
+        make_cfg(tiny, out, max_steps=4, resume=True, deepspeed_config=cfg_ds), [Preemption(requeue=False)]
+    )
     assert resumed.exit_code == 0 and len(losses_of(resumed)) == 2

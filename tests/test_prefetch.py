@@ -1,11 +1,12 @@
 """Batches prepared off the training thread: the same batches, and the data position of the last consumed batch."""
+
 import time
 
 import pytest
 import torch
 
 from ds_distill import data, train
-from ds_distill.prefetch import Prefetcher
+from ds_distill.data.prefetch import Prefetcher
 from tests.test_train import ds_json, losses_of, make_cfg
 
 
@@ -13,7 +14,9 @@ def _stream(n=20, batch_size=3):
     rows = [{"input_ids": list(range(i, i + 2 + i % 5)), "labels": list(range(i, i + 2 + i % 5))} for i in range(n)]
     import datasets
 
-    ds = datasets.Dataset.from_list([{**r, "id": i, "row": i} for i, r in enumerate(rows)])  # the columns data.get_dataset gives
+    ds = datasets.Dataset.from_list(
+        [{**r, "id": i, "row": i} for i, r in enumerate(rows)]
+    )  # the columns data.get_dataset gives
     return data.BatchStream(ds, batch_size=batch_size, rank=0, world_size=1, seed=3, pad_token_id=0)
 
 
@@ -51,8 +54,12 @@ def test_resume_with_prefetching_continues_the_same_curve(tiny, dist_env, tmp_pa
     """Prefetching on (3 ahead, then 2 after the resume): straight run == saved at 3 and resumed."""
     cfg_ds = ds_json(tmp_path)
     straight = train.run(make_cfg(tiny, tmp_path / "s", max_steps=6, prefetch_batches=3, deepspeed_config=cfg_ds))
-    first = train.run(make_cfg(tiny, tmp_path / "r", max_steps=3, save_steps=3, prefetch_batches=3, deepspeed_config=cfg_ds))
-    second = train.run(make_cfg(tiny, tmp_path / "r", max_steps=6, resume=True, prefetch_batches=2, deepspeed_config=cfg_ds))
+    first = train.run(
+        make_cfg(tiny, tmp_path / "r", max_steps=3, save_steps=3, prefetch_batches=3, deepspeed_config=cfg_ds)
+    )
+    second = train.run(
+        make_cfg(tiny, tmp_path / "r", max_steps=6, resume=True, prefetch_batches=2, deepspeed_config=cfg_ds)
+    )
     assert second.history[0]["step"] == 4
     assert losses_of(first) + losses_of(second) == pytest.approx(losses_of(straight), rel=1e-5, abs=1e-6)
 

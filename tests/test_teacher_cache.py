@@ -1,5 +1,6 @@
 """Teacher caches (issue 16): the sparse loss against float64 and against the live-teacher loss, the coding, training
 from an exact cache against the live teacher, resume after a killed writer, bytes/token at K = 64, mismatches, ranks."""
+
 import csv
 import json
 import math
@@ -13,8 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ds_distill import cache_teacher, losses, teacher_cache, train
-from ds_distill.config import REPO_CONFIGS, parse_args
+from ds_distill import cache_teacher, losses, train
+from ds_distill.config import parse_args
+from ds_distill.ds_config import REPO_CONFIGS
+from ds_distill.teachers import cache_format, cache_reader, cache_writer
 
 ROOT = Path(__file__).resolve().parent.parent
 REPLICATED = str(REPO_CONFIGS / "cpu_teacher_replicated.json")
@@ -30,15 +33,19 @@ def _reference(s_logits, t_logits, k, loss, temperature, beta=0.5, skew=0.1):
     sb = torch.cat([sp.gather(-1, ids), 1 - sp.gather(-1, ids).sum(-1, keepdim=True)], -1)
     kl = lambda p, q: (p * (p / q).log()).sum(-1)
     mix = lambda p, q, w: w * p + (1 - w) * q
-    d = {"forward_kl": lambda: kl(tb, sb), "reverse_kl": lambda: kl(sb, tb),
-         "jsd": lambda: beta * kl(tb, mix(tb, sb, beta)) + (1 - beta) * kl(sb, mix(tb, sb, beta)),
-         "skew_forward_kl": lambda: kl(tb, mix(tb, sb, skew)), "skew_reverse_kl": lambda: kl(sb, mix(sb, tb, skew)),
-         "tvd": lambda: 0.5 * (tb - sb).abs().sum(-1)}[loss]()
+    d = {
+        "forward_kl": lambda: kl(tb, sb),
+        "reverse_kl": lambda: kl(sb, tb),
+        "jsd": lambda: beta * kl(tb, mix(tb, sb, beta)) + (1 - beta) * kl(sb, mix(tb, sb, beta)),
+        "skew_forward_kl": lambda: kl(tb, mix(tb, sb, skew)),
+        "skew_reverse_kl": lambda: kl(sb, mix(sb, tb, skew)),
+        "tvd": lambda: 0.5 * (tb - sb).abs().sum(-1),
+    }[loss]()
     return temperature**2 * d
 
 
 def _sparse_inputs(t_logits, k, temperature):
-    ids, logp, tail, _ = teacher_cache.top_k(t_logits, k, temperature)
+    ids, logp, tail, _ = cache_format.top_k(t_logits, k, temperature)
     return ids, logp, tail
 
 
@@ -72,65 +79,91 @@ def test_sparse_loss_matches_float64_and_the_live_loss(loss):
     sparse = losses.sparse_loss_sums(s_logits, ids, logp, tail, labels, **kw)
     live = losses.loss_sums(s_logits, t_logits, labels, **kw)
     assert sparse.total.item() == pytest.approx(live.total.item(), rel=1e-6)
-    torch.testing.assert_close(torch.autograd.grad(sparse.total, s_logits)[0], torch.autograd.grad(live.total, s_logits)[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        torch.autograd.grad(sparse.total, s_logits)[0],
+        torch.autograd.grad(live.total, s_logits)[0],
+        rtol=1e-5,
+        atol=1e-7,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ coding
 def test_coding_round_trips_and_quantisation_error_is_bounded():
     values = np.array([0, 1, 127, 128, 16383, 16384, 2**21 - 1])
-    assert teacher_cache.varint_decode(teacher_cache.varint_encode(values)).tolist() == values.tolist()
-    assert len(teacher_cache.varint_encode(values)) == 1 + 1 + 1 + 2 + 2 + 3 + 3
+    assert cache_format.varint_decode(cache_format.varint_encode(values)).tolist() == values.tolist()
+    assert len(cache_format.varint_encode(values)) == 1 + 1 + 1 + 2 + 2 + 3 + 3
     torch.manual_seed(0)
     t = torch.randn(50, 300) * 4
-    ids, logp, tail, plogp = teacher_cache.top_k(t, 64, 1.0)
+    ids, logp, tail, plogp = cache_format.top_k(t, 64, 1.0)
     full = F.log_softmax(t, -1)
     assert (ids.diff(dim=1) > 0).all()
-    assert torch.equal(torch.from_numpy(teacher_cache.decode_ids(teacher_cache.encode_ids(ids.numpy()), 64)), ids)
+    assert torch.equal(torch.from_numpy(cache_format.decode_ids(cache_format.encode_ids(ids.numpy()), 64)), ids)
     rank = np.random.default_rng(0).permutation(300).astype(np.int32)  # any coding order
-    row = teacher_cache.encode_example(ids, logp, tail, exact=False, rank=rank)
-    d_ids, d_logp, d_tail = teacher_cache.decode_example(row, 64, exact=False, order=np.argsort(rank))
+    row = cache_format.encode_example(ids, logp, tail, exact=False, rank=rank)
+    d_ids, d_logp, d_tail = cache_format.decode_example(row, 64, exact=False, order=np.argsort(rank))
     assert torch.equal(d_ids.sort(dim=1).values, ids) and not torch.equal(d_ids, ids)
     total = torch.logsumexp(torch.cat([d_logp, d_tail[:, None]], -1), -1)
     torch.testing.assert_close(total, torch.zeros(50), atol=1e-5, rtol=0)  # a distribution again
     # sqrt(p / p_top) rounds to half a level, sqrt(tail mass) to half a tail level; the absolute level follows from both
     true = full.gather(1, d_ids)
     u = lambda lp: torch.exp(0.5 * (lp - lp.max(-1, keepdim=True).values))
-    assert ((u(d_logp) - u(true)).abs() * teacher_cache.LEVELS)[u(true) * teacher_cache.LEVELS >= 1].max() <= 0.5 + 1e-4
-    assert ((d_tail / 2).exp() - (tail / 2).exp()).abs().max() * teacher_cache.TAIL_LEVELS <= 0.5 + 1e-4
-    kl_full, kl_b = teacher_cache.reconstruction_kl(plogp, 300, true, tail, d_logp, d_tail)
+    assert ((u(d_logp) - u(true)).abs() * cache_format.LEVELS)[u(true) * cache_format.LEVELS >= 1].max() <= 0.5 + 1e-4
+    assert ((d_tail / 2).exp() - (tail / 2).exp()).abs().max() * cache_format.TAIL_LEVELS <= 0.5 + 1e-4
+    kl_full, kl_b = cache_format.reconstruction_kl(plogp, 300, true, tail, d_logp, d_tail)
     for kl in (kl_full, kl_b):  # the p99 the cache reports, from its histogram: the true one, at most a bin (4.7%) high
-        p99 = teacher_cache.kl_quantile([teacher_cache.kl_histogram(kl)], 0.99)
-        assert np.quantile(kl.numpy(), 0.99, method="inverted_cdf") <= p99 <= 1.05 * np.quantile(kl.numpy(), 0.99, method="inverted_cdf")
+        p99 = cache_format.kl_quantile([cache_format.kl_histogram(kl)], 0.99)
+        assert (
+            np.quantile(kl.numpy(), 0.99, method="inverted_cdf")
+            <= p99
+            <= 1.05 * np.quantile(kl.numpy(), 0.99, method="inverted_cdf")
+        )
     assert (kl_b >= -1e-6).all() and (kl_b < 1e-2).all() and (kl_full >= kl_b - 1e-6).all()
-    e_ids, e_logp, e_tail = teacher_cache.decode_example(teacher_cache.encode_example(*teacher_cache.top_k(t, 300, 1.0)[:3], exact=True), 300, exact=True)
+    e_ids, e_logp, e_tail = cache_format.decode_example(
+        cache_format.encode_example(*cache_format.top_k(t, 300, 1.0)[:3], exact=True), 300, exact=True
+    )
     assert torch.equal(e_logp, F.log_softmax(t, -1)) and torch.equal(e_ids, torch.arange(300).expand(50, -1))
 
 
 def test_top_k_in_row_blocks_equals_one_call_on_all_rows():
     """top_k works TOP_K_ROWS rows at a time: the same values, bit for bit, as the formulas on all rows at once."""
     torch.manual_seed(0)
-    t = torch.randn(2 * teacher_cache.TOP_K_ROWS + 5, 300) * 4
+    t = torch.randn(2 * cache_format.TOP_K_ROWS + 5, 300) * 4
     for temperature in (1.0, 2.0):
         full = F.log_softmax(t / temperature, -1)
-        ids, logp, tail, plogp = teacher_cache.top_k(t, 64, temperature)
+        ids, logp, tail, plogp = cache_format.top_k(t, 64, temperature)
         assert torch.equal(ids, full.topk(64, -1).indices.sort(-1).values)
         assert torch.equal(logp, full.gather(1, ids))
         assert torch.equal(tail, torch.logsumexp(full.scatter(1, ids, -math.inf), -1))
         assert torch.equal(plogp, (full.exp() * full).sum(-1))
-    assert [tuple(x.shape) for x in teacher_cache.top_k(t[:0], 64, 1.0)] == [(0, 64), (0, 64), (0,), (0,)]
+    assert [tuple(x.shape) for x in cache_format.top_k(t[:0], 64, 1.0)] == [(0, 64), (0, 64), (0,), (0,)]
 
 
 # ------------------------------------------------------------------------------------------- writing and training
 def write(tiny, out, *extra, on_shard=None):
-    args = ["--teacher", tiny["teacher"], "--data", tiny["data"], "--output_dir", str(out), "--seq_len", "32",
-            "--shard_examples", "24", "--batch_size", "4", "--teacher_deepspeed_config", REPLICATED, *extra]
+    args = [
+        "--teacher",
+        tiny["teacher"],
+        "--data",
+        tiny["data"],
+        "--output_dir",
+        str(out),
+        "--seq_len",
+        "32",
+        "--shard_examples",
+        "24",
+        "--batch_size",
+        "4",
+        "--teacher_deepspeed_config",
+        REPLICATED,
+        *extra,
+    ]
     return cache_teacher.run(parse_args(args, cache_teacher.CacheConfig), on_shard=on_shard)
 
 
 @pytest.fixture(scope="module")
 def k64(tiny, tmp_path_factory):
     """A K = 64 cache of the tiny data, written in one go by one rank."""
-    from ds_distill import distributed
+    from ds_distill.runtime import distributed
 
     distributed.init_distributed()
     out = tmp_path_factory.mktemp("k64") / "cache"
@@ -140,12 +173,19 @@ def k64(tiny, tmp_path_factory):
 def test_bytes_per_token_at_k64_and_resume_after_a_kill(tiny, dist_env, tmp_path, k64, capsys):
     reference_dir, reference = k64
     stats = reference["stats"]
-    print(f"\nK=64 on the tiny data: {stats['bytes_per_token']:.1f} bytes/token {stats['column_bytes_per_token']}, "
-          f"KL {stats['kl_full_per_token']:.3g} p99 {stats['kl_full_p99']:.3g} (buckets {stats['kl_buckets_per_token']:.3g} "
-          f"p99 {stats['kl_buckets_p99']:.3g}) nats/token")
+    print(
+        f"\nK=64 on the tiny data: {stats['bytes_per_token']:.1f} bytes/token {stats['column_bytes_per_token']}, "
+        f"KL {stats['kl_full_per_token']:.3g} p99 {stats['kl_full_p99']:.3g} (buckets {stats['kl_buckets_per_token']:.3g} "
+        f"p99 {stats['kl_buckets_p99']:.3g}) nats/token"
+    )
     assert stats["tokens"] > 500 and stats["bytes_per_token"] <= 100
-    assert 0 < stats["kl_buckets_per_token"] <= stats["kl_buckets_p99"] * 1.05 and stats["kl_full_per_token"] <= stats["kl_full_p99"] * 1.05
-    assert stats["bytes_per_token"] == pytest.approx(sum(p.stat().st_size for p in (reference_dir / "shards").glob("*.parquet")) / stats["tokens"])
+    assert (
+        0 < stats["kl_buckets_per_token"] <= stats["kl_buckets_p99"] * 1.05
+        and stats["kl_full_per_token"] <= stats["kl_full_p99"] * 1.05
+    )
+    assert stats["bytes_per_token"] == pytest.approx(
+        sum(p.stat().st_size for p in (reference_dir / "shards").glob("*.parquet")) / stats["tokens"]
+    )
 
     class Killed(Exception):
         pass
@@ -177,7 +217,7 @@ def test_reported_error_is_that_of_the_stored_rows_against_the_teacher(tiny, k64
     from ds_distill import data, models
 
     root, manifest = k64
-    cache = teacher_cache.TeacherCache(str(root))
+    cache = cache_reader.TeacherCache(str(root))
     tok = models.load_tokenizer(tiny["teacher"])
     ds = data.get_dataset(tiny["data"], tok, seq_len=32)
     model = AutoModelForCausalLM.from_pretrained(tiny["teacher"], dtype=torch.float32).eval()
@@ -203,12 +243,36 @@ def test_reported_error_is_that_of_the_stored_rows_against_the_teacher(tiny, k64
 def test_exact_cache_trains_like_the_live_teacher(tiny, dist_env, tmp_path):
     """K = vocabulary, float32: the same loss curve (train and eval) and the same per-example tracking."""
     write(tiny, tmp_path / "exact", "--exact")
-    base = ["--student", tiny["student"], "--data", tiny["data"], "--max_steps", "2", "--seq_len", "32", "--log_steps", "1",
-            "--eval_fraction", "0.1", "--chunk_size", "16", "--export", "false", "--track_examples", "--seed", "0",
-            "--deepspeed_config", str(REPO_CONFIGS / "cpu_zero3.json"), "--teacher_deepspeed_config", REPLICATED]
+    base = [
+        "--student",
+        tiny["student"],
+        "--data",
+        tiny["data"],
+        "--max_steps",
+        "2",
+        "--seq_len",
+        "32",
+        "--log_steps",
+        "1",
+        "--eval_fraction",
+        "0.1",
+        "--chunk_size",
+        "16",
+        "--export",
+        "false",
+        "--track_examples",
+        "--seed",
+        "0",
+        "--deepspeed_config",
+        str(REPO_CONFIGS / "cpu_zero3.json"),
+        "--teacher_deepspeed_config",
+        REPLICATED,
+    ]
     run = lambda cfg: train.run(cfg, train.default_callbacks(cfg))
     live = run(parse_args(base + ["--teacher", tiny["teacher"], "--output_dir", str(tmp_path / "live")]))
-    cached = run(parse_args(base + ["--teacher_cache", str(tmp_path / "exact"), "--output_dir", str(tmp_path / "cached")]))
+    cached = run(
+        parse_args(base + ["--teacher_cache", str(tmp_path / "exact"), "--output_dir", str(tmp_path / "cached")])
+    )
     for key in ("Train/loss", "Train/kd", "Eval/kd", "Train/grad_norm"):
         a, b = [h[key] for h in live.history if key in h], [h[key] for h in cached.history if key in h]
         assert a and a == pytest.approx(b, rel=1e-5, abs=1e-7), key
@@ -232,8 +296,15 @@ def test_mismatches_stop_in_one_line(tiny, dist_env, tmp_path, k64, capsys, keep
     old_format = tmp_path / "v1"
     old_format.mkdir()
     (old_format / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
-    base = {"--student": tiny["student"], "--data": tiny["data"], "--output_dir": str(tmp_path / "o"), "--teacher_cache": cache,
-            "--max_steps": "1", "--seq_len": "32", "--eval_fraction": "0"}
+    base = {
+        "--student": tiny["student"],
+        "--data": tiny["data"],
+        "--output_dir": str(tmp_path / "o"),
+        "--teacher_cache": cache,
+        "--max_steps": "1",
+        "--seq_len": "32",
+        "--eval_fraction": "0",
+    }
     cases = [
         ({"--seq_len": "24"}, [], "was written with --seq_len 32 but this run has --seq_len 24"),
         ({}, ["--packing"], "was written with --packing False but this run has --packing True"),
@@ -241,7 +312,11 @@ def test_mismatches_stop_in_one_line(tiny, dist_env, tmp_path, k64, capsys, keep
         ({"--student": other_student}, [], "was written with another tokenizer"),
         ({"--data": str(changed)}, [], "was written from other --data tokens"),
         ({"--eval_data": tiny["data"]}, [], "holds no eval_data split"),
-        ({}, ["--teacher_weights", "1", "--teacher_weights", "2", "--teacher_weights", "3"], "--teacher_weights has 3 values for 1 teacher caches"),
+        (
+            {},
+            ["--teacher_weights", "1", "--teacher_weights", "2", "--teacher_weights", "3"],
+            "--teacher_weights has 3 values for 1 teacher caches",
+        ),
         ({"--temperature": "2"}, ["--router", "lowest_ce"], "--router lowest_ce scores labels at temperature 1"),
         ({"--teacher": tiny["teacher"]}, [], "--teacher and --teacher_cache are both given"),
         ({"--teacher_cache": str(incomplete)}, [], "is incomplete"),
@@ -258,7 +333,7 @@ def test_mismatches_stop_in_one_line(tiny, dist_env, tmp_path, k64, capsys, keep
 def test_per_turn_chat_examples_are_refused_in_one_line(tmp_path):
     """A conversation split into one example per assistant turn (a template that rewrites history) gives several
     examples with one row number, the key a cache is read by: refused before the teacher loads."""
-    from ds_distill.config import UsageError
+    from ds_distill.common import UsageError
     from tests import tiny as tiny_mod
     from tests.test_chat import CONV
 
@@ -285,7 +360,7 @@ def test_mixed_caches_match_float64_buckets(loss):
     w = torch.rand(n, 2)
     w = w / w.sum(1, keepdim=True)
     parts = [_sparse_inputs(x, k, T) for x, k in zip(t, ks)]
-    mixed = teacher_cache.mix(parts, w, V)
+    mixed = cache_reader.mix(parts, w, V)
     assert (mixed[0] < 0).any() and (mixed[0] >= 0).sum(1).min() < mixed[0].shape[1]
     got = losses.sparse_loss_sums(s_logits, *mixed, labels, loss=loss, alpha=0.0, temperature=T)
     ref = 0.0
@@ -316,13 +391,48 @@ def test_exact_caches_ensemble_trains_like_the_live_ensemble(tiny, dist_env, tmp
     other = tiny_mod.make_model(tmp_path / "teacher2", tiny["tokenizer"], layers=1, hidden=16, heads=2, seed=5)
     write(tiny, tmp_path / "exact1", "--exact")
     write({**tiny, "teacher": other}, tmp_path / "exact2", "--exact")
-    base = ["--student", tiny["student"], "--data", tiny["data"], "--max_steps", "2", "--seq_len", "32", "--log_steps", "1",
-            "--eval_fraction", "0.1", "--chunk_size", "16", "--export", "false", "--seed", "0", *mixing,
-            "--deepspeed_config", str(REPO_CONFIGS / "cpu_zero1.json"), "--teacher_deepspeed_config", REPLICATED]
+    base = [
+        "--student",
+        tiny["student"],
+        "--data",
+        tiny["data"],
+        "--max_steps",
+        "2",
+        "--seq_len",
+        "32",
+        "--log_steps",
+        "1",
+        "--eval_fraction",
+        "0.1",
+        "--chunk_size",
+        "16",
+        "--export",
+        "false",
+        "--seed",
+        "0",
+        *mixing,
+        "--deepspeed_config",
+        str(REPO_CONFIGS / "cpu_zero1.json"),
+        "--teacher_deepspeed_config",
+        REPLICATED,
+    ]
     run = lambda cfg: train.run(cfg, train.default_callbacks(cfg))
-    live = run(parse_args(base + ["--teacher", tiny["teacher"], "--teacher", other, "--output_dir", str(tmp_path / "live")]))
-    cached = run(parse_args(base + ["--teacher_cache", str(tmp_path / "exact1"), "--teacher_cache", str(tmp_path / "exact2"),
-                                    "--output_dir", str(tmp_path / "cached")]))
+    live = run(
+        parse_args(base + ["--teacher", tiny["teacher"], "--teacher", other, "--output_dir", str(tmp_path / "live")])
+    )
+    cached = run(
+        parse_args(
+            base
+            + [
+                "--teacher_cache",
+                str(tmp_path / "exact1"),
+                "--teacher_cache",
+                str(tmp_path / "exact2"),
+                "--output_dir",
+                str(tmp_path / "cached"),
+            ]
+        )
+    )
     for key in ("Train/kd", "Eval/kd", "Train/grad_norm"):
         a, b = [h[key] for h in live.history if key in h], [h[key] for h in cached.history if key in h]
         # 1e-4: the live mixture is a float32 logsumexp, the cached one float64 from float32 log-probs
@@ -337,11 +447,34 @@ def test_two_ranks_write_the_same_cache_as_one(tiny, tmp_path, k64):
     from tests.cluster_fixtures import launcher_env
 
     out = tmp_path / "two"
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(random.randint(20000, 40000)),
-           "--module", "ds_distill.cache_teacher", "--teacher", tiny["teacher"], "--data", tiny["data"], "--output_dir", str(out),
-           "--seq_len", "32", "--shard_examples", "24", "--batch_size", "4", "--top_k", "64",
-           "--teacher_deepspeed_config", str(REPO_CONFIGS / "cpu_teacher_zero3.json")]
-    proc = subprocess.run(cmd, cwd=ROOT, env=launcher_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=600)
+    cmd = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(random.randint(20000, 40000)),
+        "--module",
+        "ds_distill.cache_teacher",
+        "--teacher",
+        tiny["teacher"],
+        "--data",
+        tiny["data"],
+        "--output_dir",
+        str(out),
+        "--seq_len",
+        "32",
+        "--shard_examples",
+        "24",
+        "--batch_size",
+        "4",
+        "--top_k",
+        "64",
+        "--teacher_deepspeed_config",
+        str(REPO_CONFIGS / "cpu_teacher_zero3.json"),
+    ]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=launcher_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "bytes/token" in proc.stdout
     two = json.loads((out / "manifest.json").read_text())
@@ -354,13 +487,16 @@ def test_shards_of_every_split_are_dealt_to_every_rank(caplog):
     """Each shard written once; the demo's layout (one train shard + one eval shard before) kept rank 1 idle."""
     sizes = {"data": 267, "eval_data": 21}
     for world in (1, 2, 3):
-        dealt = [teacher_cache.shards_of_rank(sizes, 32, world, r) for r in range(world)]
+        dealt = [cache_writer.shards_of_rank(sizes, 32, world, r) for r in range(world)]
         flat = sorted(s for shards in dealt for s in shards)
         assert flat == sorted([("data", s) for s in range(9)] + [("eval_data", 0)])
         assert max(map(len, dealt)) - min(map(len, dealt)) <= 1  # balanced
     # one shard per split and two ranks: each rank gets one (not both on rank 0)
-    assert [teacher_cache.shards_of_rank({"data": 10, "eval_data": 5}, 1024, 2, r) for r in (0, 1)] == [[("data", 0)], [("eval_data", 0)]]
+    assert [cache_writer.shards_of_rank({"data": 10, "eval_data": 5}, 1024, 2, r) for r in (0, 1)] == [
+        [("data", 0)],
+        [("eval_data", 0)],
+    ]
     with caplog.at_level("WARNING", logger="ds_distill"):
-        assert teacher_cache.shards_of_rank({"data": 10}, 1024, 2, 1) == []
-        teacher_cache.shards_of_rank({"data": 10}, 1024, 2, 0)
+        assert cache_writer.shards_of_rank({"data": 10}, 1024, 2, 1) == []
+        cache_writer.shards_of_rank({"data": 10}, 1024, 2, 0)
     assert "1 shard(s) for 2 ranks" in caplog.text and "--shard_examples" in caplog.text

@@ -1,6 +1,6 @@
 """The real entry point on tiny random models, in one process: invariances, resume, export, bad input."""
+
 import contextlib
-import csv
 import json
 import math
 import subprocess
@@ -9,10 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from ds_distill import train
-from ds_distill.callbacks import Callback
-from ds_distill.config import REPO_CONFIGS, RunConfig
+from ds_distill.config import RunConfig
+from ds_distill.core import trainer as trainer_mod
+from ds_distill.ds_config import REPO_CONFIGS
+from ds_distill.runtime.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,10 +33,21 @@ def ds_json(tmp_path, base="cpu_zero3.json", name=None, lr=1e-2, **batch):
 
 
 def make_cfg(tiny, out, **kw):
-    base = dict(teacher=[tiny["teacher"]], student=tiny["student"], data=tiny["data"], output_dir=str(out),
-                deepspeed_config=str(REPO_CONFIGS / "cpu_zero3.json"),
-                teacher_deepspeed_config=str(REPO_CONFIGS / "cpu_teacher_zero3.json"),
-                max_steps=3, seq_len=32, log_steps=1, eval_fraction=0.0, export=False, chunk_size=16, seed=0)
+    base = dict(
+        teacher=[tiny["teacher"]],
+        student=tiny["student"],
+        data=tiny["data"],
+        output_dir=str(out),
+        deepspeed_config=str(REPO_CONFIGS / "cpu_zero3.json"),
+        teacher_deepspeed_config=str(REPO_CONFIGS / "cpu_teacher_zero3.json"),
+        max_steps=3,
+        seq_len=32,
+        log_steps=1,
+        eval_fraction=0.0,
+        export=False,
+        chunk_size=16,
+        seed=0,
+    )
     base.update(kw)
     return RunConfig(**base)
 
@@ -52,8 +67,20 @@ def test_zero_stages_agree_with_stage3(tiny, dist_env, tmp_path, stage_config):
 
 def test_grad_accumulation_is_exact(tiny, dist_env, tmp_path):
     """micro 4 x accumulation 2 == micro 8 x 1, although the micro-batches hold different numbers of tokens."""
-    one = train.run(make_cfg(tiny, tmp_path / "a", deepspeed_config=ds_json(tmp_path, train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=1)))
-    two = train.run(make_cfg(tiny, tmp_path / "b", deepspeed_config=ds_json(tmp_path, train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=2)))
+    one = train.run(
+        make_cfg(
+            tiny,
+            tmp_path / "a",
+            deepspeed_config=ds_json(tmp_path, train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=1),
+        )
+    )
+    two = train.run(
+        make_cfg(
+            tiny,
+            tmp_path / "b",
+            deepspeed_config=ds_json(tmp_path, train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=2),
+        )
+    )
     assert losses_of(one) == pytest.approx(losses_of(two), rel=1e-5, abs=1e-6)
     assert abs(losses_of(one)[0] - losses_of(one)[-1]) > 1e-3
 
@@ -68,8 +95,8 @@ def test_teacher_placement_by_fit(tiny, dist_env, tmp_path):
     """No --teacher_deepspeed_config: one rank replicates the teacher, and the curve equals the sharded teacher's."""
     from ds_distill import models
 
-    models.unset_hf_deepspeed_config()  # an earlier test's ZeRO-3 config would partition this plain load
-    lm = models.AutoModelForCausalLM.from_pretrained(tiny["teacher"])
+    unset_hf_deepspeed_config()  # an earlier test's ZeRO-3 config would partition this plain load
+    lm = AutoModelForCausalLM.from_pretrained(tiny["teacher"])
     n = models.parameter_count(tiny["teacher"])
     assert n == sum(p.numel() for p in lm.parameters())  # tied embedding stored and counted once
     kw = dict(sharded="S", replicated="R", bytes_per_param=4)
@@ -80,7 +107,10 @@ def test_teacher_placement_by_fit(tiny, dist_env, tmp_path):
 
     sharded = train.run(make_cfg(tiny, tmp_path / "s", deepspeed_config=ds_json(tmp_path)))
     auto = train.run(make_cfg(tiny, tmp_path / "a", deepspeed_config=ds_json(tmp_path), teacher_deepspeed_config=""))
-    assert sharded.teachers.engines[0].zero_optimization_stage() == 3 and auto.teachers.engines[0].zero_optimization_stage() == 0
+    assert (
+        sharded.teachers.engines[0].zero_optimization_stage() == 3
+        and auto.teachers.engines[0].zero_optimization_stage() == 0
+    )
     assert json.loads((tmp_path / "a" / "ds_config_teacher.json").read_text())["zero_optimization"] == {"stage": 0}
     assert abs(losses_of(auto)[0] - losses_of(auto)[-1]) > 1e-3
     assert losses_of(auto) == pytest.approx(losses_of(sharded), rel=1e-5, abs=1e-6)
@@ -92,10 +122,16 @@ def test_tokens_per_s_leaves_out_eval_and_checkpoint_time():
     from types import SimpleNamespace
 
     engine = SimpleNamespace(get_global_grad_norm=lambda: 1.0, get_lr=lambda: [0.1])
-    sums = {"total": torch.tensor(1.0), "ce": torch.tensor(1.0), "kd": torch.tensor(0.0), "n_tokens": torch.tensor(10.0), "input_tokens": 1000}
+    sums = {
+        "total": torch.tensor(1.0),
+        "ce": torch.tensor(1.0),
+        "kd": torch.tensor(0.0),
+        "n_tokens": torch.tensor(10.0),
+        "input_tokens": 1000,
+    }
     rates = {}
     for paused in (False, True):
-        window = train._Window(torch.device("cpu"))
+        window = trainer_mod._Window(torch.device("cpu"))
         window.add(sums)
         with window.paused() if paused else contextlib.nullcontext():
             time.sleep(0.5)
@@ -113,7 +149,9 @@ def test_resume_continues_the_same_curve(tiny, dist_env, tmp_path):
 
 
 def test_checkpoints_keep_last_and_latest(tiny, dist_env, tmp_path):
-    trainer = train.run(make_cfg(tiny, tmp_path / "k", max_steps=5, save_steps=1, keep_last=2, deepspeed_config=ds_json(tmp_path)))
+    trainer = train.run(
+        make_cfg(tiny, tmp_path / "k", max_steps=5, save_steps=1, keep_last=2, deepspeed_config=ds_json(tmp_path))
+    )
     ckpts = tmp_path / "k" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["step_00000004", "step_00000005"]
     assert (ckpts / "latest").read_text() == "step_00000005" == trainer.last_tag
@@ -151,7 +189,7 @@ def test_padded_vocabulary_is_distilled_over_the_real_tokens(tiny, dist_env, tmp
     model = AutoModelForCausalLM.from_pretrained(tiny["teacher"])
     model.resize_token_embeddings(len(tiny["tokenizer"]) + 24)
     with torch.no_grad():
-        model.get_output_embeddings().weight[len(tiny["tokenizer"]):] = 5.0  # loud padding logits, all ignored
+        model.get_output_embeddings().weight[len(tiny["tokenizer"]) :] = 5.0  # loud padding logits, all ignored
     padded = str(tmp_path / "padded")
     model.save_pretrained(padded)
     tiny["tokenizer"].save_pretrained(padded)
@@ -164,14 +202,21 @@ def test_padded_vocabulary_is_distilled_over_the_real_tokens(tiny, dist_env, tmp
 
 
 def test_eval_and_monitor_csv(tiny, dist_env, tmp_path):
-    trainer = train.run(make_cfg(tiny, tmp_path / "m", max_steps=4, eval_steps=2, eval_fraction=0.25, deepspeed_config=ds_json(tmp_path)))
+    trainer = train.run(
+        make_cfg(
+            tiny, tmp_path / "m", max_steps=4, eval_steps=2, eval_fraction=0.25, deepspeed_config=ds_json(tmp_path)
+        )
+    )
     evals = [h for h in trainer.history if "Eval/ppl" in h]
     assert [h["step"] for h in evals] == [2, 4]
     assert all(math.isclose(h["Eval/ppl"], math.exp(h["Eval/ce"]), rel_tol=1e-6) for h in evals)
     files = {p.name for p in (tmp_path / "m" / "monitor").rglob("*.csv")}
     assert any("loss" in f for f in files), files
     train_logs = [h for h in trainer.history if "Train/loss" in h]
-    assert all(h["Train/tokens_per_s"] > 0 and h["Train/lr"] == pytest.approx(1e-2) and h["Train/grad_norm"] >= 0 for h in train_logs)
+    assert all(
+        h["Train/tokens_per_s"] > 0 and h["Train/lr"] == pytest.approx(1e-2) and h["Train/grad_norm"] >= 0
+        for h in train_logs
+    )
     for h in train_logs:  # loss = alpha * CE + (1 - alpha) * KD with the default alpha 0.5
         assert h["Train/loss"] == pytest.approx(0.5 * h["Train/ce"] + 0.5 * h["Train/kd"], rel=1e-5)
 
@@ -184,16 +229,39 @@ def run_main(args, capsys):
 
 
 def base_args(tiny, out):
-    return ["--teacher", tiny["teacher"], "--student", tiny["student"], "--data", tiny["data"], "--output_dir", str(out),
-            "--max_steps", "1", "--seq_len", "32", "--eval_fraction", "0"]
+    return [
+        "--teacher",
+        tiny["teacher"],
+        "--student",
+        tiny["student"],
+        "--data",
+        tiny["data"],
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "1",
+        "--seq_len",
+        "32",
+        "--eval_fraction",
+        "0",
+    ]
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda a, t: a + ["--alpha", "2"], "--alpha 2.0 must be in [0, 1]"),
-    (lambda a, t: [x if x != t["teacher"] else "/no/such/teacher" for x in a], "model directory '/no/such/teacher' does not exist"),
-    (lambda a, t: a + ["--loss", "kl"], "--loss 'kl' is unknown"),
-    (lambda a, t: a + ["--deepspeed_config", str(REPO_CONFIGS / "teacher_zero3_bf16.json")], 'no "optimizer" block'),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a, t: a + ["--alpha", "2"], "--alpha 2.0 must be in [0, 1]"),
+        (
+            lambda a, t: [x if x != t["teacher"] else "/no/such/teacher" for x in a],
+            "model directory '/no/such/teacher' does not exist",
+        ),
+        (lambda a, t: a + ["--loss", "kl"], "--loss 'kl' is unknown"),
+        (
+            lambda a, t: a + ["--deepspeed_config", str(REPO_CONFIGS / "teacher_zero3_bf16.json")],
+            'no "optimizer" block',
+        ),
+    ],
+)
 def test_bad_input_is_one_line(tiny, tmp_path, capsys, keep_process_group, change, message):
     code, errors = run_main(change(base_args(tiny, tmp_path / "o"), tiny), capsys)
     assert code == 2 and len(errors) == 1 and message in errors[0], errors
@@ -208,7 +276,9 @@ def test_empty_data_and_vocab_mismatch(tiny, tmp_path, capsys, keep_process_grou
     assert code == 2 and len(errors) == 1 and "empty" in errors[0].lower(), errors
     other_tok = tiny_mod.make_tokenizer(tmp_path / "tok2", vocab_size=300)
     other = tiny_mod.make_model(tmp_path / "other", other_tok, layers=1, hidden=32, heads=4)
-    code, errors = run_main([x if x != tiny["teacher"] else str(other) for x in base_args(tiny, tmp_path / "o")], capsys)
+    code, errors = run_main(
+        [x if x != tiny["teacher"] else str(other) for x in base_args(tiny, tmp_path / "o")], capsys
+    )
     assert code == 2 and len(errors) == 1 and "different tokenizers" in errors[0], errors
 
 
@@ -221,7 +291,9 @@ def test_existing_checkpoints_are_never_overwritten(tiny, dist_env, tmp_path, ca
     assert (out / "checkpoints" / "latest").read_text() == before and (out / "checkpoints" / before).is_dir()
 
 
-def test_resume_of_a_finished_run_exports_once_and_exits_0(tiny, dist_env, tmp_path, caplog, capsys, keep_process_group):
+def test_resume_of_a_finished_run_exports_once_and_exits_0(
+    tiny, dist_env, tmp_path, caplog, capsys, keep_process_group
+):
     """Job scripts always pass --resume: a run at (or past) --max_steps trains nothing, exports final/ only if missing."""
     import logging
     import shutil
@@ -242,7 +314,9 @@ def test_resume_of_a_finished_run_exports_once_and_exits_0(tiny, dist_env, tmp_p
 
 
 @pytest.mark.parametrize("base", ["cpu_zero3.json", "cpu_zero1.json"])
-def test_tag_of_another_world_size_resumes_through_a_universal_checkpoint(tiny, dist_env, tmp_path, caplog, capsys, keep_process_group, base):
+def test_tag_of_another_world_size_resumes_through_a_universal_checkpoint(
+    tiny, dist_env, tmp_path, caplog, capsys, keep_process_group, base
+):
     """A ZeRO tag written by another number of ranks is converted once (DeepSpeed's ds_to_universal) and loaded with
     "load_universal": the curve continues. Here 1 rank wrote it and a copied RNG file makes it look like 2; the real
     2 -> 1 -> 2 ranks run is tests/test_multirank.py. A conversion that fails is one line."""
@@ -271,27 +345,35 @@ def test_tag_of_another_world_size_resumes_through_a_universal_checkpoint(tiny, 
     shutil.copy(tag / "rng_rank0.pt", bad / "checkpoints" / "step_00000002" / "rng_rank1.pt")
     for f in (bad / "checkpoints" / "step_00000002").glob("*optim_states.pt"):
         f.unlink()
-    code, errors = run_main(base_args(tiny, bad) + ["--deepspeed_config", cfg_ds, "--resume", "--max_steps", "3"], capsys)
+    code, errors = run_main(
+        base_args(tiny, bad) + ["--deepspeed_config", cfg_ds, "--resume", "--max_steps", "3"], capsys
+    )
     assert code == 2 and len(errors) == 1 and "to a universal checkpoint failed (" in errors[0], errors
     assert errors[0].endswith("): resume it on the number of ranks that wrote it"), errors
 
 
 def test_cli_error_has_no_traceback(tiny, tmp_path):
     """Through the real `python -m ds_distill.train`: exit code 2, one line, no traceback."""
-    proc = subprocess.run([sys.executable, "-m", "ds_distill.train", *base_args(tiny, tmp_path / "o"), "--temperature", "0"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ds_distill.train", *base_args(tiny, tmp_path / "o"), "--temperature", "0"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert [l for l in proc.stderr.splitlines() if l.startswith("error:")] == [
-        "error: invalid run config: --temperature 0.0 must be > 0"]
+        "error: invalid run config: --temperature 0.0 must be > 0"
+    ]
 
 
 def test_preemption_signal_checkpoints_exits_75_and_resumes(tiny, dist_env, tmp_path):
     import os
     import signal
 
-    from ds_distill.callbacks import Callback
-    from ds_distill.preemption import PREEMPTED_EXIT_CODE, Preemption
+    from ds_distill.extras.preemption import PREEMPTED_EXIT_CODE, Preemption
+    from ds_distill.runtime.callbacks import Callback
 
     class SignalAtStep2(Callback):
         def on_step_end(self, trainer, sums):
@@ -302,11 +384,16 @@ def test_preemption_signal_checkpoints_exits_75_and_resumes(tiny, dist_env, tmp_
     cfg_ds = ds_json(tmp_path)
     straight = train.run(make_cfg(tiny, tmp_path / "s", max_steps=4, deepspeed_config=cfg_ds))
     out = tmp_path / "p"
-    stopped = train.run(make_cfg(tiny, out, max_steps=4, export=True, deepspeed_config=cfg_ds), [SignalAtStep2(), Preemption(requeue=False)])
+    stopped = train.run(
+        make_cfg(tiny, out, max_steps=4, export=True, deepspeed_config=cfg_ds),
+        [SignalAtStep2(), Preemption(requeue=False)],
+    )
     assert stopped.step == 2 and stopped.exit_code == PREEMPTED_EXIT_CODE == 75
     assert (out / "checkpoints" / "latest").read_text() == "step_00000002" and not (out / "final").exists()
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL, "handlers are restored after the run"
-    resumed = train.run(make_cfg(tiny, out, max_steps=4, resume=True, export=True, deepspeed_config=cfg_ds), [Preemption(requeue=False)])
+    resumed = train.run(
+        make_cfg(tiny, out, max_steps=4, resume=True, export=True, deepspeed_config=cfg_ds), [Preemption(requeue=False)]
+    )
     assert resumed.exit_code == 0 and (out / "final" / "config.json").is_file()
     assert losses_of(stopped) + losses_of(resumed) == pytest.approx(losses_of(straight), rel=1e-5, abs=1e-6)
 
@@ -319,7 +406,7 @@ def test_step_plan_is_one_collective_and_one_host_sync(monkeypatch):
 
     import torch.distributed as dist
 
-    from ds_distill.step_sync import StepSync
+    from ds_distill.core.step_sync import StepSync
 
     calls = {"collective": 0, "sync": 0}
     real_tolist = torch.Tensor.tolist
@@ -352,7 +439,7 @@ def test_step_plan_is_one_collective_and_one_host_sync(monkeypatch):
 def test_a_stop_vote_is_agreed_in_the_next_steps_plan_and_saves_once(tiny, dist_env, tmp_path, monkeypatch):
     """A vote cast after step 2 rides in step 3's plan (one per step, asked of every callback), the run stops at step
     2 and step 2, already a --save_steps checkpoint, is not saved again; on_stop reaches the callback that voted."""
-    from ds_distill.step_sync import StepSync
+    from ds_distill.core.step_sync import StepSync
 
     plans, saves, stopped = [], [], []
     real_plan = StepSync.plan
@@ -373,18 +460,24 @@ def test_a_stop_vote_is_agreed_in_the_next_steps_plan_and_saves_once(tiny, dist_
         def on_save(self, trainer, tag):
             saves.append(tag)
 
-    trainer = train.run(make_cfg(tiny, tmp_path / "v", max_steps=4, save_steps=2, deepspeed_config=ds_json(tmp_path)), [Callback(), Vote()])
+    trainer = train.run(
+        make_cfg(tiny, tmp_path / "v", max_steps=4, save_steps=2, deepspeed_config=ds_json(tmp_path)),
+        [Callback(), Vote()],
+    )
     assert trainer.step == 2 and stopped == [2]
     assert plans == [[False, False], [False, False], [False, True]], "one plan per step, with every callback's vote"
     assert saves == ["step_00000002"], "the stop step is saved once"
 
 
-@pytest.mark.parametrize("student_json, teacher_json", [
-    ("zero3_bf16.json", "teacher_zero3_bf16.json"),
-    ("zero2_bf16.json", "teacher_replicated_bf16.json"),
-    ("zero1_bf16.json", "teacher_zero3_bf16.json"),
-    ("zero3_offload_bf16.json", "cpu_teacher_zero3.json"),
-])
+@pytest.mark.parametrize(
+    "student_json, teacher_json",
+    [
+        ("zero3_bf16.json", "teacher_zero3_bf16.json"),
+        ("zero2_bf16.json", "teacher_replicated_bf16.json"),
+        ("zero1_bf16.json", "teacher_zero3_bf16.json"),
+        ("zero3_offload_bf16.json", "cpu_teacher_zero3.json"),
+    ],
+)
 def test_gpu_configs_run(tiny, dist_env, tmp_path, student_json, teacher_json):
     """The shipped GPU configs, as they are but for the optimizer implementation: no GPU here, so torch's Adam
     instead of FusedAdam / DeepSpeedCPUAdam (both JIT-compiled kernels)."""
@@ -392,8 +485,15 @@ def test_gpu_configs_run(tiny, dist_env, tmp_path, student_json, teacher_json):
     d["optimizer"]["params"]["torch_adam"] = True
     d["zero_force_ds_cpu_optimizer"] = False
     (tmp_path / student_json).write_text(json.dumps(d))
-    trainer = train.run(make_cfg(tiny, tmp_path / "o", max_steps=2, deepspeed_config=str(tmp_path / student_json),
-                                 teacher_deepspeed_config=str(REPO_CONFIGS / teacher_json)))
+    trainer = train.run(
+        make_cfg(
+            tiny,
+            tmp_path / "o",
+            max_steps=2,
+            deepspeed_config=str(tmp_path / student_json),
+            teacher_deepspeed_config=str(REPO_CONFIGS / teacher_json),
+        )
+    )
     assert trainer.ds.bf16 and trainer.ds.zero_stage == int(student_json[4])
     assert all(math.isfinite(x) for x in losses_of(trainer)) and len(losses_of(trainer)) == 2
 
@@ -412,11 +512,11 @@ def test_fused_loss_under_zero2_equals_checkpointed(tiny, dist_env, tmp_path, mo
 
     def run(out, checkpointed):
         if checkpointed:
-            monkeypatch.setattr(losses, "_fusable", lambda head: False)
+            monkeypatch.setattr(losses.chunked, "fusable", lambda head: False)
         trainer = train.run(make_cfg(tiny, tmp_path / out, chunk_size=7, max_steps=2, deepspeed_config=str(p)))
         monkeypatch.undo()
         head = trainer.student.module.head
-        assert losses._fusable(head)  # the default path here is the fused one
+        assert losses.chunked.fusable(head)  # the default path here is the fused one
         return losses_of(trainer), head.linear.weight.detach().clone()
 
     fused_losses, fused_w = run("fused", False)

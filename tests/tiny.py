@@ -6,6 +6,7 @@ Everything is deterministic (fixed corpus, fixed seeds) and takes well under a s
     path = make_model(tmp_path / "model", tok, layers=2)       # LlamaForCausalLM + the tokenizer beside it
     sp = make_sentencepiece_tokenizer(tmp_path / "sp")         # tokenizer.model only (no tokenizer.json)
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -71,8 +72,17 @@ def make_tokenizer(dir, vocab_size: int = 400):
     return tok
 
 
-def make_model(dir, tokenizer, *, layers: int = 2, hidden: int = 32, heads: int = 4, vocab_pad: int = 0,
-               tie: bool = True, seed: int = 0) -> str:
+def make_model(
+    dir,
+    tokenizer,
+    *,
+    layers: int = 2,
+    hidden: int = 32,
+    heads: int = 4,
+    vocab_pad: int = 0,
+    tie: bool = True,
+    seed: int = 0,
+) -> str:
     """Save a random LlamaForCausalLM (fp32, eager-compatible) plus `tokenizer` to `dir`; return the path as str.
 
     The embedding / lm_head have len(tokenizer) + vocab_pad rows (padding rows mimic real checkpoints whose
@@ -125,19 +135,30 @@ def make_sentencepiece_tokenizer(dir, vocab_size: int = 400):
         model_writer=buf,
         model_type="bpe",
         vocab_size=vocab_size,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
         byte_fallback=True,
         character_coverage=1.0,
         minloglevel=2,
     )
     (dir / "tokenizer.model").write_bytes(buf.getvalue())
-    (dir / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer",
-        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
-        "add_bos_token": True, "add_eos_token": False,
-        "chat_template": CHAT_TEMPLATE.replace("<|", "[").replace("|>", "]").replace("[end]", "</s>"),
-        "model_max_length": 512,
-    }))
+    (dir / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "LlamaTokenizer",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "pad_token": "<pad>",
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "chat_template": CHAT_TEMPLATE.replace("<|", "[").replace("|>", "]").replace("[end]", "</s>"),
+                "model_max_length": 512,
+            }
+        )
+    )
     return AutoTokenizer.from_pretrained(dir)
 
 
@@ -146,8 +167,10 @@ def make_sentencepiece_tokenizer(dir, vocab_size: int = 400):
 # "\n\n" is one pre-token, so a reply starting with "\n" merges with the "\n" that ends the assistant header).
 CHAT_CORPUS = CORPUS + ["hello\n\nthe answer is paris.\n\nthank you\n\n", "sure\n\nhere is a poem\n\nthe sea\n"]
 # The pre-tokenizer regex of Qwen2/Qwen3 (tokenizer.json of Qwen/Qwen3-0.6B); Llama 3's differs only in digit runs.
-QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-                r"|\s+(?!\S)|\s+")
+QWEN_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
 
 # Qwen3's template, reduced to messages (no tools) but with its history rewrite kept verbatim: an assistant turn
 # after the last user message is rendered with its <think> block (the reasoning from `reasoning_content` or from the
@@ -198,44 +221,58 @@ QWEN3_TEMPLATE = """{%- set ns = namespace(multi_step_tool=true, last_query_inde
 {%- endif %}"""
 
 # Qwen2.5's ChatML (no history rewrite; the reply follows "assistant\n" verbatim).
-CHATML_TEMPLATE = ("{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + "
-                   "'<|im_end|>' + '\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + "
+    "'<|im_end|>' + '\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
 
 # ChatML with TRL-style {% generation %} blocks around each assistant reply and its <|im_end|>.
-GENERATION_TEMPLATE = ("{%- for message in messages %}{%- if message.role == 'assistant' %}{{- '<|im_start|>assistant\\n' }}"
-                       "{%- generation %}{{- message.content + '<|im_end|>' }}{%- endgeneration %}{{- '\\n' }}"
-                       "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}"
-                       "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+GENERATION_TEMPLATE = (
+    "{%- for message in messages %}{%- if message.role == 'assistant' %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- generation %}{{- message.content + '<|im_end|>' }}{%- endgeneration %}{{- '\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
 
 # Meta Llama 3 Instruct's template (verbatim): contents are trimmed, bos before the first message.
 # DeepSeek-R1-distill's template, simplified (no tools): earlier replies keep only the answer after </think>; the
 # generation prompt opens the reasoning.
-R1_TEMPLATE = ("{% set ns = namespace(system_prompt='') %}{% for m in messages %}{% if m.role == 'system' %}"
-               "{% set ns.system_prompt = m.content %}{% endif %}{% endfor %}"
-               "{{ '<｜begin▁of▁sentence｜>' + ns.system_prompt }}{% for m in messages %}"
-               "{% if m.role == 'user' %}{{ '<｜User｜>' + m.content }}{% elif m.role == 'assistant' %}"
-               "{% set content = m.content %}{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}"
-               "{% endif %}{{ '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}"
-               "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}")
+R1_TEMPLATE = (
+    "{% set ns = namespace(system_prompt='') %}{% for m in messages %}{% if m.role == 'system' %}"
+    "{% set ns.system_prompt = m.content %}{% endif %}{% endfor %}"
+    "{{ '<｜begin▁of▁sentence｜>' + ns.system_prompt }}{% for m in messages %}"
+    "{% if m.role == 'user' %}{{ '<｜User｜>' + m.content }}{% elif m.role == 'assistant' %}"
+    "{% set content = m.content %}{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}"
+    "{% endif %}{{ '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}"
+)
 
-LLAMA3_TEMPLATE = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
-                   "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + "
-                   "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
-                   "{{ content }}{% endfor %}{% if add_generation_prompt %}"
-                   "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + "
+    "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
 
 
 def _regex_bpe(specials: list[str], vocab_size: int):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tk.train_from_iterator(CHAT_CORPUS, trainer=trainer)
     return tk
 
@@ -250,8 +287,9 @@ def make_qwen_tokenizer(dir, template: str = QWEN3_TEMPLATE, vocab_size: int = 4
     dir.mkdir(parents=True, exist_ok=True)
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tk = _regex_bpe(specials, vocab_size)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  additional_special_tokens=specials[1:])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=specials[1:]
+    )
     tok.add_tokens(["<think>", "</think>"])  # added, not special, as in Qwen3
     assert len(tok("\n\n", add_special_tokens=False)["input_ids"]) == 1
     tok.chat_template = template
@@ -269,10 +307,15 @@ def make_llama3_tokenizer(dir, template: str | None = LLAMA3_TEMPLATE, vocab_siz
     dir.mkdir(parents=True, exist_ok=True)
     specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
     tk = _regex_bpe(specials, vocab_size)
-    tk.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B",
-                                                      special_tokens=[("<|begin_of_text|>", 0)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
-                                  additional_special_tokens=specials[1:])
+    tk.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B", special_tokens=[("<|begin_of_text|>", 0)]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+        additional_special_tokens=specials[1:],
+    )
     tok.chat_template = template
     tok.save_pretrained(dir)
     return tok

@@ -1,0 +1,87 @@
+"""The ground floor: what every module needs, importing nothing of ours.
+
+- ``UsageError``: a mistake in the user's input; entry points print its one line and exit 2 (no traceback).
+- ``IGNORE_INDEX``: the label of a position that is not supervised (PyTorch's and Hugging Face's -100).
+- ``NON_MODEL_KEYS``: the batch keys that are not model inputs.
+- ``write_atomic`` / ``write_json_atomic``: a file that readers only ever see complete (temp file, fsync, rename).
+- ``read_json``: a JSON file's content, or one ``UsageError`` naming the flag and the problem.
+- ``sha256_file`` and ``file_fingerprint``: content fingerprints of local files and folders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+IGNORE_INDEX = -100  # labels[:, t] == IGNORE_INDEX: position t is not scored
+NON_MODEL_KEYS = ("labels", "example_ids")  # batch keys the trainer keeps out of the model's forward
+SHA256_MAX_BYTES = 1 << 30  # files above 1 GiB are fingerprinted by size and mtime only (hashing them costs minutes)
+
+
+class UsageError(ValueError):
+    """A mistake in the user's input; the message is one line that says what is wrong and how to fix it."""
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` so that readers only ever see a complete file: a temporary file beside it, flushed
+    to disk (fsync), then renamed over ``path`` (``os.replace`` is atomic on POSIX). The temporary file never
+    outlives the call, whatever fails."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data.encode() if isinstance(data, str) else data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """``obj`` as indented JSON (``str()`` of anything JSON cannot hold), written by ``write_atomic``."""
+    write_atomic(path, json.dumps(obj, indent=2, default=str))
+
+
+def read_json(path: str | os.PathLike, where: str, hint: str) -> Any:
+    """A JSON file's content, or one UsageError naming ``where`` (e.g. the flag) and the problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{where} {path!r} does not exist: {hint}")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise UsageError(
+            f"{where} {path!r} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}): fix the file"
+        ) from None
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 16 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_fingerprint(path: str | os.PathLike) -> dict[str, Any] | None:
+    """Size, mtime and (up to ``SHA256_MAX_BYTES``) sha256 of a local file; a folder lists its files (size, mtime);
+    None when ``path`` is neither (a hub dataset: its ``datasets`` fingerprint identifies it)."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        st = p.stat()
+        out: dict[str, Any] = {"path": str(p.resolve()), "bytes": st.st_size, "mtime": st.st_mtime}
+        if st.st_size <= SHA256_MAX_BYTES:
+            out["sha256"] = sha256_file(p)
+        return out
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file())
+        return {
+            "path": str(p.resolve()),
+            "files": {str(f.relative_to(p)): {"bytes": f.stat().st_size, "mtime": f.stat().st_mtime} for f in files},
+        }
+    return None

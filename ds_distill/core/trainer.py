@@ -1,0 +1,288 @@
+"""The training loop: ``Trainer.fit`` (one screen) and the little state an exact resume needs.
+
+Per optimizer step:
+    loss = sum over supervised tokens of [alpha * CE + (1 - alpha) * T^2 * D(teacher || student)] / global token count
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+from ds_distill import data, losses, models
+from ds_distill.config import RunConfig
+from ds_distill.core import checkpoint
+from ds_distill.core.step_sync import StepPlan, StepSync
+from ds_distill.ds_config import DSConfig
+from ds_distill.losses.objective import Objective
+from ds_distill.runtime.callbacks import Callback
+from ds_distill.teachers.live import TeacherSource
+
+log = logging.getLogger("ds_distill")
+
+
+class Trainer:
+    """The loop and the little state an exact resume needs (step + data position; DeepSpeed keeps the rest)."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        student,
+        teachers: TeacherSource,
+        train: data.BatchStream,
+        eval_set,
+        *,
+        objective: Objective,
+        ds: DSConfig,
+        tokenizer,
+        callbacks: list[Callback] = (),
+    ):
+        self.cfg, self.student, self.teachers, self.train, self.eval_set = cfg, student, teachers, train, eval_set
+        self.objective, self.ds, self.tokenizer, self.callbacks = objective, ds, tokenizer, list(callbacks)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.output_dir = Path(cfg.output_dir)
+        self.ckpt_root = checkpoint.ckpt_root(self.output_dir)
+        self.step, self.exit_code, self.last_tag = 0, 0, None
+        self.source_ids: data.SourceIds | None = (
+            None  # batches' example_ids (row numbers) -> the data's ids; set by build()
+        )
+        self.history: list[dict[str, float]] = []  # logged metrics (rank 0 also writes them to the DeepSpeed monitor)
+        self.device = torch.device(get_accelerator().current_device_name())
+        self.sync = StepSync(self.world_size, cfg.chunk_size, self.device)
+
+    # ------------------------------------------------------------------------------------------------ the loop
+    def fit(self) -> int:
+        for cb in self.callbacks:
+            cb.on_train_start(self)
+        if self.step >= self.cfg.max_steps and self.rank == 0:
+            log.info(
+                "--resume: the checkpoint is at step %d, at or past --max_steps %d: nothing left to train",
+                self.step,
+                self.cfg.max_steps,
+            )
+        window = _Window(self.device)
+        bar = _progress(self.rank, min(self.step, self.cfg.max_steps), self.cfg.max_steps)
+        while self.step < self.cfg.max_steps:
+            votes = [cb.should_stop(self) for cb in self.callbacks]  # rank-local; agreed in this step's collective
+            position = self.train.state_dict()  # where a run stopped before this step's work resumes
+            micro_batches = [next(self.train) for _ in range(self.ds.grad_accum)]
+            plan = self.sync.plan([b["labels"] for b in micro_batches], votes)  # the step's one collective
+            if plan.stop:
+                self.stop(plan, position)
+                break
+            sums = self.train_step(micro_batches, plan)
+            self.step += 1
+            bar.update(1)
+            window.add(sums)
+            for cb in self.callbacks:
+                cb.on_step_end(self, sums)
+            last = self.step == self.cfg.max_steps
+            if self.step % self.cfg.log_steps == 0 or last:
+                self.log_metrics(window.flush(self.student, self.world_size), "Train")
+            asked = False  # a callback asked for this step's checkpoint (early stopping's new best)
+            if (self.cfg.eval_steps and self.step % self.cfg.eval_steps == 0) or last:
+                with window.paused():
+                    asked = self.evaluate()
+            if (self.cfg.save_steps and self.step % self.cfg.save_steps == 0) or asked or last:
+                with window.paused():
+                    self.save()
+        bar.close()
+        return self.step
+
+    def stop(self, plan: StepPlan, position: dict[str, Any]) -> None:
+        """End training at this step boundary on every rank: tell the callbacks whose vote (on some rank) stopped the
+        run, then save this step once, with the data position from before the micro-batches drawn for the next."""
+        for cb, voted in zip(self.callbacks, plan.votes):
+            if voted:
+                cb.on_stop(self)
+        if self.last_tag != checkpoint.tag_for(self.step):
+            self.save(position)
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], plan: StepPlan) -> dict[str, Any]:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns device sums.
+
+        ``plan`` (``self.sync.plan`` of these micro-batches) holds the step's global token count and chunk counts; its
+        collective is the step's one host sync with several ranks (none with one rank); nothing here syncs. Labels
+        stay on the host, where the loss finds the supervised positions without waiting for the device.
+        """
+        # Divide by the global count of supervised tokens of this step (all micro-batches, all ranks), so that every
+        # token weighs the same whatever the micro-batching. DeepSpeed averages gradients over ranks, hence * world.
+        sums: dict[str, Any] = {
+            "n_tokens": plan.n_global,
+            "input_tokens": 0,
+            "total": 0,
+            "ce": 0,
+            "kd": 0,
+            "per_example": [],
+        }
+        for batch, chunks in zip(micro_batches, plan.num_chunks):
+            batch, labels, ids = self.split(batch)
+            targets = self.teachers.targets(batch, labels, ids, "train")
+            out = self.loss_sums(self.student(**batch), targets, labels, chunks)
+            self.student.backward(out.total * self.world_size / max(plan.n_global, 1), scale_wrt_gas=False)
+            self.student.step()
+            for key in ("total", "ce", "kd"):
+                sums[key] = sums[key] + getattr(out, key).detach()
+            sums["input_tokens"] += labels.numel()
+            sums["per_example"].append(
+                (
+                    ids.to(self.device, non_blocking=True),
+                    out.ce_per_seq.detach(),
+                    out.kd_per_seq.detach(),
+                    out.tokens_per_seq,
+                )
+            )
+        return sums
+
+    def split(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """(model inputs on the device, labels and example ids left on the host for the loss and the teacher source)."""
+        inputs = {
+            k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k not in ("labels", "example_ids")
+        }
+        return inputs, batch["labels"], batch["example_ids"]
+
+    def loss_sums(
+        self, s_hidden: torch.Tensor, targets, labels: torch.Tensor, num_chunks: int | None
+    ) -> losses.LossSums:
+        return self.teachers.loss_sums(
+            s_hidden,
+            self.student.module.head,
+            targets,
+            labels,
+            chunk_size=self.cfg.chunk_size,
+            num_chunks=num_chunks,
+            **self.objective.loss_kw(),
+        )
+
+    # ------------------------------------------------------------------------------------------ eval, log, save
+    def evaluate(self) -> bool:
+        """Evaluate, log the metrics and hand them to the callbacks' ``on_eval``; True when one of them asked for a
+        checkpoint at this step (a new best). No eval set: nothing to do."""
+        if self.eval_set is None:
+            return False
+        metrics = self.eval_metrics()
+        self.log_metrics(metrics, "Eval")
+        return any([cb.on_eval(self, metrics) for cb in self.callbacks])  # a list, not a generator: tell every callback
+
+    @torch.no_grad()
+    def eval_metrics(self) -> dict[str, float]:
+        """Held-out loss per supervised token: CE (-> perplexity), KD and the total, over the same batches every time."""
+        self.student.eval()
+        totals = torch.zeros(4, device=self.device)  # total, ce, kd, n_tokens
+        stream = data.BatchStream(
+            self.eval_set,
+            batch_size=self.ds.micro_batch,
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=0,
+            pad_token_id=self.tokenizer.pad_token_id,
+            shuffle=False,
+        )
+        available = len(self.eval_set) // (self.ds.micro_batch * self.world_size)  # >= 1, checked in build()
+        for _ in range(min(self.cfg.eval_batches or available, available)):
+            batch, labels, ids = self.split(next(stream))
+            chunks = self.sync.plan([labels]).num_chunks[0]  # one collective per eval batch with several ranks
+            out = self.loss_sums(
+                self.student(**batch), self.teachers.targets(batch, labels, ids, "eval"), labels, chunks
+            )
+            totals += torch.stack([out.total, out.ce, out.kd, out.n_tokens.float()]).float()
+        self.student.train()
+        total, ce, kd, n = _all_reduce(totals).tolist()
+        n = max(n, 1.0)
+        return {"loss": total / n, "ce": ce / n, "kd": kd / n, "ppl": math.exp(min(ce / n, 50.0))}
+
+    def log_metrics(self, metrics: dict[str, float], prefix: str) -> None:
+        self.history.append({"step": self.step, **{f"{prefix}/{k}": v for k, v in metrics.items()}})
+        if self.rank == 0:
+            if self.student.monitor.enabled:
+                self.student.monitor.write_events([(f"{prefix}/{k}", v, self.step) for k, v in metrics.items()])
+            log.info("step %d %s", self.step, " ".join(f"{prefix.lower()}_{k}={v:.4g}" for k, v in metrics.items()))
+
+    def save(self, data_state: dict[str, Any] | None = None) -> str:
+        """Checkpoint this step (a collective: every rank); ``data_state``: the data position to resume from, if not
+        the stream's current one."""
+        state = {
+            "step": self.step,
+            "data": self.train.state_dict() if data_state is None else data_state,
+            "run_config": self.cfg.to_dict(),
+        }
+        self.last_tag = checkpoint.save(
+            self.student, self.ckpt_root, self.step, state, keep_last=self.cfg.keep_last, hf_files=self._write_hf_files
+        )
+        for cb in self.callbacks:
+            cb.on_save(self, self.last_tag)
+        return self.last_tag
+
+    def _write_hf_files(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.student.module.config.save_pretrained(folder)
+        models.copy_tokenizer(self.cfg.student, folder)  # as given, not the loaded object re-saved
+        (folder / "ds_config.json").write_text(json.dumps(self.ds.raw, indent=2))
+
+    def resume(self, universal: str | None = None) -> None:
+        state = checkpoint.load(self.student, self.ckpt_root, universal)
+        self.step, self.last_tag = state["step"], checkpoint.read_latest(self.ckpt_root)
+        self.train.load_state_dict(state["data"])
+
+
+class _Window:
+    """Metric sums since the last log line, kept on the device: logging costs one sync per log line, not per step."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.local = torch.zeros(3, device=self.device)  # this rank's total, ce, kd sums
+        self.n_tokens = torch.zeros((), device=self.device)  # global supervised tokens
+        self.input_tokens, self.t0 = 0, time.perf_counter()
+
+    def add(self, s: dict[str, Any]) -> None:
+        self.local += torch.stack([s["total"], s["ce"], s["kd"]]).float()
+        self.n_tokens += s["n_tokens"]
+        self.input_tokens += s["input_tokens"]
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Leave the time of the block (eval, checkpoint) out of tokens_per_s: it measures training."""
+        start = time.perf_counter()
+        yield
+        self.t0 += time.perf_counter() - start
+
+    def flush(self, engine, world_size: int) -> dict[str, float]:
+        total, ce, kd = _all_reduce(self.local).tolist()
+        n = max(self.n_tokens.item(), 1.0)
+        seconds = time.perf_counter() - self.t0
+        grad_norm = engine.get_global_grad_norm()
+        metrics = {
+            "loss": total / n,
+            "ce": ce / n,
+            "kd": kd / n,
+            "lr": engine.get_lr()[0],
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "tokens_per_s": self.input_tokens * world_size / seconds,
+        }
+        self.reset()
+        return metrics
+
+
+def _progress(rank: int, start: int, total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, disable=rank != 0, desc="distill", dynamic_ncols=True, file=sys.stderr)
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t

@@ -1,0 +1,214 @@
+"""Tokenising loaded rows into examples with exact supervision masks (labels already shifted), optional packing,
+and holding out an eval split."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import datasets
+import pyarrow.compute as pc
+import torch
+
+from ds_distill.common import IGNORE_INDEX, UsageError
+from ds_distill.data.chat import ChatEncoder
+from ds_distill.data.loading import check_rows, detect_format, load_raw, warn_once, with_ids
+from ds_distill.runtime import distributed
+
+logger = logging.getLogger("ds_distill.data")
+
+# Rows per packing chunk: packing is greedy within a chunk, so blocks never depend on rows far away (cacheable, and
+# `num_proc` workers pack independently); the cost is at most one partly filled block per chunk.
+_PACK_CHUNK = 1000
+
+
+def _shift(ids: list[int], supervised: list[bool]) -> list[int]:
+    """labels[t] = ids[t + 1] where token t + 1 is supervised, else -100; the last position is always -100."""
+    return [ids[t + 1] if supervised[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)] + [IGNORE_INDEX]
+
+
+class _Tokenise:
+    """The batched `datasets.map` function: raw rows -> input_ids, labels (shifted), _truncated. A class (not a
+    closure) so the `datasets` fingerprint, hence the cache, depends only on these settings and the tokenizer."""
+
+    def __init__(self, tokenizer, fmt: str, seq_len: int, train_on_prompt: bool, chat_template: str | None = None):
+        self.tokenizer, self.fmt, self.seq_len, self.train_on_prompt = tokenizer, fmt, seq_len, train_on_prompt
+        eos = tokenizer.eos_token_id
+        if fmt != "messages" and eos is None:
+            raise UsageError(
+                f"tokenizer {tokenizer.name_or_path!r} has no eos token: set eos_token in its tokenizer_config.json"
+            )
+        self.chat = ChatEncoder(tokenizer, chat_template, train_on_prompt) if fmt == "messages" else None
+        # Does encoding with special tokens already append eos (some tokenizers do, Llama's do not)?
+        probe = tokenizer("a")["input_ids"]
+        self.adds_eos = eos is not None and len(probe) > 0 and probe[-1] == eos
+        self.eos = eos
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        if self.fmt == "text":
+            rows = [
+                [(ids if self.adds_eos else ids + [self.eos], None)]
+                for ids in self.tokenizer(batch["text"])["input_ids"]
+            ]
+        elif self.fmt == "prompt_completion":
+            prompts = self.tokenizer(batch["prompt"])["input_ids"]
+            completions = self.tokenizer(batch["completion"], add_special_tokens=False)["input_ids"]
+            rows = []
+            for p, c in zip(prompts, completions):
+                p = p[:-1] if self.adds_eos else p  # the eos belongs after the completion, not the prompt
+                rows.append([(p + c + [self.eos], [self.train_on_prompt] * len(p) + [True] * (len(c) + 1))])
+        else:
+            rows = [self._messages(m, i) for m, i in zip(batch["messages"], batch["id"])]
+        # A conversation may give several examples (one per assistant turn): each keeps the row's id and row number.
+        out: dict[str, list] = {"id": [], "row": [], "input_ids": [], "labels": [], "_truncated": []}
+        for example_id, row, examples in zip(batch["id"], batch["row"], rows):
+            for ids, sup in examples:
+                sup = sup if sup is not None else [True] * len(ids)
+                out["id"].append(example_id)
+                out["row"].append(row)
+                out["_truncated"].append(len(ids) > self.seq_len)
+                ids, sup = ids[: self.seq_len], sup[: self.seq_len]
+                out["input_ids"].append(ids)
+                out["labels"].append(_shift(ids, sup))
+        return out
+
+    def _messages(self, messages: list[dict], example_id) -> list[tuple[list[int], list[bool]]]:
+        """One example for the conversation, or one per assistant turn: see ``chat.ChatEncoder``."""
+        # `datasets` gives every message every key seen in the file (None where absent); a template must see the
+        # message as written, as apply_chat_template does (it drops None values too).
+        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        return self.chat(messages, f"example id {example_id!r}")
+
+
+class _Pack:
+    """Batched `datasets.map` function: greedy next-fit packing of whole documents into blocks of <= seq_len."""
+
+    def __init__(self, seq_len: int):
+        self.seq_len = seq_len
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        out: dict[str, list] = {"id": [], "row": [], "input_ids": [], "labels": [], "position_ids": [], "doc_ids": []}
+        for i, (ids, labels) in enumerate(zip(batch["input_ids"], batch["labels"])):
+            if not out["input_ids"] or len(out["input_ids"][-1]) + len(ids) > self.seq_len:
+                out["id"].append(batch["id"][i])
+                out["row"].append(batch["row"][i])
+                for k in ("input_ids", "labels", "position_ids", "doc_ids"):
+                    out[k].append([])
+            # Each document's labels already end in -100, so no target crosses a document boundary.
+            out["input_ids"][-1].extend(ids)
+            out["labels"][-1].extend(labels)
+            out["position_ids"][-1].extend(range(len(ids)))
+            out["doc_ids"][-1].append(batch["id"][i])
+        return out
+
+
+def get_dataset(
+    path: str,
+    tokenizer,
+    *,
+    seq_len: int,
+    data_format: str = "auto",
+    split: str = "train",
+    max_samples: int | None = None,
+    packing: bool = False,
+    train_on_prompt: bool = False,
+    drop_long: bool = False,
+    example_filter: Callable[[dict], bool] | None = None,
+    num_proc: int | None = None,
+    chat_template: str | None = None,
+) -> datasets.Dataset:
+    """Load and tokenise a corpus.
+
+    Sources: a .jsonl/.json/.parquet/.txt (one example per non-empty line)/.md (one example per file) file or a folder
+    of one kind of them, a `Dataset.save_to_disk` folder, or a hub dataset name (``load_dataset(path, split=split)``;
+    ``split`` also picks from a saved DatasetDict, and is ignored for plain files, which form one split).
+    Formats (``data_format="auto"`` picks from the columns): ``text``; ``prompt`` + ``completion`` (only completion
+    tokens and the appended eos are targets unless ``train_on_prompt``); ``messages`` (list of {role, content},
+    rendered with the chat template, or the Jinja text ``chat_template`` instead; only assistant replies and their
+    end-of-turn tokens are targets, each given its context as inference renders it: see ``chat.py``). Text fields
+    must be strings: a null or other value stops with the file, line and field (``check_rows``). A BOM is dropped.
+
+    Returns a Dataset with ``id`` (the data's ``id`` as given, integers or strings, else the row number) and ``row``
+    (int64 row number; see the module docstring), both kept through filtering and packing, ``input_ids`` and ``labels`` (lists of the same length <= seq_len; labels already shifted, -100 where
+    not supervised), and with ``packing`` also ``position_ids`` (restarting at 0 per document) and ``doc_ids``
+    (the ids of the documents in the block; ``id`` is the first of them). Examples longer than ``seq_len`` are
+    truncated (or dropped with ``drop_long``); examples left with no target are dropped; both are counted in a warning.
+    ``max_samples`` keeps the first N rows, ``example_filter`` (raw row -> keep?) runs before tokenising.
+    """
+    if seq_len < 2:
+        raise UsageError(f"seq_len {seq_len} is too small: a training example needs at least 2 tokens")
+    with distributed.main_process_first():
+        raw, files = load_raw(path, split)
+        if max_samples is not None:
+            raw = raw.select(range(min(max_samples, len(raw))))
+        if len(raw) == 0:
+            raise UsageError(f"data {path!r} has no examples: check the file or the split")
+        fmt = detect_format(list(raw.column_names), data_format, path)
+        check_rows(raw, fmt, files)
+        raw = with_ids(raw, path, files)
+        if example_filter is not None:
+            raw = raw.filter(example_filter, num_proc=num_proc)
+            if len(raw) == 0:
+                raise UsageError(f"example_filter removed every example of {path!r}: loosen the filter")
+
+        tokenise = _Tokenise(tokenizer, fmt, seq_len, train_on_prompt, chat_template)
+        ds = raw.map(tokenise, batched=True, remove_columns=raw.column_names, num_proc=num_proc, desc="tokenising")
+
+        n_long, n_all = pc.sum(ds.with_format("arrow")["_truncated"]).as_py() or 0, len(ds)
+        if n_long and drop_long:
+            ds = ds.filter(lambda b: [not t for t in b["_truncated"]], batched=True, num_proc=num_proc)
+            warn_once(f"dropped {n_long} of {n_all} examples longer than seq_len={seq_len} tokens (drop_long)")
+        elif n_long:
+            warn_once(f"truncated {n_long} of {n_all} examples longer than seq_len={seq_len} tokens")
+        ds = ds.remove_columns("_truncated")
+
+        n_before = len(ds)
+        ds = ds.filter(
+            lambda b: [any(x != IGNORE_INDEX for x in lab) for lab in b["labels"]], batched=True, num_proc=num_proc
+        )
+        if len(ds) < n_before:
+            warn_once(
+                f"dropped {n_before - len(ds)} examples with no supervised token (e.g. the prompt fills seq_len={seq_len})"
+            )
+        if len(ds) == 0:
+            raise UsageError(
+                f"data {path!r} has no example with a supervised token left: raise seq_len or check the data"
+            )
+
+        if packing:
+            ds = ds.map(
+                _Pack(seq_len),
+                batched=True,
+                batch_size=_PACK_CHUNK,
+                remove_columns=ds.column_names,
+                num_proc=num_proc,
+                desc="packing",
+            )
+    return ds
+
+
+def split_eval(
+    dataset: datasets.Dataset, eval_fraction: float, seed: int, min_eval: int = 1
+) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """Split off a held-out slice: round(len * eval_fraction) rows, at least ``min_eval`` (one micro-batch per rank),
+    chosen by a permutation seeded with `seed`; both parts keep the dataset order. Returns (train, eval).
+
+    Data too small to leave ``min_eval`` rows on both sides gives (dataset, None), evaluation off, in one logged line.
+    """
+    n = len(dataset)
+    if not 0 < eval_fraction < 1:
+        raise UsageError(
+            f"eval_fraction {eval_fraction} leaves no training or no eval examples out of {n}: use a value in (0, 1)"
+        )
+    if n < 2 * min_eval:
+        if distributed.rank_or_none() in (None, 0):
+            logger.info(
+                f"evaluation off: {n} examples are too few to hold out one micro-batch per rank ({min_eval}) "
+                f"and train on the rest; pass --eval_data to evaluate"
+            )
+        return dataset, None
+    n_eval = min(max(min_eval, round(n * eval_fraction)), n - min_eval)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    eval_idx = sorted(perm[:n_eval])
+    train_idx = sorted(perm[n_eval:])
+    return dataset.select(train_idx), dataset.select(eval_idx)

@@ -1,0 +1,198 @@
+"""The DeepSpeed JSON (``ds_configs/``): read, checked, never rewritten.
+
+DeepSpeed owns batch sizes, precision, ZeRO stage, optimizer, scheduler, clipping and monitors: those live only in the
+JSON files. ``load_ds_config`` checks one (every problem at once, with the fix) and returns it unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ds_distill.common import UsageError, read_json
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
+
+# Top-level keys DeepSpeed reads (deepspeed/runtime/constants.py and the feature configs). DeepSpeed ignores unknown
+# keys silently, so a typo such as "gradient_cliping" would quietly disable clipping: we refuse them instead.
+DS_KNOWN_KEYS = frozenset(
+    """
+train_batch_size train_micro_batch_size_per_gpu gradient_accumulation_steps steps_per_print wall_clock_breakdown
+dump_state optimizer scheduler fp16 bf16 bfloat16 amp gradient_clipping zero_optimization zero_allow_untested_optimizer
+zero_force_ds_cpu_optimizer prescale_gradients gradient_predivide_factor sparse_gradients communication_data_type
+seq_parallel_communication_data_type activation_checkpointing flops_profiler tensorboard wandb csv_monitor comet
+elasticity aio pipeline checkpoint data_types compression_training data_efficiency curriculum_learning autotuning
+nebula weight_quantization memory_breakdown disable_allgather sparse_attention torch_autocast compile eigenvalue
+progressive_layer_drop hybrid_engine timers graph_harvesting use_data_before_expert_parallelism zero_quantized_weights
+zero_quantized_gradients zero_hpz_partition_size load_universal_checkpoint use_node_local_storage
+dataloader_drop_last mics_shard_size mics_hierarchical_params_gather pld_enabled pld_params
+""".split()
+)
+
+
+@dataclass
+class DSConfig:
+    """A checked DeepSpeed JSON: the dict handed to DeepSpeed unchanged, plus where it came from."""
+
+    path: str
+    raw: dict[str, Any]
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.raw.get("zero_optimization", {}).get("stage", 0))
+
+    @property
+    def micro_batch(self) -> int:
+        return int(self.raw["train_micro_batch_size_per_gpu"])
+
+    @property
+    def grad_accum(self) -> int:
+        return int(self.raw.get("gradient_accumulation_steps", 1))
+
+    @property
+    def bf16(self) -> bool:
+        return bool(self.raw.get("bf16", {}).get("enabled", False))
+
+
+def _find_auto(node: Any, where: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in _find_auto(v, f"{where}.{k}" if where else k)]
+    if isinstance(node, list):
+        return [p for i, v in enumerate(node) for p in _find_auto(v, f"{where}[{i}]")]
+    return [where] if node == "auto" else []
+
+
+def load_ds_config(path: str, *, world_size: int, flag: str, needs_optimizer: bool) -> DSConfig:
+    """Read and check a DeepSpeed JSON; every problem is reported at once, with the fix."""
+    raw = read_json(path, f"--{flag}", "pick a file from ds_configs/")
+    if not isinstance(raw, dict):
+        raise UsageError(f"--{flag} {path!r} must hold a JSON object")
+    problems = []
+    unknown = sorted(k for k in raw if k not in DS_KNOWN_KEYS and not k.startswith("_"))
+    if unknown:
+        problems.append(
+            f"unknown top-level keys {unknown} (DeepSpeed would silently ignore them): fix the spelling or remove them"
+        )
+    autos = _find_auto(raw)
+    if autos:
+        problems.append(f'"auto" values at {autos}: write the numbers (only the HF Trainer fills "auto")')
+    micro = raw.get("train_micro_batch_size_per_gpu")
+    if not isinstance(micro, int) or micro < 1:
+        problems.append("train_micro_batch_size_per_gpu must be a positive integer")
+    gas = raw.get("gradient_accumulation_steps", 1)
+    if not isinstance(gas, int) or gas < 1:
+        problems.append("gradient_accumulation_steps must be a positive integer")
+    total = raw.get("train_batch_size")
+    if total is not None and isinstance(micro, int) and isinstance(gas, int) and total != micro * gas * world_size:
+        problems.append(
+            f"train_batch_size {total} != micro batch {micro} x accumulation {gas} x world size {world_size} "
+            f"= {micro * gas * world_size}: set it to that or remove it"
+        )
+    stage = raw.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        problems.append(f"zero_optimization.stage {stage!r} must be 0, 1, 2 or 3")
+    if raw.get("fp16", {}).get("enabled") and raw.get("bf16", {}).get("enabled"):
+        problems.append("fp16 and bf16 are both enabled: enable one")
+    if needs_optimizer and "optimizer" not in raw:
+        problems.append('no "optimizer" block: the student needs one (see ds_configs/zero3_bf16.json)')
+    if not needs_optimizer and stage != 3 and stage != 0:
+        problems.append(
+            f"teacher ZeRO stage {stage}: a frozen teacher is sharded with stage 3 or replicated with stage 0"
+        )
+    if not problems:  # DeepSpeed's classes assume the basics above hold; they stop at the first bad block
+        problems = deepspeed_problems(raw)
+    if problems:
+        raise UsageError(f"--{flag} {path}: " + "; ".join(problems))
+    return DSConfig(path=str(path), raw=raw)
+
+
+def deepspeed_problems(raw: dict[str, Any]) -> list[str]:
+    """What DeepSpeed's own config parsing (``deepspeed.runtime.config.DeepSpeedConfig``, which builds its pydantic
+    models such as DeepSpeedZeroConfig) rejects in ``raw``, each as "full.key.path: what is wrong", with the valid
+    neighbouring keys for a misspelt one. Run here, before any model loads, instead of inside the engine's init."""
+    import copy
+
+    import pydantic
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    # A copy (DeepSpeed may fill in defaults) without train_batch_size: checked above against the launch's world size,
+    # which DeepSpeed would take from a process group that may not exist yet.
+    try:
+        DeepSpeedConfig({k: copy.deepcopy(v) for k, v in raw.items() if k != "train_batch_size"})
+    except pydantic.ValidationError as exc:
+        model = _deepspeed_model(exc.title)
+        return [_describe(raw, model, err) for err in exc.errors()]
+    except (ValueError, AssertionError) as exc:
+        return [f"DeepSpeed rejects it: {' '.join(str(exc).split())}"]
+    return []
+
+
+def _deepspeed_model(name: str):
+    """The pydantic class of DeepSpeed's config named ``name`` (a ValidationError carries only the name)."""
+    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+
+    todo, seen = [DeepSpeedConfigModel], {}
+    while todo:
+        cls = todo.pop()
+        seen[cls.__name__] = cls
+        todo += cls.__subclasses__()
+    return seen.get(name)
+
+
+def _model_keys(model, loc: tuple) -> list[str]:
+    """Field names and aliases (DeepSpeed accepts both) of the model found by following ``loc`` from ``model``."""
+    import typing
+
+    import pydantic
+
+    for key in loc:
+        info = (
+            {**{f.alias: f for f in model.model_fields.values() if f.alias}, **model.model_fields}.get(key)
+            if model
+            else None
+        )
+        kinds = [info.annotation, *typing.get_args(info.annotation)] if info else []
+        model = next((k for k in kinds if isinstance(k, type) and issubclass(k, pydantic.BaseModel)), None)
+    if model is None:
+        return []
+    return sorted({*model.model_fields, *(f.alias for f in model.model_fields.values() if f.alias)})
+
+
+def _describe(raw: dict[str, Any], model, err: dict[str, Any]) -> str:
+    """One pydantic error as ``full.key.path: problem``. DeepSpeed validates each block on its own, so the error's
+    location starts inside the block: the block is the dict in ``raw`` where that location leads."""
+    import difflib
+
+    loc = tuple(str(x) for x in err["loc"])
+
+    def reaches(prefix: tuple) -> bool:
+        node: Any = raw
+        for key in prefix + loc[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        return isinstance(node, dict) and (loc[-1] in node or err["type"] == "missing")
+
+    blocks = [(), *((k,) for k, v in raw.items() if isinstance(v, dict))]
+    fields = set(_model_keys(model, ()))
+    # Several blocks may lead there: the one whose keys the model knows best is the one DeepSpeed validated.
+    block = max((b for b in blocks if reaches(b)), key=lambda b: len(fields & set(raw[b[0]] if b else raw)), default=())
+    where = ".".join(block + loc)
+    if err["type"] == "extra_forbidden":
+        valid = _model_keys(model, loc[:-1])
+        near = difflib.get_close_matches(loc[-1], valid, n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(near)}?" if near else f"valid keys there: {', '.join(valid)}"
+        return f"{where} is not a DeepSpeed key ({model.__name__ if model else 'unknown block'}): {hint}"
+    return f"{where}: {err['msg']} (got {err.get('input')!r})"
+
+
+def default_ds_configs(has_gpu: bool) -> tuple[str, str, str]:
+    """The shipped configs for the device: ZeRO-3 student, sharded (ZeRO-3) teacher, replicated (stage 0) teacher.
+    bf16 on GPU, fp32 on CPU (no bf16 units there). Which teacher file runs is chosen by fit (models.teacher_placement)."""
+    if has_gpu:
+        return tuple(
+            str(REPO_CONFIGS / f)
+            for f in ("zero3_bf16.json", "teacher_zero3_bf16.json", "teacher_replicated_bf16.json")
+        )
+    return tuple(
+        str(REPO_CONFIGS / f) for f in ("cpu_zero3.json", "cpu_teacher_zero3.json", "cpu_teacher_replicated.json")
+    )

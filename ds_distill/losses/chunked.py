@@ -1,0 +1,210 @@
+"""Running a loss ``chunk_size`` supervised tokens at a time, never holding ``[tokens, V]`` logits: the fused path
+(gradients computed in the forward, as fused linear-cross-entropy kernels do) and the checkpointed path."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ds_distill.losses.terms import LossSums, OutputHead, sum_terms
+
+Tensor = torch.Tensor
+log = logging.getLogger("ds_distill.losses")
+
+
+def chunk_slices(n: int, chunk_size: int, num_chunks: int | None) -> list[slice]:
+    """``num_chunks`` slices of ``chunk_size`` (>= 1, checked by the callers) over ``n`` rows (trailing ones may be
+    empty); as many as ``n`` needs if None."""
+    needed = -(-n // chunk_size)
+    if num_chunks is not None and num_chunks < needed:
+        raise ValueError(f"num_chunks={num_chunks} is too few for {n} tokens in chunks of {chunk_size}")
+    return [
+        slice(start, start + chunk_size)
+        for start in range(0, chunk_size * (needed if num_chunks is None else num_chunks), chunk_size)
+    ]
+
+
+def checkpointed_chunks(
+    hs: Tensor,
+    head: Callable[[Tensor], Tensor],
+    chunks: list[slice],
+    teacher_logits,
+    terms,
+    rows: Tensor,
+    batch: int,
+    alpha: float,
+    anchor: Tensor,
+) -> LossSums:
+    """The checkpointed path of ``chunked_loss_sums`` (see there): each chunk's logits, the student's and the
+    teachers', are recomputed in backward, cheaper in memory than keeping them alive."""
+
+    def chunk_terms(h: Tensor, sl: slice) -> tuple[Tensor, Tensor]:
+        return terms(head(h), teacher_logits(sl), sl)
+
+    ces, kds = [], []
+    for sl in chunks:
+        ce, kd = checkpoint(chunk_terms, hs[sl], sl, use_reentrant=False)
+        ces.append(ce)
+        kds.append(kd)
+    empty = hs.new_zeros(0, dtype=torch.float32)
+    ce, kd = (torch.cat(ces), torch.cat(kds)) if ces else (empty, empty)
+    return sum_terms(ce, kd, rows, batch, alpha, anchor)
+
+
+_LOGGED: set[str] = set()
+
+
+def fusable(head) -> bool:
+    """Whether the fused path serves ``head``; logs the choice once per reason."""
+    fused = isinstance(head, OutputHead) and isinstance(head.linear, torch.nn.Linear)
+    if fused:
+        why = "fused: gradients computed in the forward, each head runs once per chunk"
+    else:
+        why = (
+            f"checkpointed: the student head is a {type(head).__name__}, not an OutputHead over an nn.Linear, so "
+            "both heads run again in backward"
+        )
+    if why not in _LOGGED:
+        _LOGGED.add(why)
+        log.info("chunked loss: %s", why)
+    return fused
+
+
+def _call_as_forward(module: torch.nn.Module, fn: Callable, *args):
+    """``module(*args)`` with ``fn`` standing in for ``module.forward``: the module's hooks run around ``fn``.
+
+    Under ZeRO-3 those hooks gather the module's partitioned parameters before ``fn`` runs and release them after,
+    and they attach themselves to ``fn``'s inputs and outputs so that the parameters are gathered again when backward
+    reaches the outputs and released once it has passed the inputs: ``fn`` must compute from the ``args`` it receives
+    and return what backward enters through. Without hooks this is just ``fn(*args)``.
+    """
+    own = module.__dict__.get("forward")  # an instance-level forward someone else installed (restored after)
+    module.forward = fn
+    try:
+        return module(*args)
+    finally:
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
+
+
+class _GradInForward(torch.autograd.Function):
+    """Returns ``value``; its backward hands out gradients computed in the forward, times the incoming gradient.
+
+    forward(value, *pairs): ``value`` a detached scalar; ``pairs`` = tensors then their gradients (same count), a
+    gradient None where its tensor needs none. The gradients are scaled in place: a second backward through the same graph
+    (retain_graph) raises instead of handing out twice-scaled gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, value: Tensor, *pairs):
+        half = len(pairs) // 2
+        ctx.save_for_backward(*pairs[half:])
+        ctx.dtypes = [None if t is None else t.dtype for t in pairs[:half]]
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grads = ctx.saved_tensors
+        outs = [None if g is None else g.mul_(grad).to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
+        return (None, *outs, *[None] * len(grads))
+
+
+def _accumulate(acc: Tensor | None, x: Tensor) -> Tensor:
+    """acc + x in fp32 (a new fp32 tensor for the first chunk, then in place)."""
+    return x.float() if acc is None else acc.add_(x)
+
+
+def fused_chunks(
+    hs: Tensor,
+    head: OutputHead,
+    chunks: list[slice],
+    teacher_logits,
+    terms,
+    rows: Tensor,
+    batch: int,
+    alpha: float,
+    anchor: Tensor,
+) -> LossSums:
+    """The fused path of ``chunked_loss_sums`` (see there): ``hs`` ``[n, H]`` the supervised student hidden states.
+
+    The chunk loop runs as the forward of ``head.linear`` (``_call_as_forward``): a ZeRO-3 weight is whole only there,
+    and the loss total returned from that call is where backward enters the module, so ZeRO-3 gathers the weight
+    again before ``_GradInForward`` hands its gradient to autograd, whose accumulation (summed with a tied embedding's
+    gradient) fires DeepSpeed's reduce hook once, as for an ordinary module. Without ZeRO-3 the call adds nothing.
+    """
+    linear: torch.nn.Linear = head.linear
+    sums: list[LossSums] = []
+
+    def forward(h: Tensor) -> Tensor:
+        weight, bias = linear.weight, linear.bias
+        grad_of = lambda t: torch.is_grad_enabled() and t is not None and t.requires_grad
+        need = [grad_of(h), grad_of(weight), grad_of(bias)]
+        ces, kds, g_hs = [], [], []
+        # fp32 accumulators of the weight and bias gradients: per-chunk products are summed in fp32.
+        g_w = g_b = None
+        for sl in chunks:
+            t_logits = teacher_logits(sl)  # called for every chunk, empty ones too (collective calls under ZeRO-3)
+            x = h[sl].detach()
+            if x.shape[0] == 0:
+                continue
+            with torch.no_grad():
+                z_lin = F.linear(x, weight, bias)
+            if not any(need):
+                with torch.no_grad():
+                    ce, kd = terms(z_lin if head.transform is None else head.transform(z_lin), t_logits, sl)
+            else:
+                with torch.enable_grad():
+                    z_lin.requires_grad_()
+                    ce, kd = terms(z_lin if head.transform is None else head.transform(z_lin), t_logits, sl)
+                    (g_z,) = torch.autograd.grad((alpha * ce + (1.0 - alpha) * kd).sum(), z_lin)
+                if need[0]:
+                    g_hs.append(g_z @ weight)
+                if need[1]:
+                    g_w = _accumulate(g_w, g_z.t() @ x)
+                if need[2]:
+                    g_b = _accumulate(g_b, g_z.sum(0))
+            ces.append(ce.detach())
+            kds.append(kd.detach())
+        empty = h.new_zeros(0, dtype=torch.float32)
+        ce, kd = (torch.cat(ces), torch.cat(kds)) if ces else (empty, empty)
+        sums.append(sum_terms(ce, kd, rows, batch, alpha, anchor.detach()))
+        if not any(need):
+            return sums[0].total
+        g_h = (torch.cat(g_hs) if g_hs else torch.zeros_like(h)) if need[0] else None
+        g_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] and g_w is None else g_w
+        g_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need[2] and g_b is None else g_b
+        return _GradInForward.apply(
+            sums[0].total.detach(),
+            h if need[0] else None,
+            weight if need[1] else None,
+            bias if need[2] else None,
+            g_h,
+            g_w,
+            g_b,
+        )
+
+    total = _call_as_forward(linear, forward, hs)
+    sums[0].total = total
+    return sums[0]
+
+
+def run_chunks(
+    hs: Tensor,
+    head: Callable[[Tensor], Tensor],
+    chunks: list[slice],
+    teacher_logits,
+    terms,
+    rows: Tensor,
+    batch: int,
+    alpha: float,
+    anchor: Tensor,
+) -> LossSums:
+    """The chunk loop of both chunked losses: fused when ``fusable(head)``, else checkpointed (see ``fused_chunks``)."""
+    run = fused_chunks if fusable(head) else checkpointed_chunks
+    return run(hs, head, chunks, teacher_logits, terms, rows, batch, alpha, anchor)

@@ -1,0 +1,155 @@
+"""What every loss path shares: the sums it returns, the output head it calls, the per-token terms and the checks of
+its inputs (shapes, vocabulary, teacher weights). ``[n, V]`` rows are the supervised positions only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ds_distill.losses.divergences import LOSSES
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class LossSums:
+    """Sums over supervised tokens (the trainer divides by the global token count)."""
+
+    total: Tensor  # scalar: sum of alpha * CE + (1 - alpha) * T^2 * D
+    ce: Tensor  # scalar: sum of CE (nats)
+    kd: Tensor  # scalar: sum of T^2 * D
+    n_tokens: Tensor  # scalar int64: supervised tokens
+    ce_per_seq: Tensor  # [B] CE sum of each row (for per-example tracking)
+    kd_per_seq: Tensor  # [B]
+    tokens_per_seq: Tensor  # [B] int64
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """A causal LM's output layer as the loss calls it: ``logits = transform(linear(h))``, ``[n, H] -> [n, V_model]``.
+
+    linear: the output projection module (called, never its .weight read, so ZeRO-3's hooks gather it).
+    transform: what the model applies after the projection in its own forward (softcapping, logit scales, ...),
+    elementwise; None when the model applies nothing (then the fast paths may use ``linear`` alone).
+    """
+
+    linear: torch.nn.Module
+    transform: Callable[[Tensor], Tensor] | None = None
+
+    def __call__(self, h: Tensor) -> Tensor:
+        z = self.linear(h)
+        return z if self.transform is None else self.transform(z)
+
+
+def teacher_logprobs(teacher_logits: Sequence[Tensor], temperature: float, weights: Tensor | None) -> Tensor:
+    """log of the teachers' mixture sum_k w_k softmax(t_k / T), ``K x [n, V] -> [n, V]``.
+
+    weights: None (uniform), ``[K]`` (normalised here) or per token ``[n, K]`` (rows sum to 1, e.g. a router's).
+    """
+    logps = torch.stack([F.log_softmax(t.float() / temperature, dim=-1) for t in teacher_logits], dim=-1)  # [n, V, K]
+    if len(teacher_logits) == 1 and weights is None:
+        return logps[..., 0]
+    k = len(teacher_logits)
+    w = torch.full((k,), 1.0 / k, device=logps.device) if weights is None else weights.to(logps.device, torch.float32)
+    w = w / w.sum() if w.dim() == 1 else w
+    log_w = w.log().unsqueeze(-2)  # [1, K] or [n, 1, K]
+    return torch.logsumexp(logps + log_w, dim=-1)
+
+
+def token_terms(
+    s_logits: Tensor,
+    t_logits: Sequence[Tensor],
+    labels: Tensor,
+    *,
+    loss: str,
+    alpha: float,
+    temperature: float,
+    beta: float,
+    skew: float,
+    weights: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """CE and T^2 * D for supervised rows only: ``[n, V], K x [n, V], [n] -> ([n], [n])``."""
+    s = s_logits.float()
+    ce = F.cross_entropy(s, labels, reduction="none")
+    if alpha == 1.0:  # plain fine-tuning: the teacher is not needed
+        return ce, torch.zeros_like(ce)
+    if callable(weights):  # a router (ds_distill.losses.routing): per-token weights from the teachers at temperature 1
+        with torch.no_grad():
+            weights = weights([F.log_softmax(t.float(), dim=-1) for t in t_logits], labels)
+    t_logp = teacher_logprobs(t_logits, temperature, weights)
+    s_logp = F.log_softmax(s / temperature, dim=-1)
+    return ce, temperature**2 * LOSSES[loss](t_logp, s_logp, beta=beta, skew=skew)
+
+
+def check_vocab(vocab_size: int | None, student_v: int, teacher_vs: Sequence[int]) -> int:
+    """The vocabulary to score: ``vocab_size``, or the student's when None (then the teachers' must be the same)."""
+    if vocab_size is None:
+        for tv in teacher_vs:
+            if tv != student_v:
+                raise ValueError(
+                    f"teacher vocab {tv} != student vocab {student_v}: pass vocab_size (the shared real vocabulary)"
+                )
+        return student_v
+    if not 1 <= vocab_size <= min([student_v, *teacher_vs]):
+        raise ValueError(
+            f"vocab_size={vocab_size} must be in [1, {min([student_v, *teacher_vs])}] "
+            f"(student vocab {student_v}, teacher vocabs {list(teacher_vs)})"
+        )
+    return vocab_size
+
+
+def check_weights(w: Tensor, k: int, bt: torch.Size) -> None:
+    """``[K]`` or ``[B, T, K]`` teacher weights; a wrong K would silently broadcast into a mixture that is not one."""
+    if w.dim() not in (1, 3) or w.shape[-1] != k or (w.dim() == 3 and w.shape[:2] != bt):
+        raise ValueError(
+            f"teacher_weights {tuple(w.shape)} must be [K] or [B, T, K] with K={k} teachers and [B, T]={tuple(bt)}"
+        )
+    # Values are checked only on the CPU (config lists land there): on an accelerator it would be a host sync per step.
+    if w.dim() == 1 and w.device.type == "cpu" and not (torch.isfinite(w).all() and (w >= 0).all() and w.sum() > 0):
+        raise ValueError(f"teacher_weights={w.tolist()} must be finite, >= 0, with a positive sum")
+
+
+def as_list(x) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def sum_terms(ce: Tensor, kd: Tensor, rows: Tensor, batch: int, alpha: float, anchor: Tensor) -> LossSums:
+    """Per-token terms -> LossSums; ``anchor`` keeps an all-masked batch connected to the graph (0, not NaN)."""
+    # An empty slice sums to 0 with zero grads; 0 * anchor.sum() would be NaN as soon as a logit is -inf (masked vocab).
+    total = (alpha * ce + (1.0 - alpha) * kd).sum() + anchor.narrow(-1, 0, 0).sum()
+    per_seq = lambda v: torch.zeros(batch, device=v.device, dtype=torch.float32).index_add_(0, rows, v.detach().float())
+    counts = torch.zeros(batch, device=rows.device, dtype=torch.int64).index_add_(0, rows, torch.ones_like(rows))
+    return LossSums(total, ce.sum().detach(), kd.sum().detach(), counts.sum(), per_seq(ce), per_seq(kd), counts)
+
+
+def prepare(
+    shape_of: Tensor, labels: Tensor, teachers: list, teacher_weights, ignore_index: int, alpha: float, name: str
+):
+    """Check shapes; return the supervised positions (flat index, row, label) and the weights of those rows."""
+    if shape_of.dim() != 3:
+        raise ValueError(f"student {name} {tuple(shape_of.shape)} must be [B, T, *]")
+    if labels.shape != shape_of.shape[:2]:
+        raise ValueError(f"labels {tuple(labels.shape)} must be [B, T] matching {name} {tuple(shape_of.shape)}")
+    for t in teachers:
+        if t.shape[:2] != shape_of.shape[:2]:
+            raise ValueError(
+                f"teacher {name} {tuple(t.shape)} must match student {name} {tuple(shape_of.shape)} in [B, T]"
+            )
+    if not teachers and alpha != 1.0:
+        raise ValueError("teacher logits are required unless alpha == 1")
+    # Supervised positions in the flattened [B*T], found where the labels live: labels kept on the host (as the
+    # trainer does) cost no device sync here, where nonzero() on device labels would wait for the device.
+    idx = (labels != ignore_index).flatten().nonzero().squeeze(1)
+    rows, lab = idx // labels.shape[1], labels.flatten()[idx]
+    idx, rows, lab = (x.to(shape_of.device, non_blocking=True) for x in (idx, rows, lab))
+    if callable(teacher_weights):  # a router: called per chunk in _token_terms
+        return idx, rows, lab, teacher_weights
+    w = None if teacher_weights is None or not teachers else torch.as_tensor(teacher_weights)
+    if w is not None:
+        check_weights(w, len(teachers), labels.shape)
+    if w is not None and w.dim() == 3:
+        w = w.to(shape_of.device).flatten(0, 1)[idx]
+    return idx, rows, lab, w

@@ -1,0 +1,177 @@
+"""The student's and teachers' forward stops before the output layer (``HiddenStatesLM``); the loss calls the head
+(``OutputHead``: the projection plus the model's own ``LogitTransform``) chunk by chunk. ``check_logits`` proves at
+start-up that this gives the model's own logits; ``check_output_rows`` that the heads cover the shared vocabulary."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from ds_distill.common import UsageError
+from ds_distill.losses import OutputHead
+
+
+class HiddenStatesLM(nn.Module):
+    """A causal LM whose forward stops before the lm_head.
+
+    Args:
+        lm: a Hugging Face ``*ForCausalLM`` whose children are its decoder (``lm.base_model_prefix``) and its head.
+    forward(**model_inputs) -> final hidden states ``[B, T, H]`` (after the final norm).
+    head -> ``losses.OutputHead``: the projection plus whatever ``lm.forward`` does to its output (see
+    ``LogitTransform``), so ``head(forward(x))`` are the model's own logits.
+    """
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        for name, child in lm.named_children():
+            self.add_module(name, child)
+        self.decoder_name = lm.base_model_prefix
+        # Not a submodule: the children above already hold every parameter once.
+        object.__setattr__(self, "lm", lm)
+        self.transform = LogitTransform.of(lm)
+
+    @property
+    def head(self) -> OutputHead:
+        """The output layer ``[n, H] -> [n, V_model]``; its projection is called (never .weight read) so ZeRO-3 gathers it."""
+        return OutputHead(self.lm.get_output_embeddings(), self.transform)
+
+    @property
+    def config(self) -> Any:
+        return self.lm.config
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        return getattr(self, self.decoder_name)(**inputs, use_cache=False).last_hidden_state
+
+
+class _Output(BaseModelOutputWithPast):
+    """A decoder output holding only ``last_hidden_state``; any other field a head reads (router_logits,
+    cross_attentions, ...) is None."""
+
+    def __getattr__(self, name: str) -> None:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return None
+
+
+class _Returns(nn.Module):
+    """Stands in for a decoder: returns the given tensor as its last hidden state, whatever the inputs."""
+
+    def __init__(self, z: torch.Tensor):
+        super().__init__()
+        self.z = z
+
+    def forward(self, *args: Any, **kwargs: Any) -> _Output:
+        return _Output(last_hidden_state=self.z)
+
+
+class LogitTransform:
+    """What a model's own ``forward`` does after its output projection (Gemma 2 softcapping, Granite's
+    ``logits / logits_scaling``, Cohere's ``logit_scale``, ...), taken from the model itself, not from a list of config
+    keys: ``lm.forward`` runs with its decoder replaced by a stub that returns ``z`` and its projection replaced by
+    the identity, so whatever comes out as ``.logits`` is ``transform(z)``. ``[n, V] -> [n, V]``, differentiable.
+    """
+
+    def __init__(self, lm: nn.Module):
+        self.lm = lm
+        head = lm.get_output_embeddings()
+        names = [n for n, m in lm.named_children() if m is head]
+        if head is None or not names or not hasattr(lm, lm.base_model_prefix):
+            raise UsageError(
+                f"{type(lm).__name__} is not laid out as decoder + output projection (children {[n for n, _ in lm.named_children()]}): "
+                "ds-distill needs a *ForCausalLM whose logits come from its get_output_embeddings() module"
+            )
+        self.head_name = names[0]
+        params = inspect.signature(lm.forward).parameters
+        # MoE heads add a router loss when asked for router logits; the stub has none to give.
+        self.kwargs = {"output_router_logits": False} if "output_router_logits" in params else {}
+
+    @classmethod
+    def of(cls, lm: nn.Module) -> "LogitTransform | None":
+        """The model's transform, or None where it leaves the projection's output unchanged (checked on values
+        up to +-100, bit for bit: the chunked loss then calls the projection alone)."""
+        transform = cls(lm)
+        z = torch.linspace(-100.0, 100.0, 64).reshape(2, 32)
+        return None if torch.equal(transform(z).to(z.dtype), z) else transform
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        lm, prefix = self.lm, self.lm.base_model_prefix
+        decoder, head = lm._modules[prefix], lm._modules[self.head_name]
+        lm._modules[prefix], lm._modules[self.head_name] = _Returns(z[None]), nn.Identity()
+        try:
+            ids = torch.zeros(1, z.shape[0], dtype=torch.long, device=z.device)
+            logits = lm(input_ids=ids, use_cache=False, **self.kwargs).logits[0]
+        finally:
+            lm._modules[prefix], lm._modules[self.head_name] = decoder, head
+        return logits
+
+
+def check_output_rows(vocab_size: int, engines: list, paths: list[str]) -> None:
+    """Every model must score at least the tokenizer's tokens (extra padding rows are fine and ignored)."""
+    for engine, path in zip(engines, paths):
+        head = engine.module.head.linear
+        rows = getattr(head, "out_features", None) or engine.module.config.vocab_size
+        if rows < vocab_size:
+            raise UsageError(
+                f"model {path!r} has {rows} output rows but the tokenizer has {vocab_size} tokens: resize its embeddings (model.resize_token_embeddings)"
+            )
+
+
+# Largest |head logits - own logits| accepted, relative to max(1, max |own logits|): the two paths run the same ops
+# on differently shaped matmuls, so they differ by rounding only (~1e-6 in fp32, a few bf16 ulps).
+_PROBE_RTOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+
+
+@torch.no_grad()
+def check_logits(engine, path: str, vocab_size: int, *, packing: bool, doc_len: int = 8) -> None:
+    """Start-up probe: the logits the loss uses equal the model's own forward, on two rows of random tokens.
+
+    1. ``head(engine(ids))`` against ``lm(ids).logits`` (the model's own forward, projection and post-processing).
+    2. With packing: each row as two packed documents (``position_ids`` restarting at 0, no attention mask) against
+       each document alone, through the model's own forward.
+    Every rank must call this (under ZeRO-3 each module call is a collective gather); all use the same tokens.
+    Raises UsageError naming the model and the largest difference.
+    """
+    module = engine.module
+    was_training = module.training
+    engine.eval()
+    try:
+        # Two rows of two documents: flash attention, for one, finds packed documents only in a single row.
+        ids = torch.randint(0, vocab_size, (2, 2 * doc_len), generator=torch.Generator().manual_seed(0)).to(
+            engine.device
+        )
+        dtype = next(module.parameters()).dtype
+        own = module.lm(input_ids=ids, use_cache=False).logits.float()
+        ours = module.head(engine(input_ids=ids)).float()
+        _compare(
+            ours,
+            own,
+            dtype,
+            f"model {path!r}: the chunked loss's head does not give the model's own logits",
+            "this model's output layer is not supported; please report it",
+        )
+        if packing:
+            position_ids = torch.arange(doc_len, device=ids.device).repeat(2, 2)
+            packed = module.head(engine(input_ids=ids, position_ids=position_ids)).float()
+            alone = module.lm(input_ids=ids.reshape(4, doc_len), use_cache=False).logits.float()
+            attn = getattr(module.config, "_attn_implementation", "?")
+            _compare(
+                packed.reshape(alone.shape),
+                alone,
+                dtype,
+                f"model {path!r} with attn_implementation={attn}: a packed document's logits differ from the document alone",
+                "drop --packing or pick another --attn_implementation",
+            )
+    finally:
+        engine.train(was_training)
+
+
+def _compare(ours: torch.Tensor, own: torch.Tensor, dtype: torch.dtype, what: str, fix: str) -> None:
+    v = min(ours.shape[-1], own.shape[-1])
+    diff = (ours[:, :v] - own[:, :v]).abs().max().item()
+    tol = _PROBE_RTOL.get(dtype, 1e-2) * max(1.0, own.abs().max().item())
+    if not diff <= tol:  # also catches NaN
+        raise UsageError(f"{what} (max abs difference {diff:.3g}, tolerance {tol:.3g}): {fix}")

@@ -1,0 +1,183 @@
+"""Loading the student and the teacher(s) as DeepSpeed engines, each under its own ZeRO config; the teachers'
+placement by fit; attention kernels and position limits read from config.json."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import deepspeed
+import torch
+from deepspeed.accelerator import get_accelerator
+from deepspeed.utils import set_z3_leaf_modules
+from torch import nn
+from transformers import AutoModelForCausalLM
+from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+from ds_distill.common import UsageError
+from ds_distill.ds_config import DSConfig
+from ds_distill.models.head import HiddenStatesLM
+
+log = logging.getLogger("ds_distill.models")
+
+
+@dataclass
+class LoadedModel:
+    model: HiddenStatesLM
+    # Keeps the HfDeepSpeedConfig alive while the model is loaded: transformers holds it by weak reference only.
+    hf_ds_config: Any
+
+
+def attn_implementation(
+    path: str, requested: str, *, has_gpu: bool, dtype: torch.dtype, packed_rows: bool = False
+) -> str:
+    """The attention kernel a model runs with: ``requested``, or for "auto" the best the model and machine support:
+    flash_attention_2 (installed, GPU, half precision), else sdpa, else eager. Reads config.json only.
+
+    packed_rows: several packed rows per micro-batch. transformers' flash attention separates packed documents only
+    in a batch of one row (``_is_packed_sequence``), so "auto" then skips it; asked for explicitly, the start-up probe
+    (``check_logits``) refuses it.
+    """
+    if requested != "auto":
+        return requested
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers.utils import is_flash_attn_2_available
+
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(model_config(path)), None)
+    if (
+        has_gpu
+        and dtype != torch.float32
+        and not packed_rows
+        and is_flash_attn_2_available()
+        and getattr(cls, "_supports_flash_attn", False)
+    ):
+        return "flash_attention_2"
+    return "sdpa" if getattr(cls, "_supports_sdpa", False) else "eager"
+
+
+def model_config(path: str):
+    """A model folder's config (config.json only, no weights)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"could not read the config of model {path!r}: {str(exc).splitlines()[0]}") from None
+
+
+def check_positions(seq_len: int, paths: list[str]) -> None:
+    """Refuse a ``seq_len`` beyond any model's position limit (its ``max_position_embeddings``, which transformers
+    maps from ``n_positions`` etc.): learned position tables would index out of range, rotary ones extrapolate."""
+    for path in paths:
+        limit = getattr(model_config(path).get_text_config(), "max_position_embeddings", None)
+        if isinstance(limit, int) and seq_len > limit:
+            raise UsageError(
+                f"--seq_len {seq_len} is longer than model {path!r} supports ({limit} positions, "
+                f"max_position_embeddings in its config.json): use --seq_len {limit} or less"
+            )
+
+
+def moe_leaf_modules(model: nn.Module) -> list[type]:
+    """Classes of the mixture-of-experts blocks (modules with an ``experts`` child): under ZeRO-3 each is gathered as
+    one leaf, so ranks whose tokens pick different experts still make the same collective calls."""
+    return sorted({type(m) for m in model.modules() if "experts" in m._modules}, key=lambda c: c.__name__)
+
+
+def load_model(
+    path: str, ds: DSConfig, *, trainable: bool, attn: str = "auto", packed_rows: bool = False
+) -> LoadedModel:
+    """Load a model directory; under ZeRO-3 it is partitioned while loading (zero.Init), never whole on one rank.
+
+    attn, packed_rows: as ``attn_implementation`` takes them; the choice is logged.
+    """
+    unset_hf_deepspeed_config()  # the last HfDeepSpeedConfig is global: drop the previous model's
+    keep = HfDeepSpeedConfig(ds.raw) if ds.zero_stage == 3 else None
+    dtype = torch.bfloat16 if ds.bf16 else (torch.float16 if ds.raw.get("fp16", {}).get("enabled") else torch.float32)
+    attn = attn_implementation(
+        path, attn, has_gpu=get_accelerator().device_name() != "cpu", dtype=dtype, packed_rows=packed_rows
+    )
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+    except (OSError, ValueError, ImportError) as exc:
+        raise UsageError(
+            f"could not load model {path!r} with attn_implementation={attn}: {str(exc).splitlines()[0]}"
+        ) from None
+    log.info("model %s: %s, attn_implementation=%s", path, type(lm).__name__, attn)
+    if ds.zero_stage == 3 and (leaves := moe_leaf_modules(lm)):
+        set_z3_leaf_modules(lm, leaves)
+        log.info("model %s: ZeRO-3 leaf modules %s", path, [c.__name__ for c in leaves])
+    if not trainable:
+        lm.requires_grad_(False)
+        lm.eval()
+    return LoadedModel(HiddenStatesLM(lm), keep)
+
+
+def student_engine(path: str, ds: DSConfig, attn: str = "auto", packed_rows: bool = False):
+    """The student: DeepSpeed engine with the optimizer and scheduler of its JSON."""
+    loaded = load_model(path, ds, trainable=True, attn=attn, packed_rows=packed_rows)
+    engine, *_ = deepspeed.initialize(
+        model=loaded.model, model_parameters=[p for p in loaded.model.parameters() if p.requires_grad], config=ds.raw
+    )
+    engine.hf_ds_config = loaded.hf_ds_config
+    return engine
+
+
+def teacher_engine(path: str, ds: DSConfig, attn: str = "auto", packed_rows: bool = False):
+    """A frozen teacher: DeepSpeed inference engine (no optimizer), ZeRO-3 sharded or replicated (stage 0)."""
+    loaded = load_model(path, ds, trainable=False, attn=attn, packed_rows=packed_rows)
+    engine, *_ = deepspeed.initialize(model=loaded.model, config=ds.raw)
+    engine.eval()
+    engine.hf_ds_config = loaded.hf_ds_config
+    return engine
+
+
+# A replicated teacher costs its full weights on every rank but no per-layer gathers (ZeRO-3 gathers each layer in
+# every forward: collectives and module hooks that make the step host-bound on a GPU, issue 9).
+REPLICATE_FRACTION = 0.25
+
+
+def parameter_count(path: str) -> int | None:
+    """Parameters of the model a folder's config.json describes, counted on an empty-weights instantiation
+    (``accelerate.init_empty_weights`` + ``AutoModelForCausalLM.from_config``: meta tensors, no weight file read), so
+    .bin, sharded and single-file safetensors checkpoints are sized alike; shared (tied) parameters count once.
+    None if the folder has no config transformers can read (e.g. a bare GGUF file)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        return None
+    # A live ZeRO-3 config (an engine already built) would make from_config partition under zero.Init: count plainly.
+    live = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        with init_empty_weights():
+            lm = AutoModelForCausalLM.from_config(config)
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = live
+    # init_empty_weights re-registers every parameter as a new meta tensor, which unties tied embeddings; tie them
+    # again outside the context (inside it, tying would be undone the same way).
+    lm.tie_weights()
+    return sum(p.numel() for p in lm.parameters())
+
+
+def teacher_placement(
+    paths: list[str], *, sharded: str, replicated: str, world_size: int, rank_memory: int, bytes_per_param: int
+) -> tuple[str, str]:
+    """(teacher JSON, why) when the user named none: replicate the teachers if they fit, else shard them (ZeRO-3).
+
+    One rank: always replicated (sharding over one rank saves nothing and still pays every gather). Several ranks:
+    replicated when all teachers together take at most ``REPLICATE_FRACTION`` of one rank's memory.
+    """
+    if world_size == 1:
+        return replicated, "one rank: sharding would save nothing"
+    counts = [parameter_count(p) for p in paths]
+    if any(c is None for c in counts):
+        return sharded, "teacher size unknown (no config.json transformers can read)"
+    need, budget = sum(counts) * bytes_per_param, REPLICATE_FRACTION * rank_memory
+    verdict = "fit" if need <= budget else "do not fit"
+    why = f"teachers {need / 2**30:.2f} GiB {verdict} in {REPLICATE_FRACTION:.0%} of {rank_memory / 2**30:.1f} GiB per rank"
+    return (replicated if need <= budget else sharded), why

@@ -1,0 +1,19 @@
+"""On-policy distillation (GKD, Agarwal et al. 2024): the student writes the completions, the teacher grades them.
+``stream``: the stream that swaps sampled completions into a seeded fraction of the micro-batches; ``generation``: the
+``Generator`` seam and transformers' ``generate`` over the student engine (direct, whole copy, layered ZeRO-3)."""
+
+from ds_distill.on_policy.generation import Generator, HFGenerator, Sampling, make_generator, mix_seed
+from ds_distill.on_policy.stream import GenerationRate, OnPolicyStream, check_prompts, prompt_length, wrap
+
+__all__ = [
+    "GenerationRate",
+    "Generator",
+    "HFGenerator",
+    "OnPolicyStream",
+    "Sampling",
+    "check_prompts",
+    "make_generator",
+    "mix_seed",
+    "prompt_length",
+    "wrap",
+]

@@ -1,0 +1,270 @@
+"""Reading a teacher cache in training (``--teacher_cache``): checked against the run, read by example id, mixed
+over an ensemble (``CachedTeacher``: the teacher source of cached runs)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from ds_distill import losses
+from ds_distill.common import IGNORE_INDEX, UsageError, sha256_file
+from ds_distill.teachers.cache_format import (
+    FORMAT_VERSION,
+    ROW_GROUP,
+    TOKEN_FLAGS,
+    dataset_fingerprint,
+    decode_example,
+    read_manifest,
+    tokenizer_fingerprint,
+)
+
+log = logging.getLogger("ds_distill")
+
+
+class TeacherCache:
+    """A complete cache directory, read by example id (row groups decoded on demand, the newest kept in memory)."""
+
+    def __init__(self, path: str, cached_row_groups: int = 256):
+        self.root = Path(path)
+        manifest = read_manifest(self.root)
+        if manifest is None:
+            raise UsageError(
+                f"--teacher_cache {path!r} holds no manifest.json: write a cache there with python -m ds_distill.cache_teacher"
+            )
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise UsageError(
+                f"--teacher_cache {path!r} has format version {manifest.get('format_version')}, this ds-distill reads "
+                f"{FORMAT_VERSION}: rewrite the cache with this version's ds_distill.cache_teacher"
+            )
+        if not manifest.get("complete"):
+            raise UsageError(
+                f"--teacher_cache {path!r} is incomplete (its writer stopped): rerun the same "
+                "python -m ds_distill.cache_teacher command to finish it"
+            )
+        self.manifest, self.settings = manifest, manifest["settings"]
+        self.k, self.exact = self.settings["top_k"], self.settings["exact"]
+        self.order = None
+        if self.settings["id_order"] == "data_frequency":
+            path = self.root / "vocab_order.npy"
+            if not path.is_file() or sha256_file(path) != manifest["vocab_order_sha256"]:
+                raise UsageError(f"--teacher_cache {path}: missing or corrupt (checksum): rewrite the cache")
+            self.order = np.load(path)
+        self._index: dict[str, dict[int, tuple[int, int]]] = {}
+        self._files: dict[tuple[str, int], pq.ParquetFile] = {}
+        self._groups: OrderedDict = OrderedDict()
+        self._capacity = cached_row_groups
+
+    # ---- checks against a run
+    def check_run(self, cfg, tokenizer) -> None:
+        """One UsageError for the first setting of the run (``RunConfig``) that the cache does not fit."""
+        where = f"--teacher_cache {self.root}"
+        flags = self.settings["token_flags"]
+        for name in TOKEN_FLAGS:
+            if flags[name] != getattr(cfg, name):
+                raise UsageError(
+                    f"{where} was written with --{name} {flags[name]} but this run has --{name} {getattr(cfg, name)}: "
+                    f"pass --{name} {flags[name]}, or write a cache with the run's data flags"
+                )
+        if self.settings["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
+            raise UsageError(
+                f"{where} was written with another tokenizer than the student's ({len(tokenizer)} tokens; cache: "
+                f"{self.settings['vocab_size']}): write the cache with a teacher that shares the student's tokenizer"
+            )
+        if self.settings["temperature"] != cfg.temperature:
+            raise UsageError(
+                f"{where} holds log-probs at temperature {self.settings['temperature']} but this run has --temperature "
+                f"{cfg.temperature}: pass --temperature {self.settings['temperature']}, or write a cache at {cfg.temperature}"
+            )
+
+    def check_data(self, split: str, dataset, flag: str) -> None:
+        where = f"--teacher_cache {self.root}"
+        split_info = self.settings["splits"].get(split)
+        if split_info is None:
+            raise UsageError(
+                f"{where} holds no {split} split but this run reads {flag}: write the cache with --{split} {flag}"
+            )
+        if split_info["fingerprint"] != dataset_fingerprint(dataset):
+            raise UsageError(
+                f"{where} was written from other --{split} tokens than this run's {flag} (data fingerprint differs): "
+                f"write the cache from this data with the same data flags"
+            )
+
+    # ---- reading
+    def _file(self, split: str, s: int) -> pq.ParquetFile:
+        key = (split, s)
+        if key not in self._files:
+            side = self.manifest["shards"][split][s]
+            path = self.root / "shards" / f"{side['name']}.parquet"
+            if not path.is_file() or sha256_file(path) != side["sha256"]:
+                raise UsageError(
+                    f"--teacher_cache {self.root}: shard {path.name} is missing or corrupt (checksum): delete it and "
+                    "its .json, then rerun the python -m ds_distill.cache_teacher command to rewrite it"
+                )
+            self._files[key] = pq.ParquetFile(path)
+        return self._files[key]
+
+    def _where(self, split: str) -> dict[int, tuple[int, int]]:
+        if split not in self._index:
+            index = {}
+            for s in range(len(self.manifest["shards"][split])):
+                for i, example_row in enumerate(self._file(split, s).read(columns=["row"])["row"].to_pylist()):
+                    index[example_row] = (s, i)
+            self._index[split] = index
+        return self._index[split]
+
+    def _row(self, split: str, s: int, row: int) -> dict[str, Any]:
+        key = (split, s, row // ROW_GROUP)
+        if key not in self._groups:
+            self._groups[key] = self._file(split, s).read_row_group(row // ROW_GROUP).to_pylist()
+            if len(self._groups) > self._capacity:
+                self._groups.popitem(last=False)
+        self._groups.move_to_end(key)
+        return self._groups[key][row % ROW_GROUP]
+
+    def read(self, split: str, example_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+        """The examples of ``example_ids`` (row numbers), concatenated in that order: (ids ``[n, K]``, log-probs ``[n, K]``, log tails
+        ``[n]``, supervised tokens per example)."""
+        where = self._where(split)
+        parts = []
+        for example_id in example_ids:
+            if example_id not in where:
+                raise UsageError(
+                    f"--teacher_cache {self.root} has no example id {example_id} in its {split} split: "
+                    "write the cache from the run's data"
+                )
+            parts.append(decode_example(self._row(split, *where[example_id]), self.k, self.exact, self.order))
+        return (*(torch.cat([p[i] for p in parts]) for i in range(3)), [p[0].shape[0] for p in parts])
+
+
+def mix(
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], weights: torch.Tensor, vocab: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An ensemble of caches as one sparse teacher: ``M x (ids [n, K_m], log-probs [n, K_m], log tails [n])`` and
+    mixture weights ``[n, M]`` (rows >= 0 summing to 1) -> (ids ``[n, W]``, log-probs ``[n, W]``, log tail ``[n]``).
+
+    What is computed: each cache stands for its reconstructed distribution (its top-K probabilities, its tail mass
+    spread uniformly over the vocab's other V - K_m ids: ``p_m(v) = exp(tail_m) / (V - K_m)`` there, the same
+    reconstruction as ``reconstruction_kl``), and the target is their mixture ``sum_m w_m p_m`` over the buckets the
+    loss compares: every id in the union U of the caches' top-K lists, then one bucket for the V - |U| other ids
+    (mass ``sum_m w_m exp(tail_m) (V - |U|) / (V - K_m)``). W = the largest |U| in the batch; shorter rows are padded
+    with id -1 and log-prob -inf (no bucket, see ``losses.sparse_loss_sums``). Exact caches (K = V) give the live
+    ensemble's mixture; one cache with weight 1 gives its own K + 1 buckets. Computed in float64, without grad.
+    """
+    every = torch.cat([p[0] for p in parts], dim=1)
+    ids, _ = every.sort(dim=1)
+    dup = torch.zeros_like(ids, dtype=torch.bool)
+    dup[:, 1:] = ids[:, 1:] == ids[:, :-1]
+    mass = torch.zeros(ids.shape, dtype=torch.float64)
+    tail = torch.zeros(ids.shape[0], dtype=torch.float64)
+    size = (~dup).sum(1)  # |U| per token
+    for (m_ids, m_logp, m_tail), w in zip(parts, weights.double().T):
+        k = m_ids.shape[1]
+        m_ids, order = m_ids.sort(dim=1)
+        pos = torch.searchsorted(m_ids, ids).clamp(max=k - 1)
+        inside = m_ids.gather(1, pos) == ids
+        spread = m_tail.double().exp() / (vocab - k) if k < vocab else torch.zeros_like(tail)
+        p = torch.where(inside, m_logp.gather(1, order).double().exp().gather(1, pos), spread[:, None])
+        mass += w[:, None] * p
+        tail += w * spread * (vocab - size)
+    # unique ids first (stable), then cut to the widest row
+    keep = torch.sort(dup.to(torch.int8), dim=1, stable=True).indices[:, : int(size.max())]
+    pad = dup.gather(1, keep)
+    if keep.shape[1] == vocab and pad.any():  # the loss reads a V-wide row as "no tail bucket"
+        raise ValueError(
+            f"the caches' top-K lists cover all {vocab} ids for some tokens but not others: write them with --exact"
+        )
+    ids = ids.gather(1, keep).masked_fill(pad, -1)
+    logp = mass.gather(1, keep).log().masked_fill(pad, -math.inf)
+    return ids, logp.float(), tail.log().float()
+
+
+class CachedTeacher:
+    """A ``teachers.TeacherSource`` reading one or several ``TeacherCache``s: no teacher model; the loss runs on the
+    top-K support plus one tail bucket (``losses.sparse_loss_sums``), for an ensemble on the union of the caches'
+    supports plus one bucket (``mix``). splits: "train"/"eval" -> the cache split it reads."""
+
+    def __init__(self, caches: list[TeacherCache], splits: dict[str, str]):
+        self.caches, self.splits = list(caches), splits
+
+    def targets(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, example_ids: torch.Tensor, split: str):
+        expected, parts = (labels != IGNORE_INDEX).sum(1).tolist(), []
+        for cache in self.caches:
+            ids, logp, tail, counts = cache.read(self.splits[split], example_ids.tolist())
+            if counts != expected:
+                raise UsageError(
+                    f"--teacher_cache {cache.root} holds {counts} supervised tokens for examples {example_ids.tolist()} "
+                    f"but the batch has {expected}: the data changed since the cache was written; rewrite the cache"
+                )
+            parts.append((ids, logp, tail))
+        return parts
+
+    def loss_sums(
+        self,
+        student_hidden: torch.Tensor,
+        student_head: Callable,
+        targets,
+        labels: torch.Tensor,
+        *,
+        chunk_size: int,
+        num_chunks: int | None,
+        **loss_kw: Any,
+    ) -> losses.LossSums:
+        weights = loss_kw.pop("teacher_weights", None)
+        target = targets[0] if len(targets) == 1 else self._mix(targets, weights, labels, loss_kw["vocab_size"])
+        if chunk_size:
+            return losses.chunked_sparse_loss_sums(
+                student_hidden, student_head, *target, labels, chunk_size=chunk_size, num_chunks=num_chunks, **loss_kw
+            )
+        return losses.sparse_loss_sums(student_head(student_hidden), *target, labels, **loss_kw)
+
+    def _mix(self, parts, weights, labels: torch.Tensor, vocab: int):
+        """Mixture weights ``[n, M]`` from --teacher_weights (None: uniform) or a router, then ``mix``."""
+        n, m = parts[0][0].shape[0], len(parts)
+        if callable(weights):  # a router scores the label with each cache's reconstructed distribution at temperature 1
+            if self.caches[0].settings["temperature"] != 1.0:
+                raise ValueError(
+                    f"a router scores labels at temperature 1 but the caches hold log-probs at temperature "
+                    f"{self.caches[0].settings['temperature']}: write the caches at --temperature 1"
+                )
+            lab = labels[labels != IGNORE_INDEX]
+            w = torch.cat(
+                [
+                    weights([_full_logp(*p, vocab, rows) for p in parts], lab[rows])
+                    for rows in torch.arange(n).split(1024)
+                ]
+            )
+        else:
+            w = torch.full((m,), 1.0 / m) if weights is None else torch.as_tensor(weights, dtype=torch.float64).cpu()
+            if w.shape != (m,):
+                raise ValueError(f"teacher_weights {tuple(w.shape)} must be one weight per cache ({m})")
+            w = (w / w.sum()).expand(n, m)
+        return mix(parts, w, vocab)
+
+
+def _full_logp(
+    ids: torch.Tensor, logp: torch.Tensor, tail: torch.Tensor, vocab: int, rows: torch.Tensor
+) -> torch.Tensor:
+    """A cache's reconstructed log-probs over the whole vocabulary ``[len(rows), V]`` (the tail spread uniformly)."""
+    k = ids.shape[1]
+    fill = tail[rows] - math.log(vocab - k) if k < vocab else torch.full((len(rows),), -math.inf)
+    return fill[:, None].expand(-1, vocab).scatter(1, ids[rows], logp[rows])
+
+
+def open_for_run(cfg, tokenizer, train_set, eval_set) -> list[TeacherCache]:
+    """The run's ``--teacher_cache``s, each checked against its flags, tokenizer and tokens (one UsageError on a mismatch)."""
+    caches = []
+    for path in cfg.teacher_cache:
+        cache = TeacherCache(path)
+        cache.check_run(cfg, tokenizer)
+        cache.check_data("data", train_set, f"--data {cfg.data}")
+        if eval_set is not None:
+            cache.check_data("eval_data", eval_set, f"--eval_data {cfg.eval_data}")
+        caches.append(cache)
+    return caches

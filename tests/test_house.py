@@ -1,0 +1,123 @@
+"""The house: the package has no import circle, docs/design.md lists every module, the loop fits on one screen."""
+
+import ast
+import inspect
+import re
+from pathlib import Path
+
+from ds_distill.core.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "ds_distill"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imported(path: Path, known: set[str]) -> set[str]:
+    """Every ds_distill module ``path`` imports, at any depth (function-level and ``TYPE_CHECKING`` imports count), with
+    the packages whose ``__init__`` that import runs; ``from pkg import name`` counts ``pkg.name`` when it is a module."""
+    me = module_name(path)
+    package = me if path.name == "__init__.py" else me.rpartition(".")[0]
+    own_packages = {".".join(package.split(".")[:i]) for i in range(2, len(package.split(".")) + 1)}
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the importing module's package
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
+            names = [base] + [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in known]
+        for name in names:
+            parts = name.split(".")
+            # Importing a.b.c runs a/__init__ and a/b/__init__ first, except the importer's own packages: they are
+            # loaded before the importer runs, so reaching a sibling through them is no circle.
+            ancestors = {".".join(parts[:i]) for i in range(2, len(parts))} - {package, *own_packages}
+            out |= {n for n in ancestors | {name} if n in known}
+    out.discard(me)
+    return out
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    mods = modules()
+    known = set(mods) - {"ds_distill"}
+    return {m: imported(p, known) for m, p in mods.items() if m != "ds_distill"}
+
+
+def test_no_import_circle_counting_function_level_and_type_checking_imports():
+    assert cycles(import_graph()) == []
+
+
+def test_the_circle_check_finds_a_planted_circle():
+    graph = import_graph()
+    graph["ds_distill.common"] = graph["ds_distill.common"] | {
+        "ds_distill.core.trainer"
+    }  # the ground floor reaching up
+    assert any("ds_distill.common" in c and "ds_distill.core.trainer" in c for c in cycles(graph))
+
+
+def test_the_ground_floor_imports_nothing_of_ours():
+    assert import_graph()["ds_distill.common"] == set()
+
+
+def test_design_doc_lists_every_module_and_no_other():
+    """docs/design.md's layout table names each module by its path, once; a module added or removed without the doc
+    fails here."""
+    doc = (ROOT / "docs" / "design.md").read_text()
+    listed = re.findall(r"^\| `(ds_distill/[\w/]+\.py)` \|", doc, flags=re.M)
+    on_disk = sorted(str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py"))
+    assert sorted(set(listed)) == on_disk, (
+        f"missing from docs/design.md: {sorted(set(on_disk) - set(listed))}; "
+        f"listed but gone: {sorted(set(listed) - set(on_disk))}"
+    )
+    assert len(listed) == len(set(listed)), "a module is listed twice"
+
+
+def test_the_loop_fits_on_one_screen():
+    lines = inspect.getsource(Trainer.fit).splitlines()
+    assert len(lines) <= 50, f"Trainer.fit is {len(lines)} lines"
