@@ -16,7 +16,7 @@ steps, each timed to the end of the device's work. Variants:
     plain_fused       the same with the lm_head as a losses.OutputHead: gradients computed in the forward
     teacher_forward   the teacher's forward alone (a ceiling, no student)
     ds_z{0,1,2,3}[_teacher_zero3|_teacher_replicated][_full_logits|_checkpointed][_prefetch]
-                      ds_distill.train.build(RunConfig(...)) + Trainer.train_step, exactly as Trainer.fit calls it;
+                      ds_distill.core.build.build(RunConfig(...)) + Trainer.train_step, exactly as Trainer.fit calls it;
                       student ZeRO stage k; teacher placed as the toolkit chooses when no teacher JSON is given (by
                       fit: replicated on one rank), or forced to ZeRO-3 / replicated (stage 0); chunked loss
                       (RunConfig's default chunk_size; the fused path, ZeRO-3 head included), full
