@@ -5,6 +5,7 @@ Everything is deterministic (fixed corpus, fixed seeds) and takes well under a s
     tok = make_tokenizer(tmp_path / "tok")                     # byte-level BPE, bos/eos/pad, chat template
     path = make_model(tmp_path / "model", tok, layers=2)       # LlamaForCausalLM + the tokenizer beside it
     sp = make_sentencepiece_tokenizer(tmp_path / "sp")         # tokenizer.model only (no tokenizer.json)
+    ms = make_metaspace_tokenizer(tmp_path / "ms")             # SentencePiece-style fast tokenizer, another vocabulary
 """
 
 from __future__ import annotations
@@ -111,6 +112,46 @@ def make_model(
     model.save_pretrained(dir)
     tokenizer.save_pretrained(dir)
     return str(dir)
+
+
+def make_metaspace_tokenizer(dir, vocab_size: int = 360, *, bos: bool = True):
+    """Train a SentencePiece-style fast tokenizer (Metaspace "▁" pre-tokenizer, BPE with byte fallback <0xNN>, as
+    Llama 2 / Mistral / Gemma tokenizer.json files are) on CORPUS, save it to `dir` and return it.
+
+    A different vocabulary from make_tokenizer's (for cross-tokenizer tests). Ids: <unk>=0, <s>=1, </s>=2, <pad>=3,
+    then the 256 byte tokens and merges. Adds bos when encoding with special tokens if ``bos``; its chat template
+    uses plain-text role markers "[user]" / "[assistant]" and </s> ends a turn.
+    """
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    tk = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tk.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    specials = ["<unk>", "<s>", "</s>", "<pad>"] + [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    tk.train_from_iterator(CORPUS, trainer=trainer)
+    # The byte tokens were listed as special only to get them into the vocabulary first; in real tokenizers they are
+    # ordinary tokens (decode(skip_special_tokens=True) keeps them).
+    spec = json.loads(tk.to_str())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if not t["content"].startswith("<0x")]
+    tk = Tokenizer.from_str(json.dumps(spec))
+    if bos:
+        tk.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tk.token_to_id("<s>"))]
+        )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tok.chat_template = CHAT_TEMPLATE.replace("<|", "[").replace("|>", "]").replace("[end]", "</s>")
+    tok.save_pretrained(dir)
+    return tok
 
 
 def make_sentencepiece_tokenizer(dir, vocab_size: int = 400):

@@ -1,0 +1,224 @@
+"""Aligning two tokenizations of the same text by the bytes their tokens cover (cross-tokenizer distillation).
+
+Both tokenizers must be fast ones (``return_offsets_mapping``). Their character offsets become UTF-8 byte spans, and one
+shared conversion (``units``) turns each side's spans into a tiling of the text, whatever the tokenizer's kind:
+
+- byte-level BPE pieces of one multi-byte character (``'Ã', '©'``) and SentencePiece byte-fallback tokens
+  (``<0xC3>``, ``<0xA9>``) all report the whole character: overlapping spans are glued into one unit;
+- a marker whose offsets leave out its space (``'Ġw'`` with ``trim_offsets``, a bare ``'Ġ'`` of width 0) or a
+  SentencePiece ``'▁'`` prepended to the text (it overlaps the next token) is handled by the same two rules: bytes
+  that no token reports belong to the token after them, and a token of width 0 joins its neighbour.
+
+A chunk is a smallest group of consecutive student tokens and consecutive teacher tokens that cover exactly the same
+bytes (1:1 when both groups are single tokens): the chunks are cut where both sides have a unit boundary at the same
+byte. Special tokens (BOS on one side only, EOS, chat markup) belong to no chunk and no chunk crosses them, nor the
+end of a region: the caller aligns a list of regions, pairs of byte ranges holding the same bytes on both sides (the
+prompt and the completion apart, each message's content in a rendered chat), so no chunk crosses the supervision
+boundary. Documents are aligned one by one before packing, so no chunk crosses a document boundary either.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ds_distill.common import UsageError
+
+Span = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One tokenization of a text: ``ids``, each token's byte span ``[start, end)`` in ``text.encode()``, and whether
+    it is a special token (BOS, EOS, chat markers: in no chunk, and no chunk crosses it)."""
+
+    text: str
+    ids: list[int]
+    spans: list[Span]
+    special: list[bool]
+
+
+def byte_offsets(text: str) -> list[int]:
+    """``out[c]`` = the byte offset of character ``c`` in ``text.encode()``; ``len(text) + 1`` entries."""
+    out = [0]
+    for ch in text:
+        out.append(out[-1] + len(ch.encode("utf-8", "surrogatepass")))
+    return out
+
+
+def encode(tokenizer, text: str, *, add_special_tokens: bool = False) -> Encoded:
+    """Tokenize ``text`` with a fast tokenizer and give each token its byte span."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise UsageError(
+            f"tokenizer {tokenizer.name_or_path!r} is not a fast tokenizer: cross-tokenizer alignment needs byte "
+            "offsets (return_offsets_mapping); save it with a tokenizer.json"
+        )
+    enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    to_byte = byte_offsets(text)
+    special = set(tokenizer.all_special_ids)
+    return Encoded(
+        text,
+        list(enc["input_ids"]),
+        [(to_byte[a], to_byte[b]) for a, b in enc["offset_mapping"]],
+        [tid in special for tid in enc["input_ids"]],
+    )
+
+
+def join(parts: list[Encoded]) -> tuple[Encoded, list[Span]]:
+    """Encodings of consecutive texts (a prompt then its completion, tokenized apart as the pipeline does) -> one
+    encoding of the joined text, and each part's byte range in it (the regions to align, so no chunk crosses them)."""
+    ids, spans, special, ranges, at = [], [], [], [], 0
+    for p in parts:
+        n = len(p.text.encode("utf-8", "surrogatepass"))
+        ids += p.ids
+        spans += [(s + at, e + at) for s, e in p.spans]
+        special += p.special
+        ranges.append((at, at + n))
+        at += n
+    return Encoded("".join(p.text for p in parts), ids, spans, special), ranges
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Consecutive tokens ``[lo, hi)`` of one side that together cover the bytes ``[start, end)`` of region
+    ``region`` (byte offsets relative to the region's start); only whole units can be cut apart."""
+
+    start: int
+    end: int
+    lo: int
+    hi: int
+    region: int
+
+
+def units(enc: Encoded, regions: list[Span]) -> list[Unit]:
+    """The shared conversion: one side's token spans -> units tiling each region (see the module docstring).
+
+    A token belongs to the region holding its whole span; special tokens and tokens outside every region are in no
+    unit (the units around them are not contiguous). Units come sorted by region, then by byte.
+    """
+    out: list[Unit] = []
+    for r, (lo, hi) in enumerate(regions):
+        cur: list[int] | None = None  # [start, end, first token, last token + 1] of the open unit (absolute bytes)
+        pending: int | None = None  # the first of a run of width-0 tokens: they join the next token
+        prev_end = lo  # the end of the bytes reported so far: what lies between it and a token is that token's
+
+        def close() -> None:
+            if cur is not None:
+                out.append(Unit(cur[0] - lo, cur[1] - lo, cur[2], cur[3], r))
+
+        for i, ((s, e), special) in enumerate(zip(enc.spans, enc.special)):
+            if special or not (lo <= s and e <= hi):
+                close()
+                cur, pending, prev_end = None, None, max(prev_end, e)
+                continue
+            if cur is not None and cur[3] == i and s < cur[1]:  # overlaps the open unit (one character): glue
+                cur[1], cur[3], prev_end = max(cur[1], e), i + 1, max(prev_end, e)
+                continue
+            start = min(prev_end, s)
+            prev_end = max(prev_end, e)
+            if e <= start:
+                pending = i if pending is None else pending
+                continue
+            close()
+            cur, pending = [start, e, i if pending is None else pending, i + 1], None
+        close()
+    return out
+
+
+@dataclass
+class Alignment:
+    """Chunks of one example: ``chunks[c] = (s_lo, s_hi, t_lo, t_hi)``, student tokens ``[s_lo, s_hi)`` and teacher
+    tokens ``[t_lo, t_hi)`` covering the same ``chunk_bytes[c]`` bytes; ``n_bytes`` = the bytes of all regions."""
+
+    chunks: list[tuple[int, int, int, int]] = field(default_factory=list)
+    chunk_bytes: list[int] = field(default_factory=list)
+    n_bytes: int = 0
+
+    def report(self) -> dict[str, int]:
+        """Sums that add up over examples and steps (``alignment_metrics`` turns them into the logged fractions)."""
+        one = sum(b for (a0, a1, b0, b1), b in zip(self.chunks, self.chunk_bytes) if a1 - a0 == 1 and b1 - b0 == 1)
+        return {
+            "bytes": self.n_bytes,
+            "bytes_1to1": one,
+            "bytes_unaligned": self.n_bytes - sum(self.chunk_bytes),
+            "chunks": len(self.chunks),
+            "chunk_tokens": sum(a1 - a0 + b1 - b0 for a0, a1, b0, b1 in self.chunks),
+        }
+
+
+def alignment_metrics(report: dict[str, int]) -> dict[str, float]:
+    """The logged alignment report: fraction of bytes in 1:1 chunks, mean chunk length (student plus teacher tokens
+    per chunk, 2 when all are 1:1), fraction of bytes in no chunk."""
+    n, c = max(report["bytes"], 1), max(report["chunks"], 1)
+    return {
+        "align/bytes_1to1": report["bytes_1to1"] / n,
+        "align/chunk_tokens": report["chunk_tokens"] / c,
+        "align/bytes_unaligned": report["bytes_unaligned"] / n,
+    }
+
+
+def align(student: Encoded, teacher: Encoded, regions: list[tuple[Span, Span]] | None = None) -> Alignment:
+    """Chunks of two tokenizations over ``regions``: pairs ``(student byte range, teacher byte range)`` holding the
+    same bytes (default: the whole texts, which must then be equal). Raises ValueError on regions of unequal bytes."""
+    if regions is None:
+        if student.text != teacher.text:
+            raise ValueError("the two texts differ: pass the regions that hold the same bytes")
+        n = len(student.text.encode("utf-8", "surrogatepass"))
+        regions = [((0, n), (0, n))]
+    s_bytes, t_bytes = student.text.encode("utf-8", "surrogatepass"), teacher.text.encode("utf-8", "surrogatepass")
+    for (s0, s1), (t0, t1) in regions:
+        if s_bytes[s0:s1] != t_bytes[t0:t1]:
+            raise ValueError(f"regions {(s0, s1)} and {(t0, t1)} do not hold the same bytes")
+    us = units(student, [r[0] for r in regions])
+    ut = units(teacher, [r[1] for r in regions])
+    out = Alignment(n_bytes=sum(s1 - s0 for (s0, s1), _ in regions))
+    i = j = 0
+    while i < len(us) and j < len(ut):
+        a, b = us[i], ut[j]
+        if (a.region, a.start) != (b.region, b.start):  # open a chunk only where both sides start a unit
+            if (a.region, a.start) < (b.region, b.start):
+                i += 1
+            else:
+                j += 1
+            continue
+        i0, j0 = i, j
+        while us[i].end != ut[j].end:  # grow the side that ends first, while it stays contiguous
+            side, k = (us, i) if us[i].end < ut[j].end else (ut, j)
+            nxt = k + 1
+            if nxt == len(side) or side[nxt].region != side[k].region or side[nxt].lo != side[k].hi:
+                break
+            if side is us:
+                i = nxt
+            else:
+                j = nxt
+        if us[i].end == ut[j].end:
+            out.chunks.append((us[i0].lo, us[i].hi, ut[j0].lo, ut[j].hi))
+            out.chunk_bytes.append(us[i].end - a.start)
+            i, j = i + 1, j + 1
+        elif us[i].end < ut[j].end:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def position_chunks(
+    alignment: Alignment, n_student: int, n_teacher: int, student_supervised: list[bool] | None = None
+) -> tuple[list[int], list[int], list[int]]:
+    """Per-label-position chunk ids for the loss (labels are shifted: position ``t`` predicts token ``t + 1``).
+
+    Returns ``(student [n_student], teacher [n_teacher], kept)``: position ``t`` holds the id (0, 1, ... in order) of
+    the chunk of token ``t + 1``, or -1. A chunk is kept only when every token of it has a position that predicts it
+    (not token 0: a side without BOS cannot score its first token) and, if ``student_supervised`` (per token) is
+    given, every student token of it is supervised. ``kept`` lists the alignment's indices of the kept chunks.
+    """
+    s, t, kept = [-1] * n_student, [-1] * n_teacher, []
+    for c, (a0, a1, b0, b1) in enumerate(alignment.chunks):
+        if a0 < 1 or b0 < 1 or (student_supervised is not None and not all(student_supervised[a0:a1])):
+            continue
+        k = len(kept)
+        kept.append(c)
+        for p in range(a0 - 1, a1 - 1):
+            s[p] = k
+        for p in range(b0 - 1, b1 - 1):
+            t[p] = k
+    return s, t, kept
