@@ -1,0 +1,252 @@
+"""Cross-tokenizer losses (ds_distill.losses.cross_tokenizer) in float64.
+
+Identity: with one tokenizer on both sides every chunk is one token, and
+  - vocab_map with every token mapped is today's loss (``loss_sums``), values and gradients;
+  - ALM is the binarised loss of the label: ``sparse_loss_sums`` with the label as the only top-K id (and a float64
+    reference written from probabilities).
+Chain rule: a teacher whose tokenizer splits every student token into two byte pieces, its probabilities defined by
+the chain rule from a known model: its chunk likelihoods are that model's, and ALM's gradient is zero at it.
+"""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from ds_distill.common import IGNORE_INDEX
+from ds_distill.losses import (
+    LOSSES,
+    OutputHead,
+    alm_loss_sums,
+    chunked_alm_loss_sums,
+    chunked_vocab_map_loss_sums,
+    loss_sums,
+    sparse_loss_sums,
+    teacher_chunk_logprobs,
+    vocab_map_loss_sums,
+)
+from tests.test_losses import ref_divergence
+
+KINDS = list(LOSSES)
+B, T, V, H = 3, 6, 13, 8
+KW = dict(beta=0.3, skew=0.2)
+
+
+def batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2
+    t = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, :2] = IGNORE_INDEX  # a prompt
+    labels[1, -1] = IGNORE_INDEX
+    labels[2, :] = IGNORE_INDEX  # a row with nothing supervised
+    labels[2, 3] = 5
+    return s, t, labels
+
+
+def one_token_chunks(labels):
+    """Same tokenizer: chunk c = the c-th supervised position."""
+    ch = torch.full_like(labels, -1)
+    sup = labels != IGNORE_INDEX
+    ch[sup] = torch.arange(int(sup.sum()))
+    return ch
+
+
+def grad_of(fn, x):
+    x = x.clone().requires_grad_()
+    out = fn(x)
+    (g,) = torch.autograd.grad(out.total, x)
+    return out, g
+
+
+@pytest.mark.parametrize("kind,alpha,temperature", list(itertools.product(KINDS, [0.0, 0.4], [1.0, 2.0])))
+def test_vocab_map_identity_is_todays_loss(kind, alpha, temperature):
+    s, t, labels = batch()
+    ch = one_token_chunks(labels)
+    sup = labels != IGNORE_INDEX
+    every = torch.arange(V)
+    kw = dict(loss=kind, alpha=alpha, temperature=temperature, **KW)
+    got, g_got = grad_of(lambda x: vocab_map_loss_sums(x, labels, ch, t[sup], every, every, **kw), s)
+    want, g_want = grad_of(lambda x: loss_sums(x, t, labels, **kw), s)
+    for a, b in ((got.total, want.total), (got.kd, want.kd), (got.ce, want.ce), (got.kd_per_seq, want.kd_per_seq)):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_got, g_want.double(), rtol=1e-5, atol=1e-7)
+    assert int(got.n_tokens) == int(sup.sum())
+    # A permuted vocabulary on the teacher's side, mapped back: the same loss (the map, not the ids, pairs tokens).
+    perm = torch.randperm(V, generator=torch.Generator().manual_seed(1))
+    t_perm = torch.empty_like(t[sup])
+    t_perm[:, perm] = t[sup]
+    again = vocab_map_loss_sums(s, labels, ch, t_perm, every, perm, **kw)
+    torch.testing.assert_close(again.total, got.total.detach(), rtol=1e-12, atol=1e-12)
+
+
+def ref_alm(s, t, labels, kind, alpha, temperature):
+    """float64 reference from probabilities: per supervised token, D([p_t(y), 1 - p_t(y)] || [p_s(y), ...])."""
+    sup = labels != IGNORE_INDEX
+    y = labels[sup]
+    ps = torch.softmax(s[sup] / temperature, -1).gather(-1, y[:, None])
+    pt = torch.softmax(t[sup] / temperature, -1).gather(-1, y[:, None])
+    d = ref_divergence(kind, torch.cat([pt, 1 - pt], -1), torch.cat([ps, 1 - ps], -1), KW["beta"], KW["skew"])
+    ce = -torch.log_softmax(s[sup], -1).gather(-1, y[:, None])[:, 0]
+    return (alpha * ce + (1 - alpha) * temperature**2 * d).sum()
+
+
+@pytest.mark.parametrize("kind,alpha,temperature", list(itertools.product(KINDS, [0.0, 0.4], [1.0, 2.0])))
+def test_alm_identity_is_the_binarised_label_loss(kind, alpha, temperature):
+    s, t, labels = batch()
+    ch = one_token_chunks(labels)
+    c = int((ch >= 0).sum())
+    t_chunk = teacher_chunk_logprobs(t, labels, ch, c, temperature)
+    kw = dict(loss=kind, alpha=alpha, temperature=temperature, **KW)
+    got, g_got = grad_of(lambda x: alm_loss_sums(x, labels, ch, t_chunk, **kw), s)
+    assert got.total.dtype == torch.float64
+    # The same thing said by the sparse loss: the label as the only id, the rest of the mass in the tail.
+    sup = labels != IGNORE_INDEX
+    ids = labels[sup][:, None]
+    tail = torch.log1p(-t_chunk.exp())
+    want, g_want = grad_of(lambda x: sparse_loss_sums(x, ids, t_chunk[:, None], tail, labels, **kw), s)
+    torch.testing.assert_close(got.total, want.total.double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.kd_per_seq, want.kd_per_seq, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_got, g_want.double(), rtol=1e-5, atol=1e-7)
+    ref, g_ref = grad_of(lambda x: type("S", (), {"total": ref_alm(x, t, labels, kind, alpha, temperature)}), s)
+    torch.testing.assert_close(got.total, ref.total, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g_got, g_ref, rtol=1e-8, atol=1e-12)
+
+
+def head_and_hidden(seed=0, v=V):
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(H, v, bias=False).double()
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(v, H, generator=g, dtype=torch.float64))
+    return lin, torch.randn(B, T, H, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 100])
+def test_chunked_equals_unchunked(chunk_size):
+    _, t, labels = batch()
+    ch = one_token_chunks(labels)
+    sup = labels != IGNORE_INDEX
+    c = int(sup.sum())
+    s_lin, hs = head_and_hidden(0)
+    t_lin, ths = head_and_hidden(1)
+    every = torch.arange(V)
+    kw = dict(loss="jsd", alpha=0.3, temperature=1.5, **KW)
+    t_chunk = teacher_chunk_logprobs(t, labels, ch, c, 1.5)
+    cases = [
+        (
+            lambda h: chunked_alm_loss_sums(h, OutputHead(s_lin), labels, ch, t_chunk, chunk_size=chunk_size, **kw),
+            lambda h: alm_loss_sums(s_lin(h), labels, ch, t_chunk, **kw),
+        ),
+        (
+            lambda h: chunked_vocab_map_loss_sums(
+                h, OutputHead(s_lin), labels, ch, ths[sup], t_lin, every, every, chunk_size=chunk_size, **kw
+            ),
+            lambda h: vocab_map_loss_sums(s_lin(h), labels, ch, t_lin(ths[sup]), every, every, **kw),
+        ),
+    ]
+    for chunked, plain in cases:
+        a, ga = grad_of(chunked, hs)
+        b, gb = grad_of(plain, hs)
+        torch.testing.assert_close(a.total, b.total, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-12)
+        s_lin.weight.grad = None
+        chunked(hs).total.backward()  # the head's weight gets its gradient through the checkpointed chunks
+        assert s_lin.weight.grad is not None and s_lin.weight.grad.abs().sum() > 0
+
+
+def test_empty_and_bad_chunks():
+    s, t, labels = batch()
+    none = torch.full_like(labels, IGNORE_INDEX)
+    out = alm_loss_sums(s.requires_grad_(), none, torch.full_like(labels, -1), torch.zeros(0, dtype=torch.float64))
+    assert out.total.item() == 0 and int(out.n_tokens) == 0
+    out.total.backward()
+    ch = one_token_chunks(labels)
+    c = int((ch >= 0).sum())
+    bad = ch.clone()
+    bad[0, 0] = 0  # label -100 there
+    with pytest.raises(ValueError, match="unsupervised position"):
+        alm_loss_sums(s, labels, bad, torch.zeros(c))
+    with pytest.raises(ValueError, match="every chunk id"):
+        alm_loss_sums(s, labels, ch, torch.zeros(c + 1))
+    with pytest.raises(ValueError, match=r"must be \[M\]"):
+        vocab_map_loss_sums(s, labels, ch, t[labels != IGNORE_INDEX], torch.arange(3), torch.arange(4))
+
+
+# ------------------------------------------------------------------------------------------------- chain rule
+# Student vocabulary: every pair (a, b) of N byte values, one token each (id a * N + b). Teacher vocabulary: the N
+# byte values; it spells each student token as two tokens. The known model: random logits over the student vocabulary
+# at each student position (the context is the text so far, the same on both sides at a chunk boundary).
+N = 4
+
+
+def chain_rule_teacher(model_logits):
+    """The teacher's logits ``[B, 2T, N]`` defined from the model ``[B, T, N*N]`` by the chain rule: position 2k
+    predicts the first byte (the marginal), position 2k + 1 the second byte given the first (the conditional)."""
+    logp = torch.log_softmax(model_logits, -1).unflatten(-1, (N, N))  # [B, T, a, b]
+    first = torch.logsumexp(logp, -1)  # log P(a)
+    return first, logp - first[..., None]  # log P(a), log P(b | a)
+
+
+def test_chain_rule_teacher_matches_the_model_exactly():
+    g = torch.Generator().manual_seed(3)
+    model = torch.randn(B, T, N * N, generator=g, dtype=torch.float64) * 3
+    labels = torch.randint(0, N * N, (B, T), generator=g)
+    labels[1, :2] = IGNORE_INDEX
+    first, cond = chain_rule_teacher(model)
+    # The teacher's own sequence: token 2k + 1 is the first byte of student token k + 1, 2k + 2 its second byte.
+    a, b = labels.clamp(min=0) // N, labels.clamp(min=0) % N
+    t_logits = torch.empty(B, 2 * T, N, dtype=torch.float64)
+    t_logits[:, 0::2] = first
+    t_logits[:, 1::2] = cond.gather(-2, a[..., None, None].expand(B, T, 1, N))[..., 0, :]
+    t_labels = torch.stack([a, b], -1).flatten(1)
+    s_ch = one_token_chunks(labels)
+    t_ch = s_ch.repeat_interleave(2, dim=1)  # chunk k: one student token, two teacher tokens
+    c = int((s_ch >= 0).sum())
+    t_labels[t_ch < 0] = IGNORE_INDEX
+    t_chunk = teacher_chunk_logprobs(t_logits, t_labels, t_ch, c)
+    model_lp = torch.log_softmax(model, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0][labels != IGNORE_INDEX]
+    torch.testing.assert_close(t_chunk, model_lp, rtol=0, atol=1e-13)  # the chunk likelihoods are the model's
+
+    for kind in KINDS:
+        kw = dict(loss=kind, alpha=0.0, **KW)
+        out, g = grad_of(lambda x: alm_loss_sums(x, labels, s_ch, t_chunk, **kw), model)
+        assert abs(out.total.item()) < 1e-12, kind  # the student that is the model has nothing to learn
+        if kind != "tvd":  # |p_t - p_s| has no gradient at its minimum (rounding picks a sign)
+            assert g.abs().max().item() < 1e-10, kind
+        other, g_other = grad_of(lambda x: alm_loss_sums(x, labels, s_ch, t_chunk, **kw), model.flip(-1))
+        assert other.total.item() > 1e-3 and g_other.abs().max().item() > 1e-3, kind
+
+
+def test_log1mexp_has_no_nan_gradient():
+    from ds_distill.losses.cross_tokenizer import log1mexp
+
+    x = torch.tensor([-1e-12, -0.5, -math.log(2), -1.0, -50.0, -800.0], dtype=torch.float64, requires_grad=True)
+    y = log1mexp(x)
+    torch.testing.assert_close(y[1:5], torch.log(1 - torch.exp(x[1:5])), rtol=1e-12, atol=1e-15)
+    assert y[0].item() < -27 and y[5].item() == 0.0
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_vocab_map_partial_map_buckets(kind):
+    """Some tokens map (in another order on the teacher's side), the rest of each side's mass is its tail bucket:
+    against a float64 reference from probabilities, values and gradients."""
+    s, t, labels = batch(2)
+    ch = one_token_chunks(labels)
+    sup = labels != IGNORE_INDEX
+    s_index, t_index = torch.tensor([0, 3, 4, 7, 12]), torch.tensor([5, 1, 2, 11, 0])
+    kw = dict(loss=kind, alpha=0.25, temperature=1.5, **KW)
+    got, g_got = grad_of(lambda x: vocab_map_loss_sums(x, labels, ch, t[sup], s_index, t_index, **kw), s)
+
+    def ref(x):
+        ps, pt = torch.softmax(x[sup] / 1.5, -1)[:, s_index], torch.softmax(t[sup] / 1.5, -1)[:, t_index]
+        ps, pt = torch.cat([ps, 1 - ps.sum(-1, keepdim=True)], -1), torch.cat([pt, 1 - pt.sum(-1, keepdim=True)], -1)
+        ce = -torch.log_softmax(x[sup], -1).gather(-1, labels[sup][:, None])[:, 0]
+        total = 0.25 * ce.sum() + 0.75 * 1.5**2 * ref_divergence(kind, pt, ps, KW["beta"], KW["skew"]).sum()
+        return type("S", (), {"total": total})
+
+    want, g_want = grad_of(ref, s)
+    torch.testing.assert_close(got.total, want.total, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-8, atol=1e-12)
