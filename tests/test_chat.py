@@ -16,16 +16,9 @@ from ds_distill.common import IGNORE_INDEX, UsageError
 from ds_distill.data import get_dataset
 from ds_distill.ds_config import REPO_CONFIGS
 from tests import tiny
+from tests.helpers import CONV
 
 datasets.disable_progress_bars()
-
-# Turn 1 is a reply starting with "\n"; turn 3 carries reasoning, which Qwen3 drops once a later user turn follows.
-CONV = [
-    {"role": "user", "content": "hello"},
-    {"role": "assistant", "content": "\nsure"},
-    {"role": "user", "content": "the sea"},
-    {"role": "assistant", "content": "<think>\nthe wind\n</think>\n\nhere is a poem"},
-]
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +229,7 @@ def test_tracked_chat_run_string_ids_template_file_and_tokenizer_round_trip(dist
 
     from ds_distill import train
     from ds_distill.extras.tracking import hardest_examples, write_subset
-    from tests.test_train import ds_json
+    from tests.helpers import ds_json
 
     tok = tiny.make_llama3_tokenizer(tmp_path / "tok", template=None)
     given = {f.name: f.read_bytes() for f in (tmp_path / "tok").iterdir()}

@@ -25,7 +25,7 @@ from ds_distill.extras.tracking import ExampleTracker, hardest_examples, write_s
 from ds_distill.losses.objective import Objective
 from ds_distill.losses.routing import FixedWeights, LowestTeacherCE
 from ds_distill.runtime.callbacks import Callback
-from tests.test_train import ds_json, losses_of, make_cfg
+from tests.helpers import ds_json, losses_of, make_cfg
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,7 +7,7 @@ import torch
 
 from ds_distill import losses, train
 from ds_distill.ds_config import REPO_CONFIGS
-from tests.test_train import losses_of, make_cfg
+from tests.helpers import losses_of, make_cfg
 
 
 def sgd_zero3_json(tmp_path) -> str:

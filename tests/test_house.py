@@ -121,3 +121,16 @@ def test_design_doc_lists_every_module_and_no_other():
 def test_the_loop_fits_on_one_screen():
     lines = inspect.getsource(Trainer.fit).splitlines()
     assert len(lines) <= 50, f"Trainer.fit is {len(lines)} lines"
+
+
+def test_no_test_module_imports_another():
+    """Shared test code lives in tests/helpers.py, tests/launch.py, tests/tiny.py and the fixtures, not in a test_*
+    module: importing one would collect its tests twice and tie two unrelated files together."""
+    found = []
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [f"{node.module}.{a.name}" for a in node.names] if node.module == "tests" else [node.module]
+            found += [f"{path.name}: {n}" for n in names if n and n.startswith("tests.test_")]
+    assert not found, found

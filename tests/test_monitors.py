@@ -10,7 +10,7 @@ import pytest
 
 from ds_distill import models, plot, train
 from ds_distill.runtime import monitors
-from tests.test_train import base_args, ds_json, make_cfg, run_main
+from tests.helpers import base_args, ds_json, make_cfg, run_main
 
 
 def read_wandb_history(run_file: str) -> list[dict | None]:

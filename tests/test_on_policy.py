@@ -10,7 +10,7 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from ds_distill import on_policy, train
 from ds_distill.common import IGNORE_INDEX
 from ds_distill.data import get_dataset
-from tests.test_train import ds_json, losses_of, make_cfg
+from tests.helpers import ds_json, losses_of, make_cfg
 
 WORDS = "the quick brown fox jumps over the lazy dog while a small cat sleeps in the warm sun".split()
 

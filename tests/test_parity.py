@@ -14,7 +14,7 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from ds_distill import data, losses, train
 from ds_distill.ds_config import REPO_CONFIGS
-from tests.test_train import ds_json, losses_of, make_cfg
+from tests.helpers import ds_json, losses_of, make_cfg
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "loss_curve.json"
 LR = 1.0

@@ -22,7 +22,7 @@ from ds_distill.extras.preemption import PREEMPTED_EXIT_CODE, Preemption
 from ds_distill.plot import read_curves
 from ds_distill.runtime.callbacks import Callback
 from tests.cluster_fixtures import ROOT, SCRIPTS, launcher_env, run_logged, wait_for_job
-from tests.test_train import ds_json, losses_of, make_cfg
+from tests.helpers import ds_json, losses_of, make_cfg
 
 pytestmark = pytest.mark.multiprocess
 STEPS = 12  # long enough to interrupt a 2-rank run after a few steps

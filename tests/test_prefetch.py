@@ -7,7 +7,7 @@ import torch
 
 from ds_distill import data, train
 from ds_distill.data.prefetch import Prefetcher
-from tests.test_train import ds_json, losses_of, make_cfg
+from tests.helpers import ds_json, losses_of, make_cfg
 
 
 def _stream(n=20, batch_size=3):

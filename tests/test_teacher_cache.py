@@ -335,7 +335,7 @@ def test_per_turn_chat_examples_are_refused_in_one_line(tmp_path):
     examples with one row number, the key a cache is read by: refused before the teacher loads."""
     from ds_distill.common import UsageError
     from tests import tiny as tiny_mod
-    from tests.test_chat import CONV
+    from tests.helpers import CONV
 
     tok = tiny_mod.make_qwen_tokenizer(tmp_path / "qwen")
     teacher = tiny_mod.make_model(tmp_path / "teacher", tok, layers=1, hidden=16, heads=2)

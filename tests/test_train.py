@@ -13,47 +13,10 @@ from transformers import AutoModelForCausalLM
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from ds_distill import train
-from ds_distill.config import RunConfig
 from ds_distill.core import trainer as trainer_mod
 from ds_distill.ds_config import REPO_CONFIGS
 from ds_distill.runtime.callbacks import Callback
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def ds_json(tmp_path, base="cpu_zero3.json", name=None, lr=1e-2, **batch):
-    """A shipped config with a constant, visible learning rate (no warm-up) so that steps differ."""
-    d = json.loads((REPO_CONFIGS / base).read_text())
-    d.pop("scheduler", None)
-    d["optimizer"]["params"]["lr"] = lr
-    d.update(batch)
-    p = tmp_path / (name or f"{base}.{len(list(tmp_path.glob('*.json')))}.json")
-    p.write_text(json.dumps(d))
-    return str(p)
-
-
-def make_cfg(tiny, out, **kw):
-    base = dict(
-        teacher=[tiny["teacher"]],
-        student=tiny["student"],
-        data=tiny["data"],
-        output_dir=str(out),
-        deepspeed_config=str(REPO_CONFIGS / "cpu_zero3.json"),
-        teacher_deepspeed_config=str(REPO_CONFIGS / "cpu_teacher_zero3.json"),
-        max_steps=3,
-        seq_len=32,
-        log_steps=1,
-        eval_fraction=0.0,
-        export=False,
-        chunk_size=16,
-        seed=0,
-    )
-    base.update(kw)
-    return RunConfig(**base)
-
-
-def losses_of(trainer, key="Train/loss"):
-    return [h[key] for h in trainer.history if key in h]
+from tests.helpers import ROOT, base_args, ds_json, losses_of, make_cfg, run_main
 
 
 @pytest.mark.parametrize("stage_config", ["cpu_zero1.json", "cpu_zero2.json"])
@@ -222,31 +185,6 @@ def test_eval_and_monitor_csv(tiny, dist_env, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ bad input
-def run_main(args, capsys):
-    code = train.main(args)
-    err = capsys.readouterr().err.strip().splitlines()
-    return code, [line for line in err if line.startswith("error:")]
-
-
-def base_args(tiny, out):
-    return [
-        "--teacher",
-        tiny["teacher"],
-        "--student",
-        tiny["student"],
-        "--data",
-        tiny["data"],
-        "--output_dir",
-        str(out),
-        "--max_steps",
-        "1",
-        "--seq_len",
-        "32",
-        "--eval_fraction",
-        "0",
-    ]
-
-
 @pytest.mark.parametrize(
     "change, message",
     [

@@ -1,0 +1,102 @@
+"""Helpers every test module may import: the tiny run's config and command line, DeepSpeed JSONs, losses of a run.
+
+Test modules import from here (or name the fixtures of tests/conftest.py), never from one another; tests/launch.py
+starts ranks through the real launchers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ds_distill import train
+from ds_distill.config import RunConfig
+from ds_distill.ds_config import REPO_CONFIGS
+
+ROOT = Path(__file__).resolve().parent.parent
+# The chat tests' conversation (and a chat cache's): turn 1 is a reply starting with "\n"; turn 3 carries
+# reasoning, which Qwen3 drops once a later user turn follows.
+CONV = [
+    {"role": "user", "content": "hello"},
+    {"role": "assistant", "content": "\nsure"},
+    {"role": "user", "content": "the sea"},
+    {"role": "assistant", "content": "<think>\nthe wind\n</think>\n\nhere is a poem"},
+]
+
+
+def ds_json(tmp_path, base="cpu_zero3.json", name=None, lr=1e-2, **batch):
+    """A shipped config with a constant, visible learning rate (no warm-up) so that steps differ; ``lr=None`` keeps
+    the shipped one. ``batch`` overrides top-level keys (batch sizes). Returns the path of the written file."""
+    d = json.loads((REPO_CONFIGS / base).read_text())
+    d.pop("scheduler", None)
+    if lr is not None:
+        d["optimizer"]["params"]["lr"] = lr
+    d.update(batch)
+    p = tmp_path / (name or f"{base}.{len(list(tmp_path.glob('*.json')))}.json")
+    p.write_text(json.dumps(d))
+    return str(p)
+
+
+def make_cfg(tiny, out, **kw):
+    """The tiny pair's RunConfig: 3 steps of 32 tokens, ZeRO-3 student and teacher, every step logged, no export."""
+    base = dict(
+        teacher=[tiny["teacher"]],
+        student=tiny["student"],
+        data=tiny["data"],
+        output_dir=str(out),
+        deepspeed_config=str(REPO_CONFIGS / "cpu_zero3.json"),
+        teacher_deepspeed_config=str(REPO_CONFIGS / "cpu_teacher_zero3.json"),
+        max_steps=3,
+        seq_len=32,
+        log_steps=1,
+        eval_fraction=0.0,
+        export=False,
+        chunk_size=16,
+        seed=0,
+    )
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def losses_of(trainer, key="Train/loss"):
+    """The logged values of ``key``, one per log step."""
+    return [h[key] for h in trainer.history if key in h]
+
+
+def flags(**values) -> list[str]:
+    """Command-line flags: ``flags(max_steps=2, track_examples=True, teacher=[a, b])`` is ``--max_steps 2
+    --track_examples --teacher a --teacher b`` (True: the bare flag; a list: the flag once per item)."""
+    argv = []
+    for key, value in values.items():
+        for item in value if isinstance(value, list | tuple) else [value]:
+            argv += [f"--{key}"] if item is True else [f"--{key}", str(item)]
+    return argv
+
+
+def tiny_args(tiny, out, **more) -> list[str]:
+    """The tiny pair's training command line (teacher, student, data, output_dir), then ``flags(**more)``."""
+    return flags(teacher=tiny["teacher"], student=tiny["student"], data=tiny["data"], output_dir=out, **more)
+
+
+def launch_args(tiny, out, ds_config, **more) -> list[str]:
+    """The tiny pair's command line as the launcher tests run it: ZeRO-3 teacher, 32 tokens, every step logged."""
+    more = dict(max_steps=2, seq_len=32, log_steps=1, eval_fraction=0) | more
+    return tiny_args(
+        tiny,
+        out,
+        deepspeed_config=ds_config,
+        teacher_deepspeed_config=REPO_CONFIGS / "cpu_teacher_zero3.json",
+        **more,
+    )
+
+
+def base_args(tiny, out):
+    """One step of the tiny pair with the default configs: the command line the bad-input tests change."""
+    return tiny_args(tiny, out, max_steps=1, seq_len=32, eval_fraction=0)
+
+
+def run_main(args, capsys):
+    """``train.main(args)``'s exit code and its ``error:`` lines on stderr."""
+    code = train.main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, [line for line in err if line.startswith("error:")]
