@@ -69,5 +69,29 @@ def tiny(tmp_path_factory):
     }
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Before the test's fixtures: tests/launch.py lets only a test marked ``multiprocess`` start ranks."""
+    from tests import launch
+
+    launch.current.update(multiprocess=item.get_closest_marker("multiprocess") is not None, launches=0)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test marked ``multiprocess`` that started no launcher fails: ``-m "not multiprocess"`` is every unit test."""
+    from tests import launch
+
+    report = (yield).get_result()
+    if (
+        report.when == "call"
+        and report.passed
+        and item.get_closest_marker("multiprocess")
+        and not launch.current["launches"]
+    ):
+        report.outcome = "failed"
+        report.longrepr = f"{item.nodeid} is marked multiprocess but started no launcher (tests/launch.py): unmark it"
+
+
 # The cluster fixtures (Open MPI, a local SLURM) for every test module that names them.
 from tests.cluster_fixtures import cluster_tools, slurm_cluster  # noqa: E402, F401

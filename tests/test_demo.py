@@ -8,8 +8,6 @@ test_demo_prep.py, so the teacher folder given here is already "converted" and d
 import json
 import math
 import os
-import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ import torch
 from ds_distill import on_policy
 from ds_distill.evaluate import generation_nll, perplexity
 from tests import tiny
-from tests.cluster_fixtures import without_launcher_vars
+from tests.launch import launch, without_launcher_vars
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -225,24 +223,10 @@ def test_demo_script_end_to_end(tmp_path):
         DEMO_MAX_NEW_TOKENS="6",
         CUDA_VISIBLE_DEVICES="",
     )
-    # Own process group: on a timeout the launcher and its ranks go too, not just bash.
-    proc = subprocess.Popen(
-        ["bash", str(ROOT / "scripts" / "demo.sh")],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = proc.communicate(
-            timeout=1800
-        )  # 4 runs and a cache pass; a loaded machine takes over 15 minutes
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    # 4 runs and a cache pass (a loaded machine takes over 15 minutes); every run's log is checked for /dev/shm.
+    proc = launch(["bash", str(ROOT / "scripts" / "demo.sh")], env=env, timeout=1800, log_dir=out)
+    stdout = proc.stdout  # stdout and stderr together
+    assert proc.returncode == 0, stdout[-6000:]
 
     # Prepared once, in the places the variables named: data split by topic, student from teacher layers 0 and 3.
     assert (assets / "data" / "train.jsonl").is_file() and (assets / "data" / "eval.jsonl").is_file()

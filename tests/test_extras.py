@@ -25,9 +25,7 @@ from ds_distill.extras.tracking import ExampleTracker, hardest_examples, write_s
 from ds_distill.losses.objective import Objective
 from ds_distill.losses.routing import FixedWeights, LowestTeacherCE
 from ds_distill.runtime.callbacks import Callback
-from tests.helpers import ds_json, losses_of, make_cfg
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ds_json, launch_args, losses_of, make_cfg, tiny_args
 
 
 def fixed_inputs(trainer, n=2):
@@ -291,16 +289,7 @@ def test_early_stopping_on_a_scripted_eval_curve(tiny, dist_env, tmp_path, monke
 
 
 def test_extra_flags_wire_callbacks_and_validate(tiny, tmp_path):
-    base = [
-        "--teacher",
-        tiny["teacher"],
-        "--student",
-        tiny["student"],
-        "--data",
-        tiny["data"],
-        "--output_dir",
-        str(tmp_path),
-    ]
+    base = tiny_args(tiny, tmp_path)
     cfg = parse_args(base + ["--track_examples", "--early_stopping_patience", "2", "--router", "lowest_ce"])
     names = [type(cb).__name__ for cb in train.default_callbacks(cfg)]
     assert names == ["Preemption", "EarlyStopping", "ExampleTracker", "Manifest"]
@@ -392,47 +381,13 @@ def test_round_overrides_are_checked(tmp_path):
 # ------------------------------------------------------------------------------------------------ 2 ranks
 @pytest.mark.multiprocess
 def test_two_ranks_track_every_example_once_per_epoch(tiny, tmp_path):
-    import random
-    import sys
-
-    from tests.cluster_fixtures import launcher_env, run_logged
+    from tests.launch import deepspeed
 
     out = tmp_path / "two"
     # 2 ranks x micro-batch 8 x accumulation 2 = 32 examples per step: 2 steps per epoch of 64
     cfg = ds_json(tmp_path, train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=2)
-    cmd = [
-        str(Path(sys.executable).parent / "deepspeed"),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(random.randint(20000, 40000)),
-        "--module",
-        "ds_distill.train",
-        "--teacher",
-        tiny["teacher"],
-        "--student",
-        tiny["student"],
-        "--data",
-        tiny["data"],
-        "--output_dir",
-        str(out),
-        "--deepspeed_config",
-        cfg,
-        "--teacher_deepspeed_config",
-        str(ROOT / "ds_configs" / "cpu_teacher_zero3.json"),
-        "--max_steps",
-        "4",
-        "--seq_len",
-        "32",
-        "--log_steps",
-        "3",
-        "--eval_fraction",
-        "0",
-        "--track_examples",
-        "--export",
-        "false",
-    ]
-    proc = run_logged(cmd, env=launcher_env(PYTHONPATH=str(ROOT)), timeout=600)
+    args = launch_args(tiny, out, cfg, max_steps=4, log_steps=3, track_examples=True, export="false")
+    proc = deepspeed("ds_distill.train", args)
     assert proc.returncode == 0, proc.stdout[-3000:]
     with open(out / "examples.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))

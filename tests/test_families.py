@@ -311,58 +311,17 @@ def test_moe_families_under_zero3_on_two_ranks(tiny, family_root, tmp_path):
 
     The ranks see different examples, so their tokens pick different experts; each MoE block is one ZeRO-3 leaf, so
     the gathers still match and nothing hangs. Every rank runs the start-up logits probe on every model."""
-    import random
-    import subprocess
-    import sys
-
-    from tests.cluster_fixtures import launcher_env
+    from tests.helpers import ds_json, launch_args
+    from tests.launch import deepspeed
 
     paths = {
         n: str(family_root / n) if (family_root / n).is_dir() else make_family(family_root, n, tiny["tokenizer"])
         for n in ("qwen3_moe", "mixtral", "gpt_oss")
     }
-    d = json.loads((REPO_CONFIGS / "cpu_zero3.json").read_text())
-    d.pop("scheduler", None)
-    d["train_micro_batch_size_per_gpu"] = 2
-    (tmp_path / "z3.json").write_text(json.dumps(d))
+    z3 = ds_json(tmp_path, name="z3.json", lr=None, train_micro_batch_size_per_gpu=2)
     out = tmp_path / "moe"
-    root = Path(__file__).resolve().parent.parent
-    cmd = [
-        str(Path(sys.executable).parent / "deepspeed"),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(random.randint(20000, 40000)),
-        "--module",
-        "ds_distill.train",
-        "--student",
-        paths["qwen3_moe"],
-        "--teacher",
-        paths["mixtral"],
-        "--teacher",
-        paths["gpt_oss"],
-        "--data",
-        tiny["data"],
-        "--output_dir",
-        str(out),
-        "--deepspeed_config",
-        str(tmp_path / "z3.json"),
-        "--teacher_deepspeed_config",
-        str(REPO_CONFIGS / "cpu_teacher_zero3.json"),
-        "--max_steps",
-        "2",
-        "--seq_len",
-        "16",
-        "--log_steps",
-        "1",
-        "--eval_fraction",
-        "0",
-        "--chunk_size",
-        "8",
-    ]
-    proc = subprocess.run(
-        cmd, cwd=root, env=launcher_env(PYTHONPATH=str(root)), capture_output=True, text=True, timeout=600
-    )
+    pair = {**tiny, "student": paths["qwen3_moe"], "teacher": [paths["mixtral"], paths["gpt_oss"]]}
+    proc = deepspeed("ds_distill.train", launch_args(pair, out, z3, seq_len=16, chunk_size=8))
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     for name in ("Qwen3MoeSparseMoeBlock", "MixtralSparseMoeBlock", "GptOssMLP"):

@@ -4,7 +4,6 @@ mpirun, deepspeed --launcher openmpi, and sbatch + srun on a one-node SLURM clus
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,9 @@ from ds_distill.common import UsageError
 from ds_distill.ds_config import REPO_CONFIGS
 from ds_distill.runtime import distributed
 from ds_distill.runtime.distributed import _tasks_on_node, resolve
-from tests.cluster_fixtures import ROOT, SCRIPTS, launcher_env, run_logged, wait_for_job
+from tests.cluster_fixtures import SCRIPTS
+from tests.helpers import launch_args
+from tests.launch import assert_no_shm_left, free_port, launch, launcher_env, sbatch, wait_for_job
 
 JOB_TIMEOUT = 300  # seconds for one tiny 2-rank run, the first DeepSpeed JIT build included
 
@@ -176,36 +177,26 @@ def test_cpu_ranks_share_the_cores(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ real launchers
+def test_a_leftover_shm_segment_fails_the_launch_check():
+    """tests/launch.py's check after every launch: a segment of the master port that a launch used or logged fails."""
+    port = free_port()
+    log = f"distributed: 2 rank(s), 2 per node, backend gloo, launcher openmpi, master 127.0.0.1:{port}, 1 CPU thread"
+    assert assert_no_shm_left(log) == [port] and assert_no_shm_left("", [port]) == [port]
+    segment = distributed.cpu_shm_segment(1, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    segment.touch()
+    try:
+        for args in ((log,), ("", [port])):
+            with pytest.raises(AssertionError, match="segments left behind"):
+                assert_no_shm_left(*args)
+    finally:
+        segment.unlink()
+    with pytest.raises(AssertionError, match="no master port"):
+        assert_no_shm_left("a run that logged no start-up line")
+
+
 def run_args(tiny, out: Path) -> str:
     """Two optimizer steps of the tiny pair (default chunked loss), one checkpoint (pytest's tmp paths have no spaces)."""
-    return " ".join(
-        [
-            "--teacher",
-            tiny["teacher"],
-            "--student",
-            tiny["student"],
-            "--data",
-            tiny["data"],
-            "--output_dir",
-            str(out),
-            "--deepspeed_config",
-            str(REPO_CONFIGS / "cpu_zero3.json"),
-            "--teacher_deepspeed_config",
-            str(REPO_CONFIGS / "cpu_teacher_zero3.json"),
-            "--max_steps",
-            "2",
-            "--save_steps",
-            "2",
-            "--seq_len",
-            "32",
-            "--log_steps",
-            "1",
-            "--eval_fraction",
-            "0",
-            "--export",
-            "false",
-        ]
-    )
+    return " ".join(launch_args(tiny, out, str(REPO_CONFIGS / "cpu_zero3.json"), save_steps=2, export="false"))
 
 
 def assert_two_rank_run(out: Path, log: str, launcher: str) -> None:
@@ -220,7 +211,7 @@ def assert_two_rank_run(out: Path, log: str, launcher: str) -> None:
 def test_mpirun(cluster_tools, tiny, tmp_path):
     out = tmp_path / "run"
     env = launcher_env(NP="2", MPI_ARGS="--allow-run-as-root --oversubscribe", RUN_ARGS=run_args(tiny, out))
-    proc = run_logged(["bash", str(SCRIPTS / "launch_mpirun.sh")], env=env, timeout=JOB_TIMEOUT)
+    proc = launch(["bash", str(SCRIPTS / "launch_mpirun.sh")], env=env, timeout=JOB_TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-6000:]
     assert_two_rank_run(out, proc.stdout, "openmpi")
 
@@ -231,7 +222,9 @@ def test_deepspeed_openmpi_launcher(cluster_tools, tiny, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
     # --force_multi: use the openmpi launcher for one host; --no_ssh_check: mpirun starts local ranks without ssh.
+    port = free_port()
     env = launcher_env(
+        MASTER_PORT=str(port),
         HOSTFILE=str(hostfile),
         LAUNCHER="openmpi",
         MASTER_ADDR="127.0.0.1",
@@ -239,7 +232,7 @@ def test_deepspeed_openmpi_launcher(cluster_tools, tiny, tmp_path):
         LAUNCHER_ARGS="--oversubscribe --mca btl_tcp_if_include lo",
         RUN_ARGS=run_args(tiny, out),
     )
-    proc = run_logged(["bash", str(SCRIPTS / "launch_deepspeed.sh")], env=env, timeout=JOB_TIMEOUT)
+    proc = launch(["bash", str(SCRIPTS / "launch_deepspeed.sh")], env=env, timeout=JOB_TIMEOUT, port=port)
     assert proc.returncode == 0, proc.stdout[-6000:]
     assert "mpirun -n 2 -hostfile" in proc.stdout, proc.stdout[-6000:]
     assert_two_rank_run(out, proc.stdout, "openmpi")
@@ -250,19 +243,11 @@ def test_sbatch_srun(slurm_cluster, tiny, tmp_path):
     out = tmp_path / "run"
     job_log = tmp_path / "job.out"
     env = launcher_env(RUN_ARGS=run_args(tiny, out), **slurm_cluster)
-    sub = subprocess.run(
-        ["sbatch", "--parsable", "--output", str(job_log), str(SCRIPTS / "launch_slurm.sbatch")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert sub.returncode == 0, sub.stdout + sub.stderr
-    job_id = sub.stdout.strip().split(";")[0]
+    job_id = sbatch(SCRIPTS / "launch_slurm.sbatch", env, job_log)
     state = wait_for_job(job_id, env, timeout=JOB_TIMEOUT)
     log = job_log.read_text() if job_log.exists() else "(no job output)"
     assert state == "COMPLETED", f"job {job_id}: {state}\n{log[-6000:]}"
+    assert_no_shm_left(log)
     assert_two_rank_run(out, log, "slurm")
 
 

@@ -5,74 +5,21 @@ and elastic resume: a 2-rank checkpoint resumed on 1 rank, then on 2 again, equa
 """
 
 import json
-import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from ds_distill.ds_config import REPO_CONFIGS
-from ds_distill.runtime.distributed import cpu_shm_segment
-from tests.cluster_fixtures import launcher_env
+from tests.helpers import ds_json, launch_args
+from tests.launch import deepspeed
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.multiprocess
 
 
-def ds_json(tmp_path, name, **batch):
-    d = json.loads((REPO_CONFIGS / "cpu_zero3.json").read_text())
-    d.pop("scheduler")
-    d["optimizer"]["params"]["lr"] = 1e-2
-    d.update(batch)
-    (tmp_path / name).write_text(json.dumps(d))
-    return str(tmp_path / name)
-
-
 def launch(tiny, out, ds_config, *, ranks, steps, extra=(), expect=0):
-    env = launcher_env(PYTHONPATH=str(ROOT))  # without the RANK/MASTER_* that in-process tests leave in os.environ
-    port = random.randint(20000, 40000)
-    cmd = [
-        str(Path(sys.executable).parent / "deepspeed"),
-        "--num_gpus",
-        str(ranks),
-        "--master_port",
-        str(port),
-        "--module",
-        "ds_distill.train",
-        "--teacher",
-        tiny["teacher"],
-        "--student",
-        tiny["student"],
-        "--data",
-        tiny["data"],
-        "--output_dir",
-        str(out),
-        "--deepspeed_config",
-        ds_config,
-        "--teacher_deepspeed_config",
-        str(REPO_CONFIGS / "cpu_teacher_zero3.json"),
-        "--max_steps",
-        str(steps),
-        "--seq_len",
-        "32",
-        "--log_steps",
-        "1",
-        "--eval_fraction",
-        "0",
-        "--chunk_size",
-        "16",
-        *extra,
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
-    # DeepSpeed's CPU all-reduce segments (66 MiB of RAM per rank) are gone once the run ends, failed or not.
-    left = [
-        seg
-        for r in range(ranks)
-        if (seg := cpu_shm_segment(r, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})).exists()
-    ]
-    assert not left, left
+    """The tiny pair on ``ranks`` CPU ranks for ``steps`` steps through the real deepspeed launcher (tests/launch.py:
+    a free port, a time-out, no /dev/shm segment left), then more flags; asserts the exit code ``expect``."""
+    args = launch_args(tiny, out, ds_config, max_steps=steps, chunk_size=16) + list(extra)
+    proc = deepspeed("ds_distill.train", args, ranks=ranks)
+    assert proc.returncode == expect, proc.stdout[-6000:]
     return proc
 
 
@@ -98,8 +45,8 @@ def converted(proc):
 
 
 def test_two_ranks_checkpoint_resume_export(tiny, tmp_path):
-    cfg2 = ds_json(tmp_path, "two.json", train_micro_batch_size_per_gpu=2)
-    cfg1 = ds_json(tmp_path, "one.json", train_micro_batch_size_per_gpu=4)  # the same global batch on one rank
+    cfg2 = ds_json(tmp_path, name="two.json", train_micro_batch_size_per_gpu=2)
+    cfg1 = ds_json(tmp_path, name="one.json", train_micro_batch_size_per_gpu=4)  # the same global batch on one rank
     straight = tmp_path / "straight"
     launch(tiny, straight, cfg2, ranks=2, steps=4, extra=["--export", "false", "--track_examples"])
     a, norm2 = csv_curve(straight), csv_curve(straight, "grad_norm")
@@ -152,7 +99,9 @@ def test_two_ranks_checkpoint_resume_export(tiny, tmp_path):
 
 
 def test_rank_error_is_one_line_and_nonzero(tiny, tmp_path):
-    proc = launch(tiny, tmp_path / "bad", ds_json(tmp_path, "bad.json", train_batch_size=3), ranks=2, steps=1, expect=2)
+    proc = launch(
+        tiny, tmp_path / "bad", ds_json(tmp_path, name="bad.json", train_batch_size=3), ranks=2, steps=1, expect=2
+    )
     errors = {l.split("error: ", 1)[1] for l in (proc.stdout + proc.stderr).splitlines() if "error: " in l}
     assert errors == {
         f"--deepspeed_config {tmp_path / 'bad.json'}: train_batch_size 3 != micro batch 2 x accumulation 1 x world size 2 = 4: set it to that or remove it"
@@ -193,7 +142,7 @@ def test_on_policy_generation_with_unequal_lengths_finishes_under_zero3(tiny, tm
     launch(
         {**tiny, "data": str(path)},
         out,
-        ds_json(tmp_path, "micro1.json", train_micro_batch_size_per_gpu=1),
+        ds_json(tmp_path, name="micro1.json", train_micro_batch_size_per_gpu=1),
         ranks=2,
         steps=2,
         extra=[

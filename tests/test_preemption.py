@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,63 +16,33 @@ import pytest
 from ds_distill import train
 from ds_distill.common import UsageError
 from ds_distill.core.checkpoint import read_latest, tag_for
-from ds_distill.ds_config import REPO_CONFIGS
 from ds_distill.extras.preemption import PREEMPTED_EXIT_CODE, Preemption
 from ds_distill.plot import read_curves
 from ds_distill.runtime.callbacks import Callback
-from tests.cluster_fixtures import ROOT, SCRIPTS, launcher_env, run_logged, wait_for_job
-from tests.helpers import ds_json, losses_of, make_cfg
+from tests.cluster_fixtures import SCRIPTS
+from tests.helpers import ds_json, launch_args, losses_of, make_cfg
+from tests.launch import (
+    assert_no_shm_left,
+    deepspeed,
+    deepspeed_cmd,
+    finish,
+    free_port,
+    job_fields,
+    launcher_env,
+    sbatch,
+    start,
+    wait_for_job,
+)
 
-pytestmark = pytest.mark.multiprocess
 STEPS = 12  # long enough to interrupt a 2-rank run after a few steps
 JOB_TIMEOUT = 300  # seconds for one tiny 2-rank run (both runs of a requeued job: twice that)
 
 
 def run_args(tiny, out: Path, ds_config: str, *, save_steps: int) -> list[str]:
     """The same 2-rank run for every launcher here; only the checkpoint interval differs (it does not change losses)."""
-    return [
-        "--teacher",
-        tiny["teacher"],
-        "--student",
-        tiny["student"],
-        "--data",
-        tiny["data"],
-        "--output_dir",
-        str(out),
-        "--deepspeed_config",
-        ds_config,
-        "--teacher_deepspeed_config",
-        str(REPO_CONFIGS / "cpu_teacher_zero3.json"),
-        "--max_steps",
-        str(STEPS),
-        "--save_steps",
-        str(save_steps),
-        "--seq_len",
-        "32",
-        "--chunk_size",
-        "16",
-        "--log_steps",
-        "1",
-        "--eval_fraction",
-        "0",
-        "--export",
-        "false",
-        "--keep_last",
-        "0",
-    ]
-
-
-def deepspeed_cmd(args: list[str]) -> list[str]:
-    return [
-        str(Path(sys.executable).parent / "deepspeed"),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(20000 + os.getpid() % 10000),
-        "--module",
-        "ds_distill.train",
-        *args,
-    ]
+    return launch_args(
+        tiny, out, ds_config, max_steps=STEPS, save_steps=save_steps, chunk_size=16, export="false", keep_last=0
+    )
 
 
 def train_losses(out: Path) -> dict[int, float]:
@@ -101,22 +70,11 @@ def constant_lr(tmp_path_factory) -> str:
 def reference(cluster_tools, tiny, constant_lr, tmp_path_factory) -> dict[int, float]:
     """An uninterrupted 2-rank run: the loss curve the interrupted ones must reproduce."""
     out = tmp_path_factory.mktemp("reference")
-    proc = run_logged(
-        deepspeed_cmd(run_args(tiny, out, constant_lr, save_steps=0)),
-        env=launcher_env(PYTHONPATH=str(ROOT)),
-        timeout=JOB_TIMEOUT,
-    )
+    proc = deepspeed("ds_distill.train", run_args(tiny, out, constant_lr, save_steps=0), timeout=JOB_TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-6000:]
     losses = train_losses(out)
     assert sorted(losses) == list(range(1, STEPS + 1)) and abs(losses[1] - losses[STEPS]) > 1e-3, losses
     return losses
-
-
-def job_fields(job_id: str, env: dict[str, str]) -> dict[str, str]:
-    out = subprocess.run(
-        ["scontrol", "show", "job", "-o", job_id], env=env, capture_output=True, text=True, timeout=30
-    ).stdout
-    return dict(f.split("=", 1) for f in out.split() if "=" in f)
 
 
 def poll(condition, timeout: float, what: str, details=lambda: ""):
@@ -129,21 +87,13 @@ def poll(condition, timeout: float, what: str, details=lambda: ""):
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{details()}")
 
 
+@pytest.mark.multiprocess
 def test_slurm_preemption_checkpoints_requeues_and_resumes(slurm_cluster, tiny, constant_lr, reference, tmp_path):
     out, job_log = tmp_path / "run", tmp_path / "job.out"
     # --resume from the first submission: the requeued job runs the same command (no checkpoint yet = step 0).
     args = run_args(tiny, out, constant_lr, save_steps=100) + ["--resume"]
     env = launcher_env(RUN_ARGS=" ".join(args), **slurm_cluster)
-    sub = subprocess.run(
-        ["sbatch", "--parsable", "--output", str(job_log), str(SCRIPTS / "launch_slurm.sbatch")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert sub.returncode == 0, sub.stdout + sub.stderr
-    job = sub.stdout.strip().split(";")[0]
+    job = sbatch(SCRIPTS / "launch_slurm.sbatch", env, job_log)
     log = lambda: job_log.read_text() if job_log.exists() else "(no job output yet)"  # noqa: E731
     try:
         poll(lambda: len(train_losses(out)) >= 2, JOB_TIMEOUT, "two logged steps", log)
@@ -156,6 +106,7 @@ def test_slurm_preemption_checkpoints_requeues_and_resumes(slurm_cluster, tiny, 
         subprocess.run(["scancel", job], env=env, capture_output=True, timeout=30)
     text = log()
     assert state == "COMPLETED", f"job {job}: {state}\n{text[-6000:]}"
+    assert_no_shm_left(text)  # both runs of the job: the port is the job id's
     assert tag is not None and STEPS > int(tag[5:]) >= 2, f"latest after the preemption: {tag}\n{text[-6000:]}"
     stopped = int(tag[5:])
     assert f"preemption signal received: saving a checkpoint at step {stopped} and exiting with code 75" in text, text[
@@ -173,14 +124,14 @@ def test_slurm_preemption_checkpoints_requeues_and_resumes(slurm_cluster, tiny, 
     )
 
 
+@pytest.mark.multiprocess
 def test_sigkill_of_one_rank_resumes_from_last_complete_checkpoint(
     cluster_tools, tiny, constant_lr, reference, tmp_path
 ):
     out = tmp_path / "run"
-    cmd = deepspeed_cmd(run_args(tiny, out, constant_lr, save_steps=2))
-    env = launcher_env(PYTHONPATH=str(ROOT))
-    launcher = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    port = free_port()
+    launcher = start(
+        deepspeed_cmd("ds_distill.train", run_args(tiny, out, constant_lr, save_steps=2), port=port), launcher_env()
     )
     try:
         poll(lambda: read_latest(out / "checkpoints"), JOB_TIMEOUT, "the first checkpoint")
@@ -191,19 +142,20 @@ def test_sigkill_of_one_rank_resumes_from_last_complete_checkpoint(
         ]
         assert len(ranks) == 1, [p.cmdline() for p in psutil.Process(launcher.pid).children(recursive=True)]
         ranks[0].send_signal(signal.SIGKILL)
-        output, _ = launcher.communicate(timeout=120)
+        output = finish(launcher, timeout=120)
     finally:
-        if launcher.poll() is None:
+        if launcher.poll() is None:  # a failed wait above: the launcher and its ranks go too
             os.killpg(launcher.pid, signal.SIGKILL)
             launcher.communicate()
     assert launcher.returncode != 0, output[-6000:]
+    assert_no_shm_left(output, [port])  # rank 1 killed: its segment was unlinked at start-up all the same
     ckpt = out / "checkpoints"
     tag = read_latest(ckpt)
     assert STEPS > int(tag[5:]) >= 2, f"{tag}\n{output[-6000:]}"
     assert_complete(ckpt, tag, ranks=2)
 
-    proc = run_logged(
-        deepspeed_cmd(run_args(tiny, out, constant_lr, save_steps=2) + ["--resume"]), env=env, timeout=JOB_TIMEOUT
+    proc = deepspeed(
+        "ds_distill.train", run_args(tiny, out, constant_lr, save_steps=2) + ["--resume"], timeout=JOB_TIMEOUT
     )
     assert proc.returncode == 0, proc.stdout[-6000:]
     assert f"resumed from {ckpt / tag}" in proc.stdout, proc.stdout[-6000:]

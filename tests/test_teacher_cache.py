@@ -4,9 +4,6 @@ from an exact cache against the live teacher, resume after a killed writer, byte
 import csv
 import json
 import math
-import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +15,9 @@ from ds_distill import cache_teacher, losses, train
 from ds_distill.config import parse_args
 from ds_distill.ds_config import REPO_CONFIGS
 from ds_distill.teachers import cache_format, cache_reader, cache_writer
+from tests.helpers import flags
+from tests.launch import deepspeed
 
-ROOT = Path(__file__).resolve().parent.parent
 REPLICATED = str(REPO_CONFIGS / "cpu_teacher_replicated.json")
 
 
@@ -444,38 +442,19 @@ def test_exact_caches_ensemble_trains_like_the_live_ensemble(tiny, dist_env, tmp
 def test_two_ranks_write_the_same_cache_as_one(tiny, tmp_path, k64):
     """2 ranks through the real deepspeed launcher, the teacher sharded (ZeRO-3; rank 1 has one shard fewer, so it
     makes dummy collective calls): the same shards, byte for byte, as one rank."""
-    from tests.cluster_fixtures import launcher_env
-
     out = tmp_path / "two"
-    cmd = [
-        str(Path(sys.executable).parent / "deepspeed"),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(random.randint(20000, 40000)),
-        "--module",
-        "ds_distill.cache_teacher",
-        "--teacher",
-        tiny["teacher"],
-        "--data",
-        tiny["data"],
-        "--output_dir",
-        str(out),
-        "--seq_len",
-        "32",
-        "--shard_examples",
-        "24",
-        "--batch_size",
-        "4",
-        "--top_k",
-        "64",
-        "--teacher_deepspeed_config",
-        str(REPO_CONFIGS / "cpu_teacher_zero3.json"),
-    ]
-    proc = subprocess.run(
-        cmd, cwd=ROOT, env=launcher_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=600
+    args = flags(
+        teacher=tiny["teacher"],
+        data=tiny["data"],
+        output_dir=out,
+        seq_len=32,
+        shard_examples=24,
+        batch_size=4,
+        top_k=64,
+        teacher_deepspeed_config=REPO_CONFIGS / "cpu_teacher_zero3.json",
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = deepspeed("ds_distill.cache_teacher", args)
+    assert proc.returncode == 0, proc.stdout[-6000:]
     assert "bytes/token" in proc.stdout
     two = json.loads((out / "manifest.json").read_text())
     one = k64[1]
