@@ -19,6 +19,9 @@ from tests import tiny
 from tests.helpers import CONV
 
 datasets.disable_progress_bars()
+# CONV's second turn under ChatML: the user's context as rendered, and the supervised reply with its end of turn.
+SEA = "<|im_start|>user\nthe sea<|im_end|>\n<|im_start|>assistant\n"
+POEM = "<think>\nthe wind\n</think>\n\nhere is a poem<|im_end|>\n"
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +78,7 @@ def test_qwen3_history_rewrite_gives_one_example_per_assistant_turn(tmp_path, qw
     head = "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
     assert len(ds) == 2
     assert_turn(qwen, ds[0], head, "<think>\n\n</think>\n\nsure<|im_end|>\n")
-    assert_turn(
-        qwen,
-        ds[1],
-        head + "sure<|im_end|>\n<|im_start|>user\nthe sea<|im_end|>\n<|im_start|>assistant\n",
-        "<think>\nthe wind\n</think>\n\nhere is a poem<|im_end|>\n",
-    )
+    assert_turn(qwen, ds[1], head + "sure<|im_end|>\n" + SEA, POEM)
 
 
 def test_chatml_reply_starting_with_newline(tmp_path):
@@ -97,12 +95,7 @@ def test_chatml_reply_starting_with_newline(tmp_path):
     ds = load(tmp_path, tok, [CONV])
     assert len(ds) == 2
     assert_turn(tok, ds[0], head, "\nsure<|im_end|>\n")
-    assert_turn(
-        tok,
-        ds[1],
-        head + "\nsure<|im_end|>\n<|im_start|>user\nthe sea<|im_end|>\n<|im_start|>assistant\n",
-        "<think>\nthe wind\n</think>\n\nhere is a poem<|im_end|>\n",
-    )
+    assert_turn(tok, ds[1], head + "\nsure<|im_end|>\n" + SEA, POEM)
     # Without the merge, a multi-turn ChatML conversation stays ONE example, every reply supervised.
     plain = [CONV[0], {"role": "assistant", "content": "sure"}, *CONV[2:]]
     (ex,) = load(tmp_path, tok, [plain])

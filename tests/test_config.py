@@ -51,6 +51,15 @@ GOOD = {
 }
 
 
+def assert_refused_in_one_line(tmp_path, mutate, message):
+    """GOOD changed by ``mutate`` is refused by load_ds_config with one line that holds ``message``."""
+    d = json.loads(json.dumps(GOOD))
+    mutate(d)
+    with pytest.raises(UsageError) as err:
+        load_ds_config(write(tmp_path, d), world_size=2, flag="deepspeed_config", needs_optimizer=True)
+    assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
 @pytest.mark.parametrize(
     "mutate, message",
     [
@@ -69,12 +78,7 @@ GOOD = {
     ],
 )
 def test_bad_ds_config_is_named(tmp_path, mutate, message):
-    d = json.loads(json.dumps(GOOD))
-    mutate(d)
-    with pytest.raises(UsageError) as err:
-        load_ds_config(write(tmp_path, d), world_size=2, flag="deepspeed_config", needs_optimizer=True)
-    assert message in str(err.value)
-    assert "\n" not in str(err.value)
+    assert_refused_in_one_line(tmp_path, mutate, message)
 
 
 @pytest.mark.parametrize(
@@ -104,11 +108,7 @@ def test_bad_ds_config_is_named(tmp_path, mutate, message):
 )
 def test_deepspeed_checks_name_the_full_key(tmp_path, mutate, message):
     """DeepSpeed's own config classes check the blocks, before any model loads; the error names the key path."""
-    d = json.loads(json.dumps(GOOD))
-    mutate(d)
-    with pytest.raises(UsageError) as exc:
-        load_ds_config(write(tmp_path, d), world_size=2, flag="deepspeed_config", needs_optimizer=True)
-    assert message in str(exc.value) and "\n" not in str(exc.value), str(exc.value)
+    assert_refused_in_one_line(tmp_path, mutate, message)
 
 
 def test_good_ds_config_is_not_rewritten(tmp_path):

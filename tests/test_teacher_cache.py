@@ -238,34 +238,29 @@ def test_reported_error_is_that_of_the_stored_rows_against_the_teacher(tiny, k64
     assert stats["kl_buckets_per_token"] > 1e-5  # the quantisation's own error: 0 if the unquantised rows were measured
 
 
+def student_args(tiny, ds_config: str, **more) -> list[str]:
+    """The student side of a cached-vs-live comparison (the teacher or its cache is added): 2 steps, a 10% eval
+    split, the teacher replicated; ``ds_config`` one of the shipped student configs."""
+    return flags(
+        student=tiny["student"],
+        data=tiny["data"],
+        max_steps=2,
+        seq_len=32,
+        log_steps=1,
+        eval_fraction=0.1,
+        chunk_size=16,
+        export="false",
+        seed=0,
+        deepspeed_config=REPO_CONFIGS / ds_config,
+        teacher_deepspeed_config=REPLICATED,
+        **more,
+    )
+
+
 def test_exact_cache_trains_like_the_live_teacher(tiny, dist_env, tmp_path):
     """K = vocabulary, float32: the same loss curve (train and eval) and the same per-example tracking."""
     write(tiny, tmp_path / "exact", "--exact")
-    base = [
-        "--student",
-        tiny["student"],
-        "--data",
-        tiny["data"],
-        "--max_steps",
-        "2",
-        "--seq_len",
-        "32",
-        "--log_steps",
-        "1",
-        "--eval_fraction",
-        "0.1",
-        "--chunk_size",
-        "16",
-        "--export",
-        "false",
-        "--track_examples",
-        "--seed",
-        "0",
-        "--deepspeed_config",
-        str(REPO_CONFIGS / "cpu_zero3.json"),
-        "--teacher_deepspeed_config",
-        REPLICATED,
-    ]
+    base = student_args(tiny, "cpu_zero3.json", track_examples=True)
     run = lambda cfg: train.run(cfg, train.default_callbacks(cfg))
     live = run(parse_args(base + ["--teacher", tiny["teacher"], "--output_dir", str(tmp_path / "live")]))
     cached = run(
@@ -389,31 +384,7 @@ def test_exact_caches_ensemble_trains_like_the_live_ensemble(tiny, dist_env, tmp
     other = tiny_mod.make_model(tmp_path / "teacher2", tiny["tokenizer"], layers=1, hidden=16, heads=2, seed=5)
     write(tiny, tmp_path / "exact1", "--exact")
     write({**tiny, "teacher": other}, tmp_path / "exact2", "--exact")
-    base = [
-        "--student",
-        tiny["student"],
-        "--data",
-        tiny["data"],
-        "--max_steps",
-        "2",
-        "--seq_len",
-        "32",
-        "--log_steps",
-        "1",
-        "--eval_fraction",
-        "0.1",
-        "--chunk_size",
-        "16",
-        "--export",
-        "false",
-        "--seed",
-        "0",
-        *mixing,
-        "--deepspeed_config",
-        str(REPO_CONFIGS / "cpu_zero1.json"),
-        "--teacher_deepspeed_config",
-        REPLICATED,
-    ]
+    base = student_args(tiny, "cpu_zero1.json") + list(mixing)
     run = lambda cfg: train.run(cfg, train.default_callbacks(cfg))
     live = run(
         parse_args(base + ["--teacher", tiny["teacher"], "--teacher", other, "--output_dir", str(tmp_path / "live")])

@@ -42,7 +42,7 @@ def make_tokenizer(dir, vocab_size: int = 400):
     Ids: <pad>=0, <s>=1, </s>=2, <unk>=3, then the chat markers, then 256 byte tokens and merges. Like Llama it adds
     bos (not eos) when encoding with special tokens. `apply_chat_template` works (CHAT_TEMPLATE).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     dir = Path(dir)
@@ -50,27 +50,42 @@ def make_tokenizer(dir, vocab_size: int = 400):
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tk.train_from_iterator(CORPUS, trainer=trainer)
+    _train_byte_bpe(tk, CORPUS, SPECIAL_TOKENS, vocab_size)
     tk.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tk.token_to_id("<s>"))]
     )
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        additional_special_tokens=SPECIAL_TOKENS[4:],
+    return _saved(
+        PreTrainedTokenizerFast(
+            tokenizer_object=tk,
+            bos_token="<s>",
+            eos_token="</s>",
+            pad_token="<pad>",
+            unk_token="<unk>",
+            additional_special_tokens=SPECIAL_TOKENS[4:],
+        ),
+        dir,
+        CHAT_TEMPLATE,
     )
-    tok.chat_template = CHAT_TEMPLATE
+
+
+def _saved(tok, dir: Path, template: str | None):
+    """``tok`` with ``template`` as its chat template (None: none), saved to ``dir``."""
+    tok.chat_template = template
     tok.save_pretrained(dir)
     return tok
+
+
+def _train_byte_bpe(tk, corpus: list[str], specials: list[str], vocab_size: int) -> None:
+    """Train the byte-level BPE ``tk`` on ``corpus`` (every byte in the alphabet, ``specials`` first in the vocab)."""
+    from tokenizers import pre_tokenizers, trainers
+
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tk.train_from_iterator(corpus, trainer=trainer)
 
 
 def make_model(
@@ -298,7 +313,7 @@ LLAMA3_TEMPLATE = (
 
 
 def _regex_bpe(specials: list[str], vocab_size: int):
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.Sequence(
@@ -308,13 +323,7 @@ def _regex_bpe(specials: list[str], vocab_size: int):
         ]
     )
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tk.train_from_iterator(CHAT_CORPUS, trainer=trainer)
+    _train_byte_bpe(tk, CHAT_CORPUS, specials, vocab_size)
     return tk
 
 
@@ -333,9 +342,7 @@ def make_qwen_tokenizer(dir, template: str = QWEN3_TEMPLATE, vocab_size: int = 4
     )
     tok.add_tokens(["<think>", "</think>"])  # added, not special, as in Qwen3
     assert len(tok("\n\n", add_special_tokens=False)["input_ids"]) == 1
-    tok.chat_template = template
-    tok.save_pretrained(dir)
-    return tok
+    return _saved(tok, dir, template)
 
 
 def make_llama3_tokenizer(dir, template: str | None = LLAMA3_TEMPLATE, vocab_size: int = 420):
@@ -357,6 +364,4 @@ def make_llama3_tokenizer(dir, template: str | None = LLAMA3_TEMPLATE, vocab_siz
         eos_token="<|eot_id|>",
         additional_special_tokens=specials[1:],
     )
-    tok.chat_template = template
-    tok.save_pretrained(dir)
-    return tok
+    return _saved(tok, dir, template)
