@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from ds_distill import train
 from ds_distill.config import RunConfig
 from ds_distill.ds_config import REPO_CONFIGS
@@ -100,3 +102,34 @@ def run_main(args, capsys):
     code = train.main(args)
     err = capsys.readouterr().err.strip().splitlines()
     return code, [line for line in err if line.startswith("error:")]
+
+
+# ---------------------------------------------------------------- float64 reference divergences
+# Deliberately plain (probabilities, not log-probabilities; no special cases beyond the documented jsd endpoints), so
+# that they share no code or tricks with ds_distill.losses (tests/test_losses.py, tests/test_cross_tokenizer.py).
+
+
+def ref_kl(p, q):
+    """KL(p || q) per row, 0 log 0 = 0."""
+    return torch.where(p > 0, p * (p.log() - q.log()), torch.zeros_like(p)).sum(-1)
+
+
+def ref_divergence(kind, pt, ps, beta, skew):
+    if kind == "forward_kl":
+        return ref_kl(pt, ps)
+    if kind == "reverse_kl":
+        return ref_kl(ps, pt)
+    if kind == "jsd":
+        if beta == 0.0:  # the GKD convention: the endpoints are the two KLs
+            return ref_kl(pt, ps)
+        if beta == 1.0:
+            return ref_kl(ps, pt)
+        m = beta * pt + (1 - beta) * ps
+        return beta * ref_kl(pt, m) + (1 - beta) * ref_kl(ps, m)
+    if kind == "skew_forward_kl":
+        return ref_kl(pt, skew * pt + (1 - skew) * ps)
+    if kind == "skew_reverse_kl":
+        return ref_kl(ps, skew * ps + (1 - skew) * pt)
+    if kind == "tvd":
+        return 0.5 * (pt - ps).abs().sum(-1)
+    raise AssertionError(kind)

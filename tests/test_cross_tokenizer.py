@@ -26,7 +26,7 @@ from ds_distill.losses import (
     teacher_chunk_logprobs,
     vocab_map_loss_sums,
 )
-from tests.test_losses import ref_divergence
+from tests.helpers import ref_divergence
 
 KINDS = list(LOSSES)
 B, T, V, H = 3, 6, 13, 8

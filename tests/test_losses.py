@@ -1,8 +1,8 @@
 """Every loss against a float64 reference written from the definitions, plus the invariants the trainer relies on.
 
-The reference below is deliberately plain (probabilities, not log-probabilities; no special cases beyond the
-documented jsd endpoints) so that it shares no code or tricks with ``ds_distill.losses``. The library computes in
-fp32, hence rtol ~1e-5 on values.
+The reference (ref_terms below, on tests/helpers.py's ref_divergence) is deliberately plain (probabilities, not
+log-probabilities; no special cases beyond the documented jsd endpoints) so that it shares no code or tricks with
+``ds_distill.losses``. The library computes in fp32, hence rtol ~1e-5 on values.
 """
 
 import itertools
@@ -13,6 +13,7 @@ import torch
 
 from ds_distill.common import IGNORE_INDEX
 from ds_distill.losses import LOSSES, OutputHead, chunked_loss_sums, distillation_loss, loss_sums, teacher_logprobs
+from tests.helpers import ref_divergence
 
 KINDS = list(LOSSES)
 B, T, V, H = 3, 5, 11, 8
@@ -29,32 +30,6 @@ def one_thread():
 
 
 # ---------------------------------------------------------------- float64 reference
-def ref_kl(p, q):
-    """KL(p || q) per row, 0 log 0 = 0."""
-    return torch.where(p > 0, p * (p.log() - q.log()), torch.zeros_like(p)).sum(-1)
-
-
-def ref_divergence(kind, pt, ps, beta, skew):
-    if kind == "forward_kl":
-        return ref_kl(pt, ps)
-    if kind == "reverse_kl":
-        return ref_kl(ps, pt)
-    if kind == "jsd":
-        if beta == 0.0:  # the GKD convention: the endpoints are the two KLs
-            return ref_kl(pt, ps)
-        if beta == 1.0:
-            return ref_kl(ps, pt)
-        m = beta * pt + (1 - beta) * ps
-        return beta * ref_kl(pt, m) + (1 - beta) * ref_kl(ps, m)
-    if kind == "skew_forward_kl":
-        return ref_kl(pt, skew * pt + (1 - skew) * ps)
-    if kind == "skew_reverse_kl":
-        return ref_kl(ps, skew * ps + (1 - skew) * pt)
-    if kind == "tvd":
-        return 0.5 * (pt - ps).abs().sum(-1)
-    raise AssertionError(kind)
-
-
 def ref_terms(student, teachers, labels, *, kind, alpha, temperature, beta=0.5, skew=0.1, weights=None):
     """Per-position (total, ce, T^2 D, mask) in float64. teachers: list of [B, T, V]; weights None, [K] or [B, T, K]."""
     s = student.double()
