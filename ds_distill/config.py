@@ -19,11 +19,20 @@ from pathlib import Path
 from typing import Any
 
 from ds_distill.common import UsageError
+from ds_distill.data.loading import FORMATS
+from ds_distill.losses.divergences import LOSSES
+from ds_distill.losses.routing import ROUTERS
 
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager", "flex_attention")
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
+def _names(names) -> str:
+    """``a, b or c``: a registry's names as the help text and the errors list them."""
+    names = list(names)
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else "".join(names)
+
+
+def flag(default: Any, help: str, **kw: Any) -> Any:
     """A RunConfig field: its default (``list``/``dict`` for an empty one) and its help text, shown by ``--help``.
 
     A string literal right under a plain ``name: type = default`` documents a field too (``field_docs``). ``kw`` goes
@@ -40,130 +49,128 @@ class RunConfig:
     """Everything about a distillation run that is not DeepSpeed's business."""
 
     # --- models and data
-    teacher: list[str] = _f(
+    teacher: list[str] = flag(
         list, "Teacher model directory (any AutoModelForCausalLM); repeat for an ensemble.", multi=True
     )
-    student: str = _f("", "Student model directory (AutoModelForCausalLM), e.g. made by ds_distill.student_init.")
-    data: str = _f(
+    student: str = flag("", "Student model directory (AutoModelForCausalLM), e.g. made by ds_distill.student_init.")
+    data: str = flag(
         "", "Training data: .jsonl/.json/.parquet/.txt file or folder, a save_to_disk folder, or a hub name."
     )
-    output_dir: str = _f("", "Where checkpoints, logs, metrics and the exported student go.")
-    deepspeed_config: str = _f(
+    output_dir: str = flag("", "Where checkpoints, logs, metrics and the exported student go.")
+    deepspeed_config: str = flag(
         "", "Student DeepSpeed JSON. Default: ds_configs/zero3_bf16.json on GPU, cpu_zero3.json on CPU."
     )
-    teacher_deepspeed_config: str = _f(
+    teacher_deepspeed_config: str = flag(
         "",
         "Teacher DeepSpeed JSON (inference, no optimizer). Default: chosen by fit: replicated on every rank (stage 0, no per-layer gathers) when the teachers take at most a quarter of a rank's memory or there is one rank, else ZeRO-3 sharded.",
     )
-    teacher_cache: list[str] = _f(
+    teacher_cache: list[str] = flag(
         list,
         "Train from a teacher cache written by `python -m ds_distill.cache_teacher` instead of --teacher: no teacher model is loaded. Repeat it for an ensemble (mixed by --teacher_weights or --router, as teachers).",
         multi=True,
     )
-    teacher_weights: list[float] = _f(
+    teacher_weights: list[float] = flag(
         list, "Ensemble weights, one per --teacher or --teacher_cache (normalised). Default: uniform.", multi=True
     )
-    attn_implementation: str = _f(
+    attn_implementation: str = flag(
         "auto",
         "Attention kernel of every model: auto (flash_attention_2 with a GPU and flash-attn installed, else sdpa where the model supports it, else eager), flash_attention_2, sdpa, eager or flex_attention.",
     )
     # --- loss
-    loss: str = _f("forward_kl", "Divergence: forward_kl, reverse_kl, jsd, skew_forward_kl, skew_reverse_kl, tvd.")
-    alpha: float = _f(0.5, "Weight of the CE term; the KD term gets 1 - alpha. 1.0 = plain fine-tuning.")
-    temperature: float = _f(1.0, "Softmax temperature of the KD term (the KD term is scaled by T^2).")
-    beta: float = _f(0.5, "jsd mixture weight of the teacher (0 = forward KL, 1 = reverse KL).")
-    skew: float = _f(0.1, "Skew of skew_forward_kl / skew_reverse_kl (DistiLLM).")
-    chunk_size: int = _f(
+    loss: str = flag("forward_kl", f"Divergence: {_names(LOSSES)}.")
+    alpha: float = flag(0.5, "Weight of the CE term; the KD term gets 1 - alpha. 1.0 = plain fine-tuning.")
+    temperature: float = flag(1.0, "Softmax temperature of the KD term (the KD term is scaled by T^2).")
+    beta: float = flag(0.5, "jsd mixture weight of the teacher (0 = forward KL, 1 = reverse KL).")
+    skew: float = flag(0.1, "Skew of skew_forward_kl / skew_reverse_kl (DistiLLM).")
+    chunk_size: int = flag(
         1024, "Tokens per loss chunk: the lm_heads run per chunk so full logits never exist. 0 = full logits."
     )
     # --- on-policy distillation (ds_distill/on_policy.py)
-    on_policy_fraction: float = _f(
+    on_policy_fraction: float = flag(
         0.0,
         "Fraction of micro-batches (seeded, GKD's lambda) whose completions the student samples for the example's prompt; the loss then covers the sampled tokens only. 0 = off-policy (the dataset's completions).",
     )
-    max_new_tokens: int = _f(128, "On-policy: most tokens sampled per prompt (the sequence still stops at --seq_len).")
-    generation_temperature: float = _f(
+    max_new_tokens: int = flag(
+        128, "On-policy: most tokens sampled per prompt (the sequence still stops at --seq_len)."
+    )
+    generation_temperature: float = flag(
         1.0, "On-policy: sampling temperature of the student (not the KD --temperature)."
     )
-    top_p: float = _f(1.0, "On-policy: nucleus sampling threshold (1 = off).")
-    top_k: int = _f(0, "On-policy: sample from the k most likely tokens only (0 = off).")
-    generation_gather: str = _f(
+    top_p: float = flag(1.0, "On-policy: nucleus sampling threshold (1 = off).")
+    top_k: int = flag(0, "On-policy: sample from the k most likely tokens only (0 = off).")
+    generation_gather: str = flag(
         "auto",
         "On-policy under ZeRO-3: whole (gather the student once per optimizer step into a plain copy), layered (gather per layer per token), or auto (whole when it fits in a quarter of a rank's memory).",
     )
     # --- data
-    seq_len: int = _f(512, "Tokens per sequence (longer examples are truncated, or dropped with --drop_long).")
-    data_format: str = _f("auto", "auto, text, prompt_completion or messages.")
-    data_split: str = _f("train", "Split to read from a hub dataset or a multi-split save_to_disk folder.")
-    eval_data: str = _f("", "Held-out data (same forms as --data). Default: --eval_fraction of --data.")
-    eval_fraction: float = _f(0.05, "Fraction of --data held out for eval when --eval_data is not given (0 = no eval).")
-    max_samples: int = _f(0, "Use only the first N training examples (0 = all).")
-    packing: bool = _f(False, "Pack several examples per sequence (documents never attend to each other).")
-    train_on_prompt: bool = _f(False, "Also supervise prompt / non-assistant tokens.")
-    chat_template: str = _f(
+    seq_len: int = flag(512, "Tokens per sequence (longer examples are truncated, or dropped with --drop_long).")
+    data_format: str = flag("auto", f"{_names(('auto', *FORMATS))}.")
+    data_split: str = flag("train", "Split to read from a hub dataset or a multi-split save_to_disk folder.")
+    eval_data: str = flag("", "Held-out data (same forms as --data). Default: --eval_fraction of --data.")
+    eval_fraction: float = flag(
+        0.05, "Fraction of --data held out for eval when --eval_data is not given (0 = no eval)."
+    )
+    max_samples: int = flag(0, "Use only the first N training examples (0 = all).")
+    packing: bool = flag(False, "Pack several examples per sequence (documents never attend to each other).")
+    train_on_prompt: bool = flag(False, "Also supervise prompt / non-assistant tokens.")
+    chat_template: str = flag(
         "",
         "Jinja file replacing the student tokenizer's chat template for 'messages' data in this run (the saved tokenizer keeps its own).",
     )
-    drop_long: bool = _f(False, "Drop examples longer than --seq_len instead of truncating them.")
-    prefetch_batches: int = _f(
+    drop_long: bool = flag(False, "Drop examples longer than --seq_len instead of truncating them.")
+    prefetch_batches: int = flag(
         0,
         "Micro-batches prepared ahead on a background thread, into pinned memory when a GPU is present (ds_distill/prefetch.py); 0 = collated on the training thread.",
     )
     # --- schedule
-    max_steps: int = _f(100, "Optimizer steps to run.")
-    eval_steps: int = _f(0, "Evaluate every N optimizer steps (0 = only at the end).")
-    eval_batches: int = _f(8, "Micro-batches per rank in each evaluation (0 = the whole eval set).")
-    log_steps: int = _f(10, "Log metrics every N optimizer steps.")
-    save_steps: int = _f(0, "Save a checkpoint every N optimizer steps (0 = only at the end).")
-    keep_last: int = _f(2, "Keep only the newest N checkpoints (0 = keep all).")
-    resume: bool = _f(False, "Continue from output_dir/checkpoints/latest.")
-    seed: int = _f(42, "Seed of data order and initialisation.")
-    export: bool = _f(True, "Export the student as a Hugging Face directory (output_dir/final) at the end.")
+    max_steps: int = flag(100, "Optimizer steps to run.")
+    eval_steps: int = flag(0, "Evaluate every N optimizer steps (0 = only at the end).")
+    eval_batches: int = flag(8, "Micro-batches per rank in each evaluation (0 = the whole eval set).")
+    log_steps: int = flag(10, "Log metrics every N optimizer steps.")
+    save_steps: int = flag(0, "Save a checkpoint every N optimizer steps (0 = only at the end).")
+    keep_last: int = flag(2, "Keep only the newest N checkpoints (0 = keep all).")
+    resume: bool = flag(False, "Continue from output_dir/checkpoints/latest.")
+    seed: int = flag(42, "Seed of data order and initialisation.")
+    export: bool = flag(True, "Export the student as a Hugging Face directory (output_dir/final) at the end.")
     # --- extras (each one Callback or entry-level wrapper; all off by default except the manifest)
-    track_examples: bool = _f(
+    track_examples: bool = flag(
         False, "Record CE, KD and tokens of every training example per step in output_dir/examples.csv."
     )
-    early_stopping_patience: int = _f(
+    early_stopping_patience: int = flag(
         0,
         "Stop after N evaluations in a row without a better eval loss; the best is exported to output_dir/best. 0 = off.",
     )
-    early_stopping_min_delta: float = _f(
+    early_stopping_min_delta: float = flag(
         0.0, "An eval loss counts as better only if it is lower than the best by more than this."
     )
-    router: str = _f(
+    router: str = flag(
         "fixed",
-        "How an ensemble's teachers are mixed per token: fixed (--teacher_weights) or lowest_ce (the teacher with the lowest CE on the label).",
+        "How an ensemble's teachers are mixed per token: "
+        + "; ".join(f"{k} ({doc})" for k, (_, doc) in ROUTERS.items()),
     )
-    rounds: int = _f(1, "Distillation rounds in one job: round k trains output_dir/round_k from round k-1's export.")
-    round_overrides: str = _f(
+    rounds: int = flag(1, "Distillation rounds in one job: round k trains output_dir/round_k from round k-1's export.")
+    round_overrides: str = flag(
         "", "JSON file: a list of --rounds objects of run-config fields applied to that round (e.g. temperature, data)."
     )
-    # --- launcher
-    local_rank: int = _f(-1, "Set by the deepspeed launcher; ignored otherwise.")
 
-    def validate(self, require_paths: bool = True) -> None:
+    def validate(self) -> None:
         """Collect every problem and raise one UsageError that lists them all."""
-        from ds_distill.losses import LOSSES
-
         problems: list[str] = []
-        if require_paths:
-            if not self.teacher and not self.teacher_cache:
-                problems.append(
-                    "--teacher is required (a model directory; repeat it for an ensemble), or --teacher_cache"
-                )
-            for name in ("student", "data", "output_dir"):
-                if not getattr(self, name):
-                    problems.append(f"--{name} is required")
-            for path in [*self.teacher, self.student]:
-                if path and not Path(path).is_dir():
-                    problems.append(f"model directory {path!r} does not exist: pass a folder with config.json")
-                elif path and not (Path(path) / "config.json").is_file():
-                    problems.append(f"{path!r} has no config.json: pass a Hugging Face model folder")
-            for flag in ("deepspeed_config", "teacher_deepspeed_config", "chat_template"):
-                value = getattr(self, flag)
-                if value and not Path(value).is_file():
-                    hint = "pass a Jinja file" if flag == "chat_template" else "pick a file from ds_configs/"
-                    problems.append(f"--{flag} {value!r} does not exist: {hint}")
+        if not self.teacher and not self.teacher_cache:
+            problems.append("--teacher is required (a model directory; repeat it for an ensemble), or --teacher_cache")
+        for name in ("student", "data", "output_dir"):
+            if not getattr(self, name):
+                problems.append(f"--{name} is required")
+        for path in [*self.teacher, self.student]:
+            if path and not Path(path).is_dir():
+                problems.append(f"model directory {path!r} does not exist: pass a folder with config.json")
+            elif path and not (Path(path) / "config.json").is_file():
+                problems.append(f"{path!r} has no config.json: pass a Hugging Face model folder")
+        for name in ("deepspeed_config", "teacher_deepspeed_config", "chat_template"):
+            value = getattr(self, name)
+            if value and not Path(value).is_file():
+                hint = "pass a Jinja file" if name == "chat_template" else "pick a file from ds_configs/"
+                problems.append(f"--{name} {value!r} does not exist: {hint}")
         if self.loss not in LOSSES:
             problems.append(f"--loss {self.loss!r} is unknown: use one of {', '.join(sorted(LOSSES))}")
         if not 0.0 <= self.alpha <= 1.0:
@@ -197,8 +204,8 @@ class RunConfig:
                 problems.append(f"--{name} {getattr(self, name)} must be >= 0")
         if not 0.0 <= self.eval_fraction < 1.0:
             problems.append(f"--eval_fraction {self.eval_fraction} must be in [0, 1)")
-        if self.data_format not in ("auto", "text", "prompt_completion", "messages"):
-            problems.append(f"--data_format {self.data_format!r} must be auto, text, prompt_completion or messages")
+        if self.data_format not in ("auto", *FORMATS):
+            problems.append(f"--data_format {self.data_format!r} must be {_names(('auto', *FORMATS))}")
         if self.early_stopping_patience < 0 or self.early_stopping_min_delta < 0:
             problems.append("--early_stopping_patience and --early_stopping_min_delta must be >= 0")
         if self.early_stopping_patience and self.eval_fraction == 0 and not self.eval_data:
@@ -207,8 +214,8 @@ class RunConfig:
             problems.append(
                 f"--attn_implementation {self.attn_implementation!r} must be one of {', '.join(ATTN_IMPLEMENTATIONS)}"
             )
-        if self.router not in ("fixed", "lowest_ce"):
-            problems.append(f"--router {self.router!r} must be fixed or lowest_ce")
+        if self.router not in ROUTERS:
+            problems.append(f"--router {self.router!r} must be {_names(ROUTERS)}")
         if self.router == "lowest_ce" and self.teacher_weights:
             problems.append(
                 "--router lowest_ce picks the teacher per token: drop --teacher_weights (used only by --router fixed)"
@@ -234,6 +241,10 @@ class RunConfig:
             problems.append("--round_overrides applies only with --rounds > 1")
         if problems:
             raise UsageError("invalid run config: " + "; ".join(problems))
+
+    def is_log_step(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (1-based) logs its metrics: every ``log_steps`` steps, and the last step."""
+        return step % self.log_steps == 0 or step == self.max_steps
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -268,11 +279,11 @@ def _parse_bool(text: str) -> bool:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """Help text of each field of dataclass ``cls``: ``_f(default, "help")``, else the field's attribute docstring.
+    """Help text of each field of dataclass ``cls``: ``flag(default, "help")``, else the field's attribute docstring.
 
-    Both forms document a field; the parser shows whichever is present (``_f`` wins when both are)::
+    Both forms document a field; the parser shows whichever is present (``flag`` wins when both are)::
 
-        alpha: float = _f(0.5, "Weight of the CE term.")   # the help string of _f
+        alpha: float = flag(0.5, "Weight of the CE term.")   # the help string of _f
         beta: float = 0.5
         \"\"\"jsd mixture weight of the teacher.\"\"\"      # a string literal right under the field
 
@@ -282,7 +293,7 @@ def field_docs(cls: type) -> dict[str, str]:
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
         body = tree.body[0].body  # type: ignore[attr-defined]
-    except (OSError, TypeError, IndexError, AttributeError):  # no source (frozen app, REPL): _f help only
+    except (OSError, TypeError, IndexError, AttributeError):  # no source (frozen app, REPL): flag help only
         body = []
     for node, after in zip(body, body[1:]):
         if (
@@ -356,6 +367,9 @@ def build_parser(cls: type = RunConfig, prog: str = "ds_distill.train") -> argpa
     parser.add_argument(
         "--config", default="", help=f"YAML or JSON run file whose keys are {cls.__name__} fields; flags override it."
     )
+    # The deepspeed launcher passes --local_rank=N unless told not to (--no_local_rank): accepted and ignored, the
+    # rank comes from the environment (runtime.distributed).
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     return parser
 
 

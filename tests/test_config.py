@@ -184,3 +184,40 @@ def test_run_file_that_does_not_parse(tmp_path):
         parse_args(["--config", write(tmp_path, "alpha: [0.5\n", "run.yaml")])
     with pytest.raises(UsageError, match="must hold a mapping"):
         parse_args(["--config", write(tmp_path, "[1, 2]", "run.json")])
+
+
+def test_names_users_see_come_from_their_registries():
+    """--loss, --router and --data_format list their registries' names in --help and accept exactly those names."""
+    from ds_distill.config import field_docs
+    from ds_distill.data import FORMATS
+    from ds_distill.losses import LOSSES
+    from ds_distill.losses.routing import ROUTERS
+
+    docs = field_docs(RunConfig)
+    for name, registry in (("loss", LOSSES), ("router", ROUTERS), ("data_format", ("auto", *FORMATS))):
+        assert all(entry in docs[name] for entry in registry), (name, docs[name])
+        for entry in registry:
+            problems = _problems(**{name: entry})
+            assert f"--{name}" not in problems, problems
+        assert f"--{name} 'nope'" in _problems(**{name: "nope"})
+
+
+def _problems(**kw) -> str:
+    try:
+        RunConfig(**kw).validate()
+    except UsageError as exc:
+        return str(exc)
+    return ""
+
+
+def test_launcher_local_rank_is_accepted_and_ignored():
+    """The deepspeed launcher passes --local_rank=N (torch's launchers --local-rank N); the rank comes from the
+    environment (runtime.distributed), so it is no RunConfig field and never reaches run_config.json."""
+    cfg = parse_args(["--local_rank=1", "--seq_len", "8"])
+    assert cfg.seq_len == 8 and "local_rank" not in cfg.to_dict()
+    assert parse_args(["--local-rank", "3"]) == RunConfig()
+
+
+def test_log_steps_are_every_log_steps_and_the_last():
+    cfg = RunConfig(log_steps=3, max_steps=10)
+    assert [s for s in range(1, 11) if cfg.is_log_step(s)] == [3, 6, 9, 10]

@@ -1,10 +1,10 @@
-"""The CLI parser is transformers' HfArgumentParser over RunConfig; help comes from `_f` or attribute docstrings."""
+"""The CLI parser is transformers' HfArgumentParser over RunConfig; help comes from `flag` or attribute docstrings."""
 
 from dataclasses import dataclass
 
 from transformers import HfArgumentParser
 
-from ds_distill.config import RunConfig, _f, build_parser, dataclass_parser, field_docs, parse_args
+from ds_distill.config import RunConfig, build_parser, dataclass_parser, field_docs, flag, parse_args
 
 
 @dataclass
@@ -12,22 +12,22 @@ class Documented:
     plain: int = 3
     """Documented by the string under it,
     over two lines."""
-    helped: float = _f(0.5, "Documented by _f.")
-    both: str = _f("x", "_f wins.")
+    helped: float = flag(0.5, "Documented by flag.")
+    both: str = flag("x", "flag wins.")
     """Not shown."""
-    names: list[str] = _f(list, "A repeatable list.", multi=True)
+    names: list[str] = flag(list, "A repeatable list.", multi=True)
 
 
-def test_help_comes_from_docstrings_and_f():
+def test_help_comes_from_docstrings_and_flag():
     assert field_docs(Documented) == {
         "plain": "Documented by the string under it,\nover two lines.",
-        "helped": "Documented by _f.",
-        "both": "_f wins.",
+        "helped": "Documented by flag.",
+        "both": "flag wins.",
         "names": "A repeatable list.",
     }
     parser = dataclass_parser(Documented)
     helps = {a.dest: a.help for a in parser._actions}
-    assert helps["plain"].startswith("Documented by the string") and helps["both"] == "_f wins."
+    assert helps["plain"].startswith("Documented by the string") and helps["both"] == "flag wins."
     (out,) = parser.parse_args_into_dataclasses(
         ["--plain", "4", "--names", "a", "--names", "b"], look_for_args_file=False
     )

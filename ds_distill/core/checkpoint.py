@@ -41,11 +41,6 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def step_of(tag: str) -> int:
-    """The optimizer step a tag was saved at (``step_00000010`` -> 10)."""
-    return int(TAG.match(tag)[1])
-
-
 def ckpt_root(output_dir: Path | str) -> Path:
     return Path(output_dir) / "checkpoints"
 

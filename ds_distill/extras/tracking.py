@@ -82,7 +82,7 @@ class ExampleTracker(Callback):
         for j, (ids, ce, kd, tokens) in enumerate(records):
             epoch = stream.epoch if j >= len(records) - in_epoch else stream.epoch - 1
             self.pending.append((trainer.step, epoch, ids, ce, kd, tokens))
-        if trainer.step % trainer.cfg.log_steps == 0:
+        if trainer.cfg.is_log_step(trainer.step):
             self.flush(trainer)
 
     def on_save(self, trainer, tag: str) -> None:

@@ -38,8 +38,7 @@ class Objective:
     @classmethod
     def from_config(cls, cfg: RunConfig, router: Router | None = None) -> "Objective":
         """The run config's objective; ``router`` (any ``routing.Router``) replaces ``--router``/``--teacher_weights``."""
-        if router is None and cfg.router != "fixed":
-            router = make_router(cfg.router, cfg.teacher_weights, len(cfg.teacher))
+        router = router if router is not None else make_router(cfg.router)
         weights = router if router is not None else (torch.tensor(cfg.teacher_weights) if cfg.teacher_weights else None)
         return cls(
             loss=cfg.loss,

@@ -20,30 +20,13 @@ the run's objective (``ds_distill.losses.objective.Objective``); a custom one pl
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
 from ds_distill.common import IGNORE_INDEX
 
 Router = Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor]
-ROUTERS = ("fixed", "lowest_ce")
-
-
-class FixedWeights:
-    """The same mixture for every token: ``weights`` (one per teacher, >= 0, normalised here)."""
-
-    def __init__(self, weights: Sequence[float]):
-        w = torch.as_tensor(weights, dtype=torch.float32)
-        if w.ndim != 1 or (w < 0).any() or w.sum() <= 0:
-            raise ValueError(f"weights {list(weights)} must be one value >= 0 per teacher with a positive sum")
-        self.weights = w / w.sum()
-
-    def __call__(self, teacher_logprobs: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        if len(teacher_logprobs) != len(self.weights):
-            raise ValueError(f"{len(self.weights)} weights for {len(teacher_logprobs)} teachers")
-        lp = teacher_logprobs[0]
-        return self.weights.to(lp.device, lp.dtype).expand(labels.shape[0], -1)
 
 
 class LowestTeacherCE:
@@ -59,9 +42,17 @@ class LowestTeacherCE:
         return torch.where(valid[:, None], weights, torch.full_like(weights, 1.0 / k))
 
 
-def make_router(name: str, teacher_weights: Sequence[float], n_teachers: int) -> Router:
-    if name == "fixed":
-        return FixedWeights(teacher_weights or [1.0] * n_teachers)
-    if name == "lowest_ce":
-        return LowestTeacherCE()
-    raise ValueError(f"unknown router {name!r}: use one of {', '.join(ROUTERS)}")
+# The routers ``--router`` names: name -> (the router's class, None for the objective's fixed ``[K]`` weights; what it
+# does, for ``--help``, which is built from this table).
+ROUTERS: dict[str, tuple[type | None, str]] = {
+    "fixed": (None, "the same mixture for every token: --teacher_weights, or uniform"),
+    "lowest_ce": (LowestTeacherCE, "per token, the teacher with the lowest CE on the label"),
+}
+
+
+def make_router(name: str) -> Router | None:
+    """The router of ``--router name``; None for ``fixed``, whose mixture is the objective's ``[K]`` weights."""
+    if name not in ROUTERS:
+        raise ValueError(f"unknown router {name!r}: use one of {', '.join(ROUTERS)}")
+    cls = ROUTERS[name][0]
+    return cls() if cls is not None else None

@@ -137,7 +137,7 @@ class GenerationRate(Callback):
         self.stream = stream
 
     def on_step_end(self, trainer, step_sums) -> None:
-        if trainer.step % trainer.cfg.log_steps and trainer.step != trainer.cfg.max_steps:
+        if not trainer.cfg.is_log_step(trainer.step):
             return
         import torch.distributed as dist
 
