@@ -23,7 +23,7 @@ from ds_distill.extras.early_stopping import EarlyStopping
 from ds_distill.extras.manifest import Manifest
 from ds_distill.extras.tracking import ExampleTracker, hardest_examples, write_subset
 from ds_distill.losses.objective import Objective
-from ds_distill.losses.routing import FixedWeights, LowestTeacherCE
+from ds_distill.losses.routing import LowestTeacherCE
 from ds_distill.runtime.callbacks import Callback
 from tests.helpers import ds_json, launch_args, losses_of, make_cfg, tiny_args
 
@@ -57,11 +57,14 @@ def test_routers_on_a_hand_made_example():
     p1 = torch.tensor([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.2, 0.2, 0.6]]).log()
     p2 = torch.tensor([[0.5, 0.4, 0.1], [0.1, 0.2, 0.7], [0.9, 0.05, 0.05]]).log()
     labels = torch.tensor([0, 2, -100])
-    torch.testing.assert_close(FixedWeights([1.0, 3.0])([p1, p2], labels), torch.tensor([[0.25, 0.75]] * 3))
     # token 0: teacher 1 gives the label 0.7 > 0.5; token 1: teacher 2 gives 0.7 > 0.1; token 2: unsupervised -> uniform
     torch.testing.assert_close(LowestTeacherCE()([p1, p2], labels), torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]))
-    with pytest.raises(ValueError, match="weights"):
-        FixedWeights([0.0, 0.0])
+
+
+def fixed_route(weights):
+    """A router giving every token the same normalised ``weights`` (what --router fixed does with [K] weights)."""
+    w = torch.tensor(weights, dtype=torch.float64) / sum(weights)
+    return lambda teacher_logprobs, labels: w.to(teacher_logprobs[0].dtype).expand(labels.shape[0], -1)
 
 
 def mixture_loss_by_hand(student, teachers, batches, route, alpha):
@@ -115,11 +118,11 @@ def test_two_teacher_mixture_equals_hand_computation(tiny, dist_env, tmp_path, s
         trainer.train.dataset, batch_size=2, rank=0, world_size=1, seed=0, pad_token_id=trainer.tokenizer.pad_token_id
     )
     batches = [next(stream), next(stream)]
-    route = FixedWeights([1.0, 3.0]) if router == "fixed" else LowestTeacherCE()
+    route = fixed_route([1.0, 3.0]) if router == "fixed" else LowestTeacherCE()
     expected = mixture_loss_by_hand(tiny["student"], teachers, batches, route, alpha=0.3)
     assert losses_of(trainer)[0] == pytest.approx(expected, rel=1e-5)
     # the routing matters: the other mixture gives another loss
-    other = LowestTeacherCE() if router == "fixed" else FixedWeights([0.5, 0.5])
+    other = LowestTeacherCE() if router == "fixed" else fixed_route([0.5, 0.5])
     assert abs(mixture_loss_by_hand(tiny["student"], teachers, batches, other, alpha=0.3) - expected) > 1e-4
 
 
@@ -320,8 +323,8 @@ def test_rounds_chain_exports_and_resume_in_the_right_round(tiny, dist_env, tmp_
         def should_stop(self, trainer):
             return trainer.step == 1
 
-        def on_train_end(self, trainer):
-            trainer.exit_code = 75
+        def on_stop(self, trainer):
+            return 75
 
     class Start(Callback):
         def on_train_start(self, trainer):
@@ -411,9 +414,9 @@ def test_losses_accept_a_router_as_teacher_weights():
     logits = [h(x).detach() for h, x in zip(heads, (s_h, t1_h, t2_h))]
     # a fixed-weights router == the [K] weights, on both paths
     ref = losses.loss_sums(logits[0], logits[1:], labels, teacher_weights=torch.tensor([1.0, 3.0]), **kw)
-    full = losses.loss_sums(logits[0], logits[1:], labels, teacher_weights=FixedWeights([1.0, 3.0]), **kw)
+    full = losses.loss_sums(logits[0], logits[1:], labels, teacher_weights=fixed_route([1.0, 3.0]), **kw)
     chunked = losses.chunked_loss_sums(
-        s_h, heads[0], [t1_h, t2_h], heads[1:], labels, chunk_size=3, teacher_weights=FixedWeights([1.0, 3.0]), **kw
+        s_h, heads[0], [t1_h, t2_h], heads[1:], labels, chunk_size=3, teacher_weights=fixed_route([1.0, 3.0]), **kw
     )
     for out in (full, chunked):
         torch.testing.assert_close(out.total, ref.total)

@@ -134,3 +134,32 @@ def test_no_test_module_imports_another():
                 names = [f"{node.module}.{a.name}" for a in node.names] if node.module == "tests" else [node.module]
             found += [f"{path.name}: {n}" for n in names if n and n.startswith("tests.test_")]
     assert not found, found
+
+
+def trainer_writes(source: str) -> list[str]:
+    """``trainer.X = ...``, ``trainer.X += ...``, ``del trainer.X`` in ``source``: writes of the trainer's state."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Assign, ast.Delete)):
+            targets = node.targets
+        elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+            targets = [node.target]
+        else:
+            continue
+        for target in targets:
+            for t in target.elts if isinstance(target, ast.Tuple) else [target]:
+                if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "trainer":
+                    found.append(f"{t.lineno}: trainer.{t.attr}")
+    return found
+
+
+def test_nothing_writes_trainer_state():
+    """Callbacks, rounds and the wiring read the trainer (runtime.callbacks.Trainer is a read-only view); decisions go
+    back through return values (on_eval, should_stop, on_stop's exit code) and the trainer's own methods."""
+    writes = {name: trainer_writes(path.read_text()) for name, path in modules().items()}
+    assert {name: found for name, found in writes.items() if found} == {}
+
+
+def test_the_writes_check_finds_planted_writes():
+    planted = "def f(trainer):\n    trainer.exit_code = 75\n    trainer.step += 1\n    del trainer.student, trainer.x\n"
+    assert trainer_writes(planted) == ["2: trainer.exit_code", "3: trainer.step", "4: trainer.student", "4: trainer.x"]

@@ -46,16 +46,16 @@ class Trainer:
         ds: DSConfig,
         tokenizer,
         callbacks: list[Callback] = (),
+        source_ids: data.SourceIds | None = None,
     ):
         self.cfg, self.student, self.teachers, self.train, self.eval_set = cfg, student, teachers, train, eval_set
         self.objective, self.ds, self.tokenizer, self.callbacks = objective, ds, tokenizer, list(callbacks)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.output_dir = Path(cfg.output_dir)
         self.ckpt_root = checkpoint.ckpt_root(self.output_dir)
-        self.step, self.exit_code, self.last_tag = 0, 0, None
-        self.source_ids: data.SourceIds | None = (
-            None  # batches' example_ids (row numbers) -> the data's ids; set by build()
-        )
+        self.step, self.last_tag = 0, None
+        self.exit_code = 0  # what the run exits with: a stopping callback's on_stop may give another (stop())
+        self.source_ids = source_ids  # batches' example_ids (row numbers) -> the data's ids, for the callbacks
         self.history: list[dict[str, float]] = []  # logged metrics (rank 0 also writes them to the DeepSpeed monitor)
         self.device = torch.device(get_accelerator().current_device_name())
         self.sync = StepSync(self.world_size, cfg.chunk_size, self.device)
@@ -87,7 +87,7 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_step_end(self, sums)
             last = self.step == self.cfg.max_steps
-            if self.step % self.cfg.log_steps == 0 or last:
+            if self.cfg.is_log_step(self.step):
                 self.log_metrics(window.flush(self.student, self.world_size), "Train")
             asked = False  # a callback asked for this step's checkpoint (early stopping's new best)
             if (self.cfg.eval_steps and self.step % self.cfg.eval_steps == 0) or last:
@@ -101,10 +101,10 @@ class Trainer:
 
     def stop(self, plan: StepPlan, position: dict[str, Any]) -> None:
         """End training at this step boundary on every rank: tell the callbacks whose vote (on some rank) stopped the
-        run, then save this step once, with the data position from before the micro-batches drawn for the next."""
-        for cb, voted in zip(self.callbacks, plan.votes):
-            if voted:
-                cb.on_stop(self)
+        run and take the run's exit code from them, then save this step once, with the data position from before the
+        micro-batches drawn for the next."""
+        codes = [cb.on_stop(self) for cb, voted in zip(self.callbacks, plan.votes) if voted]
+        self.exit_code = next((code for code in codes if code), 0)  # the votes are global: the same on every rank
         if self.last_tag != checkpoint.tag_for(self.step):
             self.save(position)
 
@@ -233,6 +233,13 @@ class Trainer:
         state = checkpoint.load(self.student, self.ckpt_root, universal)
         self.step, self.last_tag = state["step"], checkpoint.read_latest(self.ckpt_root)
         self.train.load_state_dict(state["data"])
+
+    def release(self) -> None:
+        """Drop the engines and what holds them (the stream: on-policy generation holds the student; the callbacks),
+        so that their memory can be freed after ``fit`` (``--rounds``: before the next round builds its own). The
+        results stay: ``step``, ``exit_code``, ``history``, ``last_tag``."""
+        self.student = self.teachers = self.train = None
+        self.callbacks = []
 
 
 class _Window:

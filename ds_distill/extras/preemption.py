@@ -19,7 +19,7 @@ import os
 import signal
 import subprocess
 
-from ds_distill.runtime.callbacks import Callback
+from ds_distill.runtime.callbacks import Callback, Trainer
 
 log = logging.getLogger(__name__)
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later", distinct from success (0) and usage errors (2)
@@ -44,7 +44,7 @@ class Preemption(Callback):
         # the trainer agrees over the ranks in the next step's one collective and stops them all at the same step.
         return self.received is not None
 
-    def on_stop(self, trainer) -> None:
+    def on_stop(self, trainer: Trainer) -> int:
         self.stopped = True  # on every rank, also those the signal did not reach
         if trainer.rank == 0:
             log.info(
@@ -52,13 +52,13 @@ class Preemption(Callback):
                 trainer.step,
                 PREEMPTED_EXIT_CODE,
             )
+        return PREEMPTED_EXIT_CODE  # the trainer's exit_code: the job exits with it after the checkpoint
 
-    def on_train_end(self, trainer) -> None:
+    def on_train_end(self, trainer: Trainer) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         if not self.stopped:
             return
-        trainer.exit_code = PREEMPTED_EXIT_CODE
         job = os.environ.get("SLURM_JOB_ID")
         if self.requeue and job and trainer.rank == 0:
             result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)

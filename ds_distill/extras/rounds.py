@@ -25,7 +25,7 @@ from ds_distill.runtime.callbacks import Callback
 
 log = logging.getLogger(__name__)
 # Fields a round may not change: they define the sequence of rounds itself.
-FIXED_FIELDS = ("output_dir", "rounds", "round_overrides", "resume", "student", "local_rank")
+FIXED_FIELDS = ("output_dir", "rounds", "round_overrides", "resume", "student")
 
 
 def load_overrides(cfg: RunConfig) -> list[dict[str, Any]]:
@@ -104,5 +104,5 @@ def run_rounds(cfg: RunConfig, callbacks_factory: Callable[[RunConfig], list[Cal
             )
             return trainers
         student = str(done)
-        del trainer.student, trainer.teachers  # free this round's engines before the next round builds its own
+        trainer.release()  # free this round's engines before the next round builds its own
     return trainers
