@@ -20,10 +20,10 @@ from typing import Any, Callable
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from ds_distill import data, models
+from ds_distill import models
 from ds_distill.common import UsageError
-from ds_distill.config import RunConfig, _f, parse_args
-from ds_distill.core.build import teacher_ds_config
+from ds_distill.config import RunConfig, flag, parse_args
+from ds_distill.core.build import teacher_ds_config, tokenise
 from ds_distill.runtime import distributed
 from ds_distill.teachers import cache_format, cache_writer
 
@@ -39,7 +39,6 @@ SHARED = (
     "temperature",
     "chunk_size",
     *cache_format.TOKEN_FLAGS,
-    "local_rank",
 )
 
 
@@ -57,21 +56,21 @@ CacheConfig = dataclasses.make_dataclass(
     "CacheConfig",
     [_shared(n) for n in SHARED]
     + [
-        ("top_k", "int", _f(64, "Teacher tokens kept per supervised token (the rest is one tail bucket).")),
+        ("top_k", "int", flag(64, "Teacher tokens kept per supervised token (the rest is one tail bucket).")),
         (
             "exact",
             "bool",
-            _f(
+            flag(
                 False,
                 "Keep the whole vocabulary as float32, no quantisation (K = vocabulary; for exactness checks, large).",
             ),
         ),
-        ("batch_size", "int", _f(8, "Examples per teacher forward.")),
-        ("shard_examples", "int", _f(1024, "Examples per shard file (the unit of resume and of parallel writing).")),
+        ("batch_size", "int", flag(8, "Examples per teacher forward.")),
+        ("shard_examples", "int", flag(1024, "Examples per shard file (the unit of resume and of parallel writing).")),
         (
             "zstd_level",
             "int",
-            _f(
+            flag(
                 cache_format.ZSTD_LEVEL,
                 "zstd level of the shards: 19 is 4 bytes/token smaller than 1 on the demo data but costs ~100 us of CPU per token to write (9: ~8 us, 1: ~2 us); lower it when the writer, not the teacher, is the bottleneck.",
             ),
@@ -113,22 +112,8 @@ def run(cfg, on_shard: Callable[[dict], None] | None = None) -> dict | None:
         logging.getLogger().setLevel(logging.WARNING)
     teacher = cfg.teacher[0]
     tokenizer = models.load_tokenizer(teacher)
-    chat_template = Path(cfg.chat_template).read_text() if cfg.chat_template else None
-    data_kw = dict(
-        seq_len=cfg.seq_len,
-        data_format=cfg.data_format,
-        packing=cfg.packing,
-        train_on_prompt=cfg.train_on_prompt,
-        drop_long=cfg.drop_long,
-        chat_template=chat_template,
-    )
-    splits = {
-        "data": data.get_dataset(
-            cfg.data, tokenizer, split=cfg.data_split, max_samples=cfg.max_samples or None, **data_kw
-        )
-    }
-    if cfg.eval_data:
-        splits["eval_data"] = data.get_dataset(cfg.eval_data, tokenizer, **data_kw)
+    train_set, eval_set = tokenise(cfg, tokenizer)  # as training tokenises: the cache holds a run's exact rows
+    splits = {"data": train_set, **({"eval_data": eval_set} if eval_set is not None else {})}
     for name, ds in splits.items():
         if len(set(ds["row"])) != len(ds):
             raise UsageError(

@@ -1,10 +1,17 @@
-"""Wiring a run: check everything that can be checked before any model loads, then build engines, data and stream."""
+"""Wiring a run in phases: configs, data, models, teacher source, stream, callbacks; then ``run`` trains and exports.
+
+Each phase is one function with a typed result, called in that order by ``build()``. The first two check everything
+they can before any model loads (flags, DeepSpeed JSONs, the output directory, the data, teacher caches). On-policy is
+wired in one place, the stream phase (its prompt check included, so that check runs after the models load).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from deepspeed.accelerator import get_accelerator
@@ -19,22 +26,62 @@ from ds_distill.losses.objective import Objective
 from ds_distill.runtime import distributed, monitors
 from ds_distill.runtime.callbacks import Callback
 from ds_distill.teachers import cache_reader
-from ds_distill.teachers.live import LiveTeachers
+from ds_distill.teachers.live import LiveTeachers, TeacherSource
 
 log = logging.getLogger("ds_distill")
 
 
 def build(cfg: RunConfig, callbacks: list[Callback] = (), objective: Objective | None = None) -> Trainer:
-    """Check everything that can be checked before any model loads, then build the engines and the data.
+    """A run ready to ``fit``, phase by phase (module docstring), resumed from its latest checkpoint with --resume.
     ``objective``: what to train for (default: ``Objective.from_config(cfg)``); build() sets its vocabulary."""
+    run_configs = configs(cfg)
+    run_data = load_data(cfg, run_configs)
+    engines = load_models(cfg, run_configs, run_data)
+    teachers = teacher_source(cfg, run_data, engines)
+    stream = batch_stream(cfg, run_configs, run_data, engines)
+    run_callbacks = [*stream.callbacks, *callbacks]  # the stream's own, then the extras (default_callbacks)
+    trainer = Trainer(
+        cfg,
+        engines.student,
+        teachers,
+        stream.batches,
+        run_data.eval,
+        objective=(objective or Objective.from_config(cfg)).with_vocab(engines.vocab),
+        ds=run_configs.student,
+        tokenizer=run_data.tokenizer,
+        callbacks=run_callbacks,
+        source_ids=data.SourceIds(run_data.train),
+    )
+    if cfg.resume and checkpoint.read_latest(trainer.ckpt_root):
+        trainer.resume(run_configs.universal)
+    elif cfg.resume and run_configs.world.rank == 0:
+        log.info("--resume: no checkpoint yet under %s, starting at step 0", trainer.ckpt_root)
+    return trainer
+
+
+# ------------------------------------------------------------------------------------------------ 1. configs
+@dataclass(frozen=True)
+class Configs:
+    """The run's settings beyond ``RunConfig``, checked; the output directory is ready (or refused)."""
+
+    world: distributed.WorldInfo
+    student: DSConfig  # the student's DeepSpeed JSON, as run (merged: monitors' places, universal resume)
+    teacher: DSConfig  # the teachers' (inference, no optimizer)
+    has_gpu: bool
+    rank_memory: int  # accelerator bytes one rank may use (on CPU: the host's memory shared by the node's ranks)
+    teachers: list[str]  # the teacher models to load: none at alpha = 1 (plain fine-tuning) or with a cache
+    universal: str | None  # the universal checkpoint to resume from (saved with another number of ranks)
+
+
+def configs(cfg: RunConfig) -> Configs:
+    """Validate the flags, start the process group, read and check both DeepSpeed JSONs, prepare the output dir."""
     cfg.validate()
     world = distributed.init_distributed()
     if world.rank != 0:
         logging.getLogger().setLevel(logging.WARNING)  # console logging on rank 0 only
     has_gpu = get_accelerator().device_name() != "cpu"
-    default_student = default_ds_configs(has_gpu)[0]
     sds = load_ds_config(
-        cfg.deepspeed_config or default_student,
+        cfg.deepspeed_config or default_ds_configs(has_gpu)[0],
         world_size=world.world_size,
         flag="deepspeed_config",
         needs_optimizer=True,
@@ -42,11 +89,10 @@ def build(cfg: RunConfig, callbacks: list[Callback] = (), objective: Objective |
     monitors.check_packages(sds.raw)
     if world.rank == 0 and not cfg.deepspeed_config:
         log.info("no --deepspeed_config given: using %s (%s present)", sds.path, "a GPU is" if has_gpu else "no GPU is")
-    per_rank = get_accelerator().total_memory() // (1 if has_gpu else world.local_world_size)
     tds = teacher_ds_config(cfg.teacher, cfg.teacher_deepspeed_config, world, quiet=cfg.alpha == 1.0 or not cfg.teacher)
-    # alpha = 1 is plain fine-tuning: no teacher forward at all (the tokenizers are still checked below).
-    teacher_paths = cfg.teacher if cfg.alpha < 1.0 else []
-    models.check_positions(cfg.seq_len, [cfg.student, *teacher_paths])
+    # alpha = 1 is plain fine-tuning: no teacher forward at all (the tokenizers are still checked, load_models).
+    teachers = cfg.teacher if cfg.alpha < 1.0 else []
+    models.check_positions(cfg.seq_len, [cfg.student, *teachers])
     universal = (
         checkpoint.universal_for_resume(
             checkpoint.ckpt_root(cfg.output_dir), world.world_size, sds.zero_stage, world.rank
@@ -57,97 +103,144 @@ def build(cfg: RunConfig, callbacks: list[Callback] = (), objective: Objective |
     if universal:  # a merge into the student's JSON, logged with it below
         sds.raw["checkpoint"] = {**sds.raw.get("checkpoint", {}), "load_universal": True}
     _prepare_output_dir(cfg, sds, tds, world.rank)
+    return Configs(world, sds, tds, has_gpu, _rank_memory(world, has_gpu), teachers, universal)
 
+
+# --------------------------------------------------------------------------------------------------- 2. data
+@dataclass(frozen=True)
+class Data:
+    """The student's tokenizer and the tokenised sets (``data.get_dataset``: columns id, row, input_ids, labels)."""
+
+    tokenizer: Any
+    train: Any  # datasets.Dataset
+    eval: Any  # datasets.Dataset, or None: no evaluation
+    caches: list[cache_reader.TeacherCache]  # --teacher_cache, checked against these tokens (before the eval split)
+
+
+def load_data(cfg: RunConfig, run: Configs) -> Data:
+    """Tokenise --data and --eval_data (or split --eval_fraction off --data); check the teacher caches against them."""
     tokenizer = models.load_tokenizer(cfg.student)
-    chat_template = Path(cfg.chat_template).read_text() if cfg.chat_template else None
+    train_set, eval_set = tokenise(cfg, tokenizer)
+    # A teacher cache must hold exactly these tokens (checked before any model loads); its eval rows come either from
+    # --eval_data or, split off below, from --data.
+    caches = cache_reader.open_for_run(cfg, tokenizer, train_set, eval_set) if cfg.teacher_cache else []
+    ranks_batch = run.student.micro_batch * run.world.world_size  # one micro-batch per rank
+    if eval_set is None and cfg.eval_fraction:
+        train_set, eval_set = data.split_eval(train_set, cfg.eval_fraction, cfg.seed, min_eval=ranks_batch)
+        if eval_set is None and cfg.early_stopping_patience:
+            raise UsageError(
+                f"--early_stopping_patience needs an eval set but {len(train_set)} examples are too few to hold "
+                f"out one micro-batch per rank: pass --eval_data or use more data"
+            )
+    if eval_set is not None and len(eval_set) < ranks_batch:
+        raise UsageError(
+            f"the eval set has {len(eval_set)} examples, fewer than one micro-batch per rank "
+            f"({run.student.micro_batch} x {run.world.world_size}): raise --eval_fraction, pass a larger --eval_data, "
+            "or set --eval_fraction 0"
+        )
+    return Data(tokenizer, train_set, eval_set, caches)
+
+
+def tokenise(cfg, tokenizer) -> tuple[Any, Any]:
+    """(--data, --eval_data or None) tokenised with the run's token flags (``cache_format.TOKEN_FLAGS``): the one
+    place that reads them, shared with ``ds_distill.cache_teacher`` so that a cache holds a run's exact tokens."""
     data_kw = dict(
         seq_len=cfg.seq_len,
         data_format=cfg.data_format,
         packing=cfg.packing,
         train_on_prompt=cfg.train_on_prompt,
         drop_long=cfg.drop_long,
-        chat_template=chat_template,
+        chat_template=Path(cfg.chat_template).read_text() if cfg.chat_template else None,
     )
     train_set = data.get_dataset(
         cfg.data, tokenizer, split=cfg.data_split, max_samples=cfg.max_samples or None, **data_kw
     )
-    eval_set = data.get_dataset(cfg.eval_data, tokenizer, **data_kw) if cfg.eval_data else None
-    # A teacher cache must hold exactly these tokens (checked before any model loads); its eval rows come either from
-    # --eval_data or, split off below, from --data.
-    caches = cache_reader.open_for_run(cfg, tokenizer, train_set, eval_set) if cfg.teacher_cache else None
-    if eval_set is None and cfg.eval_fraction:
-        train_set, eval_set = data.split_eval(
-            train_set, cfg.eval_fraction, cfg.seed, min_eval=sds.micro_batch * world.world_size
-        )
-        if eval_set is None and cfg.early_stopping_patience:
-            raise UsageError(
-                f"--early_stopping_patience needs an eval set but {len(train_set)} examples are too few to hold "
-                f"out one micro-batch per rank: pass --eval_data or use more data"
-            )
-    if eval_set is not None and len(eval_set) < sds.micro_batch * world.world_size:
-        raise UsageError(
-            f"the eval set has {len(eval_set)} examples, fewer than one micro-batch per rank "
-            f"({sds.micro_batch} x {world.world_size}): raise --eval_fraction, pass a larger --eval_data, or set --eval_fraction 0"
-        )
-    vocab = models.shared_vocab_size(cfg.student, tokenizer, cfg.teacher)
-    if cfg.on_policy_fraction:
-        on_policy.check_prompts(train_set, repr(cfg.data))
+    return train_set, data.get_dataset(cfg.eval_data, tokenizer, **data_kw) if cfg.eval_data else None
 
+
+# ------------------------------------------------------------------------------------------------- 3. models
+@dataclass(frozen=True)
+class Models:
+    """The DeepSpeed engines, each checked against its own forward, and the vocabulary they share."""
+
+    student: Any  # the student engine (optimizer and scheduler of its JSON)
+    teachers: list[Any]  # frozen teacher engines (none at alpha = 1 or with a cache)
+    vocab: int  # the tokenizer's real vocabulary: logits past it (padding rows) are ignored
+
+
+def load_models(cfg: RunConfig, run: Configs, run_data: Data) -> Models:
+    """Check the tokenizers agree, seed, build the engines, probe each one's logits against its own forward."""
+    vocab = models.shared_vocab_size(cfg.student, run_data.tokenizer, cfg.teacher)
     _seed_everything(cfg.seed)
-    packed_rows = cfg.packing and sds.micro_batch > 1
-    student = models.student_engine(cfg.student, sds, cfg.attn_implementation, packed_rows)
+    packed_rows = cfg.packing and run.student.micro_batch > 1
+    student = models.student_engine(cfg.student, run.student, cfg.attn_implementation, packed_rows)
     monitors.attach(student)
-    engines = [models.teacher_engine(path, tds, cfg.attn_implementation, packed_rows) for path in teacher_paths]
-    models.check_output_rows(vocab, [student, *engines], [cfg.student, *teacher_paths])
-    for engine, path in zip([student, *engines], [cfg.student, *teacher_paths]):
+    teachers = [models.teacher_engine(p, run.teacher, cfg.attn_implementation, packed_rows) for p in run.teachers]
+    engines, paths = [student, *teachers], [cfg.student, *run.teachers]
+    models.check_output_rows(vocab, engines, paths)
+    for engine, path in zip(engines, paths):
         models.check_logits(engine, path, vocab, packing=cfg.packing)
-    teachers = (
-        cache_reader.CachedTeacher(caches, {"train": "data", "eval": "eval_data" if cfg.eval_data else "data"})
-        if caches
-        else LiveTeachers(engines)
-    )
+    return Models(student, teachers, vocab)
+
+
+# ----------------------------------------------------------------------------------------- 4. teacher source
+def teacher_source(cfg: RunConfig, run_data: Data, engines: Models) -> TeacherSource:
+    """Where a step's teacher targets come from: the caches (no teacher model), else the live teacher engines."""
+    if run_data.caches:
+        splits = {"train": "data", "eval": "eval_data" if cfg.eval_data else "data"}
+        return cache_reader.CachedTeacher(run_data.caches, splits)
+    return LiveTeachers(engines.teachers)
+
+
+# ------------------------------------------------------------------------------------------------- 5. stream
+@dataclass(frozen=True)
+class Stream:
+    """The training batch stream and the callbacks it needs at the loop's hooks (prefetch thread, generation rate)."""
+
+    batches: Any  # data.BatchStream, maybe behind a Prefetcher and an on_policy.OnPolicyStream
+    callbacks: list[Callback]
+
+
+def batch_stream(cfg: RunConfig, run: Configs, run_data: Data, engines: Models) -> Stream:
+    """One seeded global order per epoch, split over the ranks; prefetched on a thread; on-policy: all of it here."""
+    world, pad = run.world, run_data.tokenizer.pad_token_id
     stream = data.BatchStream(
-        train_set,
-        batch_size=sds.micro_batch,
+        run_data.train,
+        batch_size=run.student.micro_batch,
         rank=world.rank,
         world_size=world.world_size,
         seed=cfg.seed,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=pad,
     )
+    callbacks: list[Callback] = []
     if cfg.prefetch_batches:
         from ds_distill.data.prefetch import ClosePrefetcher, Prefetcher
 
-        stream = Prefetcher(stream, cfg.prefetch_batches, pin=has_gpu)
-        callbacks = [ClosePrefetcher(stream), *callbacks]
+        stream = Prefetcher(stream, cfg.prefetch_batches, pin=run.has_gpu)
+        callbacks.append(ClosePrefetcher(stream))
     # After the prefetcher (data only, on its thread): generation's collectives stay on the main thread.
     if cfg.on_policy_fraction:  # the student writes a seeded fraction of the completions
-        stream = on_policy.wrap(cfg, stream, student, tokenizer, world=world, rank_memory=per_rank)
-        callbacks = [*callbacks, on_policy.GenerationRate(stream)]
-    objective = (objective or Objective.from_config(cfg)).with_vocab(vocab)
-    trainer = Trainer(
-        cfg, student, teachers, stream, eval_set, objective=objective, ds=sds, tokenizer=tokenizer, callbacks=callbacks
-    )
-    trainer.source_ids = data.SourceIds(train_set)
-    if cfg.resume and checkpoint.read_latest(trainer.ckpt_root):
-        trainer.resume(universal)
-    elif cfg.resume and world.rank == 0:
-        log.info("--resume: no checkpoint yet under %s, starting at step 0", trainer.ckpt_root)
-    return trainer
+        on_policy.check_prompts(run_data.train, repr(cfg.data))
+        stream = on_policy.wrap(
+            cfg, stream, engines.student, run_data.tokenizer, world=world, rank_memory=run.rank_memory
+        )
+        callbacks.append(on_policy.GenerationRate(stream))
+    return Stream(stream, callbacks)
 
 
+# ------------------------------------------------------------------------------------------------ helpers
 def teacher_ds_config(teachers: list[str], teacher_deepspeed_config: str, world, quiet: bool = False) -> DSConfig:
     """The teachers' DeepSpeed JSON: the one named, else chosen by fit (``models.teacher_placement``), checked."""
     path = teacher_deepspeed_config
     if not path:
         has_gpu = get_accelerator().device_name() != "cpu"
         _, sharded, replicated = default_ds_configs(has_gpu)
-        per_rank = get_accelerator().total_memory() // (1 if has_gpu else world.local_world_size)
         path, why = models.teacher_placement(
             teachers,
             sharded=sharded,
             replicated=replicated,
             world_size=world.world_size,
-            rank_memory=per_rank,
+            rank_memory=_rank_memory(world, has_gpu),
             bytes_per_param=2 if has_gpu else 4,
         )
         if world.rank == 0 and not quiet:
@@ -172,6 +265,11 @@ def _prepare_output_dir(cfg: RunConfig, sds: DSConfig, tds: DSConfig, rank: int)
         (out / "ds_config_student.json").write_text(json.dumps(sds.raw, indent=2))
         (out / "ds_config_teacher.json").write_text(json.dumps(tds.raw, indent=2))
         log.info("student DeepSpeed config (merged, as run): %s", json.dumps(sds.raw, sort_keys=True))
+
+
+def _rank_memory(world: distributed.WorldInfo, has_gpu: bool) -> int:
+    """Accelerator bytes one rank may use: a GPU's own memory, or the host's shared by the node's ranks."""
+    return get_accelerator().total_memory() // (1 if has_gpu else world.local_world_size)
 
 
 def _seed_everything(seed: int) -> None:
