@@ -364,7 +364,7 @@ def test_rounds_chain_exports_and_resume_in_the_right_round(tiny, dist_env, tmp_
     assert built == ["round_2"], "round 1 is complete and not re-run"
     assert starts[str(out / "round_2")][0] == 1 and second[-1].history[0]["step"] == 2
     assert second[-1].exit_code == 0 and (out / "round_2" / "final" / "config.json").is_file()
-    assert second[-1].student is None and second[-1].train is None, "a finished round releases its engines"
+    assert second[-1].student is None and second[-1].teachers is None, "a finished round releases its engines"
     assert (out / "round_1" / "checkpoints" / "latest").stat().st_mtime_ns == round1_latest
     assert json.loads((out / "round_2" / "manifest.json").read_text())["attempts"] == 2
     assert rounds.run_rounds(cfg, factory(kill=False)) == [] and built == ["round_2"], "all rounds done: nothing runs"

@@ -235,11 +235,9 @@ class Trainer:
         self.train.load_state_dict(state["data"])
 
     def release(self) -> None:
-        """Drop the engines and what holds them (the stream: on-policy generation holds the student; the callbacks),
-        so that their memory can be freed after ``fit`` (``--rounds``: before the next round builds its own). The
-        results stay: ``step``, ``exit_code``, ``history``, ``last_tag``."""
-        self.student = self.teachers = self.train = None
-        self.callbacks = []
+        """Drop the student and teacher engines after ``fit`` (``--rounds``: before the next round builds its own).
+        The results stay: ``step``, ``exit_code``, ``history``, ``last_tag``, the stream's position."""
+        self.student = self.teachers = None
 
 
 class _Window:
