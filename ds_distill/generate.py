@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from ds_distill import data, models, on_policy
 from ds_distill.common import UsageError, write_atomic
@@ -97,7 +98,7 @@ def generate(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM
 
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
-    models.unset_hf_deepspeed_config()  # one whole model per rank: no ZeRO-3 partitioning left over in this process
+    unset_hf_deepspeed_config()  # one whole model per rank: no ZeRO-3 partitioning left over in this process
     try:
         lm = AutoModelForCausalLM.from_pretrained(
             args.model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -323,13 +323,13 @@ def plain_step(a: argparse.Namespace, device) -> Callable[[], None]:
 def toolkit_step(a: argparse.Namespace, device) -> Callable[[], None]:
     """ds_distill's own path: build() from a RunConfig, then train_step over one optimizer step, as Trainer.fit does."""
     from ds_distill.config import RunConfig
-    from ds_distill.train import build
+    from ds_distill.core.build import build
 
     sds, tds, full = ds_configs(a.variant, Path(a.workdir), a.micro_batch, device.type == "cuda", a.zero_set)
     if "_checkpointed" in a.variant:
-        from ds_distill import losses
+        from ds_distill.losses import chunked
 
-        losses._fusable = lambda head: False  # experiment only: the chunked loss's previous (checkpointed) path
+        chunked.fusable = lambda head: False  # experiment only: the chunked loss's previous (checkpointed) path
     cfg = RunConfig(
         teacher=[a.teacher],
         student=a.student,
