@@ -77,10 +77,9 @@ def perplexity(model_dir: str | os.PathLike, data_path: str, *, seq_len: int, ba
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ce_sum, n_tokens = 0.0, 0
     for lo in range(0, len(dataset), batch_size):
-        batch = data.collate(dataset[lo : lo + batch_size], pad_token_id=pad)
-        labels = batch.pop("labels")
-        batch.pop("example_ids")
-        logits = model(**batch).logits.float()  # [B, T, V]
+        batch = data.Batch.collate(dataset[lo : lo + batch_size], pad, epoch=0, position=lo)
+        labels = batch.labels
+        logits = model(**batch.inputs).logits.float()  # [B, T, V]
         ce_sum += torch.nn.functional.cross_entropy(
             logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         ).item()

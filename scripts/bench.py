@@ -282,11 +282,7 @@ def plain_step(a: argparse.Namespace, device) -> Callable[[], None]:
     if a.variant == "teacher_forward":
 
         def step() -> None:
-            batch = {
-                k: v.to(device, non_blocking=True)
-                for k, v in next(stream).items()
-                if k not in ("labels", "example_ids")
-            }
+            batch = next(stream).to(device).inputs
             with torch.no_grad(), autocast():
                 teacher.lm_head(teacher.model(**batch, use_cache=False).last_hidden_state)
 
@@ -297,8 +293,8 @@ def plain_step(a: argparse.Namespace, device) -> Callable[[], None]:
     loss_kw = dict(loss="forward_kl", alpha=0.5, temperature=1.0, vocab_size=vocab)
 
     def step() -> None:
-        batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}
-        labels, _ = batch.pop("labels"), batch.pop("example_ids")
+        micro = next(stream).to(device)
+        batch, labels = micro.inputs, micro.labels.to(device, non_blocking=True)
         with autocast():
             with torch.no_grad():
                 t_hidden = teacher.model(**batch, use_cache=False).last_hidden_state
@@ -350,7 +346,7 @@ def toolkit_step(a: argparse.Namespace, device) -> Callable[[], None]:
 
     def step() -> None:
         micro_batches = [next(trainer.train) for _ in range(trainer.ds.grad_accum)]
-        trainer.train_step(micro_batches, trainer.sync.plan([b["labels"] for b in micro_batches]))
+        trainer.train_step(micro_batches, trainer.sync.plan([b.labels for b in micro_batches]))
         trainer.step += 1
 
     return step

@@ -133,3 +133,14 @@ def ref_divergence(kind, pt, ps, beta, skew):
     if kind == "tvd":
         return 0.5 * (pt - ps).abs().sum(-1)
     raise AssertionError(kind)
+
+
+def as_lists(batch):
+    """Every field of a data.Batch as plain values, for == (tensors compare elementwise)."""
+    return (
+        batch.epoch,
+        batch.position,
+        batch.labels.tolist(),
+        batch.example_ids.tolist(),
+        {k: v.tolist() for k, v in batch.inputs.items()},
+    )

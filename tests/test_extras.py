@@ -33,8 +33,7 @@ def fixed_inputs(trainer, n=2):
     stream = data.BatchStream(
         trainer.train.dataset, batch_size=n, rank=0, world_size=1, seed=123, pad_token_id=trainer.tokenizer.pad_token_id
     )
-    batch = next(stream)
-    return {k: v for k, v in batch.items() if k not in ("labels", "example_ids")}
+    return next(stream).inputs
 
 
 def engine_logits(trainer, inputs):
@@ -71,8 +70,7 @@ def mixture_loss_by_hand(student, teachers, batches, route, alpha):
     """Plain torch, float64: sum over supervised tokens of alpha * CE + (1 - alpha) * KL(mix || student), / tokens."""
     total, n = 0.0, 0
     for b in batches:
-        inputs = {k: v for k, v in b.items() if k not in ("labels", "example_ids")}
-        labels = b["labels"].reshape(-1)
+        inputs, labels = b.inputs, b.labels.reshape(-1)
         keep = labels != -100
         s = F.log_softmax(hf_logits(student, inputs).double(), -1).flatten(0, 1)[keep]  # [n, V]
         ts = [F.log_softmax(hf_logits(t, inputs).double(), -1).flatten(0, 1)[keep] for t in teachers]
@@ -207,9 +205,8 @@ def test_manifest_and_example_tracking_after_a_run(tiny, dist_env, tmp_path):
     # one example of step 1 recomputed by hand from the initial student and the teacher (forward KL, T = 1)
     row = next(r for r in rows if int(r["step"]) == 1)
     ex = trainer.train.dataset[[int(row["example_id"])]]
-    batch = data.collate(ex, trainer.tokenizer.pad_token_id)
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "example_ids")}
-    labels = batch["labels"][0]
+    batch = data.Batch.collate(ex, trainer.tokenizer.pad_token_id, epoch=0, position=0)
+    inputs, labels = batch.inputs, batch.labels[0]
     keep = labels != -100
     s = F.log_softmax(hf_logits(tiny["student"], inputs)[0].double(), -1)[keep]
     t = F.log_softmax(hf_logits(tiny["teacher"], inputs)[0].double(), -1)[keep]

@@ -226,8 +226,7 @@ def test_two_steps_export_the_engine_logits(family, tiny, dist_env, tmp_path, sg
     exported = transformers.AutoModelForCausalLM.from_pretrained(
         Path(trainer.cfg.output_dir) / "final", dtype=torch.float32
     ).eval()
-    batch = next(trainer.train)
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "example_ids")}
+    inputs = next(trainer.train).inputs
     with torch.no_grad():
         trainer.student.eval()
         engine_logits = trainer.student.module.head(trainer.student(**inputs))

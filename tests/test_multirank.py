@@ -132,7 +132,7 @@ def test_on_policy_generation_with_unequal_lengths_finishes_under_zero3(tiny, tm
         s
         for s in range(100)
         if [
-            BatchStream(ds, batch_size=1, rank=r, world_size=2, seed=s, pad_token_id=0).__next__()["example_ids"].item()
+            BatchStream(ds, batch_size=1, rank=r, world_size=2, seed=s, pad_token_id=0).__next__().example_ids.item()
             % 2
             for r in (0, 1)
         ]

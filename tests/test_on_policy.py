@@ -71,9 +71,9 @@ def test_sampled_rows_supervise_exactly_the_generated_tokens(tiny, pc_data):
     tok = tiny["tokenizer"]
     ds = get_dataset(pc_data, tok, seq_len=24)
     rows = ds[:3]
-    from ds_distill.data import collate
+    from ds_distill.data import Batch
 
-    batch = collate(rows, tok.pad_token_id)
+    batch = Batch.collate(rows, tok.pad_token_id, epoch=3, position=6)
     records = [json.loads(l) for l in open(pc_data)]
     lens = {i: len(tok(records[i]["prompt"])["input_ids"]) for i in rows["row"]}  # prompt tokens of each record
     eos = tok.eos_token_id
@@ -89,17 +89,18 @@ def test_sampled_rows_supervise_exactly_the_generated_tokens(tiny, pc_data):
         rank=0,
     )
     out = next(stream)
-    assert out["example_ids"].tolist() == rows["row"]
+    assert out.example_ids.tolist() == rows["row"] and (out.epoch, out.position) == (3, 6)  # the same examples
     for b, (ids, i) in enumerate(zip(rows["input_ids"], rows["row"])):
         P = lens[i]
         prompt = tok(records[i]["prompt"])["input_ids"]
         assert ids[:P] == prompt and on_policy.prompt_length(rows["labels"][b]) == P  # read from the mask
         new = gen.completions[b][: 24 - P]
         seq = prompt + new
-        assert out["input_ids"][b, : len(seq)].tolist() == seq
-        assert out["attention_mask"][b].tolist() == [1] * len(seq) + [0] * (out["input_ids"].shape[1] - len(seq))
-        expect = [IGNORE_INDEX] * (P - 1) + new + [IGNORE_INDEX] * (out["labels"].shape[1] - P + 1 - len(new))
-        assert out["labels"][b].tolist() == expect
+        assert out.inputs["input_ids"][b, : len(seq)].tolist() == seq
+        T = out.inputs["input_ids"].shape[1]
+        assert out.inputs["attention_mask"][b].tolist() == [1] * len(seq) + [0] * (T - len(seq))
+        expect = [IGNORE_INDEX] * (P - 1) + new + [IGNORE_INDEX] * (out.labels.shape[1] - P + 1 - len(new))
+        assert out.labels[b].tolist() == expect
     # The generator was asked for the prompts, with the room left before seq_len.
     prompts, sampling, _ = gen.calls[0]
     assert prompts == [ids[: lens[i]] for ids, i in zip(rows["input_ids"], rows["row"])]

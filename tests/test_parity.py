@@ -59,9 +59,7 @@ def reference_gradients(tiny, trainer, examples: int) -> tuple[dict[str, torch.T
         seed=trainer.cfg.seed,
         pad_token_id=tiny["tokenizer"].pad_token_id,
     )
-    batch = next(stream)
-    labels = batch.pop("labels")
-    batch.pop("example_ids")
+    labels, batch = (b := next(stream)).labels, b.inputs
     with torch.no_grad():
         t_logits = teacher(**batch).logits
     out = losses.loss_sums(student(**batch).logits, [t_logits], labels, **trainer.objective.loss_kw())

@@ -7,7 +7,7 @@ import torch
 
 from ds_distill import data, train
 from ds_distill.data.prefetch import Prefetcher
-from tests.helpers import ds_json, losses_of, make_cfg
+from tests.helpers import as_lists, ds_json, losses_of, make_cfg
 
 
 def _stream(n=20, batch_size=3):
@@ -24,17 +24,17 @@ def test_prefetcher_yields_the_same_batches_and_the_consumed_position():
     ref, pre = _stream(), Prefetcher(_stream(), depth=3, pin=False)
     for k in range(9):  # crosses two epochs (6 batches per epoch)
         a, b = next(ref), next(pre)
-        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+        assert as_lists(a) == as_lists(b)  # the batch's epoch and position too: what tracking reads
         time.sleep(0.02)  # let the thread run ahead: its stream is then up to 3 batches past the trainer
         assert pre.state_dict() == ref.state_dict(), k
-        assert (pre.epoch, pre.index) == (ref.epoch, ref.index)  # what tracking reads
+        assert (b.epoch, b.position) == (ref.epoch, ref.consumed - 3)
     # resume from the consumed position: the next batches continue the reference exactly
     again = Prefetcher(_stream(), depth=2, pin=False)
     again.load_state_dict(pre.state_dict())
     pre.load_state_dict(ref.state_dict())  # also reloading a running prefetcher drops what it drew ahead
     for _ in range(4):
         a, b, c = next(ref), next(again), next(pre)
-        assert all(torch.equal(a[key], b[key]) and torch.equal(a[key], c[key]) for key in a)
+        assert as_lists(a) == as_lists(b) == as_lists(c)
     pre.close(), again.close()
 
 
@@ -77,7 +77,8 @@ def test_pin_copies_every_tensor_into_pinned_memory(monkeypatch):
     batch = next(pre)
     pre.close()  # the thread has drawn (and pinned) more batches ahead
     n = len(pinned)
-    assert n >= len(batch) and all(any(b is p for p in pinned) for b in batch.values())
+    tensors = [*batch.inputs.values(), batch.labels, batch.example_ids]
+    assert n >= len(tensors) and all(any(b is p for p in pinned) for b in tensors)
     pre = Prefetcher(_stream(), depth=1, pin=False)
     next(pre)
     pre.close()
@@ -87,4 +88,4 @@ def test_pin_copies_every_tensor_into_pinned_memory(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
 def test_pinned_on_a_gpu():
     batch = next(Prefetcher(_stream(), depth=1, pin=True))
-    assert all(t.is_pinned() for t in batch.values())
+    assert all(t.is_pinned() for t in [*batch.inputs.values(), batch.labels, batch.example_ids])

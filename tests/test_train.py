@@ -129,8 +129,7 @@ def test_export_gives_the_engine_logits(tiny, dist_env, tmp_path):
 
     trainer = train.run(make_cfg(tiny, tmp_path / "e", export=True, deepspeed_config=ds_json(tmp_path)))
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "e" / "final")
-    batch = next(trainer.train)
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "example_ids")}
+    inputs = next(trainer.train).inputs
     with torch.no_grad():
         engine_logits = trainer.student.module.head(trainer.student(**inputs))
         exported = model(**inputs).logits

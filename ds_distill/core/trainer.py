@@ -13,7 +13,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -39,7 +39,7 @@ class Trainer:
         cfg: RunConfig,
         student,
         teachers: TeacherSource,
-        train: data.BatchStream,
+        train: Iterator[data.Batch],
         eval_set,
         *,
         objective: Objective,
@@ -76,7 +76,7 @@ class Trainer:
             votes = [cb.should_stop(self) for cb in self.callbacks]  # rank-local; agreed in this step's collective
             position = self.train.state_dict()  # where a run stopped before this step's work resumes
             micro_batches = [next(self.train) for _ in range(self.ds.grad_accum)]
-            plan = self.sync.plan([b["labels"] for b in micro_batches], votes)  # the step's one collective
+            plan = self.sync.plan([b.labels for b in micro_batches], votes)  # the step's one collective
             if plan.stop:
                 self.stop(plan, position)
                 break
@@ -108,8 +108,9 @@ class Trainer:
         if self.last_tag != checkpoint.tag_for(self.step):
             self.save(position)
 
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], plan: StepPlan) -> dict[str, Any]:
-        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns device sums.
+    def train_step(self, micro_batches: list[data.Batch], plan: StepPlan) -> dict[str, Any]:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns device sums, and in
+        ``per_example`` one (epoch, example_ids [B], ce [B], kd [B], tokens [B]) per micro-batch (epoch from its Batch).
 
         ``plan`` (``self.sync.plan`` of these micro-batches) holds the step's global token count and chunk counts; its
         collective is the step's one host sync with several ranks (none with one rank); nothing here syncs. Labels
@@ -126,30 +127,24 @@ class Trainer:
             "per_example": [],
         }
         for batch, chunks in zip(micro_batches, plan.num_chunks):
-            batch, labels, ids = self.split(batch)
-            targets = self.teachers.targets(batch, labels, ids, "train")
-            out = self.loss_sums(self.student(**batch), targets, labels, chunks)
+            batch = batch.to(self.device)
+            targets = self.teachers.targets(batch, "train")
+            out = self.loss_sums(self.student(**batch.inputs), targets, batch.labels, chunks)
             self.student.backward(out.total * self.world_size / max(plan.n_global, 1), scale_wrt_gas=False)
             self.student.step()
             for key in ("total", "ce", "kd"):
                 sums[key] = sums[key] + getattr(out, key).detach()
-            sums["input_tokens"] += labels.numel()
+            sums["input_tokens"] += batch.labels.numel()
             sums["per_example"].append(
                 (
-                    ids.to(self.device, non_blocking=True),
+                    batch.epoch,
+                    batch.example_ids.to(self.device, non_blocking=True),
                     out.ce_per_seq.detach(),
                     out.kd_per_seq.detach(),
                     out.tokens_per_seq,
                 )
             )
         return sums
-
-    def split(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-        """(model inputs on the device, labels and example ids left on the host for the loss and the teacher source)."""
-        inputs = {
-            k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k not in ("labels", "example_ids")
-        }
-        return inputs, batch["labels"], batch["example_ids"]
 
     def loss_sums(
         self, s_hidden: torch.Tensor, targets, labels: torch.Tensor, num_chunks: int | None
@@ -190,10 +185,10 @@ class Trainer:
         )
         available = len(self.eval_set) // (self.ds.micro_batch * self.world_size)  # >= 1, checked in build()
         for _ in range(min(self.cfg.eval_batches or available, available)):
-            batch, labels, ids = self.split(next(stream))
-            chunks = self.sync.plan([labels]).num_chunks[0]  # one collective per eval batch with several ranks
+            batch = next(stream).to(self.device)
+            chunks = self.sync.plan([batch.labels]).num_chunks[0]  # one collective per eval batch with several ranks
             out = self.loss_sums(
-                self.student(**batch), self.teachers.targets(batch, labels, ids, "eval"), labels, chunks
+                self.student(**batch.inputs), self.teachers.targets(batch, "eval"), batch.labels, chunks
             )
             totals += torch.stack([out.total, out.ce, out.kd, out.n_tokens.float()]).float()
         self.student.train()

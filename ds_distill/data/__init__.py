@@ -3,7 +3,8 @@
     ds = get_dataset("train.jsonl", tokenizer, seq_len=1024)          # columns: id, row, input_ids, labels
     train, held_out = split_eval(ds, 0.05, seed=0)
     stream = BatchStream(train, batch_size=8, rank=r, world_size=w, seed=0, pad_token_id=tokenizer.pad_token_id)
-    batch = next(stream)    # input_ids, attention_mask, [position_ids], labels, example_ids
+    batch = next(stream)    # a Batch: .inputs (input_ids, attention_mask | position_ids), .labels, .example_ids,
+                            # .epoch, .position
 
 Labels are stored *already shifted*: ``labels[t]`` is the target of position ``t`` (token ``t + 1``) or -100, so a
 loss never shifts again and the last position of every document is -100.
@@ -15,12 +16,13 @@ ids are written for people (``examples.csv``), ``SourceIds`` maps rows back to t
 split into one example per assistant turn (``chat.py``) gives several examples with the same ``id`` and ``row``.
 """
 
-from ds_distill.data.batching import BatchStream, collate
+from ds_distill.data.batching import Batch, BatchStream, collate
 from ds_distill.data.loading import FORMATS, SourceIds, check_rows, load_raw, with_ids
 from ds_distill.data.tokenise import get_dataset, split_eval
 
 __all__ = [
     "FORMATS",
+    "Batch",
     "BatchStream",
     "SourceIds",
     "check_rows",

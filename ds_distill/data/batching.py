@@ -1,10 +1,13 @@
-"""Batching: collation of tokenised rows and the seeded, sharded, exactly resumable batch stream."""
+"""Batching: collation of tokenised rows, the ``Batch`` every stream yields, and the seeded, sharded, exactly
+resumable batch stream."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from ds_distill.common import IGNORE_INDEX, UsageError
+from ds_distill.common import IGNORE_INDEX, NON_MODEL_KEYS, UsageError
 
 
 def collate(rows: dict[str, list], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -37,6 +40,49 @@ def collate(rows: dict[str, list], pad_token_id: int) -> dict[str, torch.Tensor]
     batch["labels"] = labels
     batch["example_ids"] = torch.tensor(rows["row"], dtype=torch.int64)  # row numbers: see the module docstring
     return batch
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """One micro-batch, as every batch stream yields it (``BatchStream``, ``Prefetcher``, ``OnPolicyStream``).
+
+    Fields:
+        inputs: the model inputs, ``model(**batch.inputs)``: input_ids ``[B, T]`` long and either attention_mask
+            ``[B, T]`` long or, for packed rows, position_ids ``[B, T]`` long (see ``collate``).
+        labels: ``[B, T]`` long, already shifted (``labels[:, t]`` is the target of position t), ``IGNORE_INDEX`` where
+            nothing is scored. Stays on the host: the step sync and the loss find the supervised positions there.
+        example_ids: ``[B]`` int64, the dataset's row numbers (``data.SourceIds`` maps them to the data's ids).
+        epoch: the data epoch the examples were drawn in (0-based).
+        position: the index of the batch's first example in that epoch's global order (examples of the epoch read by
+            all ranks before this micro-step, plus rank * B): where the batch sits in the data, whatever wraps it.
+    """
+
+    inputs: dict[str, torch.Tensor]
+    labels: torch.Tensor
+    example_ids: torch.Tensor
+    epoch: int
+    position: int
+
+    @classmethod
+    def collate(cls, rows: dict[str, list], pad_token_id: int, *, epoch: int, position: int) -> "Batch":
+        """``collate(rows, pad_token_id)`` split into model inputs, labels and example ids (``NON_MODEL_KEYS``)."""
+        columns = collate(rows, pad_token_id)
+        inputs = {k: v for k, v in columns.items() if k not in NON_MODEL_KEYS}
+        return cls(inputs, columns["labels"], columns["example_ids"], epoch, position)
+
+    def to(self, device: torch.device | str) -> "Batch":
+        """The batch with its model inputs on ``device`` (``non_blocking``: asynchronous from pinned memory); labels
+        and example ids stay on the host."""
+        return dataclasses.replace(self, inputs={k: v.to(device, non_blocking=True) for k, v in self.inputs.items()})
+
+    def pin_memory(self) -> "Batch":
+        """Every tensor copied into pinned (page-locked) host memory, for asynchronous host-to-device copies."""
+        return dataclasses.replace(
+            self,
+            inputs={k: v.pin_memory() for k, v in self.inputs.items()},
+            labels=self.labels.pin_memory(),
+            example_ids=self.example_ids.pin_memory(),
+        )
 
 
 class BatchStream:
@@ -98,7 +144,7 @@ class BatchStream:
     def __iter__(self) -> "BatchStream":
         return self
 
-    def __next__(self) -> dict[str, torch.Tensor]:
+    def __next__(self) -> Batch:
         if self.consumed + self.batch_size * self.world_size > len(self.dataset):
             self.epoch, self.consumed, self._order = self.epoch + 1, 0, None
         if self._order is None:
@@ -106,7 +152,7 @@ class BatchStream:
         start = self.consumed + self.rank * self.batch_size
         rows = self.dataset[self._order[start : start + self.batch_size]]
         self.consumed += self.batch_size * self.world_size
-        return collate(rows, self.pad_token_id)
+        return Batch.collate(rows, self.pad_token_id, epoch=self.epoch, position=start)
 
     def state_dict(self) -> dict:
         """{"epoch": int, "consumed": int}: examples of the epoch already read by all ranks together."""

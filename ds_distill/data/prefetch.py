@@ -1,6 +1,6 @@
 """Micro-batches prepared off the training thread: a background thread draws them ahead of the step, into pinned memory.
 
-``Prefetcher`` wraps any batch stream (``__next__`` -> micro-batch dict, ``state_dict()`` / ``load_state_dict()``,
+``Prefetcher`` wraps any batch stream (``__next__`` -> ``data.Batch``, ``state_dict()`` / ``load_state_dict()``,
 e.g. ``data.BatchStream``) and is itself one, so the training loop does not change (``--prefetch_batches N``).
 Why: on a GPU the step's host-to-device copies (``.to(device, non_blocking=True)``) only overlap with compute when
 the source is pinned (page-locked) memory, and the collation of the next micro-batches can run while the device
@@ -10,7 +10,8 @@ Exact resume: the producer thread records the wrapped stream's ``state_dict()`` 
 queues it with the batch; ``state_dict()`` returns the state queued with the last batch the trainer CONSUMED, not
 the producer's state (which is up to N batches ahead). It is the wrapped stream's own state dict, unchanged, so a
 checkpoint saved with prefetching resumes without it and vice versa. Only the wrapped stream's
-``state_dict`` / ``load_state_dict`` are called; its fields are never read.
+``state_dict`` / ``load_state_dict`` are called; its fields are never read: each ``Batch`` carries its own epoch and
+position, so readers of the data position (the example tracker) need nothing from the stream.
 
 A thread rather than DataLoader worker processes: the examples are tokenised ahead (``datasets``), so collation is
 a few tensor copies per micro-batch that release the GIL; workers would pickle every batch between processes.
@@ -23,8 +24,7 @@ import queue
 import threading
 from typing import Any
 
-import torch
-
+from ds_distill.data.batching import Batch
 from ds_distill.runtime.callbacks import Callback
 
 
@@ -32,7 +32,7 @@ class Prefetcher:
     """Up to ``depth`` micro-batches drawn ahead of the trainer by a daemon thread.
 
     Args:
-        stream: the wrapped batch stream (iterator of ``dict[str, Tensor]`` with ``state_dict`` / ``load_state_dict``).
+        stream: the wrapped batch stream (iterator of ``data.Batch`` with ``state_dict`` / ``load_state_dict``).
         depth: micro-batches held ready (>= 1).
         pin: copy each tensor into pinned host memory (``Tensor.pin_memory``), for asynchronous host-to-device copies.
     Errors raised by the wrapped stream in the thread are raised again by ``__next__`` in the trainer's thread.
@@ -42,6 +42,7 @@ class Prefetcher:
         if depth < 1:
             raise ValueError(f"depth {depth} must be >= 1")
         self.stream, self.depth, self.pin = stream, depth, pin
+        self.dataset = getattr(stream, "dataset", None)  # what the run's manifest fingerprints
         self._state = copy.deepcopy(stream.state_dict())  # the wrapped stream's state after the last consumed batch
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
@@ -50,7 +51,7 @@ class Prefetcher:
     def __iter__(self) -> "Prefetcher":
         return self
 
-    def __next__(self) -> dict[str, torch.Tensor]:
+    def __next__(self) -> Batch:
         if self._thread is None:
             self._start()
         batch, state, error = self._queue.get()
@@ -59,21 +60,6 @@ class Prefetcher:
             raise error
         self._state = state
         return batch
-
-    def __getattr__(self, name: str) -> Any:
-        """Readers of the stream's position (e.g. tracking.ExampleTracker reads ``epoch`` / ``index``) see it as of the
-        last consumed batch: names in the consumed state dict come from it, anything else (``dataset``,
-        ``batch_size``) from the wrapped stream."""
-        if name.startswith("_") or name in ("stream", "depth", "pin"):
-            raise AttributeError(name)
-        state = self.__dict__.get("_state")
-        if not state:
-            return getattr(self.stream, name)
-        # A shallow copy of the wrapped stream moved back to the consumed state: derived positions (properties such as
-        # BatchStream.index) are right too, whatever the stream's state dict holds.
-        view = copy.copy(self.stream)
-        view.load_state_dict(copy.deepcopy(state))
-        return getattr(view, name)
 
     def state_dict(self) -> dict[str, Any]:
         """The wrapped stream's state dict as of the last batch returned by ``__next__`` (a copy)."""
@@ -110,7 +96,7 @@ class Prefetcher:
                 batch = next(self.stream)
                 state = copy.deepcopy(self.stream.state_dict())  # taken before the next draw: this batch's position
                 if self.pin:
-                    batch = {k: v.pin_memory() for k, v in batch.items()}
+                    batch = batch.pin_memory()
                 item = (batch, state, None)
             except Exception as exc:  # handed to the trainer's thread, which raises it
                 item = (None, None, exc)

@@ -74,13 +74,8 @@ class ExampleTracker(Callback):
         self.thread.start()
 
     def on_step_end(self, trainer, step_sums: dict[str, Any]) -> None:
-        records = step_sums["per_example"]
-        # The stream's position says which micro-batches of this step came from the current epoch: the last
-        # index // batch_size of them; earlier ones (if the step crossed an epoch boundary) from the previous epoch.
-        stream = trainer.train
-        in_epoch = stream.index // stream.batch_size
-        for j, (ids, ce, kd, tokens) in enumerate(records):
-            epoch = stream.epoch if j >= len(records) - in_epoch else stream.epoch - 1
+        # One record per micro-batch, with the epoch its Batch was drawn in (a step may cross an epoch boundary).
+        for epoch, ids, ce, kd, tokens in step_sums["per_example"]:
             self.pending.append((trainer.step, epoch, ids, ce, kd, tokens))
         if trainer.cfg.is_log_step(trainer.step):
             self.flush(trainer)

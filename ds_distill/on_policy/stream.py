@@ -52,7 +52,7 @@ class OnPolicyStream:
     def __iter__(self) -> "OnPolicyStream":
         return self
 
-    def __next__(self) -> dict[str, torch.Tensor]:
+    def __next__(self) -> data.Batch:
         batch = next(self.stream)
         index = self.micro_batches
         self.micro_batches += 1
@@ -62,11 +62,12 @@ class OnPolicyStream:
             return batch
         return self.sample(batch, seed=mix_seed(self.seed, self.rank, index))
 
-    def sample(self, batch: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-        """The batch with every row's completion replaced by the student's sample for its prompt."""
-        ids = batch["example_ids"].tolist()
-        lens = [prompt_length(lab) for lab in batch["labels"].tolist()]
-        prompts = [batch["input_ids"][b, :n].tolist() for b, n in enumerate(lens)]
+    def sample(self, batch: data.Batch, seed: int) -> data.Batch:
+        """The batch with every row's completion replaced by the student's sample for its prompt (same examples, so
+        the same example ids, epoch and position)."""
+        ids = batch.example_ids.tolist()
+        lens = [prompt_length(lab) for lab in batch.labels.tolist()]
+        prompts = [batch.inputs["input_ids"][b, :n].tolist() for b, n in enumerate(lens)]
         room = self.seq_len - min(lens)  # >= 1: rows whose prompt fills seq_len have no target and were dropped
         start = time.perf_counter()
         samples = self.generator.generate(
@@ -87,7 +88,7 @@ class OnPolicyStream:
             rows["input_ids"].append(seq)
             # labels[t] is the target of position t: supervised for the sampled tokens seq[P:], so t from P - 1.
             rows["labels"].append([IGNORE_INDEX] * (len(prompt) - 1) + seq[len(prompt) :] + [IGNORE_INDEX])
-        return data.collate(rows, self.pad)
+        return data.Batch.collate(rows, self.pad, epoch=batch.epoch, position=batch.position)
 
     def take_counts(self) -> tuple[int, float]:
         """(tokens generated, seconds spent generating) since the last call."""

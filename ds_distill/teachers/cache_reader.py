@@ -15,6 +15,7 @@ import torch
 
 from ds_distill import losses
 from ds_distill.common import IGNORE_INDEX, UsageError, sha256_file
+from ds_distill.data.batching import Batch
 from ds_distill.teachers.cache_format import (
     FORMAT_VERSION,
     ROW_GROUP,
@@ -193,13 +194,15 @@ class CachedTeacher:
     def __init__(self, caches: list[TeacherCache], splits: dict[str, str]):
         self.caches, self.splits = list(caches), splits
 
-    def targets(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, example_ids: torch.Tensor, split: str):
-        expected, parts = (labels != IGNORE_INDEX).sum(1).tolist(), []
+    def targets(self, batch: Batch, split: str):
+        """The cached top-K of the batch's examples (read by ``batch.example_ids``), checked against its labels."""
+        expected, parts = (batch.labels != IGNORE_INDEX).sum(1).tolist(), []
+        rows = batch.example_ids.tolist()
         for cache in self.caches:
-            ids, logp, tail, counts = cache.read(self.splits[split], example_ids.tolist())
+            ids, logp, tail, counts = cache.read(self.splits[split], rows)
             if counts != expected:
                 raise UsageError(
-                    f"--teacher_cache {cache.root} holds {counts} supervised tokens for examples {example_ids.tolist()} "
+                    f"--teacher_cache {cache.root} holds {counts} supervised tokens for examples {rows} "
                     f"but the batch has {expected}: the data changed since the cache was written; rewrite the cache"
                 )
             parts.append((ids, logp, tail))

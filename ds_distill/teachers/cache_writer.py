@@ -185,10 +185,9 @@ def write_cache(
 
     @torch.no_grad()
     def forward(rows: dict[str, list]) -> tuple[list[torch.Tensor], ...]:
-        b = data_mod.collate(rows, pad_token_id)
-        labels = b.pop("labels")
-        b.pop("example_ids")
-        hidden = teacher(**{key: v.to(device) for key, v in b.items()})
+        b = data_mod.Batch.collate(rows, pad_token_id, epoch=0, position=rows["row"][0]).to(device)
+        labels = b.labels
+        hidden = teacher(**b.inputs)
         idx = (labels != IGNORE_INDEX).flatten().nonzero().squeeze(1)
         hs = hidden.flatten(0, 1)[idx.to(device)]
         outs = []

@@ -3,9 +3,9 @@
 The training loop reads ``targets = teachers.targets(...)`` then ``teachers.loss_sums(student_hidden, ...)``; any object
 with these two methods is a teacher source:
 
-    targets(inputs, labels, example_ids, split) -> an opaque per-micro-batch value (what loss_sums needs)
-        inputs: the model inputs on the device; labels ``[B, T]`` and example_ids ``[B]`` on the host;
-        split: "train" or "eval" (which data the batch came from). Runs without grad.
+    targets(batch, split) -> an opaque per-micro-batch value (what loss_sums needs)
+        batch: a ``data.Batch`` with its model inputs on the device (``batch.inputs``), labels ``[B, T]`` and
+        example_ids ``[B]`` on the host; split: "train" or "eval" (which data the batch came from). Runs without grad.
     loss_sums(student_hidden, student_head, targets, labels, *, chunk_size, num_chunks, **loss_kw) -> losses.LossSums
         chunk_size 0: full logits; else the student head is called per chunk (``num_chunks`` times, see
         ``losses.chunked_loss_sums``). loss_kw: loss, alpha, temperature, beta, skew, vocab_size, teacher_weights.
@@ -18,12 +18,11 @@ from typing import Any, Callable, Protocol
 import torch
 
 from ds_distill import losses
+from ds_distill.data.batching import Batch
 
 
 class TeacherSource(Protocol):
-    def targets(
-        self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, example_ids: torch.Tensor, split: str
-    ) -> Any: ...
+    def targets(self, batch: Batch, split: str) -> Any: ...
 
     def loss_sums(
         self,
@@ -46,10 +45,8 @@ class LiveTeachers:
         self.engines = list(engines)
 
     @torch.no_grad()
-    def targets(
-        self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, example_ids: torch.Tensor, split: str
-    ) -> list[torch.Tensor]:
-        return [t(**inputs) for t in self.engines]
+    def targets(self, batch: Batch, split: str) -> list[torch.Tensor]:
+        return [t(**batch.inputs) for t in self.engines]
 
     def loss_sums(
         self,
