@@ -185,6 +185,51 @@ def test_on_policy_second_round_resumes_in_that_round(tiny, pc_data, dist_env, t
     assert losses_of(stopped[1]) + losses_of(resumed[0]) == pytest.approx(losses_of(straight[1]), rel=1e-5, abs=1e-6)
 
 
+def test_tracking_on_policy_gives_each_example_its_epoch_across_a_boundary_and_a_resume(
+    tiny, pc_data, dist_env, tmp_path
+):
+    """--track_examples with --on_policy_fraction: examples.csv names every micro-batch's examples with the epoch they
+    were drawn in, also in the step that crosses an epoch boundary (micro-batch 5 x accumulation 3, an epoch of 8
+    micro-batches) and in a run resumed just before that step."""
+    from ds_distill import data
+    from ds_distill.extras.tracking import read_examples
+
+    A, B, steps = 3, 5, 4
+    kw = dict(
+        deepspeed_config=ds_json(tmp_path, train_micro_batch_size_per_gpu=B, gradient_accumulation_steps=A),
+        on_policy_fraction=0.5,
+        track_examples=True,
+        max_steps=steps,
+    )
+
+    def tracked(out):
+        return sorted(
+            (int(r["step"]), int(r["epoch"]), int(r["example_id"])) for r in read_examples(out / "examples.csv")
+        )
+
+    straight = train.run(cfg := op_cfg(tiny, pc_data, tmp_path / "s", **kw), train.default_callbacks(cfg))
+    # The examples each micro-batch g (of step g // A + 1) reads and its epoch, from the batch stream itself.
+    ref = data.BatchStream(straight.train.dataset, batch_size=B, rank=0, world_size=1, seed=0, pad_token_id=0)
+    per_epoch = len(straight.train.dataset) // B
+    assert per_epoch % A and per_epoch < A * steps, "an epoch must end inside one of the steps"
+    want = []
+    for g in range(A * steps):
+        b = next(ref)
+        assert b.epoch == g // per_epoch
+        want += [(g // A + 1, b.epoch, i) for i in b.example_ids.tolist()]
+    want.sort()
+    assert tracked(tmp_path / "s") == want
+    crossing = per_epoch // A + 1  # the step with micro-batches of epochs 0 and 1
+    assert {epoch for step, epoch, _ in want if step == crossing} == {0, 1}
+    assert any(h.get("Generate/tokens") for h in straight.history), "some micro-batches were sampled by the student"
+
+    first = op_cfg(tiny, pc_data, tmp_path / "r", save_steps=crossing - 1, **{**kw, "max_steps": crossing - 1})
+    train.run(first, train.default_callbacks(first))
+    second = op_cfg(tiny, pc_data, tmp_path / "r", resume=True, **kw)
+    assert train.run(second, train.default_callbacks(second)).history[0]["step"] == crossing  # it crosses the boundary
+    assert tracked(tmp_path / "r") == want
+
+
 # The tests below call entry points' main(), which tears the process group down (as a real run does at exit); the
 # engine-building tests above run first, on the session's group.
 
