@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 IGNORE_INDEX = -100  # labels[:, t] == IGNORE_INDEX: position t is not scored
-NON_MODEL_KEYS = ("labels", "example_ids")  # batch keys the trainer keeps out of the model's forward
+NON_MODEL_KEYS = ("labels", "example_ids")  # columns of data.collate that are not model inputs (data.Batch)
 SHA256_MAX_BYTES = 1 << 30  # files above 1 GiB are fingerprinted by size and mtime only (hashing them costs minutes)
 
 
