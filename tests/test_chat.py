@@ -296,3 +296,144 @@ def test_tracked_chat_run_string_ids_template_file_and_tokenizer_round_trip(dist
         back = AutoTokenizer.from_pretrained(folder)
         assert back.pad_token is None and back.chat_template is None
         assert back.special_tokens_map == tok.special_tokens_map and back.get_vocab() == tok.get_vocab()
+
+
+# ------------------------------------------------------------------------------------------ tool calling
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+CLOCK = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "Time in a zone",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": "string"}, "fmt": {"type": "string", "enum": ["12h", "24h"]}},
+            "required": ["zone"],
+        },
+    },
+}
+TOOL_CONV = [
+    {"role": "user", "content": "weather in Paris?"},
+    {
+        "role": "assistant",
+        "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+    },
+    {"role": "tool", "name": "get_weather", "content": "22C"},
+    {"role": "assistant", "content": "It is 22C."},
+]
+CLOCK_CONV = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "time?"},
+    {
+        "role": "assistant",
+        "content": "Checking.",
+        "tool_calls": [{"function": {"name": "get_time", "arguments": {"zone": "UTC", "fmt": "24h"}}}],
+    },
+    {"role": "tool", "content": "08:00"},
+    {"role": "assistant", "content": "08:00."},
+]
+
+
+@pytest.fixture(scope="module")
+def qwen25(tmp_path_factory):
+    tok = tiny.make_qwen_tokenizer(tmp_path_factory.mktemp("qwen25"), template=tiny.QWEN25_TOOLS_TEMPLATE)
+    tok.add_tokens(["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"])  # added, as in Qwen2.5
+    return tok
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def assert_tool_conversation(tok, example, conv, tools):
+    """The example is the conversation as inference renders it with `tools` (schema in the system turn, tool calls
+    and tool results as the template writes them), tokenised as one text; exactly the assistant turns (tool calls
+    included, each with its end-of-turn) are supervised."""
+    full = tok.apply_chat_template(conv, tools=tools, tokenize=False)
+    assert "# Tools" in full and all(json.dumps(t) in full for t in tools)  # the schema the model sees at inference
+    assert example["input_ids"] == enc(tok, full)
+    want = []
+    for i, m in enumerate(conv):
+        if m["role"] == "assistant":
+            context = tok.apply_chat_template(conv[:i], tools=tools, tokenize=False, add_generation_prompt=True)
+            turn = tok.apply_chat_template(conv[: i + 1], tools=tools, tokenize=False)
+            want += range(len(enc(tok, context)), len(enc(tok, turn)))
+    assert targets(example) == want
+    return tok.decode([example["input_ids"][t] for t in want])
+
+
+def test_tool_calls_tool_results_and_tools_render_as_inference(tmp_path, qwen25):
+    # Row 1 calls a tool with a dict of arguments; row 2 has a system turn, content beside the call, a flat call
+    # (no "type") and two tools. `datasets` loads such rows as JSON per message and per tool.
+    path = write_rows(
+        tmp_path / "tools.jsonl",
+        [{"messages": TOOL_CONV, "tools": [WEATHER]}, {"messages": CLOCK_CONV, "tools": [WEATHER, CLOCK]}],
+    )
+    ds = get_dataset(path, qwen25, seq_len=4096)
+    assert len(ds) == 2
+    said = assert_tool_conversation(qwen25, ds[0], TOOL_CONV, [WEATHER])
+    assert said == (
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>\n'
+        "It is 22C.<|im_end|>\n"
+    )  # the tool's result ("22C") and the user turn are context, not targets
+    said = assert_tool_conversation(qwen25, ds[1], CLOCK_CONV, [WEATHER, CLOCK])
+    assert said == (
+        'Checking.\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC", "fmt": "24h"}}\n</tool_call>'
+        "<|im_end|>\n08:00.<|im_end|>\n"
+    )
+
+
+def test_tools_as_json_strings_and_hub_parquet_load_the_same(tmp_path, qwen25):
+    """Hub layouts: `tools` as a JSON string per row (xlam, hermes-function-calling) and a parquet file written by
+    `datasets` from lists of dicts (every struct then has every key seen in the column, null where absent)."""
+    rows = [{"messages": TOOL_CONV, "tools": [WEATHER]}, {"messages": CLOCK_CONV, "tools": [WEATHER, CLOCK]}]
+    want = get_dataset(write_rows(tmp_path / "a.jsonl", rows), qwen25, seq_len=4096)["input_ids"]
+    as_text = [{"messages": r["messages"], "tools": json.dumps(r["tools"])} for r in rows]
+    got = get_dataset(write_rows(tmp_path / "b.jsonl", as_text), qwen25, seq_len=4096)["input_ids"]
+    assert got == want
+    (tmp_path / "hub").mkdir()
+    datasets.Dataset.from_list(rows).to_parquet(tmp_path / "hub" / "train-00000-of-00001.parquet")
+    assert datasets.load_dataset("parquet", data_dir=str(tmp_path / "hub"), split="train").features["tools"] != (
+        datasets.Json()
+    )
+    got = get_dataset(str(tmp_path / "hub"), qwen25, seq_len=4096)["input_ids"]
+    assert got == want
+    # No `tools` column and a chat without tool calls: as before (no "# Tools" system turn).
+    (ex,) = get_dataset(
+        write_rows(tmp_path / "c.jsonl", [{"messages": TOOL_CONV[:1] + TOOL_CONV[3:]}]), qwen25, seq_len=4096
+    )
+    assert "# Tools" not in qwen25.decode(ex["input_ids"])
+
+
+@pytest.mark.parametrize(
+    "row, field, fix",
+    [
+        (
+            {"messages": [TOOL_CONV[0], {"role": "assistant", "tool_calls": [{"function": {"arguments": {}}}]}]},
+            r"messages\[1\]\.tool_calls\[0\]",
+            "name",
+        ),
+        (
+            {"messages": [TOOL_CONV[0], {"role": "assistant", "tool_calls": "get_weather(Paris)"}]},
+            r"messages\[1\]\.tool_calls",
+            "list",
+        ),
+        ({"messages": [TOOL_CONV[0], {"role": "tool", "name": "get_weather"}]}, r"messages\[1\]\.content", "string"),
+        ({"messages": TOOL_CONV, "tools": "{not json"}, "'tools'", "JSON"),
+        ({"messages": TOOL_CONV, "tools": [{"type": "function"}]}, r"tools\[0\]", "name"),
+    ],
+)
+def test_malformed_tool_message_names_file_line_and_fix(tmp_path, qwen25, row, field, fix):
+    good = {"messages": TOOL_CONV, "tools": [WEATHER]}
+    path = write_rows(tmp_path / "bad.jsonl", [good, good, row])
+    with pytest.raises(UsageError, match=rf"data file '.*bad\.jsonl' line 3: .*{field}.*{fix}") as err:
+        get_dataset(path, qwen25, seq_len=4096)
+    assert "\n" not in str(err.value)

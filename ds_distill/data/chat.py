@@ -19,6 +19,10 @@ supervised on what the model generates after the generation prompt: the content 
 prompt already wrote after the turn header (``<think>\\n``), then the end-of-turn text the template writes after a reply
 (found by rendering a sentinel reply). The answer and end-of-turn are checked against the template's own rendering.
 
+Tool calling: the conversation's ``tools`` go to every rendering (the template writes their schemas, typically in the
+system turn); an assistant turn with ``tool_calls`` is located and supervised as any reply (the calls as the template
+writes them, then end-of-turn); ``tool`` messages, like user turns, are context only.
+
 Tokenising by segments: context and reply are tokenised as one text when the reply's first token does not merge with
 the context's last one (then the ids are the tokenizer's own for the whole text); when it does (a reply starting with
 "\\n" under a Qwen-style BPE), the reply is tokenised on its own, as generation produces it after a prompt, and its
@@ -58,14 +62,20 @@ class ChatEncoder:
                 f"pass --chat_template FILE, use a tokenizer with a chat_template, or prompt/completion data"
             )
         self.generation_blocks = bool(_GENERATION_BLOCK.search(self.template))
+        self.tools: list[dict] | None = None  # the current conversation's tools (set per call)
 
     # -------------------------------------------------------------------------------------------- rendering
     def render(self, messages: list[dict], where: str, generation: bool = False) -> str:
+        """The text inference renders: ``apply_chat_template(messages, tools=self.tools, ...)``."""
         import jinja2
 
         try:
             return self.tokenizer.apply_chat_template(
-                messages, chat_template=self.template, tokenize=False, add_generation_prompt=generation
+                messages,
+                tools=self.tools,
+                chat_template=self.template,
+                tokenize=False,
+                add_generation_prompt=generation,
             )
         except (jinja2.TemplateError, ValueError, TypeError) as exc:
             raise UsageError(f"chat template failed on {where}: {exc}: fix the conversation or the template") from None
@@ -79,6 +89,7 @@ class ChatEncoder:
         # the same text as apply_chat_template (checked), else the offsets would point into another string.
         (rendered,), (spans,) = render_jinja_template(
             conversations=[messages],
+            tools=self.tools,
             chat_template=self.template,
             return_assistant_tokens_mask=True,
             **self.tokenizer.special_tokens_map,
@@ -136,7 +147,7 @@ class ChatEncoder:
         prompt = context[len(base) :]  # the generation prompt
         if not prompt.startswith(header) or not text.startswith(base + header):
             return None
-        opened, content = prompt[len(header) :], messages[i]["content"]
+        opened, content = prompt[len(header) :], messages[i].get("content") or ""
         if not content.startswith(opened):
             raise UsageError(
                 f"{where}, turn {i}: the chat template's generation prompt already writes {opened!r}, "
@@ -179,7 +190,13 @@ class ChatEncoder:
         return ids, sup
 
     # ------------------------------------------------------------------------------------------------- main
-    def __call__(self, messages: list[dict[str, Any]], where: str) -> list[tuple[list[int], list[bool]]]:
+    def __call__(
+        self, messages: list[dict[str, Any]], where: str, tools: list[dict] | None = None
+    ) -> list[tuple[list[int], list[bool]]]:
+        """``tools``: the conversation's tool schemas (JSON-schema dicts), rendered by the template as at inference
+        (``apply_chat_template(messages, tools=tools)``); an assistant turn with ``tool_calls`` is a reply like any
+        other (the calls as the template writes them are supervised), ``tool`` results are context."""
+        self.tools = tools or None
         full = self.render(messages, where)
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if self.train_on_prompt or not turns:

@@ -178,7 +178,17 @@ def check_rows(raw: datasets.Dataset, fmt: str, files: list[Path] | None) -> Non
     if fmt != "messages":
         return
     column = table.column("messages")
-    if not pa.types.is_list(column.type) or not pa.types.is_struct(column.type.value_type):
+    value_type = column.type.value_type if pa.types.is_list(column.type) else None
+    if (
+        isinstance(value_type, pa.BaseExtensionType)
+        or (value_type is not None and pa.types.is_struct(value_type) and value_type.get_field_index("tool_calls") >= 0)
+        or "tools" in table.column_names
+    ):
+        # Tool-calling chats: messages of different keys (`datasets` loads them as JSON per message), tool calls,
+        # a tools column. Checked row by row in Python: the nesting is the data's own.
+        _check_tool_rows(raw, files)
+        return
+    if value_type is None or not pa.types.is_struct(value_type):
         raise UsageError(
             f"{_where(files, 0)}: field 'messages' is {column.type}, not a list of {{role, content}} objects: "
             f'write each conversation as [{{"role": ..., "content": ...}}, ...]'
@@ -204,6 +214,109 @@ def check_rows(raw: datasets.Dataset, fmt: str, files: list[Path] | None) -> Non
                     f"fix or remove that message"
                 )
         start += len(chunk)
+
+
+_CALL_FORMAT = '{"type": "function", "function": {"name": ..., "arguments": {...}}}'
+_TOOL_FORMAT = '{"type": "function", "function": {"name": ..., "description": ..., "parameters": {...}}}'
+
+
+def decode_tools(value: Any) -> Any:
+    """A row's ``tools`` as the template takes them: a list of tool schemas. Hub datasets often store them as one
+    JSON string per row (xlam, hermes-function-calling); ``None`` or an empty list means no tools."""
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _named(item: Any) -> bool:
+    """A tool call or tool schema names its function: ``{"function": {"name": str}}`` or the flat ``{"name": str}``."""
+    fn = item.get("function", item) if isinstance(item, dict) else None
+    return isinstance(fn, dict) and isinstance(fn.get("name"), str)
+
+
+def _message_problem(turn: int, m: Any) -> str | None:
+    """What is wrong with message ``turn`` of a conversation, as 'field ...: the fix', or None."""
+    if not isinstance(m, dict):
+        return (
+            f'field \'messages[{turn}]\' is a {type(m).__name__}: write each message as {{"role": ..., "content": ...}}'
+        )
+    if not isinstance(m.get("role"), str):
+        return f"field 'messages[{turn}].role' is {m.get('role')!r}, not a string: give every message a role"
+    calls = m.get("tool_calls")
+    if calls is not None:
+        if m["role"] != "assistant" or not isinstance(calls, list):
+            return (
+                f"field 'messages[{turn}].tool_calls' is not a list of tool calls of an assistant message: write "
+                f"it as [{_CALL_FORMAT}, ...] on an assistant message"
+            )
+        for k, call in enumerate(calls):
+            fn = call.get("function", call) if isinstance(call, dict) else None
+            if not _named(call) or not isinstance(fn.get("arguments"), (dict, str)):
+                return (
+                    f"field 'messages[{turn}].tool_calls[{k}]' has no function name or arguments: write each tool "
+                    f"call as {_CALL_FORMAT}"
+                )
+    content = m.get("content")
+    if not isinstance(content, str) and not (content is None and calls):
+        what = "null" if content is None else f"a {type(content).__name__}"
+        return f"field 'messages[{turn}].content' is {what}, not a string: fix or remove that message"
+    return None
+
+
+def null_filled(features: datasets.Features) -> tuple[str, ...]:
+    """The chat columns (``messages``, ``tools``) that `datasets` holds as Arrow structs: every object there has every
+    key seen in the column, null where the row did not write it (parquet from the Hub, or rows of one shape). Their
+    nulls mean "absent" and are dropped before rendering; a column of JSON values (``datasets.Json``, which `datasets`
+    uses when rows differ in shape) keeps each object exactly as written."""
+    return tuple(
+        c
+        for c in ("messages", "tools")
+        if isinstance(features.get(c), datasets.List) and isinstance(features[c].feature, dict)
+    )
+
+
+def drop_nulls(value: Any) -> Any:
+    """``value`` with every null-valued key of every nested object removed (see ``null_filled``)."""
+    if isinstance(value, dict):
+        return {k: drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [drop_nulls(v) for v in value]
+    return value
+
+
+def _check_tool_rows(raw: datasets.Dataset, files: list[Path] | None) -> None:
+    """check_rows for conversations with tool calls or a ``tools`` column, row by row (decoded by `datasets`)."""
+    columns = ["messages"] + (["tools"] if "tools" in raw.column_names else [])
+    for start in range(0, len(raw), 1000):
+        batch = raw.select_columns(columns)[start : start + 1000]
+        for n, messages in enumerate(batch["messages"]):
+            if not isinstance(messages, list):
+                raise UsageError(
+                    f"{_where(files, start + n)}: field 'messages' is {'null' if messages is None else type(messages).__name__}, "
+                    f'not a list of messages: write each conversation as [{{"role": ..., "content": ...}}, ...]'
+                )
+            for turn, m in enumerate(messages):
+                problem = _message_problem(turn, m)
+                if problem:
+                    raise UsageError(f"{_where(files, start + n)}: {problem}")
+            if "tools" not in batch:
+                continue
+            try:
+                tools = decode_tools(batch["tools"][n])
+            except json.JSONDecodeError as exc:
+                raise UsageError(
+                    f"{_where(files, start + n)}: field 'tools' is a string but not JSON ({exc.msg}): write it as a "
+                    f"JSON list of tools [{_TOOL_FORMAT}, ...]"
+                ) from None
+            if tools is not None and not isinstance(tools, list):
+                raise UsageError(
+                    f"{_where(files, start + n)}: field 'tools' is a {type(tools).__name__}: write it as a list of "
+                    f"tools [{_TOOL_FORMAT}, ...]"
+                )
+            for k, tool in enumerate(tools or []):
+                if not _named(tool):
+                    raise UsageError(
+                        f"{_where(files, start + n)}: field 'tools[{k}]' has no function name: write each tool as "
+                        f"{_TOOL_FORMAT}"
+                    )
 
 
 def with_ids(raw: datasets.Dataset, path: str, files: list[Path] | None) -> datasets.Dataset:

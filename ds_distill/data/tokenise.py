@@ -12,7 +12,16 @@ import torch
 
 from ds_distill.common import IGNORE_INDEX, UsageError
 from ds_distill.data.chat import ChatEncoder
-from ds_distill.data.loading import check_rows, detect_format, load_raw, warn_once, with_ids
+from ds_distill.data.loading import (
+    check_rows,
+    decode_tools,
+    detect_format,
+    drop_nulls,
+    load_raw,
+    null_filled,
+    warn_once,
+    with_ids,
+)
 from ds_distill.runtime import distributed
 
 logger = logging.getLogger("ds_distill.data")
@@ -31,8 +40,17 @@ class _Tokenise:
     """The batched `datasets.map` function: raw rows -> input_ids, labels (shifted), _truncated. A class (not a
     closure) so the `datasets` fingerprint, hence the cache, depends only on these settings and the tokenizer."""
 
-    def __init__(self, tokenizer, fmt: str, seq_len: int, train_on_prompt: bool, chat_template: str | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        fmt: str,
+        seq_len: int,
+        train_on_prompt: bool,
+        chat_template: str | None = None,
+        null_filled: tuple[str, ...] = (),
+    ):
         self.tokenizer, self.fmt, self.seq_len, self.train_on_prompt = tokenizer, fmt, seq_len, train_on_prompt
+        self.null_filled = null_filled  # chat columns whose nulls mean "absent" (loading.null_filled)
         eos = tokenizer.eos_token_id
         if fmt != "messages" and eos is None:
             raise UsageError(
@@ -58,7 +76,8 @@ class _Tokenise:
                 p = p[:-1] if self.adds_eos else p  # the eos belongs after the completion, not the prompt
                 rows.append([(p + c + [self.eos], [self.train_on_prompt] * len(p) + [True] * (len(c) + 1))])
         else:
-            rows = [self._messages(m, i) for m, i in zip(batch["messages"], batch["id"])]
+            tools = batch.get("tools") or [None] * len(batch["id"])
+            rows = [self._messages(m, t, i) for m, t, i in zip(batch["messages"], tools, batch["id"])]
         # A conversation may give several examples (one per assistant turn): each keeps the row's id and row number.
         out: dict[str, list] = {"id": [], "row": [], "input_ids": [], "labels": [], "_truncated": []}
         for example_id, row, examples in zip(batch["id"], batch["row"], rows):
@@ -72,12 +91,17 @@ class _Tokenise:
                 out["labels"].append(_shift(ids, sup))
         return out
 
-    def _messages(self, messages: list[dict], example_id) -> list[tuple[list[int], list[bool]]]:
-        """One example for the conversation, or one per assistant turn: see ``chat.ChatEncoder``."""
-        # `datasets` gives every message every key seen in the file (None where absent); a template must see the
-        # message as written, as apply_chat_template does (it drops None values too).
+    def _messages(self, messages: list[dict], tools, example_id) -> list[tuple[list[int], list[bool]]]:
+        """One example for the conversation (with its ``tools``), or one per assistant turn: see ``chat.ChatEncoder``."""
+        # A template must see each message and tool as written: the nulls `datasets` fills into struct columns for
+        # keys a row did not write are dropped (nested too: tool calls, schemas); top-level None keys as before.
+        if "messages" in self.null_filled:
+            messages = drop_nulls(messages)
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
-        return self.chat(messages, f"example id {example_id!r}")
+        tools = decode_tools(tools)
+        if "tools" in self.null_filled:
+            tools = drop_nulls(tools)
+        return self.chat(messages, f"example id {example_id!r}", tools)
 
 
 class _Pack:
@@ -151,7 +175,7 @@ def get_dataset(
             if len(raw) == 0:
                 raise UsageError(f"example_filter removed every example of {path!r}: loosen the filter")
 
-        tokenise = _Tokenise(tokenizer, fmt, seq_len, train_on_prompt, chat_template)
+        tokenise = _Tokenise(tokenizer, fmt, seq_len, train_on_prompt, chat_template, null_filled(raw.features))
         ds = raw.map(tokenise, batched=True, remove_columns=raw.column_names, num_proc=num_proc, desc="tokenising")
 
         n_long, n_all = pc.sum(ds.with_format("arrow")["_truncated"]).as_py() or 0, len(ds)
