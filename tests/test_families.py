@@ -14,6 +14,7 @@ import torch
 import transformers
 
 from ds_distill import models, train
+from ds_distill.common import UsageError
 from ds_distill.config import parse_args
 from ds_distill.data import collate
 from ds_distill.ds_config import REPO_CONFIGS
@@ -326,3 +327,151 @@ def test_moe_families_under_zero3_on_two_ranks(tiny, family_root, tmp_path):
     for name in ("Qwen3MoeSparseMoeBlock", "MixtralSparseMoeBlock", "GptOssMLP"):
         assert f"ZeRO-3 leaf modules ['{name}']" in log, name
     assert (out / "final" / "config.json").is_file()
+
+
+# ------------------------------------------------------------------------------- the registry sweep
+# Every causal-LM class of transformers' registry, built once from its config class with these sizes (each keyword
+# only where the config's __init__ takes it). The model's own forward is the truth: HiddenStatesLM's hidden states
+# through its head give the model's own logits, or the derivation stops in one line (UsageError) naming the family.
+SWEEP_SIZES = dict(
+    vocab_size=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    hidden_size=16,
+    d_model=16,
+    n_embd=16,
+    n_embed=16,
+    intermediate_size=32,
+    ffn_dim=32,
+    n_inner=32,
+    num_hidden_layers=1,
+    n_layer=1,
+    num_layers=1,
+    decoder_layers=1,
+    num_attention_heads=2,
+    n_head=2,
+    decoder_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=8,
+    rotary_dim=4,
+    max_position_embeddings=64,
+    n_positions=64,
+    num_experts=4,
+    num_local_experts=4,
+    n_routed_experts=4,
+    moe_intermediate_size=16,
+    num_experts_per_tok=2,
+    output_router_logits=False,
+)
+# Per family, sizes the generic ones do not satisfy: multi-head latent attention and DiffLlama need as many (or an
+# even number of) key/value heads as query heads.
+SWEEP_EXTRA: dict[str, dict] = {
+    n: dict(num_key_value_heads=2)
+    for n in ("deepseek_v2", "deepseek_v3", "minicpm3", "sarvam_mla", "youtu", "axk1", "axk2", "diffllama")
+}
+SWEEP_MAX_PARAMS = 2_000_000  # counted on the meta device first: a family these sizes do not reach is not built
+# Families whose whole model (not only the output layer) cannot be built tiny from the generic sizes: the reason.
+# Checked both ways: a family listed here that builds, or one that fails to build and is not listed, fails the test.
+SWEEP_SKIP: dict[str, str] = {
+    "bamba": "StrictDataclassClassValidationError: Class validation error for validator 'validate_architec...",
+    "blt": "4633M parameters at these sizes (sub-configs or fixed dims keep full size)",
+    "cohere_compass_text": "KeyError: 'full_attention'",
+    "dbrx": "AttributeError: 'DbrxAttentionConfig' object has no attribute 'rope_theta'",
+    "deepseek_v32": "13M parameters at these sizes (sub-configs or fixed dims keep full size)",
+    "dots1": "TypeError: unsupported operand type(s) for *: 'int' and 'NoneType'",
+    "dots3_note": "AttributeError: 'Dots3NoteConfig' object has no attribute 'pad_token_id'",
+    "dots3_note_text": "StrictDataclassClassValidationError: Class validation error for validator 'validate_architec...",
+    "emu3": "AttributeError: 'Emu3Config' object has no attribute 'pad_token_id'",
+    "fuyu": "9408M parameters at these sizes (sub-configs or fixed dims keep full size)",
+    "gemma3": "2723M parameters at these sizes (sub-configs or fixed dims keep full size)",
+    "gemma3n": "needs an extra library (ImportError)",
+    "gemma3n_text": "ValueError: The set of layer types producing a cache is different than the set of layer type...",
+    "gemma4": "5077M parameters at these sizes (sub-configs or fixed dims keep full size)",
+    "gemma4_assistant": "StrictDataclassClassValidationError: Class validation error for validator 'validate_architec...",
+    "gemma4_text": "67M parameters at these sizes (sub-configs or fixed dims keep full size)",
+    "gemma4_unified": "3011M parameters at these sizes (sub-configs or fixed dims keep full size)",
+    "gemma4_unified_assistant": "2872M parameters at these sizes (sub-configs or fixed dims keep full size)",
+    "git": "86M parameters at these sizes (sub-configs or fixed dims keep full size)",
+    "glm_moe_dsa": "10M parameters at these sizes (sub-configs or fixed dims keep full size)",
+    "got_ocr2": "561M parameters at these sizes (sub-configs or fixed dims keep full size)",
+    "gpt_neo": "StrictDataclassClassValidationError: Class validation error for validator 'validate_architec...",
+    "granitemoehybrid": "StrictDataclassClassValidationError: Class validation error for validator 'validate_architec...",
+    "hy_v4": "4M parameters at these sizes (sub-configs or fixed dims keep full size)",
+    "inkling2_loop_text": "3M parameters at these sizes (sub-configs or fixed dims keep full size)",
+    "inkling2_text": "4M parameters at these sizes (sub-configs or fixed dims keep full size)",
+    "lfm2_moe": "TypeError: 'NoneType' object is not subscriptable",
+    "llama4": "AttributeError: 'Llama4Config' object has no attribute 'pad_token_id'",
+    "longcat_flash": "20M parameters at these sizes (sub-configs or fixed dims keep full size)",
+    "mamba2": "StrictDataclassClassValidationError: Class validation error for validator 'validate_architec...",
+    "mllama": "9775M parameters at these sizes (sub-configs or fixed dims keep full size)",
+    "moss_transcribe_diarize": "909M parameters at these sizes (sub-configs or fixed dims keep full size)",
+    "musicgen": "AttributeError: 'MusicgenConfig' object has no attribute 'dropout'",
+    "musicgen_melody": "AttributeError: 'MusicgenMelodyConfig' object has no attribute 'dropout'",
+    "olmo_hybrid": "StrictDataclassClassValidationError: Class validation error for validator 'validate_architec...",
+    "phi4_multimodal": "870M parameters at these sizes (sub-configs or fixed dims keep full size)",
+    "qwen3_5": "AttributeError: 'Qwen3_5Config' object has no attribute 'vocab_size'",
+    "qwen3_5_moe": "AttributeError: 'Qwen3_5MoeConfig' object has no attribute 'vocab_size'",
+    "qwen4_exp": "AttributeError: 'Qwen4ExpConfig' object has no attribute 'vocab_size'",
+    "reformer": "AssertionError: If you want to use `ReformerModelWithLMHead` make sure that `is_decoder=True`.",
+    "roc_bert": "13M parameters at these sizes (sub-configs or fixed dims keep full size)",
+    "rwkv": "ZeroDivisionError: division by zero",
+    "xlm": "605M parameters at these sizes (sub-configs or fixed dims keep full size)",
+    "xmod": "ValueError: Input language unknown. Please call `XmodPreTrainedModel.set_default_language()`",
+    "zamba": "StrictDataclassClassValidationError: Class validation error for validator 'validate_layer_type'",
+    "zamba2": "StrictDataclassClassValidationError: Class validation error for validator 'validate_layer_type'",
+    "zaya": "StrictDataclassClassValidationError: Class validation error for validator 'validate_architec...",
+}
+
+
+def _sweep_build(family: str):
+    """(lm, input_ids, own logits) of the tiny model of ``family``, or raise with why it cannot be built tiny."""
+    import inspect
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config_cls = CONFIG_MAPPING[family]
+    params = inspect.signature(config_cls.__init__).parameters
+    sizes = {**SWEEP_SIZES, **SWEEP_EXTRA.get(family, {})}
+    config = config_cls(**{k: v for k, v in sizes.items() if k in params})
+    model_cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[family])
+    with torch.device("meta"):
+        n = sum(p.numel() for p in model_cls(config).parameters())
+    if n > SWEEP_MAX_PARAMS:
+        raise ValueError(f"{n} parameters at the sweep's sizes (sub-configs keep their full sizes)")
+    torch.manual_seed(0)
+    lm = model_cls(config).to(torch.float32).eval()
+    ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        own = lm(input_ids=ids, use_cache=False).logits
+    return lm, ids, own
+
+
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # noqa: E402
+
+
+@pytest.mark.parametrize("family", list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))
+def test_every_registry_family_gives_its_own_logits_or_one_line(family):
+    import logging
+    import warnings
+
+    transformers.logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lm, ids, own = _sweep_build(family)
+    except Exception as exc:  # noqa: BLE001 - any failure of transformers' own build/forward: the family is skipped
+        why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        assert family in SWEEP_SKIP, f"{family} cannot be built tiny ({why}): list it in SWEEP_SKIP with the reason"
+        pytest.skip(f"{family}: {SWEEP_SKIP[family]}")
+    assert family not in SWEEP_SKIP, f"{family} builds tiny now: remove it from SWEEP_SKIP"
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        wrapped = models.HiddenStatesLM(lm)
+        with torch.no_grad():
+            ours = wrapped.head(wrapped(input_ids=ids).flatten(0, 1)).reshape(own.shape)
+    except UsageError as exc:
+        msg = str(exc)
+        assert "\n" not in msg and family in msg, msg
+        return
+    torch.testing.assert_close(ours, own, atol=1e-5, rtol=1e-5, msg=lambda m: f"{family}: head != own logits\n{m}")

@@ -29,7 +29,7 @@ class HiddenStatesLM(nn.Module):
         super().__init__()
         for name, child in lm.named_children():
             self.add_module(name, child)
-        self.decoder_name = lm.base_model_prefix
+        self.decoder_name = decoder_name(lm)
         # Not a submodule: the children above already hold every parameter once.
         object.__setattr__(self, "lm", lm)
         self.transform = LogitTransform.of(lm)
@@ -47,6 +47,26 @@ class HiddenStatesLM(nn.Module):
         return getattr(self, self.decoder_name)(**inputs, use_cache=False).last_hidden_state
 
 
+def decoder_name(lm: nn.Module) -> str:
+    """The name of ``lm``'s decoder child: ``lm.base_model_prefix`` (Llama's ``model``), else the one child besides
+    the output projection (Llama 4's ``model`` under the prefix ``language_model``).
+    Errors: UsageError naming the family when neither exists."""
+    head = lm.get_output_embeddings()
+    if isinstance(lm._modules.get(lm.base_model_prefix), nn.Module):
+        return lm.base_model_prefix
+    others = [n for n, m in lm.named_children() if m is not head]
+    if len(others) == 1:
+        return others[0]
+    raise UsageError(
+        f"{_family(lm)}: no decoder child {lm.base_model_prefix!r} (children {[n for n, _ in lm.named_children()]}): "
+        "ds-distill needs a *ForCausalLM laid out as decoder + output projection"
+    )
+
+
+def _family(lm: nn.Module) -> str:
+    return f"{type(lm).__name__} (model_type {getattr(lm.config, 'model_type', '?')!r})"
+
+
 class _Output(BaseModelOutputWithPast):
     """A decoder output holding only ``last_hidden_state``; any other field a head reads (router_logits,
     cross_attentions, ...) is None."""
@@ -58,14 +78,36 @@ class _Output(BaseModelOutputWithPast):
 
 
 class _Returns(nn.Module):
-    """Stands in for a decoder: returns the given tensor as its last hidden state, whatever the inputs."""
+    """Stands in for a decoder: returns the given tensor as its last hidden state, whatever the inputs. A head's
+    forward may read attributes off its decoder (Falcon-H1's ``model.lm_head_multiplier``) or call a submodule of it
+    (Bart's ``model.decoder``): plain attributes are the real decoder's, submodules are stubs like this one."""
 
-    def __init__(self, z: torch.Tensor):
+    def __init__(self, z: torch.Tensor, real: nn.Module):
         super().__init__()
         self.z = z
+        object.__setattr__(self, "real", real)  # not a submodule: the stub holds no parameters
 
     def forward(self, *args: Any, **kwargs: Any) -> _Output:
         return _Output(last_hidden_state=self.z)
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self.__dict__["real"], name)
+        return _Returns(self.z, value) if isinstance(value, nn.Module) else value
+
+
+class _Identity(nn.Module):
+    """Stands in for the output projection: returns its input. Attribute reads are the real projection's (Mamba's
+    forward casts to ``lm_head.weight.dtype``)."""
+
+    def __init__(self, real: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "real", real)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["real"], name)
 
 
 class LogitTransform:
@@ -79,12 +121,12 @@ class LogitTransform:
         self.lm = lm
         head = lm.get_output_embeddings()
         names = [n for n, m in lm.named_children() if m is head]
-        if head is None or not names or not hasattr(lm, lm.base_model_prefix):
+        if head is None or not names:
             raise UsageError(
-                f"{type(lm).__name__} is not laid out as decoder + output projection (children {[n for n, _ in lm.named_children()]}): "
+                f"{_family(lm)} is not laid out as decoder + output projection (children {[n for n, _ in lm.named_children()]}): "
                 "ds-distill needs a *ForCausalLM whose logits come from its get_output_embeddings() module"
             )
-        self.head_name = names[0]
+        self.head_name, self.decoder_name = names[0], decoder_name(lm)
         params = inspect.signature(lm.forward).parameters
         # MoE heads add a router loss when asked for router logits; the stub has none to give.
         self.kwargs = {"output_router_logits": False} if "output_router_logits" in params else {}
@@ -94,13 +136,30 @@ class LogitTransform:
         """The model's transform, or None where it leaves the projection's output unchanged (checked on values
         up to +-100, bit for bit: the chunked loss then calls the projection alone)."""
         transform = cls(lm)
-        z = torch.linspace(-100.0, 100.0, 64).reshape(2, 32)
-        return None if torch.equal(transform(z).to(z.dtype), z) else transform
+        # As wide as the projection's output: a forward that reshapes or slices the logits gives them back unchanged.
+        width = getattr(lm.get_output_embeddings(), "out_features", None) or lm.config.get_text_config().vocab_size
+        z = torch.linspace(-100.0, 100.0, 2 * width).reshape(2, width)
+        try:
+            out = transform(z)
+        except (RuntimeError, AttributeError, TypeError, ValueError, IndexError, KeyError) as exc:
+            # e.g. Electra's forward runs a dense layer on the hidden states before the projection: not a function of
+            # the projection's output, so the chunked loss cannot reproduce it.
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise UsageError(
+                f"{_family(lm)}: its forward does more than a transform of the output projection's logits "
+                f"({type(exc).__name__}: {first[:120]}): this family's output layer is not supported; please report it"
+            ) from None
+        if out.shape != z.shape:
+            raise UsageError(
+                f"{_family(lm)}: its forward turns [n, {width}] projection outputs into {list(out.shape)} logits: "
+                "this family's output layer is not supported; please report it"
+            )
+        return None if torch.equal(out.to(z.dtype), z) else transform
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        lm, prefix = self.lm, self.lm.base_model_prefix
+        lm, prefix = self.lm, self.decoder_name
         decoder, head = lm._modules[prefix], lm._modules[self.head_name]
-        lm._modules[prefix], lm._modules[self.head_name] = _Returns(z[None]), nn.Identity()
+        lm._modules[prefix], lm._modules[self.head_name] = _Returns(z[None], decoder), _Identity(head)
         try:
             ids = torch.zeros(1, z.shape[0], dtype=torch.long, device=z.device)
             logits = lm(input_ids=ids, use_cache=False, **self.kwargs).logits[0]
