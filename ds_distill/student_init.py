@@ -21,18 +21,10 @@ from pathlib import Path
 import torch
 
 from ds_distill.common import UsageError
+from ds_distill.models.layer_map import evenly_spaced, write_provenance
+from ds_distill.teachers.cache_format import teacher_fingerprint
 
-
-def evenly_spaced(num_layers: int, teacher_layers: int) -> list[int]:
-    """`num_layers` teacher layer indices spread evenly over [0, teacher_layers - 1], first and last included.
-
-    Example: evenly_spaced(4, 30) -> [0, 10, 19, 29].
-    """
-    if not 1 <= num_layers <= teacher_layers:
-        raise UsageError(f"--num_layers {num_layers} must be between 1 and the teacher's layer count {teacher_layers}")
-    if num_layers == 1:
-        return [0]
-    return [round(i * (teacher_layers - 1) / (num_layers - 1)) for i in range(num_layers)]
+__all__ = ["check_layers", "evenly_spaced", "make_student", "main"]
 
 
 def check_layers(layers: list[int], teacher_layers: int) -> None:
@@ -67,7 +59,11 @@ def make_student(
     random_init: bool = False,
     seed: int = 0,
 ) -> list[int]:
-    """Write a student (config.json, model.safetensors, tokenizer) to `out_dir`; return the teacher layers kept.
+    """Write a student (config.json, model.safetensors, tokenizer, distill_provenance.json) to `out_dir`; return the
+    teacher layers kept.
+
+    ``distill_provenance.json`` (``models.layer_map``) records the kept layers in student order, the teacher's depth
+    and fingerprint, and whether the weights were copied: ``--hidden_layers auto`` maps each student layer onto them.
 
     Give exactly one of `layers` (teacher indices, in student order) or `num_layers` (evenly spaced, first and
     last included). With `random_init` the weights come from the model's own initialiser seeded by `seed` and the
@@ -122,6 +118,7 @@ def make_student(
     out_dir.mkdir(parents=True, exist_ok=True)
     student.save_pretrained(out_dir, safe_serialization=True)
     AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(out_dir)
+    write_provenance(out_dir, layers, n_teacher, teacher_fingerprint(str(teacher_dir)), random_init)
     return layers
 
 

@@ -118,6 +118,37 @@ def test_student_copies_selected_layers(teacher_dir, tmp_path):
     assert AutoTokenizer.from_pretrained(tmp_path).chat_template == CHAT_TEMPLATE
 
 
+def test_student_records_its_layer_provenance(teacher_dir, tmp_path):
+    """distill_provenance.json: the layers chosen (student order), the teacher's depth and fingerprint; --random says
+    that no weight was copied."""
+    from ds_distill.models.layer_map import PROVENANCE, hidden_layer_map, read_provenance
+    from ds_distill.teachers.cache_format import teacher_fingerprint
+
+    make_student(teacher_dir, tmp_path / "a", layers=[3, 1])
+    prov = json.loads((tmp_path / "a" / PROVENANCE).read_text())
+    assert prov == {
+        "teacher_layers": [3, 1],
+        "teacher_num_layers": 4,
+        "teacher_fingerprint": teacher_fingerprint(str(teacher_dir)),
+        "weights": "copied",
+    }
+    assert hidden_layer_map("auto", str(tmp_path / "a"), 2, 4) == [(0, 3), (1, 1)]
+    make_student(teacher_dir, tmp_path / "b", num_layers=3, random_init=True)
+    assert read_provenance(tmp_path / "b")["teacher_layers"] == [0, 2, 3]
+    assert read_provenance(tmp_path / "b")["weights"] == "random"
+    with pytest.raises(UsageError, match="random weights"):
+        hidden_layer_map("auto", str(tmp_path / "b"), 3, 4)
+    with pytest.raises(UsageError, match="has no distill_provenance.json"):
+        hidden_layer_map("auto", str(teacher_dir), 4, 4)
+    with pytest.raises(UsageError, match="other teacher depth|6-layer teacher|onto a 4-layer"):
+        hidden_layer_map("auto", str(tmp_path / "a"), 2, 6)
+    assert hidden_layer_map("even", str(tmp_path / "b"), 3, 4) == [(0, 0), (1, 2), (2, 3)]
+    assert hidden_layer_map("0:1,2:3", str(tmp_path / "b"), 3, 4) == [(0, 1), (2, 3)]
+    for bad in ("0:4", "0-1", "0:1,0:2"):
+        with pytest.raises(UsageError, match="--hidden_layers"):
+            hidden_layer_map(bad, str(tmp_path / "b"), 3, 4)
+
+
 def test_evenly_spaced_includes_first_and_last(teacher_dir, tmp_path):
     assert evenly_spaced(4, 30) == [0, 10, 19, 29]
     assert evenly_spaced(6, 30) == [0, 6, 12, 17, 23, 29]

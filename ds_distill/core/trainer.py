@@ -25,6 +25,7 @@ from ds_distill.core import checkpoint
 from ds_distill.core.step_sync import StepPlan, StepSync
 from ds_distill.ds_config import DSConfig
 from ds_distill.losses.objective import Objective
+from ds_distill.models.layer_map import copy_provenance
 from ds_distill.runtime.callbacks import Callback
 from ds_distill.teachers.live import TeacherSource
 
@@ -222,6 +223,7 @@ class Trainer:
         folder.mkdir(parents=True, exist_ok=True)
         self.student.module.config.save_pretrained(folder)
         models.copy_tokenizer(self.cfg.student, folder)  # as given, not the loaded object re-saved
+        copy_provenance(self.cfg.student, folder)
         (folder / "ds_config.json").write_text(json.dumps(self.ds.raw, indent=2))
 
     def resume(self, universal: str | None = None) -> None:
