@@ -5,6 +5,9 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup.sh
+# The inference server's own environment (vLLM pins another torch and transformers): the served-teacher tests
+# (tests/test_served.py, marked vllm) start one real vLLM server from it.
+bash scripts/setup_vllm.sh
 export DS_ACCELERATOR=cpu
 # The venv first on PATH, as in an activated venv, for every process of the suite: torch JIT-builds DeepSpeed's ops with
 # the first `ninja` on PATH, and the system's and the venv's ninja do not read each other's build log, so a mix
