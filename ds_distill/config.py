@@ -69,8 +69,32 @@ class RunConfig:
         "Train from a teacher cache written by `python -m ds_distill.cache_teacher` instead of --teacher: no teacher model is loaded. Repeat it for an ensemble (mixed by --teacher_weights or --router, as teachers).",
         multi=True,
     )
+    teacher_url: list[str] = flag(
+        list,
+        "A teacher behind an OpenAI-compatible server with prompt_logprobs (vLLM: README, serving a teacher with vLLM), e.g. http://127.0.0.1:8000: its top --teacher_top_k log-probs per supervised token plus a tail bucket, the loss of a cache. Repeat it for an ensemble; it mixes with --teacher_cache (caches first, then servers, in --teacher_weights).",
+        multi=True,
+    )
+    teacher_top_k: int = flag(
+        64, "With --teacher_url: log-probs asked per supervised token (at most the server's --max-logprobs)."
+    )
+    teacher_reference: list[str] = flag(
+        list,
+        "With --teacher_url: a local copy of each served teacher (same order); at connect its log-probs on a probe must agree with the server's within --teacher_reference_tolerance.",
+        multi=True,
+    )
+    teacher_reference_tolerance: float = flag(
+        1e-3, "Nats: largest |served - local| log-prob accepted by the --teacher_reference probe."
+    )
+    teacher_url_timeout: float = flag(120.0, "Seconds for one request to a --teacher_url (a stall counts as a failure).")
+    teacher_url_retries: int = flag(
+        6,
+        "Retries of a failed request to a --teacher_url (backoff 1, 2, 4, ... 30 s); then the run saves its last finished step and exits 75.",
+    )
+    teacher_url_wait: float = flag(600.0, "Seconds to wait at start for a --teacher_url to become ready.")
     teacher_weights: list[float] = flag(
-        list, "Ensemble weights, one per --teacher or --teacher_cache (normalised). Default: uniform.", multi=True
+        list,
+        "Ensemble weights, one per --teacher, --teacher_cache or --teacher_url (normalised). Default: uniform.",
+        multi=True,
     )
     attn_implementation: str = flag(
         "auto",
@@ -156,8 +180,10 @@ class RunConfig:
     def validate(self) -> None:
         """Collect every problem and raise one UsageError that lists them all."""
         problems: list[str] = []
-        if not self.teacher and not self.teacher_cache:
-            problems.append("--teacher is required (a model directory; repeat it for an ensemble), or --teacher_cache")
+        if not self.teacher and not self.teacher_cache and not self.teacher_url:
+            problems.append(
+                "--teacher is required (a model directory; repeat it for an ensemble), or --teacher_cache, or --teacher_url"
+            )
         for name in ("student", "data", "output_dir"):
             if not getattr(self, name):
                 problems.append(f"--{name} is required")
@@ -180,7 +206,9 @@ class RunConfig:
         for name in ("beta", "skew"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"--{name} {getattr(self, name)} must be in [0, 1]")
-        if self.teacher_cache:
+        if self.teacher_url:
+            problems.extend(_served_problems(self))
+        elif self.teacher_cache:
             problems.extend(_teacher_cache_problems(self))
         elif self.teacher_weights and len(self.teacher_weights) != len(self.teacher):
             problems.append(
@@ -266,6 +294,32 @@ def _teacher_cache_problems(cfg: RunConfig) -> list[str]:
     if cfg.on_policy_fraction:
         problems.append(
             "--on_policy_fraction samples new tokens that a teacher cache cannot score: train on-policy with --teacher"
+        )
+    return problems
+
+
+def _served_problems(cfg: RunConfig) -> list[str]:
+    problems = []
+    if cfg.teacher:
+        problems.append(
+            "--teacher with --teacher_url: a live teacher does not mix with a served one yet: serve it too, or cache it "
+            "(python -m ds_distill.cache_teacher) and pass --teacher_cache"
+        )
+    n = len(cfg.teacher_cache) + len(cfg.teacher_url)
+    if cfg.teacher_weights and len(cfg.teacher_weights) != n:
+        problems.append(f"--teacher_weights has {len(cfg.teacher_weights)} values for {n} teacher caches and servers")
+    if cfg.router != "fixed" and cfg.temperature != 1.0:
+        problems.append(f"--router {cfg.router} scores labels at temperature 1: use --temperature 1, or --router fixed")
+    if cfg.on_policy_fraction:
+        problems.append(
+            "--on_policy_fraction with --teacher_url is not supported yet (the server would score tokens the student "
+            "samples during the step): train on-policy with --teacher"
+        )
+    if cfg.teacher_top_k < 1 or cfg.teacher_url_timeout <= 0 or cfg.teacher_url_retries < 0 or cfg.teacher_url_wait < 0:
+        problems.append(
+            f"served-teacher flags out of range (--teacher_top_k {cfg.teacher_top_k} >= 1, --teacher_url_timeout "
+            f"{cfg.teacher_url_timeout} > 0, --teacher_url_retries {cfg.teacher_url_retries} >= 0, --teacher_url_wait "
+            f"{cfg.teacher_url_wait} >= 0)"
         )
     return problems
 
@@ -405,7 +459,7 @@ def parse_args(argv: list[str] | None = None, cls: type = RunConfig, prog: str =
     config = parser.parse_known_args(argv)[0].config  # --config first: its keys are the defaults of the real parse
     if config:
         values = load_run_file(config, cls)
-        for name in ("teacher", "teacher_weights", "teacher_cache"):  # a run file may give one teacher as a plain value
+        for name in ("teacher", "teacher_weights", "teacher_cache", "teacher_url", "teacher_reference"):  # one: a value
             if isinstance(values.get(name), (str, int, float)):
                 values[name] = [values[name]]
         parser.set_defaults(**values)

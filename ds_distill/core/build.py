@@ -25,7 +25,7 @@ from ds_distill.ds_config import DSConfig, default_ds_configs, load_ds_config
 from ds_distill.losses.objective import Objective
 from ds_distill.runtime import distributed, monitors
 from ds_distill.runtime.callbacks import Callback
-from ds_distill.teachers import cache_reader
+from ds_distill.teachers import cache_reader, served
 from ds_distill.teachers.live import LiveTeachers, TeacherSource
 
 log = logging.getLogger("ds_distill")
@@ -38,7 +38,7 @@ def build(cfg: RunConfig, callbacks: list[Callback] = (), objective: Objective |
     run_data = load_data(cfg, run_configs)
     engines = load_models(cfg, run_configs, run_data)
     teachers = teacher_source(cfg, run_data, engines)
-    stream = batch_stream(cfg, run_configs, run_data, engines)
+    stream = batch_stream(cfg, run_configs, run_data, engines, teachers)
     run_callbacks = [*stream.callbacks, *callbacks]  # the stream's own, then the extras (default_callbacks)
     trainer = Trainer(
         cfg,
@@ -185,9 +185,12 @@ def load_models(cfg: RunConfig, run: Configs, run_data: Data) -> Models:
 
 # ----------------------------------------------------------------------------------------- 4. teacher source
 def teacher_source(cfg: RunConfig, run_data: Data, engines: Models) -> TeacherSource:
-    """Where a step's teacher targets come from: the caches (no teacher model), else the live teacher engines."""
+    """Where a step's teacher targets come from: servers (--teacher_url, with any caches as one ensemble), the caches
+    (no teacher model), else the live teacher engines."""
+    splits = {"train": "data", "eval": "eval_data" if cfg.eval_data else "data"}
+    if cfg.teacher_url:  # ready and checked (tokenizer, K, vocabulary, parity), each in one line
+        return served.ServedTeacher(served.connect_run(cfg, run_data.tokenizer, engines.vocab), run_data.caches, splits)
     if run_data.caches:
-        splits = {"train": "data", "eval": "eval_data" if cfg.eval_data else "data"}
         return cache_reader.CachedTeacher(run_data.caches, splits)
     return LiveTeachers(engines.teachers)
 
@@ -201,8 +204,9 @@ class Stream:
     callbacks: list[Callback]
 
 
-def batch_stream(cfg: RunConfig, run: Configs, run_data: Data, engines: Models) -> Stream:
-    """One seeded global order per epoch, split over the ranks; prefetched on a thread; on-policy: all of it here."""
+def batch_stream(cfg: RunConfig, run: Configs, run_data: Data, engines: Models, teachers: TeacherSource) -> Stream:
+    """One seeded global order per epoch, split over the ranks; prefetched on a thread; on-policy: all of it here;
+    a served teacher's requests issued as micro-batches are drawn."""
     world, pad = run.world, run_data.tokenizer.pad_token_id
     stream = data.BatchStream(
         run_data.train,
@@ -218,6 +222,11 @@ def batch_stream(cfg: RunConfig, run: Configs, run_data: Data, engines: Models) 
 
         stream = Prefetcher(stream, cfg.prefetch_batches, pin=run.has_gpu)
         callbacks.append(ClosePrefetcher(stream))
+    if isinstance(teachers, served.ServedTeacher):  # requests two steps ahead; a dead server: checkpoint, exit 75
+        from ds_distill.extras.served_guard import ServedGuard
+
+        stream = served.ServedStream(stream, teachers, ahead=2 * run.student.grad_accum)
+        callbacks.append(ServedGuard(stream, run.student.grad_accum))
     # After the prefetcher (data only, on its thread): generation's collectives stay on the main thread.
     if cfg.on_policy_fraction:  # the student writes a seeded fraction of the completions
         on_policy.check_prompts(run_data.train, repr(cfg.data))

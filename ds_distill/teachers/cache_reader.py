@@ -193,6 +193,7 @@ class CachedTeacher:
 
     def __init__(self, caches: list[TeacherCache], splits: dict[str, str]):
         self.caches, self.splits = list(caches), splits
+        self.temperature = self.caches[0].settings["temperature"] if self.caches else 1.0  # of the targets
 
     def targets(self, batch: Batch, split: str):
         """The cached top-K of the batch's examples (read by ``batch.example_ids``), checked against its labels."""
@@ -231,10 +232,10 @@ class CachedTeacher:
         """Mixture weights ``[n, M]`` from --teacher_weights (None: uniform) or a router, then ``mix``."""
         n, m = parts[0][0].shape[0], len(parts)
         if callable(weights):  # a router scores the label with each cache's reconstructed distribution at temperature 1
-            if self.caches[0].settings["temperature"] != 1.0:
+            if self.temperature != 1.0:
                 raise ValueError(
-                    f"a router scores labels at temperature 1 but the caches hold log-probs at temperature "
-                    f"{self.caches[0].settings['temperature']}: write the caches at --temperature 1"
+                    f"a router scores labels at temperature 1 but the teachers' log-probs are at temperature "
+                    f"{self.temperature}: write the caches at --temperature 1"
                 )
             lab = labels[labels != IGNORE_INDEX]
             w = torch.cat(
