@@ -3,6 +3,8 @@
     deepspeed --module ds_distill.cache_teacher --teacher T --data train.jsonl [--eval_data eval.jsonl] \\
         --output_dir CACHE --top_k 64 --seq_len 512 [the training run's other data flags]
     deepspeed --module ds_distill.train --teacher_cache CACHE --student S --data train.jsonl ...   # no teacher loaded
+    python -m ds_distill.cache_teacher --teacher_url http://127.0.0.1:8000 --tokenizer S --data ... --output_dir CACHE
+        # from a teacher served by vLLM (README: serving a teacher with vLLM): --requests in flight per rank
 
 One or several ranks through the same launchers as training; the teacher is placed by fit or by
 --teacher_deepspeed_config as in training. Each rank writes its own shards; a killed writer is resumed by running the
@@ -25,7 +27,8 @@ from ds_distill.common import UsageError
 from ds_distill.config import RunConfig, flag, parse_args
 from ds_distill.core.build import teacher_ds_config, tokenise
 from ds_distill.runtime import distributed
-from ds_distill.teachers import cache_format, cache_writer
+from ds_distill.extras.preemption import PREEMPTED_EXIT_CODE
+from ds_distill.teachers import cache_format, cache_writer, served
 
 log = logging.getLogger("ds_distill")
 
@@ -39,6 +42,12 @@ SHARED = (
     "temperature",
     "chunk_size",
     *cache_format.TOKEN_FLAGS,
+    "teacher_url",
+    "teacher_reference",
+    "teacher_reference_tolerance",
+    "teacher_url_timeout",
+    "teacher_url_retries",
+    "teacher_url_wait",
 )
 
 
@@ -65,7 +74,13 @@ CacheConfig = dataclasses.make_dataclass(
                 "Keep the whole vocabulary as float32, no quantisation (K = vocabulary; for exactness checks, large).",
             ),
         ),
-        ("batch_size", "int", flag(8, "Examples per teacher forward.")),
+        ("batch_size", "int", flag(8, "Examples per teacher forward (with --teacher_url: per request).")),
+        (
+            "tokenizer",
+            "str",
+            flag("", "With --teacher_url: the folder of the tokenizer the cache is written for (the student's)."),
+        ),
+        ("requests", "int", flag(4, "With --teacher_url: requests in flight together on each rank.")),
         ("shard_examples", "int", flag(1024, "Examples per shard file (the unit of resume and of parallel writing).")),
         (
             "zstd_level",
@@ -84,8 +99,16 @@ CacheConfig.__doc__ = (
 
 def validate(cfg) -> None:
     problems = []
-    if len(cfg.teacher) != 1:
-        problems.append(f"--teacher must be given once (one teacher per cache), got {len(cfg.teacher)}")
+    if len(cfg.teacher) + len(cfg.teacher_url) != 1:
+        problems.append(
+            f"one teacher per cache: pass --teacher or --teacher_url once (got {len(cfg.teacher)} and {len(cfg.teacher_url)})"
+        )
+    if cfg.teacher_url and not (Path(cfg.tokenizer) / "tokenizer_config.json").is_file():
+        problems.append(
+            f"--teacher_url needs --tokenizer: a folder with the student's tokenizer (got {cfg.tokenizer!r})"
+        )
+    if cfg.requests < 1:
+        problems.append(f"--requests {cfg.requests} must be >= 1")
     for path in cfg.teacher:
         if not (Path(path) / "config.json").is_file():
             problems.append(f"--teacher {path!r} is not a model folder with config.json")
@@ -110,8 +133,8 @@ def run(cfg, on_shard: Callable[[dict], None] | None = None) -> dict | None:
     world = distributed.init_distributed()
     if world.rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
-    teacher = cfg.teacher[0]
-    tokenizer = models.load_tokenizer(teacher)
+    teacher = cfg.teacher[0] if cfg.teacher else None
+    tokenizer = models.load_tokenizer(teacher or cfg.tokenizer)
     train_set, eval_set = tokenise(cfg, tokenizer)  # as training tokenises: the cache holds a run's exact rows
     splits = {"data": train_set, **({"eval_data": eval_set} if eval_set is not None else {})}
     for name, ds in splits.items():
@@ -121,14 +144,32 @@ def run(cfg, on_shard: Callable[[dict], None] | None = None) -> dict | None:
                 "number, by which a cache is read): teacher caches do not support them yet; train with --teacher"
             )
     vocab = len(tokenizer)
+    top = vocab if cfg.exact else min(cfg.top_k, vocab)
+    server = None
+    if cfg.teacher_url:  # ready and checked (tokenizer, K, vocabulary, parity) before any data is scored
+        (server,) = served.connect(
+            cfg.teacher_url,
+            tokenizer,
+            vocab,
+            k=top,
+            temperature=cfg.temperature,
+            seq_len=cfg.seq_len,
+            references=cfg.teacher_reference,
+            tolerance=cfg.teacher_reference_tolerance,
+            timeout=cfg.teacher_url_timeout,
+            retries=cfg.teacher_url_retries,
+            wait=cfg.teacher_url_wait,
+        )
     settings = {
         "format_version": cache_format.FORMAT_VERSION,
-        "top_k": vocab if cfg.exact else min(cfg.top_k, vocab),
+        "top_k": top,
         "exact": cfg.exact,
         "temperature": cfg.temperature,
         "vocab_size": vocab,
         "tokenizer_fingerprint": cache_format.tokenizer_fingerprint(tokenizer),
-        "teacher_fingerprint": cache_format.teacher_fingerprint(teacher),
+        "teacher_fingerprint": served.served_fingerprint(server)
+        if server
+        else cache_format.teacher_fingerprint(teacher),
         "token_flags": {name: getattr(cfg, name) for name in cache_format.TOKEN_FLAGS},
         "splits": {
             name: {"examples": len(ds), "fingerprint": cache_format.dataset_fingerprint(ds)}
@@ -141,18 +182,24 @@ def run(cfg, on_shard: Callable[[dict], None] | None = None) -> dict | None:
     }
     info = {
         "teacher": teacher,
+        **({"teacher_url": server.client.url, "served_model": server.client.model_id} if server else {}),
         "data": cfg.data,
         "eval_data": cfg.eval_data,
         "levels": cache_format.LEVELS,
         "row_group": cache_format.ROW_GROUP,
         "zstd_level": cfg.zstd_level,
     }
-    tds = teacher_ds_config(cfg.teacher, cfg.teacher_deepspeed_config, world)
-    models.check_positions(cfg.seq_len, [teacher])
-    engine = models.teacher_engine(teacher, tds, packed_rows=cfg.packing and cfg.batch_size > 1)
-    models.check_output_rows(vocab, [engine], [teacher])
-    models.check_logits(engine, teacher, vocab, packing=cfg.packing)  # the cache stores the model's own logits
     device = torch.device(get_accelerator().current_device_name())
+    engine, zero3, scorer = None, False, None
+    if server:
+        scorer = served.cache_scorer(server, tokenizer.pad_token_id, cfg.requests)
+    else:
+        tds = teacher_ds_config(cfg.teacher, cfg.teacher_deepspeed_config, world)
+        models.check_positions(cfg.seq_len, [teacher])
+        engine = models.teacher_engine(teacher, tds, packed_rows=cfg.packing and cfg.batch_size > 1)
+        models.check_output_rows(vocab, [engine], [teacher])
+        models.check_logits(engine, teacher, vocab, packing=cfg.packing)  # the cache stores the model's own logits
+        zero3 = tds.zero_stage == 3
 
     def all_reduce_max(n: int) -> int:
         t = torch.tensor(n, device=device)
@@ -165,21 +212,27 @@ def run(cfg, on_shard: Callable[[dict], None] | None = None) -> dict | None:
         info,
         splits,
         engine,
+        scorer=scorer,
         world_rank=world.rank,
         world_size=world.world_size,
         device=device,
         pad_token_id=tokenizer.pad_token_id,
-        zero3=tds.zero_stage == 3,
+        zero3=zero3,
         barrier=distributed.barrier,
         all_reduce_max=all_reduce_max,
         on_shard=on_shard,
     )
     if manifest is not None:
         s = manifest["stats"]
+        full = (
+            "not measured (a served top-K below the vocabulary)"
+            if s["kl_full_per_token"] is None
+            else f"mean {s['kl_full_per_token']:.4g}, p99 {s['kl_full_p99']:.3g} nats"
+        )
         cols = ", ".join(f"{c} {b:.1f}" for c, b in s["column_bytes_per_token"].items())
         print(
             f"teacher cache {cfg.output_dir}: {s['tokens']} tokens, K={settings['top_k']}, {s['bytes_per_token']:.1f} bytes/token "
-            f"({cols}); KL(teacher || reconstructed) per token: mean {s['kl_full_per_token']:.4g}, p99 {s['kl_full_p99']:.3g} nats "
+            f"({cols}); KL(teacher || reconstructed) per token: {full} "
             f"(on the K+1 buckets: mean {s['kl_buckets_per_token']:.3g}, p99 {s['kl_buckets_p99']:.3g}), "
             f"tail mass {s['tail_mass_per_token']:.3g}",
             flush=True,
@@ -189,7 +242,14 @@ def run(cfg, on_shard: Callable[[dict], None] | None = None) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
-        run(parse_args(argv, CacheConfig, "ds_distill.cache_teacher"))
+        try:
+            run(parse_args(argv, CacheConfig, "ds_distill.cache_teacher"))
+        except served.ServerUnavailable as exc:  # finished shards are kept: the same command resumes
+            print(
+                f"error: {exc}: finished shards are kept; run the same command again once the server is back",
+                file=sys.stderr,
+            )
+            return PREEMPTED_EXIT_CODE
         return 0
 
     return distributed.entry_point(body)

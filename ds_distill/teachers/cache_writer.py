@@ -7,7 +7,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -93,8 +93,13 @@ def summarise(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         "bytes": sum(s["bytes"] for s in every),
         "bytes_per_token": sum(s["bytes"] for s in every) / tokens,
         "column_bytes_per_token": column_bytes,
-        "kl_full_per_token": sum(s["kl_full_sum"] for s in every) / tokens,
-        "kl_full_p99": kl_quantile([s["kl_full_hist"] for s in every], 0.99),
+        # None: not measured (a served top-K below the vocabulary says nothing of the tail's shape)
+        "kl_full_per_token": None
+        if any(s["kl_full_sum"] is None for s in every)
+        else sum(s["kl_full_sum"] for s in every) / tokens,
+        "kl_full_p99": None
+        if any(s["kl_full_sum"] is None for s in every)
+        else kl_quantile([s["kl_full_hist"] for s in every], 0.99),
         "kl_buckets_per_token": sum(s["kl_buckets_sum"] for s in every) / tokens,
         "kl_buckets_p99": kl_quantile([s["kl_buckets_hist"] for s in every], 0.99),
         "tail_mass_per_token": sum(s["tail_mass_sum"] for s in every) / tokens,
@@ -135,6 +140,7 @@ def write_cache(
     datasets: dict[str, Any],
     teacher,
     *,
+    scorer: Callable[[list[dict[str, list]]], Iterator] | None = None,
     world_rank: int,
     world_size: int,
     device: torch.device,
@@ -147,6 +153,10 @@ def write_cache(
     """Run ``teacher`` (an engine whose forward gives final hidden states; ``teacher.module.head`` the output layer)
     over ``datasets`` (split -> tokenised Dataset) and write the shards this rank owns (shard i of all splits in order: rank i % world_size).
 
+    scorer: instead of ``teacher`` (None then), a function of a shard's batches (column dicts of examples) yielding, per
+    batch in order, ``((ids [n, K] ascending, log-probs [n, K], log tail [n], sum p log p [n] or None), tokens per
+    example)`` for its supervised tokens (``teachers.served.cache_scorer``: a server, requests in flight together);
+    ``sum p log p`` None: the full-vocabulary reconstruction error is not measured (recorded as None).
     Resumable: finished shards are skipped; the settings must equal those of the cache already in ``root``.
     zero3: the teacher is sharded, so every forward and head call is a collective: ranks with fewer batches to do
     (an uneven last shard, shards finished before a kill) make dummy calls until all made the same number.
@@ -181,7 +191,7 @@ def write_cache(
     # Fixed head calls per batch (from its largest possible token count), so every rank and batch makes the same.
     chunk = max(settings["chunk_size"], 1)
     head_calls = -(-batch * settings["token_flags"]["seq_len"] // chunk)
-    head = teacher.module.head
+    head = None if teacher is None else teacher.module.head
 
     @torch.no_grad()
     def forward(rows: dict[str, list]) -> tuple[list[torch.Tensor], ...]:
@@ -204,9 +214,13 @@ def write_cache(
             "kl_full_hist": np.zeros(len(KL_BINS) + 1, np.int64),
             "kl_buckets_hist": np.zeros(len(KL_BINS) + 1, np.int64),
         }
-        for start in range(s * size, min(len(ds), (s + 1) * size), batch):
-            part = ds[start : min(start + batch, len(ds), (s + 1) * size)]
-            (ids, logp, tail, plogp), counts = forward(part)
+        parts = [
+            ds[start : min(start + batch, len(ds), (s + 1) * size)]
+            for start in range(s * size, min(len(ds), (s + 1) * size), batch)
+        ]
+        for part, ((ids, logp, tail, plogp), counts) in zip(parts, (scorer or _mapped(forward))(parts)):
+            measured = plogp is not None
+            plogp = tail if plogp is None else plogp  # a placeholder for the split below: no full KL is computed
             teacher_cpu = [t.cpu() for t in (ids, logp, tail, plogp)]
             for example_row, piece in zip(part["row"], torch.split(torch.arange(ids.shape[0]), counts)):
                 rows.append(
@@ -218,17 +232,20 @@ def write_cache(
                 kl_full, kl_b = reconstruction_kl(
                     t_plogp, vocab, in_decoded_order(t_ids, t_logp, rec_ids), t_tail, rec_logp, rec_tail
                 )
-                stats["kl_full_sum"] += kl_full.sum().item()
+                if measured and stats["kl_full_sum"] is not None:
+                    stats["kl_full_sum"] += kl_full.sum().item()
+                    hists["kl_full_hist"] += kl_histogram(kl_full)
+                else:
+                    stats["kl_full_sum"] = None
                 stats["kl_buckets_sum"] += kl_b.sum().item()
-                for name, kl in (("kl_full_hist", kl_full), ("kl_buckets_hist", kl_b)):
-                    hists[name] += kl_histogram(kl)
+                hists["kl_buckets_hist"] += kl_histogram(kl_b)
                 stats["tail_mass_sum"] += tail[piece].exp().sum().item()
         stats["seconds"] = time.perf_counter() - t0
         stats.update({name: h.tolist() for name, h in hists.items()})
         side = write_shard(root, shard_name(split, s), rows, stats, info.get("zstd_level", ZSTD_LEVEL))
         if on_shard is not None:
             on_shard(side)
-    if zero3 and world_size > 1:
+    if zero3 and world_size > 1 and teacher is not None:
         first = datasets[next(iter(datasets))]
         for _ in range(all_reduce_max(n_batches) - n_batches):
             forward(first[0 : min(batch, len(first))])  # a collective the other ranks are making: results discarded
@@ -238,3 +255,7 @@ def write_cache(
     manifest = summarise(root, read_manifest(root))
     write_json_atomic(root / "manifest.json", manifest)
     return manifest
+
+
+def _mapped(forward: Callable) -> Callable[[list], Iterator]:
+    return lambda parts: map(forward, parts)
