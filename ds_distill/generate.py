@@ -4,6 +4,7 @@ a student writes.
     python -m ds_distill.generate --model DIR --data prompts.jsonl --output out.jsonl [--max_new_tokens 128] \
         [--temperature 1.0] [--top_p 1.0] [--top_k 0] [--seed 0] [--batch_size 8]
     deepspeed --num_gpus 8 --module ds_distill.generate ...    # or mpirun / srun, as ds_distill.train
+    python -m ds_distill.generate --model TOKENIZER_DIR --server_url http://127.0.0.1:8000 ...   # a vLLM-served model
 
 Input: any --data that ds_distill.train reads, with a "prompt" field (other fields are ignored; ids as in training:
 the data's "id" as given, else the row number). Output: JSON lines {"id", "prompt", "completion"} in input order, ready as
@@ -33,7 +34,19 @@ log = logging.getLogger("ds_distill")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ds_distill.generate", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="Hugging Face model directory (AutoModelForCausalLM + tokenizer).")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="Hugging Face model directory (AutoModelForCausalLM + tokenizer); with --server_url only its tokenizer is read.",
+    )
+    p.add_argument(
+        "--server_url",
+        default="",
+        help="Sample from the model an OpenAI-compatible server (vLLM) serves at this URL instead of loading --model; "
+        "the server must use --model's tokenizer (checked). Each prompt is seeded by (--seed, its row number).",
+    )
+    p.add_argument("--requests", type=int, default=4, help="With --server_url: requests in flight together per rank.")
+    p.add_argument("--timeout", type=float, default=300.0, help="With --server_url: seconds per request.")
     p.add_argument(
         "--data", required=True, help="Prompts: a file or folder ds_distill.train reads, with a 'prompt' field."
     )
@@ -61,6 +74,67 @@ def read_records(path: Path) -> dict[int, dict]:
     return out
 
 
+def hf_sampler(args: argparse.Namespace, tok):
+    """Batches of ``--batch_size`` prompts sampled by ``--model`` in this process; a batch is seeded by (seed, its first
+    row number)."""
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
+    unset_hf_deepspeed_config()  # one whole model per rank: no ZeRO-3 partitioning left over in this process
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(
+            args.model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32
+        )
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"could not load model {args.model!r}: {str(exc).splitlines()[0]}") from None
+    lm.to(device)
+    generator = on_policy.HFGenerator(
+        lambda: lm, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, synced=False
+    )
+    sampling = on_policy.Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
+
+    def sample(todo: list, adds_eos: bool):
+        for start in range(0, len(todo), args.batch_size):
+            batch = todo[start : start + args.batch_size]
+            prompts = [tok(p)["input_ids"][: -1 if adds_eos else None] for _, _, p in batch]  # as data.py tokenises
+            yield batch, generator.generate(prompts, sampling, seed=on_policy.mix_seed(args.seed, batch[0][0]))
+
+    return sample
+
+
+def served_sampler(args: argparse.Namespace, tok):
+    """Prompts sampled by the model a server (vLLM) serves at ``--server_url``, ``--requests`` in flight; each prompt is
+    its own request seeded by (seed, its row number), so the records do not depend on batching, ranks or resumes."""
+    import concurrent.futures
+
+    from ds_distill.teachers.served import ServedModel
+    from ds_distill.teachers.server_client import ServerClient
+
+    client = ServerClient(args.server_url, timeout=args.timeout, flag="--server_url")
+    client.wait_ready()
+    ServedModel(client, 1, len(tok), 1.0).check(tok, 0)  # the server's tokenizer is --model's (one line if not)
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=args.requests, thread_name_prefix="ds_distill-generate")
+
+    def one(n: int, prompt: list[int]) -> list[int]:
+        kw = dict(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+        return client.sample([prompt], seed=on_policy.mix_seed(args.seed, n), **kw)[0]
+
+    def sample(todo: list, adds_eos: bool):
+        futures = [pool.submit(one, n, tok(p)["input_ids"][: -1 if adds_eos else None]) for n, _, p in todo]
+        try:
+            for start in range(0, len(todo), args.batch_size):
+                yield (
+                    todo[start : start + args.batch_size],
+                    [f.result() for f in futures[start : start + args.batch_size]],
+                )
+        finally:
+            for f in futures:
+                f.cancel()
+            pool.shutdown(wait=True)
+
+    return sample
+
+
 def generate(args: argparse.Namespace) -> int:
     """Sample this rank's missing prompts; rank 0 merges. Returns the number of records this rank wrote."""
     if (
@@ -69,10 +143,11 @@ def generate(args: argparse.Namespace) -> int:
         or not 0 < args.top_p <= 1
         or args.top_k < 0
         or args.batch_size < 1
+        or args.requests < 1
     ):
         raise UsageError(
             f"generation flags out of range (--max_new_tokens {args.max_new_tokens} >= 1, --temperature {args.temperature} > 0, "
-            f"--top_p {args.top_p} in (0, 1], --top_k {args.top_k} >= 0, --batch_size {args.batch_size} >= 1)"
+            f"--top_p {args.top_p} in (0, 1], --top_k {args.top_k} >= 0, --batch_size {args.batch_size} >= 1, --requests {args.requests} >= 1)"
         )
     output = Path(args.output)
     if not output.parent.is_dir():
@@ -95,31 +170,13 @@ def generate(args: argparse.Namespace) -> int:
     ]
 
     tok = models.load_tokenizer(args.model)
-    from transformers import AutoModelForCausalLM
-
-    device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
-    unset_hf_deepspeed_config()  # one whole model per rank: no ZeRO-3 partitioning left over in this process
-    try:
-        lm = AutoModelForCausalLM.from_pretrained(
-            args.model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32
-        )
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"could not load model {args.model!r}: {str(exc).splitlines()[0]}") from None
-    lm.to(device)
-    generator = on_policy.HFGenerator(
-        lambda: lm, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, synced=False
-    )
-    sampling = on_policy.Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
     adds_eos = tok("a")["input_ids"][-1:] == [tok.eos_token_id]
+    if args.server_url:
+        sample = served_sampler(args, tok)
+    else:
+        sample = hf_sampler(args, tok)
     with open(shard, "a", encoding="utf-8") as fh:
-        for start in range(0, len(todo), args.batch_size):
-            batch = todo[start : start + args.batch_size]
-            prompts = [
-                tok(p)["input_ids"][: -1 if adds_eos else None] for _, _, p in batch
-            ]  # as data.py tokenises prompts
-            samples = generator.generate(
-                prompts, sampling, seed=on_policy.mix_seed(args.seed, batch[0][0])
-            )  # first row number
+        for batch, samples in sample(todo, adds_eos):
             for (_, i, p), new in zip(batch, samples):
                 new = new[:-1] if new[-1:] == [tok.eos_token_id] else new  # training appends eos to every completion
                 fh.write(json.dumps({"id": i, "prompt": p, "completion": tok.decode(new)}) + "\n")
@@ -146,7 +203,14 @@ def generate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
-        generate(parse_args(argv))
+        from ds_distill.extras.preemption import PREEMPTED_EXIT_CODE
+        from ds_distill.teachers.server_client import ServerUnavailable
+
+        try:
+            generate(parse_args(argv))
+        except ServerUnavailable as exc:  # what is written is kept: the same command resumes
+            print(f"error: {exc}: records written so far are kept; run the same command again", file=sys.stderr)
+            return PREEMPTED_EXIT_CODE
         return 0
 
     return distributed.entry_point(body)
