@@ -1,0 +1,157 @@
+"""A real vLLM server for the served-teacher tests: a tiny Llama with a character tokenizer of under 64 tokens (so a
+top-64 from the server is the teacher's whole distribution), started once per test run on 127.0.0.1 from the
+environment ``scripts/setup_vllm.sh`` makes (``.venv-vllm``), and stopped at the end (no process left)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+CHARS = "abcdefghijklmnopqrstuvwxyz .,?!'0123456789\n"
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+WORDS = "the quick brown fox jumps over a lazy dog while small cats sleep in warm sun. what is it? 42 birds!".split()
+
+
+def make_char_tokenizer(dir) -> object:
+    """A character-level fast tokenizer (one id per character of CHARS, 4 specials first: 47 ids), bos added like
+    Llama's; saved to ``dir`` as tokenizer.json + tokenizer_config.json."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIALS + list(CHARS))}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tok.save_pretrained(dir)
+    return tok
+
+
+def write_text_data(path: Path, n: int = 64, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    with open(path, "w") as fh:
+        for _ in range(n):
+            fh.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9)))}) + "\n")
+    return str(path)
+
+
+def write_prompt_data(path: Path, n: int = 6) -> str:
+    with open(path, "w") as fh:
+        for i in range(n):
+            fh.write(json.dumps({"id": f"p{i}", "prompt": " ".join(WORDS[i : i + 3])}) + "\n")
+    return str(path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_vllm(model: str, port: int, log_path: Path, cache_dir: Path, max_logprobs: int = 64) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CACHE_ROOT": str(cache_dir),
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    env.pop("DS_ACCELERATOR", None)
+    cmd = [
+        str(VLLM_PYTHON),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-logprobs",
+        str(max_logprobs),
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--max-model-len",
+        "256",
+        "--seed",
+        "0",
+    ]
+    # Its own process group: the server's worker processes are stopped with it.
+    return subprocess.Popen(cmd, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    try:  # workers that outlived the server's own exit
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory):
+    """{"url", "teacher", "student", "tokenizer", "data", "root"}: the tiny teacher served by a real vLLM server."""
+    if not VLLM_PYTHON.is_file():
+        pytest.fail("no .venv-vllm: run bash scripts/setup_vllm.sh (scripts/test.sh does)")
+    from tests import tiny
+
+    root = tmp_path_factory.mktemp("served")
+    tok = make_char_tokenizer(root / "tok")
+    # head_dim 32: a size vLLM's CPU attention supports
+    teacher = tiny.make_model(root / "teacher", tok, layers=2, hidden=64, heads=2, seed=1)
+    student = tiny.make_model(root / "student", tok, layers=1, hidden=64, heads=2, seed=2)
+    data = {
+        "teacher": teacher,
+        "student": student,
+        "tokenizer": tok,
+        "data": write_text_data(root / "train.jsonl"),
+        "prompts": write_prompt_data(root / "prompts.jsonl"),
+        "root": root,
+    }
+    external = os.environ.get("DS_DISTILL_TEST_VLLM_URL")
+    if external:  # a server already serving this same seeded teacher (while writing tests: no 1-3 minute start)
+        yield {**data, "url": external}
+        return
+    port = free_port()
+    log_path = root / "vllm.log"
+    proc = start_vllm(teacher, port, log_path, root / "vllm_cache")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        from ds_distill.teachers.server_client import ServerClient
+
+        deadline = time.monotonic() + 400
+        client = ServerClient(url, retries=0)
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vLLM exited with {proc.returncode}: {log_path.read_text()[-3000:]}")
+            try:
+                client.wait_ready(timeout=2)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"vLLM not ready in 400 s: {log_path.read_text()[-3000:]}")
+        yield {**data, "url": url}
+    finally:
+        stop(proc)

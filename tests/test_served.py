@@ -1,0 +1,329 @@
+"""A teacher behind a real vLLM server (``--teacher_url``, ``cache_teacher --teacher_url``, ``generate --server_url``):
+one server per test run (``tests/served_fixtures.served``), a tiny Llama whose 47-token vocabulary the top-64 covers,
+so the served distribution is the whole one and every comparison with the live teacher is exact up to the server's
+float32 arithmetic (measured: 4.7e-7 nats on the probe)."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import socketserver
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from ds_distill import cache_teacher, generate, train
+from ds_distill.common import UsageError
+from ds_distill.config import RunConfig, parse_args
+from ds_distill.core.checkpoint import read_latest, tag_for
+from ds_distill.ds_config import REPO_CONFIGS
+from ds_distill.extras.preemption import PREEMPTED_EXIT_CODE
+from ds_distill.teachers import served as served_mod
+from ds_distill.teachers.server_client import ServerClient
+
+pytestmark = pytest.mark.vllm
+
+REPLICATED = str(REPO_CONFIGS / "cpu_teacher_replicated.json")
+AGREEMENT = dict(rel=2e-5, abs=1e-6)  # server float32 vs the live teacher's float32, through 2-3 AdamW steps
+
+
+def ds_json(tmp_path: Path, **over) -> str:
+    d = json.loads((REPO_CONFIGS / "cpu_zero3.json").read_text())
+    d.pop("scheduler", None)
+    d["optimizer"]["params"]["lr"] = 1e-2  # steps that move the loss
+    d.update(over)
+    p = tmp_path / f"ds{len(list(tmp_path.glob('ds*.json')))}.json"
+    p.write_text(json.dumps(d))
+    return str(p)
+
+
+def cfg(served, tmp_path, out: str, **kw) -> RunConfig:
+    base = dict(
+        student=served["student"],
+        data=served["data"],
+        output_dir=str(tmp_path / out),
+        deepspeed_config=ds_json(tmp_path),
+        teacher_deepspeed_config=REPLICATED,
+        max_steps=3,
+        seq_len=48,
+        log_steps=1,
+        eval_fraction=0.1,
+        eval_batches=2,
+        export=False,
+        chunk_size=16,
+        seed=0,
+    )
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def run(c: RunConfig):
+    return train.run(c, train.default_callbacks(c))
+
+
+def curve(trainer, key="Train/loss"):
+    return [h[key] for h in trainer.history if key in h]
+
+
+# ---------------------------------------------------------------------------------------------- connect checks
+def test_connect_checks_refuse_in_one_line(served, tmp_path):
+    from tests import tiny
+
+    client = ServerClient(served["url"])
+    tok = served["tokenizer"]
+
+    def refused(fn) -> str:
+        with pytest.raises(UsageError) as exc:
+            fn()
+        assert "\n" not in str(exc.value)
+        return str(exc.value)
+
+    # the real teacher passes every check, the parity probe too
+    served_mod.ServedModel(client, 47, 47, 1.0).check(tok, 48, served["teacher"])
+    other_tok = tiny.make_tokenizer(tmp_path / "bpe")
+    assert "tokenizes the probe text" in refused(
+        lambda: served_mod.ServedModel(client, 47, 47, 1.0).check(other_tok, 48)
+    )
+    assert "--max-logprobs 65" in refused(lambda: served_mod.ServedModel(client, 65, 1000, 1.0).check(tok, 48))
+    assert "outside the student's vocabulary of 10" in refused(
+        lambda: served_mod.ServedModel(client, 10, 10, 1.0).check(tok, 48)
+    )
+    assert "differ from --teacher_reference" in refused(
+        lambda: served_mod.ServedModel(client, 47, 47, 1.0).check(tok, 48, served["student"])
+    )
+    assert "max_model_len 256, below --seq_len 300" in refused(
+        lambda: served_mod.ServedModel(client, 47, 47, 1.0).check(tok, 300)
+    )
+    # through the run config: K below the vocabulary at another temperature; a URL where nothing listens
+    c = cfg(served, tmp_path, "t", teacher_url=[served["url"]], teacher_top_k=16, temperature=2.0)
+    assert "do not fix the tail" in refused(lambda: served_mod.connect_run(c, tok, 47))
+    dead = cfg(served, tmp_path, "d", teacher_url=["http://127.0.0.1:9"], teacher_url_wait=1.0)
+    assert "no server became ready in 1 s" in refused(lambda: served_mod.connect_run(dead, tok, 47))
+
+
+# ------------------------------------------------------------------------------------------- served vs live
+@pytest.mark.parametrize("loss,temperature", [("forward_kl", 1.0), ("reverse_kl", 2.0)])
+def test_served_teacher_trains_like_the_live_teacher(served, dist_env, tmp_path, loss, temperature):
+    """K = vocabulary: the served loss is the live loss (train, eval, grad norm) at every step; at T = 2 the served
+    log-probs are rescaled exactly."""
+    kw = dict(loss=loss, temperature=temperature)
+    live = run(cfg(served, tmp_path, "live", teacher=[served["teacher"]], **kw))
+    srv = run(cfg(served, tmp_path, "served", teacher_url=[served["url"]], teacher_reference=[served["teacher"]], **kw))
+    assert isinstance(srv.teachers, served_mod.ServedTeacher)
+    a = curve(live)
+    assert len(a) == 3 and abs(a[0] - a[-1]) > 1e-3, "the steps must move the loss"
+    for key in ("Train/loss", "Train/kd", "Train/grad_norm", "Eval/kd"):
+        assert curve(srv, key) == pytest.approx(curve(live, key), **AGREEMENT), key
+
+
+def test_cache_written_from_the_server_trains_like_the_local_teachers_cache(served, dist_env, tmp_path):
+    common = ["--data", served["data"], "--seq_len", "48", "--shard_examples", "24", "--batch_size", "4", "--exact"]
+    local = cache_teacher.run(
+        parse_args(
+            [
+                "--teacher",
+                served["teacher"],
+                "--output_dir",
+                str(tmp_path / "local"),
+                "--teacher_deepspeed_config",
+                REPLICATED,
+                *common,
+            ],
+            cache_teacher.CacheConfig,
+        )
+    )
+    remote = cache_teacher.run(
+        parse_args(
+            [
+                "--teacher_url",
+                served["url"],
+                "--tokenizer",
+                served["student"],
+                "--output_dir",
+                str(tmp_path / "remote"),
+                *common,
+            ],
+            cache_teacher.CacheConfig,
+        )
+    )
+    assert remote["settings"]["teacher_fingerprint"] != local["settings"]["teacher_fingerprint"]
+    assert remote["info"]["served_model"] == ServerClient(served["url"]).model_id
+    assert remote["info"]["teacher_url"] == served["url"]
+    assert remote["stats"]["tokens"] == local["stats"]["tokens"]
+    runs = {
+        name: run(cfg(served, tmp_path, f"train-{name}", teacher_cache=[str(tmp_path / name)], eval_fraction=0.0))
+        for name in ("local", "remote")
+    }
+    for key in ("Train/loss", "Train/grad_norm"):
+        assert curve(runs["remote"], key) == pytest.approx(curve(runs["local"], key), **AGREEMENT), key
+
+
+# ------------------------------------------------------------------------------------------------- faults
+class FaultyProxy:
+    """A local HTTP proxy in front of the real server: requests to /v1/completions after the first ``healthy`` are
+    answered by the next fault of ``faults`` ("503", "stall": no answer for ``stall`` seconds, "drop": the connection
+    closed unanswered), then passed through; ``down = True`` answers every completions request 503."""
+
+    def __init__(self, upstream: str, stall: float = 4.0):
+        self.upstream, self.stall = upstream, stall
+        self.faults: list[str] = []
+        self.healthy, self.seen, self.down = 0, 0, False
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _forward(self, body: bytes | None):
+                fault = None
+                if self.path.startswith("/v1/completions"):
+                    with proxy.lock:
+                        proxy.seen += 1
+                        if proxy.down:
+                            fault = "503"
+                        elif proxy.seen > proxy.healthy and proxy.faults:
+                            fault = proxy.faults.pop(0)
+                if fault == "503":
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if fault == "drop":
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                if fault == "stall":
+                    time.sleep(proxy.stall)
+                req = urllib.request.Request(
+                    proxy.upstream + self.path,
+                    data=body,
+                    method=self.command,
+                    headers={"Content-Type": "application/json"},
+                )
+                try:
+                    with urllib.request.urlopen(req, timeout=300) as resp:
+                        status, data = resp.status, resp.read()
+                except urllib.error.HTTPError as exc:
+                    status, data = exc.code, exc.read()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self._forward(None)
+
+            def do_POST(self):
+                self._forward(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+
+        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+            daemon_threads = True
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def proxy(served):
+    p = FaultyProxy(served["url"])
+    yield p
+    p.close()
+
+
+def test_faults_are_retried_or_stop_at_a_checkpoint_and_resume_the_same_curve(served, dist_env, tmp_path, proxy):
+    fast = dict(teacher_url_timeout=2.0, teacher_url_retries=2, save_steps=1, max_steps=4, eval_fraction=0.0)
+    ref = run(cfg(served, tmp_path, "ref", teacher_url=[served["url"]], **fast))
+    # 503s, a stall beyond the timeout and a dropped connection: retried, the curve is the reference's
+    proxy.healthy, proxy.faults = 1, ["503", "stall", "drop", "503"]
+    retried = run(cfg(served, tmp_path, "retried", teacher_url=[proxy.url], **fast))
+    assert proxy.faults == [] and retried.exit_code == 0
+    assert curve(retried) == pytest.approx(curve(ref), rel=1e-6, abs=1e-7)
+    # down for longer than the retries: the run saves its last finished step and exits 75; --resume continues
+    # the probe and the first two micro-batches pass (one per step, drawn two ahead); the third's request fails
+    proxy.seen, proxy.healthy = 0, 1 + 2
+    proxy.faults = ["503"] * 1000
+    out = "stopped"
+    stopped = run(cfg(served, tmp_path, out, teacher_url=[proxy.url], **fast))
+    assert stopped.exit_code == PREEMPTED_EXIT_CODE and stopped.step == 2
+    assert read_latest(tmp_path / out / "checkpoints") == tag_for(2)
+    proxy.faults = []
+    resumed = run(cfg(served, tmp_path, out, teacher_url=[proxy.url], resume=True, **fast))
+    assert resumed.exit_code == 0 and resumed.step == 4
+    assert curve(stopped) + curve(resumed) == pytest.approx(curve(ref), rel=1e-6, abs=1e-7)
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+def test_generate_from_the_server_is_seeded_and_resumable(served, dist_env, tmp_path):
+    def gen(out: Path, seed: int = 3) -> list[dict]:
+        generate.generate(
+            generate.parse_args(
+                [
+                    "--model",
+                    served["student"],
+                    "--server_url",
+                    served["url"],
+                    "--data",
+                    served["prompts"],
+                    "--output",
+                    str(out),
+                    "--max_new_tokens",
+                    "12",
+                    "--seed",
+                    str(seed),
+                    "--batch_size",
+                    "2",
+                ]
+            )
+        )
+        return [json.loads(line) for line in out.read_text().splitlines()]
+
+    first = gen(tmp_path / "a.jsonl")
+    assert [r["id"] for r in first] == [f"p{i}" for i in range(6)] and all(r["completion"] for r in first)
+    assert gen(tmp_path / "b.jsonl") == first  # seeded per prompt: the same records
+    assert gen(tmp_path / "c.jsonl", seed=4) != first
+    # resumable: records already written are kept, the missing ones are sampled again, identically
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in first[:3]))
+    assert gen(tmp_path / "d.jsonl") == first
+    # the completions are the served model's samples: its own ids decode to them
+    tok = served["tokenizer"]
+    ids = ServerClient(served["url"]).sample(
+        [tok(first[0]["prompt"])["input_ids"]],
+        max_tokens=12,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        seed=generate_seed(3, 0),
+    )[0]
+    assert tok.decode([i for i in ids if i != tok.eos_token_id]) == first[0]["completion"]
+
+
+def generate_seed(seed: int, row: int) -> int:
+    from ds_distill import on_policy
+
+    return on_policy.mix_seed(seed, row)
+
+
+def test_request_sequences_follow_documents_and_labels():
+    ids = torch.tensor([[1, 5, 6, 7, 0, 0], [1, 8, 9, 1, 4, 0]])
+    labels = torch.tensor([[-100, 6, 7, -100, -100, -100], [8, 9, -100, -100, -100, -100]])
+    seqs, where = served_mod.request_sequences(ids, labels)
+    assert seqs == [[1, 5, 6, 7], [1, 8, 9]] and where == [(0, 2), (0, 3), (1, 1), (1, 2)]
+    # packed: each document its own sequence
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2]])
+    lab = torch.tensor([[5, 6, -100, 8, 9, -100]])
+    seqs, where = served_mod.request_sequences(torch.tensor([[1, 5, 6, 1, 8, 9]]), lab, pos)
+    assert seqs == [[1, 5, 6], [1, 8, 9]] and where == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    with pytest.raises(ValueError, match="is not input_ids"):
+        served_mod.request_sequences(ids, torch.tensor([[-100, 7, 7, -100, -100, -100], [-100] * 6]))
