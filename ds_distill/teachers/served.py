@@ -299,7 +299,10 @@ class ServedStream:
         """Position readers (``ExampleTracker``) see the last consumed batch's position, as through a Prefetcher."""
         if name.startswith("_") or name in ("stream", "teacher", "ahead"):
             raise AttributeError(name)
-        view = copy.copy(self.stream)
+        base = self.stream
+        while hasattr(base, "stream"):  # a Prefetcher's state dict is its wrapped stream's: read positions there
+            base = base.stream
+        view = copy.copy(base)
         view.load_state_dict(copy.deepcopy(self._state))
         return getattr(view, name)
 
