@@ -26,8 +26,8 @@ from ds_distill import models
 from ds_distill.common import UsageError
 from ds_distill.config import RunConfig, flag, parse_args
 from ds_distill.core.build import teacher_ds_config, tokenise
-from ds_distill.runtime import distributed
 from ds_distill.extras.preemption import PREEMPTED_EXIT_CODE
+from ds_distill.runtime import distributed
 from ds_distill.teachers import cache_format, cache_writer, served
 
 log = logging.getLogger("ds_distill")

@@ -85,7 +85,9 @@ class RunConfig:
     teacher_reference_tolerance: float = flag(
         1e-3, "Nats: largest |served - local| log-prob accepted by the --teacher_reference probe."
     )
-    teacher_url_timeout: float = flag(120.0, "Seconds for one request to a --teacher_url (a stall counts as a failure).")
+    teacher_url_timeout: float = flag(
+        120.0, "Seconds for one request to a --teacher_url (a stall counts as a failure)."
+    )
     teacher_url_retries: int = flag(
         6,
         "Retries of a failed request to a --teacher_url (backoff 1, 2, 4, ... 30 s); then the run saves its last finished step and exits 75.",

@@ -19,8 +19,7 @@ class ServedGuard(Callback):
 
     def __init__(self, stream: ServedStream, micro_batches: int):
         self.stream, self.micro_batches = stream, micro_batches
-        self.failure: str | None = None  # this rank's last error
-        self.stopped = False  # the ranks stopped because a server failed on some rank (set on every rank)
+        self.failure: str | None = None  # this rank's error
 
     def should_stop(self, trainer) -> bool:
         if self.failure is None and trainer.step < trainer.cfg.max_steps:
@@ -32,8 +31,8 @@ class ServedGuard(Callback):
                     break
         return self.failure is not None
 
-    def on_stop(self, trainer) -> None:
-        self.stopped = True
+    def on_stop(self, trainer) -> int:
+        """Called on every rank once a server failed on some rank: the run ends with the preemption code."""
         if self.failure is not None:
             log.error(
                 "the teacher server is unavailable (%s): saving step %d and exiting with code %d; rerun with --resume "
@@ -42,8 +41,7 @@ class ServedGuard(Callback):
                 trainer.step,
                 PREEMPTED_EXIT_CODE,
             )
+        return PREEMPTED_EXIT_CODE
 
     def on_train_end(self, trainer) -> None:
-        if self.stopped:
-            trainer.exit_code = PREEMPTED_EXIT_CODE
         self.stream.teacher.close()
