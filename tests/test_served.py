@@ -329,3 +329,37 @@ def test_request_sequences_follow_documents_and_labels():
     assert seqs == [[1, 5, 6], [1, 8, 9]] and where == [(0, 1), (0, 2), (1, 1), (1, 2)]
     with pytest.raises(ValueError, match="is not input_ids"):
         served_mod.request_sequences(ids, torch.tensor([[-100, 7, 7, -100, -100, -100], [-100] * 6]))
+
+
+@pytest.mark.multiprocess
+def test_two_ranks_sharing_one_server_equal_one_rank(served, dist_env, tmp_path):
+    """2 ranks x micro-batch 2, each sending its own requests to the one server, train like 1 rank x 2 micro-batches
+    (the same examples per step, the loss divided by the same global token count)."""
+    from ds_distill.plot import read_curves
+    from tests.helpers import flags
+    from tests.launch import deepspeed
+
+    steps = dict(max_steps=3, seq_len=48, log_steps=1, eval_fraction=0.0, export="false", chunk_size=16, seed=0)
+    args = flags(
+        teacher_url=served["url"],
+        student=served["student"],
+        data=served["data"],
+        output_dir=tmp_path / "two",
+        deepspeed_config=ds_json(tmp_path),
+        **steps,
+    )
+    proc = deepspeed("ds_distill.train", args, ranks=2)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    two = [v for _, v in read_curves(tmp_path / "two")["Train/loss"]]
+    one = run(
+        cfg(
+            served,
+            tmp_path,
+            "one",
+            teacher_url=[served["url"]],
+            deepspeed_config=ds_json(tmp_path, gradient_accumulation_steps=2),
+            max_steps=3,
+            eval_fraction=0.0,
+        )
+    )
+    assert len(two) == 3 and two == pytest.approx(curve(one), rel=1e-5, abs=1e-6)

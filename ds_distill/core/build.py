@@ -115,10 +115,12 @@ class Data:
     train: Any  # datasets.Dataset
     eval: Any  # datasets.Dataset, or None: no evaluation
     caches: list[cache_reader.TeacherCache]  # --teacher_cache, checked against these tokens (before the eval split)
+    servers: list[served.ServedModel]  # --teacher_url, ready and checked against the student's tokenizer
 
 
 def load_data(cfg: RunConfig, run: Configs) -> Data:
-    """Tokenise --data and --eval_data (or split --eval_fraction off --data); check the teacher caches against them."""
+    """Tokenise --data and --eval_data (or split --eval_fraction off --data); check the teacher caches against them;
+    connect to the served teachers."""
     tokenizer = models.load_tokenizer(cfg.student)
     train_set, eval_set = tokenise(cfg, tokenizer)
     # A teacher cache must hold exactly these tokens (checked before any model loads); its eval rows come either from
@@ -138,7 +140,10 @@ def load_data(cfg: RunConfig, run: Configs) -> Data:
             f"({run.student.micro_batch} x {run.world.world_size}): raise --eval_fraction, pass a larger --eval_data, "
             "or set --eval_fraction 0"
         )
-    return Data(tokenizer, train_set, eval_set, caches)
+    # Served teachers: ready and checked (tokenizer, K, vocabulary, parity against --teacher_reference), each in one
+    # line, before any model loads (the vocabulary distilled over is the student tokenizer's: models.shared_vocab_size).
+    servers = served.connect_run(cfg, tokenizer, len(tokenizer)) if cfg.teacher_url else []
+    return Data(tokenizer, train_set, eval_set, caches, servers)
 
 
 def tokenise(cfg, tokenizer) -> tuple[Any, Any]:
@@ -188,8 +193,8 @@ def teacher_source(cfg: RunConfig, run_data: Data, engines: Models) -> TeacherSo
     """Where a step's teacher targets come from: servers (--teacher_url, with any caches as one ensemble), the caches
     (no teacher model), else the live teacher engines."""
     splits = {"train": "data", "eval": "eval_data" if cfg.eval_data else "data"}
-    if cfg.teacher_url:  # ready and checked (tokenizer, K, vocabulary, parity), each in one line
-        return served.ServedTeacher(served.connect_run(cfg, run_data.tokenizer, engines.vocab), run_data.caches, splits)
+    if run_data.servers:
+        return served.ServedTeacher(run_data.servers, run_data.caches, splits)
     if run_data.caches:
         return cache_reader.CachedTeacher(run_data.caches, splits)
     return LiveTeachers(engines.teachers)
