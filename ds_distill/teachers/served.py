@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ds_distill.common import IGNORE_INDEX, UsageError
+from ds_distill.data.batching import Batch
 from ds_distill.teachers.cache_format import TAIL_FLOOR
 from ds_distill.teachers.cache_reader import CachedTeacher
 from ds_distill.teachers.server_client import ServerClient, ServerRefused
@@ -51,13 +52,6 @@ log = logging.getLogger("ds_distill")
 # The probe of the connect checks: words, digits, punctuation and a newline (most tokenizers split these differently).
 PROBE_TEXT = "The quick brown fox, 42 times: jumps over the lazy dog?\nYes! it's 3.14 o'clock."
 PARITY_TOLERANCE = 1e-3  # nats: vLLM float32 against the model's own float32 log_softmax differed by <= 9.2e-5 here
-
-
-def _get(batch: Any, name: str) -> Any:
-    """A micro-batch's field, from a dict or from a typed batch's attribute."""
-    if isinstance(batch, dict):
-        return batch.get(name)
-    return getattr(batch, name, None)
 
 
 def request_sequences(
@@ -232,16 +226,18 @@ class ServedTeacher(CachedTeacher):
         self.pending: dict[tuple, tuple[list, list[concurrent.futures.Future]]] = {}
 
     @staticmethod
-    def _key(example_ids: torch.Tensor, split: str) -> tuple:
-        return (split, *example_ids.tolist())
+    def _key(batch: Batch, split: str) -> tuple:
+        """Where the batch sits in the data (and which examples it holds): a batch drawn by ``ServedStream``."""
+        return (split, batch.epoch, batch.position, *batch.example_ids.tolist())
 
-    def _requests(self, input_ids, labels, position_ids):
-        return request_sequences(input_ids, labels, position_ids)
+    @staticmethod
+    def _requests(batch: Batch):
+        return request_sequences(batch.inputs["input_ids"], batch.labels, batch.inputs.get("position_ids"))
 
-    def submit(self, batch, split: str = "train") -> list[concurrent.futures.Future]:
-        seqs, where = self._requests(_get(batch, "input_ids"), _get(batch, "labels"), _get(batch, "position_ids"))
+    def submit(self, batch: Batch, split: str = "train") -> list[concurrent.futures.Future]:
+        seqs, where = self._requests(batch)
         futures = [self.pool.submit(server.fetch, seqs, where) for server in self.servers]
-        self.pending[self._key(_get(batch, "example_ids"), split)] = (seqs, futures)
+        self.pending[self._key(batch, split)] = (seqs, futures)
         return futures
 
     def cancel(self) -> None:
@@ -254,14 +250,16 @@ class ServedTeacher(CachedTeacher):
         self.cancel()
         self.pool.shutdown(wait=True, cancel_futures=True)
 
-    def targets(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, example_ids: torch.Tensor, split: str):
-        seqs, where = self._requests(inputs["input_ids"], labels, inputs.get("position_ids"))
-        got = self.pending.pop(self._key(example_ids, split), None)
+    def targets(self, batch: Batch, split: str):
+        """The served top-K of the batch's supervised tokens (the requests ``submit`` issued, else issued now), after
+        the caches' parts when the ensemble has caches."""
+        seqs, where = self._requests(batch)
+        got = self.pending.pop(self._key(batch, split), None)
         if got is None or got[0] != seqs:  # not drawn through ServedStream (eval), or another batch with these ids
             futures = [self.pool.submit(server.fetch, seqs, where) for server in self.servers]
         else:
             futures = got[1]
-        parts = super().targets(inputs, labels, example_ids, split) if self.caches else []
+        parts = super().targets(batch, split) if self.caches else []
         return parts + [f.result() for f in futures]
 
 
@@ -273,6 +271,7 @@ class ServedStream:
 
     def __init__(self, stream, teacher: ServedTeacher, ahead: int):
         self.stream, self.teacher, self.ahead = stream, teacher, max(ahead, 1)
+        self.dataset = getattr(stream, "dataset", None)  # what the run's manifest fingerprints
         self._state = copy.deepcopy(stream.state_dict())
         self._queue: collections.deque = collections.deque()  # (batch, state after it, futures)
 
@@ -294,17 +293,6 @@ class ServedStream:
         self.fill()
         batch, self._state, _ = self._queue.popleft()
         return batch
-
-    def __getattr__(self, name: str) -> Any:
-        """Position readers (``ExampleTracker``) see the last consumed batch's position, as through a Prefetcher."""
-        if name.startswith("_") or name in ("stream", "teacher", "ahead"):
-            raise AttributeError(name)
-        base = self.stream
-        while hasattr(base, "stream"):  # a Prefetcher's state dict is its wrapped stream's: read positions there
-            base = base.stream
-        view = copy.copy(base)
-        view.load_state_dict(copy.deepcopy(self._state))
-        return getattr(view, name)
 
     def state_dict(self) -> dict[str, Any]:
         return copy.deepcopy(self._state)
