@@ -111,6 +111,10 @@ class RunConfig:
     chunk_size: int = flag(
         1024, "Tokens per loss chunk: the lm_heads run per chunk so full logits never exist. 0 = full logits."
     )
+    cross_tokenizer: str = _f(
+        "",
+        "A teacher with another tokenizer: alm (approximate likelihood matching of the chunks both tokenizations cover alike) or vocab_map (KL over the tokens that spell the same bytes, plus one tail bucket per side). Required when the tokenizers differ; see the README.",
+    )
     # --- on-policy distillation (ds_distill/on_policy.py)
     on_policy_fraction: float = flag(
         0.0,
@@ -208,6 +212,8 @@ class RunConfig:
         for name in ("beta", "skew"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"--{name} {getattr(self, name)} must be in [0, 1]")
+        if self.cross_tokenizer:
+            problems.extend(_cross_tokenizer_problems(self))
         if self.teacher_url:
             problems.extend(_served_problems(self))
         elif self.teacher_cache:
@@ -278,6 +284,30 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _cross_tokenizer_problems(cfg: RunConfig) -> list[str]:
+    from ds_distill.losses import CROSS_TOKENIZER
+
+    if cfg.cross_tokenizer not in CROSS_TOKENIZER:
+        return [f"--cross_tokenizer {cfg.cross_tokenizer!r} is unknown: use one of {', '.join(CROSS_TOKENIZER)}"]
+    problems = []
+    if cfg.teacher_cache:
+        problems.append(
+            "--cross_tokenizer runs the teacher live on its own tokens: teacher caches hold the student's tokens, "
+            "so pass --teacher instead of --teacher_cache"
+        )
+    if len(cfg.teacher) > 1:
+        problems.append("--cross_tokenizer takes one --teacher (ensembles across tokenizers are not supported)")
+    if cfg.on_policy_fraction:
+        problems.append(
+            "--cross_tokenizer aligns the dataset's texts once: drop --on_policy_fraction (sampled text is not aligned)"
+        )
+    if cfg.router != "fixed":
+        problems.append("--router mixes an ensemble: it does not apply to --cross_tokenizer")
+    if cfg.teacher_url:
+        problems.append("--cross_tokenizer runs the teacher live on its own tokens: drop --teacher_url, pass --teacher")
+    return problems
 
 
 def _teacher_cache_problems(cfg: RunConfig) -> list[str]:

@@ -250,3 +250,163 @@ def test_vocab_map_partial_map_buckets(kind):
     want, g_want = grad_of(ref, s)
     torch.testing.assert_close(got.total, want.total, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(g_got, g_want, rtol=1e-8, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------ the data pipeline and the teacher
+TEXTS = [
+    ("what is the capital of france?", " the capital of france is paris. 🇫🇷"),
+    ("write a short poem about the sea", "\nthe sea, the wind — 海と風 12345 waves"),
+    ("hello, how are you today?", " i am fine, thank you. ß ü é"),
+    ("one two three", " four five six seven eight nine ten 2026"),
+]
+
+
+class _Engine:
+    """A HiddenStatesLM called as the trainer calls a DeepSpeed engine (``engine(**inputs)``, ``engine.module``)."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, **inputs):
+        return self.module(**inputs)
+
+
+@pytest.fixture(scope="module")
+def cross_pair(tmp_path_factory):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from ds_distill.models.head import HiddenStatesLM
+    from tests.tiny import make_metaspace_tokenizer, make_model, make_tokenizer
+
+    root = tmp_path_factory.mktemp("cross")
+    s_tok, t_tok = make_tokenizer(root / "s_tok"), make_metaspace_tokenizer(root / "t_tok")
+    s_path = make_model(root / "student", s_tok, layers=1, hidden=32, seed=2)
+    t_path = make_model(root / "teacher", t_tok, layers=2, hidden=32, seed=1)
+    with open(root / "pc.jsonl", "w") as fh:
+        for p, c in TEXTS * 2:
+            fh.write(json.dumps({"prompt": p, "completion": c}) + "\n")
+    load = lambda p: AutoModelForCausalLM.from_pretrained(p, torch_dtype=torch.float64).eval()
+    s_lm, t_lm = load(s_path), load(t_path)
+    return dict(root=root, s_tok=s_tok, t_tok=t_tok, s_lm=s_lm, t_lm=t_lm, t_engine=_Engine(HiddenStatesLM(t_lm)))
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_pipeline_columns_spell_the_same_bytes(cross_pair, packing):
+    """Every chunk's student tokens and teacher tokens spell the same bytes (read from the vocabularies, not the
+    offsets); the teacher's ids are its own tokenization of each part; only supervised tokens are in chunks."""
+    from ds_distill.data import get_dataset
+    from ds_distill.models.tokenizers import token_bytes
+
+    s_tok, t_tok = cross_pair["s_tok"], cross_pair["t_tok"]
+    ds = get_dataset(str(cross_pair["root"] / "pc.jsonl"), s_tok, seq_len=96, teacher_tokenizer=t_tok, packing=packing)
+    sb, tb = token_bytes(s_tok), token_bytes(t_tok)
+    spell = lambda table, ids: b"".join(table[i] or b"" for i in ids).lstrip(b" ")  # SP prepends a space per part
+    n_chunks = 0
+    for row in ds:
+        ids, t_ids, labels = row["input_ids"], row["teacher_input_ids"], row["labels"]
+        s_ch, t_ch = row["chunk_ids"], row["teacher_chunk_ids"]
+        assert len(s_ch) == len(ids) and len(t_ch) == len(t_ids)
+        for c in sorted(set(s_ch) - {-1}):
+            s_tokens = [ids[p + 1] for p, x in enumerate(s_ch) if x == c]
+            t_tokens = [t_ids[p + 1] for p, x in enumerate(t_ch) if x == c]
+            assert t_tokens, "every chunk has teacher tokens"
+            if s_tokens == [s_tok.eos_token_id]:
+                assert t_tokens == [t_tok.eos_token_id]
+            else:
+                assert spell(sb, s_tokens) == spell(tb, t_tokens), (s_tok.decode(s_tokens), t_tok.decode(t_tokens))
+            assert all(labels[p] != IGNORE_INDEX for p, x in enumerate(s_ch) if x == c), "a chunk is supervised"
+        n_chunks += len(set(s_ch) - {-1})
+    if not packing:  # the teacher's own tokenization of each example: its prompt with BOS, the completion, its EOS
+        for row, (p, c) in zip(ds, TEXTS * 2):
+            want = t_tok(p)["input_ids"] + t_tok(c, add_special_tokens=False)["input_ids"] + [t_tok.eos_token_id]
+            assert row["teacher_input_ids"] == want
+            assert row["alignment"][2] == 0, "prompt and completion align whole"
+    assert n_chunks > 8 * 5
+
+
+@pytest.mark.parametrize("method", ["alm", "vocab_map"])
+def test_teacher_source_equals_the_models_own_logits(cross_pair, method):
+    """CrossTokenizerTeacher (the teacher on its own ids, chunked heads) against the loss from both models' full
+    logits (their own forward): values and the student's gradients, float64."""
+    from ds_distill.data import get_dataset
+    from ds_distill.data.alignment import collate_teacher
+    from ds_distill.data.batching import collate
+    from ds_distill.models.head import HiddenStatesLM
+    from ds_distill.models.tokenizers import vocab_map
+    from ds_distill.teachers.live import CrossTokenizerTeacher
+
+    s_tok, t_tok, s_lm, t_lm = (cross_pair[k] for k in ("s_tok", "t_tok", "s_lm", "t_lm"))
+    ds = get_dataset(str(cross_pair["root"] / "pc.jsonl"), s_tok, seq_len=96, teacher_tokenizer=t_tok)
+    rows = ds[:4]
+    batch, cross = collate(rows, 0), collate_teacher(rows, 0)
+    labels = batch["labels"]
+    maps = vocab_map(s_tok, t_tok) if method == "vocab_map" else None
+    source = CrossTokenizerTeacher(cross_pair["t_engine"], method, maps)
+    kw = dict(loss="forward_kl", alpha=0.3, temperature=1.5, beta=0.5, skew=0.1, vocab_size=len(s_tok))
+    student = HiddenStatesLM(s_lm)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    targets = source.targets(cross, torch.device("cpu"), "train")
+    got = source.loss_sums(student(**inputs), student.head, targets, labels, chunk_size=7, num_chunks=None, **kw)
+    (g_got,) = torch.autograd.grad(got.total, s_lm.lm_head.weight)
+
+    s_logits = s_lm(**inputs).logits
+    with torch.no_grad():
+        t_logits = t_lm(input_ids=cross["teacher_input_ids"], attention_mask=cross["teacher_attention_mask"]).logits
+    n = cross["n_chunks"]
+    if method == "alm":
+        # The teacher's log-likelihood of each chunk, read off its own ids (position p scores token p + 1).
+        t_lp = torch.log_softmax(t_logits[:, :-1] / 1.5, -1).gather(-1, cross["teacher_input_ids"][:, 1:, None])[..., 0]
+        t_ch = cross["teacher_chunk_ids"][:, :-1]
+        t_chunk = torch.zeros(n, dtype=torch.float64).index_add_(0, t_ch[t_ch >= 0], t_lp[t_ch >= 0])
+        want = alm_loss_sums(s_logits, labels, cross["chunk_ids"], t_chunk, **kw)
+    else:
+        from ds_distill.losses.cross_tokenizer import chunk_starts
+
+        starts = chunk_starts(cross["teacher_chunk_ids"].flatten(), n)
+        s_index, t_index = (torch.tensor(x) for x in maps)
+        want = vocab_map_loss_sums(
+            s_logits, labels, cross["chunk_ids"], t_logits.flatten(0, 1)[starts], s_index, t_index, **kw
+        )
+    (g_want,) = torch.autograd.grad(want.total, s_lm.lm_head.weight)
+    torch.testing.assert_close(got.total.double(), want.total.double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_got.double(), g_want.double(), rtol=1e-4, atol=1e-7)
+    assert got.kd.item() > 0 and n > 10
+    assert source.take_report().tolist() == cross["alignment"].tolist() and source.take_report() is None
+
+
+def test_refusals_in_one_line(cross_pair, tmp_path):
+    import json
+
+    from ds_distill.common import UsageError
+    from ds_distill.config import RunConfig
+    from ds_distill.data import get_dataset
+    from ds_distill.models.tokenizers import shared_vocab_size
+
+    s_tok, t_tok = cross_pair["s_tok"], cross_pair["t_tok"]
+    # Text made mostly of the student's chat markers (special tokens: in no chunk): a pair that cannot be aligned.
+    path = tmp_path / "markers.jsonl"
+    path.write_text("".join(json.dumps({"text": "<|user|><|end|><|assistant|><|end|> hi"}) + "\n" for _ in range(5)))
+    with pytest.raises(UsageError, match=r"5 of 5 examples .* align less than 90% .* cannot be distilled") as e:
+        get_dataset(str(path), s_tok, seq_len=64, teacher_tokenizer=t_tok)
+    assert "\n" not in str(e.value)
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(UsageError, match="chat data .* not supported"):
+        get_dataset(str(chat), s_tok, seq_len=64, teacher_tokenizer=t_tok)
+    # Different tokenizers without --cross_tokenizer: one line naming the methods.
+    (cross_pair["root"] / "t_tok" / "config.json").write_text("{}")
+    with pytest.raises(UsageError, match=r"pass --cross_tokenizer METHOD \(alm or vocab_map"):
+        shared_vocab_size("student", s_tok, [str(cross_pair["root"] / "t_tok")])
+    assert shared_vocab_size("student", s_tok, [str(cross_pair["root"] / "t_tok")], "alm") == len(s_tok)
+    base = dict(student="s", teacher=["t"], data="d", output_dir="o")
+    for extra, message in [
+        (dict(cross_tokenizer="uld"), "--cross_tokenizer 'uld' is unknown: use one of alm, vocab_map"),
+        (dict(cross_tokenizer="alm", teacher=["a", "b"]), "takes one --teacher"),
+        (dict(cross_tokenizer="alm", on_policy_fraction=0.5), "drop --on_policy_fraction"),
+        (dict(cross_tokenizer="alm", teacher=[], teacher_cache=["c"]), "pass --teacher instead of --teacher_cache"),
+    ]:
+        with pytest.raises(UsageError, match=message):
+            RunConfig(**{**base, **extra}).validate(require_paths=False)

@@ -222,3 +222,98 @@ def position_chunks(
         for p in range(b0 - 1, b1 - 1):
             t[p] = k
     return s, t, kept
+
+
+# ------------------------------------------------------------------------------------------ in the data pipeline
+# An example is poorly aligned when its chunks cover less than MIN_ALIGNED of its bytes; a dataset with more than
+# MAX_POORLY_ALIGNED of its examples poorly aligned stops the run (a tokenizer pair this method cannot serve).
+MIN_ALIGNED = 0.9
+MAX_POORLY_ALIGNED = 0.1
+# The alignment report of one example, in this order (sums over examples and steps): see Alignment.report.
+REPORT_KEYS = ("bytes", "bytes_1to1", "bytes_unaligned", "chunks", "chunk_tokens")
+
+
+def encode_parts(tokenizer, texts: list[str], eos: int | None) -> tuple[Encoded, list[Span]]:
+    """One example as the pipeline tokenises it: the first part with the tokenizer's special tokens (its BOS, and
+    its EOS if it adds one, dropped when more parts follow: the EOS belongs at the end), the others without, then
+    ``eos`` appended unless already there. Returns the joined encoding and each part's byte range."""
+    parts = []
+    for k, text in enumerate(texts):
+        enc = encode(tokenizer, text, add_special_tokens=k == 0)
+        if k == 0 and len(texts) > 1 and eos is not None and enc.ids[-1:] == [eos]:
+            enc = Encoded(enc.text, enc.ids[:-1], enc.spans[:-1], enc.special[:-1])
+        parts.append(enc)
+    joined, ranges = join(parts)
+    if eos is not None and joined.ids[-1:] != [eos]:
+        n = len(joined.text.encode("utf-8", "surrogatepass"))
+        joined = Encoded(joined.text, joined.ids + [eos], joined.spans + [(n, n)], joined.special + [True])
+    return joined, ranges
+
+
+def cross_columns(
+    student: Encoded, teacher: Encoded, regions: list[tuple[Span, Span]], supervised: list[bool], seq_len: int
+) -> dict[str, list[int]]:
+    """The columns the loss needs for one example: ``teacher_input_ids`` (cut at ``seq_len``), ``chunk_ids`` and
+    ``teacher_chunk_ids`` per label position (``position_chunks``, chunks past either cut dropped), ``alignment``
+    (the report, ``REPORT_KEYS``). When both sides end with EOS, the two EOS tokens form one more chunk (of no
+    bytes): each model's probability of ending the text there is compared as any other chunk's."""
+    al = align(student, teacher, regions)
+    report = al.report()
+    if student.special[-1:] == [True] and teacher.special[-1:] == [True]:  # the encode_parts EOS on both sides
+        al.chunks.append((len(student.ids) - 1, len(student.ids), len(teacher.ids) - 1, len(teacher.ids)))
+        al.chunk_bytes.append(0)
+    n_s, n_t = min(len(student.ids), seq_len), min(len(teacher.ids), seq_len)
+    kept = [k for k, c in enumerate(al.chunks) if c[1] <= n_s and c[3] <= n_t]
+    al.chunks, al.chunk_bytes = [al.chunks[k] for k in kept], [al.chunk_bytes[k] for k in kept]
+    s_pos, t_pos, _ = position_chunks(al, n_s, n_t, supervised[:n_s])
+    return {
+        "teacher_input_ids": teacher.ids[:n_t],
+        "chunk_ids": s_pos,
+        "teacher_chunk_ids": t_pos,
+        "alignment": [report[k] for k in REPORT_KEYS],
+    }
+
+
+def collate_teacher(rows: dict[str, list], pad_token_id: int) -> dict:
+    """The teacher's side of a micro-batch (columns of ``cross_columns``, B rows), right-padded like the student's:
+
+    teacher_input_ids ``[B, T']``, teacher_attention_mask ``[B, T']`` (or teacher_position_ids restarting per
+    document for packed rows), teacher_labels ``[B, T']`` (its next token where a chunk is scored, else -100),
+    chunk_ids ``[B, T]`` and teacher_chunk_ids ``[B, T']`` renumbered to be unique in the batch (row b's after row
+    b-1's; -1 none), n_chunks (int) and alignment ``[len(REPORT_KEYS)]`` int64, the batch's report sums.
+    """
+    import torch
+
+    t_ids = rows["teacher_input_ids"]
+    b, t_len = len(t_ids), max(len(x) for x in t_ids)
+    s_len = max(len(x) for x in rows["chunk_ids"])
+    out = {
+        "teacher_input_ids": torch.full((b, t_len), pad_token_id, dtype=torch.long),
+        "teacher_labels": torch.full((b, t_len), -100, dtype=torch.long),
+        "chunk_ids": torch.full((b, s_len), -1, dtype=torch.long),
+        "teacher_chunk_ids": torch.full((b, t_len), -1, dtype=torch.long),
+    }
+    base = 0
+    for r in range(b):
+        ids, s_ch, t_ch = (
+            torch.tensor(rows[k][r], dtype=torch.long) for k in ("teacher_input_ids", "chunk_ids", "teacher_chunk_ids")
+        )
+        n = len(ids)
+        out["teacher_input_ids"][r, :n] = ids
+        out["chunk_ids"][r, : len(s_ch)] = torch.where(s_ch >= 0, s_ch + base, -1)
+        out["teacher_chunk_ids"][r, :n] = torch.where(t_ch >= 0, t_ch + base, -1)
+        scored = t_ch[: n - 1] >= 0
+        out["teacher_labels"][r, : n - 1] = torch.where(scored, ids[1:], -100)
+        base += int(s_ch.max()) + 1 if len(s_ch) else 0
+    if "teacher_position_ids" in rows:
+        pos = torch.zeros((b, t_len), dtype=torch.long)
+        for r, p in enumerate(rows["teacher_position_ids"]):
+            pos[r, : len(p)] = torch.tensor(p, dtype=torch.long)
+            pos[r, len(p) :] = torch.arange(t_len - len(p))
+        out["teacher_position_ids"] = pos
+    else:
+        lengths = torch.tensor([len(x) for x in t_ids])
+        out["teacher_attention_mask"] = (torch.arange(t_len)[None, :] < lengths[:, None]).long()
+    out["n_chunks"] = base
+    out["alignment"] = torch.tensor(rows["alignment"], dtype=torch.long).sum(0)
+    return out

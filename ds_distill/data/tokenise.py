@@ -11,6 +11,7 @@ import pyarrow.compute as pc
 import torch
 
 from ds_distill.common import IGNORE_INDEX, UsageError
+from ds_distill.data import alignment
 from ds_distill.data.chat import ChatEncoder
 from ds_distill.data.loading import (
     check_rows,
@@ -48,9 +49,21 @@ class _Tokenise:
         train_on_prompt: bool,
         chat_template: str | None = None,
         null_filled: tuple[str, ...] = (),
+        teacher_tokenizer=None,
     ):
         self.tokenizer, self.fmt, self.seq_len, self.train_on_prompt = tokenizer, fmt, seq_len, train_on_prompt
         self.null_filled = null_filled  # chat columns whose nulls mean "absent" (loading.null_filled)
+        self.teacher = teacher_tokenizer
+        if teacher_tokenizer is not None and fmt == "messages":
+            raise UsageError(
+                "--cross_tokenizer aligns text and prompt/completion data; chat data ('messages') is not supported "
+                "yet: render the conversations to prompt/completion records"
+            )
+        if teacher_tokenizer is not None and teacher_tokenizer.eos_token_id is None:
+            raise UsageError(
+                f"teacher tokenizer {teacher_tokenizer.name_or_path!r} has no eos token: set eos_token in its "
+                "tokenizer_config.json"
+            )
         eos = tokenizer.eos_token_id
         if fmt != "messages" and eos is None:
             raise UsageError(
@@ -80,9 +93,14 @@ class _Tokenise:
             rows = [self._messages(m, t, i) for m, t, i in zip(batch["messages"], tools, batch["id"])]
         # A conversation may give several examples (one per assistant turn): each keeps the row's id and row number.
         out: dict[str, list] = {"id": [], "row": [], "input_ids": [], "labels": [], "_truncated": []}
-        for example_id, row, examples in zip(batch["id"], batch["row"], rows):
+        texts = zip(batch["prompt"], batch["completion"]) if self.fmt == "prompt_completion" else None
+        texts = [[t] for t in batch["text"]] if self.fmt == "text" else texts
+        for example_id, row, examples, parts in zip(batch["id"], batch["row"], rows, texts or rows):
             for ids, sup in examples:
                 sup = sup if sup is not None else [True] * len(ids)
+                if self.teacher is not None:
+                    for key, value in self._cross(list(parts), ids, sup).items():
+                        out.setdefault(key, []).append(value)
                 out["id"].append(example_id)
                 out["row"].append(row)
                 out["_truncated"].append(len(ids) > self.seq_len)
@@ -90,6 +108,15 @@ class _Tokenise:
                 out["input_ids"].append(ids)
                 out["labels"].append(_shift(ids, sup))
         return out
+
+    def _cross(self, parts: list[str], ids: list[int], sup: list[bool]) -> dict[str, list[int]]:
+        """The teacher's columns of one example (``alignment.cross_columns``): both sides tokenised by parts (prompt,
+        completion) as above, each with its own special tokens, and aligned part by part."""
+        student, s_ranges = alignment.encode_parts(self.tokenizer, parts, self.eos)
+        if student.ids != ids:  # one definition of the student's tokens: the ones above
+            raise AssertionError("cross-tokenizer alignment tokenised the student's text differently")
+        teacher, t_ranges = alignment.encode_parts(self.teacher, parts, self.teacher.eos_token_id)
+        return alignment.cross_columns(student, teacher, list(zip(s_ranges, t_ranges)), sup, self.seq_len)
 
     def _messages(self, messages: list[dict], tools, example_id) -> list[tuple[list[int], list[bool]]]:
         """One example for the conversation (with its ``tools``), or one per assistant turn: see ``chat.ChatEncoder``."""
@@ -123,7 +150,25 @@ class _Pack:
             out["labels"][-1].extend(labels)
             out["position_ids"][-1].extend(range(len(ids)))
             out["doc_ids"][-1].append(batch["id"][i])
+            if "teacher_input_ids" in batch:
+                self._teacher(out, batch, i)
         return out
+
+    @staticmethod
+    def _teacher(out: dict[str, list], batch: dict[str, list], i: int) -> None:
+        """The teacher's side of document i joins the block beside the student's: its ids and positions restart per
+        document, its chunk ids (0, 1, ... per document) are renumbered after the block's chunks so far, and the
+        alignment reports add up. Documents are aligned apart, so no chunk crosses a document boundary."""
+        if len(out["input_ids"][-1]) == len(batch["input_ids"][i]):  # a new block
+            for k in ("teacher_input_ids", "teacher_position_ids", "chunk_ids", "teacher_chunk_ids", "alignment"):
+                out.setdefault(k, []).append([] if k != "alignment" else [0] * len(alignment.REPORT_KEYS))
+        base = 1 + max(out["chunk_ids"][-1], default=-1)
+        shift = lambda ids: [c + base if c >= 0 else -1 for c in ids]
+        out["teacher_input_ids"][-1].extend(batch["teacher_input_ids"][i])
+        out["teacher_position_ids"][-1].extend(range(len(batch["teacher_input_ids"][i])))
+        out["chunk_ids"][-1].extend(shift(batch["chunk_ids"][i]))
+        out["teacher_chunk_ids"][-1].extend(shift(batch["teacher_chunk_ids"][i]))
+        out["alignment"][-1] = [a + b for a, b in zip(out["alignment"][-1], batch["alignment"][i])]
 
 
 def get_dataset(
@@ -140,6 +185,7 @@ def get_dataset(
     example_filter: Callable[[dict], bool] | None = None,
     num_proc: int | None = None,
     chat_template: str | None = None,
+    teacher_tokenizer=None,
 ) -> datasets.Dataset:
     """Load and tokenise a corpus.
 
@@ -158,6 +204,12 @@ def get_dataset(
     (the ids of the documents in the block; ``id`` is the first of them). Examples longer than ``seq_len`` are
     truncated (or dropped with ``drop_long``); examples left with no target are dropped; both are counted in a warning.
     ``max_samples`` keeps the first N rows, ``example_filter`` (raw row -> keep?) runs before tokenising.
+
+    ``teacher_tokenizer`` (a teacher with another tokenizer, ``--cross_tokenizer``): each example is also tokenised
+    by the teacher and aligned (``alignment.cross_columns``), adding ``teacher_input_ids``, ``chunk_ids``,
+    ``teacher_chunk_ids`` and ``alignment`` (with packing also ``teacher_position_ids``); cached with the rest.
+    Examples whose chunks cover less than ``alignment.MIN_ALIGNED`` of their bytes are counted in a warning; more
+    than ``alignment.MAX_POORLY_ALIGNED`` of them stop the run.
     """
     if seq_len < 2:
         raise UsageError(f"seq_len {seq_len} is too small: a training example needs at least 2 tokens")
@@ -175,8 +227,12 @@ def get_dataset(
             if len(raw) == 0:
                 raise UsageError(f"example_filter removed every example of {path!r}: loosen the filter")
 
-        tokenise = _Tokenise(tokenizer, fmt, seq_len, train_on_prompt, chat_template, null_filled(raw.features))
+        tokenise = _Tokenise(
+            tokenizer, fmt, seq_len, train_on_prompt, chat_template, null_filled(raw.features), teacher_tokenizer
+        )
         ds = raw.map(tokenise, batched=True, remove_columns=raw.column_names, num_proc=num_proc, desc="tokenising")
+        if teacher_tokenizer is not None:
+            _check_alignment(ds, path, tokenizer, teacher_tokenizer)
 
         n_long, n_all = pc.sum(ds.with_format("arrow")["_truncated"]).as_py() or 0, len(ds)
         if n_long and drop_long:
@@ -209,6 +265,21 @@ def get_dataset(
                 desc="packing",
             )
     return ds
+
+
+def _check_alignment(ds: datasets.Dataset, path: str, student, teacher) -> None:
+    """Count the poorly aligned examples (see ``get_dataset``); too many stop the run in one line."""
+    rep = ds["alignment"]
+    b, u = alignment.REPORT_KEYS.index("bytes"), alignment.REPORT_KEYS.index("bytes_unaligned")
+    poor = sum(1 for r in rep if r[b] and (r[b] - r[u]) / r[b] < alignment.MIN_ALIGNED)
+    if poor > alignment.MAX_POORLY_ALIGNED * len(rep):
+        raise UsageError(
+            f"{poor} of {len(rep)} examples of {path!r} align less than {alignment.MIN_ALIGNED:.0%} of their bytes "
+            f"between the student's tokenizer ({student.name_or_path!r}) and the teacher's ({teacher.name_or_path!r}) "
+            f"(limit: {alignment.MAX_POORLY_ALIGNED:.0%} of the examples): this pair cannot be distilled across tokenizers"
+        )
+    if poor:
+        warn_once(f"{poor} of {len(rep)} examples align less than {alignment.MIN_ALIGNED:.0%} of their bytes")
 
 
 def split_eval(

@@ -234,8 +234,8 @@ def _map_terms(s: Tensor, t: Tensor, student_index: Tensor, teacher_index: Tenso
     return temperature**2 * LOSSES[kw["loss"]](tb, sb, beta=kw["beta"], skew=kw["skew"])
 
 
-def _chunk_starts(ch: Tensor, n_chunks: int) -> Tensor:
-    """The index (into the supervised positions) of each chunk's first position: ``[n] -> [C]``."""
+def chunk_starts(ch: Tensor, n_chunks: int) -> Tensor:
+    """The index of each chunk's first position: chunk ids ``[n]`` (-1: none) -> ``[C]``."""
     at = torch.arange(ch.shape[0], device=ch.device)
     keep = ch >= 0
     first = torch.full((n_chunks,), ch.shape[0], dtype=torch.int64, device=ch.device)
@@ -277,7 +277,7 @@ def vocab_map_loss_sums(
     v = check_vocab(vocab_size, student_logits.shape[-1], [])
     s = student_logits.flatten(0, 1)[idx, :v]
     ce, _ = _token_terms(s, lab, 1.0)
-    starts = _chunk_starts(ch, n_chunks)
+    starts = chunk_starts(ch, n_chunks)
     kw = dict(loss=loss, beta=beta, skew=skew)
     kd = _map_terms(s[starts], teacher_start_logits, student_index, teacher_index, temperature, kw)
     return _sums(ce, rows, kd, rows[starts], labels.shape[0], alpha, student_logits)
@@ -317,7 +317,7 @@ def chunked_vocab_map_loss_sums(
     idx, rows, lab, ch = (x.to(dev, non_blocking=True) for x in (idx, rows, lab, ch))
     hs = student_hidden.flatten(0, 1)[idx]
     ce, _ = _head_terms(hs, student_head, lab, chunk_slices(hs.shape[0], chunk_size, num_chunks), vocab_size, 1.0)
-    starts = _chunk_starts(ch, n_chunks)
+    starts = chunk_starts(ch, n_chunks)
     kw = dict(loss=loss, beta=beta, skew=skew)
 
     def kd_terms(h: Tensor, th: Tensor) -> Tensor:

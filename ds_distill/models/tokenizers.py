@@ -57,20 +57,87 @@ def copy_tokenizer(src: str | Path, dst: str | Path) -> None:
         )
 
 
-def shared_vocab_size(student_path: str, student_tok, teacher_paths: list[str]) -> int:
+def shared_vocab_size(student_path: str, student_tok, teacher_paths: list[str], cross_tokenizer: str = "") -> int:
     """The vocabulary distilled over: the tokenizer's real vocabulary, which every model must share.
 
     Models may pad their embedding matrices beyond the tokenizer (e.g. 49152 vs 49280 rows): those rows are ignored
-    (see ``check_output_rows``). Different tokenizers cannot be distilled token by token, so they stop the run.
+    (see ``check_output_rows``). Different tokenizers cannot be distilled token by token: they need
+    ``cross_tokenizer`` (a method of ``losses.CROSS_TOKENIZER``), and then the student's vocabulary is scored.
     """
+    from ds_distill.losses import CROSS_TOKENIZER
+
     vocab = student_tok.get_vocab()
     for path in teacher_paths:
         other = load_tokenizer(path).get_vocab()
-        if other != vocab:
+        if other != vocab and not cross_tokenizer:
             diff = sorted(set(other.items()) ^ set(vocab.items()))[:3]
             raise UsageError(
                 f"teacher {path!r} and student {student_path!r} have different tokenizers "
-                f"({len(other)} vs {len(vocab)} tokens; e.g. {diff}): distillation needs a shared vocabulary, "
-                "so build the student with the teacher's tokenizer (python -m ds_distill.student_init)"
+                f"({len(other)} vs {len(vocab)} tokens; e.g. {diff}): pass --cross_tokenizer METHOD "
+                f"({' or '.join(CROSS_TOKENIZER)}; see the README), or build the student with the teacher's tokenizer "
+                "(python -m ds_distill.student_init)"
             )
     return len(student_tok)
+
+
+def token_bytes(tokenizer) -> list[bytes | None]:
+    """Each id's bytes as it spells them in text, ``[len(tokenizer)]``; None for special and added tokens.
+
+    Byte-level BPE (GPT-2's alphabet of printable stand-ins for bytes) and SentencePiece-style vocabularies ("▁" for
+    a space, ``<0xNN>`` byte-fallback tokens) are read; any other kind stops in one line.
+    """
+    import json
+
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    kinds = json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")])
+    added = {t["id"] for t in spec.get("added_tokens", [])} | set(tokenizer.all_special_ids)
+    out: list[bytes | None] = [None] * len(tokenizer)
+    if '"ByteLevel"' in kinds:
+        to_byte = {c: b for b, c in bytes_to_unicode().items()}
+        for token, i in tokenizer.get_vocab().items():
+            if i not in added and all(c in to_byte for c in token):
+                out[i] = bytes(to_byte[c] for c in token)
+    elif '"Metaspace"' in kinds or "\u2581" in kinds or "▁" in kinds:
+        for token, i in tokenizer.get_vocab().items():
+            if i in added:
+                continue
+            if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+                out[i] = bytes([int(token[3:5], 16)])
+            else:
+                out[i] = token.replace("▁", " ").encode()
+    else:
+        raise UsageError(
+            f"tokenizer {tokenizer.name_or_path!r} is neither byte-level BPE nor SentencePiece-style (Metaspace): "
+            "--cross_tokenizer vocab_map cannot read its tokens' bytes; use --cross_tokenizer alm"
+        )
+    return out
+
+
+def vocab_map(student_tok, teacher_tok) -> tuple[list[int], list[int]]:
+    """The token pairs that spell the same bytes (each token in at most one pair: a byte string spelt by two tokens
+    of one vocabulary, e.g. "A" and <0x41>, is left out), special tokens of the same text, and BOS with BOS and EOS
+    with EOS. With one tokenizer on both sides every token is mapped (the method is then today's loss). Returns
+    ``(student ids, teacher ids)``, ``[M]`` each, in the student's id order."""
+
+    def unique(tok) -> dict[bytes, int]:
+        seen: dict[bytes, int] = {}
+        twice: set[bytes] = set()
+        for i, b in enumerate(token_bytes(tok)):
+            if b is not None:
+                (twice.add(b) if b in seen else seen.__setitem__(b, i))
+        return {b: i for b, i in seen.items() if b not in twice}
+
+    s, t = unique(student_tok), unique(teacher_tok)
+    pairs = {s[b]: t[b] for b in s.keys() & t.keys()}
+    # Special and added tokens have no bytes: the same text is the same token (a shared tokenizer maps whole).
+    added = lambda tok: {str(v): k for k, v in tok.added_tokens_decoder.items() if k < len(tok)}
+    s_added, t_added = added(student_tok), added(teacher_tok)
+    pairs.update({s_added[c]: t_added[c] for c in s_added.keys() & t_added.keys()})
+    for role in ("bos_token_id", "eos_token_id"):
+        a, b = getattr(student_tok, role), getattr(teacher_tok, role)
+        if a is not None and b is not None:
+            pairs[a] = b
+    ids = [i for i in sorted(pairs) if list(pairs.values()).count(pairs[i]) == 1]  # one pair per teacher token too
+    return ids, [pairs[i] for i in ids]

@@ -19,6 +19,7 @@ import torch
 
 from ds_distill import losses
 from ds_distill.data.batching import Batch
+from ds_distill.losses.cross_tokenizer import chunk_starts, chunk_sums
 
 
 class TeacherSource(Protocol):
@@ -72,3 +73,90 @@ class LiveTeachers:
                 **loss_kw,
             )
         return losses.loss_sums(student_head(student_hidden), [h(x) for h, x in zip(heads, targets)], labels, **loss_kw)
+
+
+class CrossTokenizerTeacher:
+    """A frozen teacher engine with another tokenizer (``--cross_tokenizer``): it runs on its own ids, which the data
+    pipeline aligned with the student's once (``data.alignment``); the loss is ``losses.cross_tokenizer``'s method
+    over the chunks, never with ``[tokens, V]`` logits of either model.
+
+    ``targets(cross, split)`` takes the teacher's columns of the micro-batch (``alignment.collate_teacher``), on the
+    host; ``vocab_map``: ``(student ids, teacher ids)`` of the mapped tokens (``models.vocab_map``) for that method.
+    ``report`` sums the alignment reports of the micro-batches seen since it was last read (``take_report``).
+    """
+
+    def __init__(self, engine, method: str, vocab_map: tuple[list[int], list[int]] | None = None):
+        self.engine, self.method = engine, method
+        self.index = None if vocab_map is None else tuple(torch.tensor(x, dtype=torch.long) for x in vocab_map)
+        self.report: torch.Tensor | None = None
+
+    def take_report(self) -> torch.Tensor | None:
+        out, self.report = self.report, None
+        return out
+
+    @torch.no_grad()
+    def targets(self, cross: dict[str, Any], device: torch.device, split: str) -> dict[str, Any]:
+        if split == "train":
+            self.report = cross["alignment"] if self.report is None else self.report + cross["alignment"]
+        keys = ("teacher_input_ids", "teacher_attention_mask", "teacher_position_ids")
+        inputs = {k.removeprefix("teacher_"): cross[k].to(device, non_blocking=True) for k in keys if k in cross}
+        return {**cross, "hidden": self.engine(**inputs)}
+
+    def loss_sums(
+        self,
+        student_hidden: torch.Tensor,
+        student_head: Callable,
+        targets: dict[str, Any],
+        labels: torch.Tensor,
+        *,
+        chunk_size: int,
+        num_chunks: int | None,
+        **loss_kw: Any,
+    ) -> losses.LossSums:
+        loss_kw.pop("teacher_weights", None)  # one teacher (checked by the config)
+        head, hidden, n = self.engine.module.head, targets["hidden"], targets["n_chunks"]
+        chunk_size = chunk_size or max(1, hidden.shape[0] * hidden.shape[1])  # 0: one call for all
+        kw = dict(chunk_size=chunk_size, num_chunks=num_chunks, **loss_kw)
+        if self.method == "alm":
+            t_chunk = teacher_chunk_logp(
+                hidden,
+                head,
+                targets["teacher_labels"],
+                targets["teacher_chunk_ids"],
+                n,
+                loss_kw["temperature"],
+                chunk_size,
+                num_chunks,
+            )
+            return losses.chunked_alm_loss_sums(
+                student_hidden, student_head, labels, targets["chunk_ids"], t_chunk, **kw
+            )
+        starts = chunk_starts(targets["teacher_chunk_ids"].flatten(), n).to(hidden.device)
+        return losses.chunked_vocab_map_loss_sums(
+            student_hidden,
+            student_head,
+            labels,
+            targets["chunk_ids"],
+            hidden.flatten(0, 1)[starts],
+            head,
+            *self.index,
+            **kw,
+        )
+
+
+@torch.no_grad()
+def teacher_chunk_logp(hidden, head, teacher_labels, teacher_chunk_ids, n_chunks, temperature, chunk_size, num_chunks):
+    """The teacher's chunk log-likelihoods ``[C]`` from its hidden states ``[B, T', H]``, its head called on the
+    scored positions a slice at a time: ``num_chunks`` calls when given (the same number on every rank, as ZeRO-3's
+    gathers need, each slice ``ceil(n / num_chunks)`` rows), else ``chunk_size`` rows per call."""
+    pos = (teacher_labels != -100).flatten().nonzero().squeeze(1)
+    hs = hidden.flatten(0, 1)[pos.to(hidden.device)]
+    lab = teacher_labels.flatten()[pos].to(hidden.device)
+    per = chunk_size if num_chunks is None else max(1, -(-hs.shape[0] // max(num_chunks, 1)))
+    calls = -(-hs.shape[0] // per) if num_chunks is None else num_chunks
+    lps = []
+    for k in range(calls):
+        z = head(hs[k * per : (k + 1) * per]).float()
+        lps.append(torch.log_softmax(z / temperature, -1).gather(-1, lab[k * per : (k + 1) * per, None])[:, 0])
+    lp = torch.cat(lps) if lps else hs.new_zeros(0, dtype=torch.float32)
+    return chunk_sums(lp, teacher_chunk_ids.flatten()[pos].to(lp.device), n_chunks)
