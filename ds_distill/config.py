@@ -20,6 +20,7 @@ from typing import Any
 
 from ds_distill.common import UsageError
 from ds_distill.data.loading import FORMATS
+from ds_distill.losses.cross_tokenizer import CROSS_TOKENIZER
 from ds_distill.losses.divergences import LOSSES
 from ds_distill.losses.routing import ROUTERS
 
@@ -111,9 +112,9 @@ class RunConfig:
     chunk_size: int = flag(
         1024, "Tokens per loss chunk: the lm_heads run per chunk so full logits never exist. 0 = full logits."
     )
-    cross_tokenizer: str = _f(
+    cross_tokenizer: str = flag(
         "",
-        "A teacher with another tokenizer: alm (approximate likelihood matching of the chunks both tokenizations cover alike) or vocab_map (KL over the tokens that spell the same bytes, plus one tail bucket per side). Required when the tokenizers differ; see the README.",
+        f"A teacher with another tokenizer ({_names(CROSS_TOKENIZER)}): alm (approximate likelihood matching of the chunks both tokenizations cover alike) or vocab_map (KL over the tokens that spell the same bytes, plus one tail bucket per side). Required when the tokenizers differ; see the README.",
     )
     # --- on-policy distillation (ds_distill/on_policy.py)
     on_policy_fraction: float = flag(
@@ -287,8 +288,6 @@ class RunConfig:
 
 
 def _cross_tokenizer_problems(cfg: RunConfig) -> list[str]:
-    from ds_distill.losses import CROSS_TOKENIZER
-
     if cfg.cross_tokenizer not in CROSS_TOKENIZER:
         return [f"--cross_tokenizer {cfg.cross_tokenizer!r} is unknown: use one of {', '.join(CROSS_TOKENIZER)}"]
     problems = []

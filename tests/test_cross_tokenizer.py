@@ -330,9 +330,7 @@ def test_pipeline_columns_spell_the_same_bytes(cross_pair, packing):
 def test_teacher_source_equals_the_models_own_logits(cross_pair, method):
     """CrossTokenizerTeacher (the teacher on its own ids, chunked heads) against the loss from both models' full
     logits (their own forward): values and the student's gradients, float64."""
-    from ds_distill.data import get_dataset
-    from ds_distill.data.alignment import collate_teacher
-    from ds_distill.data.batching import collate
+    from ds_distill.data import Batch, get_dataset
     from ds_distill.models.head import HiddenStatesLM
     from ds_distill.models.tokenizers import vocab_map
     from ds_distill.teachers.live import CrossTokenizerTeacher
@@ -340,15 +338,15 @@ def test_teacher_source_equals_the_models_own_logits(cross_pair, method):
     s_tok, t_tok, s_lm, t_lm = (cross_pair[k] for k in ("s_tok", "t_tok", "s_lm", "t_lm"))
     ds = get_dataset(str(cross_pair["root"] / "pc.jsonl"), s_tok, seq_len=96, teacher_tokenizer=t_tok)
     rows = ds[:4]
-    batch, cross = collate(rows, 0), collate_teacher(rows, 0)
-    labels = batch["labels"]
+    batch = Batch.collate(rows, 0, epoch=0, position=0)
+    cross, labels = batch.teacher, batch.labels
     maps = vocab_map(s_tok, t_tok) if method == "vocab_map" else None
     source = CrossTokenizerTeacher(cross_pair["t_engine"], method, maps)
     kw = dict(loss="forward_kl", alpha=0.3, temperature=1.5, beta=0.5, skew=0.1, vocab_size=len(s_tok))
     student = HiddenStatesLM(s_lm)
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    inputs = batch.inputs
 
-    targets = source.targets(cross, torch.device("cpu"), "train")
+    targets = source.targets(batch, "train")
     got = source.loss_sums(student(**inputs), student.head, targets, labels, chunk_size=7, num_chunks=None, **kw)
     (g_got,) = torch.autograd.grad(got.total, s_lm.lm_head.weight)
 
@@ -409,4 +407,45 @@ def test_refusals_in_one_line(cross_pair, tmp_path):
         (dict(cross_tokenizer="alm", teacher=[], teacher_cache=["c"]), "pass --teacher instead of --teacher_cache"),
     ]:
         with pytest.raises(UsageError, match=message):
-            RunConfig(**{**base, **extra}).validate(require_paths=False)
+            RunConfig(**{**base, **extra}).validate()
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def ms_teacher(tmp_path_factory):
+    """A 2-layer random teacher with the SentencePiece-style tokenizer (the tiny student's is byte-level BPE)."""
+    from tests.tiny import make_metaspace_tokenizer, make_model
+
+    root = tmp_path_factory.mktemp("ms_teacher")
+    return make_model(root / "teacher", make_metaspace_tokenizer(root / "tok"), layers=2, hidden=32, seed=1)
+
+
+def test_training_across_tokenizers_lowers_the_loss(tiny, dist_env, tmp_path, ms_teacher):
+    """ALM in process (student and teacher ZeRO-3): the loss falls, the KD term is live, the report is logged. (ALM's
+    KD is small between random models: their chunk likelihoods are small, and so is the binarised KL between them.)"""
+    from ds_distill import train
+    from ds_distill.teachers.live import AlignmentReport
+    from tests.helpers import ds_json, losses_of, make_cfg
+
+    cfg = make_cfg(
+        tiny,
+        tmp_path / "alm",
+        teacher=[ms_teacher],
+        cross_tokenizer="alm",
+        max_steps=4,
+        deepspeed_config=ds_json(tmp_path, lr=3e-2),
+    )
+    trainer = train.run(cfg)
+    loss, kd = losses_of(trainer), losses_of(trainer, "Train/kd")
+    assert len(loss) == 4 and loss[-1] < 0.9 * loss[0], loss
+    assert all(k > 0 for k in kd), kd
+    (report,) = [cb for cb in trainer.callbacks if isinstance(cb, AlignmentReport)]
+    assert len(report.history) == 4
+    assert all(0 < h["align/bytes_1to1"] < 1 and h["align/bytes_unaligned"] == 0 for h in report.history)
+
+
+def test_different_tokenizers_need_the_flag(tiny, tmp_path, capsys, keep_process_group, ms_teacher):
+    from tests.helpers import base_args, flags, run_main
+
+    code, err = run_main(base_args(tiny, tmp_path / "o") + flags(teacher=ms_teacher), capsys)
+    assert code == 2 and len(err) == 1 and "pass --cross_tokenizer METHOD (alm or vocab_map" in err[0], err

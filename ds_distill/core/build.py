@@ -26,7 +26,7 @@ from ds_distill.losses.objective import Objective
 from ds_distill.runtime import distributed, monitors
 from ds_distill.runtime.callbacks import Callback
 from ds_distill.teachers import cache_reader, served
-from ds_distill.teachers.live import LiveTeachers, TeacherSource
+from ds_distill.teachers.live import AlignmentReport, CrossTokenizerTeacher, LiveTeachers, TeacherSource
 
 log = logging.getLogger("ds_distill")
 
@@ -40,6 +40,8 @@ def build(cfg: RunConfig, callbacks: list[Callback] = (), objective: Objective |
     teachers = teacher_source(cfg, run_data, engines)
     stream = batch_stream(cfg, run_configs, run_data, engines, teachers)
     run_callbacks = [*stream.callbacks, *callbacks]  # the stream's own, then the extras (default_callbacks)
+    if isinstance(teachers, CrossTokenizerTeacher):  # the per-step alignment report
+        run_callbacks.insert(0, AlignmentReport(teachers))
     trainer = Trainer(
         cfg,
         engines.student,
@@ -116,13 +118,16 @@ class Data:
     eval: Any  # datasets.Dataset, or None: no evaluation
     caches: list[cache_reader.TeacherCache]  # --teacher_cache, checked against these tokens (before the eval split)
     servers: list[served.ServedModel]  # --teacher_url, ready and checked against the student's tokenizer
+    teacher_tokenizer: Any = None  # --cross_tokenizer: the teacher's own (its ids and the chunk maps are in the sets)
 
 
 def load_data(cfg: RunConfig, run: Configs) -> Data:
     """Tokenise --data and --eval_data (or split --eval_fraction off --data); check the teacher caches against them;
     connect to the served teachers."""
     tokenizer = models.load_tokenizer(cfg.student)
-    train_set, eval_set = tokenise(cfg, tokenizer)
+    # A teacher with another tokenizer: every example is aligned once, here (cached with the tokenised data).
+    teacher_tokenizer = models.load_tokenizer(cfg.teacher[0]) if cfg.cross_tokenizer and cfg.teacher else None
+    train_set, eval_set = tokenise(cfg, tokenizer, teacher_tokenizer)
     # A teacher cache must hold exactly these tokens (checked before any model loads); its eval rows come either from
     # --eval_data or, split off below, from --data.
     caches = cache_reader.open_for_run(cfg, tokenizer, train_set, eval_set) if cfg.teacher_cache else []
@@ -143,10 +148,10 @@ def load_data(cfg: RunConfig, run: Configs) -> Data:
     # Served teachers: ready and checked (tokenizer, K, vocabulary, parity against --teacher_reference), each in one
     # line, before any model loads (the vocabulary distilled over is the student tokenizer's: models.shared_vocab_size).
     servers = served.connect_run(cfg, tokenizer, len(tokenizer)) if cfg.teacher_url else []
-    return Data(tokenizer, train_set, eval_set, caches, servers)
+    return Data(tokenizer, train_set, eval_set, caches, servers, teacher_tokenizer)
 
 
-def tokenise(cfg, tokenizer) -> tuple[Any, Any]:
+def tokenise(cfg, tokenizer, teacher_tokenizer=None) -> tuple[Any, Any]:
     """(--data, --eval_data or None) tokenised with the run's token flags (``cache_format.TOKEN_FLAGS``): the one
     place that reads them, shared with ``ds_distill.cache_teacher`` so that a cache holds a run's exact tokens."""
     data_kw = dict(
@@ -156,6 +161,7 @@ def tokenise(cfg, tokenizer) -> tuple[Any, Any]:
         train_on_prompt=cfg.train_on_prompt,
         drop_long=cfg.drop_long,
         chat_template=Path(cfg.chat_template).read_text() if cfg.chat_template else None,
+        teacher_tokenizer=teacher_tokenizer,
     )
     train_set = data.get_dataset(
         cfg.data, tokenizer, split=cfg.data_split, max_samples=cfg.max_samples or None, **data_kw
@@ -175,16 +181,18 @@ class Models:
 
 def load_models(cfg: RunConfig, run: Configs, run_data: Data) -> Models:
     """Check the tokenizers agree, seed, build the engines, probe each one's logits against its own forward."""
-    vocab = models.shared_vocab_size(cfg.student, run_data.tokenizer, cfg.teacher)
+    vocab = models.shared_vocab_size(cfg.student, run_data.tokenizer, cfg.teacher, cfg.cross_tokenizer)
     _seed_everything(cfg.seed)
     packed_rows = cfg.packing and run.student.micro_batch > 1
     student = models.student_engine(cfg.student, run.student, cfg.attn_implementation, packed_rows)
     monitors.attach(student)
     teachers = [models.teacher_engine(p, run.teacher, cfg.attn_implementation, packed_rows) for p in run.teachers]
     engines, paths = [student, *teachers], [cfg.student, *run.teachers]
-    models.check_output_rows(vocab, engines, paths)
-    for engine, path in zip(engines, paths):
-        models.check_logits(engine, path, vocab, packing=cfg.packing)
+    # Each model scores its own tokenizer's vocabulary: the student's is shared unless --cross_tokenizer.
+    vocabs = [vocab] + [len(run_data.teacher_tokenizer) if run_data.teacher_tokenizer else vocab] * len(teachers)
+    for engine, path, v in zip(engines, paths, vocabs):
+        models.check_output_rows(v, [engine], [path])
+        models.check_logits(engine, path, v, packing=cfg.packing)
     return Models(student, teachers, vocab)
 
 
@@ -197,6 +205,19 @@ def teacher_source(cfg: RunConfig, run_data: Data, engines: Models) -> TeacherSo
         return served.ServedTeacher(run_data.servers, run_data.caches, splits)
     if run_data.caches:
         return cache_reader.CachedTeacher(run_data.caches, splits)
+    if cfg.cross_tokenizer and engines.teachers:
+        teacher_tok = run_data.teacher_tokenizer
+        maps = models.vocab_map(run_data.tokenizer, teacher_tok) if cfg.cross_tokenizer == "vocab_map" else None
+        if distributed.rank_or_none() in (None, 0):
+            mapped = f", {len(maps[0])} tokens map by their bytes" if maps else ""
+            log.info(
+                "cross-tokenizer distillation: --cross_tokenizer %s (student %d tokens, teacher %d%s)",
+                cfg.cross_tokenizer,
+                len(run_data.tokenizer),
+                len(teacher_tok),
+                mapped,
+            )
+        return CrossTokenizerTeacher(engines.teachers[0], cfg.cross_tokenizer, maps)
     return LiveTeachers(engines.teachers)
 
 

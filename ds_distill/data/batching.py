@@ -8,6 +8,7 @@ import dataclasses
 import torch
 
 from ds_distill.common import IGNORE_INDEX, NON_MODEL_KEYS, UsageError
+from ds_distill.data.alignment import collate_teacher
 
 
 def collate(rows: dict[str, list], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -55,6 +56,8 @@ class Batch:
         epoch: the data epoch the examples were drawn in (0-based).
         position: the index of the batch's first example in that epoch's global order (examples of the epoch read by
             all ranks before this micro-step, plus rank * B): where the batch sits in the data, whatever wraps it.
+        teacher: a teacher with another tokenizer (``--cross_tokenizer``): its ids, the chunk maps and the alignment
+            report of these examples (``alignment.collate_teacher``), on the host; None otherwise.
     """
 
     inputs: dict[str, torch.Tensor]
@@ -62,13 +65,16 @@ class Batch:
     example_ids: torch.Tensor
     epoch: int
     position: int
+    teacher: dict | None = None
 
     @classmethod
     def collate(cls, rows: dict[str, list], pad_token_id: int, *, epoch: int, position: int) -> "Batch":
         """``collate(rows, pad_token_id)`` split into model inputs, labels and example ids (``NON_MODEL_KEYS``)."""
         columns = collate(rows, pad_token_id)
         inputs = {k: v for k, v in columns.items() if k not in NON_MODEL_KEYS}
-        return cls(inputs, columns["labels"], columns["example_ids"], epoch, position)
+        # The teacher's pad id never matters (masked out of attention, never a label), as for the student's.
+        teacher = collate_teacher(rows, 0) if "teacher_input_ids" in rows else None
+        return cls(inputs, columns["labels"], columns["example_ids"], epoch, position, teacher)
 
     def to(self, device: torch.device | str) -> "Batch":
         """The batch with its model inputs on ``device`` (``non_blocking``: asynchronous from pinned memory); labels

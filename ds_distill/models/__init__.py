@@ -21,7 +21,7 @@ from ds_distill.models.loading import (
     teacher_engine,
     teacher_placement,
 )
-from ds_distill.models.tokenizers import TOKENIZER_FILES, copy_tokenizer, load_tokenizer, shared_vocab_size
+from ds_distill.models.tokenizers import TOKENIZER_FILES, copy_tokenizer, load_tokenizer, shared_vocab_size, vocab_map
 
 __all__ = [
     "REPLICATE_FRACTION",
@@ -40,6 +40,7 @@ __all__ = [
     "moe_leaf_modules",
     "parameter_count",
     "shared_vocab_size",
+    "vocab_map",
     "student_engine",
     "teacher_engine",
     "teacher_placement",

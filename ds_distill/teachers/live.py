@@ -13,13 +13,20 @@ with these two methods is a teacher source:
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Protocol
 
 import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 
 from ds_distill import losses
+from ds_distill.data import alignment
 from ds_distill.data.batching import Batch
 from ds_distill.losses.cross_tokenizer import chunk_starts, chunk_sums
+from ds_distill.runtime.callbacks import Callback
+
+log = logging.getLogger("ds_distill")
 
 
 class TeacherSource(Protocol):
@@ -80,8 +87,8 @@ class CrossTokenizerTeacher:
     pipeline aligned with the student's once (``data.alignment``); the loss is ``losses.cross_tokenizer``'s method
     over the chunks, never with ``[tokens, V]`` logits of either model.
 
-    ``targets(cross, split)`` takes the teacher's columns of the micro-batch (``alignment.collate_teacher``), on the
-    host; ``vocab_map``: ``(student ids, teacher ids)`` of the mapped tokens (``models.vocab_map``) for that method.
+    ``targets(batch, split)`` reads the teacher's columns of the micro-batch (``batch.teacher``,
+    ``alignment.collate_teacher``); ``vocab_map``: ``(student ids, teacher ids)`` of the mapped tokens (``models.vocab_map``) for that method.
     ``report`` sums the alignment reports of the micro-batches seen since it was last read (``take_report``).
     """
 
@@ -95,9 +102,15 @@ class CrossTokenizerTeacher:
         return out
 
     @torch.no_grad()
-    def targets(self, cross: dict[str, Any], device: torch.device, split: str) -> dict[str, Any]:
+    def targets(self, batch: Batch, split: str) -> dict[str, Any]:
+        cross = batch.teacher
+        if cross is None:
+            raise ValueError(
+                "--cross_tokenizer needs batches with the teacher's columns (data.get_dataset teacher_tokenizer)"
+            )
         if split == "train":
             self.report = cross["alignment"] if self.report is None else self.report + cross["alignment"]
+        device = batch.inputs["input_ids"].device
         keys = ("teacher_input_ids", "teacher_attention_mask", "teacher_position_ids")
         inputs = {k.removeprefix("teacher_"): cross[k].to(device, non_blocking=True) for k in keys if k in cross}
         return {**cross, "hidden": self.engine(**inputs)}
@@ -160,3 +173,29 @@ def teacher_chunk_logp(hidden, head, teacher_labels, teacher_chunk_ids, n_chunks
         lps.append(torch.log_softmax(z / temperature, -1).gather(-1, lab[k * per : (k + 1) * per, None])[:, 0])
     lp = torch.cat(lps) if lps else hs.new_zeros(0, dtype=torch.float32)
     return chunk_sums(lp, teacher_chunk_ids.flatten()[pos].to(lp.device), n_chunks)
+
+
+class AlignmentReport(Callback):
+    """The per-step alignment report of a ``CrossTokenizerTeacher`` run, every ``--log_steps`` steps: the training
+    micro-batches' reports since the last line, summed over the ranks (one small all-reduce at each log step, on every
+    rank), logged on rank 0 as ``align/bytes_1to1``, ``align/chunk_tokens``, ``align/bytes_unaligned``
+    (``alignment.alignment_metrics``) and kept in ``history`` (one dict per log step, with its ``step``)."""
+
+    def __init__(self, source: CrossTokenizerTeacher):
+        self.source, self.history = source, []
+        self.sums = torch.zeros(len(alignment.REPORT_KEYS), dtype=torch.long)
+
+    def on_step_end(self, trainer, step_sums) -> None:
+        report = self.source.take_report()
+        if report is not None:
+            self.sums += report
+        if trainer.step % trainer.cfg.log_steps and trainer.step != trainer.cfg.max_steps:
+            return
+        sums = self.sums.to(torch.device(get_accelerator().current_device_name()))
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(sums)
+        metrics = alignment.alignment_metrics(dict(zip(alignment.REPORT_KEYS, sums.tolist())))
+        self.history.append({"step": trainer.step, **metrics})
+        self.sums.zero_()
+        if trainer.rank == 0:
+            log.info("step %d %s", trainer.step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
