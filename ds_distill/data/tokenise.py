@@ -11,7 +11,13 @@ import pyarrow.compute as pc
 import torch
 
 from ds_distill.common import IGNORE_INDEX, UsageError
-from ds_distill.data import alignment
+from ds_distill.data.alignment import (
+    MAX_POORLY_ALIGNED,
+    MIN_ALIGNED,
+    REPORT_KEYS,
+    cross_columns,
+    encode_parts,
+)
 from ds_distill.data.chat import ChatEncoder
 from ds_distill.data.loading import (
     check_rows,
@@ -110,13 +116,13 @@ class _Tokenise:
         return out
 
     def _cross(self, parts: list[str], ids: list[int], sup: list[bool]) -> dict[str, list[int]]:
-        """The teacher's columns of one example (``alignment.cross_columns``): both sides tokenised by parts (prompt,
+        """The teacher's columns of one example (``cross_columns``): both sides tokenised by parts (prompt,
         completion) as above, each with its own special tokens, and aligned part by part."""
-        student, s_ranges = alignment.encode_parts(self.tokenizer, parts, self.eos)
+        student, s_ranges = encode_parts(self.tokenizer, parts, self.eos)
         if student.ids != ids:  # one definition of the student's tokens: the ones above
             raise AssertionError("cross-tokenizer alignment tokenised the student's text differently")
-        teacher, t_ranges = alignment.encode_parts(self.teacher, parts, self.teacher.eos_token_id)
-        return alignment.cross_columns(student, teacher, list(zip(s_ranges, t_ranges)), sup, self.seq_len)
+        teacher, t_ranges = encode_parts(self.teacher, parts, self.teacher.eos_token_id)
+        return cross_columns(student, teacher, list(zip(s_ranges, t_ranges)), sup, self.seq_len)
 
     def _messages(self, messages: list[dict], tools, example_id) -> list[tuple[list[int], list[bool]]]:
         """One example for the conversation (with its ``tools``), or one per assistant turn: see ``chat.ChatEncoder``."""
@@ -161,7 +167,7 @@ class _Pack:
         alignment reports add up. Documents are aligned apart, so no chunk crosses a document boundary."""
         if len(out["input_ids"][-1]) == len(batch["input_ids"][i]):  # a new block
             for k in ("teacher_input_ids", "teacher_position_ids", "chunk_ids", "teacher_chunk_ids", "alignment"):
-                out.setdefault(k, []).append([] if k != "alignment" else [0] * len(alignment.REPORT_KEYS))
+                out.setdefault(k, []).append([] if k != "alignment" else [0] * len(REPORT_KEYS))
         base = 1 + max(out["chunk_ids"][-1], default=-1)
         shift = lambda ids: [c + base if c >= 0 else -1 for c in ids]
         out["teacher_input_ids"][-1].extend(batch["teacher_input_ids"][i])
@@ -206,10 +212,10 @@ def get_dataset(
     ``max_samples`` keeps the first N rows, ``example_filter`` (raw row -> keep?) runs before tokenising.
 
     ``teacher_tokenizer`` (a teacher with another tokenizer, ``--cross_tokenizer``): each example is also tokenised
-    by the teacher and aligned (``alignment.cross_columns``), adding ``teacher_input_ids``, ``chunk_ids``,
+    by the teacher and aligned (``cross_columns``), adding ``teacher_input_ids``, ``chunk_ids``,
     ``teacher_chunk_ids`` and ``alignment`` (with packing also ``teacher_position_ids``); cached with the rest.
-    Examples whose chunks cover less than ``alignment.MIN_ALIGNED`` of their bytes are counted in a warning; more
-    than ``alignment.MAX_POORLY_ALIGNED`` of them stop the run.
+    Examples whose chunks cover less than ``MIN_ALIGNED`` of their bytes are counted in a warning; more
+    than ``MAX_POORLY_ALIGNED`` of them stop the run.
     """
     if seq_len < 2:
         raise UsageError(f"seq_len {seq_len} is too small: a training example needs at least 2 tokens")
@@ -270,16 +276,16 @@ def get_dataset(
 def _check_alignment(ds: datasets.Dataset, path: str, student, teacher) -> None:
     """Count the poorly aligned examples (see ``get_dataset``); too many stop the run in one line."""
     rep = ds["alignment"]
-    b, u = alignment.REPORT_KEYS.index("bytes"), alignment.REPORT_KEYS.index("bytes_unaligned")
-    poor = sum(1 for r in rep if r[b] and (r[b] - r[u]) / r[b] < alignment.MIN_ALIGNED)
-    if poor > alignment.MAX_POORLY_ALIGNED * len(rep):
+    b, u = REPORT_KEYS.index("bytes"), REPORT_KEYS.index("bytes_unaligned")
+    poor = sum(1 for r in rep if r[b] and (r[b] - r[u]) / r[b] < MIN_ALIGNED)
+    if poor > MAX_POORLY_ALIGNED * len(rep):
         raise UsageError(
-            f"{poor} of {len(rep)} examples of {path!r} align less than {alignment.MIN_ALIGNED:.0%} of their bytes "
+            f"{poor} of {len(rep)} examples of {path!r} align less than {MIN_ALIGNED:.0%} of their bytes "
             f"between the student's tokenizer ({student.name_or_path!r}) and the teacher's ({teacher.name_or_path!r}) "
-            f"(limit: {alignment.MAX_POORLY_ALIGNED:.0%} of the examples): this pair cannot be distilled across tokenizers"
+            f"(limit: {MAX_POORLY_ALIGNED:.0%} of the examples): this pair cannot be distilled across tokenizers"
         )
     if poor:
-        warn_once(f"{poor} of {len(rep)} examples align less than {alignment.MIN_ALIGNED:.0%} of their bytes")
+        warn_once(f"{poor} of {len(rep)} examples align less than {MIN_ALIGNED:.0%} of their bytes")
 
 
 def split_eval(
