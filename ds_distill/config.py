@@ -22,6 +22,7 @@ from ds_distill.common import UsageError
 from ds_distill.data.loading import FORMATS
 from ds_distill.losses.cross_tokenizer import CROSS_TOKENIZER
 from ds_distill.losses.divergences import LOSSES
+from ds_distill.losses.hidden import HIDDEN_LOSSES
 from ds_distill.losses.routing import ROUTERS
 
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager", "flex_attention")
@@ -115,6 +116,16 @@ class RunConfig:
     cross_tokenizer: str = flag(
         "",
         f"A teacher with another tokenizer ({_names(CROSS_TOKENIZER)}): alm (approximate likelihood matching of the chunks both tokenizations cover alike) or vocab_map (KL over the tokens that spell the same bytes, plus one tail bucket per side). Required when the tokenizers differ; see the README.",
+    )
+    # --- hidden-state distillation (ds_distill/teachers/hidden.py)
+    hidden_loss: str = flag(
+        "",
+        f"Add a loss between decoder-layer outputs of student and teacher: {_names(HIDDEN_LOSSES)}; empty = off. Needs one live --teacher of the student's hidden size.",
+    )
+    hidden_weight: float = flag(1.0, "Weight of the hidden-state loss (per supervised token, added to the logit loss).")
+    hidden_layers: str = flag(
+        "auto",
+        "Layer pairs of the hidden-state loss: auto (each student layer to the teacher layer student_init copied it from, read from the student's distill_provenance.json), even (evenly spaced teacher layers) or pairs s:t,... (student:teacher).",
     )
     # --- on-policy distillation (ds_distill/on_policy.py)
     on_policy_fraction: float = flag(
@@ -215,6 +226,8 @@ class RunConfig:
                 problems.append(f"--{name} {getattr(self, name)} must be in [0, 1]")
         if self.cross_tokenizer:
             problems.extend(_cross_tokenizer_problems(self))
+        if self.hidden_loss:
+            problems.extend(_hidden_problems(self))
         if self.teacher_url:
             problems.extend(_served_problems(self))
         elif self.teacher_cache:
@@ -306,6 +319,35 @@ def _cross_tokenizer_problems(cfg: RunConfig) -> list[str]:
         problems.append("--router mixes an ensemble: it does not apply to --cross_tokenizer")
     if cfg.teacher_url:
         problems.append("--cross_tokenizer runs the teacher live on its own tokens: drop --teacher_url, pass --teacher")
+    return problems
+
+
+def _hidden_problems(cfg: RunConfig) -> list[str]:
+    if cfg.hidden_loss not in HIDDEN_LOSSES:
+        return [f"--hidden_loss {cfg.hidden_loss!r} is unknown: use {_names(HIDDEN_LOSSES)}"]
+    problems = []
+    if cfg.hidden_weight < 0:
+        problems.append(f"--hidden_weight {cfg.hidden_weight} must be >= 0")
+    if cfg.teacher_cache:
+        problems.append(
+            "--hidden_loss needs the teacher's hidden states, which a teacher cache does not store: pass --teacher"
+        )
+    if cfg.teacher_url:
+        problems.append(
+            "--hidden_loss needs the teacher's hidden states, which a served teacher does not send: pass --teacher"
+        )
+    if len(cfg.teacher) > 1:
+        problems.append(
+            f"--hidden_loss with {len(cfg.teacher)} teachers: a student layer's teacher layer is ambiguous in an "
+            "ensemble; pass one --teacher"
+        )
+    if cfg.alpha == 1.0:
+        problems.append("--hidden_loss needs the teacher forward, which --alpha 1 skips: use --alpha < 1")
+    if cfg.cross_tokenizer:
+        problems.append(
+            "--hidden_loss compares states token by token: a teacher with another tokenizer (--cross_tokenizer) has "
+            "other tokens; drop one of them"
+        )
     return problems
 
 

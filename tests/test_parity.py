@@ -100,3 +100,29 @@ def test_golden_loss_curve(tiny, dist_env, tmp_path):
     golden = json.loads(GOLDEN.read_text())
     for key, values in golden.items():
         assert curve[key] == pytest.approx(values, rel=1e-4, abs=1e-6), key
+
+
+def test_hidden_loss_update_is_the_same_for_any_micro_batching(tiny, dist_env, tmp_path):
+    """--hidden_loss: one plain-SGD step with micro-batch 4 x 1 and 2 x 2 moves every parameter the same, and logs the
+    same loss and hidden term: the hidden sums are divided by the step's global token count, not per micro-batch."""
+    runs = []
+    for micro, accum in ((4, 1), (2, 2)):
+        cfg = make_cfg(
+            tiny,
+            tmp_path / f"h{micro}",
+            max_steps=1,
+            deepspeed_config=sgd_json(tmp_path, 3, micro, accum),
+            hidden_loss="mse",
+            hidden_weight=3.0,
+            hidden_layers="0:1",
+        )
+        runs.append(train.run(cfg))
+    a, b = (engine_parameters(r.student) for r in runs)
+    start = engine_parameters(
+        train.build(make_cfg(tiny, tmp_path / "s", deepspeed_config=sgd_json(tmp_path, 3, 4, 1))).student
+    )
+    assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-3, "the step must move the weights"
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    for key in ("Train/loss", "Train/hidden", "Train/hidden_s0_t1"):
+        assert runs[0].history[0][key] == pytest.approx(runs[1].history[0][key], rel=1e-5), key

@@ -25,7 +25,7 @@ from ds_distill.ds_config import DSConfig, default_ds_configs, load_ds_config
 from ds_distill.losses.objective import Objective
 from ds_distill.runtime import distributed, monitors
 from ds_distill.runtime.callbacks import Callback
-from ds_distill.teachers import cache_reader, served
+from ds_distill.teachers import cache_reader, hidden, served
 from ds_distill.teachers.live import AlignmentReport, CrossTokenizerTeacher, LiveTeachers, TeacherSource
 
 log = logging.getLogger("ds_distill")
@@ -199,13 +199,14 @@ def load_models(cfg: RunConfig, run: Configs, run_data: Data) -> Models:
 # ----------------------------------------------------------------------------------------- 4. teacher source
 def teacher_source(cfg: RunConfig, run_data: Data, engines: Models) -> TeacherSource:
     """Where a step's teacher targets come from: servers (--teacher_url, with any caches as one ensemble), the caches
-    (no teacher model), else the live teacher engines."""
+    (no teacher model), else the live teacher engines; with --hidden_loss, wrapped to add the hidden-state loss
+    (``teachers.hidden``: live engines only, refused otherwise)."""
     splits = {"train": "data", "eval": "eval_data" if cfg.eval_data else "data"}
     if run_data.servers:
-        return served.ServedTeacher(run_data.servers, run_data.caches, splits)
-    if run_data.caches:
-        return cache_reader.CachedTeacher(run_data.caches, splits)
-    if cfg.cross_tokenizer and engines.teachers:
+        source = served.ServedTeacher(run_data.servers, run_data.caches, splits)
+    elif run_data.caches:
+        source = cache_reader.CachedTeacher(run_data.caches, splits)
+    elif cfg.cross_tokenizer and engines.teachers:
         teacher_tok = run_data.teacher_tokenizer
         maps = models.vocab_map(run_data.tokenizer, teacher_tok) if cfg.cross_tokenizer == "vocab_map" else None
         if distributed.rank_or_none() in (None, 0):
@@ -217,8 +218,10 @@ def teacher_source(cfg: RunConfig, run_data: Data, engines: Models) -> TeacherSo
                 len(teacher_tok),
                 mapped,
             )
-        return CrossTokenizerTeacher(engines.teachers[0], cfg.cross_tokenizer, maps)
-    return LiveTeachers(engines.teachers)
+        source = CrossTokenizerTeacher(engines.teachers[0], cfg.cross_tokenizer, maps)
+    else:
+        source = LiveTeachers(engines.teachers)
+    return hidden.wrap(cfg, source, engines.student)  # --hidden_loss: hooks on the mapped layers, else unchanged
 
 
 # ------------------------------------------------------------------------------------------------- 5. stream

@@ -126,6 +126,7 @@ class Trainer:
             "ce": 0,
             "kd": 0,
             "per_example": [],
+            "extra": {},
         }
         for batch, chunks in zip(micro_batches, plan.num_chunks):
             batch = batch.to(self.device)
@@ -135,6 +136,8 @@ class Trainer:
             self.student.step()
             for key in ("total", "ce", "kd"):
                 sums[key] = sums[key] + getattr(out, key).detach()
+            for key, value in out.extra.items():  # e.g. the hidden-state loss per layer pair
+                sums["extra"][key] = sums["extra"].get(key, 0) + value.detach()
             sums["input_tokens"] += batch.labels.numel()
             sums["per_example"].append(
                 (
@@ -246,11 +249,14 @@ class _Window:
 
     def reset(self) -> None:
         self.local = torch.zeros(3, device=self.device)  # this rank's total, ce, kd sums
+        self.extra: dict[str, torch.Tensor] = {}  # this rank's sums of LossSums.extra (the same keys on every rank)
         self.n_tokens = torch.zeros((), device=self.device)  # global supervised tokens
         self.input_tokens, self.t0 = 0, time.perf_counter()
 
     def add(self, s: dict[str, Any]) -> None:
         self.local += torch.stack([s["total"], s["ce"], s["kd"]]).float()
+        for key, value in s.get("extra", {}).items():
+            self.extra[key] = self.extra.get(key, 0) + value.float()
         self.n_tokens += s["n_tokens"]
         self.input_tokens += s["input_tokens"]
 
@@ -262,7 +268,10 @@ class _Window:
         self.t0 += time.perf_counter() - start
 
     def flush(self, engine, world_size: int) -> dict[str, float]:
-        total, ce, kd = _all_reduce(self.local).tolist()
+        names = list(self.extra)
+        total, ce, kd, *extra = _all_reduce(
+            torch.cat([self.local, *(v.reshape(1) for v in self.extra.values())])
+        ).tolist()
         n = max(self.n_tokens.item(), 1.0)
         seconds = time.perf_counter() - self.t0
         grad_norm = engine.get_global_grad_norm()
@@ -270,6 +279,7 @@ class _Window:
             "loss": total / n,
             "ce": ce / n,
             "kd": kd / n,
+            **{key: value / n for key, value in zip(names, extra)},
             "lr": engine.get_lr()[0],
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "tokens_per_s": self.input_tokens * world_size / seconds,

@@ -3,7 +3,7 @@ its inputs (shapes, vocabulary, teacher weights). ``[n, V]`` rows are the superv
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -25,6 +25,9 @@ class LossSums:
     ce_per_seq: Tensor  # [B] CE sum of each row (for per-example tracking)
     kd_per_seq: Tensor  # [B]
     tokens_per_seq: Tensor  # [B] int64
+    # Further sums to log beside ce and kd, already inside `total` where they count (e.g. the hidden-state loss:
+    # "hidden", "hidden_s0_t3"); the trainer divides them by the global token count like the rest.
+    extra: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

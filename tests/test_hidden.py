@@ -1,0 +1,199 @@
+"""Hidden-state losses: float64 invariants of the pure functions, the hooks against the model's own forward, and the
+entry point (logged per pair, only the mapped layers kept, refusals in one line)."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from ds_distill import train
+from ds_distill.common import IGNORE_INDEX, UsageError
+from ds_distill.losses.hidden import HIDDEN_LOSSES, hidden_loss_sums
+from ds_distill.models import HiddenStatesLM
+from ds_distill.models.capture import LayerCapture, decoder_layers
+from ds_distill.student_init import make_student
+from tests.helpers import ds_json, losses_of, make_cfg, run_main, tiny_args
+
+
+def ref_hidden(kind, x, y):
+    """Per-token reference in float64, written plainly (no shared code with ds_distill.losses.hidden)."""
+    d = x - y
+    if kind == "mse":
+        return (d * d).sum(-1) / x.shape[-1]
+    if kind == "cosine":
+        return 1 - (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1))
+    if kind == "nmse":
+        return (d * d).sum(-1) / (y * y).sum(-1)
+    raise AssertionError(kind)
+
+
+def states(seed, b=3, t=7, h=16, pairs=2):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, t, h, generator=g, dtype=torch.float64) for _ in range(pairs)]
+
+
+def labels_of(b=3, t=7, masked=(0, 2)):
+    labels = torch.arange(b * t).reshape(b, t) % 5
+    labels[masked] = IGNORE_INDEX
+    labels[1, :3] = IGNORE_INDEX
+    return labels
+
+
+def test_registry_is_exactly_the_three_kinds():
+    assert sorted(HIDDEN_LOSSES) == ["cosine", "mse", "nmse"]
+
+
+@pytest.mark.parametrize("kind", sorted(HIDDEN_LOSSES))
+@pytest.mark.parametrize("chunk_size", [0, 1, 4, 100])
+def test_value_and_grad_match_float64_reference_chunked_or_not(kind, chunk_size):
+    """Sums over supervised tokens only, per pair; chunked = unchunked = the reference, values and gradients."""
+    xs = [x.requires_grad_() for x in states(0)]
+    ys, labels = states(1), labels_of()
+    got = hidden_loss_sums(xs, ys, labels, loss=kind, chunk_size=chunk_size)
+    assert got.dtype == torch.float64 and got.shape == (2,)
+    keep = labels != IGNORE_INDEX
+    ref = torch.stack([ref_hidden(kind, x[keep], y[keep]).sum() for x, y in zip(xs, ys)])
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    g_got = torch.autograd.grad(got.sum(), xs)
+    g_ref = torch.autograd.grad(ref.sum(), xs)
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        assert (a[~keep] == 0).all(), "masked positions get no gradient"
+
+
+@pytest.mark.parametrize("kind", sorted(HIDDEN_LOSSES))
+def test_all_masked_is_a_finite_zero_with_zero_grads(kind):
+    xs = [x.requires_grad_() for x in states(0)]
+    got = hidden_loss_sums(xs, states(1), torch.full((3, 7), IGNORE_INDEX), loss=kind)
+    assert got.tolist() == [0.0, 0.0]
+    got.sum().backward()
+    assert all((x.grad == 0).all() for x in xs)
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="unknown"):
+        hidden_loss_sums(states(0), states(1), labels_of(), loss="l1")
+    with pytest.raises(ValueError, match="must both be"):
+        hidden_loss_sums(states(0), states(1, h=8), labels_of(), loss="mse")
+
+
+def _wrapped(path):
+    return HiddenStatesLM(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kind", sorted(HIDDEN_LOSSES))
+def test_whole_teacher_copy_has_zero_loss_and_gradient(tiny, tmp_path, kind):
+    """A student that is the whole teacher (student_init keeps every layer): with the auto map from its provenance
+    file, every hidden loss and its gradient are 0 (float64), and the hooks' states are the model's own."""
+    from ds_distill.models.layer_map import hidden_layer_map
+
+    make_student(tiny["teacher"], tmp_path / "s", layers=[0, 1])
+    pairs = hidden_layer_map("auto", str(tmp_path / "s"), 2, 2)
+    assert pairs == [(0, 0), (1, 1)]
+    student, teacher = _wrapped(tmp_path / "s"), _wrapped(tiny["teacher"]).eval()
+    student.eval()  # no dropout either way; eval only to match the teacher
+    s_cap = LayerCapture(decoder_layers(student, "s"), [s for s, _ in pairs])
+    t_cap = LayerCapture(decoder_layers(teacher, "t"), [t for _, t in pairs])
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    labels = ids.roll(-1, 1)
+    labels[:, -1] = IGNORE_INDEX
+    t_cap.arm()
+    with torch.no_grad():
+        teacher(input_ids=ids)
+    t_states = t_cap.take()
+    s_cap.arm()
+    student(input_ids=ids)
+    s_states = s_cap.take()
+    out = hidden_loss_sums(s_states, t_states, labels, loss=kind)
+    assert out.abs().max().item() < 1e-12
+    out.sum().backward()
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    assert grads and max(g.abs().max().item() for g in grads) < 1e-12
+    # The hooks keep the model's own layer outputs: layer 0's output is hidden_states[1] of its own forward.
+    with torch.no_grad():
+        own = teacher.lm(input_ids=ids, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(t_states[0], own[1], rtol=0, atol=0)
+
+
+def test_train_logs_hidden_per_pair_and_keeps_only_mapped_layers(tiny, dist_env, tmp_path):
+    """--hidden_loss on the entry point: `hidden` and one metric per pair in the train log lines, the total moves by
+    hidden_weight x hidden, the teacher keeps exactly one tensor per pair and never asks for every hidden state."""
+    base = train.run(make_cfg(tiny, tmp_path / "a", max_steps=1, deepspeed_config=ds_json(tmp_path)))
+    cfg = make_cfg(
+        tiny,
+        tmp_path / "b",
+        max_steps=1,
+        deepspeed_config=ds_json(tmp_path),
+        hidden_loss="mse",
+        hidden_weight=0.5,
+        hidden_layers="0:1",
+    )
+    trainer = train.run(cfg)
+    h = trainer.history[0]
+    assert {"Train/hidden", "Train/hidden_s0_t1"} <= set(h)
+    assert h["Train/hidden"] == pytest.approx(h["Train/hidden_s0_t1"]) and h["Train/hidden"] > 0
+    assert h["Train/loss"] == pytest.approx(base.history[0]["Train/loss"] + 0.5 * h["Train/hidden"], rel=1e-5)
+    assert h["Train/ce"] == pytest.approx(base.history[0]["Train/ce"], rel=1e-6)
+
+    source = trainer.teachers
+    seen = []
+    decoder = getattr(source.engines[0].module, source.engines[0].module.decoder_name)
+    decoder.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("output_hidden_states")), with_kwargs=True)
+    batch = next(trainer.train).to(trainer.device)
+    _, kept = source.targets(batch, "train")
+    assert len(kept) == len(source.pairs) == 1 and len(source.teacher_capture.handles) == 1
+    assert seen == [None] and not source.engines[0].module.config.output_hidden_states
+    assert source.teacher_capture.held == 0, "nothing is held after targets beyond what it returns"
+
+
+def test_refusals_are_one_line(tiny, dist_env, tmp_path, capsys):
+    """No provenance for auto, unknown loss, a teacher cache, an ensemble, another hidden size: one line, exit 2."""
+    cases = [
+        (dict(hidden_loss="mse"), "has no distill_provenance.json"),
+        (dict(hidden_loss="l1"), "--hidden_loss 'l1' is unknown"),
+        (dict(hidden_loss="mse", teacher=[tiny["teacher"], tiny["teacher"]]), "ambiguous in an ensemble"),
+        (dict(hidden_loss="mse", alpha=1.0), "--alpha 1 skips"),
+    ]
+    for i, (more, message) in enumerate(cases):
+        teacher = more.pop("teacher", tiny["teacher"])
+        args = tiny_args(tiny, tmp_path / f"o{i}", max_steps=1, seq_len=32, eval_fraction=0, **more)
+        if teacher != tiny["teacher"]:
+            args += ["--teacher", teacher[1]]
+        code, errors = run_main(args, capsys)
+        assert code == 2 and len(errors) == 1 and message in errors[0], (more, errors)
+    with pytest.raises(UsageError, match="a teacher cache does not store"):
+        make_cfg(tiny, tmp_path / "c", teacher=[], teacher_cache=[str(tmp_path)], hidden_loss="mse").validate()
+    with pytest.raises(UsageError, match="a served teacher does not send"):
+        make_cfg(tiny, tmp_path / "u", teacher=[], teacher_url=["http://127.0.0.1:1"], hidden_loss="mse").validate()
+    from tests import tiny as tiny_mod
+
+    wide = tiny_mod.make_model(tmp_path / "wide", tiny["tokenizer"], layers=1, hidden=48, heads=4, seed=3)
+    code, errors = run_main(
+        tiny_args(
+            {**tiny, "student": wide},
+            tmp_path / "w",
+            max_steps=1,
+            seq_len=32,
+            eval_fraction=0,
+            hidden_loss="cosine",
+            hidden_layers="even",
+        ),
+        capsys,
+    )
+    assert code == 2 and len(errors) == 1 and "hidden size 48 differs from the teacher's 32" in errors[0], errors
+
+
+def test_hidden_off_keeps_the_objective(tiny, dist_env, tmp_path):
+    """--hidden_weight 0 adds nothing: the same curve as without --hidden_loss (the golden curve covers off)."""
+    a = train.run(make_cfg(tiny, tmp_path / "a", deepspeed_config=ds_json(tmp_path)))
+    b = train.run(
+        make_cfg(
+            tiny,
+            tmp_path / "b",
+            deepspeed_config=ds_json(tmp_path),
+            hidden_loss="nmse",
+            hidden_weight=0.0,
+            hidden_layers="even",
+        )
+    )
+    assert losses_of(a) == pytest.approx(losses_of(b), rel=1e-6, abs=1e-7)
+    assert all(v > 0 for v in losses_of(b, "Train/hidden"))
