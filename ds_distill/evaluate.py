@@ -106,7 +106,8 @@ def generation_nll(
     `seq_len`; the prompt is every token before the supervised completion, ``on_policy.prompt_length``). The model
     samples at most `max_new_tokens` per prompt (transformers' ``generate`` through ``on_policy.HFGenerator``; batches
     of `batch_size` prompts, batch k seeded by (seed, k), so the samples depend on seed and batch_size). The sample
-    ends at the model's first eos, which is scored (the model chose to stop); nothing after it is. The teacher scores
+    ends at the model's first stop token (its generation_config.json eos ids, then the tokenizer's eos), which is
+    scored (the model chose to stop); nothing after it is. Padding rows of the model's head are never sampled. The teacher scores
     each ``prompt + sample`` in one forward over its full output rows.
 
     The model scores its own samples the same way (``gen_self_nll``, a Monte Carlo estimate of its entropy per token
@@ -116,7 +117,7 @@ def generation_nll(
 
     Returns {"gen_nll" (nats per sampled token, the teacher's), "gen_self_nll", "gen_kl" (nats per sampled token),
     "gen_tokens" (sampled tokens scored), "gen_prompts",
-    "gen_mean_len" (tokens per sample), "gen_eos_fraction" (samples that ended in eos),
+    "gen_mean_len" (tokens per sample), "gen_eos_fraction" (samples that ended in a stop token),
     "gen_seconds", "samples": [{"id", "completion" (decoded, eos kept), "completion_ids", "nll" (mean)}]}.
     ``gen_self_nll`` estimates the model's entropy, and ``gen_kl`` KL(model || teacher), only at ``temperature`` 1 (the
     model scores its samples at temperature 1).
@@ -136,9 +137,9 @@ def generation_nll(
         )
     on_policy.check_prompts(dataset, f"--generation_prompts {prompts_path!r}")
     model, teacher = load_model(model_dir), load_model(teacher_dir)
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    generator = on_policy.HFGenerator(lambda: model, eos_token_id=eos, pad_token_id=pad, synced=False)
+    # The model's own stop tokens (generation_config.json, then the tokenizer's eos); padding rows never sampled.
+    generator = on_policy.HFGenerator(lambda: model, tokenizer, generation_config=model.generation_config, synced=False)
+    stops, pad = generator.stop_token_ids, generator.pad
     sampling = on_policy.Sampling(max_new_tokens, temperature)
     samples, nll_sum, self_sum, n_tokens, n_eos = [], 0.0, 0.0, 0, 0
     for k, lo in enumerate(range(0, len(dataset), batch_size)):
@@ -160,7 +161,7 @@ def generation_nll(
             nll_sum += token_nll.sum().item()
             self_sum -= own[b, positions, tokens].sum().item()
             n_tokens += len(c)
-            n_eos += bool(c) and c[-1] == eos
+            n_eos += bool(c) and c[-1] in stops
             samples.append(
                 {
                     "id": example_id,
@@ -273,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"evaluate: {model_dir}: teacher NLL of its samples {result['gen_nll']:.4f} nats/token over {result['gen_tokens']} "
                     f"tokens ({result['gen_prompts']} prompts, {result['gen_mean_len']:.1f} tokens per sample, "
-                    f"{result['gen_eos_fraction']:.0%} ended in eos, {result['gen_seconds']:.0f} s); own NLL {result['gen_self_nll']:.4f}, "
+                    f"{result['gen_eos_fraction']:.0%} ended in a stop token, {result['gen_seconds']:.0f} s); own NLL {result['gen_self_nll']:.4f}, "
                     f"KL estimate {result['gen_kl']:.4f}"
                 )
             if args.json:

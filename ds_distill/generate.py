@@ -11,7 +11,10 @@ the data's "id" as given, else the row number). Output: JSON lines {"id", "promp
 --data for ds_distill.train. Rank r samples rows r, r + world, ... and appends each batch to ``OUTPUT.rank{r}`` as it
 is done; rank 0 then merges every shard with the existing output. Resumable: prompts already in the output or in a
 shard are skipped, so a killed or preempted job is simply run again. Sampling of a batch is seeded by (seed, the
-batch's first row number).
+batch's first row number). A sample ends at the model's first stop token (the eos ids of its generation_config.json,
+then the tokenizer's eos), which is not written (training appends eos to every completion); padding rows of the
+model's head (beyond the tokenizer) are never sampled; the model's own sampling defaults are not applied (the flags
+above are what runs).
 """
 
 from __future__ import annotations
@@ -88,9 +91,8 @@ def hf_sampler(args: argparse.Namespace, tok):
     except (OSError, ValueError) as exc:
         raise UsageError(f"could not load model {args.model!r}: {str(exc).splitlines()[0]}") from None
     lm.to(device)
-    generator = on_policy.HFGenerator(
-        lambda: lm, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, synced=False
-    )
+    # The model's own stop tokens (generation_config.json, then the tokenizer's eos); padding rows never sampled.
+    generator = on_policy.HFGenerator(lambda: lm, tok, generation_config=lm.generation_config, synced=False)
     sampling = on_policy.Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
 
     def sample(todo: list, adds_eos: bool):
@@ -99,6 +101,7 @@ def hf_sampler(args: argparse.Namespace, tok):
             prompts = [tok(p)["input_ids"][: -1 if adds_eos else None] for _, _, p in batch]  # as data.py tokenises
             yield batch, generator.generate(prompts, sampling, seed=on_policy.mix_seed(args.seed, batch[0][0]))
 
+    sample.stop_token_ids = generator.stop_token_ids
     return sample
 
 
@@ -175,10 +178,12 @@ def generate(args: argparse.Namespace) -> int:
         sample = served_sampler(args, tok)
     else:
         sample = hf_sampler(args, tok)
+    stops = getattr(sample, "stop_token_ids", [tok.eos_token_id])  # a served model stops as its server does
     with open(shard, "a", encoding="utf-8") as fh:
         for batch, samples in sample(todo, adds_eos):
             for (_, i, p), new in zip(batch, samples):
-                new = new[:-1] if new[-1:] == [tok.eos_token_id] else new  # training appends eos to every completion
+                # The stop token that ended the sample is not written: training appends eos to every completion.
+                new = new[:-1] if new[-1:] and new[-1] in stops else new
                 fh.write(json.dumps({"id": i, "prompt": p, "completion": tok.decode(new)}) + "\n")
             fh.flush()
     distributed.barrier()

@@ -110,7 +110,7 @@ def test_sampled_rows_supervise_exactly_the_generated_tokens(tiny, pc_data):
 def test_hf_generator_stops_at_eos_and_follows_the_model(tiny):
     """top_k=1 is greedy: the samples equal the argmax of the model's own forward, cut after eos; seeded sampling
     is reproducible and does not touch the global RNG."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     tok = tiny["tokenizer"]
     on_policy_lm = AutoModelForCausalLM.from_pretrained(tiny["student"]).eval()
@@ -122,7 +122,9 @@ def test_hf_generator_stops_at_eos_and_follows_the_model(tiny):
             ids.append(int(on_policy_lm(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
         ref.append(ids[len(p) :])
     eos = ref[1][0]  # tiny random models repeat the last token: row 1 hits this eos at once, row 0 never
-    gen = on_policy.HFGenerator(lambda: on_policy_lm, eos_token_id=eos, pad_token_id=tok.pad_token_id, synced=False)
+    gen = on_policy.HFGenerator(
+        lambda: on_policy_lm, tok, generation_config=GenerationConfig(eos_token_id=eos), synced=False
+    )
     state = torch.random.get_rng_state()
     out = gen.generate(prompts, on_policy.Sampling(6, top_k=1), seed=3)
     assert torch.equal(state, torch.random.get_rng_state())

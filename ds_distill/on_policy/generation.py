@@ -30,24 +30,67 @@ class Sampling:
 
 class Generator(Protocol):
     """A generation backend. ``generate(prompts, sampling, seed)`` -> one completion per prompt: the new token ids,
-    ending with the eos token when one was sampled, nothing after it. Every rank calls it at the same micro-batches
-    (a backend may use collectives)."""
+    ending with the first stop token when one was sampled (kept as the last token, nothing after it). Every rank calls
+    it at the same micro-batches (a backend may use collectives)."""
 
     def generate(self, prompts: list[list[int]], sampling: Sampling, seed: int) -> list[list[int]]: ...
+
+
+def stop_token_ids(generation_config, tokenizer) -> list[int]:
+    """The ids that end a sample, as the model's own ``generate`` stops: the generation config's ``eos_token_id`` (one
+    id or a list, e.g. ``[</s>, <|end|>]`` from generation_config.json) first, then the tokenizer's eos if it is not
+    among them. Raises UsageError when neither names one (a sample would never end before max_new_tokens)."""
+    from ds_distill.common import UsageError
+
+    eos = getattr(generation_config, "eos_token_id", None)
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    if not ids:
+        raise UsageError(
+            f"{tokenizer.name_or_path!r} names no eos token (generation_config.json eos_token_id, tokenizer eos_token): "
+            "set one, or samples never end before max_new_tokens"
+        )
+    return [int(i) for i in ids]
+
+
+class _MaskPaddedRows:
+    """A transformers logits processor: rows at or past the tokenizer's vocabulary (a head padded to a rounder size,
+    e.g. 49152 tokens in 49280 rows) get -inf, so they are never sampled. It runs before temperature, top-k and
+    top-p (transformers applies the processors passed to ``generate`` before its sampling warpers), so the filters
+    see only real tokens. scores: [batch, rows] float -> a masked copy (unchanged when there is no padding row)."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if scores.shape[-1] <= self.vocab_size:
+            return scores
+        return torch.cat(
+            [scores[:, : self.vocab_size], torch.full_like(scores[:, self.vocab_size :], float("-inf"))], -1
+        )
 
 
 class HFGenerator:
     """transformers' ``generate`` (sampling) over the causal LM that ``lm_for_round()`` returns for this call.
 
+    tokenizer: the model's; its length is the vocabulary that may be sampled (padding rows never are) and its pad id
+        pads the prompts (its first stop token when it has none).
+    generation_config: the model's own (``lm.generation_config``, read from generation_config.json): only its stop
+        tokens are used (``stop_token_ids``). Its sampling defaults (top_k, repetition_penalty, ...) are not: a sample
+        is drawn exactly as ``Sampling`` says, from the model's temperature-scaled distribution.
     synced: keep stepping until every rank's samples are done (required when each forward is a collective).
     """
 
-    def __init__(self, lm_for_round: Callable[[], nn.Module], *, eos_token_id: int, pad_token_id: int, synced: bool):
-        self.lm_for_round, self.eos, self.pad, self.synced = lm_for_round, eos_token_id, pad_token_id, synced
+    def __init__(self, lm_for_round: Callable[[], nn.Module], tokenizer, *, generation_config, synced: bool):
+        self.lm_for_round, self.synced = lm_for_round, synced
+        self.stop_token_ids = stop_token_ids(generation_config, tokenizer)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_token_ids[0]
+        self.vocab_size = len(tokenizer)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], sampling: Sampling, seed: int) -> list[list[int]]:
-        from transformers import GenerationConfig
+        from transformers import GenerationConfig, LogitsProcessorList
 
         lm = self.lm_for_round()
         device = next(lm.parameters()).device
@@ -62,26 +105,39 @@ class HFGenerator:
             max_new_tokens=sampling.max_new_tokens,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
-            top_k=sampling.top_k or None,
-            eos_token_id=self.eos,
+            top_k=sampling.top_k,  # 0 is off; None would be filled in by transformers' default, 50
+            eos_token_id=self.stop_token_ids,
             pad_token_id=self.pad,
         )
-        was_training = lm.training
+        was_training, own = lm.training, lm.generation_config
         lm.eval()
+        # transformers fills every setting left unset from lm.generation_config: a blank one leaves only ours.
+        lm.generation_config = GenerationConfig()
         # A private RNG stream: the samples depend on `seed` only, and the trainer's own RNG state is untouched.
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            out = lm.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                generation_config=config,
-                synced_gpus=self.synced,
-            )
-        lm.train(was_training)
-        completions = []
-        for row in out[:, width:].tolist():
-            completions.append(row[: row.index(self.eos) + 1] if self.eos in row else row)
-        return completions
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(seed)
+                out = lm.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    generation_config=config,
+                    logits_processor=LogitsProcessorList([_MaskPaddedRows(self.vocab_size)]),
+                    synced_gpus=self.synced,
+                )
+        finally:
+            lm.generation_config = own
+            lm.train(was_training)
+        return [cut_at_stop(row, self.stop_token_ids) for row in out[:, width:].tolist()]
+
+
+def cut_at_stop(tokens: list[int], stop_token_ids: list[int]) -> list[int]:
+    """``tokens`` up to and including the first stop token (all of them when none is there): a finished row is
+    padded after its stop token, and with several stop ids the pad may be none of them."""
+    stops = set(stop_token_ids)
+    for t, token in enumerate(tokens):
+        if token in stops:
+            return tokens[: t + 1]
+    return tokens
 
 
 class _WholeCopy:
@@ -112,22 +168,29 @@ class _WholeCopy:
 
 
 def make_generator(
-    engine, *, pad_token_id: int, eos_token_id: int, world_size: int, rank_memory: int, gather: str = "auto"
+    engine, tokenizer, *, world_size: int, rank_memory: int, gather: str = "auto"
 ) -> tuple[HFGenerator, str]:
     """(generator over the student engine, why this mode) -- direct, whole or layered, see the module docstring;
-    ``gather`` "whole" / "layered" forces a ZeRO-3 mode, "auto" picks by fit."""
+    ``gather`` "whole" / "layered" forces a ZeRO-3 mode, "auto" picks by fit. Every mode stops at the student's own
+    stop tokens (its generation_config.json, then the tokenizer's eos) and never samples its padding rows."""
     from ds_distill.models import REPLICATE_FRACTION
 
     lm = engine.module.lm
-    kw = dict(eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    kw = dict(generation_config=lm.generation_config)  # the whole copy is built from config.json alone
     if engine.zero_optimization_stage() < 3:
-        return HFGenerator(lambda: lm, synced=False, **kw), "direct: the student is whole on every rank (ZeRO < 3)"
+        return HFGenerator(
+            lambda: lm, tokenizer, synced=False, **kw
+        ), "direct: the student is whole on every rank (ZeRO < 3)"
     need = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in lm.parameters())
     budget = REPLICATE_FRACTION * rank_memory
     size = f"student {need / 2**30:.2f} GiB vs {REPLICATE_FRACTION:.0%} of {rank_memory / 2**30:.1f} GiB per rank"
     if gather == "whole" or (gather == "auto" and need <= budget):
-        return HFGenerator(_WholeCopy(engine), synced=False, **kw), f"whole: gathered once per optimizer step ({size})"
-    return HFGenerator(lambda: lm, synced=world_size > 1, **kw), f"layered: ZeRO-3 gathers per layer per token ({size})"
+        return HFGenerator(
+            _WholeCopy(engine), tokenizer, synced=False, **kw
+        ), f"whole: gathered once per optimizer step ({size})"
+    return HFGenerator(
+        lambda: lm, tokenizer, synced=world_size > 1, **kw
+    ), f"layered: ZeRO-3 gathers per layer per token ({size})"
 
 
 def mix_seed(*values: int) -> int:

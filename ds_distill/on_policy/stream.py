@@ -157,8 +157,7 @@ def wrap(cfg, stream, student, tokenizer, *, world, rank_memory: int) -> OnPolic
     """The training stream of ``--on_policy_fraction`` > 0, with its generator chosen by fit (logged on rank 0)."""
     generator, why = make_generator(
         student,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        tokenizer,
         world_size=world.world_size,
         rank_memory=rank_memory,
         gather=cfg.generation_gather,
