@@ -434,22 +434,58 @@ def barrier() -> None:
         dist.barrier()
 
 
+def drain() -> None:
+    """Wait, on every rank, until no collective is left in flight: one barrier per process group (the default group
+    and every group DeepSpeed made, e.g. its clone of the world for ZeRO), sorted by name, so every rank meets them
+    in the same order. A gloo barrier completes only after all earlier work on its group (ProcessGroupGloo::barrier),
+    so an asynchronous collective nobody waited for (a ZeRO-3 prefetch) is not left running on a gloo worker thread.
+
+    Collective: call it only where every rank arrives (the end of a finished run), never on an error path, where a
+    peer may be stuck in another collective."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    names = dist.distributed_c10d._world.pg_names  # {group: name}, what destroy_process_group itself walks
+    for group in sorted(names, key=names.get):
+        dist.barrier(group=group)
+
+
 def destroy() -> None:
-    """Tear the process group down before exit: gloo otherwise aborts now and then while the interpreter shuts down."""
+    """Tear the process groups down before exit, in order, while the interpreter is whole.
+
+    1. ``destroy_process_group`` (every group). For gloo this only drops torch's references: ProcessGroupGloo has no
+       shutdown, and its worker threads are joined when the last reference goes.
+    2. ``gc.collect()``: the engines' reference cycles that still hold the groups are freed now, on this thread, so
+       the groups' threads are joined here. Left to interpreter finalization, a gloo worker thread that finishes a work
+       and takes the GIL to release its tensors is ended by the interpreter inside a C++ frame: "terminate called
+       without an active exception", SIGABRT (exit status 250 under the deepspeed launcher); see pytorch PR 179291.
+    3. stdout, stderr and the log handlers flushed, so the last lines are never lost.
+    """
     global _world
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_initialized():
         dist.destroy_process_group()
     _world = None
+    gc.collect()
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
 
 
 def entry_point(body: Callable[[], int]) -> int:
     """Run an entry point's ``body`` the same way everywhere: log lines with times, a UsageError printed as one
-    ``error: ...`` line with exit code 2 (no traceback), and the process group torn down at exit."""
+    ``error: ...`` line with exit code 2 (no traceback), and the process group torn down at exit: drained first
+    when the body finished (``drain``), then destroyed (``destroy``) on every path."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        return body()
+        code = body()
+        drain()
+        return code
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
