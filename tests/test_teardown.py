@@ -1,7 +1,6 @@
 """A finished run exits 0 on every rank: ``distributed.entry_point`` drains every process group, destroys them, frees
 what still holds them and flushes, in that order (ds_distill/runtime/distributed.py)."""
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -11,7 +10,7 @@ import pytest
 
 from ds_distill.runtime import distributed
 from ds_distill.runtime.distributed import destroy as real_destroy  # conftest keeps the session's group alive
-from tests.cluster_fixtures import launcher_env
+from tests.launch import free_port, launcher_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,8 +84,8 @@ def test_two_ranks_with_work_in_flight_exit_0(tmp_path):
     """Both ranks exit 0 with nothing on stderr beyond the log (no 'terminate called'), five times over."""
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
-    for attempt in range(5):
-        port = str(29400 + 10 * attempt + os.getpid() % 7)
+    for _ in range(5):
+        port = str(free_port())
         procs = [
             subprocess.Popen(
                 [sys.executable, str(script)],
