@@ -16,8 +16,14 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 from ds_distill import on_policy, train
 from ds_distill.runtime.callbacks import Callback
 from tests import tiny as tiny_mod
-from tests.test_on_policy import WORDS, op_cfg
-from tests.test_train import ds_json
+from tests.helpers import ds_json, make_cfg
+
+WORDS = "the quick brown fox jumps over the lazy dog while a small cat sleeps in the warm sun".split()
+
+
+def op_cfg(tiny, data, out, **kw):
+    """An on-policy-ready run config (prompt/completion data, short samples), as tests/test_on_policy.py builds it."""
+    return make_cfg(tiny, out, **{**dict(data=data, seq_len=24, max_new_tokens=8, alpha=0.0, loss="jsd"), **kw})
 
 
 @pytest.fixture(scope="module")
