@@ -45,6 +45,9 @@ def rigged_model(dir, tok, token: int, logit: float, *, vocab_pad: int = 0, eos_
     position: every embedding holds 100 in dimension 0, so the residual stream, hence the final norm's output, is
     ~sqrt(hidden) there whatever the token, and only ``token``'s head row reads that dimension. ``eos_ids``: the eos
     list written to generation_config.json (the tokenizer's eos stays ``</s>``)."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # built whole even when an earlier test's ZeRO-3 engine left its config behind
     hidden = 32
     path = tiny_mod.make_model(dir, tok, layers=1, hidden=hidden, vocab_pad=vocab_pad, tie=False, seed=3)
     lm = AutoModelForCausalLM.from_pretrained(path)
