@@ -29,6 +29,7 @@ from ds_distill.core.build import teacher_ds_config, tokenise
 from ds_distill.extras.preemption import PREEMPTED_EXIT_CODE
 from ds_distill.runtime import distributed
 from ds_distill.teachers import cache_format, cache_writer, served
+from ds_distill.teachers.server_client import ServerUnavailable
 
 log = logging.getLogger("ds_distill")
 
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         try:
             run(parse_args(argv, CacheConfig, "ds_distill.cache_teacher"))
-        except served.ServerUnavailable as exc:  # finished shards are kept: the same command resumes
+        except ServerUnavailable as exc:  # finished shards are kept: the same command resumes
             print(
                 f"error: {exc}: finished shards are kept; run the same command again once the server is back",
                 file=sys.stderr,

@@ -22,8 +22,9 @@ from ds_distill.config import RunConfig, parse_args
 from ds_distill.core.checkpoint import read_latest, tag_for
 from ds_distill.ds_config import REPO_CONFIGS
 from ds_distill.extras.preemption import PREEMPTED_EXIT_CODE
+from ds_distill.teachers import cache_format
 from ds_distill.teachers import served as served_mod
-from ds_distill.teachers.server_client import ServerClient
+from ds_distill.teachers.server_client import ServerClient, ServerUnavailable
 
 pytestmark = pytest.mark.vllm
 
@@ -266,6 +267,28 @@ def test_faults_are_retried_or_stop_at_a_checkpoint_and_resume_the_same_curve(se
     assert curve(stopped) + curve(resumed) == pytest.approx(curve(ref), rel=1e-6, abs=1e-7)
 
 
+def test_cache_from_a_dead_server_exits_75_and_the_same_command_finishes_it(served, dist_env, tmp_path, proxy, capsys):
+    args = ["--teacher_url", proxy.url, "--tokenizer", served["student"], "--data", served["data"], "--seq_len", "48"]
+    args += [
+        "--shard_examples",
+        "16",
+        "--batch_size",
+        "4",
+        "--output_dir",
+        str(tmp_path / "c"),
+        "--teacher_url_retries",
+        "1",
+    ]
+    proxy.healthy, proxy.faults = 1 + 4, ["503"] * 1000  # the probe and the first shard's 4 requests pass
+    assert cache_teacher.main(args) == PREEMPTED_EXIT_CODE
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: --teacher_url") and "run the same command again" in err
+    done = sorted(p.name for p in (tmp_path / "c" / "shards").glob("*.json"))
+    assert done == [f"{cache_format.shard_name('data', 0)}.json"]  # the finished shard is kept
+    proxy.faults = []
+    assert cache_teacher.main(args) == 0
+
+
 # ----------------------------------------------------------------------------------------------- sampling
 def test_generate_from_the_server_is_seeded_and_resumable(served, dist_env, tmp_path):
     def gen(out: Path, seed: int = 3) -> list[dict]:
@@ -315,6 +338,33 @@ def generate_seed(seed: int, row: int) -> int:
     from ds_distill import on_policy
 
     return on_policy.mix_seed(seed, row)
+
+
+def test_a_closed_client_stops_retrying_at_once():
+    """A run that ends closes its clients: a request in its backoff (here 30 s) gives up within a second."""
+
+    class Down(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Down)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    client = ServerClient(f"http://127.0.0.1:{server.server_address[1]}", retries=3, backoff=30.0)
+    try:
+        threading.Timer(0.5, client.close).start()
+        start = time.monotonic()
+        with pytest.raises(ServerUnavailable, match="closed"):
+            client.request("POST", "/v1/completions", {})
+        assert time.monotonic() - start < 5
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_request_sequences_follow_documents_and_labels():

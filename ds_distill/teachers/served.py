@@ -247,7 +247,10 @@ class ServedTeacher(CachedTeacher):
         self.pending.clear()
 
     def close(self) -> None:
+        """End of the run: drop the requests drawn ahead, stop their retries, join the threads."""
         self.cancel()
+        for server in self.servers:
+            server.client.close()
         self.pool.shutdown(wait=True, cancel_futures=True)
 
     def targets(self, batch: Batch, split: str):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import threading
 import time
 import urllib.parse
 from typing import Any
@@ -78,6 +79,12 @@ class ServerClient:
             self.prefix = self.prefix[:-3]
         self.timeout, self.retries, self.backoff, self.max_backoff = timeout, retries, backoff, max_backoff
         self._model: dict[str, Any] | None = None
+        self._closed = threading.Event()  # set by close(): requests in their backoff give up at once
+
+    def close(self) -> None:
+        """Stop retrying: a request waiting for its next attempt raises ``ServerUnavailable`` now, so a run that ends
+        does not wait out the backoff of requests it drew ahead and no longer needs."""
+        self._closed.set()
 
     # ------------------------------------------------------------------------------------------------ transport
     def _once(self, method: str, path: str, body: dict | None, timeout: float) -> tuple[int, bytes]:
@@ -116,7 +123,9 @@ class ServerClient:
                 log.warning(
                     "%s %s%s: %s; retry %d/%d in %.1f s", self.flag, self.url, path, last, attempt + 1, retries, wait
                 )
-                time.sleep(wait)
+                if self._closed.wait(wait):
+                    last += "; the client was closed"
+                    break
         raise ServerUnavailable(
             f"{self.flag} {self.url}: {method} {path} failed {retries + 1} times in {time.monotonic() - start:.0f} s "
             f"(last: {last})"
