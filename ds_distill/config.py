@@ -194,6 +194,25 @@ class RunConfig:
     round_overrides: str = flag(
         "", "JSON file: a list of --rounds objects of run-config fields applied to that round (e.g. temperature, data)."
     )
+    # --- LoRA student (ds_distill/models/lora.py)
+    lora_r: int = flag(
+        0,
+        "LoRA rank: train PEFT low-rank adapters on the frozen student instead of every weight; checkpoints hold the adapters only and the export is the merged model plus output_dir/final/adapter. 0 = full training.",
+    )
+    lora_alpha: float = flag(0.0, "LoRA: the adapters' update is scaled by lora_alpha / lora_r. 0 = 2 * lora_r.")
+    lora_dropout: float = flag(0.0, "LoRA: dropout on the adapters' input.")
+    lora_target_modules: list[str] = flag(
+        list,
+        "LoRA: names of the decoder's linear layers that get adapters, e.g. q_proj v_proj. Default: every linear layer of the decoder (never the lm_head).",
+        multi=True,
+    )
+    lora_dora: bool = flag(
+        False, "LoRA: DoRA (PEFT's use_dora): a trained magnitude per output row besides the adapters."
+    )
+    lora_fp32: bool = flag(
+        False,
+        "LoRA: adapters in fp32 on a bf16/fp16 base (needs ZeRO-3 there: below it DeepSpeed casts every parameter). Default: the base's dtype.",
+    )
 
     def validate(self) -> None:
         """Collect every problem and raise one UsageError that lists them all."""
@@ -289,6 +308,7 @@ class RunConfig:
             problems.append("--rounds > 1 needs --export true: each round starts from the previous round's export")
         if self.round_overrides and self.rounds < 2:
             problems.append("--round_overrides applies only with --rounds > 1")
+        problems.extend(_lora_problems(self))
         if problems:
             raise UsageError("invalid run config: " + "; ".join(problems))
 
@@ -371,29 +391,19 @@ def _teacher_cache_problems(cfg: RunConfig) -> list[str]:
     return problems
 
 
-def _served_problems(cfg: RunConfig) -> list[str]:
+def _lora_problems(cfg: RunConfig) -> list[str]:
     problems = []
-    if cfg.teacher:
+    if cfg.lora_r < 0 or cfg.lora_alpha < 0 or not 0.0 <= cfg.lora_dropout < 1.0:
         problems.append(
-            "--teacher with --teacher_url: a live teacher does not mix with a served one yet: serve it too, or cache it "
-            "(python -m ds_distill.cache_teacher) and pass --teacher_cache"
+            f"LoRA flags out of range (--lora_r {cfg.lora_r} >= 0, --lora_alpha {cfg.lora_alpha} >= 0, --lora_dropout {cfg.lora_dropout} in [0, 1))"
         )
-    n = len(cfg.teacher_cache) + len(cfg.teacher_url)
-    if cfg.teacher_weights and len(cfg.teacher_weights) != n:
-        problems.append(f"--teacher_weights has {len(cfg.teacher_weights)} values for {n} teacher caches and servers")
-    if cfg.router != "fixed" and cfg.temperature != 1.0:
-        problems.append(f"--router {cfg.router} scores labels at temperature 1: use --temperature 1, or --router fixed")
-    if cfg.on_policy_fraction:
-        problems.append(
-            "--on_policy_fraction with --teacher_url is not supported yet (the server would score tokens the student "
-            "samples during the step): train on-policy with --teacher"
-        )
-    if cfg.teacher_top_k < 1 or cfg.teacher_url_timeout <= 0 or cfg.teacher_url_retries < 0 or cfg.teacher_url_wait < 0:
-        problems.append(
-            f"served-teacher flags out of range (--teacher_top_k {cfg.teacher_top_k} >= 1, --teacher_url_timeout "
-            f"{cfg.teacher_url_timeout} > 0, --teacher_url_retries {cfg.teacher_url_retries} >= 0, --teacher_url_wait "
-            f"{cfg.teacher_url_wait} >= 0)"
-        )
+    given = [
+        f"--{n}"
+        for n in ("lora_alpha", "lora_dropout", "lora_target_modules", "lora_dora", "lora_fp32")
+        if getattr(cfg, n)
+    ]
+    if given and not cfg.lora_r:
+        problems.append(f"{' '.join(given)} given without --lora_r: pass --lora_r R to train LoRA adapters")
     return problems
 
 

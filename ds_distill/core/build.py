@@ -184,7 +184,9 @@ def load_models(cfg: RunConfig, run: Configs, run_data: Data) -> Models:
     vocab = models.shared_vocab_size(cfg.student, run_data.tokenizer, cfg.teacher, cfg.cross_tokenizer)
     _seed_everything(cfg.seed)
     packed_rows = cfg.packing and run.student.micro_batch > 1
-    student = models.student_engine(cfg.student, run.student, cfg.attn_implementation, packed_rows)
+    student = models.student_engine(
+        cfg.student, run.student, cfg.attn_implementation, packed_rows, lora=models.LoraSpec.from_config(cfg)
+    )
     monitors.attach(student)
     teachers = [models.teacher_engine(p, run.teacher, cfg.attn_implementation, packed_rows) for p in run.teachers]
     engines, paths = [student, *teachers], [cfg.student, *run.teachers]
@@ -327,10 +329,12 @@ def run(cfg: RunConfig, callbacks: list[Callback] = (), objective: Objective | N
     final = checkpoint.final_dir(cfg.output_dir)
     # A run resumed at or past max_steps trained nothing: it exports only what a previous job left unexported.
     if cfg.export and trainer.step >= cfg.max_steps and (trainer.step > start or not checkpoint.is_export(final)):
-        if trainer.rank == 0:
+        if trainer.student.module.lora is not None:  # every rank: merged one module at a time under ZeRO-3
+            checkpoint.export_final_engine(trainer.student, cfg.output_dir)
+        elif trainer.rank == 0:
             checkpoint.export_final(cfg.output_dir, trainer.last_tag)
-            if trainer.step == start:
-                log.info("exported %s (step %d) to %s", trainer.last_tag, trainer.step, final)
+        if trainer.step == start and trainer.rank == 0:
+            log.info("exported %s (step %d) to %s", trainer.last_tag, trainer.step, final)
         distributed.barrier()
     for cb in trainer.callbacks:
         cb.on_train_end(trainer)

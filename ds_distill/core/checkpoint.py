@@ -5,9 +5,12 @@ DeepSpeed writes the model/optimizer/scheduler shards; we add what an exact resu
         step_00000010/           one DeepSpeed tag (every rank's ZeRO shards + client state)
             rng_rank{r}.pt       each rank's RNG states (dropout and friends continue exactly)
             hf/                  the student's config and tokenizer, so the tag exports on its own
+                lora.json        a LoRA student's base path and fingerprint, LoRA settings (models.lora.RECORD);
+                                 its tag holds only the adapters (exclude_frozen_parameters)
         step_00000010_universal/ the tag converted for another number of ranks (universal_for_resume), pruned with it
         latest                   names the newest *complete* tag; written last, atomically (write + rename)
-    final/                       the Hugging Face export of the last step (export_final)
+    final/                       the Hugging Face export of the last step (export_final); a LoRA student's is
+        adapter/                 merged, with its PEFT adapter folder here (models.lora.ADAPTER_DIR)
     best/                        early stopping's best so far (export_best): the export plus export.json
         export.json              {"step", "tag", "eval_<metric>"}
         early_stopped.json       written when early stopping ended the run: {"stopped_at", "best_step"}
@@ -28,8 +31,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ds_distill.common import UsageError, write_atomic
-from ds_distill.core.export import export_checkpoint
+from ds_distill.common import UsageError, write_atomic, write_json_atomic
+from ds_distill.core.export import export_checkpoint, read_lora_record
+from ds_distill.models import lora
 from ds_distill.runtime.distributed import barrier
 
 log = logging.getLogger(__name__)
@@ -61,6 +65,20 @@ def is_export(folder: Path) -> bool:
 def export_final(output_dir: Path | str, tag: str) -> Path:
     """Export ``checkpoints/<tag>`` to ``final/`` (rank 0 only: a plain file conversion, no process group)."""
     return export_checkpoint(ckpt_root(output_dir) / tag, final_dir(output_dir))
+
+
+def export_final_engine(engine, output_dir: Path | str) -> Path:
+    """A LoRA student's ``final/`` straight from the engine (every rank calls it): merged one module at a time under
+    ZeRO-3 (``models.lora.export_engine``), with the adapter folder and the tokenizer as trained."""
+    from ds_distill.models import copy_tokenizer
+
+    out = final_dir(output_dir)
+    dtype = next(p.dtype for p in engine.module.parameters() if not p.requires_grad)
+    lora.export_engine(engine.module.lora, out, dtype=dtype)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        copy_tokenizer(engine.module.lora.record["base"], out)
+    barrier()
+    return out
 
 
 def export_best(output_dir: Path | str, tag: str, record: dict[str, Any]) -> Path:
@@ -143,10 +161,15 @@ def save(
     """
     tag = tag_for(step)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state, save_latest=False)
+    student = engine.module.lora  # a LoRA student saves its adapters only, and what they were trained on
+    engine.save_checkpoint(
+        str(ckpt_root), tag=tag, client_state=client_state, save_latest=False, exclude_frozen_parameters=bool(student)
+    )
     torch.save(rng_state(), ckpt_root / tag / f"rng_rank{rank}.pt")
     if rank == 0:
         hf_files(ckpt_root / tag / "hf")
+        if student:
+            write_json_atomic(ckpt_root / tag / "hf" / lora.RECORD, student.record)
     barrier()
     if rank == 0:
         write_atomic(ckpt_root / "latest", tag)
@@ -179,6 +202,12 @@ def universal_for_resume(ckpt_root: Path, world_size: int, zero_stage: int, rank
     saved = saved_world_size(ckpt_root / tag) if tag else 0
     if zero_stage == 0 or not saved or saved == world_size:
         return None
+    if read_lora_record(ckpt_root / tag) is not None:
+        # The universal converter needs every parameter's state; a LoRA tag holds the adapters' only.
+        raise UsageError(
+            f"--resume: {ckpt_root / tag} holds LoRA adapters written by {saved} ranks and this job has {world_size}: "
+            f"resume it on {saved} ranks"
+        )
     target, failed = ckpt_root / f"{tag}{UNIVERSAL}", None
     if rank == 0 and not target.is_dir():
         log.info(
@@ -239,7 +268,12 @@ def load(engine, ckpt_root: Path, universal: str | None = None) -> dict[str, Any
         raise UsageError(
             f"--resume: no checkpoint under {ckpt_root} (no 'latest' file): drop --resume to start a new run"
         )
-    path, client_state = engine.load_checkpoint(str(ckpt_root), tag=universal or tag, load_module_strict=True)
+    lora.check_resume(read_lora_record(ckpt_root / tag), engine.module.lora, ckpt_root / tag)
+    # A LoRA tag lacks the frozen base (loaded from --student, fingerprint checked above): a non-strict module load;
+    # the adapters' names and shapes are fixed by the LoRA settings check_resume compared.
+    path, client_state = engine.load_checkpoint(
+        str(ckpt_root), tag=universal or tag, load_module_strict=engine.module.lora is None
+    )
     if path is None:
         raise UsageError(
             f"--resume: checkpoint {ckpt_root / tag} could not be loaded: check the files or delete the tag and point 'latest' at an older one"

@@ -14,8 +14,8 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-from ds_distill.common import UsageError
-from ds_distill.models import copy_tokenizer
+from ds_distill.common import UsageError, read_json
+from ds_distill.models import copy_tokenizer, lora
 
 
 def resolve_tag(checkpoint: Path) -> Path:
@@ -29,7 +29,14 @@ def resolve_tag(checkpoint: Path) -> Path:
     return checkpoint
 
 
+def read_lora_record(tag_dir: Path) -> dict | None:
+    """A LoRA tag's ``hf/lora.json`` (``models.lora.LoraStudent.record``), None for a full-training tag."""
+    path = tag_dir / "hf" / lora.RECORD
+    return read_json(path, "LoRA record", "re-save the checkpoint") if path.is_file() else None
+
+
 def export_checkpoint(checkpoint: Path | str, out_dir: Path | str) -> Path:
+    """A tag -> a Hugging Face folder; a LoRA tag -> the merged model plus its adapter folder (``models.lora``)."""
     tag_dir = resolve_tag(Path(checkpoint))
     ds_config = json.loads((tag_dir / "hf" / "ds_config.json").read_text())
     dtype = (
@@ -38,6 +45,11 @@ def export_checkpoint(checkpoint: Path | str, out_dir: Path | str) -> Path:
         else (torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32)
     )
     state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    unset_hf_deepspeed_config()  # see below
+    if (record := read_lora_record(tag_dir)) is not None:
+        out = lora.export_state(record, state, out_dir, dtype=dtype)
+        copy_tokenizer(tag_dir / "hf", out)
+        return out
     config = AutoConfig.from_pretrained(tag_dir / "hf")
     # In a training process the last engine's HfDeepSpeedConfig is still registered: under ZeRO-3 from_config would
     # build an empty partitioned model. The engines no longer need it (models.load_model registers a fresh one per load).

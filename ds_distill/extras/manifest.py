@@ -83,6 +83,8 @@ class Manifest(Callback):
                 "train_file": file_fingerprint(cfg.data),
                 "eval_file": file_fingerprint(cfg.eval_data) if cfg.eval_data else None,
             },
+            # A LoRA student: the base its adapters train on (path, fingerprint) and the LoRA settings.
+            "lora": trainer.student.module.lora.record if trainer.student.module.lora else None,
             "started": _now(),
             "resumed_at_step": trainer.step if cfg.resume else None,
             "attempts": previous.get("attempts", 0) + 1,

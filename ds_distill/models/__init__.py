@@ -21,6 +21,7 @@ from ds_distill.models.loading import (
     teacher_engine,
     teacher_placement,
 )
+from ds_distill.models.lora import LoraSpec
 from ds_distill.models.tokenizers import TOKENIZER_FILES, copy_tokenizer, load_tokenizer, shared_vocab_size, vocab_map
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "HiddenStatesLM",
     "LoadedModel",
     "LogitTransform",
+    "LoraSpec",
     "attn_implementation",
     "check_logits",
     "check_output_rows",

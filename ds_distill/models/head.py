@@ -20,18 +20,20 @@ class HiddenStatesLM(nn.Module):
 
     Args:
         lm: a Hugging Face ``*ForCausalLM`` whose children are its decoder (``lm.base_model_prefix``) and its head.
+        lora: the ``models.lora.LoraStudent`` when PEFT adapters were injected into ``lm`` (``--lora_r``), else None.
     forward(**model_inputs) -> final hidden states ``[B, T, H]`` (after the final norm).
     head -> ``losses.OutputHead``: the projection plus whatever ``lm.forward`` does to its output (see
     ``LogitTransform``), so ``head(forward(x))`` are the model's own logits.
     """
 
-    def __init__(self, lm: nn.Module):
+    def __init__(self, lm: nn.Module, lora: Any = None):
         super().__init__()
         for name, child in lm.named_children():
             self.add_module(name, child)
         self.decoder_name = decoder_name(lm)
-        # Not a submodule: the children above already hold every parameter once.
+        # Not submodules: the children above already hold every parameter once.
         object.__setattr__(self, "lm", lm)
+        object.__setattr__(self, "lora", lora)
         self.transform = LogitTransform.of(lm)
 
     @property

@@ -17,6 +17,7 @@ from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deep
 
 from ds_distill.common import UsageError
 from ds_distill.ds_config import DSConfig
+from ds_distill.models import lora as lora_mod
 from ds_distill.models.head import HiddenStatesLM
 
 log = logging.getLogger("ds_distill.models")
@@ -85,18 +86,31 @@ def moe_leaf_modules(model: nn.Module) -> list[type]:
 
 
 def load_model(
-    path: str, ds: DSConfig, *, trainable: bool, attn: str = "auto", packed_rows: bool = False
+    path: str,
+    ds: DSConfig,
+    *,
+    trainable: bool,
+    attn: str = "auto",
+    packed_rows: bool = False,
+    lora: lora_mod.LoraSpec | None = None,
 ) -> LoadedModel:
     """Load a model directory; under ZeRO-3 it is partitioned while loading (zero.Init), never whole on one rank.
 
     attn, packed_rows: as ``attn_implementation`` takes them; the choice is logged.
+    lora: inject PEFT adapters (``models.lora.wrap``): only they train.
     """
     unset_hf_deepspeed_config()  # the last HfDeepSpeedConfig is global: drop the previous model's
     keep = HfDeepSpeedConfig(ds.raw) if ds.zero_stage == 3 else None
     dtype = torch.bfloat16 if ds.bf16 else (torch.float16 if ds.raw.get("fp16", {}).get("enabled") else torch.float32)
-    attn = attn_implementation(
-        path, attn, has_gpu=get_accelerator().device_name() != "cpu", dtype=dtype, packed_rows=packed_rows
-    )
+    has_gpu = get_accelerator().device_name() != "cpu"
+    attn = attn_implementation(path, attn, has_gpu=has_gpu, dtype=dtype, packed_rows=packed_rows)
+    if lora is not None:
+        lora_mod.check_base(model_config(path), path, has_gpu=has_gpu)
+        if lora.fp32 and dtype != torch.float32 and ds.zero_stage < 3:
+            raise UsageError(
+                f"--lora_fp32 with {dtype} under ZeRO-{ds.zero_stage}: DeepSpeed casts every parameter to {dtype} "
+                "below ZeRO-3: use a ZeRO-3 --deepspeed_config or drop --lora_fp32"
+            )
     try:
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
     except (OSError, ValueError, ImportError) as exc:
@@ -110,16 +124,24 @@ def load_model(
     if not trainable:
         lm.requires_grad_(False)
         lm.eval()
-    return LoadedModel(HiddenStatesLM(lm), keep)
+    student = lora_mod.wrap(lm, lora, path) if lora is not None else None
+    if student is not None:
+        log.info("model %s: LoRA %s on %s", path, lora, student.record["target_modules"])
+    return LoadedModel(HiddenStatesLM(lm, student), keep)
 
 
-def student_engine(path: str, ds: DSConfig, attn: str = "auto", packed_rows: bool = False):
-    """The student: DeepSpeed engine with the optimizer and scheduler of its JSON."""
-    loaded = load_model(path, ds, trainable=True, attn=attn, packed_rows=packed_rows)
+def student_engine(
+    path: str, ds: DSConfig, attn: str = "auto", packed_rows: bool = False, lora: lora_mod.LoraSpec | None = None
+):
+    """The student: DeepSpeed engine with the optimizer and scheduler of its JSON (over the adapters only with
+    ``lora``)."""
+    loaded = load_model(path, ds, trainable=True, attn=attn, packed_rows=packed_rows, lora=lora)
     engine, *_ = deepspeed.initialize(
         model=loaded.model, model_parameters=[p for p in loaded.model.parameters() if p.requires_grad], config=ds.raw
     )
     engine.hf_ds_config = loaded.hf_ds_config
+    if lora is not None:
+        lora_mod.check_dtypes(engine.module)
     return engine
 
 

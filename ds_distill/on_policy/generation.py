@@ -1,7 +1,8 @@
 """Generation sits behind ``Generator`` (one method); ``HFGenerator`` runs transformers' ``generate`` over one of
     direct   ZeRO 0-2: the student's own modules, whole on every rank, no collectives;
-    whole    ZeRO-3 when the student fits (``models.REPLICATE_FRACTION`` of a rank's memory): its parameters are
-             gathered once per optimizer step into a plain copy, which generates with no collectives at all;
+    whole    ZeRO-3 when the student fits (``models.REPLICATE_FRACTION`` of a rank's memory): its trained parameters
+             are gathered once per optimizer step into a plain copy (a LoRA student's frozen base once per run),
+             which generates with no collectives at all;
     layered  ZeRO-3 otherwise: the engine's own modules, whose hooks gather each layer for every token;
              ``synced_gpus`` keeps a rank whose samples ended stepping until every rank is done (no deadlock when
              ranks finish at different lengths, DeepSpeed issue 8262).
@@ -141,8 +142,9 @@ def cut_at_stop(tokens: list[int], stop_token_ids: list[int]) -> list[int]:
 
 
 class _WholeCopy:
-    """A plain (unpartitioned) copy of a ZeRO-3 student, refreshed once per optimizer step: one gather of every
-    parameter (a collective) instead of one per layer per generated token."""
+    """A plain (unpartitioned) copy of a ZeRO-3 student for generation, with no collectives: its frozen parameters
+    (a LoRA student's base) are gathered once per run, its trained ones (every parameter in full training, the
+    adapters with LoRA) once per optimizer step, instead of one gather per layer per generated token."""
 
     def __init__(self, engine):
         self.engine, self.copy, self.step = engine, None, -1
@@ -153,18 +155,39 @@ class _WholeCopy:
         if self.step == self.engine.global_steps:
             return self.copy
         lm = self.engine.module.lm
-        params = list(lm.parameters())
-        with deepspeed.zero.GatheredParameters(params):
-            if self.copy is None:
-                # Direct construction: transformers partitions a model at construction only in from_pretrained /
-                # from_config under a ZeRO-3 config, so this copy is whole and has no DeepSpeed hooks.
-                self.copy = type(lm)(lm.config).to(device=params[0].device, dtype=params[0].dtype).eval()
-                self.copy.requires_grad_(False)
-            source = dict(lm.named_parameters())
-            for name, p in self.copy.named_parameters():
-                p.copy_(source[name].data)
+        first = self.copy is None
+        params = [(n, p) for n, p in lm.named_parameters() if first or p.requires_grad]
+        with deepspeed.zero.GatheredParameters([p for _, p in params]):
+            if first:
+                self.copy = _plain_copy(self.engine.module, params[0][1].device)
+            mine = dict(self.copy.named_parameters())
+            for name, p in params:
+                mine[name].copy_(p.data)
         self.step = self.engine.global_steps
         return self.copy
+
+
+def _plain_copy(module, device: torch.device) -> nn.Module:
+    """An unpartitioned model of the same structure, parameter names and dtypes as ``module.lm`` (weights not copied).
+
+    Direct construction: transformers partitions a model at construction only in from_pretrained / from_config under
+    a ZeRO-3 config, so this copy is whole and has no DeepSpeed hooks. A LoRA student's adapters are injected the same
+    way (PEFT, the same config). The construction's random initialisation runs on a forked RNG: the trainer's RNG
+    stream (dropout) does not depend on when the first generation happens (a resumed run builds it again).
+    """
+    lm = module.lm
+    with torch.random.fork_rng(devices=[]):
+        copy = type(lm)(lm.config)
+        if module.lora is not None:
+            from peft import inject_adapter_in_model
+
+            inject_adapter_in_model(module.lora.peft_model.peft_config["default"], copy)
+    copy = copy.to(device=device).eval()
+    copy.requires_grad_(False)
+    dtypes = {name: p.dtype for name, p in lm.named_parameters()}  # fp32 adapters on a bf16 base stay fp32
+    for name, p in copy.named_parameters():
+        p.data = p.data.to(dtypes[name])
+    return copy
 
 
 def make_generator(
