@@ -21,7 +21,8 @@ steps, each timed to the end of the device's work. Variants:
                       fit: replicated on one rank), or forced to ZeRO-3 / replicated (stage 0); chunked loss
                       (RunConfig's default chunk_size; the fused path, ZeRO-3 head included), full
                       logits (chunk_size 0), or the chunked loss forced onto its checkpointed path (an experiment);
-                      _prefetch: micro-batches drawn 2 ahead on a background thread, pinned on GPU (--prefetch_batches 2).
+                      _prefetch: micro-batches drawn 2 ahead on a background thread, pinned on GPU (--prefetch_batches 2);
+                      _lora: a LoRA student (LORA_R on every linear layer of the decoder; only the adapters train).
 
 Both loops use loss 0.5 CE + 0.5 forward KL (T = 1) through ``ds_distill.losses``, AdamW (lr 1e-4, betas 0.9/0.95),
 gradient clipping 1.0 and micro-batches from ``ds_distill.data``. On GPU the DeepSpeed JSONs are the shipped bf16 ones
@@ -54,7 +55,10 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "ds_configs"
 REFERENCE = "plain_full"
 PLAIN = ("plain_full", "plain_chunked", "plain_fused", "teacher_forward")
-DS_VARIANT = re.compile(r"^ds_z([0-3])(?:_teacher_(zero3|replicated))?(_full_logits|_checkpointed)?(_prefetch)?$")
+DS_VARIANT = re.compile(
+    r"^ds_z([0-3])(?:_teacher_(zero3|replicated))?(_full_logits|_checkpointed)?(_prefetch)?(_lora)?$"
+)
+LORA_R = 16  # the _lora variants: rank 16 on every linear layer of the decoder (--lora_r 16 --lora_alpha 32)
 
 # Peak dense bf16 tensor FLOP/s (no sparsity), by the first name fragment found in torch.cuda.get_device_name().
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -338,7 +342,9 @@ def toolkit_step(a: argparse.Namespace, device) -> Callable[[], None]:
         eval_fraction=0.0,
         max_steps=a.warmup + a.steps,
         export=False,
-        prefetch_batches=2 if a.variant.endswith("_prefetch") else 0,
+        prefetch_batches=2 if "_prefetch" in a.variant else 0,
+        lora_r=LORA_R if a.variant.endswith("_lora") else 0,
+        lora_alpha=2.0 * LORA_R if a.variant.endswith("_lora") else 0.0,
     )
     trainer = build(cfg)
     if trainer.ds.grad_accum != 1:
@@ -349,7 +355,14 @@ def toolkit_step(a: argparse.Namespace, device) -> Callable[[], None]:
         trainer.train_step(micro_batches, trainer.sync.plan([b.labels for b in micro_batches]))
         trainer.step += 1
 
+    step.trainer = trainer  # for --checkpoint_size
     return step
+
+
+def checkpoint_mib(trainer) -> float:
+    """Size of one checkpoint tag of the trainer's state (DeepSpeed's files, RNG, hf/), written after the timed steps."""
+    tag = trainer.ckpt_root / trainer.save()
+    return sum(f.stat().st_size for f in tag.rglob("*") if f.is_file()) / 2**20
 
 
 def worker(a: argparse.Namespace) -> dict[str, Any]:
@@ -362,12 +375,14 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
     make = plain_step if a.variant in PLAIN else toolkit_step
     step = make(a, device)
     times, cpu = time_steps(step, device, a.warmup, a.steps, a.profile)
+    peak = peak_gib(device)  # before the checkpoint: the training steps' peak
     return {
         "variant": a.variant,
         "step_s": times,
         "cpu_s": cpu,
-        "peak_gib": peak_gib(device),
+        "peak_gib": peak,
         "device": _device_name(device),
+        "checkpoint_mib": checkpoint_mib(step.trainer) if a.checkpoint_size and hasattr(step, "trainer") else None,
     }
 
 
@@ -416,16 +431,17 @@ def markdown(rows: list[dict[str, Any]], header: str) -> str:
     lines = [
         header,
         "",
-        f"| variant | tokens/s | median step (ms) | median CPU (ms) | peak GiB | TFLOP/s | MFU | vs {ref or 'plain'} |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| variant | tokens/s | median step (ms) | median CPU (ms) | peak GiB | TFLOP/s | MFU | vs {ref or 'plain'} | checkpoint MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         ratio = f"{r['vs_plain']:.2f}x" if r["vs_plain"] is not None else "n/a"
         cpu = f"{1000 * r['median_cpu_s']:.1f}" if r.get("median_cpu_s") is not None else "n/a"
+        ckpt = f"{r['checkpoint_mib']:.1f}" if r.get("checkpoint_mib") is not None else "n/a"
         lines.append(
             f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {1000 * r['median_step_s']:.1f} | {cpu} | {r['peak_gib']:.2f} "
-            f"| {r['tflops']:.3f} | {mfu} | {ratio} |"
+            f"| {r['tflops']:.3f} | {mfu} | {ratio} | {ckpt} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -441,7 +457,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     bad = [v for v in variants if v not in PLAIN and not DS_VARIANT.match(v)]
     if bad:
         raise SystemExit(
-            f"error: unknown --variants {bad}: use {', '.join(PLAIN)} or ds_z{{0,1,2,3}}[_teacher_zero3|_teacher_replicated][_full_logits|_checkpointed][_prefetch]"
+            f"error: unknown --variants {bad}: use {', '.join(PLAIN)} or ds_z{{0,1,2,3}}[_teacher_zero3|_teacher_replicated][_full_logits|_checkpointed][_prefetch][_lora]"
         )
 
     import torch
@@ -501,6 +517,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 "--chunk_size",
                 str(a.chunk_size),
                 *(f"--zero_set={z}" for z in a.zero_set),
+                *(["--checkpoint_size"] if a.checkpoint_size else []),
             ]
             if a.profile:
                 Path(a.profile).mkdir(parents=True, exist_ok=True)
@@ -561,6 +578,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         metavar="KEY=JSON",
         help="Experiment: set zero_optimization.KEY in the ZeRO-3 copies, e.g. stage3_param_persistence_threshold=1e9 (repeatable).",
+    )
+    p.add_argument(
+        "--checkpoint_size",
+        action="store_true",
+        help="ds_* variants: save one checkpoint after the timed steps and report its size (MiB).",
     )
     p.add_argument("--json", default="", help="Write the full results (per-step times included) to this JSON file.")
     p.add_argument("--markdown", default="", help="Write the table to this Markdown file.")

@@ -62,19 +62,23 @@ def engine_logits(trainer, inputs):
     return trainer.student.module.head(trainer.student(**inputs))
 
 
-def test_adapters_train_alone_and_both_exports_give_the_engine_logits(tiny, dist_env, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dora", [False, True])
+def test_adapters_train_alone_and_both_exports_give_the_engine_logits(tiny, dist_env, tmp_path, monkeypatch, dora):
     from peft import PeftModel
 
     out = tmp_path / "run"
     trainer = train.run(
-        make_cfg(tiny, out, max_steps=6, export=True, deepspeed_config=ds_json(tmp_path, lr=3e-2), **LORA),
+        make_cfg(
+            tiny, out, max_steps=6, export=True, deepspeed_config=ds_json(tmp_path, lr=3e-2), lora_dora=dora, **LORA
+        ),
         [Manifest()],
     )
     module = trainer.student.module
     trained = {n for n, p in module.named_parameters() if p.requires_grad}
-    assert trained and all(".lora_A." in n or ".lora_B." in n for n in trained), trained
+    kinds = (".lora_A.", ".lora_B.") + ((".lora_magnitude_vector.",) if dora else ())
+    assert trained and all(any(k in n for k in kinds) for n in trained), trained
     # Every linear layer of the decoder got one (7 in a Llama layer), the lm_head none.
-    assert len(trained) == 2 * 7 and not any("lm_head" in n for n in trained)
+    assert len(trained) == len(kinds) * 7 and not any("lm_head" in n for n in trained)
     loss = losses_of(trainer)
     assert loss[-1] < loss[0] - 0.05, loss
     # The frozen base is the model on disk, bit for bit, after training.
@@ -212,3 +216,20 @@ def test_lora_flags_and_bases_that_are_refused(tiny, dist_env, tmp_path):
     (quantised / "config.json").write_text(json.dumps(config))
     with pytest.raises(UsageError, match=r"is quantised \(bitsandbytes\).*unquantised"):
         train.run(make_cfg(tiny, tmp_path / "q", student=str(quantised), lora_r=2))
+
+
+def test_packing_and_an_ensemble_train_a_lora_student(tiny, dist_env, tmp_path):
+    trainer = train.run(
+        make_cfg(
+            tiny,
+            tmp_path / "p",
+            teacher=[tiny["teacher"], tiny["teacher"]],
+            teacher_weights=[0.3, 0.7],
+            packing=True,
+            max_steps=4,
+            deepspeed_config=ds_json(tmp_path, lr=3e-2),
+            **LORA,
+        )
+    )
+    loss = losses_of(trainer)
+    assert len(loss) == 4 and loss[-1] < loss[0], loss

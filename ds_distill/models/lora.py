@@ -126,6 +126,7 @@ def wrap(lm: nn.Module, spec: LoraSpec, path: str) -> LoraStudent:
     """Inject PEFT adapters into ``lm`` (in place; under ZeRO-3 the base stays partitioned, the new adapters are
     partitioned by ``deepspeed.initialize``) and freeze everything else. Returns the ``LoraStudent`` record."""
     from peft import LoraConfig, get_peft_model
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
     targets = check_targets(lm, spec.target_modules, path)
     config = LoraConfig(
@@ -140,6 +141,13 @@ def wrap(lm: nn.Module, spec: LoraSpec, path: str) -> LoraStudent:
     )
     # autocast_adapter_dtype=True is PEFT's fp32-adapters-on-a-half-base; False leaves them in the base's dtype.
     peft_model = get_peft_model(lm, config, autocast_adapter_dtype=spec.fp32)
+    if spec.dora and is_deepspeed_zero3_enabled():
+        # PEFT's DoRA forward reads the base weight and lora_A's shape outside their modules' forwards, where ZeRO-3
+        # has them partitioned: gather each adapted layer whole (a ZeRO-3 leaf), as for mixture-of-experts blocks.
+        from deepspeed.utils import set_z3_leaf_modules
+        from peft.tuners.lora import Linear
+
+        set_z3_leaf_modules(lm, [Linear])
     # Reentrant activation checkpointing (transformers' default) computes no parameter gradients inside a block
     # whose inputs do not require grad; with frozen embeddings they would not: the adapters would get none.
     lm.enable_input_require_grads()
