@@ -76,7 +76,7 @@ def test_gradients_under_zero3_on_two_ranks_equal_zero0(tiny, dist_env, tmp_path
                     torch.testing.assert_close(mine[p], ref[p], rtol=1e-4, atol=1e-6, msg=f"{name} step {step} {p}")
 
 
-def test_sigkill_and_resume_continue_the_same_curve(cluster_tools, tiny, dist_env, tmp_path):
+def test_sigkill_and_resume_continue_the_same_curve(tiny, dist_env, tmp_path):
     """The reference: the same run in process on one rank with the same global batch (1 x 4 = 2 x 2)."""
     constant_lr = ds_json(tmp_path, name="two.json")
     one = ds_json(tmp_path, name="one.json", train_micro_batch_size_per_gpu=4)
