@@ -185,7 +185,7 @@ def ds_configs(
     """(student JSON, teacher JSON or "" for the toolkit's choice, full_logits) for a ds_* variant: shipped files
     copied with only the micro-batch changed (and the stage, for ZeRO stage 0). ``zero_set``: "key=value"
     experiments written into the ``zero_optimization`` block of every ZeRO-3 copy (``--zero_set``; off by default)."""
-    stage, teacher_kind, full, _prefetch = DS_VARIANT.match(variant).groups()
+    stage, teacher_kind, full, _prefetch, _lora = DS_VARIANT.match(variant).groups()
     student_file = f"zero{max(int(stage), 1)}_bf16.json" if gpu else f"cpu_zero{max(int(stage), 1)}.json"
     files = {"student": student_file}
     if teacher_kind:
