@@ -15,9 +15,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
+import ds_distill.models.lora as lora_mod
 from ds_distill.common import UsageError
 from ds_distill.ds_config import DSConfig
-from ds_distill.models import lora as lora_mod
 from ds_distill.models.head import HiddenStatesLM
 
 log = logging.getLogger("ds_distill.models")
