@@ -391,6 +391,32 @@ def _teacher_cache_problems(cfg: RunConfig) -> list[str]:
     return problems
 
 
+def _served_problems(cfg: RunConfig) -> list[str]:
+    problems = []
+    if cfg.teacher:
+        problems.append(
+            "--teacher with --teacher_url: a live teacher does not mix with a served one yet: serve it too, or cache it "
+            "(python -m ds_distill.cache_teacher) and pass --teacher_cache"
+        )
+    n = len(cfg.teacher_cache) + len(cfg.teacher_url)
+    if cfg.teacher_weights and len(cfg.teacher_weights) != n:
+        problems.append(f"--teacher_weights has {len(cfg.teacher_weights)} values for {n} teacher caches and servers")
+    if cfg.router != "fixed" and cfg.temperature != 1.0:
+        problems.append(f"--router {cfg.router} scores labels at temperature 1: use --temperature 1, or --router fixed")
+    if cfg.on_policy_fraction:
+        problems.append(
+            "--on_policy_fraction with --teacher_url is not supported yet (the server would score tokens the student "
+            "samples during the step): train on-policy with --teacher"
+        )
+    if cfg.teacher_top_k < 1 or cfg.teacher_url_timeout <= 0 or cfg.teacher_url_retries < 0 or cfg.teacher_url_wait < 0:
+        problems.append(
+            f"served-teacher flags out of range (--teacher_top_k {cfg.teacher_top_k} >= 1, --teacher_url_timeout "
+            f"{cfg.teacher_url_timeout} > 0, --teacher_url_retries {cfg.teacher_url_retries} >= 0, --teacher_url_wait "
+            f"{cfg.teacher_url_wait} >= 0)"
+        )
+    return problems
+
+
 def _lora_problems(cfg: RunConfig) -> list[str]:
     problems = []
     if cfg.lora_r < 0 or cfg.lora_alpha < 0 or not 0.0 <= cfg.lora_dropout < 1.0:

@@ -22,10 +22,29 @@ from ds_distill.extras.manifest import Manifest
 from ds_distill.models import lora
 from ds_distill.runtime.callbacks import Callback
 from tests import tiny as tiny_mod
-from tests.test_on_policy import op_cfg, pc_data  # noqa: F401  (pc_data: a fixture)
-from tests.test_train import ds_json, losses_of, make_cfg
+from tests.helpers import ds_json, losses_of, make_cfg
 
 LORA = dict(lora_r=4, lora_alpha=8.0)
+WORDS = "the quick brown fox jumps over the lazy dog while a small cat sleeps in the warm sun".split()
+
+
+@pytest.fixture(scope="module")
+def pc_data(tiny):
+    """Prompt/completion records for on-policy runs (prompts of 2 to 12 words)."""
+    import random
+
+    rng = random.Random(1)
+    path = tiny["root"] / "lora_pc.jsonl"
+    with open(path, "w") as fh:
+        for _ in range(48):
+            prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 12)))
+            completion = " " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8)))
+            fh.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
+    return str(path)
+
+
+def op_cfg(tiny, pc_data, out, **kw):
+    return make_cfg(tiny, out, **{**dict(data=pc_data, seq_len=24, max_new_tokens=8, alpha=0.0, loss="jsd"), **kw})
 
 
 class CountGathers:
@@ -181,7 +200,7 @@ def test_checkpoint_holds_the_adapters_only_and_resume_checks_the_base(tiny, dis
     assert losses_of(first) + losses_of(second) == pytest.approx(losses_of(straight), rel=1e-5, abs=1e-6)
 
 
-def test_generation_gathers_the_base_once_and_the_adapters_per_step(tiny, pc_data, dist_env, tmp_path, monkeypatch):  # noqa: F811
+def test_generation_gathers_the_base_once_and_the_adapters_per_step(tiny, pc_data, dist_env, tmp_path, monkeypatch):
     """The whole-copy generator of a LoRA student: one gather of every parameter for the first generation, then one
     of the adapters only per optimizer step; the samples are those of the engine's own modules (same losses as
     layered generation)."""
@@ -204,9 +223,9 @@ def test_generation_gathers_the_base_once_and_the_adapters_per_step(tiny, pc_dat
 
 def test_lora_flags_and_bases_that_are_refused(tiny, dist_env, tmp_path):
     with pytest.raises(UsageError, match="--lora_alpha --lora_dora given without --lora_r"):
-        RunConfig(lora_alpha=4.0, lora_dora=True).validate(require_paths=False)
+        RunConfig(lora_alpha=4.0, lora_dora=True).validate()
     with pytest.raises(UsageError, match="LoRA flags out of range"):
-        RunConfig(lora_r=-1).validate(require_paths=False)
+        RunConfig(lora_r=-1).validate()
     with pytest.raises(UsageError, match="'lm_head' is not a linear layer of the decoder"):
         train.run(make_cfg(tiny, tmp_path / "a", lora_r=2, lora_target_modules=["q_proj", "lm_head"]))
     quantised = tmp_path / "quantised"

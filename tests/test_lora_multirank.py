@@ -9,24 +9,26 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
-import subprocess
-import sys
+import time
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
 
+from ds_distill import train
+from ds_distill.common import UsageError
 from ds_distill.core.checkpoint import read_latest
-from tests.cluster_fixtures import ROOT, launcher_env, run_logged
+from ds_distill.plot import read_curves
+from tests.helpers import ds_json, launch_args, losses_of, make_cfg
+from tests.launch import assert_no_shm_left, deepspeed, deepspeed_cmd, finish, free_port, launcher_env, start
 from tests.lora_grads import collect
-from tests.test_preemption import JOB_TIMEOUT, STEPS, assert_complete, deepspeed_cmd, poll, run_args, train_losses
-from tests.test_train import ds_json, losses_of, make_cfg
 
 pytestmark = pytest.mark.multiprocess
-LORA = ["--lora_r", "4", "--lora_alpha", "8"]
+LORA = {"lora_r": 4, "lora_alpha": 8.0}
+STEPS = 12  # long enough to kill a 2-rank run after its first checkpoint
+JOB_TIMEOUT = 300
 
 
 def fields(tiny, out, ds_config, **kw):
@@ -51,19 +53,7 @@ def test_gradients_under_zero3_on_two_ranks_equal_zero0(tiny, dist_env, tmp_path
     }
     launched = {n: fields(tiny, tmp_path / n, zero3, **c) for n, c in cases.items()}
     (tmp_path / "cases.json").write_text(json.dumps(launched))
-    port = random.randint(20000, 40000)
-    cmd = [
-        str(Path(sys.executable).parent / "deepspeed"),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(port),
-        "--module",
-        "tests.lora_grads",
-        str(tmp_path / "grads.pt"),
-        str(tmp_path / "cases.json"),
-    ]
-    proc = run_logged(cmd, env=launcher_env(PYTHONPATH=str(ROOT)), timeout=600)
+    proc = deepspeed("tests.lora_grads", [str(tmp_path / "grads.pt"), str(tmp_path / "cases.json")], timeout=600)
     assert proc.returncode == 0, proc.stdout[-6000:]
     got = torch.load(tmp_path / "grads.pt")
     for dora in (False, True):
@@ -76,23 +66,53 @@ def test_gradients_under_zero3_on_two_ranks_equal_zero0(tiny, dist_env, tmp_path
                     torch.testing.assert_close(mine[p], ref[p], rtol=1e-4, atol=1e-6, msg=f"{name} step {step} {p}")
 
 
+def train_losses(out: Path) -> dict[int, float]:
+    """{step: Train/loss} from the csv monitor (a resumed run appends; its values win for the steps it redid)."""
+    try:
+        return dict(read_curves(out).get("Train/loss", []))
+    except UsageError:  # no csv file yet
+        return {}
+
+
+def poll(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.2)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
 def test_sigkill_and_resume_continue_the_same_curve(tiny, dist_env, tmp_path):
-    """The reference: the same run in process on one rank with the same global batch (1 x 4 = 2 x 2)."""
-    constant_lr = ds_json(tmp_path, name="two.json")
-    one = ds_json(tmp_path, name="one.json", train_micro_batch_size_per_gpu=4)
-    ref = train_losses_of_one_rank(tiny, tmp_path / "reference", one)
-    out = tmp_path / "run"
-    args = run_args(tiny, out, constant_lr, save_steps=2) + LORA
-    env = launcher_env(PYTHONPATH=str(ROOT))
-    launcher = subprocess.Popen(
-        deepspeed_cmd(args),
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
+    """A LoRA run whose rank 1 is SIGKILLed after a checkpoint, resumed: the loss curve of a run never stopped (the
+    same run in process on one rank with the same global batch, 1 x 4 = 2 x 2)."""
+    ref = losses_of(
+        train.run(
+            make_cfg(
+                tiny,
+                tmp_path / "reference",
+                deepspeed_config=ds_json(tmp_path, name="one.json", train_micro_batch_size_per_gpu=4),
+                max_steps=STEPS,
+                keep_last=0,
+                seed=42,
+                **LORA,
+            )
+        )
     )
+    out = tmp_path / "run"
+    args = launch_args(
+        tiny,
+        out,
+        ds_json(tmp_path, name="two.json"),
+        max_steps=STEPS,
+        save_steps=2,
+        chunk_size=16,
+        export="false",
+        keep_last=0,
+        **LORA,
+    )
+    port = free_port()
+    launcher = start(deepspeed_cmd("ds_distill.train", args, port=port), launcher_env())
     try:
         poll(lambda: read_latest(out / "checkpoints"), JOB_TIMEOUT, "the first checkpoint")
         ranks = [
@@ -102,28 +122,21 @@ def test_sigkill_and_resume_continue_the_same_curve(tiny, dist_env, tmp_path):
         ]
         assert len(ranks) == 1
         ranks[0].send_signal(signal.SIGKILL)
-        output, _ = launcher.communicate(timeout=120)
+        output = finish(launcher, timeout=120)
     finally:
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
             launcher.communicate()
     assert launcher.returncode != 0, output[-6000:]
+    assert_no_shm_left(output, [port])
     tag = read_latest(out / "checkpoints")
     assert STEPS > int(tag[5:]) >= 2, f"{tag}\n{output[-6000:]}"
-    assert_complete(out / "checkpoints", tag, ranks=2)
-    proc = run_logged(deepspeed_cmd(args + ["--resume"]), env=env, timeout=JOB_TIMEOUT)
+    files = {p.name for p in (out / "checkpoints" / tag).iterdir()}
+    assert {"rng_rank0.pt", "rng_rank1.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= files, files
+    proc = deepspeed("ds_distill.train", args + ["--resume"], timeout=JOB_TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-6000:]
     assert f"resumed from {out / 'checkpoints' / tag}" in proc.stdout, proc.stdout[-6000:]
     losses = train_losses(out)
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert [losses[s] for s in range(1, STEPS + 1)] == pytest.approx(ref, rel=1e-5, abs=1e-6)
     assert abs(ref[0] - ref[-1]) > 1e-3
-
-
-def train_losses_of_one_rank(tiny, out, ds_config):
-    from ds_distill import train
-
-    cfg = make_cfg(
-        tiny, out, deepspeed_config=ds_config, max_steps=STEPS, lora_r=4, lora_alpha=8.0, keep_last=0, seed=42
-    )
-    return losses_of(train.run(cfg))
