@@ -82,3 +82,10 @@ def test_ds_config_copies_change_only_the_micro_batch(tmp_path):
         for kind, stage in (("replicated", 0), ("zero3", 3)):
             _, teacher, full = bench.ds_configs(f"ds_z0_teacher_{kind}", tmp_path, 3, gpu)
             assert json.loads(Path(teacher).read_text())["zero_optimization"]["stage"] == stage and not full
+
+
+def test_lora_variant_is_the_same_json_with_a_lora_student(tmp_path):
+    bench = load_bench()
+    assert bench.DS_VARIANT.match("ds_z3_teacher_zero3_lora") and not bench.DS_VARIANT.match("ds_z3_lora_prefetch")
+    (lora, t1, f1), (full, t2, f2) = (bench.ds_configs(v, tmp_path, 7, False) for v in ("ds_z3_lora", "ds_z3"))
+    assert Path(lora).read_text() == Path(full).read_text() and (t1, f1) == (t2, f2)

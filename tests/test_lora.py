@@ -72,8 +72,7 @@ class CountGathers:
 
 
 def inputs_of(trainer):
-    batch = next(trainer.train)
-    return {k: v for k, v in batch.items() if k not in ("labels", "example_ids")}
+    return next(trainer.train).inputs
 
 
 @torch.no_grad()
