@@ -167,3 +167,29 @@ def test_on_policy_generation_with_unequal_lengths_finishes_under_zero3(tiny, tm
     # Step 1: 1 token on rank 0 (eos), on rank 1 the room its prompt leaves (>= 10 tokens).
     long_room = min(12, 32 - long)
     assert long_room >= 10 and read_curves(out)["Generate/tokens"][0] == (1, 1 + long_room)
+
+
+@pytest.fixture(scope="module")
+def ms_teacher(tmp_path_factory):
+    """A 2-layer random teacher with a SentencePiece-style tokenizer (the tiny student's is byte-level BPE)."""
+    from tests.tiny import make_metaspace_tokenizer, make_model
+
+    root = tmp_path_factory.mktemp("ms_teacher")
+    return make_model(root / "teacher", make_metaspace_tokenizer(root / "tok"), layers=2, hidden=32, seed=1)
+
+
+def test_cross_tokenizer_two_ranks_zero3_resume(tiny, tmp_path, ms_teacher):
+    """--cross_tokenizer alm on 2 CPU ranks (ZeRO-3 student and teacher): the loss falls, the alignment report is
+    logged, and a run stopped at step 2 and resumed continues the straight run's curve."""
+    cfg = ds_json(tmp_path, name="two.json", lr=3e-2, train_micro_batch_size_per_gpu=2)
+    extra = ["--cross_tokenizer", "alm", "--export", "false"]
+    straight, halves, tiny = tmp_path / "straight", tmp_path / "halves", {**tiny, "teacher": ms_teacher}
+    proc = launch(tiny, straight, cfg, ranks=2, steps=4, extra=extra)
+    assert "cross-tokenizer distillation: --cross_tokenizer alm" in proc.stdout + proc.stderr
+    assert "align/bytes_1to1=" in proc.stdout + proc.stderr
+    a = csv_curve(straight)
+    assert sorted(a) == [1, 2, 3, 4] and a[4] < 0.9 * a[1], a
+    launch(tiny, halves, cfg, ranks=2, steps=2, extra=extra)
+    launch(tiny, halves, cfg, ranks=2, steps=4, extra=[*extra, "--resume"])
+    b = csv_curve(halves)
+    assert [b[s] for s in (1, 2, 3, 4)] == pytest.approx([a[s] for s in (1, 2, 3, 4)], rel=1e-5, abs=1e-6)
