@@ -127,6 +127,10 @@ class RunConfig:
         "auto",
         "Layer pairs of the hidden-state loss: auto (each student layer to the teacher layer student_init copied it from, read from the student's distill_provenance.json), even (evenly spaced teacher layers) or pairs s:t,... (student:teacher).",
     )
+    router_aux_loss: bool = flag(
+        True,
+        "MoE students: add the router's load-balancing loss as the model computes it (its load_balancing_loss_func, weighed by its config's router_aux_loss_coef), logged as router_aux. No effect on dense students.",
+    )
     # --- on-policy distillation (ds_distill/on_policy.py)
     on_policy_fraction: float = flag(
         0.0,

@@ -188,6 +188,11 @@ def load_models(cfg: RunConfig, run: Configs, run_data: Data) -> Models:
         cfg.student, run.student, cfg.attn_implementation, packed_rows, lora=models.LoraSpec.from_config(cfg)
     )
     monitors.attach(student)
+    if cfg.router_aux_loss and student.module.use_router_loss() and run.world.rank == 0:
+        log.info(
+            "MoE student: adding its router load-balancing loss x router_aux_loss_coef %g",
+            student.module.router_loss.coef,
+        )
     teachers = [models.teacher_engine(p, run.teacher, cfg.attn_implementation, packed_rows) for p in run.teachers]
     engines, paths = [student, *teachers], [cfg.student, *run.teachers]
     # Each model scores its own tokenizer's vocabulary: the student's is shared unless --cross_tokenizer.

@@ -153,7 +153,7 @@ class Trainer:
     def loss_sums(
         self, s_hidden: torch.Tensor, targets, labels: torch.Tensor, num_chunks: int | None
     ) -> losses.LossSums:
-        return self.teachers.loss_sums(
+        out = self.teachers.loss_sums(
             s_hidden,
             self.student.module.head,
             targets,
@@ -162,6 +162,7 @@ class Trainer:
             num_chunks=num_chunks,
             **self.objective.loss_kw(),
         )
+        return self.student.module.with_router_loss(out)  # MoE students: + the router's balancing loss
 
     # ------------------------------------------------------------------------------------------ eval, log, save
     def evaluate(self) -> bool:

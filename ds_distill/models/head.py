@@ -4,7 +4,9 @@ start-up that this gives the model's own logits; ``check_output_rows`` that the 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import sys
 from typing import Any
 
 import torch
@@ -12,7 +14,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ds_distill.common import UsageError
-from ds_distill.losses import OutputHead
+from ds_distill.losses import LossSums, OutputHead
 
 
 class HiddenStatesLM(nn.Module):
@@ -35,6 +37,24 @@ class HiddenStatesLM(nn.Module):
         object.__setattr__(self, "lm", lm)
         object.__setattr__(self, "lora", lora)
         self.transform = LogitTransform.of(lm)
+        self.router_loss: RouterLoss | None = None  # set by use_router_loss() (MoE students)
+        self.router_aux: torch.Tensor | None = None  # the last forward's load-balancing loss, until with_router_loss
+
+    def use_router_loss(self) -> bool:
+        """Compute the router's load-balancing loss in every forward when the model has one (MoE); True if so."""
+        self.router_loss = RouterLoss.of(self.lm)
+        return self.router_loss is not None
+
+    def with_router_loss(self, out: LossSums) -> LossSums:
+        """``out`` plus ``coef * aux * n_tokens`` in ``total`` (the trainer divides by the global token count, so a step
+        adds the token-weighted mean of its micro-batches' ``coef * aux``, as the model adds ``coef * aux`` to its mean
+        loss), and ``router_aux`` (``aux * n_tokens``) in ``extra`` for the log. Unchanged when off."""
+        aux, self.router_aux = self.router_aux, None
+        if aux is None:
+            return out
+        weighted = aux.float() * out.n_tokens
+        total = out.total + self.router_loss.coef * weighted
+        return dataclasses.replace(out, total=total, extra={**out.extra, "router_aux": weighted.detach()})
 
     @property
     def head(self) -> OutputHead:
@@ -46,7 +66,34 @@ class HiddenStatesLM(nn.Module):
         return self.lm.config
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
-        return getattr(self, self.decoder_name)(**inputs, use_cache=False).last_hidden_state
+        decoder = getattr(self, self.decoder_name)
+        if self.router_loss is None:
+            return decoder(**inputs, use_cache=False).last_hidden_state
+        out = decoder(**inputs, use_cache=False, output_router_logits=True)
+        self.router_aux = self.router_loss(out.router_logits, inputs.get("attention_mask"))
+        return out.last_hidden_state
+
+
+class RouterLoss:
+    """An MoE model's router load-balancing loss as its own forward computes it: the modeling module's
+    ``load_balancing_loss_func(router_logits, num_experts, num_experts_per_tok, attention_mask)`` (Switch Transformer
+    eqs. 4-6), weighed by ``config.router_aux_loss_coef``. ``of(lm)`` is None for a model without one."""
+
+    def __init__(self, fn, num_experts: int, top_k: int, coef: float):
+        self.fn, self.num_experts, self.top_k, self.coef = fn, num_experts, top_k, coef
+
+    @classmethod
+    def of(cls, lm: nn.Module) -> "RouterLoss | None":
+        fn = getattr(sys.modules.get(type(lm).__module__), "load_balancing_loss_func", None)
+        params = inspect.signature(lm.forward).parameters
+        experts, top_k = getattr(lm, "num_experts", None), getattr(lm, "num_experts_per_tok", None)
+        coef = getattr(lm.config, "router_aux_loss_coef", None)
+        if fn is None or "output_router_logits" not in params or None in (experts, top_k, coef):
+            return None
+        return cls(fn, experts, top_k, coef)
+
+    def __call__(self, router_logits, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        return self.fn(router_logits, self.num_experts, self.top_k, attention_mask)
 
 
 def decoder_name(lm: nn.Module) -> str:
