@@ -4,20 +4,24 @@
 - ``IGNORE_INDEX``: the label of a position that is not supervised (PyTorch's and Hugging Face's -100).
 - ``NON_MODEL_KEYS``: the batch keys that are not model inputs.
 - ``write_atomic`` / ``write_json_atomic``: a file that readers only ever see complete (temp file, fsync, rename).
+- ``atomic_folder`` / ``is_complete``: a folder that readers only ever see complete (temp folder, mark, rename).
 - ``read_json``: a JSON file's content, or one ``UsageError`` naming the flag and the problem.
 - ``sha256_file`` and ``file_fingerprint``: content fingerprints of local files and folders.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 IGNORE_INDEX = -100  # labels[:, t] == IGNORE_INDEX: position t is not scored
 NON_MODEL_KEYS = ("labels", "example_ids")  # columns of data.collate that are not model inputs (data.Batch)
+COMPLETE = ".complete"  # the mark atomic_folder writes into a folder once everything else in it is written
 SHA256_MAX_BYTES = 1 << 30  # files above 1 GiB are fingerprinted by size and mtime only (hashing them costs minutes)
 
 
@@ -44,6 +48,35 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """``obj`` as indented JSON (``str()`` of anything JSON cannot hold), written by ``write_atomic``."""
     write_atomic(path, json.dumps(obj, indent=2, default=str))
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike, mark: bool = True) -> Iterator[Path]:
+    """Build the folder ``path`` so that it only ever appears complete: the block writes into ``<path>.tmp`` (yielded,
+    emptied first: a crash of an earlier build may have left it), which gets the ``COMPLETE`` mark (with ``mark``)
+    and then takes the place of ``path``. An exception in the block leaves ``path`` as it was and no temporary folder;
+    a kill at any moment leaves ``path`` either as it was or complete (the old folder is moved aside to
+    ``<path>.old`` before the new one is renamed in, then removed), so ``is_complete`` is the test of done."""
+    path = Path(path)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if mark:
+            write_atomic(tmp / COMPLETE, "complete\n")
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def is_complete(folder: str | os.PathLike) -> bool:
+    """The folder was built by ``atomic_folder`` to the end (it holds the ``COMPLETE`` mark)."""
+    return (Path(folder) / COMPLETE).is_file()
 
 
 def read_json(path: str | os.PathLike, where: str, hint: str) -> Any:

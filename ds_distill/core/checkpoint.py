@@ -12,15 +12,17 @@ DeepSpeed writes the model/optimizer/scheduler shards; we add what an exact resu
     final/                       the Hugging Face export of the last step (export_final); a LoRA student's is
         adapter/                 merged, with its PEFT adapter folder here (models.lora.ADAPTER_DIR)
     best/                        early stopping's best so far (export_best): the export plus export.json
+        .complete                every export is built in <name>.tmp and renamed in once complete, with this mark
+                                 (common.atomic_folder): a folder without it is never taken as done (is_export)
         export.json              {"step", "tag", "eval_<metric>"}
         early_stopped.json       written when early stopping ended the run: {"stopped_at", "best_step"}
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import os
 import random
 import re
 import shutil
@@ -31,7 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ds_distill.common import UsageError, write_atomic, write_json_atomic
+from ds_distill.common import UsageError, atomic_folder, is_complete, write_atomic, write_json_atomic
 from ds_distill.core.export import export_checkpoint, read_lora_record
 from ds_distill.models import lora
 from ds_distill.runtime.distributed import barrier
@@ -58,8 +60,9 @@ def best_dir(output_dir: Path | str) -> Path:
 
 
 def is_export(folder: Path) -> bool:
-    """A Hugging Face export is there (the folder holds its config)."""
-    return (folder / "config.json").is_file()
+    """A complete Hugging Face export is there: its config and the completion mark, written last (a folder that a
+    kill interrupted, e.g. one holding only config.json, is not one)."""
+    return (folder / "config.json").is_file() and is_complete(folder)
 
 
 def export_final(output_dir: Path | str, tag: str) -> Path:
@@ -74,23 +77,23 @@ def export_final_engine(engine, output_dir: Path | str) -> Path:
 
     out = final_dir(output_dir)
     dtype = next(p.dtype for p in engine.module.parameters() if not p.requires_grad)
-    lora.export_engine(engine.module.lora, out, dtype=dtype)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        copy_tokenizer(engine.module.lora.record["base"], out)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    # Built aside and renamed in by rank 0 once every rank's part is written (atomic_folder): never half a final/.
+    with atomic_folder(out) if rank0 else contextlib.nullcontext(out.with_name(out.name + ".tmp")) as tmp:
+        barrier()  # rank 0 has emptied the temporary folder
+        lora.export_engine(engine.module.lora, tmp, dtype=dtype)
+        if rank0:
+            copy_tokenizer(engine.module.lora.record["base"], tmp)
+        barrier()
     barrier()
     return out
 
 
 def export_best(output_dir: Path | str, tag: str, record: dict[str, Any]) -> Path:
     """Export ``checkpoints/<tag>`` to ``best/`` with ``record`` as ``best/export.json`` (rank 0 only). The export is
-    built in ``best.tmp`` and replaces the old ``best/`` only once complete, so a crash keeps the previous best."""
-    best, tmp = best_dir(output_dir), Path(output_dir) / "best.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier export
-    export_checkpoint(ckpt_root(output_dir) / tag, tmp)
-    (tmp / "export.json").write_text(json.dumps(record))
-    shutil.rmtree(best, ignore_errors=True)
-    os.replace(tmp, best)
-    return best
+    built aside and replaces the old ``best/`` only once complete (``atomic_folder``), so a crash keeps the previous
+    best."""
+    return export_checkpoint(ckpt_root(output_dir) / tag, best_dir(output_dir), {"export.json": json.dumps(record)})
 
 
 def read_best(output_dir: Path | str) -> dict[str, Any] | None:
@@ -109,7 +112,7 @@ def finished_export(output_dir: Path | str) -> Path | None:
     while the run is unfinished."""
     if is_export(final_dir(output_dir)):
         return final_dir(output_dir)
-    if (best_dir(output_dir) / "early_stopped.json").is_file():
+    if (best_dir(output_dir) / "early_stopped.json").is_file() and is_export(best_dir(output_dir)):
         return best_dir(output_dir)
     return None
 
@@ -236,28 +239,26 @@ def _to_universal(tag_dir: Path, target: Path) -> None:
 
     from deepspeed.checkpoint import ds_to_universal
 
-    tmp = target.with_name(target.name + ".tmp")  # renamed when complete: a crash never leaves a half folder
-    shutil.rmtree(tmp, ignore_errors=True)
-    args = argparse.Namespace(
-        input_folder=str(tag_dir),
-        output_folder=str(tmp),
-        num_extract_workers=1,
-        num_merge_workers=1,
-        keep_temp_folder=False,
-        strict=True,
-        # ZeRO 1/2 conversion wants a description of tensor/pipeline slicing; pure data parallel has none
-        inject_missing_state=True,
-    )
     try:
-        ds_to_universal.main(args)
+        # Built aside and renamed in when complete (atomic_folder; no mark: DeepSpeed reads this folder as it is).
+        with atomic_folder(target, mark=False) as tmp:
+            args = argparse.Namespace(
+                input_folder=str(tag_dir),
+                output_folder=str(tmp),
+                num_extract_workers=1,
+                num_merge_workers=1,
+                keep_temp_folder=False,
+                strict=True,
+                # ZeRO 1/2 conversion wants a description of tensor/pipeline slicing; pure data parallel has none
+                inject_missing_state=True,
+            )
+            ds_to_universal.main(args)
     except Exception as exc:  # any failure of the converter means the same thing to the user
-        shutil.rmtree(tmp, ignore_errors=True)
         raise UsageError(
             f"--resume: converting {tag_dir} to a universal checkpoint failed ({type(exc).__name__}: "
             f"{' '.join(str(exc).split())[:200]}): resume it on the number of ranks that wrote it"
         ) from None
     (tag_dir.parent / "latest_universal").unlink(missing_ok=True)  # the converter's own pointer; ours is 'latest'
-    os.replace(tmp, target)
 
 
 def load(engine, ckpt_root: Path, universal: str | None = None) -> dict[str, Any]:

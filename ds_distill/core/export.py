@@ -1,7 +1,8 @@
 """A training checkpoint -> a Hugging Face model folder (the library side of ``python -m ds_distill.export``).
 
 The weights are DeepSpeed's fp32 master weights, consolidated from every rank's ZeRO shards (no GPU and no process
-group needed), saved as safetensors in the dtype the student trained in, next to its config and tokenizer.
+group needed), saved as safetensors in the dtype the student trained in, next to its config, its generation config
+(byte for byte) and tokenizer. The folder is built by ``common.atomic_folder``: it appears only complete, marked so.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-from ds_distill.common import UsageError, read_json
-from ds_distill.models import copy_tokenizer, lora
+from ds_distill.common import UsageError, atomic_folder, read_json
+from ds_distill.models import copy_generation_config, copy_tokenizer, lora
 
 
 def resolve_tag(checkpoint: Path) -> Path:
@@ -35,8 +36,9 @@ def read_lora_record(tag_dir: Path) -> dict | None:
     return read_json(path, "LoRA record", "re-save the checkpoint") if path.is_file() else None
 
 
-def export_checkpoint(checkpoint: Path | str, out_dir: Path | str) -> Path:
-    """A tag -> a Hugging Face folder; a LoRA tag -> the merged model plus its adapter folder (``models.lora``)."""
+def export_checkpoint(checkpoint: Path | str, out_dir: Path | str, extra_files: dict[str, str] | None = None) -> Path:
+    """Export a tag (or ``latest`` of a checkpoints folder) to ``out_dir``, replacing it only once complete;
+    ``extra_files``: {name: text} written into the export too (before it is marked complete)."""
     tag_dir = resolve_tag(Path(checkpoint))
     ds_config = json.loads((tag_dir / "hf" / "ds_config.json").read_text())
     dtype = (
@@ -47,9 +49,12 @@ def export_checkpoint(checkpoint: Path | str, out_dir: Path | str) -> Path:
     state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     unset_hf_deepspeed_config()  # see below
     if (record := read_lora_record(tag_dir)) is not None:
-        out = lora.export_state(record, state, out_dir, dtype=dtype)
-        copy_tokenizer(tag_dir / "hf", out)
-        return out
+        with atomic_folder(out_dir) as tmp:
+            lora.export_state(record, state, tmp, dtype=dtype)
+            copy_tokenizer(tag_dir / "hf", tmp)
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
+        return Path(out_dir)
     config = AutoConfig.from_pretrained(tag_dir / "hf")
     # In a training process the last engine's HfDeepSpeedConfig is still registered: under ZeRO-3 from_config would
     # build an empty partitioned model. The engines no longer need it (models.load_model registers a fresh one per load).
@@ -63,8 +68,10 @@ def export_checkpoint(checkpoint: Path | str, out_dir: Path | str) -> Path:
             f"{tag_dir} does not match its config: missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
     model.tie_weights()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.to(dtype).save_pretrained(out, safe_serialization=True)
-    copy_tokenizer(tag_dir / "hf", out)
-    return out
+    with atomic_folder(out_dir) as tmp:
+        model.to(dtype).save_pretrained(tmp, safe_serialization=True)
+        copy_generation_config(tag_dir / "hf", tmp)  # save_pretrained rebuilt it from config.json
+        copy_tokenizer(tag_dir / "hf", tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return Path(out_dir)
