@@ -22,6 +22,7 @@ import torch
 
 from ds_distill.common import UsageError
 from ds_distill.models.layer_map import evenly_spaced, write_provenance
+from ds_distill.models.tokenizers import copy_generation_config
 from ds_distill.teachers.cache_format import teacher_fingerprint
 
 __all__ = ["check_layers", "evenly_spaced", "make_student", "main"]
@@ -117,6 +118,7 @@ def make_student(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     student.save_pretrained(out_dir, safe_serialization=True)
+    copy_generation_config(teacher_dir, out_dir)  # save_pretrained rebuilt it from config.json: the teacher's eos ids
     AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(out_dir)
     write_provenance(out_dir, layers, n_teacher, teacher_fingerprint(str(teacher_dir)), random_init)
     return layers

@@ -90,13 +90,13 @@ class Trainer:
             last = self.step == self.cfg.max_steps
             if self.cfg.is_log_step(self.step):
                 self.log_metrics(window.flush(self.student, self.world_size), "Train")
-            asked = False  # a callback asked for this step's checkpoint (early stopping's new best)
-            if (self.cfg.eval_steps and self.step % self.cfg.eval_steps == 0) or last:
-                with window.paused():
-                    asked = self.evaluate()
-            if (self.cfg.save_steps and self.step % self.cfg.save_steps == 0) or asked or last:
-                with window.paused():
+            with window.paused():
+                if last:  # saved before the last evaluation: whatever that meets, the trained weights are kept
                     self.save()
+                eval_step = (self.cfg.eval_steps and self.step % self.cfg.eval_steps == 0) or last
+                asked = self.evaluate() if eval_step else False  # a callback asked for a checkpoint (a new best)
+                if (self.cfg.save_steps and self.step % self.cfg.save_steps == 0) or asked or last:
+                    self.save()  # once per step: a step saved already only tells the callbacks again
         bar.close()
         return self.step
 
@@ -209,16 +209,23 @@ class Trainer:
             log.info("step %d %s", self.step, " ".join(f"{prefix.lower()}_{k}={v:.4g}" for k, v in metrics.items()))
 
     def save(self, data_state: dict[str, Any] | None = None) -> str:
-        """Checkpoint this step (a collective: every rank); ``data_state``: the data position to resume from, if not
-        the stream's current one."""
-        state = {
-            "step": self.step,
-            "data": self.train.state_dict() if data_state is None else data_state,
-            "run_config": self.cfg.to_dict(),
-        }
-        self.last_tag = checkpoint.save(
-            self.student, self.ckpt_root, self.step, state, keep_last=self.cfg.keep_last, hf_files=self._write_hf_files
-        )
+        """Checkpoint this step (a collective: every rank), then tell the callbacks (``on_save``); a step already
+        saved is not saved again, only told again (e.g. a new best found by the last evaluation). ``data_state``: the
+        data position to resume from, if not the stream's current one."""
+        if self.last_tag != checkpoint.tag_for(self.step):  # a step is saved once (the last one before its eval)
+            state = {
+                "step": self.step,
+                "data": self.train.state_dict() if data_state is None else data_state,
+                "run_config": self.cfg.to_dict(),
+            }
+            self.last_tag = checkpoint.save(
+                self.student,
+                self.ckpt_root,
+                self.step,
+                state,
+                keep_last=self.cfg.keep_last,
+                hf_files=self._write_hf_files,
+            )
         for cb in self.callbacks:
             cb.on_save(self, self.last_tag)
         return self.last_tag
@@ -226,6 +233,7 @@ class Trainer:
     def _write_hf_files(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.student.module.config.save_pretrained(folder)
+        models.copy_generation_config(self.cfg.student, folder)  # as given: eos ids and sampling defaults included
         models.copy_tokenizer(self.cfg.student, folder)  # as given, not the loaded object re-saved
         copy_provenance(self.cfg.student, folder)
         (folder / "ds_config.json").write_text(json.dumps(self.ds.raw, indent=2))

@@ -22,9 +22,19 @@ from ds_distill.models.loading import (
     teacher_placement,
 )
 from ds_distill.models.lora import LoraSpec
-from ds_distill.models.tokenizers import TOKENIZER_FILES, copy_tokenizer, load_tokenizer, shared_vocab_size, vocab_map
+from ds_distill.models.tokenizers import (
+    GENERATION_CONFIG,
+    TOKENIZER_FILES,
+    copy_generation_config,
+    copy_tokenizer,
+    load_tokenizer,
+    shared_vocab_size,
+    vocab_map,
+)
 
 __all__ = [
+    "GENERATION_CONFIG",
+    "copy_generation_config",
     "REPLICATE_FRACTION",
     "TOKENIZER_FILES",
     "HiddenStatesLM",

@@ -24,6 +24,7 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
         ) from None
 
 
+GENERATION_CONFIG = "generation_config.json"  # transformers' GenerationConfig of a model folder
 # The files a Hugging Face tokenizer folder may hold (tokenization_utils_base and the slow tokenizers' vocab files).
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -55,6 +56,15 @@ def copy_tokenizer(src: str | Path, dst: str | Path) -> None:
         raise UsageError(
             f"{src} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): save one with tokenizer.save_pretrained"
         )
+
+
+def copy_generation_config(src: str | Path, dst: str | Path) -> None:
+    """Copy a model folder's ``generation_config.json`` byte for byte into ``dst`` (nothing when it has none), over
+    whatever ``save_pretrained`` wrote there: that one is rebuilt from config.json and loses what only the generation
+    config says (extra eos ids such as an end-of-turn token, the sampling defaults)."""
+    src, dst = Path(src), Path(dst)
+    if (src / GENERATION_CONFIG).is_file():
+        shutil.copy2(src / GENERATION_CONFIG, dst / GENERATION_CONFIG)
 
 
 def shared_vocab_size(student_path: str, student_tok, teacher_paths: list[str], cross_tokenizer: str = "") -> int:
