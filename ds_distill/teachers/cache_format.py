@@ -44,7 +44,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from ds_distill.common import file_fingerprint
+from ds_distill.common import UsageError, file_fingerprint
 
 FORMAT_VERSION = 2
 LEVELS = 63  # codes of sqrt(p / p_top): 1..63 (6 bits in a uint8), 63 = the token's top probability
@@ -303,5 +303,14 @@ def shard_done(root: Path, name: str) -> bool:
 
 
 def read_manifest(root: Path) -> dict[str, Any] | None:
+    """The cache's manifest.json, None when there is none; one UsageError when it is not valid JSON (truncated)."""
     path = root / "manifest.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UsageError(
+            f"teacher cache {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}; cut short?): "
+            "delete it and rerun the python -m ds_distill.cache_teacher command (finished shards are kept)"
+        ) from None

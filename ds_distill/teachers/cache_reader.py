@@ -57,6 +57,7 @@ class TeacherCache:
             if not path.is_file() or sha256_file(path) != manifest["vocab_order_sha256"]:
                 raise UsageError(f"--teacher_cache {path}: missing or corrupt (checksum): rewrite the cache")
             self.order = np.load(path)
+        self._check_shards()
         self._index: dict[str, dict[int, tuple[int, int]]] = {}
         self._files: dict[tuple[str, int], pq.ParquetFile] = {}
         self._groups: OrderedDict = OrderedDict()
@@ -97,18 +98,35 @@ class TeacherCache:
                 f"write the cache from this data with the same data flags"
             )
 
+    def _check_shards(self) -> None:
+        """Every shard of every split is there with its recorded size and sha256, checked when the cache opens (before
+        any model loads): a bad eval shard would otherwise surface at the first evaluation, with the defaults after
+        all of training. Hashing reads each shard once (~1 GB/s)."""
+        for split, shards in self.manifest["shards"].items():
+            for side in shards:
+                path = self.root / "shards" / f"{side['name']}.parquet"
+                problem = (
+                    "is missing"
+                    if not path.is_file()
+                    else f"has {path.stat().st_size} bytes, not {side['bytes']}"
+                    if path.stat().st_size != side["bytes"]
+                    else "is corrupt (sha256 differs)"
+                    if sha256_file(path) != side["sha256"]
+                    else None
+                )
+                if problem:
+                    raise UsageError(
+                        f"--teacher_cache {self.root}: {split} shard {path.name} {problem}: delete it and its .json, "
+                        "then rerun the python -m ds_distill.cache_teacher command to rewrite it"
+                    )
+
     # ---- reading
     def _file(self, split: str, s: int) -> pq.ParquetFile:
         key = (split, s)
-        if key not in self._files:
-            side = self.manifest["shards"][split][s]
-            path = self.root / "shards" / f"{side['name']}.parquet"
-            if not path.is_file() or sha256_file(path) != side["sha256"]:
-                raise UsageError(
-                    f"--teacher_cache {self.root}: shard {path.name} is missing or corrupt (checksum): delete it and "
-                    "its .json, then rerun the python -m ds_distill.cache_teacher command to rewrite it"
-                )
-            self._files[key] = pq.ParquetFile(path)
+        if key not in self._files:  # checked when the cache opened (_check_shards)
+            self._files[key] = pq.ParquetFile(
+                self.root / "shards" / f"{self.manifest['shards'][split][s]['name']}.parquet"
+            )
         return self._files[key]
 
     def _where(self, split: str) -> dict[int, tuple[int, int]]:
