@@ -176,6 +176,10 @@ class RunConfig:
     save_steps: int = flag(0, "Save a checkpoint every N optimizer steps (0 = only at the end).")
     keep_last: int = flag(2, "Keep only the newest N checkpoints (0 = keep all).")
     resume: bool = flag(False, "Continue from output_dir/checkpoints/latest.")
+    resume_allow_changes: str = flag(
+        "",
+        "With --resume: comma-separated settings that may differ from the recorded run although they change its meaning (run-config fields, DeepSpeed entries such as optimizer or micro_batch, data_content), e.g. alpha,optimizer. Schedule, logging, eval and save settings may always change.",
+    )
     seed: int = flag(42, "Seed of data order and initialisation.")
     export: bool = flag(True, "Export the student as a Hugging Face directory (output_dir/final) at the end.")
     # --- extras (each one Callback or entry-level wrapper; all off by default except the manifest)

@@ -19,7 +19,7 @@ from deepspeed.accelerator import get_accelerator
 from ds_distill import data, models, on_policy
 from ds_distill.common import UsageError
 from ds_distill.config import RunConfig
-from ds_distill.core import checkpoint
+from ds_distill.core import checkpoint, resume
 from ds_distill.core.trainer import Trainer
 from ds_distill.ds_config import DSConfig, default_ds_configs, load_ds_config
 from ds_distill.losses.objective import Objective
@@ -95,6 +95,10 @@ def configs(cfg: RunConfig) -> Configs:
     # alpha = 1 is plain fine-tuning: no teacher forward at all (the tokenizers are still checked, load_models).
     teachers = cfg.teacher if cfg.alpha < 1.0 else []
     models.check_positions(cfg.seq_len, [cfg.student, *teachers])
+    resumed = cfg.resume and checkpoint.read_latest(checkpoint.ckpt_root(cfg.output_dir))
+    settings = resume.settings(cfg, sds) if resumed or world.rank == 0 else {}
+    if resumed:  # before the universal conversion and any model: a changed meaning is refused in one line
+        resume.check(cfg, settings, Path(cfg.output_dir), world.rank)
     universal = (
         checkpoint.universal_for_resume(
             checkpoint.ckpt_root(cfg.output_dir), world.world_size, sds.zero_stage, world.rank
@@ -104,7 +108,7 @@ def configs(cfg: RunConfig) -> Configs:
     )
     if universal:  # a merge into the student's JSON, logged with it below
         sds.raw["checkpoint"] = {**sds.raw.get("checkpoint", {}), "load_universal": True}
-    _prepare_output_dir(cfg, sds, tds, world.rank)
+    _prepare_output_dir(cfg, sds, tds, world.rank, settings)
     return Configs(world, sds, tds, has_gpu, _rank_memory(world, has_gpu), teachers, universal)
 
 
@@ -293,8 +297,9 @@ def teacher_ds_config(teachers: list[str], teacher_deepspeed_config: str, world,
     return load_ds_config(path, world_size=world.world_size, flag="teacher_deepspeed_config", needs_optimizer=False)
 
 
-def _prepare_output_dir(cfg: RunConfig, sds: DSConfig, tds: DSConfig, rank: int) -> None:
-    """Refuse to train over someone's checkpoints; record the configs that really ran."""
+def _prepare_output_dir(cfg: RunConfig, sds: DSConfig, tds: DSConfig, rank: int, settings: dict[str, Any]) -> None:
+    """Refuse to train over someone's checkpoints; record the configs that really ran (``resume.record``: what a
+    later --resume is compared with)."""
     out = Path(cfg.output_dir)
     latest = checkpoint.read_latest(checkpoint.ckpt_root(out))
     if latest and not cfg.resume:
@@ -309,6 +314,7 @@ def _prepare_output_dir(cfg: RunConfig, sds: DSConfig, tds: DSConfig, rank: int)
         (out / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         (out / "ds_config_student.json").write_text(json.dumps(sds.raw, indent=2))
         (out / "ds_config_teacher.json").write_text(json.dumps(tds.raw, indent=2))
+        resume.record(settings, out)
         log.info("student DeepSpeed config (merged, as run): %s", json.dumps(sds.raw, sort_keys=True))
 
 

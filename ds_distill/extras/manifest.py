@@ -4,7 +4,8 @@ It holds the resolved run config, both DeepSpeed JSONs as run, package versions,
 fingerprints, every checkpoint (tag, step, the metrics logged by then), the exports and the final results. Rank 0
 rewrites the whole file on every change, atomically (write ``manifest.json.tmp``, then rename), so a crash at any
 moment leaves either the previous complete manifest or the new one, never half of one. On ``--resume`` the
-checkpoints recorded by earlier attempts are kept.
+checkpoints recorded by earlier attempts are kept, and each earlier attempt's settings, versions, data fingerprints
+and results are appended to ``previous_attempts`` (oldest first): the top level describes the latest attempt.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from ds_distill.core import checkpoint
 from ds_distill.runtime.callbacks import Callback
 
 log = logging.getLogger(__name__)
+# What one attempt (a start or a --resume) records about itself; earlier attempts keep theirs in previous_attempts.
+ATTEMPT = ("run_config", "deepspeed", "versions", "git", "data", "started", "resumed_at_step", "results")
 PACKAGES = ("torch", "deepspeed", "transformers", "datasets", "accelerate", "sentencepiece", "ds_distill")
 
 
@@ -71,6 +74,8 @@ class Manifest(Callback):
         out, cfg = trainer.output_dir, trainer.cfg
         self.path = out / "manifest.json"
         previous = json.loads(self.path.read_text()) if cfg.resume and self.path.is_file() else {}
+        # Every earlier attempt's record, oldest first: a resume appends to the run's history, never rewrites it.
+        earlier = previous.get("previous_attempts", []) + ([{k: previous.get(k) for k in ATTEMPT}] if previous else [])
         self.data = {
             "run_config": cfg.to_dict(),
             "deepspeed": {who: _read_json(out / f"ds_config_{who}.json") for who in ("student", "teacher")},
@@ -88,6 +93,7 @@ class Manifest(Callback):
             "started": _now(),
             "resumed_at_step": trainer.step if cfg.resume else None,
             "attempts": previous.get("attempts", 0) + 1,
+            "previous_attempts": earlier,
             "checkpoints": [c for c in previous.get("checkpoints", []) if c["step"] <= trainer.step],
             "exports": previous.get("exports", {}),
             "results": None,
