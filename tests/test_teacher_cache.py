@@ -450,3 +450,47 @@ def test_shards_of_every_split_are_dealt_to_every_rank(caplog):
         assert cache_writer.shards_of_rank({"data": 10}, 1024, 2, 1) == []
         cache_writer.shards_of_rank({"data": 10}, 1024, 2, 0)
     assert "1 shard(s) for 2 ranks" in caplog.text and "--shard_examples" in caplog.text
+
+
+def test_a_bad_shard_of_any_split_or_a_truncated_manifest_stops_before_any_model_loads(
+    tiny, dist_env, tmp_path, capsys, keep_process_group, monkeypatch
+):
+    """Every shard of every split is checked (presence, size, sha256) when the cache opens, so a bad eval shard is
+    not found at the first evaluation (after all of training, with the defaults); a truncated manifest is one line."""
+    import shutil
+    import time
+
+    from ds_distill.core import build
+
+    cache = tmp_path / "cache"
+    write(tiny, cache, "--top_k", "8", "--eval_data", tiny["data"])
+    start = time.perf_counter()
+    cache_reader.TeacherCache(str(cache))
+    print(f"\nopening (every shard hashed) took {time.perf_counter() - start:.3f} s")
+
+    def no_model(*a, **k):
+        raise AssertionError("a model loaded before the cache was checked")
+
+    monkeypatch.setattr(build, "load_models", no_model)
+    args = student_args(tiny, "cpu_zero3.json", eval_data=tiny["data"], teacher_cache=cache, output_dir=tmp_path / "o")
+    eval_shard = cache / "shards" / "eval_data-00001.parquet"
+    good = eval_shard.read_bytes()
+    broken = {
+        "flipped": good[:-9] + bytes([good[-9] ^ 1]) + good[-8:],
+        "truncated": good[: len(good) // 2],
+        "missing": None,
+    }
+    for name, content in broken.items():
+        eval_shard.unlink()
+        if content is not None:
+            eval_shard.write_bytes(content)
+        code = train.main(args)
+        errors = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+        assert code == 2 and len(errors) == 1 and "eval_data-00001.parquet" in errors[0], (name, errors)
+    eval_shard.write_bytes(good)
+    manifest = cache / "manifest.json"
+    manifest.write_text(manifest.read_text()[:100])
+    code = train.main(args)
+    errors = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "manifest.json is not valid JSON" in errors[0], errors
+    shutil.rmtree(cache)

@@ -460,3 +460,115 @@ def test_fused_loss_under_zero2_equals_checkpointed(tiny, dist_env, tmp_path, mo
     ckpt_losses, ckpt_w = run("ckpt", True)
     assert fused_losses == pytest.approx(ckpt_losses, rel=1e-5, abs=1e-6)
     torch.testing.assert_close(fused_w, ckpt_w, rtol=1e-4, atol=1e-6)
+
+
+def test_resume_refuses_changed_meaning_allows_schedule_changes_and_keeps_every_attempt(
+    tiny, dist_env, tmp_path, caplog, capsys, keep_process_group
+):
+    """--resume with another --seq_len, --alpha, data file (same path, other content), learning rate or micro-batch
+    is refused before any model loads, in one line naming each change (old -> new); --max_steps and the intervals
+    may change (logged); --resume_allow_changes lets named settings change; the manifest keeps every attempt."""
+    import logging
+
+    out, data = tmp_path / "run", tmp_path / "train.jsonl"
+    data.write_text(Path(tiny["data"]).read_text())
+    cfg_ds, other_lr = ds_json(tmp_path), ds_json(tmp_path, lr=5e-3)
+    args = base_args(tiny, out) + ["--data", str(data), "--deepspeed_config", cfg_ds, "--chunk_size", "16"]
+    assert train.main(args + ["--max_steps", "2", "--save_steps", "2", "--export", "false"]) == 0
+    resume = args + ["--resume", "--export", "false"]
+    latest = (out / "checkpoints" / "latest").read_text()
+    refused = [
+        (["--seq_len", "48", "--alpha", "0.3"], ["seq_len: 32 -> 48", "alpha: 0.5 -> 0.3"]),
+        (["--loss", "reverse_kl"], ["loss: forward_kl -> reverse_kl"]),
+        (["--deepspeed_config", other_lr], ["optimizer", "0.01", "0.005"]),
+        (["--deepspeed_config", ds_json(tmp_path, train_micro_batch_size_per_gpu=4)], ["micro_batch: 2 -> 4"]),
+        (["--teacher", tiny["student"]], ["teacher:"]),
+    ]
+    for change, names in refused:
+        code, errors = run_main(resume + ["--max_steps", "3"] + change, capsys)
+        assert code == 2 and len(errors) == 1 and "--resume" in errors[0], (change, errors)
+        assert all(n in errors[0] for n in names) and "--resume_allow_changes" in errors[0], (change, errors)
+    data.write_text(Path(tiny["data"]).read_text().replace("fox", "cat"))
+    code, errors = run_main(resume + ["--max_steps", "3"], capsys)
+    assert code == 2 and "data_content" in errors[0], errors
+    data.write_text(Path(tiny["data"]).read_text())
+    assert (out / "checkpoints" / "latest").read_text() == latest, "a refused resume leaves the run as it was"
+
+    with caplog.at_level(logging.INFO, logger="ds_distill"):
+        assert train.main(resume + ["--max_steps", "3", "--log_steps", "2", "--keep_last", "3"]) == 0
+    allowed = [r.getMessage() for r in caplog.records if "--resume: allowed changes" in r.getMessage()]
+    assert len(allowed) == 1 and "max_steps: 2 -> 3" in allowed[0] and "log_steps: 10 -> 2" in allowed[0], allowed
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000003"
+    forced = resume + ["--max_steps", "4", "--alpha", "0.3", "--deepspeed_config", other_lr]
+    assert train.main(forced + ["--resume_allow_changes", "alpha,optimizer"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["attempts"] == 3 and m["run_config"]["alpha"] == 0.3
+    earlier = m["previous_attempts"]
+    assert [a["run_config"]["max_steps"] for a in earlier] == [2, 3] and earlier[0]["run_config"]["alpha"] == 0.5
+    assert earlier[0]["deepspeed"]["student"]["optimizer"]["params"]["lr"] == 0.01
+    assert earlier[0]["resumed_at_step"] is None and earlier[1]["resumed_at_step"] == 2
+    assert earlier[0]["results"]["step"] == 2 and earlier[1]["results"]["step"] == 3
+
+
+def test_an_export_killed_half_way_is_never_taken_as_finished(tiny, dist_env, tmp_path, monkeypatch):
+    """A kill during the final export (here: after the config and weights, before the tokenizer) leaves no final/
+    that counts as done: the export is built in a temporary folder, marked complete, then renamed; --resume exports
+    again."""
+    from ds_distill.core import checkpoint
+    from ds_distill.core import export as export_mod
+
+    class Killed(Exception):
+        pass
+
+    def killed(*a, **k):
+        raise Killed
+
+    out, cfg_ds = tmp_path / "run", ds_json(tmp_path)
+    monkeypatch.setattr(export_mod, "copy_tokenizer", killed)
+    with pytest.raises(Killed):
+        train.run(make_cfg(tiny, out, max_steps=2, export=True, deepspeed_config=cfg_ds))
+    monkeypatch.undo()
+    assert checkpoint.finished_export(out) is None and not checkpoint.is_export(out / "final")
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "config.json").write_text("{}")
+    assert not checkpoint.is_export(half), "a folder with a config but no completion mark is not an export"
+    resumed = train.run(make_cfg(tiny, out, max_steps=2, export=True, resume=True, deepspeed_config=cfg_ds))
+    assert resumed.step == 2 and checkpoint.finished_export(out) == out / "final"
+    AutoModelForCausalLM.from_pretrained(out / "final")
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")], "no temporary folder is left behind"
+
+
+def test_a_failing_last_evaluation_keeps_the_trained_weights(tiny, dist_env, tmp_path, monkeypatch):
+    """With the defaults (no intermediate save or eval) the last step is checkpointed before it is evaluated."""
+
+    def broken_eval(self):
+        raise RuntimeError("bad eval data")
+
+    monkeypatch.setattr(trainer_mod.Trainer, "eval_metrics", broken_eval)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="bad eval data"):
+        train.run(make_cfg(tiny, out, max_steps=2, eval_fraction=0.2, deepspeed_config=ds_json(tmp_path)))
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000002"
+
+
+def test_generation_config_is_carried_byte_for_byte(tiny, dist_env, tmp_path):
+    """eos ids listed only in generation_config.json survive the checkpoint's hf/ files, the export and student_init."""
+    import shutil
+
+    from ds_distill import student_init
+
+    student = tmp_path / "student"
+    shutil.copytree(tiny["student"], student)
+    text = json.dumps({"eos_token_id": [2, 7], "do_sample": True, "temperature": 0.6, "top_p": 0.95}, indent=1)
+    (student / "generation_config.json").write_text(text + "\n")
+    out = tmp_path / "run"
+    train.run(make_cfg(tiny, out, student=str(student), max_steps=1, export=True, deepspeed_config=ds_json(tmp_path)))
+    for folder in (out / "checkpoints" / "step_00000001" / "hf", out / "final"):
+        assert (folder / "generation_config.json").read_text() == text + "\n", folder
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny["teacher"], teacher)
+    (teacher / "generation_config.json").write_text(text + "\n")
+    student_init.main(["--teacher", str(teacher), "--out", str(tmp_path / "init"), "--num_layers", "1"])
+    assert (tmp_path / "init" / "generation_config.json").read_text() == text + "\n"
