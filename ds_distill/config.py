@@ -178,7 +178,7 @@ class RunConfig:
     resume: bool = flag(False, "Continue from output_dir/checkpoints/latest.")
     resume_allow_changes: str = flag(
         "",
-        "With --resume: comma-separated settings that may differ from the recorded run although they change its meaning (run-config fields, DeepSpeed entries such as optimizer or micro_batch, data_content), e.g. alpha,optimizer. Schedule, logging, eval and save settings may always change.",
+        "With --resume: comma-separated settings that may differ from the recorded run although they change its meaning (run-config fields, DeepSpeed entries such as optimizer or global_batch, data_content), e.g. alpha,optimizer. Schedule, logging, eval and save settings may always change.",
     )
     seed: int = flag(42, "Seed of data order and initialisation.")
     export: bool = flag(True, "Export the student as a Hugging Face directory (output_dir/final) at the end.")

@@ -9,17 +9,24 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from ds_distill.common import UsageError
+from ds_distill.common import UsageError, is_complete
 from ds_distill.core.export import export_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ds_distill.export", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="output_dir/checkpoints, or a step_* folder in it")
-    parser.add_argument("out_dir", help="folder for the Hugging Face model (created)")
+    parser.add_argument(
+        "out_dir", help="folder for the Hugging Face model (created, or replaced if it holds an earlier export)"
+    )
     args = parser.parse_args(argv)
+    out = Path(args.out_dir)
     try:
+        # The export replaces out_dir whole once complete: never a folder that holds something else.
+        if out.is_dir() and any(out.iterdir()) and not is_complete(out):
+            raise UsageError(f"{out} exists and is not an earlier export: pass a new or empty folder")
         print(export_checkpoint(args.checkpoint, args.out_dir))
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)

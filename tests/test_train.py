@@ -239,7 +239,8 @@ def test_resume_of_a_finished_run_exports_once_and_exits_0(
     cfg_ds = ds_json(tmp_path)
     train.run(make_cfg(tiny, out, max_steps=2, export=True, deepspeed_config=cfg_ds))
     shutil.rmtree(out / "final")  # a job killed between its last checkpoint and the export
-    args = base_args(tiny, out) + ["--deepspeed_config", cfg_ds, "--chunk_size", "16", "--resume"]
+    # The settings of the first run (--resume refuses another --seed: the data order would change under it).
+    args = base_args(tiny, out) + ["--deepspeed_config", cfg_ds, "--chunk_size", "16", "--seed", "0", "--resume"]
     with caplog.at_level(logging.INFO, logger="ds_distill"):
         assert train.main(args + ["--max_steps", "2"]) == 0
     assert (out / "final" / "config.json").is_file()
@@ -481,7 +482,7 @@ def test_resume_refuses_changed_meaning_allows_schedule_changes_and_keeps_every_
         (["--seq_len", "48", "--alpha", "0.3"], ["seq_len: 32 -> 48", "alpha: 0.5 -> 0.3"]),
         (["--loss", "reverse_kl"], ["loss: forward_kl -> reverse_kl"]),
         (["--deepspeed_config", other_lr], ["optimizer", "0.01", "0.005"]),
-        (["--deepspeed_config", ds_json(tmp_path, train_micro_batch_size_per_gpu=4)], ["micro_batch: 2 -> 4"]),
+        (["--deepspeed_config", ds_json(tmp_path, train_micro_batch_size_per_gpu=4)], ["global_batch: 2 -> 4"]),
         (["--teacher", tiny["student"]], ["teacher:"]),
     ]
     for change, names in refused:
@@ -537,6 +538,13 @@ def test_an_export_killed_half_way_is_never_taken_as_finished(tiny, dist_env, tm
     assert resumed.step == 2 and checkpoint.finished_export(out) == out / "final"
     AutoModelForCausalLM.from_pretrained(out / "final")
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")], "no temporary folder is left behind"
+    from ds_distill.export import main as export_main
+
+    mine = tmp_path / "mine"  # the CLI's out_dir is replaced whole once complete: never a folder of other files
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    assert export_main([str(out / "checkpoints"), str(mine)]) == 2 and (mine / "notes.txt").read_text() == "mine"
+    assert export_main([str(out / "checkpoints"), str(out / "final")]) == 0 and checkpoint.is_export(out / "final")
 
 
 def test_a_failing_last_evaluation_keeps_the_trained_weights(tiny, dist_env, tmp_path, monkeypatch):

@@ -96,7 +96,7 @@ def configs(cfg: RunConfig) -> Configs:
     teachers = cfg.teacher if cfg.alpha < 1.0 else []
     models.check_positions(cfg.seq_len, [cfg.student, *teachers])
     resumed = cfg.resume and checkpoint.read_latest(checkpoint.ckpt_root(cfg.output_dir))
-    settings = resume.settings(cfg, sds) if resumed or world.rank == 0 else {}
+    settings = resume.settings(cfg, sds, world.world_size) if resumed or world.rank == 0 else {}
     if resumed:  # before the universal conversion and any model: a changed meaning is refused in one line
         resume.check(cfg, settings, Path(cfg.output_dir), world.rank)
     universal = (

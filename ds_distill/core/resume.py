@@ -1,13 +1,13 @@
 """What ``--resume`` accepts: the settings that give a run its meaning may not change between its attempts.
 
 Each attempt that starts records its settings in ``output_dir/settings.json`` (``settings``): the run config, the
-student DeepSpeed JSON's training arithmetic (micro-batch, accumulation, optimizer, scheduler, clipping, precision)
+student DeepSpeed JSON's training arithmetic (the global batch, optimizer, scheduler, clipping, precision)
 and the content fingerprints of its local inputs (``data``, ``eval_data``, ``chat_template``: a file edited in place
 keeps its path). ``check`` compares a resumed attempt with that record before any model loads:
 
 - a change in ``FREE`` (the schedule's length, logging, eval, save and export places, implementation choices that do
   not change what is learnt) is allowed and logged; the number of ranks is not a setting (DeepSpeed's universal
-  checkpoint and the global data position handle it);
+  checkpoint and the global data position handle it) as long as the global batch is kept;
 - any other change (data, teachers, student, tokenisation, objective, batch arithmetic, optimizer, scheduler) is
   refused in one line naming each setting with its old and new value, unless ``--resume_allow_changes`` names it
   (a DeepSpeed entry by its dotted path or any prefix of it, e.g. ``optimizer``).
@@ -57,12 +57,14 @@ FREE = frozenset(
 CONTENT = ("data", "eval_data", "chat_template")  # run-config paths whose file contents are part of the settings
 
 
-def settings(cfg: RunConfig, sds: DSConfig) -> dict[str, Any]:
-    """This attempt's settings, flat: {run-config field, ``deepspeed.<dotted key>``, ``<path field>_content``: value}."""
+def settings(cfg: RunConfig, sds: DSConfig, world_size: int) -> dict[str, Any]:
+    """This attempt's settings, flat: {run-config field, ``deepspeed.<dotted key>``, ``<path field>_content``: value}.
+    The batch is compared as examples per optimizer step (micro-batch x accumulation x ranks): the loss is normalised
+    by the global token count and the data position counts examples of all ranks, so a resume on other ranks with the
+    accumulation or micro-batch that keeps it continues the same run (README, resume on another number of ranks)."""
     raw = sds.raw
     ds = {
-        "micro_batch": sds.micro_batch,
-        "grad_accum": sds.grad_accum,
+        "global_batch": sds.micro_batch * sds.grad_accum * world_size,
         "gradient_clipping": raw.get("gradient_clipping"),
         "precision": "bf16" if _enabled(raw, "bf16") else "fp16" if _enabled(raw, "fp16") else "fp32",
         "optimizer": raw.get("optimizer"),
@@ -91,7 +93,11 @@ def check(cfg: RunConfig, now: dict[str, Any], output_dir: Path, rank: int) -> N
         for key, value in now.items()
         if before.get(key, defaults.get(key)) != value
     ]
-    refused = [c for c in changes if c[0] not in FREE and not any(_names(c[0], n) for n in allowed)]
+    # A local input found at another path with the same content (a moved folder) is the same input.
+    moved = {
+        k for k in CONTENT if now[f"{k}_content"] is not None and now[f"{k}_content"] == before.get(f"{k}_content")
+    }
+    refused = [c for c in changes if c[0] not in FREE | moved and not any(_names(c[0], n) for n in allowed)]
     if refused:
         names = ",".join(dict.fromkeys(key.removeprefix("deepspeed.").split(".")[0] for key, _, _ in refused))
         raise UsageError(

@@ -5,7 +5,8 @@ student exported by round k-1 (``output_dir/round_{k-1}/final``; round 1 starts 
 file is a JSON list of K objects of run-config fields applied to round k only, e.g.
 ``[{}, {"temperature": 2.0, "data": "hard.jsonl"}]``.
 
-With ``--resume`` a restarted job skips the rounds that are complete (those with a ``final/`` folder) and resumes the
+With ``--resume`` a restarted job skips the rounds that are complete (a ``final/`` export marked complete:
+``checkpoint.finished_export``; a round killed mid-export is resumed and exports again) and resumes the
 interrupted one from its own checkpoints. A round that ends early (preemption) ends the job with its exit code; a
 round stopped by early stopping hands its ``best/`` export to the next round.
 """
