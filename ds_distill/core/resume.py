@@ -50,6 +50,9 @@ FREE = frozenset(
         "chunk_size",
         "attn_implementation",
         "generation_gather",
+        "teacher_url_timeout",  # how patiently a served teacher is waited for, not which one
+        "teacher_url_retries",
+        "teacher_url_wait",
         "rounds",
         "round_overrides",
     }
