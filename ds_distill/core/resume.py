@@ -22,6 +22,8 @@ from typing import Any
 
 from ds_distill.common import UsageError, file_fingerprint, write_json_atomic
 from ds_distill.config import RunConfig
+from ds_distill.core import checkpoint
+from ds_distill.core.export import read_lora_record
 from ds_distill.ds_config import DSConfig
 
 log = logging.getLogger("ds_distill")
@@ -100,7 +102,11 @@ def check(cfg: RunConfig, now: dict[str, Any], output_dir: Path, rank: int) -> N
     moved = {
         k for k in CONTENT if now[f"{k}_content"] is not None and now[f"{k}_content"] == before.get(f"{k}_content")
     }
-    refused = [c for c in changes if c[0] not in FREE | moved and not any(_names(c[0], n) for n in allowed)]
+    # LoRA's own check (models.lora.check_resume, at load) owns its flags and, for a LoRA tag, the base (by content).
+    tag = checkpoint.read_latest(checkpoint.ckpt_root(output_dir))
+    lora_tag = tag is not None and read_lora_record(checkpoint.ckpt_root(output_dir) / tag) is not None
+    owned = {k for k in now if k.startswith("lora_")} | ({"student"} if lora_tag else set())
+    refused = [c for c in changes if c[0] not in FREE | moved | owned and not any(_names(c[0], n) for n in allowed)]
     if refused:
         names = ",".join(dict.fromkeys(key.removeprefix("deepspeed.").split(".")[0] for key, _, _ in refused))
         raise UsageError(
