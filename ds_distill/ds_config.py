@@ -33,10 +33,16 @@ dataloader_drop_last mics_shard_size mics_hierarchical_params_gather pld_enabled
 
 @dataclass
 class DSConfig:
-    """A checked DeepSpeed JSON: the dict handed to DeepSpeed unchanged, plus where it came from."""
+    """A checked DeepSpeed JSON: the dict handed to DeepSpeed unchanged, plus where it came from.
+
+    ``micro_batch`` and ``grad_accum`` are resolved as DeepSpeed resolves them (``DeepSpeedConfig.
+    _set_batch_related_parameters``) from whichever two of train_batch_size, train_micro_batch_size_per_gpu and
+    gradient_accumulation_steps the JSON gives, with ``world_size`` ranks (train_batch_size alone: accumulation 1).
+    """
 
     path: str
     raw: dict[str, Any]
+    world_size: int = 1
 
     @property
     def zero_stage(self) -> int:
@@ -44,15 +50,28 @@ class DSConfig:
 
     @property
     def micro_batch(self) -> int:
-        return int(self.raw["train_micro_batch_size_per_gpu"])
+        return _batch_sizes(self.raw, self.world_size)[0]
 
     @property
     def grad_accum(self) -> int:
-        return int(self.raw.get("gradient_accumulation_steps", 1))
+        return _batch_sizes(self.raw, self.world_size)[1]
 
     @property
     def bf16(self) -> bool:
         return bool(self.raw.get("bf16", {}).get("enabled", False))
+
+
+def _batch_sizes(raw: dict[str, Any], world_size: int) -> tuple[int, int]:
+    """(micro batch per rank, accumulation steps) as DeepSpeed derives them from the keys present (all positive
+    integers; load_ds_config checked that they divide)."""
+    total, micro, gas = (
+        raw.get(k) for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+    )
+    if micro is None:
+        return total // ((gas or 1) * world_size), gas or 1
+    if gas is None:
+        return micro, total // (micro * world_size) if total is not None else 1
+    return micro, gas
 
 
 def _find_auto(node: Any, where: str = "") -> list[str]:
@@ -63,8 +82,9 @@ def _find_auto(node: Any, where: str = "") -> list[str]:
     return [where] if node == "auto" else []
 
 
-def load_ds_config(path: str, *, world_size: int, flag: str, needs_optimizer: bool) -> DSConfig:
-    """Read and check a DeepSpeed JSON; every problem is reported at once, with the fix."""
+def load_ds_config(path: str, *, world_size: int, flag: str, needs_optimizer: bool, has_gpu: bool = True) -> DSConfig:
+    """Read and check a DeepSpeed JSON; every problem is reported at once, with the fix. ``has_gpu``: the run has an
+    accelerator (fp16 needs one)."""
     raw = read_json(path, f"--{flag}", "pick a file from ds_configs/")
     if not isinstance(raw, dict):
         raise UsageError(f"--{flag} {path!r} must hold a JSON object")
@@ -77,23 +97,24 @@ def load_ds_config(path: str, *, world_size: int, flag: str, needs_optimizer: bo
     autos = _find_auto(raw)
     if autos:
         problems.append(f'"auto" values at {autos}: write the numbers (only the HF Trainer fills "auto")')
-    micro = raw.get("train_micro_batch_size_per_gpu")
-    if not isinstance(micro, int) or micro < 1:
-        problems.append("train_micro_batch_size_per_gpu must be a positive integer")
-    gas = raw.get("gradient_accumulation_steps", 1)
-    if not isinstance(gas, int) or gas < 1:
-        problems.append("gradient_accumulation_steps must be a positive integer")
-    total = raw.get("train_batch_size")
-    if total is not None and isinstance(micro, int) and isinstance(gas, int) and total != micro * gas * world_size:
-        problems.append(
-            f"train_batch_size {total} != micro batch {micro} x accumulation {gas} x world size {world_size} "
-            f"= {micro * gas * world_size}: set it to that or remove it"
-        )
+    problems += _batch_problems(raw, world_size)
     stage = raw.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         problems.append(f"zero_optimization.stage {stage!r} must be 0, 1, 2 or 3")
     if raw.get("fp16", {}).get("enabled") and raw.get("bf16", {}).get("enabled"):
         problems.append("fp16 and bf16 are both enabled: enable one")
+    elif raw.get("fp16", {}).get("enabled") and not has_gpu:
+        # DeepSpeed's CPU accelerator has no fp16 kernels (DeepSpeed #1270): the engine would stop deep in its init.
+        problems.append(
+            'fp16 is enabled but this run has no GPU: CPU runs need fp32 or bf16 (set "fp16": {"enabled": false}, e.g. ds_configs/cpu_zero3.json)'
+        )
+    if raw.get("activation_checkpointing"):
+        # DeepSpeed's block configures deepspeed.checkpointing.checkpoint, which only models that call it use; a
+        # Hugging Face model never does, so the block would change nothing (DeepSpeed #5704).
+        problems.append(
+            'the "activation_checkpointing" block has no effect on a Hugging Face model: remove it and pass '
+            "--gradient_checkpointing"
+        )
     if needs_optimizer and "optimizer" not in raw:
         problems.append('no "optimizer" block: the student needs one (see ds_configs/zero3_bf16.json)')
     if not needs_optimizer and stage != 3 and stage != 0:
@@ -101,13 +122,47 @@ def load_ds_config(path: str, *, world_size: int, flag: str, needs_optimizer: bo
             f"teacher ZeRO stage {stage}: a frozen teacher is sharded with stage 3 or replicated with stage 0"
         )
     if not problems:  # DeepSpeed's classes assume the basics above hold; they stop at the first bad block
-        problems = deepspeed_problems(raw)
+        problems = deepspeed_problems(raw, world_size)
     if problems:
         raise UsageError(f"--{flag} {path}: " + "; ".join(problems))
-    return DSConfig(path=str(path), raw=raw)
+    return DSConfig(path=str(path), raw=raw, world_size=world_size)
 
 
-def deepspeed_problems(raw: dict[str, Any]) -> list[str]:
+def _batch_problems(raw: dict[str, Any], world_size: int) -> list[str]:
+    """The batch keys: each present one a positive integer, at least train_batch_size or the micro batch, and
+    train_batch_size = micro batch x accumulation x world size (DeepSpeed's ``_batch_assertion``)."""
+    keys = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+    values = {k: raw.get(k) for k in keys}
+    bad = [k for k, v in values.items() if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1)]
+    if bad:
+        return [f"{k} must be a positive integer" for k in bad]
+    total, micro, gas = values.values()
+    if total is None and micro is None:
+        return ["train_micro_batch_size_per_gpu must be a positive integer (or give train_batch_size)"]
+    if total is None:
+        return []
+    if micro is None or gas is None:
+        known = (gas or 1) * world_size if micro is None else micro * world_size
+        what = (
+            f"accumulation {gas or 1} x world size {world_size}"
+            if micro is None
+            else f"micro batch {micro} x world size {world_size}"
+        )
+        if total % known:
+            return [
+                f"train_batch_size {total} is not a multiple of {what} = {known}: DeepSpeed could not split it; "
+                "set train_micro_batch_size_per_gpu"
+            ]
+        return []
+    if total != micro * gas * world_size:
+        return [
+            f"train_batch_size {total} != micro batch {micro} x accumulation {gas} x world size {world_size} "
+            f"= {micro * gas * world_size}: set it to that or remove it"
+        ]
+    return []
+
+
+def deepspeed_problems(raw: dict[str, Any], world_size: int = 1) -> list[str]:
     """What DeepSpeed's own config parsing (``deepspeed.runtime.config.DeepSpeedConfig``, which builds its pydantic
     models such as DeepSpeedZeroConfig) rejects in ``raw``, each as "full.key.path: what is wrong", with the valid
     neighbouring keys for a misspelt one. Run here, before any model loads, instead of inside the engine's init."""
@@ -116,10 +171,13 @@ def deepspeed_problems(raw: dict[str, Any]) -> list[str]:
     import pydantic
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    # A copy (DeepSpeed may fill in defaults) without train_batch_size: checked above against the launch's world size,
-    # which DeepSpeed would take from a process group that may not exist yet.
+    # A copy (DeepSpeed may fill in defaults) without train_batch_size but with the micro batch it implies: the batch
+    # keys are checked above against the launch's world size, which DeepSpeed would take from a process group that may
+    # not exist yet.
+    copied = {k: copy.deepcopy(v) for k, v in raw.items() if k != "train_batch_size"}
+    copied["train_micro_batch_size_per_gpu"] = _batch_sizes(raw, world_size)[0]
     try:
-        DeepSpeedConfig({k: copy.deepcopy(v) for k, v in raw.items() if k != "train_batch_size"})
+        DeepSpeedConfig(copied)
     except pydantic.ValidationError as exc:
         model = _deepspeed_model(exc.title)
         return [_describe(raw, model, err) for err in exc.errors()]
@@ -196,3 +254,40 @@ def default_ds_configs(has_gpu: bool) -> tuple[str, str, str]:
     return tuple(
         str(REPO_CONFIGS / f) for f in ("cpu_zero3.json", "cpu_teacher_zero3.json", "cpu_teacher_replicated.json")
     )
+
+
+# DeepSpeed schedulers that decay to their end over ``total_num_steps`` optimizer steps (deepspeed/runtime/lr_schedules.py).
+DECAYING_SCHEDULERS = ("WarmupDecayLR", "WarmupCosineLR")
+
+
+def schedule_check(ds: DSConfig, max_steps: int) -> tuple[list[str], list[str]]:
+    """(problems, warnings) of the JSON's scheduler against the run's ``max_steps`` optimizer steps.
+
+    Refused: a decaying schedule shorter than the run (past ``total_num_steps`` WarmupDecayLR trains at lr 0 and
+    WarmupCosineLR at its floor, so the extra steps would be silently wasted). Warned (legitimate, e.g. a short trial
+    run or one to be extended with --resume): a decaying schedule longer than the run (it ends before the lr has
+    decayed) and a warm-up longer than the run (the lr never reaches its peak).
+    """
+    sched = ds.raw.get("scheduler") or {}
+    kind, params = sched.get("type"), sched.get("params") or {}
+    where = f"--deepspeed_config {ds.path}: scheduler {kind}"
+    problems, warnings = [], []
+    total = params.get("total_num_steps")
+    if kind in DECAYING_SCHEDULERS and isinstance(total, int):
+        if total < max_steps:
+            problems.append(
+                f"{where} decays over total_num_steps {total} but --max_steps is {max_steps}: steps {total + 1}-"
+                f"{max_steps} would train at the schedule's floor; set total_num_steps to {max_steps} or --max_steps {total}"
+            )
+        elif total > max_steps:
+            warnings.append(
+                f"{where} decays over total_num_steps {total} but the run stops at --max_steps {max_steps}: the lr will "
+                "not have decayed (set total_num_steps to --max_steps unless you will extend the run with --resume)"
+            )
+    warmup = params.get("warmup_num_steps")
+    if kind in ("WarmupLR", *DECAYING_SCHEDULERS) and isinstance(warmup, int) and warmup > max_steps:
+        warnings.append(
+            f"{where} warms up over {warmup} steps but the run stops at --max_steps {max_steps}: the lr never reaches "
+            "its peak"
+        )
+    return problems, warnings

@@ -221,3 +221,93 @@ def test_launcher_local_rank_is_accepted_and_ignored():
 def test_log_steps_are_every_log_steps_and_the_last():
     cfg = RunConfig(log_steps=3, max_steps=10)
     assert [s for s in range(1, 11) if cfg.is_log_step(s)] == [3, 6, 9, 10]
+
+
+# ------------------------------------------------------------------ DeepSpeed JSONs as users write them (issue 30)
+def test_fp16_on_cpu_is_one_line(tmp_path):
+    """DeepSpeed #1270: an fp16 JSON on a machine without a GPU stops in one line, before any model loads."""
+    path = write(tmp_path, dict(GOOD, fp16={"enabled": True}))
+    with pytest.raises(UsageError) as err:
+        load_ds_config(path, world_size=1, flag="deepspeed_config", needs_optimizer=True, has_gpu=False)
+    assert "CPU runs need fp32 or bf16" in str(err.value) and "\n" not in str(err.value)
+    assert load_ds_config(path, world_size=1, flag="deepspeed_config", needs_optimizer=True, has_gpu=True).raw["fp16"]
+
+
+@pytest.mark.parametrize(
+    "keys, world, micro, accum",
+    [
+        ({"train_batch_size": 16, "gradient_accumulation_steps": 2}, 2, 4, 2),  # micro = 16 / (2 x 2)
+        ({"train_batch_size": 16, "train_micro_batch_size_per_gpu": 2}, 2, 2, 4),  # accumulation = 16 / (2 x 2)
+        ({"train_batch_size": 8}, 2, 4, 1),  # alone: accumulation 1
+        ({"train_micro_batch_size_per_gpu": 3}, 4, 3, 1),
+    ],
+)
+def test_batch_sizes_resolve_as_deepspeed_resolves_them(tmp_path, keys, world, micro, accum):
+    """Any two of the three batch keys (or train_batch_size alone) are accepted and give DeepSpeed's micro batch and
+    accumulation (DeepSpeedConfig with that world size is the reference); the JSON is handed on unchanged."""
+    from unittest import mock
+
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    d = {k: v for k, v in GOOD.items() if k not in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps")}
+    d.update(keys)
+    ds = load_ds_config(write(tmp_path, d), world_size=world, flag="deepspeed_config", needs_optimizer=True)
+    assert (ds.micro_batch, ds.grad_accum) == (micro, accum) and ds.raw == d
+    with (
+        mock.patch("deepspeed.runtime.config.dist.get_rank", return_value=0),
+        mock.patch("deepspeed.runtime.config.dist.get_world_size", return_value=world),
+    ):
+        ref = DeepSpeedConfig(json.loads(json.dumps(d)))
+    assert (ref.train_micro_batch_size_per_gpu, ref.gradient_accumulation_steps) == (micro, accum)
+
+
+def test_batch_sizes_that_do_not_divide_are_one_line(tmp_path):
+    d = {"train_batch_size": 10, "gradient_accumulation_steps": 3, "optimizer": GOOD["optimizer"]}
+    with pytest.raises(UsageError, match="train_batch_size 10 is not a multiple of accumulation 3 x world size 2 = 6"):
+        load_ds_config(write(tmp_path, d), world_size=2, flag="deepspeed_config", needs_optimizer=True)
+    with pytest.raises(UsageError, match="train_micro_batch_size_per_gpu must be a positive integer"):
+        load_ds_config(
+            write(tmp_path, {"gradient_accumulation_steps": 2, "optimizer": GOOD["optimizer"]}),
+            world_size=1,
+            flag="deepspeed_config",
+            needs_optimizer=True,
+        )
+
+
+def test_activation_checkpointing_block_is_refused(tmp_path):
+    """DeepSpeed's block configures deepspeed.checkpointing, which Hugging Face models never call: it would change
+    nothing (DeepSpeed #5704), so it is refused with the flag that does checkpoint the student."""
+    assert_refused_in_one_line(
+        tmp_path,
+        lambda d: d.update(activation_checkpointing={"partition_activations": True, "cpu_checkpointing": True}),
+        "pass --gradient_checkpointing",
+    )
+
+
+@pytest.mark.parametrize(
+    "scheduler, max_steps, problem, warning",
+    [
+        ({"type": "WarmupDecayLR", "params": {"total_num_steps": 10, "warmup_num_steps": 2}}, 20, "steps 11-20", None),
+        ({"type": "WarmupCosineLR", "params": {"total_num_steps": 10, "warmup_num_steps": 2}}, 11, "steps 11-11", None),
+        (
+            {"type": "WarmupDecayLR", "params": {"total_num_steps": 30, "warmup_num_steps": 2}},
+            20,
+            None,
+            "not have decayed",
+        ),
+        ({"type": "WarmupLR", "params": {"warmup_num_steps": 50}}, 20, None, "never reaches its peak"),
+        ({"type": "WarmupDecayLR", "params": {"total_num_steps": 20, "warmup_num_steps": 2}}, 20, None, None),
+        ({"type": "WarmupLR", "params": {"warmup_num_steps": 20}}, 20, None, None),
+    ],
+)
+def test_scheduler_length_against_max_steps(tmp_path, scheduler, max_steps, problem, warning):
+    """A decaying schedule shorter than the run is refused (its last steps would train at the floor); longer than
+    the run, or a warm-up longer than the run, is legitimate and warned."""
+    from ds_distill.ds_config import schedule_check
+
+    ds = load_ds_config(
+        write(tmp_path, dict(GOOD, scheduler=scheduler)), world_size=2, flag="deepspeed_config", needs_optimizer=True
+    )
+    problems, warnings = schedule_check(ds, max_steps)
+    assert len(problems) == (problem is not None) and all(problem in p and "\n" not in p for p in problems), problems
+    assert len(warnings) == (warning is not None) and all(warning in w for w in warnings), warnings
