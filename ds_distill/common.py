@@ -7,11 +7,13 @@
 - ``atomic_folder`` / ``is_complete``: a folder that readers only ever see complete (temp folder, mark, rename).
 - ``read_json``: a JSON file's content, or one ``UsageError`` naming the flag and the problem.
 - ``sha256_file`` and ``file_fingerprint``: content fingerprints of local files and folders.
+- ``disk_full``: whether a failed write ran out of space.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -118,3 +120,13 @@ def file_fingerprint(path: str | os.PathLike) -> dict[str, Any] | None:
             "files": {str(f.relative_to(p)): {"bytes": f.stat().st_size, "mtime": f.stat().st_mtime} for f in files},
         }
     return None
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether a failed write ran out of space: ENOSPC / EDQUOT, or the same reported without an errno (pyarrow's
+    OSError, torch.save's RuntimeError "file write failed" from its zip writer)."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, (OSError, RuntimeError)) and any(
+        m in str(exc) for m in ("No space left", "Disk quota exceeded", "file write failed")
+    )

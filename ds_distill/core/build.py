@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from ds_distill.common import UsageError
 from ds_distill.config import RunConfig
 from ds_distill.core import checkpoint, resume
 from ds_distill.core.trainer import Trainer
-from ds_distill.ds_config import DSConfig, default_ds_configs, load_ds_config
+from ds_distill.ds_config import DSConfig, default_ds_configs, load_ds_config, schedule_check
 from ds_distill.losses.objective import Objective
 from ds_distill.runtime import distributed, monitors
 from ds_distill.runtime.callbacks import Callback
@@ -87,7 +88,9 @@ def configs(cfg: RunConfig) -> Configs:
         world_size=world.world_size,
         flag="deepspeed_config",
         needs_optimizer=True,
+        has_gpu=has_gpu,
     )
+    _check_schedule(sds, cfg.max_steps, world.rank)
     monitors.check_packages(sds.raw)
     if world.rank == 0 and not cfg.deepspeed_config:
         log.info("no --deepspeed_config given: using %s (%s present)", sds.path, "a GPU is" if has_gpu else "no GPU is")
@@ -294,13 +297,29 @@ def teacher_ds_config(teachers: list[str], teacher_deepspeed_config: str, world,
         )
         if world.rank == 0 and not quiet:
             log.info("no --teacher_deepspeed_config given: using %s (%s)", path, why)
-    return load_ds_config(path, world_size=world.world_size, flag="teacher_deepspeed_config", needs_optimizer=False)
+    return load_ds_config(
+        path,
+        world_size=world.world_size,
+        flag="teacher_deepspeed_config",
+        needs_optimizer=False,
+        has_gpu=get_accelerator().device_name() != "cpu",
+    )
+
+
+def _check_schedule(sds: DSConfig, max_steps: int, rank: int) -> None:
+    """The scheduler's length against --max_steps (``ds_config.schedule_check``): refused, or warned on rank 0."""
+    problems, warnings = schedule_check(sds, max_steps)
+    if problems:
+        raise UsageError("; ".join(problems))
+    for line in warnings if rank == 0 else []:
+        log.warning(line)
 
 
 def _prepare_output_dir(cfg: RunConfig, sds: DSConfig, tds: DSConfig, rank: int, settings: dict[str, Any]) -> None:
-    """Refuse to train over someone's checkpoints; record the configs that really ran (``resume.record``: what a
-    later --resume is compared with)."""
+    """Refuse to train over someone's checkpoints or into a place that cannot hold a run (a file, a read-only
+    folder); record the configs that really ran (``resume.record``: what a later --resume is compared with)."""
     out = Path(cfg.output_dir)
+    _check_writable(out)
     latest = checkpoint.read_latest(checkpoint.ckpt_root(out))
     if latest and not cfg.resume:
         raise UsageError(
@@ -316,6 +335,20 @@ def _prepare_output_dir(cfg: RunConfig, sds: DSConfig, tds: DSConfig, rank: int,
         (out / "ds_config_teacher.json").write_text(json.dumps(tds.raw, indent=2))
         resume.record(settings, out)
         log.info("student DeepSpeed config (merged, as run): %s", json.dumps(sds.raw, sort_keys=True))
+
+
+def _check_writable(out: Path) -> None:
+    """One UsageError, before any model loads, when ``--output_dir`` is a file or cannot be written (read-only mount,
+    another user's folder): found otherwise at the first checkpoint, after the training it was to keep."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output_dir {out} is a file, not a folder: pick another --output_dir")
+    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    try:  # a real write: permission bits do not show a read-only mount, and root passes them all
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as exc:
+        raise UsageError(
+            f"--output_dir {out}: cannot write in {existing} ({exc.strerror}): pick another --output_dir"
+        ) from None
 
 
 def _rank_memory(world: distributed.WorldInfo, has_gpu: bool) -> int:

@@ -21,6 +21,8 @@ DeepSpeed writes the model/optimizer/scheduler shards; we add what an exact resu
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import json
 import logging
 import random
@@ -33,7 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ds_distill.common import UsageError, atomic_folder, is_complete, write_atomic, write_json_atomic
+from ds_distill.common import UsageError, atomic_folder, disk_full, is_complete, write_atomic, write_json_atomic
 from ds_distill.core.export import export_checkpoint, read_lora_record
 from ds_distill.models import lora
 from ds_distill.runtime.distributed import barrier
@@ -165,10 +167,19 @@ def save(
     tag = tag_for(step)
     rank = dist.get_rank() if dist.is_initialized() else 0
     student = engine.module.lora  # a LoRA student saves its adapters only, and what they were trained on
-    engine.save_checkpoint(
-        str(ckpt_root), tag=tag, client_state=client_state, save_latest=False, exclude_frozen_parameters=bool(student)
-    )
-    torch.save(rng_state(), ckpt_root / tag / f"rng_rank{rank}.pt")
+    try:
+        engine.save_checkpoint(
+            str(ckpt_root),
+            tag=tag,
+            client_state=client_state,
+            save_latest=False,
+            exclude_frozen_parameters=bool(student),
+        )
+        torch.save(rng_state(), ckpt_root / tag / f"rng_rank{rank}.pt")
+    except (OSError, RuntimeError) as exc:
+        if disk_full(exc):  # as an OSError naming the tag: the entry point says it in one line (exit 2)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(ckpt_root / tag)) from exc
+        raise
     if rank == 0:
         hf_files(ckpt_root / tag / "hf")
         if student:

@@ -72,32 +72,31 @@ class Trainer:
                 self.cfg.max_steps,
             )
         window = _Window(self.device)
-        bar = _progress(self.rank, min(self.step, self.cfg.max_steps), self.cfg.max_steps)
-        while self.step < self.cfg.max_steps:
-            votes = [cb.should_stop(self) for cb in self.callbacks]  # rank-local; agreed in this step's collective
-            position = self.train.state_dict()  # where a run stopped before this step's work resumes
-            micro_batches = [next(self.train) for _ in range(self.ds.grad_accum)]
-            plan = self.sync.plan([b.labels for b in micro_batches], votes)  # the step's one collective
-            if plan.stop:
-                self.stop(plan, position)
-                break
-            sums = self.train_step(micro_batches, plan)
-            self.step += 1
-            bar.update(1)
-            window.add(sums)
-            for cb in self.callbacks:
-                cb.on_step_end(self, sums)
-            last = self.step == self.cfg.max_steps
-            if self.cfg.is_log_step(self.step):
-                self.log_metrics(window.flush(self.student, self.world_size), "Train")
-            with window.paused():
-                if last:  # saved before the last evaluation: whatever that meets, the trained weights are kept
-                    self.save()
-                eval_step = (self.cfg.eval_steps and self.step % self.cfg.eval_steps == 0) or last
-                asked = self.evaluate() if eval_step else False  # a callback asked for a checkpoint (a new best)
-                if (self.cfg.save_steps and self.step % self.cfg.save_steps == 0) or asked or last:
-                    self.save()  # once per step: a step saved already only tells the callbacks again
-        bar.close()
+        with _progress(self.rank, self.step, self.cfg.max_steps) as bar:  # closed on errors: error: on its own line
+            while self.step < self.cfg.max_steps:
+                votes = [cb.should_stop(self) for cb in self.callbacks]  # rank-local; agreed in this step's collective
+                position = self.train.state_dict()  # where a run stopped before this step's work resumes
+                micro_batches = [next(self.train) for _ in range(self.ds.grad_accum)]
+                plan = self.sync.plan([b.labels for b in micro_batches], votes)  # the step's one collective
+                if plan.stop:
+                    self.stop(plan, position)
+                    break
+                sums = self.train_step(micro_batches, plan)
+                self.step += 1
+                bar.update(1)
+                window.add(sums)
+                for cb in self.callbacks:
+                    cb.on_step_end(self, sums)
+                last = self.step == self.cfg.max_steps
+                if self.cfg.is_log_step(self.step):
+                    self.log_metrics(window.flush(self.student, self.world_size), "Train")
+                with window.paused():
+                    if last:  # saved before the last evaluation: whatever that meets, the trained weights are kept
+                        self.save()
+                    eval_step = (self.cfg.eval_steps and self.step % self.cfg.eval_steps == 0) or last
+                    asked = self.evaluate() if eval_step else False  # a callback asked for a checkpoint (a new best)
+                    if (self.cfg.save_steps and self.step % self.cfg.save_steps == 0) or asked or last:
+                        self.save()  # once per step: a step saved already only tells the callbacks again
         return self.step
 
     def stop(self, plan: StepPlan, position: dict[str, Any]) -> None:
@@ -300,7 +299,9 @@ class _Window:
 def _progress(rank: int, start: int, total: int):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=start, disable=rank != 0, desc="distill", dynamic_ncols=True, file=sys.stderr)
+    return tqdm(
+        total=total, initial=min(start, total), disable=rank != 0, desc="distill", dynamic_ncols=True, file=sys.stderr
+    )
 
 
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ds_distill.common import UsageError
+from ds_distill.common import UsageError, disk_full
 
 log = logging.getLogger("ds_distill")
 
@@ -480,7 +480,11 @@ def destroy() -> None:
 def entry_point(body: Callable[[], int]) -> int:
     """Run an entry point's ``body`` the same way everywhere: log lines with times, a UsageError printed as one
     ``error: ...`` line with exit code 2 (no traceback), and the process group torn down at exit: drained first
-    when the body finished (``drain``), then destroyed (``destroy``) on every path."""
+    when the body finished (``drain``), then destroyed (``destroy``) on every path.
+
+    A full disk or quota (ENOSPC, EDQUOT) is the user's to fix too: one line naming the file and the space left
+    there, exit 2. Checkpoints and caches are written so that a failed write leaves the previous ones complete
+    (``latest`` moves last, shards are renamed into place), so the rerun continues from them."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         code = body()
@@ -489,8 +493,39 @@ def entry_point(body: Callable[[], int]) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (OSError, RuntimeError) as exc:
+        if not disk_full(exc):
+            raise
+        print(f"error: {disk_full_message(exc)}", file=sys.stderr)
+        return 2
     finally:
         destroy()
+
+
+def disk_full_message(exc: OSError) -> str:
+    """One line for a write that ran out of space: the file, the free space of its file system, the fix."""
+    import shutil
+
+    path = exc.filename or _filename_in(exc)
+    where = (
+        next((p for p in (Path(path).absolute(), *Path(path).absolute().parents) if p.exists()), None) if path else None
+    )
+    free = f", {shutil.disk_usage(where).free / 2**30:.2f} GiB free there" if where else ""
+    return (
+        f"no space left writing {path or 'a file'} ({exc.strerror or 'disk full'}{free}): free space or move "
+        "--output_dir (or the cache) elsewhere, then rerun with the same flags (and --resume): it continues from the "
+        "last complete checkpoint or shard"
+    )
+
+
+def _filename_in(exc: BaseException) -> str | None:
+    """The file named by an error a library wrapped (torch.save's RuntimeError names none: its cause may)."""
+    seen = exc
+    while seen is not None:
+        if getattr(seen, "filename", None):
+            return seen.filename
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def rank_or_none() -> int | None:

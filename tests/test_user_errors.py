@@ -1,0 +1,154 @@
+"""Mistakes and mishaps of new users, through the real entry points in one process (issue 30): each is one line
+(``error: ...``, exit 2, no traceback) before any model loads, or accepted and done as the user meant."""
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+
+from ds_distill.ds_config import REPO_CONFIGS
+from tests.helpers import base_args, ds_json, run_main
+
+
+def _replace(args, old, new):
+    return [new if x == old else x for x in args]
+
+
+# ---------------------------------------------------------------------------------------------- a full disk
+def test_disk_full_during_a_checkpoint_is_one_line_and_the_rerun_continues(
+    tiny, dist_env, tmp_path, capsys, keep_process_group, monkeypatch
+):
+    """dolly #139: the second checkpoint's write runs out of space. One line naming the tag and the free space; the
+    first checkpoint and ``latest`` stay as they were; the rerun with --resume continues from them and finishes."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    real = DeepSpeedEngine.save_checkpoint
+
+    def full_at_step_2(self, save_dir, tag=None, **kw):
+        if tag == "step_00000002":
+            Path(save_dir, tag).mkdir(parents=True, exist_ok=True)  # a half-written tag
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, save_dir, tag=tag, **kw)
+
+    monkeypatch.setattr(DeepSpeedEngine, "save_checkpoint", full_at_step_2)
+    out = tmp_path / "o"
+    args = base_args(tiny, out) + ["--deepspeed_config", ds_json(tmp_path), "--max_steps", "2", "--save_steps", "1"]
+    code, errors = run_main(args, capsys)  # also: the progress bar is closed, so error: starts its own line
+    tag = out / "checkpoints" / "step_00000002"
+    assert code == 2 and len(errors) == 1, errors
+    assert f"no space left writing {tag}" in errors[0] and "GiB free there" in errors[0], errors
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000001"
+    assert (out / "checkpoints" / "step_00000001" / "rng_rank0.pt").is_file()
+
+    monkeypatch.setattr(DeepSpeedEngine, "save_checkpoint", real)  # space freed
+    assert run_main(args + ["--resume"], capsys) == (0, [])
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000002"
+
+
+def test_disk_full_while_writing_a_teacher_cache_is_one_line(tiny, dist_env, tmp_path, capsys, monkeypatch):
+    """The same for a teacher cache: the shard's write fails for space; the rerun writes only what is missing."""
+    from ds_distill import cache_teacher
+    from ds_distill.teachers import cache_writer
+
+    real, calls = cache_writer.pq.write_table, []
+
+    def full_at_shard_2(table, where, **kw):
+        calls.append(where)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(where))
+        return real(table, where, **kw)
+
+    monkeypatch.setattr(cache_writer.pq, "write_table", full_at_shard_2)
+    out = tmp_path / "cache"
+    args = ["--teacher", tiny["teacher"], "--data", tiny["data"], "--output_dir", str(out), "--seq_len", "32"]
+    args += ["--shard_examples", "24", "--teacher_deepspeed_config", str(REPO_CONFIGS / "cpu_teacher_replicated.json")]
+    assert cache_teacher.main(args) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"no space left writing {calls[1]}" in errors[0] and "GiB free" in errors[0], errors
+    monkeypatch.setattr(cache_writer.pq, "write_table", real)
+    assert cache_teacher.main(args) == 0
+    assert json.loads((out / "manifest.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------- --output_dir
+def test_output_dir_that_is_a_file_or_read_only_is_refused_before_any_model_loads(
+    tiny, tmp_path, capsys, keep_process_group, monkeypatch
+):
+    """NeMo-Framework-Launcher #74: found otherwise at the first checkpoint, after the training it was to keep."""
+    import os
+    import tempfile
+
+    from ds_distill import models
+
+    monkeypatch.setattr(models, "student_engine", lambda *a, **k: pytest.fail("a model loaded"))
+    a_file = tmp_path / "taken"
+    a_file.write_text("someone's notes")
+    code, errors = run_main(base_args(tiny, a_file), capsys)
+    assert code == 2 and len(errors) == 1 and "is a file, not a folder" in errors[0], errors
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if os.geteuid() == 0:  # root writes through permission bits: a read-only mount is what root meets
+
+        def read_only(*a, dir=None, **k):
+            if str(dir).startswith(str(locked)):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+            return real(*a, dir=dir, **k)
+
+        real = tempfile.TemporaryFile
+        monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    code, errors = run_main(base_args(tiny, locked / "run"), capsys)
+    assert code == 2 and len(errors) == 1 and f"cannot write in {locked} (" in errors[0], errors
+
+
+# --------------------------------------------------------------------------------------------- DeepSpeed JSONs
+def test_fp16_json_on_cpu_is_one_line(tiny, tmp_path, capsys, keep_process_group):
+    """DeepSpeed #1270, through the entry point: the student's and the teacher's JSON alike."""
+    fp16 = ds_json(tmp_path, fp16={"enabled": True})
+    code, errors = run_main(base_args(tiny, tmp_path / "o") + ["--deepspeed_config", fp16], capsys)
+    assert code == 2 and len(errors) == 1 and "CPU runs need fp32 or bf16" in errors[0], errors
+    teacher = tmp_path / "t16.json"
+    teacher.write_text(
+        json.dumps({**json.loads((REPO_CONFIGS / "cpu_teacher_zero3.json").read_text()), "fp16": {"enabled": True}})
+    )
+    code, errors = run_main(base_args(tiny, tmp_path / "o") + ["--teacher_deepspeed_config", str(teacher)], capsys)
+    assert code == 2 and len(errors) == 1 and "CPU runs need fp32 or bf16" in errors[0], errors
+
+
+def test_train_batch_size_with_accumulation_trains_as_deepspeed_resolves_it(
+    tiny, dist_env, tmp_path, capsys, keep_process_group
+):
+    """train_batch_size 4 + accumulation 2 on one rank: micro batch 2 (DeepSpeed's own resolution), and the run
+    equals the one that writes micro batch 2 x accumulation 2."""
+    from ds_distill import train
+    from tests.helpers import losses_of, make_cfg
+
+    d = json.loads(open(ds_json(tmp_path)).read())
+    d.pop("train_micro_batch_size_per_gpu")
+    d.update(train_batch_size=4, gradient_accumulation_steps=2)
+    implied = tmp_path / "implied.json"
+    implied.write_text(json.dumps(d))
+    a = train.run(make_cfg(tiny, tmp_path / "a", deepspeed_config=str(implied)))
+    b = train.run(
+        make_cfg(
+            tiny,
+            tmp_path / "b",
+            deepspeed_config=ds_json(tmp_path, train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=2),
+        )
+    )
+    assert a.ds.micro_batch == 2 and a.ds.grad_accum == 2 and a.student.train_micro_batch_size_per_gpu() == 2
+    assert losses_of(a) == pytest.approx(losses_of(b), rel=1e-6, abs=1e-7) and abs(losses_of(a)[0] - losses_of(a)[-1])
+
+
+def test_scheduler_shorter_than_the_run_is_one_line(tiny, tmp_path, capsys, keep_process_group, caplog):
+    """WarmupDecayLR over 2 steps in a 3-step run: refused; over 10 steps: warned once and trained."""
+    short = ds_json(
+        tmp_path,
+        lr=None,
+        scheduler={"type": "WarmupDecayLR", "params": {"total_num_steps": 2, "warmup_num_steps": 1}},
+    )
+    code, errors = run_main(base_args(tiny, tmp_path / "o") + ["--deepspeed_config", short, "--max_steps", "3"], capsys)
+    assert code == 2 and len(errors) == 1 and "decays over total_num_steps 2 but --max_steps is 3" in errors[0], errors
+    assert not (tmp_path / "o").exists()
