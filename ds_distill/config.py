@@ -148,6 +148,11 @@ class RunConfig:
         "auto",
         "On-policy under ZeRO-3: whole (gather the student once per optimizer step into a plain copy), layered (gather per layer per token), or auto (whole when it fits in a quarter of a rank's memory).",
     )
+    # --- memory
+    gradient_checkpointing: bool = flag(
+        False,
+        "Recompute the student's layer activations in the backward instead of keeping them (Hugging Face's gradient_checkpointing_enable, non-reentrant): less activation memory for about one more forward per step. DeepSpeed's activation_checkpointing JSON block does not reach Hugging Face models and is refused.",
+    )
     # --- data
     seq_len: int = flag(512, "Tokens per sequence (longer examples are truncated, or dropped with --drop_long).")
     data_format: str = flag("auto", f"{_names(('auto', *FORMATS))}.")

@@ -192,7 +192,12 @@ def load_models(cfg: RunConfig, run: Configs, run_data: Data) -> Models:
     _seed_everything(cfg.seed)
     packed_rows = cfg.packing and run.student.micro_batch > 1
     student = models.student_engine(
-        cfg.student, run.student, cfg.attn_implementation, packed_rows, lora=models.LoraSpec.from_config(cfg)
+        cfg.student,
+        run.student,
+        cfg.attn_implementation,
+        packed_rows,
+        lora=models.LoraSpec.from_config(cfg),
+        gradient_checkpointing=cfg.gradient_checkpointing,
     )
     monitors.attach(student)
     if cfg.router_aux_loss and student.module.use_router_loss() and run.world.rank == 0:

@@ -93,11 +93,15 @@ def load_model(
     attn: str = "auto",
     packed_rows: bool = False,
     lora: lora_mod.LoraSpec | None = None,
+    gradient_checkpointing: bool = False,
 ) -> LoadedModel:
     """Load a model directory; under ZeRO-3 it is partitioned while loading (zero.Init), never whole on one rank.
 
     attn, packed_rows: as ``attn_implementation`` takes them; the choice is logged.
     lora: inject PEFT adapters (``models.lora.wrap``): only they train.
+    gradient_checkpointing: the model's own ``gradient_checkpointing_enable`` / ``activation_checkpointing_enable``
+    (non-reentrant ``torch.utils.checkpoint``: each decoder layer's activations are recomputed in the backward; works
+    with ZeRO-3's gathers, which the recompute repeats).
     """
     unset_hf_deepspeed_config()  # the last HfDeepSpeedConfig is global: drop the previous model's
     keep = HfDeepSpeedConfig(ds.raw) if ds.zero_stage == 3 else None
@@ -121,7 +125,21 @@ def load_model(
     if ds.zero_stage == 3 and (leaves := moe_leaf_modules(lm)):
         set_z3_leaf_modules(lm, leaves)
         log.info("model %s: ZeRO-3 leaf modules %s", path, [c.__name__ for c in leaves])
-    if not trainable:
+    if gradient_checkpointing:
+        if not lm.supports_gradient_checkpointing:
+            raise UsageError(
+                f"--gradient_checkpointing: model {path!r} ({type(lm).__name__}) does not support gradient "
+                "checkpointing in transformers: drop the flag"
+            )
+        # transformers 5 renamed it activation_checkpointing_enable (the old name warns); both take torch's kwargs.
+        enable = getattr(lm, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if trainable:  # from_pretrained returns eval mode; the loop trains (dropout, checkpointing) and eval() toggles
+        lm.train()
+    else:
         lm.requires_grad_(False)
         lm.eval()
     student = lora_mod.wrap(lm, lora, path) if lora is not None else None
@@ -131,11 +149,24 @@ def load_model(
 
 
 def student_engine(
-    path: str, ds: DSConfig, attn: str = "auto", packed_rows: bool = False, lora: lora_mod.LoraSpec | None = None
+    path: str,
+    ds: DSConfig,
+    attn: str = "auto",
+    packed_rows: bool = False,
+    lora: lora_mod.LoraSpec | None = None,
+    gradient_checkpointing: bool = False,
 ):
     """The student: DeepSpeed engine with the optimizer and scheduler of its JSON (over the adapters only with
-    ``lora``)."""
-    loaded = load_model(path, ds, trainable=True, attn=attn, packed_rows=packed_rows, lora=lora)
+    ``lora``); ``load_model`` for the rest."""
+    loaded = load_model(
+        path,
+        ds,
+        trainable=True,
+        attn=attn,
+        packed_rows=packed_rows,
+        lora=lora,
+        gradient_checkpointing=gradient_checkpointing,
+    )
     engine, *_ = deepspeed.initialize(
         model=loaded.model, model_parameters=[p for p in loaded.model.parameters() if p.requires_grad], config=ds.raw
     )
