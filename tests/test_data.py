@@ -504,3 +504,30 @@ def test_bom_is_dropped_from_every_text_source(tmp_path, tok):
     (tmp_path / "md").mkdir()
     (tmp_path / "md" / "a.md").write_text(bom + "# title\n", encoding="utf-8")
     assert get_dataset(str(tmp_path / "md"), tok, seq_len=64)[0]["input_ids"] == expect_text(tok, "# title\n")[0]
+
+
+def test_a_file_of_only_empty_rows_is_refused_and_empty_rows_are_dropped(tmp_path, tok, caplog):
+    """Empty texts would train on <s></s> pairs (and empty completions on prompt-then-eos) without a word (issue 30)."""
+    for rows, field in (([{"text": ""}, {"text": "  "}], "text"), ([{"prompt": "a", "completion": ""}], "completion")):
+        with pytest.raises(UsageError, match=f"every row's '{field}' is empty, so there is nothing to supervise"):
+            get_dataset(write_jsonl(tmp_path / "empty.jsonl", rows), tok, seq_len=64)
+    rows = [{"text": ""}, *texts(3), {"text": "\n"}]
+    with caplog.at_level(logging.WARNING, logger="ds_distill.data"):
+        ds = get_dataset(write_jsonl(tmp_path / "some.jsonl", rows), tok, seq_len=64)
+    assert ds["row"] == [1, 2, 3] and "dropped 2 of 5 rows whose 'text' is empty" in caplog.text
+    for got, row in zip(ds, rows[1:4]):
+        assert got["input_ids"] == expect_text(tok, row["text"])[0]
+
+
+def test_hub_layout_folder_reads_the_asked_split(tmp_path, tok):
+    """A dataset folder as the Hub lays it out (README.md, data/train-00000-of-00001.parquet, data/test-...): --data
+    reads the --data_split files only (the README is no data, the test split is not mixed into training)."""
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    (tmp_path / "hub" / "README.md").write_text("---\nlicense: mit\n---\n# a dataset card\n")
+    train_rows, test_rows = texts(5), [{"text": "held out " + sentence(i)} for i in range(3)]
+    datasets.Dataset.from_list(train_rows).to_parquet(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet")
+    datasets.Dataset.from_list(test_rows).to_parquet(tmp_path / "hub" / "data" / "test-00000-of-00001.parquet")
+    check_text_rows(get_dataset(str(tmp_path / "hub"), tok, seq_len=64), tok, train_rows)
+    check_text_rows(get_dataset(str(tmp_path / "hub"), tok, seq_len=64, split="test"), tok, test_rows)
+    with pytest.raises(UsageError, match=r"has splits \['test', 'train'\], not 'validation'"):
+        get_dataset(str(tmp_path / "hub"), tok, seq_len=64, split="validation")

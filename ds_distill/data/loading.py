@@ -37,10 +37,33 @@ def _looks_local(path: str) -> bool:
     return path.startswith(("/", "./", "../", "~")) or Path(path).suffix in _BUILDERS
 
 
-def _data_files(root: Path) -> tuple[str, list[Path]]:
-    """The builder name and the files of a file or a folder of files (all of one kind, searched recursively)."""
+def _split_files(root: Path, split: str) -> list[Path] | None:
+    """The files of ``split`` in a folder laid out as the Hub lays out a dataset (``data/train-00000-of-00001.parquet``,
+    ``train.jsonl`` + ``test.jsonl``, ``train/`` ...), found by `datasets`' own split patterns; None for a folder
+    whose file names name no split (all of it is the one split)."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    try:
+        patterns = get_data_patterns(str(root))
+    except datasets.exceptions.DataFilesNotFoundError:
+        return None
+    if list(patterns) == ["train"] and patterns["train"] == ["**"]:  # no split in any name
+        return None
+    if split not in patterns:
+        raise UsageError(
+            f"data folder {str(root)!r} has splits {sorted(patterns)}, not {split!r}: pick one with --data_split"
+        )
+    resolved = DataFilesDict.from_patterns({split: patterns[split]}, base_path=str(root))[split]
+    return sorted(Path(f) for f in resolved if Path(f).suffix in _BUILDERS)
+
+
+def _data_files(root: Path, split: str = "train") -> tuple[str, list[Path]]:
+    """The builder name and the files of a file or a folder of files (all of one kind, searched recursively; in a
+    folder whose file names name splits, those of ``split``)."""
     if root.is_file():
         files = [root]
+    elif (in_split := _split_files(root, split)) is not None:
+        files = in_split
     else:
         files = sorted(
             p
@@ -421,7 +444,7 @@ def load_raw(path: str, split: str) -> tuple[datasets.Dataset, list[Path] | None
             ds = ds[split]
         return ds, None
     if p.exists():
-        builder, files = _data_files(p)
+        builder, files = _data_files(p, split)
         kwargs: dict[str, Any] = {"sample_by": "document"} if builder == "text" and files[0].suffix == ".md" else {}
         if builder == "text":
             kwargs["encoding"] = "utf-8-sig"  # drops a BOM (pyarrow's JSON reader already skips one)

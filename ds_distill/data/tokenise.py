@@ -177,6 +177,24 @@ class _Pack:
         out["alignment"][-1] = [a + b for a, b in zip(out["alignment"][-1], batch["alignment"][i])]
 
 
+def _drop_empty(raw: datasets.Dataset, fmt: str, path: str) -> datasets.Dataset:
+    """Drop rows with nothing to learn: a blank ``text``, or a blank ``completion`` (they would train on
+    ``<s></s>`` / prompt-then-eos pairs). Counted in a warning; a corpus of nothing else is refused in one line. Row
+    numbers (``row``) are kept, so the survivors still name their lines. Blank .txt lines never become rows."""
+    field = {"text": "text", "prompt_completion": "completion"}.get(fmt)
+    if field is None:  # a conversation's empty reply is the chat template's business (ChatEncoder)
+        return raw
+    kept = raw.filter(lambda b: [bool(t.strip()) for t in b[field]], batched=True)
+    if len(kept) == 0:
+        raise UsageError(
+            f"data {path!r}: every row's {field!r} is empty, so there is nothing to supervise: check the file "
+            "(or --data_format / the column names)"
+        )
+    if len(kept) < len(raw):
+        warn_once(f"dropped {len(raw) - len(kept)} of {len(raw)} rows whose {field!r} is empty (nothing to supervise)")
+    return kept
+
+
 def get_dataset(
     path: str,
     tokenizer,
@@ -228,6 +246,7 @@ def get_dataset(
         fmt = detect_format(list(raw.column_names), data_format, path)
         check_rows(raw, fmt, files)
         raw = with_ids(raw, path, files)
+        raw = _drop_empty(raw, fmt, path)
         if example_filter is not None:
             raw = raw.filter(example_filter, num_proc=num_proc)
             if len(raw) == 0:
