@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
 import json
 import logging
+import os
 import random
 import re
 import shutil
