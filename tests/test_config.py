@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from ds_distill.common import UsageError
 from ds_distill.config import RunConfig, parse_args
@@ -311,3 +312,44 @@ def test_scheduler_length_against_max_steps(tmp_path, scheduler, max_steps, prob
     problems, warnings = schedule_check(ds, max_steps)
     assert len(problems) == (problem is not None) and all(problem in p and "\n" not in p for p in problems), problems
     assert len(warnings) == (warning is not None) and all(warning in w for w in warnings), warnings
+
+
+SCHEDULED = [p for p in SHIPPED if "scheduler" in json.loads(p.read_text())]
+
+
+@pytest.mark.parametrize("path", SCHEDULED, ids=lambda p: p.name)
+def test_shipped_warmup_is_hugging_faces_from_step_2_and_never_zero(path, dist_env):
+    """The rate every step of a DeepSpeed engine built from the shipped JSON trains at (read off the torch optimizer
+    inside it when its step runs) against transformers' ``get_constant_schedule_with_warmup`` of N steps, N chosen so
+    the peaks coincide: from step 2 on the rates are Hugging Face's, and step 1 trains at step 2's rate where Hugging
+    Face trains at 0 (DeepSpeed's WarmupLR gives steps 1 and 2 the same rate: ``warmup_min_lr``). ZeRO and precision
+    blocks are dropped and torch's AdamW runs: the schedule does not depend on them, and bf16 needs no GPU this way."""
+    import deepspeed
+    from transformers import get_constant_schedule_with_warmup
+
+    raw = json.loads(path.read_text())
+    for key in ("zero_optimization", "bf16", "fp16", "csv_monitor"):
+        raw.pop(key, None)
+    raw["optimizer"]["params"]["torch_adam"] = True  # not DeepSpeed's fused Adam: no op build; the rate is the same
+    model = torch.nn.Linear(2, 1)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=raw)
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    used = []
+    real_step = inner.step
+    inner.step = lambda *a, **k: (used.append(inner.param_groups[0]["lr"]), real_step(*a, **k))[1]
+
+    params = raw["scheduler"]["params"]
+    peak, n_hf = params["warmup_max_lr"], params["warmup_num_steps"] + 1
+    ref_opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=raw["optimizer"]["params"]["lr"])
+    ref = get_constant_schedule_with_warmup(ref_opt, n_hf)
+    hf = []
+    for _ in range(n_hf + 3):
+        engine.backward(engine(torch.ones(1, 2)).sum())
+        engine.step()
+        hf.append(ref_opt.param_groups[0]["lr"])
+        ref_opt.step()
+        ref.step()
+    assert len(used) == n_hf + 3
+    assert min(used) > 0, f"{path.name}: a step trains at lr 0: {used}"
+    assert used[1:] == pytest.approx(hf[1:], rel=1e-9), f"{path.name}: DeepSpeed {used} against Hugging Face {hf}"
+    assert used.index(max(used)) == hf.index(max(hf)) == n_hf and max(used) == pytest.approx(peak)

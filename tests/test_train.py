@@ -580,3 +580,25 @@ def test_generation_config_is_carried_byte_for_byte(tiny, dist_env, tmp_path):
     (teacher / "generation_config.json").write_text(text + "\n")
     student_init.main(["--teacher", str(teacher), "--out", str(tmp_path / "init"), "--num_layers", "1"])
     assert (tmp_path / "init" / "generation_config.json").read_text() == text + "\n"
+
+
+def test_logged_lr_is_the_one_each_step_trained_at(tiny, dist_env, tmp_path):
+    """The shipped demo JSON's warm-up (rates change every step), 2 micro-batches per step: the logged lr of step k is
+    the one the torch optimizer inside the engine holds when its step k runs, not the next step's."""
+    d = json.loads((REPO_CONFIGS / "cpu_demo.json").read_text())
+    d["gradient_accumulation_steps"] = 2
+    (tmp_path / "s.json").write_text(json.dumps(d))
+    used = []
+
+    class Spy(Callback):
+        def on_train_start(self, trainer):
+            inner = trainer.student.optimizer.optimizer  # ZeRO's wrapper holds the torch optimizer
+            real_step = inner.step
+            inner.step = lambda *a, **k: (used.append(inner.param_groups[0]["lr"]), real_step(*a, **k))[1]
+
+    trainer = train.run(
+        make_cfg(tiny, tmp_path / "lr", max_steps=4, deepspeed_config=str(tmp_path / "s.json")), callbacks=[Spy()]
+    )
+    logged = losses_of(trainer, "Train/lr")
+    assert len(set(used)) == 3 and used[0] > 0, used  # warm-up: steps 1 and 2 share warmup_min_lr, then it rises
+    assert logged == used

@@ -110,7 +110,8 @@ class Trainer:
 
     def train_step(self, micro_batches: list[data.Batch], plan: StepPlan) -> dict[str, Any]:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns device sums, and in
-        ``per_example`` one (epoch, example_ids [B], ce [B], kd [B], tokens [B]) per micro-batch (epoch from its Batch).
+        ``per_example`` one (epoch, example_ids [B], ce [B], kd [B], tokens [B]) per micro-batch (epoch from its Batch);
+        ``lr`` (a float) is the learning rate the step trained at.
 
         ``plan`` (``self.sync.plan`` of these micro-batches) holds the step's global token count and chunk counts; its
         collective is the step's one host sync with several ranks (none with one rank); nothing here syncs. Labels
@@ -119,6 +120,7 @@ class Trainer:
         # Divide by the global count of supervised tokens of this step (all micro-batches, all ranks), so that every
         # token weighs the same whatever the micro-batching. DeepSpeed averages gradients over ranks, hence * world.
         sums: dict[str, Any] = {
+            "lr": self.student.get_lr()[0],  # read before engine.step(): the rate this step trains at, not the next
             "n_tokens": plan.n_global,
             "input_tokens": 0,
             "total": 0,
@@ -260,6 +262,7 @@ class _Window:
         self.extra: dict[str, torch.Tensor] = {}  # this rank's sums of LossSums.extra (the same keys on every rank)
         self.n_tokens = torch.zeros((), device=self.device)  # global supervised tokens
         self.input_tokens, self.t0 = 0, time.perf_counter()
+        self.lr = float("nan")
 
     def add(self, s: dict[str, Any]) -> None:
         self.local += torch.stack([s["total"], s["ce"], s["kd"]]).float()
@@ -267,6 +270,7 @@ class _Window:
             self.extra[key] = self.extra.get(key, 0) + value.float()
         self.n_tokens += s["n_tokens"]
         self.input_tokens += s["input_tokens"]
+        self.lr = s["lr"]  # the learning rate the last step trained at
 
     @contextlib.contextmanager
     def paused(self):
@@ -288,7 +292,7 @@ class _Window:
             "ce": ce / n,
             "kd": kd / n,
             **{key: value / n for key, value in zip(names, extra)},
-            "lr": engine.get_lr()[0],
+            "lr": self.lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "tokens_per_s": self.input_tokens * world_size / seconds,
         }
