@@ -86,6 +86,7 @@ def test_tokens_per_s_leaves_out_eval_and_checkpoint_time():
 
     engine = SimpleNamespace(get_global_grad_norm=lambda: 1.0, get_lr=lambda: [0.1])
     sums = {
+        "lr": 0.1,
         "total": torch.tensor(1.0),
         "ce": torch.tensor(1.0),
         "kd": torch.tensor(0.0),
