@@ -249,7 +249,16 @@ def test_faults_are_retried_or_stop_at_a_checkpoint_and_resume_the_same_curve(se
     # 503s, a stall beyond the timeout and a dropped connection: retried, the curve is the reference's
     proxy.healthy, proxy.faults = 1, ["503", "stall", "drop", "503"]
     retried = run(  # behind a prefetcher, with per-example tracking (they read the stream's position through ours)
-        cfg(served, tmp_path, "retried", teacher_url=[proxy.url], prefetch_batches=2, track_examples=True, **fast)
+        cfg(
+            served,
+            tmp_path,
+            "retried",
+            teacher_url=[proxy.url],
+            prefetch_batches=2,
+            track_examples=True,
+            # Requests drawn ahead run concurrently, so two faults can fall on one request: retries to spare.
+            **{**fast, "teacher_url_retries": 5},
+        )
     )
     assert proxy.faults == [] and retried.exit_code == 0
     assert curve(retried) == pytest.approx(curve(ref), rel=1e-6, abs=1e-7)

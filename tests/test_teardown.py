@@ -6,8 +6,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
 from ds_distill.runtime import distributed
 from ds_distill.runtime.distributed import destroy as real_destroy  # conftest keeps the session's group alive
 from tests.launch import free_port, launcher_env
@@ -79,7 +77,6 @@ RANK_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.multiprocess
 def test_two_ranks_with_work_in_flight_exit_0(tmp_path):
     """Both ranks exit 0 with nothing on stderr beyond the log (no 'terminate called'), five times over."""
     script = tmp_path / "rank.py"
