@@ -245,7 +245,8 @@ def proxy(served):
 
 def test_faults_are_retried_or_stop_at_a_checkpoint_and_resume_the_same_curve(served, dist_env, tmp_path, proxy):
     fast = dict(teacher_url_timeout=2.0, teacher_url_retries=2, save_steps=1, max_steps=4, eval_fraction=0.0)
-    ref = run(cfg(served, tmp_path, "ref", teacher_url=[served["url"]], **fast))
+    # The reference talks to the server directly: a first request to a freshly started server may take tens of seconds.
+    ref = run(cfg(served, tmp_path, "ref", teacher_url=[served["url"]], **{**fast, "teacher_url_timeout": 120.0}))
     # 503s, a stall beyond the timeout and a dropped connection: retried, the curve is the reference's
     proxy.healthy, proxy.faults = 1, ["503", "stall", "drop", "503"]
     retried = run(  # behind a prefetcher, with per-example tracking (they read the stream's position through ours)
