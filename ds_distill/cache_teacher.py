@@ -148,19 +148,7 @@ def run(cfg, on_shard: Callable[[dict], None] | None = None) -> dict | None:
     top = vocab if cfg.exact else min(cfg.top_k, vocab)
     server = None
     if cfg.teacher_url:  # ready and checked (tokenizer, K, vocabulary, parity) before any data is scored
-        (server,) = served.connect(
-            cfg.teacher_url,
-            tokenizer,
-            vocab,
-            k=top,
-            temperature=cfg.temperature,
-            seq_len=cfg.seq_len,
-            references=cfg.teacher_reference,
-            tolerance=cfg.teacher_reference_tolerance,
-            timeout=cfg.teacher_url_timeout,
-            retries=cfg.teacher_url_retries,
-            wait=cfg.teacher_url_wait,
-        )
+        (server,) = served.connect_run(cfg, tokenizer, vocab, k=top)
     settings = {
         "format_version": cache_format.FORMAT_VERSION,
         "top_k": top,

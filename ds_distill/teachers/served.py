@@ -350,13 +350,14 @@ def connect(
     return servers
 
 
-def connect_run(cfg, tokenizer, vocab: int) -> list[ServedModel]:
-    """The run's ``--teacher_url``s (``RunConfig``), connected and checked."""
+def connect_run(cfg, tokenizer, vocab: int, k: int | None = None) -> list[ServedModel]:
+    """The ``--teacher_url``s of a run or cache config, connected and checked; ``k``: top-K asked (default the
+    config's ``teacher_top_k``)."""
     return connect(
         cfg.teacher_url,
         tokenizer,
         vocab,
-        k=cfg.teacher_top_k,
+        k=cfg.teacher_top_k if k is None else k,
         temperature=cfg.temperature,
         seq_len=cfg.seq_len,
         references=cfg.teacher_reference,
