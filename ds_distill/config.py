@@ -60,7 +60,10 @@ class RunConfig:
     )
     output_dir: str = flag("", "Where checkpoints, logs, metrics and the exported student go.")
     deepspeed_config: str = flag(
-        "", "Student DeepSpeed JSON. Default: ds_configs/zero3_bf16.json on GPU, cpu_zero3.json on CPU."
+        "",
+        "Student DeepSpeed JSON. Default, chosen by fit and logged: on one rank whose memory holds the student's "
+        "training state twice over, ds_configs/zero1_bf16.json on GPU, cpu_zero1.json on CPU; else zero3_bf16.json "
+        "on GPU, cpu_zero3.json on CPU.",
     )
     teacher_deepspeed_config: str = flag(
         "",

@@ -291,3 +291,9 @@ def schedule_check(ds: DSConfig, max_steps: int) -> tuple[list[str], list[str]]:
             "its peak"
         )
     return problems, warnings
+
+
+def default_zero1_config(has_gpu: bool) -> str:
+    """The shipped ZeRO-1 student for the device (same optimizer and schedule as the ZeRO-3 default): the default on
+    one rank when the student and its optimizer state fit (models.student_placement)."""
+    return str(REPO_CONFIGS / ("zero1_bf16.json" if has_gpu else "cpu_zero1.json"))

@@ -22,7 +22,7 @@ from ds_distill.common import UsageError
 from ds_distill.config import RunConfig
 from ds_distill.core import checkpoint, resume
 from ds_distill.core.trainer import Trainer
-from ds_distill.ds_config import DSConfig, default_ds_configs, load_ds_config, schedule_check
+from ds_distill.ds_config import DSConfig, default_ds_configs, default_zero1_config, load_ds_config, schedule_check
 from ds_distill.losses.objective import Objective
 from ds_distill.runtime import distributed, monitors
 from ds_distill.runtime.callbacks import Callback
@@ -84,7 +84,7 @@ def configs(cfg: RunConfig) -> Configs:
         logging.getLogger().setLevel(logging.WARNING)  # console logging on rank 0 only
     has_gpu = get_accelerator().device_name() != "cpu"
     sds = load_ds_config(
-        cfg.deepspeed_config or default_ds_configs(has_gpu)[0],
+        cfg.deepspeed_config or student_ds_config(cfg.student, world, has_gpu),
         world_size=world.world_size,
         flag="deepspeed_config",
         needs_optimizer=True,
@@ -92,8 +92,6 @@ def configs(cfg: RunConfig) -> Configs:
     )
     _check_schedule(sds, cfg.max_steps, world.rank)
     monitors.check_packages(sds.raw)
-    if world.rank == 0 and not cfg.deepspeed_config:
-        log.info("no --deepspeed_config given: using %s (%s present)", sds.path, "a GPU is" if has_gpu else "no GPU is")
     tds = teacher_ds_config(cfg.teacher, cfg.teacher_deepspeed_config, world, quiet=cfg.alpha == 1.0 or not cfg.teacher)
     # alpha = 1 is plain fine-tuning: no teacher forward at all (the tokenizers are still checked, load_models).
     teachers = cfg.teacher if cfg.alpha < 1.0 else []
@@ -286,6 +284,23 @@ def batch_stream(cfg: RunConfig, run: Configs, run_data: Data, engines: Models, 
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+def student_ds_config(student: str, world, has_gpu: bool) -> str:
+    """The student's DeepSpeed JSON when the user named none: the device's shipped file, its ZeRO stage chosen by fit
+    (``models.student_placement``), logged. A JSON the user names is used as written."""
+    path, why = models.student_placement(
+        models.parameter_count(student) if world.world_size == 1 else None,
+        zero3=default_ds_configs(has_gpu)[0],
+        zero1=default_zero1_config(has_gpu),
+        world_size=world.world_size,
+        rank_memory=_rank_memory(world, has_gpu),
+    )
+    if world.rank == 0:
+        log.info(
+            "no --deepspeed_config given: using %s (%s present; %s)", path, "a GPU is" if has_gpu else "no GPU is", why
+        )
+    return path
+
+
 def teacher_ds_config(teachers: list[str], teacher_deepspeed_config: str, world, quiet: bool = False) -> DSConfig:
     """The teachers' DeepSpeed JSON: the one named, else chosen by fit (``models.teacher_placement``), checked."""
     path = teacher_deepspeed_config

@@ -18,6 +18,7 @@ from ds_distill.models.loading import (
     moe_leaf_modules,
     parameter_count,
     student_engine,
+    student_placement,
     teacher_engine,
     teacher_placement,
 )
@@ -55,5 +56,6 @@ __all__ = [
     "vocab_map",
     "student_engine",
     "teacher_engine",
+    "student_placement",
     "teacher_placement",
 ]

@@ -185,6 +185,36 @@ def teacher_engine(path: str, ds: DSConfig, attn: str = "auto", packed_rows: boo
     return engine
 
 
+# A student's training state per parameter: weights + gradients + Adam's two moments, fp32 on CPU (4 + 4 + 8); bf16
+# weights and gradients + fp32 master weights and moments on GPU (2 + 2 + 4 + 8). Activations come on top, hence the
+# fraction.
+STUDENT_STATE_BYTES = 16
+STUDENT_FIT_FRACTION = 0.5
+
+
+def student_placement(
+    count: int | None, *, zero3: str, zero1: str, world_size: int, rank_memory: int
+) -> tuple[str, str]:
+    """(student JSON, why) when the user named none. One rank whose memory holds the student's training state
+    (``count`` parameters x ``STUDENT_STATE_BYTES``) within ``STUDENT_FIT_FRACTION``: ZeRO-1, since ZeRO-3 over one rank
+    partitions nothing and still pays its per-layer gathers and hooks (issue 28: 12% of the step on CPU). Several
+    ranks, or a student that does not fit or whose size is unknown (``count`` None): ZeRO-3, which saves memory."""
+    if world_size > 1:
+        return zero3, f"{world_size} ranks: ZeRO-3 partitions the student's state over them"
+    if count is None:
+        return zero3, "student size unknown (no config.json transformers can read)"
+    need, budget = count * STUDENT_STATE_BYTES, STUDENT_FIT_FRACTION * rank_memory
+    if need <= budget:
+        return zero1, (
+            f"one rank: the student's weights, gradients and Adam state ({need / 2**30:.2f} GiB) fit in "
+            f"{STUDENT_FIT_FRACTION:.0%} of {rank_memory / 2**30:.1f} GiB, and ZeRO-3 would partition nothing"
+        )
+    return (
+        zero3,
+        f"one rank: the student's training state ({need / 2**30:.2f} GiB) does not fit in {STUDENT_FIT_FRACTION:.0%} of {rank_memory / 2**30:.1f} GiB",
+    )
+
+
 # A replicated teacher costs its full weights on every rank but no per-layer gathers (ZeRO-3 gathers each layer in
 # every forward: collectives and module hooks that make the step host-bound on a GPU, issue 9).
 REPLICATE_FRACTION = 0.25
