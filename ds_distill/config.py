@@ -21,7 +21,7 @@ from typing import Any
 from ds_distill.common import UsageError
 from ds_distill.data.loading import FORMATS
 from ds_distill.losses.cross_tokenizer import CROSS_TOKENIZER
-from ds_distill.losses.divergences import LOSSES
+from ds_distill.losses.divergences import ENTROPY_THRESHOLD, LOSSES
 from ds_distill.losses.hidden import HIDDEN_LOSSES
 from ds_distill.losses.routing import ROUTERS
 
@@ -113,6 +113,10 @@ class RunConfig:
     temperature: float = flag(1.0, "Softmax temperature of the KD term (the KD term is scaled by T^2).")
     beta: float = flag(0.5, "jsd mixture weight of the teacher (0 = forward KL, 1 = reverse KL).")
     skew: float = flag(0.1, "Skew of skew_forward_kl / skew_reverse_kl (DistiLLM).")
+    entropy_threshold: float = flag(
+        ENTROPY_THRESHOLD,
+        "entropy_aware_kl: teacher entropy (nats, at --temperature) at and above which a token is all forward KL; below it the forward weight is entropy / threshold, the rest reverse KL. 0 = forward KL, inf = reverse KL.",
+    )
     chunk_size: int = flag(
         1024, "Tokens per loss chunk: the lm_heads run per chunk so full logits never exist. 0 = full logits."
     )
@@ -259,6 +263,8 @@ class RunConfig:
         for name in ("beta", "skew"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"--{name} {getattr(self, name)} must be in [0, 1]")
+        if not self.entropy_threshold >= 0:
+            problems.append(f"--entropy_threshold {self.entropy_threshold} must be >= 0 nats (inf = reverse KL)")
         if self.cross_tokenizer:
             problems.extend(_cross_tokenizer_problems(self))
         if self.hidden_loss:

@@ -114,7 +114,12 @@ def ref_kl(p, q):
     return torch.where(p > 0, p * (p.log() - q.log()), torch.zeros_like(p)).sum(-1)
 
 
-def ref_divergence(kind, pt, ps, beta, skew):
+def ref_entropy(p):
+    """H(p) per row in nats, 0 log 0 = 0."""
+    return -torch.where(p > 0, p * p.log(), torch.zeros_like(p)).sum(-1)
+
+
+def ref_divergence(kind, pt, ps, beta, skew, entropy_threshold=3.0):
     if kind == "forward_kl":
         return ref_kl(pt, ps)
     if kind == "reverse_kl":
@@ -132,6 +137,9 @@ def ref_divergence(kind, pt, ps, beta, skew):
         return ref_kl(ps, skew * ps + (1 - skew) * pt)
     if kind == "tvd":
         return 0.5 * (pt - ps).abs().sum(-1)
+    if kind == "entropy_aware_kl":  # w = min(H(p_t) / h, 1) on forward KL, 1 - w on reverse KL (no special cases)
+        w = torch.clamp(ref_entropy(pt) / entropy_threshold, max=1.0)
+        return w * ref_kl(pt, ps) + (1 - w) * ref_kl(ps, pt)
     raise AssertionError(kind)
 
 

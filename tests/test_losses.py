@@ -110,6 +110,9 @@ GOLDEN = {  # kind: D(p_t, p_s) in closed form, beta = 0.5, skew = 0.1
     "skew_forward_kl": 0.5 * math.log(0.5 / 0.275) + 0.5 * math.log(0.5 / 0.725),  # m = 0.1 p_t + 0.9 p_s
     "skew_reverse_kl": 0.25 * math.log(0.25 / 0.475) + 0.75 * math.log(0.75 / 0.525),  # m = 0.1 p_s + 0.9 p_t
     "tvd": 0.25,
+    # H(p_t) = ln 2, so w = ln 2 / 3 (the default threshold, 3 nats) on forward KL and 1 - w on reverse KL
+    "entropy_aware_kl": math.log(2) / 3 * 0.5 * math.log(4 / 3)
+    + (1 - math.log(2) / 3) * (0.25 * math.log(1 / 2) + 0.75 * math.log(3 / 2)),
 }
 
 
@@ -439,8 +442,16 @@ def test_bad_teacher_weights_raise(weights):
         chunked_loss_sums(hidden, head, t_hidden, t_heads, labels, teacher_weights=weights)
 
 
-def test_registry_is_exactly_the_six_kinds():
-    assert set(LOSSES) == {"forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"}
+def test_registry_is_exactly_the_seven_kinds():
+    assert set(LOSSES) == {
+        "forward_kl",
+        "reverse_kl",
+        "jsd",
+        "skew_forward_kl",
+        "skew_reverse_kl",
+        "tvd",
+        "entropy_aware_kl",
+    }
 
 
 # ---------------------------------------------------------------- vocab padding, ensembles, per-sequence sums
@@ -701,3 +712,87 @@ def test_fused_loop_runs_inside_one_head_module_call():
     n = int((labels != IGNORE_INDEX).sum())
     assert seen == [("pre", (n, H)), ("post", out.total)]
     assert "forward" not in lin.__dict__ and lin(hidden[0]).shape == (T, V)
+
+
+# ---------------------------------------------------------------- the entropy-aware mixture (entropy_aware_kl)
+def _logps64(seed, n=6, v=V):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.log_softmax(3.0 * torch.randn(n, v, generator=g, dtype=torch.float64), -1)
+    s = torch.log_softmax(3.0 * torch.randn(n, v, generator=g, dtype=torch.float64), -1)
+    return t, s
+
+
+def test_entropy_aware_kl_limits_are_the_plain_divergences_in_float64():
+    """h = 0 is forward KL and h = inf reverse KL, bit for bit; and the mixture itself (no special case) reaches them:
+    a threshold below every row's entropy gives w = 1 exactly, a huge one w ~ 0."""
+    t, s = _logps64(0)
+    kw = dict(beta=0.5, skew=0.1)
+    ea, fwd, rev = LOSSES["entropy_aware_kl"], LOSSES["forward_kl"](t, s, **kw), LOSSES["reverse_kl"](t, s, **kw)
+    assert torch.equal(ea(t, s, entropy_threshold=0.0, **kw), fwd)
+    assert torch.equal(ea(t, s, entropy_threshold=math.inf, **kw), rev)
+    tiny = 0.5 * float((-(t.exp() * t).sum(-1)).min())  # below every row's entropy: w = 1 by the formula itself
+    assert torch.equal(ea(t, s, entropy_threshold=tiny, **kw), fwd)
+    torch.testing.assert_close(ea(t, s, entropy_threshold=1e12, **kw), rev, rtol=1e-10, atol=0)
+    assert not torch.allclose(fwd, rev)  # the two limits differ on these rows
+
+
+@pytest.mark.parametrize("threshold", [0.3, 1.0, 2.5, 40.0])
+def test_entropy_aware_kl_matches_float64_reference_per_token(threshold):
+    """Rows from near one-hot to uniform: each token's weight on forward KL is min(H(p_t) / h, 1)."""
+    from tests.helpers import ref_entropy, ref_kl
+
+    t, s = _logps64(1)
+    t[0] = torch.log_softmax(torch.zeros(V, dtype=torch.float64), -1)  # uniform teacher: H = ln 11 = 2.4 nats
+    t[1] = torch.log_softmax(torch.tensor([30.0] + [0.0] * (V - 1), dtype=torch.float64), -1)  # near one-hot
+    got = LOSSES["entropy_aware_kl"](t, s, beta=0.5, skew=0.1, entropy_threshold=threshold)
+    pt, ps = t.exp(), s.exp()
+    ref = ref_divergence("entropy_aware_kl", pt, ps, 0.5, 0.1, entropy_threshold=threshold)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    w = (ref_entropy(pt) / threshold).clamp(max=1.0)
+    assert w[1] < 1e-9  # the confident teacher's token is (almost) all reverse KL
+    torch.testing.assert_close(got[1], ref_kl(ps[1], pt[1]), rtol=1e-6, atol=1e-9)
+    if threshold <= math.log(V):  # the uniform teacher's token is all forward KL
+        torch.testing.assert_close(got[0], ref_kl(pt[0], ps[0]), rtol=1e-12, atol=0)
+
+
+def test_entropy_aware_kl_through_the_dense_and_chunked_losses():
+    """A non-default threshold reaches the divergence through loss_sums and chunked_loss_sums (fused and checkpointed
+    paths): values and gradients equal the float64 reference; the weight carries no gradient."""
+    kw = dict(loss="entropy_aware_kl", alpha=0.3, temperature=2.0, entropy_threshold=0.7)
+    student, teachers, labels = make(41)
+    s64 = student.detach().double().requires_grad_()
+    ref_total, _, ref_kd, _ = ref_terms(s64, teachers, labels, kind="entropy_aware_kl", alpha=0.3, temperature=2.0)
+    out = loss_sums(student, teachers, labels, **kw)
+    # the reference above used the default threshold (3 nats): redo it at 0.7
+    total, _, kd, _ = _ref_terms_at(s64, teachers, labels, 0.7, alpha=0.3, temperature=2.0)
+    close(out.kd, kd.sum())
+    close(torch.autograd.grad(out.total, student)[0], torch.autograd.grad(total.sum(), s64)[0], rtol=1e-4)
+    assert not torch.allclose(kd.sum(), ref_kd.sum())  # the threshold changed the value: it was passed through
+    hidden, head, t_hidden, t_heads, labels = _chunk_setup(42)
+    full = loss_sums(head(hidden), [h(x) for h, x in zip(t_heads, t_hidden)], labels, **kw)
+    g_full = torch.autograd.grad(full.total, [hidden, head.weight])
+    for h in (head, OutputHead(head)):  # checkpointed, then fused
+        out = chunked_loss_sums(hidden, h, t_hidden, t_heads, labels, chunk_size=3, **kw)
+        close(out.total, full.total)
+        for a, b in zip(torch.autograd.grad(out.total, [hidden, head.weight]), g_full):
+            close(a, b)
+
+
+def _ref_terms_at(student, teachers, labels, threshold, *, alpha, temperature):
+    """ref_terms with entropy_aware_kl at ``threshold`` nats (float64)."""
+    s = student.double()
+    pt = torch.softmax(teachers[0].double() / temperature, -1)
+    ps = torch.softmax(s / temperature, -1)
+    mask = labels != IGNORE_INDEX
+    ce = -torch.log_softmax(s, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    kd = temperature**2 * ref_divergence("entropy_aware_kl", pt, ps, 0.5, 0.1, entropy_threshold=threshold)
+    zero = torch.zeros_like(ce)
+    total = torch.where(mask, alpha * ce + (1 - alpha) * kd, zero)
+    return total, torch.where(mask, ce, zero), torch.where(mask, kd, zero), mask
+
+
+def test_entropy_threshold_is_checked():
+    student, teachers, labels = make(43)
+    for bad in (-0.1, math.nan):
+        with pytest.raises(ValueError, match="entropy_threshold"):
+            loss_sums(student, teachers, labels, loss="entropy_aware_kl", entropy_threshold=bad)

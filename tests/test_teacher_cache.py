@@ -38,6 +38,9 @@ def _reference(s_logits, t_logits, k, loss, temperature, beta=0.5, skew=0.1):
         "skew_forward_kl": lambda: kl(tb, mix(tb, sb, skew)),
         "skew_reverse_kl": lambda: kl(sb, mix(sb, tb, skew)),
         "tvd": lambda: 0.5 * (tb - sb).abs().sum(-1),
+        "entropy_aware_kl": lambda: (lambda w: w * kl(tb, sb) + (1 - w) * kl(sb, tb))(
+            (-(tb * tb.log()).sum(-1) / 3.0).clamp(max=1.0)  # the K + 1 buckets' entropy, default threshold 3 nats
+        ),
     }[loss]()
     return temperature**2 * d
 

@@ -42,7 +42,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ds_distill.common import IGNORE_INDEX
 from ds_distill.losses.chunked import chunk_slices
-from ds_distill.losses.divergences import LOSSES, check_args
+from ds_distill.losses.divergences import ENTROPY_THRESHOLD, LOSSES, check_args
 from ds_distill.losses.terms import LossSums, check_vocab
 
 Tensor = torch.Tensor
@@ -64,12 +64,14 @@ def log1mexp(x: Tensor) -> Tensor:
     return torch.where(x > cut, near, far)
 
 
-def binary_divergence(t_logp: Tensor, s_logp: Tensor, *, loss: str, beta: float, skew: float) -> Tensor:
+def binary_divergence(
+    t_logp: Tensor, s_logp: Tensor, *, loss: str, beta: float, skew: float, entropy_threshold: float
+) -> Tensor:
     """D between ``[P_t, 1 - P_t]`` and ``[P_s, 1 - P_s]`` from log-likelihoods ``[C]`` (<= 0) -> ``[C]`` nats."""
     t_logp, s_logp = t_logp.clamp(max=0.0), s_logp.clamp(max=0.0)
     t = torch.stack([t_logp, log1mexp(t_logp)], -1)
     s = torch.stack([s_logp, log1mexp(s_logp)], -1)
-    return LOSSES[loss](t, s, beta=beta, skew=skew)
+    return LOSSES[loss](t, s, beta=beta, skew=skew, entropy_threshold=entropy_threshold)
 
 
 def chunk_sums(values: Tensor, chunk_ids: Tensor, n_chunks: int) -> Tensor:
@@ -139,12 +141,13 @@ def alm_loss_sums(
     temperature: float = 1.0,
     beta: float = 0.5,
     skew: float = 0.1,
+    entropy_threshold: float = ENTROPY_THRESHOLD,
     ignore_index: int = IGNORE_INDEX,
     vocab_size: int | None = None,
 ) -> LossSums:
     """ALM (see the module docstring): student logits ``[B, T, V]``, labels and student_chunks ``[B, T]``, the
     teacher's chunk log-likelihoods ``[C]`` at ``temperature`` (``teacher_chunk_logprobs``, or from a cache)."""
-    check_args(loss, alpha, temperature, beta, skew)
+    check_args(loss, alpha, temperature, beta, skew, entropy_threshold)
     n_chunks = teacher_chunk_logp.shape[0]
     idx, rows, lab, ch = _supervised(labels, student_chunks, n_chunks, ignore_index)
     dev = student_logits.device
@@ -152,15 +155,32 @@ def alm_loss_sums(
     v = check_vocab(vocab_size, student_logits.shape[-1], [])
     ce, lp = _token_terms(student_logits.flatten(0, 1)[idx, :v], lab, temperature)
     return _alm_sums(
-        ce, lp, rows, ch, teacher_chunk_logp, labels.shape[0], loss, alpha, temperature, beta, skew, student_logits
+        ce,
+        lp,
+        rows,
+        ch,
+        teacher_chunk_logp,
+        labels.shape[0],
+        loss,
+        alpha,
+        temperature,
+        (beta, skew, entropy_threshold),
+        student_logits,
     )
 
 
-def _alm_sums(ce, lp, rows, ch, t_chunk, batch, loss, alpha, temperature, beta, skew, anchor) -> LossSums:
+def _alm_sums(ce, lp, rows, ch, t_chunk, batch, loss, alpha, temperature, params, anchor) -> LossSums:
+    """params: the divergence's (beta, skew, entropy_threshold)."""
+    beta, skew, entropy_threshold = params
     n_chunks = t_chunk.shape[0]
     s_chunk = chunk_sums(lp, ch, n_chunks)
     kd = temperature**2 * binary_divergence(
-        _fp(t_chunk).to(s_chunk.device, s_chunk.dtype), s_chunk, loss=loss, beta=beta, skew=skew
+        _fp(t_chunk).to(s_chunk.device, s_chunk.dtype),
+        s_chunk,
+        loss=loss,
+        beta=beta,
+        skew=skew,
+        entropy_threshold=entropy_threshold,
     )
     return _sums(ce, rows, kd, _chunk_rows(ch, rows, n_chunks), batch, alpha, anchor)
 
@@ -180,12 +200,13 @@ def chunked_alm_loss_sums(
     temperature: float = 1.0,
     beta: float = 0.5,
     skew: float = 0.1,
+    entropy_threshold: float = ENTROPY_THRESHOLD,
     ignore_index: int = IGNORE_INDEX,
 ) -> LossSums:
     """``alm_loss_sums`` from the student's final hidden states ``[B, T, H]``: its head runs ``chunk_size`` supervised
     tokens at a time under activation checkpointing (recomputed in backward), never ``[tokens, V]`` logits at once;
     only the ``[n]`` log-probabilities of the labels are kept. ``num_chunks``: as in ``chunked_loss_sums``."""
-    check_args(loss, alpha, temperature, beta, skew)
+    check_args(loss, alpha, temperature, beta, skew, entropy_threshold)
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
     n_chunks = teacher_chunk_logp.shape[0]
@@ -197,7 +218,17 @@ def chunked_alm_loss_sums(
         hs, student_head, lab, chunk_slices(hs.shape[0], chunk_size, num_chunks), vocab_size, temperature
     )
     return _alm_sums(
-        ce, lp, rows, ch, teacher_chunk_logp, labels.shape[0], loss, alpha, temperature, beta, skew, student_hidden
+        ce,
+        lp,
+        rows,
+        ch,
+        teacher_chunk_logp,
+        labels.shape[0],
+        loss,
+        alpha,
+        temperature,
+        (beta, skew, entropy_threshold),
+        student_hidden,
     )
 
 
@@ -231,7 +262,9 @@ def _map_terms(s: Tensor, t: Tensor, student_index: Tensor, teacher_index: Tenso
 
     sb = buckets(s, student_index.to(s.device))
     tb = buckets(t, teacher_index.to(t.device)).to(sb.dtype)
-    return temperature**2 * LOSSES[kw["loss"]](tb, sb, beta=kw["beta"], skew=kw["skew"])
+    return temperature**2 * LOSSES[kw["loss"]](
+        tb, sb, beta=kw["beta"], skew=kw["skew"], entropy_threshold=kw["entropy_threshold"]
+    )
 
 
 def chunk_starts(ch: Tensor, n_chunks: int) -> Tensor:
@@ -262,13 +295,14 @@ def vocab_map_loss_sums(
     temperature: float = 1.0,
     beta: float = 0.5,
     skew: float = 0.1,
+    entropy_threshold: float = ENTROPY_THRESHOLD,
     ignore_index: int = IGNORE_INDEX,
     vocab_size: int | None = None,
 ) -> LossSums:
     """vocab_map (see the module docstring): student logits ``[B, T, V_s]``, labels and student_chunks ``[B, T]``,
     the teacher's logits at the first position of each chunk ``[C, V_t]`` (chunk order), the mapped token pairs
     ``student_index``, ``teacher_index`` ``[M]``. The student is scored at the first position of each chunk."""
-    check_args(loss, alpha, temperature, beta, skew)
+    check_args(loss, alpha, temperature, beta, skew, entropy_threshold)
     check_map(student_index, teacher_index)
     n_chunks = teacher_start_logits.shape[0]
     idx, rows, lab, ch = _supervised(labels, student_chunks, n_chunks, ignore_index)
@@ -278,7 +312,7 @@ def vocab_map_loss_sums(
     s = student_logits.flatten(0, 1)[idx, :v]
     ce, _ = _token_terms(s, lab, 1.0)
     starts = chunk_starts(ch, n_chunks)
-    kw = dict(loss=loss, beta=beta, skew=skew)
+    kw = dict(loss=loss, beta=beta, skew=skew, entropy_threshold=entropy_threshold)
     kd = _map_terms(s[starts], teacher_start_logits, student_index, teacher_index, temperature, kw)
     return _sums(ce, rows, kd, rows[starts], labels.shape[0], alpha, student_logits)
 
@@ -301,13 +335,14 @@ def chunked_vocab_map_loss_sums(
     temperature: float = 1.0,
     beta: float = 0.5,
     skew: float = 0.1,
+    entropy_threshold: float = ENTROPY_THRESHOLD,
     ignore_index: int = IGNORE_INDEX,
 ) -> LossSums:
     """``vocab_map_loss_sums`` from hidden states: the student's ``[B, T, H]`` and the teacher's at the first position
     of each chunk ``[C, H_t]``; both heads run ``chunk_size`` rows at a time (the teacher's without grad, the
     student's checkpointed), never ``[tokens, V]`` logits at once. Two passes of the student head, ``num_chunks``
     calls each (as in ``chunked_loss_sums``): CE over the supervised tokens, then D at the chunk starts (C <= tokens)."""
-    check_args(loss, alpha, temperature, beta, skew)
+    check_args(loss, alpha, temperature, beta, skew, entropy_threshold)
     check_map(student_index, teacher_index)
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
@@ -318,7 +353,7 @@ def chunked_vocab_map_loss_sums(
     hs = student_hidden.flatten(0, 1)[idx]
     ce, _ = _head_terms(hs, student_head, lab, chunk_slices(hs.shape[0], chunk_size, num_chunks), vocab_size, 1.0)
     starts = chunk_starts(ch, n_chunks)
-    kw = dict(loss=loss, beta=beta, skew=skew)
+    kw = dict(loss=loss, beta=beta, skew=skew, entropy_threshold=entropy_threshold)
 
     def kd_terms(h: Tensor, th: Tensor) -> Tensor:
         z = student_head(h)

@@ -8,7 +8,7 @@ import torch
 
 from ds_distill.common import IGNORE_INDEX
 from ds_distill.losses.chunked import chunk_slices, run_chunks
-from ds_distill.losses.divergences import check_args
+from ds_distill.losses.divergences import ENTROPY_THRESHOLD, check_args
 from ds_distill.losses.terms import LossSums, as_list, check_vocab, prepare, sum_terms, token_terms
 
 Tensor = torch.Tensor
@@ -24,6 +24,7 @@ def loss_sums(
     temperature: float = 1.0,
     beta: float = 0.5,
     skew: float = 0.1,
+    entropy_threshold: float = ENTROPY_THRESHOLD,
     ignore_index: int = IGNORE_INDEX,
     vocab_size: int | None = None,
     teacher_weights=None,
@@ -35,13 +36,16 @@ def loss_sums(
     ``(K x [n, V] teacher log-probs at temperature 1, labels [n]) -> [n, K]``, called on the supervised tokens only
     (per chunk in ``chunked_loss_sums``, where it runs again when backward recomputes the chunk).
     """
-    check_args(loss, alpha, temperature, beta, skew)
+    check_args(loss, alpha, temperature, beta, skew, entropy_threshold)
     teachers = as_list(teacher_logits) if alpha != 1.0 else []  # alpha = 1: plain fine-tuning, teacher unused
     idx, rows, lab, w = prepare(student_logits, labels, teachers, teacher_weights, ignore_index, alpha, "logits")
     v = check_vocab(vocab_size, student_logits.shape[-1], [t.shape[-1] for t in teachers])
     s = student_logits.flatten(0, 1)[idx, :v]
     ts = [t.flatten(0, 1)[idx, :v] for t in teachers]
-    ce, kd = token_terms(s, ts, lab, loss=loss, alpha=alpha, temperature=temperature, beta=beta, skew=skew, weights=w)
+    kw = dict(
+        loss=loss, alpha=alpha, temperature=temperature, beta=beta, skew=skew, entropy_threshold=entropy_threshold
+    )
+    ce, kd = token_terms(s, ts, lab, weights=w, **kw)
     return sum_terms(ce, kd, rows, labels.shape[0], alpha, student_logits)
 
 
@@ -60,6 +64,7 @@ def chunked_loss_sums(
     temperature: float = 1.0,
     beta: float = 0.5,
     skew: float = 0.1,
+    entropy_threshold: float = ENTROPY_THRESHOLD,
     ignore_index: int = IGNORE_INDEX,
     teacher_weights=None,
 ) -> LossSums:
@@ -85,7 +90,7 @@ def chunked_loss_sums(
     of calls although their numbers of supervised tokens differ: the trainer passes the maximum over ranks of
     ``ceil(n_tokens / chunk_size)``.
     """
-    check_args(loss, alpha, temperature, beta, skew)
+    check_args(loss, alpha, temperature, beta, skew, entropy_threshold)
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
     t_hidden, t_heads = as_list(teacher_hidden) if teacher_hidden is not None else [], as_list(teacher_head)
@@ -96,7 +101,9 @@ def chunked_loss_sums(
     idx, rows, lab, w = prepare(student_hidden, labels, t_hidden, teacher_weights, ignore_index, alpha, "hidden states")
     hs = student_hidden.flatten(0, 1)[idx]
     ths = [t.flatten(0, 1)[idx] for t in t_hidden]
-    kw = dict(loss=loss, alpha=alpha, temperature=temperature, beta=beta, skew=skew)
+    kw = dict(
+        loss=loss, alpha=alpha, temperature=temperature, beta=beta, skew=skew, entropy_threshold=entropy_threshold
+    )
     weights_of = lambda sl: w[sl] if isinstance(w, Tensor) and w.dim() == 2 else w
 
     def teacher_logits(sl: slice) -> list[Tensor]:
@@ -121,6 +128,7 @@ def distillation_loss(
     temperature: float = 1.0,
     beta: float = 0.5,
     skew: float = 0.1,
+    entropy_threshold: float = ENTROPY_THRESHOLD,
     ignore_index: int = IGNORE_INDEX,
 ) -> Tensor:
     """Mean over non-ignored positions of ``alpha * CE + (1 - alpha) * T^2 * D`` (a finite 0 if none)."""
@@ -137,6 +145,7 @@ def distillation_loss(
         temperature=temperature,
         beta=beta,
         skew=skew,
+        entropy_threshold=entropy_threshold,
         ignore_index=ignore_index,
     )
     return out.total / out.n_tokens.clamp(min=1)

@@ -5,7 +5,7 @@ Per optimizer step (``losses.loss_sums`` / ``losses.chunked_loss_sums`` give the
     sum over supervised tokens of [alpha * CE + (1 - alpha) * T^2 * D(mixture of teachers || student)] / global tokens
 
 ``build()`` makes one ``Objective`` from the run config (``--loss``, ``--alpha``, ``--temperature``, ``--beta``,
-``--skew``, ``--teacher_weights``, ``--router``) and hands it to the Trainer; nothing changes it during training. A
+``--skew``, ``--entropy_threshold``, ``--teacher_weights``, ``--router``) and hands it to the Trainer; nothing changes it during training. A
 custom router (``ds_distill.losses.routing``) plugs in by building the objective:
 
     train.run(cfg, train.default_callbacks(cfg), objective=Objective.from_config(cfg, router=my_router))
@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ds_distill.config import RunConfig
+from ds_distill.losses.divergences import ENTROPY_THRESHOLD
 from ds_distill.losses.routing import Router, make_router
 
 
@@ -30,6 +31,7 @@ class Objective:
     temperature: float = 1.0  # of the KD term (its T^2 factor keeps gradient scales comparable)
     beta: float = 0.5  # of the beta-parameterised losses (see losses.LOSSES)
     skew: float = 0.1  # of the skewed KLs
+    entropy_threshold: float = ENTROPY_THRESHOLD  # nats, of entropy_aware_kl
     # The student's real vocabulary: logits past it (padding rows) are ignored. None until build() sets it from the models.
     vocab_size: int | None = None
     # How the KD target mixes the teachers: None (uniform), a tensor [K] of weights, or a Router called per loss chunk.
@@ -46,6 +48,7 @@ class Objective:
             temperature=cfg.temperature,
             beta=cfg.beta,
             skew=cfg.skew,
+            entropy_threshold=cfg.entropy_threshold,
             teacher_weights=weights,
         )
 

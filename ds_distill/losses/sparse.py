@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ds_distill.common import IGNORE_INDEX
 from ds_distill.losses.chunked import chunk_slices, run_chunks
-from ds_distill.losses.divergences import LOSSES, check_args
+from ds_distill.losses.divergences import ENTROPY_THRESHOLD, LOSSES, check_args
 from ds_distill.losses.terms import LossSums, check_vocab, prepare, sum_terms
 
 Tensor = torch.Tensor
@@ -28,6 +28,7 @@ def sparse_token_terms(
     temperature: float,
     beta: float,
     skew: float,
+    entropy_threshold: float,
 ) -> tuple[Tensor, Tensor]:
     """CE and T^2 * D on the top-K support plus one tail bucket: ``[n, V], [n], [n, K], [n, K], [n] -> ([n], [n])``."""
     s = s_logits.float()
@@ -48,7 +49,7 @@ def sparse_token_terms(
         t, s_b = torch.cat([t_logp.float(), t_tail.float()[:, None]], -1), torch.cat([s_top, s_tail[:, None]], -1)
     else:  # K = V: the top-K ids are the whole vocabulary, there is no tail
         t, s_b = t_logp.float(), s_top
-    return ce, temperature**2 * LOSSES[loss](t, s_b, beta=beta, skew=skew)
+    return ce, temperature**2 * LOSSES[loss](t, s_b, beta=beta, skew=skew, entropy_threshold=entropy_threshold)
 
 
 def check_sparse(t_ids: Tensor, t_logp: Tensor, t_tail: Tensor, n: int, v: int) -> None:
@@ -73,6 +74,7 @@ def sparse_loss_sums(
     temperature: float = 1.0,
     beta: float = 0.5,
     skew: float = 0.1,
+    entropy_threshold: float = ENTROPY_THRESHOLD,
     ignore_index: int = IGNORE_INDEX,
     vocab_size: int | None = None,
 ) -> LossSums:
@@ -91,15 +93,16 @@ def sparse_loss_sums(
     Divergences: every one in ``LOSSES`` is supported (each is defined on any finite set of outcomes); none is refused.
     CE is the ordinary full-vocabulary cross-entropy on the labels.
     """
-    check_args(loss, alpha, temperature, beta, skew)
+    check_args(loss, alpha, temperature, beta, skew, entropy_threshold)
     idx, rows, lab, _ = prepare(student_logits, labels, [], None, ignore_index, 1.0, "logits")
     v = check_vocab(vocab_size, student_logits.shape[-1], [])
     check_sparse(teacher_ids, teacher_logp, teacher_tail, idx.shape[0], v)
     s = student_logits.flatten(0, 1)[idx, :v]
     t_ids, t_logp, t_tail = (x.to(s.device, non_blocking=True) for x in (teacher_ids, teacher_logp, teacher_tail))
-    ce, kd = sparse_token_terms(
-        s, lab, t_ids, t_logp, t_tail, loss=loss, alpha=alpha, temperature=temperature, beta=beta, skew=skew
+    kw = dict(
+        loss=loss, alpha=alpha, temperature=temperature, beta=beta, skew=skew, entropy_threshold=entropy_threshold
     )
+    ce, kd = sparse_token_terms(s, lab, t_ids, t_logp, t_tail, **kw)
     return sum_terms(ce, kd, rows, labels.shape[0], alpha, student_logits)
 
 
@@ -119,20 +122,23 @@ def chunked_sparse_loss_sums(
     temperature: float = 1.0,
     beta: float = 0.5,
     skew: float = 0.1,
+    entropy_threshold: float = ENTROPY_THRESHOLD,
     ignore_index: int = IGNORE_INDEX,
 ) -> LossSums:
     """``sparse_loss_sums`` from the student's final hidden states ``[B, T, H]``, its head called ``chunk_size``
     supervised tokens at a time, never ``[tokens, V]`` logits at once: fused (gradients in the forward) or checkpointed
     (recomputed in backward), chosen by the head as in ``chunked_loss_sums``; ``num_chunks`` as there (the same number
     of head calls on every rank under ZeRO-3)."""
-    check_args(loss, alpha, temperature, beta, skew)
+    check_args(loss, alpha, temperature, beta, skew, entropy_threshold)
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
     idx, rows, lab, _ = prepare(student_hidden, labels, [], None, ignore_index, 1.0, "hidden states")
     hs = student_hidden.flatten(0, 1)[idx]
     check_sparse(teacher_ids, teacher_logp, teacher_tail, hs.shape[0], teacher_ids.shape[-1])  # K against V: per chunk
     t_ids, t_logp, t_tail = (x.to(hs.device, non_blocking=True) for x in (teacher_ids, teacher_logp, teacher_tail))
-    kw = dict(loss=loss, alpha=alpha, temperature=temperature, beta=beta, skew=skew)
+    kw = dict(
+        loss=loss, alpha=alpha, temperature=temperature, beta=beta, skew=skew, entropy_threshold=entropy_threshold
+    )
 
     def terms(s_logits: Tensor, _: list[Tensor], sl: slice) -> tuple[Tensor, Tensor]:
         v = check_vocab(vocab_size, s_logits.shape[-1], [])

@@ -72,6 +72,7 @@ def token_terms(
     temperature: float,
     beta: float,
     skew: float,
+    entropy_threshold: float,
     weights: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     """CE and T^2 * D for supervised rows only: ``[n, V], K x [n, V], [n] -> ([n], [n])``."""
@@ -84,7 +85,7 @@ def token_terms(
             weights = weights([F.log_softmax(t.float(), dim=-1) for t in t_logits], labels)
     t_logp = teacher_logprobs(t_logits, temperature, weights)
     s_logp = F.log_softmax(s / temperature, dim=-1)
-    return ce, temperature**2 * LOSSES[loss](t_logp, s_logp, beta=beta, skew=skew)
+    return ce, temperature**2 * LOSSES[loss](t_logp, s_logp, beta=beta, skew=skew, entropy_threshold=entropy_threshold)
 
 
 def check_vocab(vocab_size: int | None, student_v: int, teacher_vs: Sequence[int]) -> int:
