@@ -151,6 +151,14 @@ class RunConfig:
     )
     top_p: float = flag(1.0, "On-policy: nucleus sampling threshold (1 = off).")
     top_k: int = flag(0, "On-policy: sample from the k most likely tokens only (0 = off).")
+    collapse_distinct2_floor: float = flag(
+        0.5,
+        "On-policy: warn (one line) when distinct-2 of the student's samples in a log window falls below this (healthy text: ~0.95 over 32 tokens). 0 = off.",
+    )
+    collapse_self_nll_fraction: float = flag(
+        0.75,
+        "On-policy: warn (one line) when the student's NLL of its own samples falls below this fraction of its first logged value (issue 29's collapsed run: 0.73). 0 = off.",
+    )
     generation_gather: str = flag(
         "auto",
         "On-policy under ZeRO-3: whole (gather the student once per optimizer step into a plain copy), layered (gather per layer per token), or auto (whole when it fits in a quarter of a rank's memory).",
@@ -322,6 +330,9 @@ class RunConfig:
                 f"generation flags out of range (--max_new_tokens {self.max_new_tokens} >= 1, --generation_temperature "
                 f"{self.generation_temperature} > 0, --top_p {self.top_p} in (0, 1], --top_k {self.top_k} >= 0)"
             )
+        for name in ("collapse_distinct2_floor", "collapse_self_nll_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"--{name} {getattr(self, name)} must be in [0, 1] (0 = no warning)")
         if self.generation_gather not in ("auto", "whole", "layered"):
             problems.append(f"--generation_gather {self.generation_gather!r} must be auto, whole or layered")
         if self.rounds < 1:

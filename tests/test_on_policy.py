@@ -43,8 +43,8 @@ def op_cfg(tiny, pc_data, out, **kw):
 class Scripted:
     """A generator that returns fixed completions (and records its calls)."""
 
-    def __init__(self, completions):
-        self.completions, self.calls = completions, []
+    def __init__(self, completions, stop_token_ids=()):
+        self.completions, self.calls, self.stop_token_ids = completions, [], list(stop_token_ids)
 
     def generate(self, prompts, sampling, seed):
         self.calls.append((prompts, sampling, seed))
@@ -230,6 +230,65 @@ def test_tracking_on_policy_gives_each_example_its_epoch_across_a_boundary_and_a
     second = op_cfg(tiny, pc_data, tmp_path / "r", resume=True, **kw)
     assert train.run(second, train.default_callbacks(second)).history[0]["step"] == crossing  # it crosses the boundary
     assert tracked(tmp_path / "r") == want
+
+
+# ---------------------------------------------------------------- collapse monitors (on_policy/monitors.py)
+def test_sample_counts_and_window_metrics_by_hand():
+    """distinct-n within each sample (the stop token left out), pooled; length with the stop token; eos rate."""
+    eos = 2
+    counts = on_policy.sample_counts([[5, 6, 5, 6, eos], [7, 7, 7], [8]], [eos, 3])
+    # samples, tokens, eos, unique/all unigrams, unique/all bigrams: (5,6),(6,5),(5,6) + (7,7),(7,7) + none
+    assert counts == [3, 9, 1, 2 + 1 + 1, 4 + 3 + 1, 2 + 1 + 0, 3 + 2 + 0]
+    m = on_policy.window_metrics(counts, nll=6.0, nll_tokens=4.0)
+    assert m == {"self_nll": 1.5, "distinct_1": 0.5, "distinct_2": 0.6, "length": 3.0, "eos_rate": 1 / 3}
+    assert all(v != v for v in on_policy.window_metrics([0] * 7, 0.0, 0.0).values())  # no samples: NaN, no warning
+    assert on_policy.CollapseWatch(0.5, 0.75).check(on_policy.window_metrics([0] * 7, 0.0, 0.0)) == []
+
+
+def test_collapse_watch_warns_once_per_crossing():
+    healthy = dict(distinct_1=0.8, distinct_2=0.95, length=30.0, eos_rate=0.2)
+    watch = on_policy.CollapseWatch(distinct2_floor=0.5, self_nll_fraction=0.75)
+    assert watch.check({**healthy, "self_nll": 4.0}) == []  # the first window sets the reference, 4.0
+    assert watch.check({**healthy, "self_nll": 3.1}) == []  # 0.775 of it: above the fraction
+    lines = watch.check({**healthy, "distinct_2": 0.2, "self_nll": 2.9})  # both crossed: one line each
+    assert len(lines) == 2 and "distinct-2" in lines[0] and "0.200" in lines[0] and "2.900" in lines[1]
+    assert all("\n" not in line for line in lines)
+    assert watch.check({**healthy, "distinct_2": 0.1, "self_nll": 2.5}) == []  # still crossed: said already
+    assert watch.check({**healthy, "self_nll": 3.5}) == []  # recovered
+    assert len(watch.check({**healthy, "distinct_2": 0.3, "self_nll": 3.5})) == 1  # crossed again: said again
+    off = on_policy.CollapseWatch(distinct2_floor=0.0, self_nll_fraction=0.0)
+    assert off.check({**healthy, "self_nll": 4.0}) == off.check({**healthy, "distinct_2": 0.0, "self_nll": 0.1}) == []
+
+
+def test_a_student_that_repeats_one_token_trips_the_warning_a_healthy_one_does_not(
+    tiny, pc_data, dist_env, tmp_path, caplog
+):
+    """Real runs of the tiny student (all micro-batches sampled): greedy decoding (top_k 1) of a tiny random model
+    repeats one token, which trips the distinct-2 warning; sampling at temperature 1 from it is diverse and trips
+    nothing. The monitors are the samples' own statistics and the loss's own CE on them (self_nll = Train/ce when
+    every micro-batch is sampled), logged every step to the history and the csv monitor."""
+    import csv
+    import logging
+
+    kw = dict(deepspeed_config=ds_json(tmp_path), on_policy_fraction=1.0, max_steps=3)
+    with caplog.at_level(logging.WARNING, logger="ds_distill.on_policy"):
+        greedy = train.run(op_cfg(tiny, pc_data, tmp_path / "greedy", top_k=1, **kw))
+    warned = [r.getMessage() for r in caplog.records if "collapse" in r.getMessage()]
+    assert len(warned) == 1 and "distinct-2" in warned[0], warned  # once, at the first step, not at every step
+    gen = [h for h in greedy.history if "Generate/distinct_2" in h]
+    assert len(gen) == 3 and all(h["Generate/distinct_2"] < 0.5 for h in gen)
+    train_ce = losses_of(greedy, "Train/ce")
+    assert [h["Generate/self_nll"] for h in gen] == pytest.approx(train_ce, rel=1e-6)
+    rows = list(csv.reader(open(tmp_path / "greedy" / "monitor" / "train" / "Generate_distinct_2.csv")))
+    assert [float(r[1]) for r in rows[1:]] == pytest.approx([h["Generate/distinct_2"] for h in gen])
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ds_distill.on_policy"):
+        sampled = train.run(op_cfg(tiny, pc_data, tmp_path / "sampled", **kw))
+    assert not [r for r in caplog.records if "collapse" in r.getMessage()]
+    gen = [h for h in sampled.history if "Generate/distinct_2" in h]
+    assert len(gen) == 3 and all(h["Generate/distinct_2"] > 0.9 for h in gen)
+    assert all(0 <= h["Generate/eos_rate"] <= 1 and 1 <= h["Generate/length"] <= 8 for h in gen)
 
 
 # The tests below call entry points' main(), which tears the process group down (as a real run does at exit); the

@@ -279,7 +279,7 @@ def batch_stream(cfg: RunConfig, run: Configs, run_data: Data, engines: Models, 
         stream = on_policy.wrap(
             cfg, stream, engines.student, run_data.tokenizer, world=world, rank_memory=run.rank_memory
         )
-        callbacks.append(on_policy.GenerationRate(stream))
+        callbacks.append(on_policy.monitor(cfg, stream))  # generation rate and collapse monitors
     return Stream(stream, callbacks)
 
 

@@ -52,6 +52,8 @@ FREE = frozenset(
         "chunk_size",
         "attn_implementation",
         "generation_gather",
+        "collapse_distinct2_floor",  # when the on-policy monitors warn, not what is learnt
+        "collapse_self_nll_fraction",
         "teacher_url_timeout",  # how patiently a served teacher is waited for, not which one
         "teacher_url_retries",
         "teacher_url_wait",

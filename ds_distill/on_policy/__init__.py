@@ -1,12 +1,15 @@
 """On-policy distillation (GKD, Agarwal et al. 2024): the student writes the completions, the teacher grades them.
 ``stream``: the stream that swaps sampled completions into a seeded fraction of the micro-batches; ``generation``: the
-``Generator`` seam and transformers' ``generate`` over the student engine (direct, whole copy, layered ZeRO-3)."""
+``Generator`` seam and transformers' ``generate`` over the student engine (direct, whole copy, layered ZeRO-3);
+``monitors``: the generation rate and the collapse monitors of the samples, with their warning thresholds."""
 
 from ds_distill.on_policy.generation import Generator, HFGenerator, Sampling, make_generator, mix_seed
-from ds_distill.on_policy.stream import GenerationRate, OnPolicyStream, check_prompts, prompt_length, wrap
+from ds_distill.on_policy.monitors import CollapseWatch, GenerationMonitor, monitor, sample_counts, window_metrics
+from ds_distill.on_policy.stream import OnPolicyStream, check_prompts, prompt_length, wrap
 
 __all__ = [
-    "GenerationRate",
+    "CollapseWatch",
+    "GenerationMonitor",
     "Generator",
     "HFGenerator",
     "OnPolicyStream",
@@ -14,6 +17,9 @@ __all__ = [
     "check_prompts",
     "make_generator",
     "mix_seed",
+    "monitor",
     "prompt_length",
+    "sample_counts",
+    "window_metrics",
     "wrap",
 ]

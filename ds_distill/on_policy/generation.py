@@ -32,7 +32,9 @@ class Sampling:
 class Generator(Protocol):
     """A generation backend. ``generate(prompts, sampling, seed)`` -> one completion per prompt: the new token ids,
     ending with the first stop token when one was sampled (kept as the last token, nothing after it). Every rank calls
-    it at the same micro-batches (a backend may use collectives)."""
+    it at the same micro-batches (a backend may use collectives). ``stop_token_ids``: the ids that end a sample."""
+
+    stop_token_ids: list[int]
 
     def generate(self, prompts: list[list[int]], sampling: Sampling, seed: int) -> list[list[int]]: ...
 

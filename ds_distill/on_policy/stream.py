@@ -19,7 +19,7 @@ import torch
 from ds_distill import data
 from ds_distill.common import IGNORE_INDEX, UsageError
 from ds_distill.on_policy.generation import Generator, Sampling, make_generator, mix_seed
-from ds_distill.runtime.callbacks import Callback
+from ds_distill.on_policy.monitors import COUNTS, sample_counts
 
 log = logging.getLogger("ds_distill.on_policy")
 
@@ -29,6 +29,7 @@ class OnPolicyStream:
 
     A chosen micro-batch's rows become ``prompt + sample`` (at most ``seq_len`` tokens, P = ``prompt_length(labels)``)
     with labels ``[-100] * (P - 1) + sample + [-100]``.
+    stop_token_ids: the ids that end a sample (for the eos rate of ``on_policy.monitors``); default: the generator's.
     """
 
     def __init__(
@@ -42,12 +43,16 @@ class OnPolicyStream:
         pad_token_id: int,
         seed: int,
         rank: int,
+        stop_token_ids: list[int] | None = None,
     ):
         self.stream, self.generator, self.fraction, self.sampling = stream, generator, fraction, sampling
         self.seq_len, self.pad, self.seed, self.rank = seq_len, pad_token_id, seed, rank
         self.dataset = getattr(stream, "dataset", None)  # what the run's manifest fingerprints
         self.micro_batches = 0  # micro-batches yielded so far: the position of every seeded draw
+        self.stop_token_ids = list(stop_token_ids if stop_token_ids is not None else generator.stop_token_ids)
         self.generated_tokens, self.generation_seconds = 0, 0.0  # since the last take_counts()
+        self.counts = [0.0] * len(COUNTS)  # the kept samples' sums (on_policy.monitors), since the last take_counts()
+        self.sampled: list[bool] = []  # per micro-batch yielded since the last take_sampled(): was it sampled
 
     def __iter__(self) -> "OnPolicyStream":
         return self
@@ -58,6 +63,7 @@ class OnPolicyStream:
         self.micro_batches += 1
         # Seeded by (seed, index) only, so every rank takes the same decision and generates at the same micro-batches.
         draw = torch.rand((), generator=torch.Generator().manual_seed(mix_seed(self.seed, index))).item()
+        self.sampled.append(bool(draw < self.fraction))
         if draw >= self.fraction:
             return batch
         return self.sample(batch, seed=mix_seed(self.seed, self.rank, index))
@@ -83,17 +89,25 @@ class OnPolicyStream:
         self.generation_seconds += time.perf_counter() - start
         self.generated_tokens += sum(len(s) for s in samples)
         rows: dict[str, list] = {"input_ids": [], "labels": [], "row": ids}  # example_ids are row numbers
+        kept = []
         for prompt, new in zip(prompts, samples):
             seq = (prompt + new)[: self.seq_len]
+            kept.append(seq[len(prompt) :])
             rows["input_ids"].append(seq)
             # labels[t] is the target of position t: supervised for the sampled tokens seq[P:], so t from P - 1.
             rows["labels"].append([IGNORE_INDEX] * (len(prompt) - 1) + seq[len(prompt) :] + [IGNORE_INDEX])
+        self.counts = [a + b for a, b in zip(self.counts, sample_counts(kept, self.stop_token_ids))]
         return data.Batch.collate(rows, self.pad, epoch=batch.epoch, position=batch.position)
 
-    def take_counts(self) -> tuple[int, float]:
-        """(tokens generated, seconds spent generating) since the last call."""
-        out = (self.generated_tokens, self.generation_seconds)
-        self.generated_tokens, self.generation_seconds = 0, 0.0
+    def take_counts(self) -> tuple[list[float], int, float]:
+        """(the kept samples' ``COUNTS`` sums, tokens generated, seconds spent generating) since the last call."""
+        out = (self.counts, self.generated_tokens, self.generation_seconds)
+        self.counts, self.generated_tokens, self.generation_seconds = [0.0] * len(COUNTS), 0, 0.0
+        return out
+
+    def take_sampled(self) -> list[bool]:
+        """For each micro-batch yielded since the last call, in order: whether the student sampled it."""
+        out, self.sampled = self.sampled, []
         return out
 
     def state_dict(self) -> dict:
@@ -128,29 +142,6 @@ def check_prompts(dataset, where: str) -> None:
             f"--on_policy_fraction needs prompts, but {where} is supervised from its first token (plain text): "
             f"use prompt/completion or messages records (the student then writes the completion / the last reply)"
         )
-
-
-class GenerationRate(Callback):
-    """Logs ``Generate/tokens_per_s`` (tokens sampled on all ranks per second of generation) and ``Generate/tokens``
-    at the trainer's log steps, beside ``Train/tokens_per_s`` (which includes the generation time)."""
-
-    def __init__(self, stream: OnPolicyStream):
-        self.stream = stream
-
-    def on_step_end(self, trainer, step_sums) -> None:
-        if not trainer.cfg.is_log_step(trainer.step):
-            return
-        import torch.distributed as dist
-
-        tokens, seconds = self.stream.take_counts()
-        t = torch.tensor([float(tokens), seconds], dtype=torch.float64)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            t = t.to(trainer.device)
-            dist.all_reduce(t[:1])
-            dist.all_reduce(t[1:], op=dist.ReduceOp.MAX)
-        tokens, seconds = t.tolist()
-        if seconds > 0:
-            trainer.log_metrics({"tokens_per_s": tokens / seconds, "tokens": tokens}, "Generate")
 
 
 def wrap(cfg, stream, student, tokenizer, *, world, rank_memory: int) -> OnPolicyStream:
