@@ -1,6 +1,10 @@
 """Hidden-state losses: float64 invariants of the pure functions, the hooks against the model's own forward, and the
 entry point (logged per pair, only the mapped layers kept, refusals in one line)."""
 
+import json
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -197,3 +201,29 @@ def test_hidden_off_keeps_the_objective(tiny, dist_env, tmp_path):
     )
     assert losses_of(a) == pytest.approx(losses_of(b), rel=1e-6, abs=1e-7)
     assert all(v > 0 for v in losses_of(b, "Train/hidden"))
+
+
+HIDDEN_GOLDEN = Path(__file__).resolve().parent / "golden" / "hidden_curve.json"
+
+
+def test_equal_hidden_sizes_build_no_projection_and_keep_the_golden_curve(tiny, dist_env, tmp_path):
+    """Student and teacher of one width: no projection is built (the student engine holds only the model's
+    parameters) and a fixed --hidden_loss run gives the curve recorded before projections existed (tests/golden/)."""
+    cfg = make_cfg(
+        tiny,
+        tmp_path / "g",
+        max_steps=4,
+        deepspeed_config=ds_json(tmp_path),
+        hidden_loss="cosine",
+        hidden_weight=2.0,
+        hidden_layers="0:1",
+    )
+    trainer = train.run(cfg)
+    names = [n for n, _ in trainer.student.module.named_parameters()]
+    assert not any("projection" in n for n in names), names
+    curve = {key: losses_of(trainer, f"Train/{key}") for key in ("loss", "hidden", "grad_norm")}
+    if os.environ.get("DS_DISTILL_UPDATE_GOLDEN") == "1":
+        HIDDEN_GOLDEN.write_text(json.dumps(curve, indent=1) + "\n")
+    golden = json.loads(HIDDEN_GOLDEN.read_text())
+    for key, values in golden.items():
+        assert curve[key] == pytest.approx(values, rel=1e-4, abs=1e-6), key
