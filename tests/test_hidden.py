@@ -14,6 +14,7 @@ from ds_distill.common import IGNORE_INDEX, UsageError
 from ds_distill.losses.hidden import HIDDEN_LOSSES, hidden_loss_sums
 from ds_distill.models import HiddenStatesLM
 from ds_distill.models.capture import LayerCapture, decoder_layers
+from ds_distill.models.projection import NAME, HiddenProjection
 from ds_distill.student_init import make_student
 from tests.helpers import ds_json, losses_of, make_cfg, run_main, tiny_args
 
@@ -149,7 +150,7 @@ def test_train_logs_hidden_per_pair_and_keeps_only_mapped_layers(tiny, dist_env,
     assert source.teacher_capture.held == 0, "nothing is held after targets beyond what it returns"
 
 
-def test_refusals_are_one_line(tiny, dist_env, tmp_path, capsys):
+def test_refusals_are_one_line(tiny, wide, dist_env, tmp_path, capsys):
     """No provenance for auto, unknown loss, a teacher cache, an ensemble, another hidden size: one line, exit 2."""
     cases = [
         (dict(hidden_loss="mse"), "has no distill_provenance.json"),
@@ -168,22 +169,22 @@ def test_refusals_are_one_line(tiny, dist_env, tmp_path, capsys):
         make_cfg(tiny, tmp_path / "c", teacher=[], teacher_cache=[str(tmp_path)], hidden_loss="mse").validate()
     with pytest.raises(UsageError, match="a served teacher does not send"):
         make_cfg(tiny, tmp_path / "u", teacher=[], teacher_url=["http://127.0.0.1:1"], hidden_loss="mse").validate()
-    from tests import tiny as tiny_mod
-
-    wide = tiny_mod.make_model(tmp_path / "wide", tiny["tokenizer"], layers=1, hidden=48, heads=4, seed=3)
+    # A student of another width gets learned projections, but not with LoRA (its export merges the adapters).
     code, errors = run_main(
         tiny_args(
-            {**tiny, "student": wide},
+            wide,
             tmp_path / "w",
             max_steps=1,
             seq_len=32,
             eval_fraction=0,
             hidden_loss="cosine",
             hidden_layers="even",
+            lora_r=2,
         ),
         capsys,
     )
     assert code == 2 and len(errors) == 1 and "hidden size 48 differs from the teacher's 32" in errors[0], errors
+    assert "--lora_r" in errors[0], errors
 
 
 def test_hidden_off_keeps_the_objective(tiny, dist_env, tmp_path):
@@ -227,3 +228,164 @@ def test_equal_hidden_sizes_build_no_projection_and_keep_the_golden_curve(tiny, 
     golden = json.loads(HIDDEN_GOLDEN.read_text())
     for key, values in golden.items():
         assert curve[key] == pytest.approx(values, rel=1e-4, abs=1e-6), key
+
+
+# ------------------------------------------------------------------ learned projections (student of another width)
+@pytest.fixture(scope="module")
+def wide(tiny, tmp_path_factory):
+    """A 1-layer student of hidden size 48 beside the tiny teacher's 32 (same tokenizer)."""
+    from tests import tiny as tiny_mod
+
+    path = tiny_mod.make_model(tmp_path_factory.mktemp("wide"), tiny["tokenizer"], layers=1, hidden=48, heads=4, seed=3)
+    return {**tiny, "student": str(path)}
+
+
+def projection_json(tmp_path, **more) -> str:
+    """The shipped ZeRO-3 CPU config with every parameter partitioned (no persistence threshold: the tiny
+    projections would otherwise stay whole), a constant lr; ``more``: top-level overrides."""
+    import json as json_mod
+
+    from ds_distill.ds_config import REPO_CONFIGS
+
+    zero = json_mod.loads((REPO_CONFIGS / "cpu_zero3.json").read_text())["zero_optimization"]
+    return ds_json(tmp_path, zero_optimization={**zero, "stage3_param_persistence_threshold": 0}, **more)
+
+
+def projection_weights(engine) -> dict[str, torch.Tensor]:
+    """The engine's projections, gathered, fp32 copies by pair key."""
+    import deepspeed
+
+    module = getattr(engine.module, NAME)
+    params = dict(module.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        return {k: v.detach().clone().float() for k, v in params.items()}
+
+
+def layer_outputs(model, index: int, **inputs) -> torch.Tensor:
+    """Decoder layer ``index``'s output in a plain forward (a hook written here, not models.capture)."""
+    kept = []
+    layer = model.model.layers[index]
+    handle = layer.register_forward_hook(lambda m, a, out: kept.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        model(**inputs)
+    finally:
+        handle.remove()
+    return kept[0]
+
+
+def test_projection_trains_in_the_engine_with_the_float64_gradient(wide, dist_env, tmp_path):
+    """A 48-wide student, a 32-wide teacher, --hidden_loss mse: the engine holds one [32, 48] projection (ZeRO-3,
+    partitioned), starts from its seeded init, and one plain-SGD step (lr 1, no clipping) moves it by exactly
+    -hidden_weight x dL/dW / N, with dL/dW = (2 / 32) sum_tokens (W x - y) x^T computed here in float64 from plain
+    Hugging Face forwards of the same global batch (N: its supervised tokens)."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from ds_distill import data
+
+    sgd = dict(optimizer={"type": "SGD", "params": {"lr": 1.0}}, zero_allow_untested_optimizer=True)
+    sgd.update(gradient_clipping=0.0, train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=2)
+    cfg = make_cfg(
+        wide,
+        tmp_path / "p",
+        max_steps=1,
+        deepspeed_config=projection_json(tmp_path, **sgd),
+        hidden_loss="mse",
+        hidden_weight=3.0,
+        hidden_layers="0:1",
+    )
+    trainer = train.build(cfg)
+    proj = getattr(trainer.student.module, NAME)
+    assert [n for n, _ in proj.named_parameters()] == ["s0_t1.weight"]
+    assert proj["s0_t1"].weight.ds_numel == 32 * 48 and proj["s0_t1"].weight.numel() == 0, "partitioned by ZeRO-3"
+    opt_params = {id(p) for group in trainer.student.optimizer.fp16_groups for p in group}
+    assert id(proj["s0_t1"].weight) in opt_params, "in the student's optimizer"
+    before = projection_weights(trainer.student)["s0_t1.weight"]
+    torch.testing.assert_close(before, HiddenProjection([(0, 1)], 48, 32, seed=0)["s0_t1"].weight, rtol=0, atol=0)
+    trainer.fit()
+    after = projection_weights(trainer.student)["s0_t1.weight"]
+
+    unset_hf_deepspeed_config()
+    student = AutoModelForCausalLM.from_pretrained(wide["student"], dtype=torch.float64).train()
+    teacher = AutoModelForCausalLM.from_pretrained(wide["teacher"], dtype=torch.float64).eval()
+    stream = data.BatchStream(
+        trainer.train.dataset, batch_size=4, rank=0, world_size=1, seed=0, pad_token_id=wide["tokenizer"].pad_token_id
+    )
+    batch = next(stream)
+    with torch.no_grad():
+        x, y = layer_outputs(student, 0, **batch.inputs), layer_outputs(teacher, 1, **batch.inputs)
+    keep = batch.labels != IGNORE_INDEX
+    x, y, w = x[keep], y[keep], before.double()
+    grad = (2 / 32) * (x @ w.t() - y).t() @ x
+    torch.testing.assert_close((after - before).double(), -3.0 * grad / keep.sum(), rtol=1e-4, atol=1e-7)
+    assert (after - before).abs().max() > 1e-4, "the step must move the projection"
+    h = trainer.history[0]
+    ref_hidden_mean = ((x @ w.t() - y) ** 2).mean(-1).sum().item() / keep.sum().item()
+    assert h["Train/hidden_s0_t1"] == pytest.approx(ref_hidden_mean, rel=1e-4)
+
+
+@pytest.mark.parametrize("kind", sorted(HIDDEN_LOSSES))
+def test_projected_value_and_gradients_match_float64(kind):
+    """Through a projection W ([32, 48]): the sums are those of the plain reference on ``x W^T``, and the gradients of
+    W and of the student states are autograd's of that reference; for mse W's gradient is also the closed form
+    (2 / H) sum_tokens (W x - y) x^T (TinyBERT's hidden loss)."""
+    xs = [x.requires_grad_() for x in states(0, h=48)]
+    ys, labels = states(1, h=32), labels_of()
+    g = torch.Generator().manual_seed(2)
+    ws = [torch.randn(32, 48, generator=g, dtype=torch.float64, requires_grad=True) for _ in xs]
+    projections = [lambda v, w=w: v @ w.t() for w in ws]
+    got = hidden_loss_sums(xs, ys, labels, loss=kind, chunk_size=4, projections=projections)
+    keep = labels != IGNORE_INDEX
+    ref = torch.stack([ref_hidden(kind, x[keep] @ w.t(), y[keep]).sum() for x, y, w in zip(xs, ys, ws)])
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    g_got = torch.autograd.grad(got.sum(), [*ws, *xs])
+    g_ref = torch.autograd.grad(ref.sum(), [*ws, *xs])
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    if kind == "mse":
+        for w, x, y, g_w in zip(ws, xs, ys, g_got):
+            x, y = x.detach()[keep], y[keep]
+            torch.testing.assert_close(g_w, (2 / 32) * (x @ w.detach().t() - y).t() @ x, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="must both be"):
+        hidden_loss_sums(xs, ys, labels, loss=kind)  # another width without projections
+
+
+def test_projection_resumes_exactly_and_stays_out_of_the_export(wide, dist_env, tmp_path):
+    """Stopped at step 2 and resumed, a projected run continues the straight run's curve (loss and hidden terms: the
+    projections and their AdamW moments come back from the checkpoint). Its final/ loads with AutoModelForCausalLM
+    with no missing or unexpected keys and holds no projection; final.hidden_projection.safetensors beside it holds
+    the engine's last projection and names its pair."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    kw = dict(
+        deepspeed_config=projection_json(tmp_path),
+        hidden_loss="nmse",
+        hidden_weight=2.0,
+        hidden_layers="0:1",
+        export=True,
+    )
+    straight = train.run(make_cfg(wide, tmp_path / "s", max_steps=4, **kw))
+    first = train.run(make_cfg(wide, tmp_path / "r", max_steps=2, save_steps=2, **kw))
+    second = train.run(make_cfg(wide, tmp_path / "r", max_steps=4, resume=True, **kw))
+    assert second.history[0]["step"] == 3
+    for key in ("Train/loss", "Train/hidden_s0_t1"):
+        assert losses_of(first, key) + losses_of(second, key) == pytest.approx(
+            losses_of(straight, key), rel=1e-5, abs=1e-6
+        ), key
+
+    final = tmp_path / "r" / "final"
+    model, info = AutoModelForCausalLM.from_pretrained(final, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert not any("projection" in n for n in model.state_dict()), "no projection in the exported model"
+    for f in final.glob("*.safetensors"):
+        with safe_open(f, "pt") as fh:
+            assert not any("projection" in k for k in fh.keys()), f
+    assert not list(final.rglob("*projection*"))
+    beside = tmp_path / "r" / "final.hidden_projection.safetensors"
+    saved = load_file(beside)
+    assert list(saved) == ["s0_t1.weight"] and saved["s0_t1.weight"].shape == (32, 48)
+    torch.testing.assert_close(saved["s0_t1.weight"], projection_weights(second.student)["s0_t1.weight"])
+    straight_saved = load_file(tmp_path / "s" / "final.hidden_projection.safetensors")["s0_t1.weight"]
+    torch.testing.assert_close(saved["s0_t1.weight"], straight_saved, rtol=1e-5, atol=1e-6)
+    with safe_open(beside, "pt") as fh:
+        assert json.loads(fh.metadata()["pairs"]) == [[0, 1]]

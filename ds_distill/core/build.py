@@ -196,6 +196,8 @@ def load_models(cfg: RunConfig, run: Configs, run_data: Data) -> Models:
         packed_rows,
         lora=models.LoraSpec.from_config(cfg),
         gradient_checkpointing=cfg.gradient_checkpointing,
+        # --hidden_loss with a student of another width: its projections train inside the student's engine
+        projection=hidden.projection_for(cfg, run.teachers),
     )
     monitors.attach(student)
     if cfg.router_aux_loss and student.module.use_router_loss() and run.world.rank == 0:

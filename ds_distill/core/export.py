@@ -3,6 +3,8 @@
 The weights are DeepSpeed's fp32 master weights, consolidated from every rank's ZeRO shards (no GPU and no process
 group needed), saved as safetensors in the dtype the student trained in, next to its config, its generation config
 (byte for byte) and tokenizer. The folder is built by ``common.atomic_folder``: it appears only complete, marked so.
+A hidden-state loss's learned projections (``models.projection``) are trained weights but not the model's: they are
+written beside the folder (``<folder>.hidden_projection.safetensors``), never into it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from ds_distill.common import UsageError, atomic_folder, read_json
-from ds_distill.models import copy_generation_config, copy_tokenizer, lora
+from ds_distill.models import copy_generation_config, copy_tokenizer, lora, projection
 
 
 def resolve_tag(checkpoint: Path) -> Path:
@@ -48,6 +50,11 @@ def export_checkpoint(checkpoint: Path | str, out_dir: Path | str, extra_files: 
     )
     state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     unset_hf_deepspeed_config()  # see below
+    state, projections = projection.split_state(state)
+    if projections:  # written first: an export marked complete has its projections beside it
+        projection.save_beside(out_dir, projections, dtype)
+    else:  # a file left by an earlier export to this place is not this checkpoint's
+        projection.beside(out_dir).unlink(missing_ok=True)
     if (record := read_lora_record(tag_dir)) is not None:
         with atomic_folder(out_dir) as tmp:
             lora.export_state(record, state, tmp, dtype=dtype)

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
 import ds_distill.models.lora as lora_mod
+import ds_distill.models.projection as projection_mod
 from ds_distill.common import UsageError
 from ds_distill.ds_config import DSConfig
 from ds_distill.models.head import HiddenStatesLM
@@ -155,9 +156,12 @@ def student_engine(
     packed_rows: bool = False,
     lora: lora_mod.LoraSpec | None = None,
     gradient_checkpointing: bool = False,
+    projection: nn.Module | None = None,
 ):
     """The student: DeepSpeed engine with the optimizer and scheduler of its JSON (over the adapters only with
-    ``lora``); ``load_model`` for the rest."""
+    ``lora``); ``load_model`` for the rest. ``projection``: modules trained beside the model (hidden-state losses'
+    ``models.projection.HiddenProjection``), attached as its child ``projection.NAME`` before the engine is built, so
+    the engine's optimizer, ZeRO partitioning and checkpoints hold them too; in the model's dtype."""
     loaded = load_model(
         path,
         ds,
@@ -167,6 +171,8 @@ def student_engine(
         lora=lora,
         gradient_checkpointing=gradient_checkpointing,
     )
+    if projection is not None:
+        loaded.model.add_module(projection_mod.NAME, projection.to(next(loaded.model.parameters()).dtype))
     engine, *_ = deepspeed.initialize(
         model=loaded.model, model_parameters=[p for p in loaded.model.parameters() if p.requires_grad], config=ds.raw
     )
