@@ -127,7 +127,7 @@ class RunConfig:
     # --- hidden-state distillation (ds_distill/teachers/hidden.py)
     hidden_loss: str = flag(
         "",
-        f"Add a loss between decoder-layer outputs of student and teacher: {_names(HIDDEN_LOSSES)}; empty = off. Needs one live --teacher of the student's hidden size.",
+        f"Add a loss between decoder-layer outputs of student and teacher: {_names(HIDDEN_LOSSES)}; empty = off. Needs one live --teacher; a student of another hidden size gets learned projections (trained in its engine, saved beside the export).",
     )
     hidden_weight: float = flag(1.0, "Weight of the hidden-state loss (per supervised token, added to the logit loss).")
     hidden_layers: str = flag(
