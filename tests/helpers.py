@@ -39,6 +39,13 @@ def ds_json(tmp_path, base="cpu_zero3.json", name=None, lr=1e-2, **batch):
     return str(p)
 
 
+def projection_json(tmp_path, **more) -> str:
+    """The shipped ZeRO-3 CPU config with every parameter partitioned (no persistence threshold: the tiny
+    projections would otherwise stay whole), a constant lr; ``more``: top-level overrides."""
+    zero = json.loads((REPO_CONFIGS / "cpu_zero3.json").read_text())["zero_optimization"]
+    return ds_json(tmp_path, zero_optimization={**zero, "stage3_param_persistence_threshold": 0}, **more)
+
+
 def make_cfg(tiny, out, **kw):
     """The tiny pair's RunConfig: 3 steps of 32 tokens, ZeRO-3 student and teacher, every step logged, no export."""
     base = dict(

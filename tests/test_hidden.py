@@ -16,7 +16,7 @@ from ds_distill.models import HiddenStatesLM
 from ds_distill.models.capture import LayerCapture, decoder_layers
 from ds_distill.models.projection import NAME, HiddenProjection
 from ds_distill.student_init import make_student
-from tests.helpers import ds_json, losses_of, make_cfg, run_main, tiny_args
+from tests.helpers import ds_json, losses_of, make_cfg, projection_json, run_main, tiny_args
 
 
 def ref_hidden(kind, x, y):
@@ -238,17 +238,6 @@ def wide(tiny, tmp_path_factory):
 
     path = tiny_mod.make_model(tmp_path_factory.mktemp("wide"), tiny["tokenizer"], layers=1, hidden=48, heads=4, seed=3)
     return {**tiny, "student": str(path)}
-
-
-def projection_json(tmp_path, **more) -> str:
-    """The shipped ZeRO-3 CPU config with every parameter partitioned (no persistence threshold: the tiny
-    projections would otherwise stay whole), a constant lr; ``more``: top-level overrides."""
-    import json as json_mod
-
-    from ds_distill.ds_config import REPO_CONFIGS
-
-    zero = json_mod.loads((REPO_CONFIGS / "cpu_zero3.json").read_text())["zero_optimization"]
-    return ds_json(tmp_path, zero_optimization={**zero, "stage3_param_persistence_threshold": 0}, **more)
 
 
 def projection_weights(engine) -> dict[str, torch.Tensor]:

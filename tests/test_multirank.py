@@ -193,3 +193,42 @@ def test_cross_tokenizer_two_ranks_zero3_resume(tiny, tmp_path, ms_teacher):
     launch(tiny, halves, cfg, ranks=2, steps=4, extra=[*extra, "--resume"])
     b = csv_curve(halves)
     assert [b[s] for s in (1, 2, 3, 4)] == pytest.approx([a[s] for s in (1, 2, 3, 4)], rel=1e-5, abs=1e-6)
+
+
+def test_hidden_projection_two_ranks_equal_one_rank(tiny, tmp_path, dist_env):
+    """--hidden_loss with a 48-wide student and the 32-wide teacher: its learned projection, partitioned over 2 ZeRO-3
+    ranks (no persistence threshold), trains as on one rank with the same global batch: the same loss, hidden term
+    and grad_norm per step, and the same projection saved beside final/ (ONE launch; the reference runs in process)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from ds_distill import train
+    from tests.helpers import make_cfg, projection_json
+    from tests.tiny import make_model
+
+    wide = {**tiny, "student": str(make_model(tmp_path / "wide", tiny["tokenizer"], layers=1, hidden=48, seed=3))}
+    flags = dict(hidden_loss="mse", hidden_weight=2.0, hidden_layers="0:1", seed=0)
+    one = tmp_path / "one"
+    train.run(
+        make_cfg(
+            wide,
+            one,
+            max_steps=3,
+            export=True,
+            deepspeed_config=projection_json(tmp_path, train_micro_batch_size_per_gpu=4),
+            **flags,
+        )
+    )
+    two = tmp_path / "two"
+    cfg2 = projection_json(tmp_path, train_micro_batch_size_per_gpu=2)
+    extra = [f"--{k}={v}" for k, v in flags.items()]
+    proc = launch(wide, two, cfg2, ranks=2, steps=3, extra=extra)
+    assert "learned projections 48->32" in proc.stdout + proc.stderr
+    for name in ("loss", "hidden", "hidden_s0_t1", "grad_norm"):
+        a, b = csv_curve(one, name), csv_curve(two, name)
+        assert sorted(a) == sorted(b) == [1, 2, 3], name
+        assert [b[s] for s in (1, 2, 3)] == pytest.approx([a[s] for s in (1, 2, 3)], rel=1e-4, abs=1e-6), name
+    w1 = load_file(one / "final.hidden_projection.safetensors")["s0_t1.weight"]
+    w2 = load_file(two / "final.hidden_projection.safetensors")["s0_t1.weight"]
+    assert w1.shape == (32, 48)
+    torch.testing.assert_close(w2, w1, rtol=1e-4, atol=1e-6)
