@@ -71,12 +71,12 @@ class RunConfig:
     )
     teacher_cache: list[str] = flag(
         list,
-        "Train from a teacher cache written by `python -m ds_distill.cache_teacher` instead of --teacher: no teacher model is loaded. Repeat it for an ensemble (mixed by --teacher_weights or --router, as teachers).",
+        "Train from a teacher cache written by `python -m ds_distill.cache_teacher`: no teacher model is loaded for it. Repeat it for an ensemble (mixed by --teacher_weights or --router, as teachers); it mixes with --teacher and --teacher_url (README: ensembles across sources).",
         multi=True,
     )
     teacher_url: list[str] = flag(
         list,
-        "A teacher behind an OpenAI-compatible server with prompt_logprobs (vLLM: README, serving a teacher with vLLM), e.g. http://127.0.0.1:8000: its top --teacher_top_k log-probs per supervised token plus a tail bucket, the loss of a cache. Repeat it for an ensemble; it mixes with --teacher_cache (caches first, then servers, in --teacher_weights).",
+        "A teacher behind an OpenAI-compatible server with prompt_logprobs (vLLM: README, serving a teacher with vLLM), e.g. http://127.0.0.1:8000: its top --teacher_top_k log-probs per supervised token plus a tail bucket, the loss of a cache. Repeat it for an ensemble; it mixes with --teacher and --teacher_cache (README: ensembles across sources).",
         multi=True,
     )
     teacher_top_k: int = flag(
@@ -100,7 +100,7 @@ class RunConfig:
     teacher_url_wait: float = flag(600.0, "Seconds to wait at start for a --teacher_url to become ready.")
     teacher_weights: list[float] = flag(
         list,
-        "Ensemble weights, one per --teacher, --teacher_cache or --teacher_url (normalised). Default: uniform.",
+        "Ensemble weights, one per --teacher, --teacher_cache and --teacher_url, in that order (every --teacher, then every --teacher_cache, then every --teacher_url; normalised). Default: uniform.",
         multi=True,
     )
     attn_implementation: str = flag(
@@ -281,9 +281,12 @@ class RunConfig:
             problems.extend(_served_problems(self))
         elif self.teacher_cache:
             problems.extend(_teacher_cache_problems(self))
-        elif self.teacher_weights and len(self.teacher_weights) != len(self.teacher):
+        n_teachers = len(self.teacher) + len(self.teacher_cache) + len(self.teacher_url)
+        if self.teacher_weights and len(self.teacher_weights) != n_teachers:
             problems.append(
-                f"--teacher_weights has {len(self.teacher_weights)} values for {len(self.teacher)} teachers"
+                f"--teacher_weights has {len(self.teacher_weights)} values for {n_teachers} teachers (--teacher "
+                f"{len(self.teacher)}, then --teacher_cache {len(self.teacher_cache)}, then --teacher_url "
+                f"{len(self.teacher_url)}): one weight per teacher, in that order"
             )
         if any(w < 0 for w in self.teacher_weights) or (self.teacher_weights and sum(self.teacher_weights) <= 0):
             problems.append("--teacher_weights must be >= 0 with a positive sum")
@@ -406,12 +409,6 @@ def _hidden_problems(cfg: RunConfig) -> list[str]:
 
 def _teacher_cache_problems(cfg: RunConfig) -> list[str]:
     problems = []
-    if cfg.teacher:
-        problems.append("--teacher and --teacher_cache are both given: pass one (the cache replaces the teacher)")
-    if cfg.teacher_weights and len(cfg.teacher_weights) != len(cfg.teacher_cache):
-        problems.append(
-            f"--teacher_weights has {len(cfg.teacher_weights)} values for {len(cfg.teacher_cache)} teacher caches"
-        )
     if cfg.router != "fixed" and cfg.temperature != 1.0:
         problems.append(
             f"--router {cfg.router} scores labels at temperature 1 but teacher caches hold log-probs at --temperature "
@@ -426,14 +423,6 @@ def _teacher_cache_problems(cfg: RunConfig) -> list[str]:
 
 def _served_problems(cfg: RunConfig) -> list[str]:
     problems = []
-    if cfg.teacher:
-        problems.append(
-            "--teacher with --teacher_url: a live teacher does not mix with a served one yet: serve it too, or cache it "
-            "(python -m ds_distill.cache_teacher) and pass --teacher_cache"
-        )
-    n = len(cfg.teacher_cache) + len(cfg.teacher_url)
-    if cfg.teacher_weights and len(cfg.teacher_weights) != n:
-        problems.append(f"--teacher_weights has {len(cfg.teacher_weights)} values for {n} teacher caches and servers")
     if cfg.router != "fixed" and cfg.temperature != 1.0:
         problems.append(f"--router {cfg.router} scores labels at temperature 1: use --temperature 1, or --router fixed")
     if cfg.on_policy_fraction:

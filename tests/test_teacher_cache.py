@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ds_distill import cache_teacher, losses, train
 from ds_distill.config import parse_args
 from ds_distill.ds_config import REPO_CONFIGS
-from ds_distill.teachers import cache_format, cache_reader, cache_writer
+from ds_distill.teachers import cache_format, cache_reader, cache_writer, ensemble
 from tests.helpers import flags
 from tests.launch import deepspeed
 
@@ -311,10 +311,14 @@ def test_mismatches_stop_in_one_line(tiny, dist_env, tmp_path, k64, capsys, keep
         (
             {},
             ["--teacher_weights", "1", "--teacher_weights", "2", "--teacher_weights", "3"],
-            "--teacher_weights has 3 values for 1 teacher caches",
+            "--teacher_weights has 3 values for 1 teachers (--teacher 0, then --teacher_cache 1",
         ),
         ({"--temperature": "2"}, ["--router", "lowest_ce"], "--router lowest_ce scores labels at temperature 1"),
-        ({"--teacher": tiny["teacher"]}, [], "--teacher and --teacher_cache are both given"),
+        (
+            {"--teacher": tiny["teacher"]},
+            ["--teacher_weights", "1"],
+            "--teacher_weights has 1 values for 2 teachers (--teacher 1, then --teacher_cache 1",
+        ),
         ({"--teacher_cache": str(incomplete)}, [], "is incomplete"),
         ({"--teacher_cache": str(old_format)}, [], "has format version 1, this ds-distill reads 2: rewrite the cache"),
         ({"--on_policy_fraction": "0.5"}, [], "a teacher cache cannot score"),
@@ -356,7 +360,7 @@ def test_mixed_caches_match_float64_buckets(loss):
     w = torch.rand(n, 2)
     w = w / w.sum(1, keepdim=True)
     parts = [_sparse_inputs(x, k, T) for x, k in zip(t, ks)]
-    mixed = cache_reader.mix(parts, w, V)
+    mixed = ensemble.mix(parts, w, V)
     assert (mixed[0] < 0).any() and (mixed[0] >= 0).sum(1).min() < mixed[0].shape[1]
     got = losses.sparse_loss_sums(s_logits, *mixed, labels, loss=loss, alpha=0.0, temperature=T)
     ref = 0.0

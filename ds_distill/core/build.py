@@ -26,7 +26,7 @@ from ds_distill.ds_config import DSConfig, default_ds_configs, default_zero1_con
 from ds_distill.losses.objective import Objective
 from ds_distill.runtime import distributed, monitors
 from ds_distill.runtime.callbacks import Callback
-from ds_distill.teachers import cache_reader, hidden, served
+from ds_distill.teachers import cache_reader, ensemble, hidden, served
 from ds_distill.teachers.live import AlignmentReport, CrossTokenizerTeacher, LiveTeachers, TeacherSource
 
 log = logging.getLogger("ds_distill")
@@ -72,7 +72,7 @@ class Configs:
     teacher: DSConfig  # the teachers' (inference, no optimizer)
     has_gpu: bool
     rank_memory: int  # accelerator bytes one rank may use (on CPU: the host's memory shared by the node's ranks)
-    teachers: list[str]  # the teacher models to load: none at alpha = 1 (plain fine-tuning) or with a cache
+    teachers: list[str]  # the teacher models to load (--teacher): none at alpha = 1 (plain fine-tuning)
     universal: str | None  # the universal checkpoint to resume from (saved with another number of ranks)
 
 
@@ -217,14 +217,18 @@ def load_models(cfg: RunConfig, run: Configs, run_data: Data) -> Models:
 
 # ----------------------------------------------------------------------------------------- 4. teacher source
 def teacher_source(cfg: RunConfig, run_data: Data, engines: Models) -> TeacherSource:
-    """Where a step's teacher targets come from: servers (--teacher_url, with any caches as one ensemble), the caches
-    (no teacher model), else the live teacher engines; with --hidden_loss, wrapped to add the hidden-state loss
-    (``teachers.hidden``: live engines only, refused otherwise)."""
+    """Where a step's teacher targets come from: servers (--teacher_url, with any caches as one ensemble), the caches,
+    the live teacher engines, or live engines beside caches or servers as one ensemble (``ensemble.MixedTeachers``);
+    with --hidden_loss, wrapped to add the hidden-state loss (``teachers.hidden``: live engines only, refused
+    otherwise)."""
     splits = {"train": "data", "eval": "eval_data" if cfg.eval_data else "data"}
+    sparse = None  # the caches and servers: top-K plus a tail
     if run_data.servers:
-        source = served.ServedTeacher(run_data.servers, run_data.caches, splits)
+        sparse = served.ServedTeacher(run_data.servers, run_data.caches, splits)
     elif run_data.caches:
-        source = cache_reader.CachedTeacher(run_data.caches, splits)
+        sparse = cache_reader.CachedTeacher(run_data.caches, splits)
+    if sparse is not None:  # with live teachers too: one ensemble, each member through its own source
+        source = ensemble.MixedTeachers(LiveTeachers(engines.teachers), sparse) if engines.teachers else sparse
     elif cfg.cross_tokenizer and engines.teachers:
         teacher_tok = run_data.teacher_tokenizer
         maps = models.vocab_map(run_data.tokenizer, teacher_tok) if cfg.cross_tokenizer == "vocab_map" else None
@@ -270,10 +274,11 @@ def batch_stream(cfg: RunConfig, run: Configs, run_data: Data, engines: Models, 
 
         stream = Prefetcher(stream, cfg.prefetch_batches, pin=run.has_gpu)
         callbacks.append(ClosePrefetcher(stream))
-    if isinstance(teachers, served.ServedTeacher):  # requests two steps ahead; a dead server: checkpoint, exit 75
+    server_part = teachers.sparse if isinstance(teachers, ensemble.MixedTeachers) else teachers
+    if isinstance(server_part, served.ServedTeacher):  # requests two steps ahead; a dead server: checkpoint, exit 75
         from ds_distill.extras.served_guard import ServedGuard
 
-        stream = served.ServedStream(stream, teachers, ahead=2 * run.student.grad_accum)
+        stream = served.ServedStream(stream, server_part, ahead=2 * run.student.grad_accum)
         callbacks.append(ServedGuard(stream, run.student.grad_accum))
     # After the prefetcher (data only, on its thread): generation's collectives stay on the main thread.
     if cfg.on_policy_fraction:  # the student writes a seeded fraction of the completions

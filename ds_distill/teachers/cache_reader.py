@@ -4,7 +4,6 @@ over an ensemble (``CachedTeacher``: the teacher source of cached runs)."""
 from __future__ import annotations
 
 import logging
-import math
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
@@ -16,6 +15,7 @@ import torch
 from ds_distill import losses
 from ds_distill.common import IGNORE_INDEX, UsageError, sha256_file
 from ds_distill.data.batching import Batch
+from ds_distill.teachers import ensemble
 from ds_distill.teachers.cache_format import (
     FORMAT_VERSION,
     ROW_GROUP,
@@ -162,52 +162,10 @@ class TeacherCache:
         return (*(torch.cat([p[i] for p in parts]) for i in range(3)), [p[0].shape[0] for p in parts])
 
 
-def mix(
-    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], weights: torch.Tensor, vocab: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """An ensemble of caches as one sparse teacher: ``M x (ids [n, K_m], log-probs [n, K_m], log tails [n])`` and
-    mixture weights ``[n, M]`` (rows >= 0 summing to 1) -> (ids ``[n, W]``, log-probs ``[n, W]``, log tail ``[n]``).
-
-    What is computed: each cache stands for its reconstructed distribution (its top-K probabilities, its tail mass
-    spread uniformly over the vocab's other V - K_m ids: ``p_m(v) = exp(tail_m) / (V - K_m)`` there, the same
-    reconstruction as ``reconstruction_kl``), and the target is their mixture ``sum_m w_m p_m`` over the buckets the
-    loss compares: every id in the union U of the caches' top-K lists, then one bucket for the V - |U| other ids
-    (mass ``sum_m w_m exp(tail_m) (V - |U|) / (V - K_m)``). W = the largest |U| in the batch; shorter rows are padded
-    with id -1 and log-prob -inf (no bucket, see ``losses.sparse_loss_sums``). Exact caches (K = V) give the live
-    ensemble's mixture; one cache with weight 1 gives its own K + 1 buckets. Computed in float64, without grad.
-    """
-    every = torch.cat([p[0] for p in parts], dim=1)
-    ids, _ = every.sort(dim=1)
-    dup = torch.zeros_like(ids, dtype=torch.bool)
-    dup[:, 1:] = ids[:, 1:] == ids[:, :-1]
-    mass = torch.zeros(ids.shape, dtype=torch.float64)
-    tail = torch.zeros(ids.shape[0], dtype=torch.float64)
-    size = (~dup).sum(1)  # |U| per token
-    for (m_ids, m_logp, m_tail), w in zip(parts, weights.double().T):
-        k = m_ids.shape[1]
-        m_ids, order = m_ids.sort(dim=1)
-        pos = torch.searchsorted(m_ids, ids).clamp(max=k - 1)
-        inside = m_ids.gather(1, pos) == ids
-        spread = m_tail.double().exp() / (vocab - k) if k < vocab else torch.zeros_like(tail)
-        p = torch.where(inside, m_logp.gather(1, order).double().exp().gather(1, pos), spread[:, None])
-        mass += w[:, None] * p
-        tail += w * spread * (vocab - size)
-    # unique ids first (stable), then cut to the widest row
-    keep = torch.sort(dup.to(torch.int8), dim=1, stable=True).indices[:, : int(size.max())]
-    pad = dup.gather(1, keep)
-    if keep.shape[1] == vocab and pad.any():  # the loss reads a V-wide row as "no tail bucket"
-        raise ValueError(
-            f"the caches' top-K lists cover all {vocab} ids for some tokens but not others: write them with --exact"
-        )
-    ids = ids.gather(1, keep).masked_fill(pad, -1)
-    logp = mass.gather(1, keep).log().masked_fill(pad, -math.inf)
-    return ids, logp.float(), tail.log().float()
-
-
 class CachedTeacher:
     """A ``teachers.TeacherSource`` reading one or several ``TeacherCache``s: no teacher model; the loss runs on the
     top-K support plus one tail bucket (``losses.sparse_loss_sums``), for an ensemble on the union of the caches'
-    supports plus one bucket (``mix``). splits: "train"/"eval" -> the cache split it reads."""
+    supports plus one bucket (``ensemble.mix``). splits: "train"/"eval" -> the cache split it reads."""
 
     def __init__(self, caches: list[TeacherCache], splits: dict[str, str]):
         self.caches, self.splits = list(caches), splits
@@ -247,36 +205,18 @@ class CachedTeacher:
         return losses.sparse_loss_sums(student_head(student_hidden), *target, labels, **loss_kw)
 
     def _mix(self, parts, weights, labels: torch.Tensor, vocab: int):
-        """Mixture weights ``[n, M]`` from --teacher_weights (None: uniform) or a router, then ``mix``."""
-        n, m = parts[0][0].shape[0], len(parts)
-        if callable(weights):  # a router scores the label with each cache's reconstructed distribution at temperature 1
-            if self.temperature != 1.0:
-                raise ValueError(
-                    f"a router scores labels at temperature 1 but the teachers' log-probs are at temperature "
-                    f"{self.temperature}: write the caches at --temperature 1"
-                )
-            lab = labels[labels != IGNORE_INDEX]
-            w = torch.cat(
-                [
-                    weights([_full_logp(*p, vocab, rows) for p in parts], lab[rows])
-                    for rows in torch.arange(n).split(1024)
-                ]
-            )
-        else:
-            w = torch.full((m,), 1.0 / m) if weights is None else torch.as_tensor(weights, dtype=torch.float64).cpu()
-            if w.shape != (m,):
-                raise ValueError(f"teacher_weights {tuple(w.shape)} must be one weight per cache ({m})")
-            w = (w / w.sum()).expand(n, m)
-        return mix(parts, w, vocab)
-
-
-def _full_logp(
-    ids: torch.Tensor, logp: torch.Tensor, tail: torch.Tensor, vocab: int, rows: torch.Tensor
-) -> torch.Tensor:
-    """A cache's reconstructed log-probs over the whole vocabulary ``[len(rows), V]`` (the tail spread uniformly)."""
-    k = ids.shape[1]
-    fill = tail[rows] - math.log(vocab - k) if k < vocab else torch.full((len(rows),), -math.inf)
-    return fill[:, None].expand(-1, vocab).scatter(1, ids[rows], logp[rows])
+        """Mixture weights ``[n, M]`` from --teacher_weights (None: uniform) or a router (each cache's reconstructed
+        distribution at temperature 1, ``ensemble.full_logp``), then ``ensemble.mix``."""
+        lab = labels[labels != IGNORE_INDEX]
+        w = ensemble.mixture_weights(
+            weights,
+            parts[0][0].shape[0],
+            len(parts),
+            lambda rows: [ensemble.full_logp(p, vocab, rows) for p in parts],
+            lab,
+            self.temperature,
+        )
+        return ensemble.mix(parts, w, vocab)
 
 
 def open_for_run(cfg, tokenizer, train_set, eval_set) -> list[TeacherCache]:

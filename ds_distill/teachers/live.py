@@ -56,6 +56,19 @@ class LiveTeachers:
     def targets(self, batch: Batch, split: str) -> list[torch.Tensor]:
         return [t(**batch.inputs) for t in self.engines]
 
+    @torch.no_grad()
+    def logprobs(
+        self, hidden: list[torch.Tensor], positions: torch.Tensor, vocab: int, temperature: float
+    ) -> list[torch.Tensor]:
+        """Each engine's ``log_softmax(head(h) / T)`` over its first ``vocab`` logits at the flat ``[B * T]``
+        ``positions`` of its final hidden states ``hidden`` (``targets``): one ``[n, vocab]`` float32 per engine, one
+        head call each (also for no positions: under ZeRO-3 a head call gathers, and every rank must make it)."""
+        out = []
+        for engine, h in zip(self.engines, hidden):
+            z = engine.module.head(h.flatten(0, 1)[positions.to(h.device)])[:, :vocab].float()
+            out.append(torch.log_softmax(z / temperature, dim=-1))
+        return out
+
     def loss_sums(
         self,
         student_hidden: torch.Tensor,

@@ -210,7 +210,8 @@ def reference_difference(path: str, seq: list[int], ids: torch.Tensor, logp: tor
 
 
 class ServedTeacher(CachedTeacher):
-    """A ``teachers.TeacherSource``: served teachers (and optionally caches, as one ensemble: ``cache_reader.mix``).
+    """A ``teachers.TeacherSource``: served teachers (and optionally caches, as one ensemble: ``ensemble.mix``; with
+    live teachers too, it is the sparse member of an ``ensemble.MixedTeachers``).
 
     ``submit(batch)`` issues a micro-batch's requests on the thread pool (``ServedStream`` calls it as it draws);
     ``targets`` takes the answers of that batch (or asks now, e.g. for eval batches). Ensemble order: caches first,
