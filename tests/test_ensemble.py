@@ -153,7 +153,7 @@ def test_a_mixed_ensemble_refuses_what_a_served_top_k_cannot_give_in_one_line(ti
     any model loads or any server is asked."""
     args = ["--teacher", tiny["teacher"], "--teacher_url", "http://127.0.0.1:9", "--teacher_top_k", "16"]
     args += ["--student", tiny["student"], "--data", tiny["data"], "--output_dir", str(tiny["root"] / "refused")]
-    args += ["--teacher_url_wait", "1"]  # broken: refused at connect, not after a 600 s wait
+    args += ["--teacher_url_wait", "1"]  # if the refusal were missing: a quick "no server" error, not a 600 s wait
     code = train.main(args + ["--temperature", "2", "--seq_len", "32", "--max_steps", "1"])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and "do not fix the tail at another temperature" in errors[0], errors
