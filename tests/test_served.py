@@ -24,6 +24,7 @@ from ds_distill.ds_config import REPO_CONFIGS
 from ds_distill.extras.preemption import PREEMPTED_EXIT_CODE
 from ds_distill.teachers import cache_format
 from ds_distill.teachers import served as served_mod
+from ds_distill.teachers.ensemble import MixedTeachers
 from ds_distill.teachers.server_client import ServerClient, ServerUnavailable
 
 pytestmark = pytest.mark.vllm
@@ -119,6 +120,23 @@ def test_served_teacher_trains_like_the_live_teacher(served, dist_env, tmp_path,
     assert len(a) == 3 and abs(a[0] - a[-1]) > 1e-3, "the steps must move the loss"
     for key in ("Train/loss", "Train/kd", "Train/grad_norm", "Eval/kd"):
         assert curve(srv, key) == pytest.approx(curve(live, key), **AGREEMENT), key
+
+
+def test_a_live_and_a_served_teacher_train_like_the_live_ensemble(served, dist_env, tmp_path):
+    """An ensemble across sources: --teacher B --teacher_url (A) with --teacher_weights 0.3 0.7 trains like the live
+    ensemble [B, A] with those weights (K = vocabulary: the served member is full, so the mixture is the live one's;
+    ensemble.mix), train and eval; two different teachers, so the weights' order counts."""
+    from tests import tiny
+
+    other = tiny.make_model(tmp_path / "other", served["tokenizer"], layers=2, hidden=64, heads=2, seed=3)
+    kw = dict(teacher_weights=[0.3, 0.7])
+    live = run(cfg(served, tmp_path, "live", teacher=[other, served["teacher"]], **kw))
+    mixed = run(cfg(served, tmp_path, "mixed", teacher=[other], teacher_url=[served["url"]], **kw))
+    assert isinstance(mixed.teachers, MixedTeachers)
+    a = curve(live)
+    assert len(a) == 3 and abs(a[0] - a[-1]) > 1e-3, "the steps must move the loss"
+    for key in ("Train/loss", "Train/kd", "Train/grad_norm", "Eval/kd"):
+        assert curve(mixed, key) == pytest.approx(curve(live, key), **AGREEMENT), key
 
 
 def test_cache_written_from_the_server_trains_like_the_local_teachers_cache(served, dist_env, tmp_path):

@@ -385,7 +385,8 @@ def test_mixed_caches_match_float64_buckets(loss):
 
 @pytest.mark.parametrize("mixing", [["--teacher_weights", "0.3", "0.7"], ["--router", "lowest_ce"]])
 def test_exact_caches_ensemble_trains_like_the_live_ensemble(tiny, dist_env, tmp_path, mixing):
-    """Two exact caches of two teachers, mixed by weights or by the router: the live ensemble's loss curve."""
+    """Two exact caches of two teachers, or the first teacher live beside the second's exact cache, mixed by weights
+    or by the router: the live ensemble's loss curve."""
     from tests import tiny as tiny_mod
 
     other = tiny_mod.make_model(tmp_path / "teacher2", tiny["tokenizer"], layers=1, hidden=16, heads=2, seed=5)
@@ -409,10 +410,21 @@ def test_exact_caches_ensemble_trains_like_the_live_ensemble(tiny, dist_env, tmp
             ]
         )
     )
+    # A live teacher beside the other's exact cache (one ensemble across sources: ensemble.MixedTeachers)
+    mixed = run(
+        parse_args(
+            base
+            + ["--teacher", tiny["teacher"], "--teacher_cache", str(tmp_path / "exact2")]
+            + ["--output_dir", str(tmp_path / "mixed")]
+        )
+    )
+    assert isinstance(mixed.teachers, ensemble.MixedTeachers)
     for key in ("Train/kd", "Eval/kd", "Train/grad_norm"):
-        a, b = [h[key] for h in live.history if key in h], [h[key] for h in cached.history if key in h]
-        # 1e-4: the live mixture is a float32 logsumexp, the cached one float64 from float32 log-probs
-        assert a and a == pytest.approx(b, rel=1e-4), key
+        a = [h[key] for h in live.history if key in h]
+        for other_run in (cached, mixed):
+            b = [h[key] for h in other_run.history if key in h]
+            # 1e-4: the live mixture is a float32 logsumexp, the cached one float64 from float32 log-probs
+            assert a and a == pytest.approx(b, rel=1e-4), key
 
 
 # ------------------------------------------------------------------------------------------------------- ranks
