@@ -386,11 +386,13 @@ def _hidden_problems(cfg: RunConfig) -> list[str]:
         problems.append(f"--hidden_weight {cfg.hidden_weight} must be >= 0")
     if cfg.teacher_cache:
         problems.append(
-            "--hidden_loss needs the teacher's hidden states, which a teacher cache does not store: pass --teacher"
+            "--hidden_loss needs the teacher's hidden states, which a teacher cache does not store: pass --teacher "
+            "alone (no --teacher_cache)"
         )
     if cfg.teacher_url:
         problems.append(
-            "--hidden_loss needs the teacher's hidden states, which a served teacher does not send: pass --teacher"
+            "--hidden_loss needs the teacher's hidden states, which a served teacher does not send: pass --teacher "
+            "alone (no --teacher_url)"
         )
     if len(cfg.teacher) > 1:
         problems.append(
