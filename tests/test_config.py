@@ -353,3 +353,24 @@ def test_shipped_warmup_is_hugging_faces_from_step_2_and_never_zero(path, dist_e
     assert min(used) > 0, f"{path.name}: a step trains at lr 0: {used}"
     assert used[1:] == pytest.approx(hf[1:], rel=1e-9), f"{path.name}: DeepSpeed {used} against Hugging Face {hf}"
     assert used.index(max(used)) == hf.index(max(hf)) == n_hf and max(used) == pytest.approx(peak)
+
+
+CPU_STUDENTS = [p for p in SHIPPED if p.name.startswith("cpu_") and "optimizer" in json.loads(p.read_text())]
+
+
+@pytest.mark.parametrize("path", CPU_STUDENTS, ids=lambda p: p.name)
+def test_shipped_cpu_students_step_with_torchs_fused_adamw(path, dist_env):
+    """Every shipped CPU student JSON, on a DeepSpeed engine as written, steps with torch's AdamW with ``fused``
+    (issue 28: the for-each-tensor AdamW DeepSpeed builds otherwise took 1.8 s of a step's CPU time at the demo's
+    52M-parameter student under ZeRO-1, fused 0.75 s; Hugging Face's Trainer defaults to the fused one). A JSON
+    choice: DeepSpeed builds the optimizer from its ``params``."""
+    import deepspeed
+
+    raw = json.loads(path.read_text())
+    raw.pop("csv_monitor", None)
+    model = torch.nn.Linear(2, 1)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=raw)
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    assert type(inner) is torch.optim.AdamW and inner.defaults["fused"] is True, f"{path.name}: {inner!r}"
+    engine.backward(engine(torch.ones(raw["train_micro_batch_size_per_gpu"], 2)).sum())
+    engine.step()  # the fused kernel runs on CPU tensors
