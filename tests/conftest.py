@@ -77,9 +77,25 @@ def pytest_runtest_setup(item):
     launch.current.update(multiprocess=item.get_closest_marker("multiprocess") is not None, launches=0)
 
 
+# Fixtures that started a launcher when they were set up (a module-scoped run that several tests read).
+LAUNCHING_FIXTURES: set[str] = set()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    """Note the fixtures that launch: a test that reads one launched, even when an earlier test set it up."""
+    from tests import launch
+
+    before = launch.current["launches"]
+    yield
+    if launch.current["launches"] > before:
+        LAUNCHING_FIXTURES.add(fixturedef.argname)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """A test marked ``multiprocess`` that started no launcher fails: ``-m "not multiprocess"`` is every unit test."""
+    """A test marked ``multiprocess`` that started no launcher, itself or through a fixture, fails: ``-m "not
+    multiprocess"`` is every unit test."""
     from tests import launch
 
     report = (yield).get_result()
@@ -88,6 +104,7 @@ def pytest_runtest_makereport(item, call):
         and report.passed
         and item.get_closest_marker("multiprocess")
         and not launch.current["launches"]
+        and not LAUNCHING_FIXTURES.intersection(item.fixturenames)
     ):
         report.outcome = "failed"
         report.longrepr = f"{item.nodeid} is marked multiprocess but started no launcher (tests/launch.py): unmark it"

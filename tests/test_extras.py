@@ -1,6 +1,7 @@
 """The extras around the loop: manifest, early stopping, per-example tracking, routers/ensembles, rounds (monitors: tests/test_monitors.py).
 
-Trainer runs are in-process on the tiny models (a few steps each); one 2-rank check goes through `deepspeed`.
+Trainer runs are in-process on the tiny models (a few steps each); tracking on 2 ranks is read from the 2-rank run
+of tests/test_multirank.py.
 """
 
 import csv
@@ -25,7 +26,7 @@ from ds_distill.extras.tracking import ExampleTracker, hardest_examples, write_s
 from ds_distill.losses.objective import Objective
 from ds_distill.losses.routing import LowestTeacherCE
 from ds_distill.runtime.callbacks import Callback
-from tests.helpers import ds_json, launch_args, losses_of, make_cfg, tiny_args
+from tests.helpers import ds_json, losses_of, make_cfg, tiny_args
 
 
 def fixed_inputs(trainer, n=2):
@@ -377,26 +378,6 @@ def test_round_overrides_are_checked(tmp_path):
     bad.write_text(json.dumps([{}]))
     with pytest.raises(UsageError, match="list of 2 objects"):
         rounds.load_overrides(RunConfig(rounds=2, round_overrides=str(bad)))
-
-
-# ------------------------------------------------------------------------------------------------ 2 ranks
-@pytest.mark.multiprocess
-def test_two_ranks_track_every_example_once_per_epoch(tiny, tmp_path):
-    from tests.launch import deepspeed
-
-    out = tmp_path / "two"
-    # 2 ranks x micro-batch 8 x accumulation 2 = 32 examples per step: 2 steps per epoch of 64
-    cfg = ds_json(tmp_path, train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=2)
-    args = launch_args(tiny, out, cfg, max_steps=4, log_steps=3, track_examples=True, export="false")
-    proc = deepspeed("ds_distill.train", args)
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    with open(out / "examples.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    for epoch in (0, 1):
-        assert sorted(int(r["example_id"]) for r in rows if int(r["epoch"]) == epoch) == list(range(64))
-    assert Counter(int(r["step"]) for r in rows) == {s: 32 for s in range(1, 5)}
-    m = json.loads((out / "manifest.json").read_text())
-    assert m["results"]["step"] == 4 and m["checkpoints"][-1]["step"] == 4
 
 
 def test_losses_accept_a_router_as_teacher_weights():

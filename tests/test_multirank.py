@@ -1,10 +1,15 @@
 """Two CPU ranks through the real `deepspeed` launcher: ZeRO-3 student and teacher, checkpoints, exact resume, export.
 
-Also the data-parallel invariance: 1 rank x micro-batch 4 gives the same losses and grad_norm as 2 ranks x micro-batch 2;
-and elastic resume: a 2-rank checkpoint resumed on 1 rank, then on 2 again, equals the straight run step by step.
+Also the data-parallel invariance: 1 rank x micro-batch 16 gives the same losses and grad_norm as 2 ranks x micro-batch 8
+(accumulation 2 on both); elastic resume: a 2-rank checkpoint resumed on 1 rank, then on 2 again, equals the straight run
+step by step; and per-example tracking across ranks and epochs. Each launch costs 15-40 s of start-up, so one straight
+run serves several tests and the resumes start from its checkpoints (docs/performance.md, the suite's time).
 """
 
+import csv
 import json
+import shutil
+from collections import Counter
 
 import pytest
 
@@ -44,30 +49,59 @@ def converted(proc):
     return [l for l in (proc.stdout + proc.stderr).splitlines() if "converting it to a universal checkpoint" in l]
 
 
-def test_two_ranks_checkpoint_resume_export(tiny, tmp_path):
-    cfg2 = ds_json(tmp_path, name="two.json", train_micro_batch_size_per_gpu=2)
-    cfg1 = ds_json(tmp_path, name="one.json", train_micro_batch_size_per_gpu=4)  # the same global batch on one rank
-    straight = tmp_path / "straight"
-    launch(tiny, straight, cfg2, ranks=2, steps=4, extra=["--export", "false", "--track_examples"])
+@pytest.fixture(scope="module")
+def straight(tiny, tmp_path_factory):
+    """One uninterrupted 2-rank run that several tests read (one launch: docs/performance.md, the suite's time): 4 steps
+    of 2 ranks x micro-batch 8 x accumulation 2 = 32 examples per step, so 2 epochs of the 64 tiny examples, every
+    example tracked, checkpoints at steps 2 and 4 (the elastic resume starts from step 2's). Returns its output_dir."""
+    tmp = tmp_path_factory.mktemp("straight")
+    out = tmp / "run"
+    cfg2 = ds_json(tmp, name="two.json", train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=2)
+    launch(tiny, out, cfg2, ranks=2, steps=4, extra=["--save_steps", "2", "--export", "false", "--track_examples"])
+    return out
+
+
+def copy_checkpoint(src, dst, tag):
+    """``dst`` as a run stopped at ``src``'s checkpoint ``tag``: that tag, ``latest`` naming it and the settings record."""
+    (dst / "checkpoints").mkdir(parents=True)
+    shutil.copytree(src / "checkpoints" / tag, dst / "checkpoints" / tag)
+    (dst / "checkpoints" / "latest").write_text(tag)
+    shutil.copy(src / "settings.json", dst / "settings.json")
+
+
+def test_two_ranks_track_every_example_once_per_epoch(straight):
+    with open(straight / "examples.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for epoch in (0, 1):
+        assert sorted(int(r["example_id"]) for r in rows if int(r["epoch"]) == epoch) == list(range(64))
+    assert Counter(int(r["step"]) for r in rows) == {s: 32 for s in range(1, 5)}
+    m = json.loads((straight / "manifest.json").read_text())
+    assert m["results"]["step"] == 4 and m["checkpoints"][-1]["step"] == 4
+
+
+def test_two_ranks_checkpoint_resume_export(tiny, straight, tmp_path):
+    cfg2 = ds_json(tmp_path, name="two.json", train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=2)
+    # the same global batch on one rank
+    cfg1 = ds_json(tmp_path, name="one.json", train_micro_batch_size_per_gpu=16, gradient_accumulation_steps=2)
     a, norm2 = csv_curve(straight), csv_curve(straight, "grad_norm")
     assert sorted(a) == sorted(norm2) == [1, 2, 3, 4]
     assert abs(a[1] - a[4]) > 1e-3
 
     # Elastic resume through universal checkpoints (AdamW: ds_to_universal cannot convert SGD momentum): the 2-rank
-    # step-2 checkpoint resumed on 1 rank to step 3, then on 2 ranks to step 4 = the straight run, example by example.
-    # (A resume on the same 2 ranks is the SLURM preemption test's requeue, tests/test_preemption.py.)
-    # Step 3 is also the 1-rank vs 2-rank parity check: one rank with the same global batch sees the same examples,
-    # so the same loss and the same gradient. The loss curve under AdamW is blind to a constant gradient scale (a lost
-    # `* world_size` in train_step); grad_norm is not: DeepSpeed records it before clipping (ZeRO-3 step():
-    # _global_grad_norm, then unscale_and_clip_grads), and a 2-rank scale error changes the straight run's step 3
-    # but not the 1-rank step 3.
-    elastic = tmp_path / "elastic"
-    launch(tiny, elastic, cfg2, ranks=2, steps=2, extra=["--save_steps", "2", "--track_examples", "--export", "false"])
-    assert (elastic / "checkpoints" / "latest").read_text() == "step_00000002"
-    assert {p.name for p in (elastic / "checkpoints" / "step_00000002").glob("*rank*")} >= {
+    # step-2 checkpoint (the straight run's) resumed on 1 rank to step 3, then on 2 ranks to step 4 = the straight
+    # run, example by example. (A resume on the same 2 ranks is the SLURM preemption test's requeue,
+    # tests/test_preemption.py.) Step 3 is also the 1-rank vs 2-rank parity check: one rank with the same global batch
+    # sees the same examples, so the same loss and the same gradient. The loss curve under AdamW is blind to a constant
+    # gradient scale (a lost `* world_size` in train_step); grad_norm is not: DeepSpeed records it before clipping
+    # (ZeRO-3 step(): _global_grad_norm, then unscale_and_clip_grads), and a 2-rank scale error changes the straight
+    # run's step 3 but not the 1-rank step 3.
+    assert (straight / "checkpoints" / "latest").read_text() == "step_00000004"
+    assert {p.name for p in (straight / "checkpoints" / "step_00000002").glob("*rank*")} >= {
         "rng_rank0.pt",
         "rng_rank1.pt",
     }
+    elastic = tmp_path / "elastic"
+    copy_checkpoint(straight, elastic, "step_00000002")
     to_one = launch(
         tiny,
         elastic,
@@ -84,13 +118,13 @@ def test_two_ranks_checkpoint_resume_export(tiny, tmp_path):
         to_two.stdout[-2000:]
     )
     e, norm_e = csv_curve(elastic), csv_curve(elastic, "grad_norm")
-    assert sorted(e) == [1, 2, 3, 4]
-    assert [e[s] for s in range(1, 5)] == pytest.approx([a[s] for s in range(1, 5)], rel=1e-5, abs=1e-6)
-    assert [norm_e[s] for s in range(1, 5)] == pytest.approx([norm2[s] for s in range(1, 5)], rel=1e-4)
+    assert sorted(e) == [3, 4]  # steps 1 and 2 are the straight run's
+    assert [e[s] for s in (3, 4)] == pytest.approx([a[s] for s in (3, 4)], rel=1e-5, abs=1e-6)
+    assert [norm_e[s] for s in (3, 4)] == pytest.approx([norm2[s] for s in (3, 4)], rel=1e-4)
     assert all(n > 0 for n in norm_e.values())
     seen, want = examples_per_step(elastic), examples_per_step(straight)
-    assert sorted(want) == [1, 2, 3, 4] and all(len(ids) == 4 for ids in want.values())
-    assert seen == want
+    assert sorted(want) == [1, 2, 3, 4] and all(len(ids) == 32 for ids in want.values())
+    assert seen == {s: want[s] for s in (3, 4)}
 
     from transformers import AutoModelForCausalLM
 
@@ -180,19 +214,21 @@ def ms_teacher(tmp_path_factory):
 
 def test_cross_tokenizer_two_ranks_zero3_resume(tiny, tmp_path, ms_teacher):
     """--cross_tokenizer alm on 2 CPU ranks (ZeRO-3 student and teacher): the loss falls, the alignment report is
-    logged, and a run stopped at step 2 and resumed continues the straight run's curve."""
+    logged, and a run stopped at step 2 (the straight run's step-2 checkpoint) and resumed continues the straight
+    run's curve."""
     cfg = ds_json(tmp_path, name="two.json", lr=3e-2, train_micro_batch_size_per_gpu=2)
     extra = ["--cross_tokenizer", "alm", "--export", "false"]
     straight, halves, tiny = tmp_path / "straight", tmp_path / "halves", {**tiny, "teacher": ms_teacher}
-    proc = launch(tiny, straight, cfg, ranks=2, steps=4, extra=extra)
+    proc = launch(tiny, straight, cfg, ranks=2, steps=4, extra=[*extra, "--save_steps", "2"])
     assert "cross-tokenizer distillation: --cross_tokenizer alm" in proc.stdout + proc.stderr
     assert "align/bytes_1to1=" in proc.stdout + proc.stderr
     a = csv_curve(straight)
     assert sorted(a) == [1, 2, 3, 4] and a[4] < 0.9 * a[1], a
-    launch(tiny, halves, cfg, ranks=2, steps=2, extra=extra)
+    copy_checkpoint(straight, halves, "step_00000002")
     launch(tiny, halves, cfg, ranks=2, steps=4, extra=[*extra, "--resume"])
     b = csv_curve(halves)
-    assert [b[s] for s in (1, 2, 3, 4)] == pytest.approx([a[s] for s in (1, 2, 3, 4)], rel=1e-5, abs=1e-6)
+    assert sorted(b) == [3, 4]  # steps 1 and 2 are the straight run's
+    assert [b[s] for s in (3, 4)] == pytest.approx([a[s] for s in (3, 4)], rel=1e-5, abs=1e-6)
 
 
 def test_hidden_projection_two_ranks_equal_one_rank(tiny, tmp_path, dist_env):
