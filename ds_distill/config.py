@@ -134,6 +134,10 @@ class RunConfig:
         "auto",
         "Layer pairs of the hidden-state loss: auto (each student layer to the teacher layer student_init copied it from, read from the student's distill_provenance.json), even (evenly spaced teacher layers) or pairs s:t,... (student:teacher).",
     )
+    hidden_mode: str = flag(
+        "output",
+        "output: each student layer's output against its teacher layer's output, in the student's own forward. layerwise: block-local, each student layer i is fed the teacher's input to its layer t_i and matched to the teacher's input to t_(i+1) (the last to the teacher's last layer output), so it learns to replace the block it skipped; training steps only (eval runs the student's own forward).",
+    )
     router_aux_loss: bool = flag(
         True,
         "MoE students: add the router's load-balancing loss as the model computes it (its load_balancing_loss_func, weighed by its config's router_aux_loss_coef), logged as router_aux. No effect on dense students.",
@@ -277,6 +281,8 @@ class RunConfig:
             problems.extend(_cross_tokenizer_problems(self))
         if self.hidden_loss:
             problems.extend(_hidden_problems(self))
+        elif self.hidden_mode != "output":
+            problems.append(f"--hidden_mode {self.hidden_mode} needs --hidden_loss: pass one, or drop --hidden_mode")
         if self.teacher_url:
             problems.extend(_served_problems(self))
         elif self.teacher_cache:
@@ -384,6 +390,13 @@ def _hidden_problems(cfg: RunConfig) -> list[str]:
     problems = []
     if cfg.hidden_weight < 0:
         problems.append(f"--hidden_weight {cfg.hidden_weight} must be >= 0")
+    if cfg.hidden_mode not in ("output", "layerwise"):
+        problems.append(f"--hidden_mode {cfg.hidden_mode!r} is unknown: use output or layerwise")
+    if cfg.hidden_mode == "layerwise" and cfg.gradient_checkpointing:
+        problems.append(
+            "--hidden_mode layerwise replaces layer inputs with forward hooks, which a recomputed layer would not see "
+            "again: drop --gradient_checkpointing"
+        )
     if cfg.teacher_cache:
         problems.append(
             "--hidden_loss needs the teacher's hidden states, which a teacher cache does not store: pass --teacher "

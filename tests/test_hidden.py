@@ -378,3 +378,90 @@ def test_projection_resumes_exactly_and_stays_out_of_the_export(wide, dist_env, 
     torch.testing.assert_close(saved["s0_t1.weight"], straight_saved, rtol=1e-5, atol=1e-6)
     with safe_open(beside, "pt") as fh:
         assert json.loads(fh.metadata()["pairs"]) == [[0, 1]]
+
+
+# ------------------------------------------------------------------ --hidden_mode layerwise (block-local)
+def test_layer_feed_makes_each_layer_block_local(tiny, tmp_path):
+    """A 2-layer student copied from the 2-layer teacher, its layer 0 perturbed (float64). Fed the teacher's inputs
+    (LayerFeed), student layer 1 gives exactly the teacher's last output (pair-1 loss 0, no gradient anywhere) and so
+    the teacher's logits; pair 0's gradient stays in layer 0 (nothing flows between layers, none into the
+    embeddings). Unfed (--hidden_mode output), the perturbation reaches layer 1."""
+    from ds_distill.models.capture import LayerFeed
+
+    make_student(tiny["teacher"], tmp_path / "s", layers=[0, 1])
+    student, teacher = _wrapped(tmp_path / "s").eval(), _wrapped(tiny["teacher"]).eval()
+    with torch.no_grad():
+        for p in decoder_layers(student, "s")[0].parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1), dtype=p.dtype))
+    t_layers, s_layers = decoder_layers(teacher, "t"), decoder_layers(student, "s")
+    t_in, t_last = LayerCapture(t_layers, [0, 1], inputs=True), LayerCapture(t_layers, [1])
+    feed, s_out = LayerFeed(s_layers, [0, 1]), LayerCapture(s_layers, [0, 1])
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    labels = torch.zeros_like(ids)
+    t_in.arm(), t_last.arm()
+    with torch.no_grad():
+        t_final = teacher(input_ids=ids)
+    inputs, last = t_in.take(), t_last.take()
+    with torch.no_grad():
+        own = teacher.lm(input_ids=ids, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(inputs[1], own[1], rtol=0, atol=0)  # the input to layer 1 is layer 0's output
+    targets = [inputs[1], last[0]]
+
+    feed.arm(inputs), s_out.arm()
+    s_final = student(input_ids=ids)
+    assert not feed.armed, "each layer is fed once"
+    out = hidden_loss_sums(s_out.take(), targets, labels, loss="mse")
+    assert out[0].item() > 1e-6 and out[1].abs().item() < 1e-20
+    torch.testing.assert_close(student.head(s_final), teacher.head(t_final), rtol=0, atol=1e-12)
+    grads = torch.autograd.grad(out[1], list(student.parameters()), allow_unused=True, retain_graph=True)
+    assert all(g is None or g.abs().max() < 1e-20 for g in grads)
+    named = dict(student.named_parameters())
+    grads = dict(zip(named, torch.autograd.grad(out[0], list(named.values()), allow_unused=True)))
+    moved = {n for n, g in grads.items() if g is not None and g.abs().max() > 0}
+    assert moved and all(".layers.0." in n for n in moved), sorted(moved)
+
+    s_out.arm()  # unfed: the student's own forward
+    student(input_ids=ids)
+    assert hidden_loss_sums(s_out.take(), targets, labels, loss="mse")[1].item() > 1e-6
+
+
+def test_layerwise_on_the_entry_point_feeds_the_training_forward(tiny, dist_env, tmp_path):
+    """A 1-layer student copied from teacher layer 1 (auto map: 0:1), ZeRO-3 engines: with --hidden_mode layerwise its
+    layer is fed the teacher's input to layer 1, so step 1 has hidden loss 0 and the teacher's logits (KD 0), while the
+    student's own forward (--hidden_mode output) is far from both; the teacher keeps 2 tensors (1 input, the last
+    output) and nothing stays armed after a step."""
+    make_student(tiny["teacher"], tmp_path / "s1", layers=[1])
+    kw = dict(max_steps=2, deepspeed_config=projection_json(tmp_path), hidden_loss="mse", student=str(tmp_path / "s1"))
+    layerwise = train.run(make_cfg(tiny, tmp_path / "lw", hidden_mode="layerwise", **kw))
+    output = train.run(make_cfg(tiny, tmp_path / "out", **kw))
+    lw, out = layerwise.history[0], output.history[0]
+    assert lw["Train/hidden"] < 1e-10 and lw["Train/kd"] < 1e-6, lw
+    assert out["Train/hidden"] > 1e-5 and out["Train/kd"] > 1e-4, out
+    assert layerwise.history[1]["Train/hidden"] > lw["Train/hidden"], "then the layer trains (and moves)"
+    source = layerwise.teachers
+    batch = next(layerwise.train).to(layerwise.device)
+    _, kept = source.targets(batch, "eval")
+    assert len(kept) == 1 and source.teacher_capture.held == 0 and source.teacher_last.held == 0
+    assert not source.feed.armed, "eval steps run the student's own forward"
+
+
+def test_layerwise_refusals_are_one_line(tiny, wide, dist_env, tmp_path, capsys):
+    """Layerwise with gradient checkpointing, with a student of another width, with pairs that skip a student layer
+    or do not increase, and --hidden_mode without --hidden_loss: one line, exit 2."""
+    make_student(tiny["teacher"], tmp_path / "s2", layers=[0, 1])
+    two = {**tiny, "student": str(tmp_path / "s2")}
+    common = dict(max_steps=1, seq_len=32, eval_fraction=0)
+    cases = [
+        (
+            tiny,
+            dict(hidden_loss="mse", hidden_mode="layerwise", gradient_checkpointing=True),
+            "drop --gradient_checkpointing",
+        ),
+        (wide, dict(hidden_loss="mse", hidden_mode="layerwise", hidden_layers="0:1"), "hidden size 48 differs"),
+        (two, dict(hidden_loss="mse", hidden_mode="layerwise", hidden_layers="1:1"), "must be paired, in order"),
+        (two, dict(hidden_loss="mse", hidden_mode="layerwise", hidden_layers="0:1,1:0"), "must be paired, in order"),
+        (tiny, dict(hidden_mode="layerwise"), "needs --hidden_loss"),
+    ]
+    for i, (models, more, message) in enumerate(cases):
+        code, errors = run_main(tiny_args(models, tmp_path / f"o{i}", **common, **more), capsys)
+        assert code == 2 and len(errors) == 1 and message in errors[0], (more, errors)

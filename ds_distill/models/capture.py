@@ -1,5 +1,6 @@
-"""Forward hooks that keep the outputs of chosen decoder layers: hidden-state losses read only the mapped layers,
-never ``output_hidden_states`` (which keeps every layer's state of the whole model)."""
+"""Forward hooks on chosen decoder layers: keeping their outputs or inputs (hidden-state losses read only the mapped
+layers, never ``output_hidden_states``, which keeps every layer's state of the whole model), and feeding them given
+inputs (the block-local ``--hidden_mode layerwise``)."""
 
 from __future__ import annotations
 
@@ -20,19 +21,36 @@ def decoder_layers(module: nn.Module, where: str) -> nn.ModuleList:
     return layers
 
 
+def _hidden_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """A decoder layer's hidden-states input: its first positional argument, or the keyword ``hidden_states``."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
 class LayerCapture:
-    """Keeps the output ``[B, T, H]`` of each chosen decoder layer on its next forward while armed.
+    """Keeps the output ``[B, T, H]`` (``inputs=True``: the hidden-states input) of each chosen decoder layer on its
+    next forward while armed.
 
     ``arm()`` before the forward whose states are wanted, ``take()`` after it: the states in the order of ``indices``,
     then nothing is held and the capture is disarmed (so on-policy generation and activation-checkpoint recomputation,
     which run the same layers at other times, keep nothing). ``held`` counts the tensors kept now.
     """
 
-    def __init__(self, layers: nn.ModuleList, indices: list[int]):
+    def __init__(self, layers: nn.ModuleList, indices: list[int], inputs: bool = False):
         self.indices = list(indices)
         self.states: dict[int, torch.Tensor] = {}
         self.armed = False
-        self.handles = [layers[i].register_forward_hook(self._hook(i)) for i in self.indices]
+        if inputs:
+            hooks = [layers[i].register_forward_pre_hook(self._pre_hook(i), with_kwargs=True) for i in self.indices]
+        else:
+            hooks = [layers[i].register_forward_hook(self._hook(i)) for i in self.indices]
+        self.handles = hooks
+
+    def _pre_hook(self, index: int):
+        def hook(module: nn.Module, args, kwargs) -> None:
+            if self.armed:
+                self.states[index] = _hidden_input(args, kwargs)
+
+        return hook
 
     def _hook(self, index: int):
         def hook(module: nn.Module, args, output) -> None:
@@ -64,3 +82,50 @@ class LayerCapture:
             h.remove()
         self.handles, self.armed = [], False
         self.states.clear()
+
+
+class LayerFeed:
+    """Replaces the hidden-states input of each chosen decoder layer, once, on the next forward after ``arm(states)``
+    (``states[i]`` ``[B, T, H]`` for ``indices[i]``), then leaves that layer alone again.
+
+    The fed state is detached (nothing flows back into whoever made it) and, with gradients on, made a leaf that
+    requires grad, so that the layer's input looks like any other to ZeRO-3 (its hooks release a layer's gathered
+    weights once its backward reached its inputs); the hook runs before DeepSpeed's (``prepend``). A layer recomputed
+    in the backward (gradient checkpointing) would run unfed: the run refuses that pair of flags.
+    """
+
+    def __init__(self, layers: nn.ModuleList, indices: list[int]):
+        self.indices = list(indices)
+        self.pending: dict[int, torch.Tensor] = {}
+        self.handles = [
+            layers[i].register_forward_pre_hook(self._hook(i), with_kwargs=True, prepend=True) for i in self.indices
+        ]
+
+    def _hook(self, index: int):
+        def hook(module: nn.Module, args, kwargs):
+            state = self.pending.pop(index, None)
+            if state is None:
+                return None
+            old = _hidden_input(args, kwargs)
+            fed = state.detach().to(old.dtype)
+            if torch.is_grad_enabled():
+                fed.requires_grad_()
+            if args:
+                return (fed, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": fed}
+
+        return hook
+
+    def arm(self, states: list[torch.Tensor]) -> None:
+        if len(states) != len(self.indices):
+            raise ValueError(f"{len(states)} states for {len(self.indices)} layers")
+        self.pending = dict(zip(self.indices, states))
+
+    @property
+    def armed(self) -> bool:
+        return bool(self.pending)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles, self.pending = [], {}

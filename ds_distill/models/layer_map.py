@@ -114,6 +114,17 @@ def hidden_layer_map(spec: str, student_dir: str, n_student: int, n_teacher: int
     return pairs
 
 
+def check_layerwise(pairs: list[tuple[int, int]], n_student: int, spec: str) -> None:
+    """``--hidden_mode layerwise`` needs every student layer i paired, in order, with teacher layers t_i that increase
+    (student layer i stands for the teacher block t_i .. t_(i+1) - 1). Errors: UsageError (one line) otherwise."""
+    students, teachers = [s for s, _ in pairs], [t for _, t in pairs]
+    if students != list(range(n_student)) or any(a >= b for a, b in zip(teachers, teachers[1:])):
+        raise UsageError(
+            f"--hidden_mode layerwise with --hidden_layers {spec!r} (pairs {pairs}): every student layer 0..{n_student - 1} "
+            "must be paired, in order, with increasing teacher layers: use auto, even or such pairs"
+        )
+
+
 def copy_provenance(student_dir: str | os.PathLike, folder: str | os.PathLike) -> None:
     """Copy the student's provenance into ``folder`` (a checkpoint's or export's Hugging Face files), if it has one:
     training keeps the layers where they came from, so a later run (``--rounds``) can still map them."""
