@@ -1,5 +1,6 @@
 """Rank discovery (in process, from environment variables) and 2-rank distillation through the shipped launch scripts:
-mpirun, deepspeed --launcher openmpi, and sbatch + srun on a one-node SLURM cluster on localhost."""
+mpirun and deepspeed --launcher openmpi here; sbatch + srun on a one-node SLURM cluster on localhost is the job that
+tests/test_preemption.py preempts and requeues (one SLURM launch checks both)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from ds_distill.runtime import distributed
 from ds_distill.runtime.distributed import _tasks_on_node, resolve
 from tests.cluster_fixtures import SCRIPTS
 from tests.helpers import launch_args
-from tests.launch import assert_no_shm_left, free_port, launch, launcher_env, sbatch, wait_for_job
+from tests.launch import assert_no_shm_left, free_port, launch, launcher_env
 
 JOB_TIMEOUT = 300  # seconds for one tiny 2-rank run, the first DeepSpeed JIT build included
 
@@ -236,19 +237,6 @@ def test_deepspeed_openmpi_launcher(cluster_tools, tiny, tmp_path):
     assert proc.returncode == 0, proc.stdout[-6000:]
     assert "mpirun -n 2 -hostfile" in proc.stdout, proc.stdout[-6000:]
     assert_two_rank_run(out, proc.stdout, "openmpi")
-
-
-@pytest.mark.multiprocess
-def test_sbatch_srun(slurm_cluster, tiny, tmp_path):
-    out = tmp_path / "run"
-    job_log = tmp_path / "job.out"
-    env = launcher_env(RUN_ARGS=run_args(tiny, out), **slurm_cluster)
-    job_id = sbatch(SCRIPTS / "launch_slurm.sbatch", env, job_log)
-    state = wait_for_job(job_id, env, timeout=JOB_TIMEOUT)
-    log = job_log.read_text() if job_log.exists() else "(no job output)"
-    assert state == "COMPLETED", f"job {job_id}: {state}\n{log[-6000:]}"
-    assert_no_shm_left(log)
-    assert_two_rank_run(out, log, "slurm")
 
 
 def test_stale_jit_lock_is_removed_only_beside_a_built_op(tmp_path, monkeypatch):
