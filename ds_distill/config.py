@@ -155,6 +155,10 @@ class RunConfig:
     )
     top_p: float = flag(1.0, "On-policy: nucleus sampling threshold (1 = off).")
     top_k: int = flag(0, "On-policy: sample from the k most likely tokens only (0 = off).")
+    on_policy_anchor: float = flag(
+        0.0,
+        "On-policy: weight W of the student's CE on the dataset's own completions of the sampled micro-batches' prompts, added to their loss (MiniLLM's LM loss; normalised like the rest, by the step's supervised tokens). 0 = off (today's run).",
+    )
     collapse_distinct2_floor: float = flag(
         0.5,
         "On-policy: warn (one line) when distinct-2 of the student's samples in a log window falls below this (healthy text: ~0.95 over 32 tokens). 0 = off.",
@@ -338,6 +342,10 @@ class RunConfig:
             problems.append(
                 f"generation flags out of range (--max_new_tokens {self.max_new_tokens} >= 1, --generation_temperature "
                 f"{self.generation_temperature} > 0, --top_p {self.top_p} in (0, 1], --top_k {self.top_k} >= 0)"
+            )
+        if self.on_policy_anchor < 0 or (self.on_policy_anchor and not self.on_policy_fraction):
+            problems.append(
+                f"--on_policy_anchor {self.on_policy_anchor} must be >= 0 and needs --on_policy_fraction > 0 (it anchors the sampled micro-batches)"
             )
         for name in ("collapse_distinct2_floor", "collapse_self_nll_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:

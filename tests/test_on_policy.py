@@ -291,6 +291,120 @@ def test_a_student_that_repeats_one_token_trips_the_warning_a_healthy_one_does_n
     assert all(0 <= h["Generate/eos_rate"] <= 1 and 1 <= h["Generate/length"] <= 8 for h in gen)
 
 
+# ---------------------------------------------------------------- the anchor (on_policy/anchor.py)
+def test_stabiliser_flags_out_of_range_are_refused_together(tiny, pc_data, tmp_path):
+    from ds_distill.common import UsageError
+
+    bad = dict(
+        on_policy_anchor=0.5, entropy_threshold=-1.0, collapse_distinct2_floor=1.5, collapse_self_nll_fraction=-0.1
+    )
+    with pytest.raises(UsageError) as err:
+        op_cfg(tiny, pc_data, tmp_path / "x", **bad).validate()
+    for name in ("--on_policy_anchor 0.5", "--entropy_threshold -1.0", "--collapse_distinct2_floor 1.5", "-0.1"):
+        assert name in str(err.value)
+    assert "\n" not in str(err.value)
+    op_cfg(
+        tiny, pc_data, tmp_path / "x", on_policy_fraction=0.5, on_policy_anchor=0.5, entropy_threshold=float("inf")
+    ).validate()
+
+
+def _sgd_zero3(tmp_path, micro):
+    """cpu_zero3.json with plain SGD at lr 1, no clipping (0: DeepSpeed's default is 1.0), no scheduler: a step is
+    exactly p -= grad."""
+    from ds_distill.ds_config import REPO_CONFIGS
+
+    d = json.loads((REPO_CONFIGS / "cpu_zero3.json").read_text())
+    for key in ("scheduler", "csv_monitor"):
+        d.pop(key)
+    d["optimizer"] = {"type": "SGD", "params": {"lr": 1.0}}
+    d["zero_allow_untested_optimizer"] = True
+    d.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=1, gradient_clipping=0.0)
+    path = tmp_path / "sgd.json"
+    path.write_text(json.dumps(d))
+    return str(path)
+
+
+def test_anchor_zero_is_todays_run_and_a_weight_changes_it(tiny, pc_data, dist_env, tmp_path):
+    from ds_distill.teachers.live import LiveTeachers
+
+    kw = dict(deepspeed_config=ds_json(tmp_path), on_policy_fraction=0.5, max_steps=3)
+    today = train.run(op_cfg(tiny, pc_data, tmp_path / "t", **kw))
+    zero = train.run(op_cfg(tiny, pc_data, tmp_path / "z", on_policy_anchor=0.0, **kw))
+    anchored = train.run(op_cfg(tiny, pc_data, tmp_path / "a", on_policy_anchor=1.0, **kw))
+    assert type(zero.teachers) is LiveTeachers and not zero.train.anchor  # nothing wired, no batch kept
+    assert losses_of(zero) == losses_of(today) and "Train/anchor_ce" not in zero.history[0]
+    assert isinstance(anchored.teachers, on_policy.anchor.AnchoredTeachers)
+    assert losses_of(anchored) != pytest.approx(losses_of(today), rel=1e-3)
+    assert any(h.get("Train/anchor_ce", 0) > 0 for h in anchored.history)  # logged where a micro-batch was sampled
+
+
+def test_anchor_step_is_the_sum_computed_directly(tiny, pc_data, dist_env, tmp_path, monkeypatch):
+    """One plain-SGD step under ZeRO-3 (the student runs twice before one backward): the update is minus the gradient
+    of [the sampled rows' loss + W x the dataset completions' CE sum] / sampled tokens, computed with plain Hugging
+    Face models; the logged anchor_ce is that CE sum per sampled token."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from ds_distill import data, losses
+    from ds_distill.on_policy import stream as stream_mod
+
+    W, micro = 0.5, 4
+    gen = Scripted([[40, 41, 42], [50, tiny["tokenizer"].eos_token_id], [60, 61, 62, 63, 64]])
+    monkeypatch.setattr(stream_mod, "make_generator", lambda *a, **k: (gen, "scripted"))
+    cfg = op_cfg(
+        tiny,
+        pc_data,
+        tmp_path / "a",
+        deepspeed_config=_sgd_zero3(tmp_path, micro),
+        on_policy_fraction=1.0,
+        on_policy_anchor=W,
+        max_steps=1,
+    )
+    trainer = train.run(cfg)
+    import deepspeed
+
+    params = dict(trainer.student.module.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        after = {k: v.detach().clone().float() for k, v in params.items()}
+
+    # The step's micro-batch (the anchor) and its sampled rows, rebuilt from the data and the same scripted samples.
+    pad = tiny["tokenizer"].pad_token_id
+    kept = data.BatchStream(trainer.train.dataset, batch_size=micro, rank=0, world_size=1, seed=0, pad_token_id=pad)
+    batch = next(kept)
+    sampled = next(
+        on_policy.OnPolicyStream(
+            ListStream([batch]),
+            gen,
+            fraction=1.0,
+            sampling=on_policy.Sampling(8),
+            seq_len=24,
+            pad_token_id=pad,
+            seed=0,
+            rank=0,
+        )
+    )
+    unset_hf_deepspeed_config()
+    student = AutoModelForCausalLM.from_pretrained(tiny["student"], dtype=torch.float32).train()
+    teacher = AutoModelForCausalLM.from_pretrained(tiny["teacher"], dtype=torch.float32).eval()
+    with torch.no_grad():
+        t_logits = teacher(**sampled.inputs).logits
+    kd = losses.loss_sums(student(**sampled.inputs).logits, [t_logits], sampled.labels, **trainer.objective.loss_kw())
+    logits = student(**batch.inputs).logits
+    ce_sum = F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    ((kd.total + W * ce_sum) / kd.n_tokens).backward()
+    before = {k: p.detach().clone() for k, p in student.named_parameters()}
+    assert set(after) == set(before)
+    norm = torch.sqrt(sum((p.grad**2).sum() for p in student.parameters())).item()
+    assert norm > 1e-2, "a step that barely moves proves nothing"
+    (logged,) = [h for h in trainer.history if "Train/loss" in h]
+    assert logged["Train/anchor_ce"] == pytest.approx((ce_sum / kd.n_tokens).item(), rel=1e-5)
+    assert logged["Train/loss"] == pytest.approx(((kd.total + W * ce_sum) / kd.n_tokens).item(), rel=1e-5)
+    for name, p in student.named_parameters():
+        torch.testing.assert_close(
+            after[name] - before[name], -p.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}"
+        )
+
+
 # The tests below call entry points' main(), which tears the process group down (as a real run does at exit); the
 # engine-building tests above run first, on the session's group.
 

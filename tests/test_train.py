@@ -485,6 +485,8 @@ def test_resume_refuses_changed_meaning_allows_schedule_changes_and_keeps_every_
         (["--deepspeed_config", other_lr], ["optimizer", "0.01", "0.005"]),
         (["--deepspeed_config", ds_json(tmp_path, train_micro_batch_size_per_gpu=4)], ["global_batch: 2 -> 4"]),
         (["--teacher", tiny["student"]], ["teacher:"]),
+        (["--entropy_threshold", "1.5"], ["entropy_threshold: 3.0 -> 1.5"]),
+        (["--on_policy_fraction", "0.5", "--on_policy_anchor", "0.2"], ["on_policy_anchor: 0.0 -> 0.2"]),
     ]
     for change, names in refused:
         code, errors = run_main(resume + ["--max_steps", "3"] + change, capsys)
@@ -497,9 +499,11 @@ def test_resume_refuses_changed_meaning_allows_schedule_changes_and_keeps_every_
     assert (out / "checkpoints" / "latest").read_text() == latest, "a refused resume leaves the run as it was"
 
     with caplog.at_level(logging.INFO, logger="ds_distill"):
-        assert train.main(resume + ["--max_steps", "3", "--log_steps", "2", "--keep_last", "3"]) == 0
+        more = ["--log_steps", "2", "--keep_last", "3", "--collapse_distinct2_floor", "0.3"]  # when to warn: free
+        assert train.main(resume + ["--max_steps", "3", *more]) == 0
     allowed = [r.getMessage() for r in caplog.records if "--resume: allowed changes" in r.getMessage()]
     assert len(allowed) == 1 and "max_steps: 2 -> 3" in allowed[0] and "log_steps: 10 -> 2" in allowed[0], allowed
+    assert "collapse_distinct2_floor: 0.5 -> 0.3" in allowed[0], allowed
     assert (out / "checkpoints" / "latest").read_text() == "step_00000003"
     forced = resume + ["--max_steps", "4", "--alpha", "0.3", "--deepspeed_config", other_lr]
     assert train.main(forced + ["--resume_allow_changes", "alpha,optimizer"]) == 0

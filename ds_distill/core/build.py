@@ -220,7 +220,8 @@ def teacher_source(cfg: RunConfig, run_data: Data, engines: Models) -> TeacherSo
     """Where a step's teacher targets come from: servers (--teacher_url, with any caches as one ensemble), the caches,
     the live teacher engines, or live engines beside caches or servers as one ensemble (``ensemble.MixedTeachers``);
     with --hidden_loss, wrapped to add the hidden-state loss (``teachers.hidden``: live engines only, refused
-    otherwise)."""
+    otherwise); with --on_policy_anchor, wrapped to add the CE on the dataset's completions of the sampled
+    micro-batches (``on_policy.anchor``)."""
     splits = {"train": "data", "eval": "eval_data" if cfg.eval_data else "data"}
     sparse = None  # the caches and servers: top-K plus a tail
     if run_data.servers:
@@ -244,7 +245,10 @@ def teacher_source(cfg: RunConfig, run_data: Data, engines: Models) -> TeacherSo
         source = CrossTokenizerTeacher(engines.teachers[0], cfg.cross_tokenizer, maps)
     else:
         source = LiveTeachers(engines.teachers)
-    return hidden.wrap(cfg, source, engines.student)  # --hidden_loss: hooks on the mapped layers, else unchanged
+    source = hidden.wrap(cfg, source, engines.student)  # --hidden_loss: hooks on the mapped layers, else unchanged
+    return on_policy.anchor.wrap(
+        cfg, source, engines.student
+    )  # --on_policy_anchor: + W x CE on the data, else unchanged
 
 
 # ------------------------------------------------------------------------------------------------- 5. stream

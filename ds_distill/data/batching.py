@@ -58,6 +58,8 @@ class Batch:
             all ranks before this micro-step, plus rank * B): where the batch sits in the data, whatever wraps it.
         teacher: a teacher with another tokenizer (``--cross_tokenizer``): its ids, the chunk maps and the alignment
             report of these examples (``alignment.collate_teacher``), on the host; None otherwise.
+        anchor: on-policy with ``--on_policy_anchor``: the dataset's micro-batch whose completions the student's
+            samples replaced (same examples), for the anchor's CE (``on_policy.anchor``); None otherwise.
     """
 
     inputs: dict[str, torch.Tensor]
@@ -66,6 +68,7 @@ class Batch:
     epoch: int
     position: int
     teacher: dict | None = None
+    anchor: "Batch | None" = None
 
     @classmethod
     def collate(cls, rows: dict[str, list], pad_token_id: int, *, epoch: int, position: int) -> "Batch":
@@ -79,7 +82,8 @@ class Batch:
     def to(self, device: torch.device | str) -> "Batch":
         """The batch with its model inputs on ``device`` (``non_blocking``: asynchronous from pinned memory); labels
         and example ids stay on the host."""
-        return dataclasses.replace(self, inputs={k: v.to(device, non_blocking=True) for k, v in self.inputs.items()})
+        inputs = {k: v.to(device, non_blocking=True) for k, v in self.inputs.items()}
+        return dataclasses.replace(self, inputs=inputs, anchor=None if self.anchor is None else self.anchor.to(device))
 
     def pin_memory(self) -> "Batch":
         """Every tensor copied into pinned (page-locked) host memory, for asynchronous host-to-device copies."""
@@ -88,6 +92,7 @@ class Batch:
             inputs={k: v.pin_memory() for k, v in self.inputs.items()},
             labels=self.labels.pin_memory(),
             example_ids=self.example_ids.pin_memory(),
+            anchor=None if self.anchor is None else self.anchor.pin_memory(),
         )
 
 

@@ -11,6 +11,7 @@ score the sampled tokens in the same forward as dataset tokens, and the same chu
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -30,6 +31,7 @@ class OnPolicyStream:
     A chosen micro-batch's rows become ``prompt + sample`` (at most ``seq_len`` tokens, P = ``prompt_length(labels)``)
     with labels ``[-100] * (P - 1) + sample + [-100]``.
     stop_token_ids: the ids that end a sample (for the eos rate of ``on_policy.monitors``); default: the generator's.
+    anchor: keep the replaced micro-batch as the new one's ``Batch.anchor`` (``--on_policy_anchor``).
     """
 
     def __init__(
@@ -44,7 +46,9 @@ class OnPolicyStream:
         seed: int,
         rank: int,
         stop_token_ids: list[int] | None = None,
+        anchor: bool = False,
     ):
+        self.anchor = anchor
         self.stream, self.generator, self.fraction, self.sampling = stream, generator, fraction, sampling
         self.seq_len, self.pad, self.seed, self.rank = seq_len, pad_token_id, seed, rank
         self.dataset = getattr(stream, "dataset", None)  # what the run's manifest fingerprints
@@ -97,7 +101,8 @@ class OnPolicyStream:
             # labels[t] is the target of position t: supervised for the sampled tokens seq[P:], so t from P - 1.
             rows["labels"].append([IGNORE_INDEX] * (len(prompt) - 1) + seq[len(prompt) :] + [IGNORE_INDEX])
         self.counts = [a + b for a, b in zip(self.counts, sample_counts(kept, self.stop_token_ids))]
-        return data.Batch.collate(rows, self.pad, epoch=batch.epoch, position=batch.position)
+        out = data.Batch.collate(rows, self.pad, epoch=batch.epoch, position=batch.position)
+        return dataclasses.replace(out, anchor=batch) if self.anchor else out
 
     def take_counts(self) -> tuple[list[float], int, float]:
         """(the kept samples' ``COUNTS`` sums, tokens generated, seconds spent generating) since the last call."""
@@ -169,4 +174,5 @@ def wrap(cfg, stream, student, tokenizer, *, world, rank_memory: int) -> OnPolic
         pad_token_id=tokenizer.pad_token_id,
         seed=cfg.seed,
         rank=world.rank,
+        anchor=cfg.on_policy_anchor > 0,
     )
