@@ -112,4 +112,4 @@ def pytest_runtest_makereport(item, call):
 
 # The cluster fixtures (Open MPI, a local SLURM) for every test module that names them.
 from tests.cluster_fixtures import cluster_tools, slurm_cluster  # noqa: E402, F401
-from tests.served_fixtures import served  # noqa: E402, F401  (one real vLLM server per test run)
+from tests.served_fixtures import served, served_start  # noqa: E402, F401  (one real vLLM server per test run)

@@ -1,6 +1,7 @@
 """A real vLLM server for the served-teacher tests: a tiny Llama with a character tokenizer of under 64 tokens (so a
 top-64 from the server is the teacher's whole distribution), started once per test run on 127.0.0.1 from the
-environment ``scripts/setup_vllm.sh`` makes (``.venv-vllm``), and stopped at the end (no process left)."""
+environment ``scripts/setup_vllm.sh`` makes (``.venv-vllm``) as the session starts (when a selected test needs it), and
+stopped at the end (no process left)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import random
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -110,11 +112,54 @@ def stop(proc: subprocess.Popen) -> None:
         pass
 
 
-@pytest.fixture(scope="session")
-def served(tmp_path_factory):
-    """{"url", "teacher", "student", "tokenizer", "data", "root"}: the tiny teacher served by a real vLLM server."""
+class Server:
+    """A vLLM server being started in the background: a thread waits until it answers and sends it one request (vLLM's
+    first request after an eager start warms it up, tens of seconds on CPU); ``ready()`` waits for that thread."""
+
+    def __init__(self, proc: subprocess.Popen, url: str, log_path: Path, timeout: float):
+        self.proc, self.url, self.log_path, self.error = proc, url, log_path, ""
+        self.thread = threading.Thread(target=self._start, args=(timeout,), name="vllm-start", daemon=True)
+        self.thread.start()
+
+    def _start(self, timeout: float) -> None:
+        from ds_distill.teachers.server_client import ServerClient
+
+        deadline = time.monotonic() + timeout
+        client = ServerClient(self.url, retries=0, timeout=timeout)
+        while True:
+            if self.proc.poll() is not None:
+                self.error = f"vLLM exited with {self.proc.returncode}"
+                return
+            try:
+                client.wait_ready(timeout=2)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    self.error = f"vLLM not ready in {timeout:.0f} s"
+                    return
+        try:
+            client.prompt_logprobs([[1, 5, 6, 7]], 1)
+        except Exception as exc:  # the tests' own requests report it again, with their context
+            self.error = f"vLLM's first request failed: {exc}"
+
+    def ready(self) -> None:
+        self.thread.join()
+        if self.error:
+            pytest.fail(f"{self.error}: {self.log_path.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def served_start(request, tmp_path_factory):
+    """Starts the vLLM server of ``served`` when the session starts, if a selected test names ``served``: its
+    start-up (1-3 minutes on CPU, plus the first request's warm-up) then overlaps the tests that run before the
+    served ones instead of stalling the first of them (docs/performance.md, the suite's time). Yields (the tiny
+    teacher, student and data; the Server, or None for an external one), or None when no selected test needs it."""
+    if not any("served" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        yield None
+        return
     if not VLLM_PYTHON.is_file():
-        pytest.fail("no .venv-vllm: run bash scripts/setup_vllm.sh (scripts/test.sh does)")
+        yield None  # ``served`` fails, naming the fix
+        return
     from tests import tiny
 
     root = tmp_path_factory.mktemp("served")
@@ -132,26 +177,25 @@ def served(tmp_path_factory):
     }
     external = os.environ.get("DS_DISTILL_TEST_VLLM_URL")
     if external:  # a server already serving this same seeded teacher (while writing tests: no 1-3 minute start)
-        yield {**data, "url": external}
+        yield {**data, "url": external}, None
         return
     port = free_port()
     log_path = root / "vllm.log"
     proc = start_vllm(teacher, port, log_path, root / "vllm_cache")
-    url = f"http://127.0.0.1:{port}"
     try:
-        from ds_distill.teachers.server_client import ServerClient
-
-        deadline = time.monotonic() + 400
-        client = ServerClient(url, retries=0)
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vLLM exited with {proc.returncode}: {log_path.read_text()[-3000:]}")
-            try:
-                client.wait_ready(timeout=2)
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"vLLM not ready in 400 s: {log_path.read_text()[-3000:]}")
-        yield {**data, "url": url}
+        # 900 s: the start now shares the machine with the tests before the served ones
+        yield {**data, "url": f"http://127.0.0.1:{port}"}, Server(proc, f"http://127.0.0.1:{port}", log_path, 900)
     finally:
         stop(proc)
+
+
+@pytest.fixture(scope="session")
+def served(served_start):
+    """{"url", "teacher", "student", "tokenizer", "data", "prompts", "root"}: the tiny teacher served by a real vLLM
+    server, started by ``served_start`` and ready (warmed up) here."""
+    if served_start is None:
+        pytest.fail("no .venv-vllm: run bash scripts/setup_vllm.sh (scripts/test.sh does)")
+    data, server = served_start
+    if server is not None:
+        server.ready()
+    return data
