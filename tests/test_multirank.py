@@ -200,7 +200,11 @@ def test_on_policy_generation_with_unequal_lengths_finishes_under_zero3(tiny, tm
     )
     # Step 1: 1 token on rank 0 (eos), on rank 1 the room its prompt leaves (>= 10 tokens).
     long_room = min(12, 32 - long)
-    assert long_room >= 10 and read_curves(out)["Generate/tokens"][0] == (1, 1 + long_room)
+    curves = read_curves(out)
+    assert long_room >= 10 and curves["Generate/tokens"][0] == (1, 1 + long_room)
+    # The collapse monitors are over both ranks' samples: [eos] on rank 0, long_room tokens without eos on rank 1.
+    assert curves["Generate/length"][0] == (1, pytest.approx((1 + long_room) / 2))
+    assert curves["Generate/eos_rate"][0] == (1, pytest.approx(0.5))
 
 
 @pytest.fixture(scope="module")
