@@ -80,7 +80,8 @@ def test_teacher_placement_by_fit(tiny, dist_env, tmp_path):
 
 
 def test_tokens_per_s_leaves_out_eval_and_checkpoint_time():
-    """The trainer wraps eval and save in window.paused(): time spent there must not lower the training rate."""
+    """The trainer wraps eval and save in window.paused(): time spent there must not lower the training rate, nor
+    count in the seconds per optimizer step (step_s: the window's training seconds / its steps)."""
     import time
     from types import SimpleNamespace
 
@@ -93,14 +94,17 @@ def test_tokens_per_s_leaves_out_eval_and_checkpoint_time():
         "n_tokens": torch.tensor(10.0),
         "input_tokens": 1000,
     }
-    rates = {}
+    rates, step_s = {}, {}
     for paused in (False, True):
         window = trainer_mod._Window(torch.device("cpu"))
         window.add(sums)
+        window.add(sums)  # two optimizer steps in the window: step_s is per step
         with window.paused() if paused else contextlib.nullcontext():
             time.sleep(0.5)
-        rates[paused] = window.flush(engine, world_size=1)["tokens_per_s"]
-    assert rates[False] <= 1000 / 0.5 and rates[True] > 1000 / 0.25, rates
+        metrics = window.flush(engine, world_size=1)
+        rates[paused], step_s[paused] = metrics["tokens_per_s"], metrics["step_s"]
+    assert rates[False] <= 2000 / 0.5 and rates[True] > 2000 / 0.25, rates
+    assert 0.5 / 2 <= step_s[False] < 0.4 and step_s[True] < 0.25 / 2, step_s
 
 
 def test_resume_continues_the_same_curve(tiny, dist_env, tmp_path):

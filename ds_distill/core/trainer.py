@@ -262,6 +262,7 @@ class _Window:
         self.extra: dict[str, torch.Tensor] = {}  # this rank's sums of LossSums.extra (the same keys on every rank)
         self.n_tokens = torch.zeros((), device=self.device)  # global supervised tokens
         self.input_tokens, self.t0 = 0, time.perf_counter()
+        self.steps = 0  # optimizer steps in this window (add is called once per step)
         self.lr = float("nan")
 
     def add(self, s: dict[str, Any]) -> None:
@@ -270,6 +271,7 @@ class _Window:
             self.extra[key] = self.extra.get(key, 0) + value.float()
         self.n_tokens += s["n_tokens"]
         self.input_tokens += s["input_tokens"]
+        self.steps += 1
         self.lr = s["lr"]  # the learning rate the last step trained at
 
     @contextlib.contextmanager
@@ -295,6 +297,9 @@ class _Window:
             "lr": self.lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "tokens_per_s": self.input_tokens * world_size / seconds,
+            # Seconds per optimizer step, rank 0's clock, eval and save left out: what a step costs (the demo's
+            # equal-cost comparison adds the teacher's share to it).
+            "step_s": seconds / max(self.steps, 1),
         }
         self.reset()
         return metrics
