@@ -201,6 +201,59 @@ def test_report_compares_the_cached_run_with_the_live_reference():
     assert report.cache_summary(cache, {"forward_kl": rows["forward_kl"]}).count("\n") == 0  # no live run: one line
 
 
+def _report():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_report", ROOT / "scripts" / "demo_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    return report
+
+
+def test_equal_cost_counts_the_teacher():
+    """KD against CE at equal cost: CE's budget (steps x s/step) buys KD (budget - teacher share) / KD's s/step steps;
+    a cache pass is shared by 1, 2 or 4 students, a live teacher is inside KD's s/step; KD's perplexity there is
+    interpolated in log space between its evals, and only there (before the first eval: not measured)."""
+    report = _report()
+    ce = {"name": "ce", "label": "CE", "alpha": 1.0, "steps": 30, "step_s": 5.0}
+    ce["eval_ppl"] = [(10, 1700.0), (20, 650.0), (30, 400.0)]
+    cached = {"name": "fkl", "label": "fKL", "alpha": 0.5, "steps": 30, "step_s": 5.5, "teacher_cache": True}
+    cached["eval_ppl"] = [(10, 900.0), (20, 420.0), (30, 300.0)]
+    live = {"name": "live", "label": "live", "alpha": 0.5, "steps": 30, "step_s": 9.0, "teacher_cache": False}
+    live["eval_ppl"] = [(10, 1500.0), (20, 640.0), (30, 360.0)]
+    on_policy = {**live, "name": "op", "start": "fkl", "on_policy": True}  # a continuation: not compared
+    rows = {r["name"]: r for r in (ce, cached, live, on_policy)}
+    got = report.equal_cost(rows, {"wall_s": 124.0})
+    assert [(e["row"], e["teacher"]) for e in got] == [
+        ("fkl", "cache / 1"),
+        ("fkl", "cache / 2"),
+        ("fkl", "cache / 4"),
+        ("live", "live"),
+    ]
+    budget = 30 * 5.0
+    for e, share in zip(got, (124.0, 62.0, 31.0, 0.0)):
+        assert e["ce_budget_s"] == budget and e["share_s"] == share and e["ce_ppl"] == 400.0
+        step_s = 9.0 if e["row"] == "live" else 5.5
+        assert e["steps_in_ce_budget"] == pytest.approx((budget - share) / step_s)
+        assert e["kd_cost_s"] == pytest.approx(30 * step_s + share)
+        assert e["ce_steps_for_kd_cost"] == pytest.approx((30 * step_s + share) / 5.0)
+    one, two, four, by_live = got
+    assert one["steps_in_ce_budget"] < 10 and one["ppl"] is None and one["pays"] is None  # before the first eval
+    w = (88 / 5.5 - 10) / 10  # 2 students: 16 steps, between the evals at 10 and 20
+    assert two["ppl"] == pytest.approx(900.0 ** (1 - w) * 420.0**w) and two["pays"] is False
+    w = (119 / 5.5 - 20) / 10  # 4 students: 21.6 steps
+    assert four["ppl"] == pytest.approx(420.0 ** (1 - w) * 300.0**w) and four["ppl"] < 400 and four["pays"] is True
+    w = (150 / 9.0 - 10) / 10
+    assert by_live["ppl"] == pytest.approx(1500.0 ** (1 - w) * 640.0**w) and by_live["pays"] is False
+    # A cache pass longer than CE's whole run buys no step; exact values at eval steps, nothing past the last eval.
+    [alone, *_] = report.equal_cost({"ce": ce, "fkl": cached}, {"wall_s": 200.0})
+    assert alone["steps_in_ce_budget"] == 0 and alone["ppl"] is None
+    assert report.ppl_at(cached["eval_ppl"], 20) == 420.0 and report.ppl_at(cached["eval_ppl"], 31) is None
+    table = report.equal_cost_markdown(got, 30)
+    assert table.count("\n") == 2 + 4 and "| fKL | cache / 4: 31 s | 5.50 / 5.00 | 21.6 (150 s) |" in table
+    assert "the teacher's share alone" in report.equal_cost_markdown([alone], 30)
+
+
 ON_POLICY = ("jsd", 0.0, 0.5, 0.5, 3, 6)  # the demo's on-policy defaults (loss, alpha, beta, fraction), steps, tokens
 
 
@@ -221,6 +274,7 @@ def test_demo_script_end_to_end(tmp_path):
         DEMO_EVAL_STEPS="2",
         DEMO_ON_POLICY_STEPS="3",
         DEMO_MAX_NEW_TOKENS="6",
+        DEMO_REVERSE_KL="1",  # off by default for the real demo's time; its row is checked here
         CUDA_VISIBLE_DEVICES="",
     )
     # 4 runs and a cache pass (a loaded machine takes over 15 minutes); every run's log is checked for /dev/shm.
@@ -309,5 +363,15 @@ def test_demo_script_end_to_end(tmp_path):
     assert table.startswith("| model |") and table.count("\n") == 2 + 6
     assert "3 after forward_kl |" in table and f"on-policy ({ON_POLICY[3]:.0%} of micro-batches sampled)" in table
     assert "demo: evaluating 6 models" in stdout  # one evaluation process
+    # KD against CE at equal cost: each cached KD run for 1, 2 and 4 students sharing the pass, the CE run's budget.
+    costs = results["equal_cost"]
+    assert [(e["row"], e["teacher"]) for e in costs] == [
+        (name, f"cache / {n}") for name in ("forward_kl", "reverse_kl") for n in (1, 2, 4)
+    ]
+    for e in costs:
+        assert e["ce_budget_s"] == pytest.approx(3 * rows["ce"]["step_s"]) and e["share_s"] * int(e["teacher"][-1]) == (
+            pytest.approx(cache["wall_s"])
+        )
+    assert (out / "equal_cost.md").read_text() in stdout
     assert table in stdout
     assert (out / "curves.png").stat().st_size > 1000
