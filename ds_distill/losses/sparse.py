@@ -32,10 +32,16 @@ def sparse_token_terms(
 ) -> tuple[Tensor, Tensor]:
     """CE and T^2 * D on the top-K support plus one tail bucket: ``[n, V], [n], [n, K], [n, K], [n] -> ([n], [n])``."""
     s = s_logits.float()
-    ce = F.cross_entropy(s, labels, reduction="none")
     if alpha == 1.0:
+        ce = F.cross_entropy(s, labels, reduction="none")
         return ce, torch.zeros_like(ce)
-    s_logp = F.log_softmax(s / temperature, dim=-1)
+    # At T = 1 the CE reads the KD term's log-softmax (cross_entropy is nll of that very log_softmax, so the values are
+    # the same bits): one [n, V] log-softmax and its backward fewer per chunk (docs/performance.md, issue 29).
+    s_logp = F.log_softmax(s if temperature == 1.0 else s / temperature, dim=-1)
+    if temperature == 1.0:
+        ce = -s_logp.gather(-1, labels[:, None]).squeeze(-1)
+    else:
+        ce = F.cross_entropy(s, labels, reduction="none")
     # id -1: no bucket (rows with fewer ids, e.g. an ensemble's union): no mass on either side. It points at a real id
     # of its row (the row's largest) so the scatter below is unchanged; no host sync to find out whether there are any.
     pad = t_ids < 0
