@@ -23,8 +23,9 @@ LR = 1.0
 def sgd_json(tmp_path, stage: int, micro: int, accum: int) -> str:
     """A shipped CPU config with plain SGD, no clipping and no scheduler: the step is exactly ``p -= lr * grad``."""
     d = json.loads((REPO_CONFIGS / "cpu_zero3.json").read_text())
-    for key in ("scheduler", "gradient_clipping", "csv_monitor"):
+    for key in ("scheduler", "csv_monitor"):
         d.pop(key)
+    d["gradient_clipping"] = 0.0  # explicit: DeepSpeed's default when the key is absent is 1.0, not off
     d["optimizer"] = {"type": "SGD", "params": {"lr": LR}}  # torch.optim.SGD, as DeepSpeed builds any torch optimizer
     d["zero_allow_untested_optimizer"] = True
     d["zero_optimization"] = d["zero_optimization"] if stage == 3 else {"stage": stage}
