@@ -17,8 +17,10 @@ log = logging.getLogger("ds_distill.losses")
 
 
 def chunk_slices(n: int, chunk_size: int, num_chunks: int | None) -> list[slice]:
-    """``num_chunks`` slices of ``chunk_size`` (>= 1, checked by the callers) over ``n`` rows (trailing ones may be
-    empty); as many as ``n`` needs if None."""
+    """``num_chunks`` slices of ``chunk_size`` (>= 1) over ``n`` rows (trailing ones may be empty); as many as ``n``
+    needs if None."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
     needed = -(-n // chunk_size)
     if num_chunks is not None and num_chunks < needed:
         raise ValueError(f"num_chunks={num_chunks} is too few for {n} tokens in chunks of {chunk_size}")
@@ -28,31 +30,16 @@ def chunk_slices(n: int, chunk_size: int, num_chunks: int | None) -> list[slice]
     ]
 
 
-def checkpointed_chunks(
-    hs: Tensor,
-    head: Callable[[Tensor], Tensor],
-    chunks: list[slice],
-    teacher_logits,
-    terms,
-    rows: Tensor,
-    batch: int,
-    alpha: float,
-    anchor: Tensor,
-) -> LossSums:
-    """The checkpointed path of ``chunked_loss_sums`` (see there): each chunk's logits, the student's and the
-    teachers', are recomputed in backward, cheaper in memory than keeping them alive."""
+def checkpointed_map(fn: Callable, slices: list[slice], *xs: Tensor, n_out: int = 2) -> tuple[Tensor, ...]:
+    """``fn(*(x[sl] for x in xs), sl)`` -> ``n_out`` per-row tensors, for each slice under activation checkpointing
+    (recomputed in backward, never kept), concatenated over the slices: ``n_out x [rows]`` (fp32 empties if none).
 
-    def chunk_terms(h: Tensor, sl: slice) -> tuple[Tensor, Tensor]:
-        return terms(head(h), teacher_logits(sl), sl)
-
-    ces, kds = [], []
-    for sl in chunks:
-        ce, kd = checkpoint(chunk_terms, hs[sl], sl, use_reentrant=False)
-        ces.append(ce)
-        kds.append(kd)
-    empty = hs.new_zeros(0, dtype=torch.float32)
-    ce, kd = (torch.cat(ces), torch.cat(kds)) if ces else (empty, empty)
-    return sum_terms(ce, kd, rows, batch, alpha, anchor)
+    Every slice is called, empty ones too: under ZeRO-3 each head call inside ``fn`` gathers its weight on every
+    rank, so all ranks must make the same calls."""
+    parts = [checkpoint(fn, *(x[sl] for x in xs), sl, use_reentrant=False) for sl in slices]
+    if not parts:
+        return (xs[0].new_zeros(0, dtype=torch.float32),) * n_out
+    return tuple(torch.cat(p) for p in zip(*parts))
 
 
 _LOGGED: set[str] = set()
@@ -121,17 +108,11 @@ def _accumulate(acc: Tensor | None, x: Tensor) -> Tensor:
 
 
 def fused_chunks(
-    hs: Tensor,
-    head: OutputHead,
-    chunks: list[slice],
-    teacher_logits,
-    terms,
-    rows: Tensor,
-    batch: int,
-    alpha: float,
-    anchor: Tensor,
+    hs: Tensor, head: OutputHead, chunks: list[slice], teacher_logits, terms, alpha: float, finish
 ) -> LossSums:
-    """The fused path of ``chunked_loss_sums`` (see there): ``hs`` ``[n, H]`` the supervised student hidden states.
+    """The fused path of ``chunked_loss_sums`` (see there): ``hs`` ``[n, H]`` the supervised student hidden states;
+    ``finish(ce, kd)`` makes the ``LossSums`` of the per-token terms (its total is replaced by one that carries the
+    gradients computed here).
 
     The chunk loop runs as the forward of ``head.linear`` (``_call_as_forward``): a ZeRO-3 weight is whole only there,
     and the loss total returned from that call is where backward enters the module, so ZeRO-3 gathers the weight
@@ -173,7 +154,7 @@ def fused_chunks(
             kds.append(kd.detach())
         empty = h.new_zeros(0, dtype=torch.float32)
         ce, kd = (torch.cat(ces), torch.cat(kds)) if ces else (empty, empty)
-        sums.append(sum_terms(ce, kd, rows, batch, alpha, anchor.detach()))
+        sums.append(finish(ce, kd))
         if not any(need):
             return sums[0].total
         g_h = (torch.cat(g_hs) if g_hs else torch.zeros_like(h)) if need[0] else None
@@ -198,13 +179,20 @@ def run_chunks(
     hs: Tensor,
     head: Callable[[Tensor], Tensor],
     chunks: list[slice],
-    teacher_logits,
-    terms,
+    teacher_logits: Callable[[slice], list[Tensor]],
+    terms: Callable[[Tensor, list[Tensor], slice], tuple[Tensor, Tensor]],
     rows: Tensor,
     batch: int,
     alpha: float,
     anchor: Tensor,
 ) -> LossSums:
-    """The chunk loop of both chunked losses: fused when ``fusable(head)``, else checkpointed (see ``fused_chunks``)."""
-    run = fused_chunks if fusable(head) else checkpointed_chunks
-    return run(hs, head, chunks, teacher_logits, terms, rows, batch, alpha, anchor)
+    """The chunk loop of the chunked losses: ``hs`` ``[n, H]`` the supervised student hidden states, ``rows`` ``[n]``
+    their rows of the ``batch``; per chunk ``terms(student logits, teacher_logits(sl), sl) -> (CE [c], T^2 D [c])``.
+    Fused when ``fusable(head)`` (see ``fused_chunks``), else checkpointed: each chunk's logits, the student's and
+    the teachers', are recomputed in backward, cheaper in memory than keeping them alive. ``anchor``: as
+    ``sum_terms``."""
+    if fusable(head):
+        finish = lambda ce, kd: sum_terms(ce, kd, rows, batch, alpha, anchor.detach())
+        return fused_chunks(hs, head, chunks, teacher_logits, terms, alpha, finish)
+    ce, kd = checkpointed_map(lambda h, sl: terms(head(h), teacher_logits(sl), sl), chunks, hs)
+    return sum_terms(ce, kd, rows, batch, alpha, anchor)

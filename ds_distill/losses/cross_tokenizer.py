@@ -38,12 +38,9 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from ds_distill.common import IGNORE_INDEX
-from ds_distill.losses.chunked import chunk_slices
-from ds_distill.losses.divergences import ENTROPY_THRESHOLD, LOSSES, check_args
-from ds_distill.losses.terms import LossSums, check_vocab
+from ds_distill.losses.chunked import checkpointed_map, chunk_slices
+from ds_distill.losses.terms import LossArgs, LossSums, check_vocab
 
 Tensor = torch.Tensor
 
@@ -64,14 +61,13 @@ def log1mexp(x: Tensor) -> Tensor:
     return torch.where(x > cut, near, far)
 
 
-def binary_divergence(
-    t_logp: Tensor, s_logp: Tensor, *, loss: str, beta: float, skew: float, entropy_threshold: float
-) -> Tensor:
-    """D between ``[P_t, 1 - P_t]`` and ``[P_s, 1 - P_s]`` from log-likelihoods ``[C]`` (<= 0) -> ``[C]`` nats."""
+def binary_divergence(t_logp: Tensor, s_logp: Tensor, args: LossArgs) -> Tensor:
+    """T^2 * D between ``[P_t, 1 - P_t]`` and ``[P_s, 1 - P_s]`` from log-likelihoods ``[C]`` (<= 0) -> ``[C]``
+    nats."""
     t_logp, s_logp = t_logp.clamp(max=0.0), s_logp.clamp(max=0.0)
     t = torch.stack([t_logp, log1mexp(t_logp)], -1)
     s = torch.stack([s_logp, log1mexp(s_logp)], -1)
-    return LOSSES[loss](t, s, beta=beta, skew=skew, entropy_threshold=entropy_threshold)
+    return args.divergence(t, s)
 
 
 def chunk_sums(values: Tensor, chunk_ids: Tensor, n_chunks: int) -> Tensor:
@@ -94,11 +90,12 @@ def teacher_chunk_logprobs(
     return chunk_sums(lp, teacher_chunks.flatten()[pos], n_chunks)
 
 
-def _supervised(labels: Tensor, student_chunks: Tensor, n_chunks: int, ignore_index: int):
-    """The supervised positions (flat index, row, label, chunk id) on the host's terms: one check of the chunk ids."""
+def _supervised(labels: Tensor, student_chunks: Tensor, n_chunks: int, args: LossArgs, device: torch.device):
+    """The supervised positions (flat index, row, label, chunk id), found on the host's terms (one check of the chunk
+    ids there) and moved to ``device``."""
     if student_chunks.shape != labels.shape:
         raise ValueError(f"student_chunks {tuple(student_chunks.shape)} must match labels {tuple(labels.shape)}")
-    sup = (labels != ignore_index).flatten()
+    sup = (labels != args.ignore_index).flatten()
     ch = student_chunks.flatten()
     if student_chunks.device.type == "cpu":  # on an accelerator this would be a host sync per step
         if bool((ch[~sup] >= 0).any()):
@@ -106,7 +103,8 @@ def _supervised(labels: Tensor, student_chunks: Tensor, n_chunks: int, ignore_in
         if n_chunks and (ch.max() >= n_chunks or torch.bincount(ch[ch >= 0], minlength=n_chunks).eq(0).any()):
             raise ValueError(f"student_chunks must hold every chunk id 0..{n_chunks - 1} (the teacher's) and no other")
     idx = sup.nonzero().squeeze(1)
-    return idx, idx // labels.shape[1], labels.flatten()[idx], ch[idx]
+    out = (idx, idx // labels.shape[1], labels.flatten()[idx], ch[idx])
+    return tuple(x.to(device, non_blocking=True) for x in out)
 
 
 def _sums(ce, rows, kd, kd_rows, batch: int, alpha: float, anchor: Tensor) -> LossSums:
@@ -135,54 +133,24 @@ def alm_loss_sums(
     labels: Tensor,
     student_chunks: Tensor,
     teacher_chunk_logp: Tensor,
-    *,
-    loss: str = "forward_kl",
-    alpha: float = 0.5,
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    skew: float = 0.1,
-    entropy_threshold: float = ENTROPY_THRESHOLD,
-    ignore_index: int = IGNORE_INDEX,
-    vocab_size: int | None = None,
+    **kw,
 ) -> LossSums:
     """ALM (see the module docstring): student logits ``[B, T, V]``, labels and student_chunks ``[B, T]``, the
-    teacher's chunk log-likelihoods ``[C]`` at ``temperature`` (``teacher_chunk_logprobs``, or from a cache)."""
-    check_args(loss, alpha, temperature, beta, skew, entropy_threshold)
+    teacher's chunk log-likelihoods ``[C]`` at ``temperature`` (``teacher_chunk_logprobs``, or from a cache).
+    kw: the fields of ``LossArgs``."""
+    args = LossArgs(**kw)
     n_chunks = teacher_chunk_logp.shape[0]
-    idx, rows, lab, ch = _supervised(labels, student_chunks, n_chunks, ignore_index)
-    dev = student_logits.device
-    idx, rows, lab, ch = (x.to(dev, non_blocking=True) for x in (idx, rows, lab, ch))
-    v = check_vocab(vocab_size, student_logits.shape[-1], [])
-    ce, lp = _token_terms(student_logits.flatten(0, 1)[idx, :v], lab, temperature)
-    return _alm_sums(
-        ce,
-        lp,
-        rows,
-        ch,
-        teacher_chunk_logp,
-        labels.shape[0],
-        loss,
-        alpha,
-        temperature,
-        (beta, skew, entropy_threshold),
-        student_logits,
-    )
+    idx, rows, lab, ch = _supervised(labels, student_chunks, n_chunks, args, student_logits.device)
+    v = check_vocab(args.vocab_size, student_logits.shape[-1], [])
+    ce, lp = _token_terms(student_logits.flatten(0, 1)[idx, :v], lab, args.temperature)
+    return _alm_sums(ce, lp, rows, ch, teacher_chunk_logp, labels.shape[0], args, student_logits)
 
 
-def _alm_sums(ce, lp, rows, ch, t_chunk, batch, loss, alpha, temperature, params, anchor) -> LossSums:
-    """params: the divergence's (beta, skew, entropy_threshold)."""
-    beta, skew, entropy_threshold = params
+def _alm_sums(ce, lp, rows, ch, t_chunk, batch: int, args: LossArgs, anchor: Tensor) -> LossSums:
     n_chunks = t_chunk.shape[0]
     s_chunk = chunk_sums(lp, ch, n_chunks)
-    kd = temperature**2 * binary_divergence(
-        _fp(t_chunk).to(s_chunk.device, s_chunk.dtype),
-        s_chunk,
-        loss=loss,
-        beta=beta,
-        skew=skew,
-        entropy_threshold=entropy_threshold,
-    )
-    return _sums(ce, rows, kd, _chunk_rows(ch, rows, n_chunks), batch, alpha, anchor)
+    kd = binary_divergence(_fp(t_chunk).to(s_chunk.device, s_chunk.dtype), s_chunk, args)
+    return _sums(ce, rows, kd, _chunk_rows(ch, rows, n_chunks), batch, args.alpha, anchor)
 
 
 def chunked_alm_loss_sums(
@@ -194,66 +162,41 @@ def chunked_alm_loss_sums(
     *,
     chunk_size: int = 1024,
     num_chunks: int | None = None,
-    vocab_size: int | None = None,
-    loss: str = "forward_kl",
-    alpha: float = 0.5,
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    skew: float = 0.1,
-    entropy_threshold: float = ENTROPY_THRESHOLD,
-    ignore_index: int = IGNORE_INDEX,
+    **kw,
 ) -> LossSums:
     """``alm_loss_sums`` from the student's final hidden states ``[B, T, H]``: its head runs ``chunk_size`` supervised
     tokens at a time under activation checkpointing (recomputed in backward), never ``[tokens, V]`` logits at once;
-    only the ``[n]`` log-probabilities of the labels are kept. ``num_chunks``: as in ``chunked_loss_sums``."""
-    check_args(loss, alpha, temperature, beta, skew, entropy_threshold)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
-    n_chunks = teacher_chunk_logp.shape[0]
-    idx, rows, lab, ch = _supervised(labels, student_chunks, n_chunks, ignore_index)
-    dev = student_hidden.device
-    idx, rows, lab, ch = (x.to(dev, non_blocking=True) for x in (idx, rows, lab, ch))
-    hs = student_hidden.flatten(0, 1)[idx]
-    ce, lp = _head_terms(
-        hs, student_head, lab, chunk_slices(hs.shape[0], chunk_size, num_chunks), vocab_size, temperature
-    )
-    return _alm_sums(
-        ce,
-        lp,
-        rows,
-        ch,
-        teacher_chunk_logp,
-        labels.shape[0],
-        loss,
-        alpha,
-        temperature,
-        (beta, skew, entropy_threshold),
-        student_hidden,
-    )
+    only the ``[n]`` log-probabilities of the labels are kept. ``num_chunks``: as in ``chunked_loss_sums``; kw: the
+    fields of ``LossArgs``."""
+    args = LossArgs(**kw)
+    hs, rows, lab, ch = _hidden_positions(student_hidden, labels, student_chunks, teacher_chunk_logp.shape[0], args)
+    slices = chunk_slices(hs.shape[0], chunk_size, num_chunks)
+    ce, lp = _head_terms(hs, student_head, lab, slices, args, args.temperature)
+    return _alm_sums(ce, lp, rows, ch, teacher_chunk_logp, labels.shape[0], args, student_hidden)
 
 
-def _head_terms(hs, head, lab, slices, vocab_size, temperature) -> tuple[Tensor, Tensor]:
+def _hidden_positions(student_hidden: Tensor, labels: Tensor, student_chunks: Tensor, n_chunks: int, args: LossArgs):
+    """``_supervised`` with the supervised student hidden states ``[n, H]`` in place of their flat index."""
+    idx, rows, lab, ch = _supervised(labels, student_chunks, n_chunks, args, student_hidden.device)
+    return student_hidden.flatten(0, 1)[idx], rows, lab, ch
+
+
+def _head_terms(hs, head, lab, slices, args: LossArgs, temperature: float) -> tuple[Tensor, Tensor]:
     """``_token_terms`` of ``head(hs)`` one slice at a time, each recomputed in backward (checkpointed)."""
 
     def terms(h: Tensor, sl: slice) -> tuple[Tensor, Tensor]:
         z = head(h)
-        v = check_vocab(vocab_size, z.shape[-1], [])
+        v = check_vocab(args.vocab_size, z.shape[-1], [])
         return _token_terms(z[:, :v], lab[sl], temperature)
 
-    ces, lps = [], []
-    for sl in slices:  # every slice, empty ones too: under ZeRO-3 each head call gathers its weight on every rank
-        ce, lp = checkpoint(terms, hs[sl], sl, use_reentrant=False)
-        ces.append(ce)
-        lps.append(lp)
-    empty = hs.new_zeros(0, dtype=torch.float32)
-    return (torch.cat(ces), torch.cat(lps)) if ces else (empty, empty)
+    return checkpointed_map(terms, slices, hs)
 
 
-def _map_terms(s: Tensor, t: Tensor, student_index: Tensor, teacher_index: Tensor, temperature: float, kw) -> Tensor:
+def _map_terms(s: Tensor, t: Tensor, student_index: Tensor, teacher_index: Tensor, args: LossArgs) -> Tensor:
     """``T^2 * D`` over the mapped tokens plus one tail bucket per side: ``[C, V_s], [C, V_t] -> [C]``."""
 
     def buckets(z: Tensor, index: Tensor) -> Tensor:
-        logp = F.log_softmax(_fp(z) / temperature, -1)
+        logp = F.log_softmax(_fp(z) / args.temperature, -1)
         mapped = logp.index_select(-1, index)
         if index.shape[0] == z.shape[-1]:  # every token mapped: no tail (a logsumexp of nothing has a NaN gradient)
             return torch.cat([mapped, torch.full_like(mapped[:, :1], -math.inf)], -1)
@@ -262,9 +205,7 @@ def _map_terms(s: Tensor, t: Tensor, student_index: Tensor, teacher_index: Tenso
 
     sb = buckets(s, student_index.to(s.device))
     tb = buckets(t, teacher_index.to(t.device)).to(sb.dtype)
-    return temperature**2 * LOSSES[kw["loss"]](
-        tb, sb, beta=kw["beta"], skew=kw["skew"], entropy_threshold=kw["entropy_threshold"]
-    )
+    return args.divergence(tb, sb)
 
 
 def chunk_starts(ch: Tensor, n_chunks: int) -> Tensor:
@@ -289,32 +230,22 @@ def vocab_map_loss_sums(
     teacher_start_logits: Tensor,
     student_index: Tensor,
     teacher_index: Tensor,
-    *,
-    loss: str = "forward_kl",
-    alpha: float = 0.5,
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    skew: float = 0.1,
-    entropy_threshold: float = ENTROPY_THRESHOLD,
-    ignore_index: int = IGNORE_INDEX,
-    vocab_size: int | None = None,
+    **kw,
 ) -> LossSums:
     """vocab_map (see the module docstring): student logits ``[B, T, V_s]``, labels and student_chunks ``[B, T]``,
     the teacher's logits at the first position of each chunk ``[C, V_t]`` (chunk order), the mapped token pairs
-    ``student_index``, ``teacher_index`` ``[M]``. The student is scored at the first position of each chunk."""
-    check_args(loss, alpha, temperature, beta, skew, entropy_threshold)
+    ``student_index``, ``teacher_index`` ``[M]``. The student is scored at the first position of each chunk.
+    kw: the fields of ``LossArgs``."""
+    args = LossArgs(**kw)
     check_map(student_index, teacher_index)
     n_chunks = teacher_start_logits.shape[0]
-    idx, rows, lab, ch = _supervised(labels, student_chunks, n_chunks, ignore_index)
-    dev = student_logits.device
-    idx, rows, lab, ch = (x.to(dev, non_blocking=True) for x in (idx, rows, lab, ch))
-    v = check_vocab(vocab_size, student_logits.shape[-1], [])
+    idx, rows, lab, ch = _supervised(labels, student_chunks, n_chunks, args, student_logits.device)
+    v = check_vocab(args.vocab_size, student_logits.shape[-1], [])
     s = student_logits.flatten(0, 1)[idx, :v]
     ce, _ = _token_terms(s, lab, 1.0)
     starts = chunk_starts(ch, n_chunks)
-    kw = dict(loss=loss, beta=beta, skew=skew, entropy_threshold=entropy_threshold)
-    kd = _map_terms(s[starts], teacher_start_logits, student_index, teacher_index, temperature, kw)
-    return _sums(ce, rows, kd, rows[starts], labels.shape[0], alpha, student_logits)
+    kd = _map_terms(s[starts], teacher_start_logits, student_index, teacher_index, args)
+    return _sums(ce, rows, kd, rows[starts], labels.shape[0], args.alpha, student_logits)
 
 
 def chunked_vocab_map_loss_sums(
@@ -329,41 +260,27 @@ def chunked_vocab_map_loss_sums(
     *,
     chunk_size: int = 1024,
     num_chunks: int | None = None,
-    vocab_size: int | None = None,
-    loss: str = "forward_kl",
-    alpha: float = 0.5,
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    skew: float = 0.1,
-    entropy_threshold: float = ENTROPY_THRESHOLD,
-    ignore_index: int = IGNORE_INDEX,
+    **kw,
 ) -> LossSums:
     """``vocab_map_loss_sums`` from hidden states: the student's ``[B, T, H]`` and the teacher's at the first position
     of each chunk ``[C, H_t]``; both heads run ``chunk_size`` rows at a time (the teacher's without grad, the
     student's checkpointed), never ``[tokens, V]`` logits at once. Two passes of the student head, ``num_chunks``
-    calls each (as in ``chunked_loss_sums``): CE over the supervised tokens, then D at the chunk starts (C <= tokens)."""
-    check_args(loss, alpha, temperature, beta, skew, entropy_threshold)
+    calls each (as in ``chunked_loss_sums``): CE over the supervised tokens, then D at the chunk starts (C <= tokens).
+    kw: the fields of ``LossArgs``."""
+    args = LossArgs(**kw)
     check_map(student_index, teacher_index)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
     n_chunks = teacher_start_hidden.shape[0]
-    idx, rows, lab, ch = _supervised(labels, student_chunks, n_chunks, ignore_index)
-    dev = student_hidden.device
-    idx, rows, lab, ch = (x.to(dev, non_blocking=True) for x in (idx, rows, lab, ch))
-    hs = student_hidden.flatten(0, 1)[idx]
-    ce, _ = _head_terms(hs, student_head, lab, chunk_slices(hs.shape[0], chunk_size, num_chunks), vocab_size, 1.0)
+    hs, rows, lab, ch = _hidden_positions(student_hidden, labels, student_chunks, n_chunks, args)
+    ce, _ = _head_terms(hs, student_head, lab, chunk_slices(hs.shape[0], chunk_size, num_chunks), args, 1.0)
     starts = chunk_starts(ch, n_chunks)
-    kw = dict(loss=loss, beta=beta, skew=skew, entropy_threshold=entropy_threshold)
 
-    def kd_terms(h: Tensor, th: Tensor) -> Tensor:
+    def kd_terms(h: Tensor, th: Tensor, _: slice) -> tuple[Tensor]:
         z = student_head(h)
-        z = z[:, : check_vocab(vocab_size, z.shape[-1], [])]
+        z = z[:, : check_vocab(args.vocab_size, z.shape[-1], [])]
         with torch.no_grad():
             t = teacher_head(th)
-        return _map_terms(z, t, student_index, teacher_index, temperature, kw)
+        return (_map_terms(z, t, student_index, teacher_index, args),)
 
-    hs_starts, kds = hs[starts], []
-    for sl in chunk_slices(n_chunks, chunk_size, num_chunks):  # C <= supervised tokens: num_chunks suffice
-        kds.append(checkpoint(kd_terms, hs_starts[sl], teacher_start_hidden[sl], use_reentrant=False))
-    kd = torch.cat(kds) if kds else hs.new_zeros(0, dtype=torch.float32)
-    return _sums(ce, rows, kd, rows[starts], labels.shape[0], alpha, student_hidden)
+    slices = chunk_slices(n_chunks, chunk_size, num_chunks)  # C <= supervised tokens: num_chunks suffice
+    (kd,) = checkpointed_map(kd_terms, slices, hs[starts], teacher_start_hidden, n_out=1)
+    return _sums(ce, rows, kd, rows[starts], labels.shape[0], args.alpha, student_hidden)

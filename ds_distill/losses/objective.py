@@ -20,20 +20,15 @@ from typing import Any
 import torch
 
 from ds_distill.config import RunConfig
-from ds_distill.losses.divergences import ENTROPY_THRESHOLD
 from ds_distill.losses.routing import Router, make_router
+from ds_distill.losses.terms import LossArgs
 
 
 @dataclass(frozen=True)
-class Objective:
-    loss: str = "forward_kl"  # a name in losses.LOSSES
-    alpha: float = 0.5  # weight of CE; 1 - alpha weighs the KD term
-    temperature: float = 1.0  # of the KD term (its T^2 factor keeps gradient scales comparable)
-    beta: float = 0.5  # of the beta-parameterised losses (see losses.LOSSES)
-    skew: float = 0.1  # of the skewed KLs
-    entropy_threshold: float = ENTROPY_THRESHOLD  # nats, of entropy_aware_kl
-    # The student's real vocabulary: logits past it (padding rows) are ignored. None until build() sets it from the models.
-    vocab_size: int | None = None
+class Objective(LossArgs):
+    """The loss options (``LossArgs``; ``vocab_size`` None until build() sets it from the models) and the mixing of
+    the teachers."""
+
     # How the KD target mixes the teachers: None (uniform), a tensor [K] of weights, or a Router called per loss chunk.
     teacher_weights: torch.Tensor | Router | None = None
 

@@ -8,35 +8,23 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ds_distill.common import IGNORE_INDEX
 from ds_distill.losses.chunked import chunk_slices, run_chunks
-from ds_distill.losses.divergences import ENTROPY_THRESHOLD, LOSSES, check_args
-from ds_distill.losses.terms import LossSums, check_vocab, prepare, sum_terms
+from ds_distill.losses.terms import LossArgs, LossSums, check_vocab, prepare, sum_terms
 
 Tensor = torch.Tensor
 
 
 def sparse_token_terms(
-    s_logits: Tensor,
-    labels: Tensor,
-    t_ids: Tensor,
-    t_logp: Tensor,
-    t_tail: Tensor,
-    *,
-    loss: str,
-    alpha: float,
-    temperature: float,
-    beta: float,
-    skew: float,
-    entropy_threshold: float,
+    s_logits: Tensor, labels: Tensor, t_ids: Tensor, t_logp: Tensor, t_tail: Tensor, args: LossArgs
 ) -> tuple[Tensor, Tensor]:
     """CE and T^2 * D on the top-K support plus one tail bucket: ``[n, V], [n], [n, K], [n, K], [n] -> ([n], [n])``."""
     s = s_logits.float()
-    if alpha == 1.0:
+    if args.alpha == 1.0:
         ce = F.cross_entropy(s, labels, reduction="none")
         return ce, torch.zeros_like(ce)
     # At T = 1 the CE reads the KD term's log-softmax (cross_entropy is nll of that very log_softmax, so the values are
     # the same bits): one [n, V] log-softmax and its backward fewer per chunk (docs/performance.md, issue 29).
+    temperature = args.temperature
     s_logp = F.log_softmax(s if temperature == 1.0 else s / temperature, dim=-1)
     if temperature == 1.0:
         ce = -s_logp.gather(-1, labels[:, None]).squeeze(-1)
@@ -55,7 +43,7 @@ def sparse_token_terms(
         t, s_b = torch.cat([t_logp.float(), t_tail.float()[:, None]], -1), torch.cat([s_top, s_tail[:, None]], -1)
     else:  # K = V: the top-K ids are the whole vocabulary, there is no tail
         t, s_b = t_logp.float(), s_top
-    return ce, temperature**2 * LOSSES[loss](t, s_b, beta=beta, skew=skew, entropy_threshold=entropy_threshold)
+    return ce, args.divergence(t, s_b)
 
 
 def check_sparse(t_ids: Tensor, t_logp: Tensor, t_tail: Tensor, n: int, v: int) -> None:
@@ -74,15 +62,7 @@ def sparse_loss_sums(
     teacher_logp: Tensor,
     teacher_tail: Tensor,
     labels: Tensor,
-    *,
-    loss: str = "forward_kl",
-    alpha: float = 0.5,
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    skew: float = 0.1,
-    entropy_threshold: float = ENTROPY_THRESHOLD,
-    ignore_index: int = IGNORE_INDEX,
-    vocab_size: int | None = None,
+    **kw,
 ) -> LossSums:
     """Loss sums against a sparse teacher (e.g. ``ds_distill.teachers.cache_format``): its top-K plus one tail bucket.
 
@@ -97,19 +77,16 @@ def sparse_loss_sums(
     inequality at most the full-vocabulary D); when K equals the vocabulary there is no tail bucket and the result is
     the full-vocabulary loss of ``loss_sums`` (ids sorted: the same sums, term by term).
     Divergences: every one in ``LOSSES`` is supported (each is defined on any finite set of outcomes); none is refused.
-    CE is the ordinary full-vocabulary cross-entropy on the labels.
+    CE is the ordinary full-vocabulary cross-entropy on the labels. kw: the fields of ``LossArgs``.
     """
-    check_args(loss, alpha, temperature, beta, skew, entropy_threshold)
-    idx, rows, lab, _ = prepare(student_logits, labels, [], None, ignore_index, 1.0, "logits")
-    v = check_vocab(vocab_size, student_logits.shape[-1], [])
+    args = LossArgs(**kw)
+    idx, rows, lab, _ = prepare(student_logits, labels, None, None, args, "logits")
+    v = check_vocab(args.vocab_size, student_logits.shape[-1], [])
     check_sparse(teacher_ids, teacher_logp, teacher_tail, idx.shape[0], v)
     s = student_logits.flatten(0, 1)[idx, :v]
     t_ids, t_logp, t_tail = (x.to(s.device, non_blocking=True) for x in (teacher_ids, teacher_logp, teacher_tail))
-    kw = dict(
-        loss=loss, alpha=alpha, temperature=temperature, beta=beta, skew=skew, entropy_threshold=entropy_threshold
-    )
-    ce, kd = sparse_token_terms(s, lab, t_ids, t_logp, t_tail, **kw)
-    return sum_terms(ce, kd, rows, labels.shape[0], alpha, student_logits)
+    ce, kd = sparse_token_terms(s, lab, t_ids, t_logp, t_tail, args)
+    return sum_terms(ce, kd, rows, labels.shape[0], args.alpha, student_logits)
 
 
 def chunked_sparse_loss_sums(
@@ -122,34 +99,22 @@ def chunked_sparse_loss_sums(
     *,
     chunk_size: int = 1024,
     num_chunks: int | None = None,
-    vocab_size: int | None = None,
-    loss: str = "forward_kl",
-    alpha: float = 0.5,
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    skew: float = 0.1,
-    entropy_threshold: float = ENTROPY_THRESHOLD,
-    ignore_index: int = IGNORE_INDEX,
+    **kw,
 ) -> LossSums:
     """``sparse_loss_sums`` from the student's final hidden states ``[B, T, H]``, its head called ``chunk_size``
     supervised tokens at a time, never ``[tokens, V]`` logits at once: fused (gradients in the forward) or checkpointed
     (recomputed in backward), chosen by the head as in ``chunked_loss_sums``; ``num_chunks`` as there (the same number
-    of head calls on every rank under ZeRO-3)."""
-    check_args(loss, alpha, temperature, beta, skew, entropy_threshold)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
-    idx, rows, lab, _ = prepare(student_hidden, labels, [], None, ignore_index, 1.0, "hidden states")
+    of head calls on every rank under ZeRO-3). kw: the fields of ``LossArgs``."""
+    args = LossArgs(**kw)
+    idx, rows, lab, _ = prepare(student_hidden, labels, None, None, args, "hidden states")
     hs = student_hidden.flatten(0, 1)[idx]
     check_sparse(teacher_ids, teacher_logp, teacher_tail, hs.shape[0], teacher_ids.shape[-1])  # K against V: per chunk
     t_ids, t_logp, t_tail = (x.to(hs.device, non_blocking=True) for x in (teacher_ids, teacher_logp, teacher_tail))
-    kw = dict(
-        loss=loss, alpha=alpha, temperature=temperature, beta=beta, skew=skew, entropy_threshold=entropy_threshold
-    )
 
     def terms(s_logits: Tensor, _: list[Tensor], sl: slice) -> tuple[Tensor, Tensor]:
-        v = check_vocab(vocab_size, s_logits.shape[-1], [])
+        v = check_vocab(args.vocab_size, s_logits.shape[-1], [])
         check_sparse(t_ids[sl], t_logp[sl], t_tail[sl], s_logits.shape[0], v)
-        return sparse_token_terms(s_logits[:, :v], lab[sl], t_ids[sl], t_logp[sl], t_tail[sl], **kw)
+        return sparse_token_terms(s_logits[:, :v], lab[sl], t_ids[sl], t_logp[sl], t_tail[sl], args)
 
     chunks = chunk_slices(hs.shape[0], chunk_size, num_chunks)
-    return run_chunks(hs, student_head, chunks, lambda sl: [], terms, rows, labels.shape[0], alpha, student_hidden)
+    return run_chunks(hs, student_head, chunks, lambda sl: [], terms, rows, labels.shape[0], args.alpha, student_hidden)

@@ -1,5 +1,6 @@
-"""What every loss path shares: the sums it returns, the output head it calls, the per-token terms and the checks of
-its inputs (shapes, vocabulary, teacher weights). ``[n, V]`` rows are the supervised positions only."""
+"""What every loss path shares: its options (``LossArgs``), the sums it returns, the output head it calls, the
+per-token terms and the checks of its inputs (shapes, vocabulary, teacher weights). ``[n, V]`` rows are the supervised
+positions only."""
 
 from __future__ import annotations
 
@@ -9,9 +10,35 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ds_distill.losses.divergences import LOSSES
+from ds_distill.common import IGNORE_INDEX
+from ds_distill.losses.divergences import ENTROPY_THRESHOLD, LOSSES, check_args
 
 Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class LossArgs:
+    """The options every loss function takes by keyword (``loss_sums(..., loss="jsd", alpha=0.3)`` builds
+    ``LossArgs(loss="jsd", alpha=0.3)``; an unknown name is a TypeError, a bad value a one-line ValueError)."""
+
+    loss: str = "forward_kl"  # a name in LOSSES
+    alpha: float = 0.5  # weight of CE; 1 - alpha weighs the KD term
+    temperature: float = 1.0  # of the KD term (its T^2 factor keeps gradient scales comparable)
+    beta: float = 0.5  # of the beta-parameterised losses (see LOSSES)
+    skew: float = 0.1  # of the skewed KLs
+    entropy_threshold: float = ENTROPY_THRESHOLD  # nats, of entropy_aware_kl
+    ignore_index: int = IGNORE_INDEX  # labels not scored
+    # The student's real vocabulary: only the first vocab_size logits are scored (models padded beyond the tokenizer);
+    # None: the student's whole output row (the teachers' must then be as wide).
+    vocab_size: int | None = None
+
+    def __post_init__(self) -> None:
+        check_args(self.loss, self.alpha, self.temperature, self.beta, self.skew, self.entropy_threshold)
+
+    def divergence(self, t_logp: Tensor, s_logp: Tensor) -> Tensor:
+        """``T^2 * D(p_t, p_s)`` per row: log-probabilities at T ``[n, V]`` (or over buckets) -> ``[n]`` nats."""
+        d = LOSSES[self.loss](t_logp, s_logp, beta=self.beta, skew=self.skew, entropy_threshold=self.entropy_threshold)
+        return self.temperature**2 * d
 
 
 @dataclass
@@ -63,29 +90,19 @@ def teacher_logprobs(teacher_logits: Sequence[Tensor], temperature: float, weigh
 
 
 def token_terms(
-    s_logits: Tensor,
-    t_logits: Sequence[Tensor],
-    labels: Tensor,
-    *,
-    loss: str,
-    alpha: float,
-    temperature: float,
-    beta: float,
-    skew: float,
-    entropy_threshold: float,
-    weights: Tensor | None,
+    s_logits: Tensor, t_logits: Sequence[Tensor], labels: Tensor, args: LossArgs, weights
 ) -> tuple[Tensor, Tensor]:
     """CE and T^2 * D for supervised rows only: ``[n, V], K x [n, V], [n] -> ([n], [n])``."""
     s = s_logits.float()
     ce = F.cross_entropy(s, labels, reduction="none")
-    if alpha == 1.0:  # plain fine-tuning: the teacher is not needed
+    if args.alpha == 1.0:  # plain fine-tuning: the teacher is not needed
         return ce, torch.zeros_like(ce)
     if callable(weights):  # a router (ds_distill.losses.routing): per-token weights from the teachers at temperature 1
         with torch.no_grad():
             weights = weights([F.log_softmax(t.float(), dim=-1) for t in t_logits], labels)
-    t_logp = teacher_logprobs(t_logits, temperature, weights)
-    s_logp = F.log_softmax(s / temperature, dim=-1)
-    return ce, temperature**2 * LOSSES[loss](t_logp, s_logp, beta=beta, skew=skew, entropy_threshold=entropy_threshold)
+    t_logp = teacher_logprobs(t_logits, args.temperature, weights)
+    s_logp = F.log_softmax(s / args.temperature, dim=-1)
+    return ce, args.divergence(t_logp, s_logp)
 
 
 def check_vocab(vocab_size: int | None, student_v: int, teacher_vs: Sequence[int]) -> int:
@@ -129,24 +146,25 @@ def sum_terms(ce: Tensor, kd: Tensor, rows: Tensor, batch: int, alpha: float, an
     return LossSums(total, ce.sum().detach(), kd.sum().detach(), counts.sum(), per_seq(ce), per_seq(kd), counts)
 
 
-def prepare(
-    shape_of: Tensor, labels: Tensor, teachers: list, teacher_weights, ignore_index: int, alpha: float, name: str
-):
-    """Check shapes; return the supervised positions (flat index, row, label) and the weights of those rows."""
+def prepare(shape_of: Tensor, labels: Tensor, teachers: list | None, teacher_weights, args: LossArgs, name: str):
+    """Check shapes; return the supervised positions (flat index, row, label) and the weights of those rows.
+
+    teachers: the teachers' ``[B, T, *]`` tensors (required unless alpha = 1), or None for a teacher given per
+    supervised token (sparse: checked by its loss)."""
     if shape_of.dim() != 3:
         raise ValueError(f"student {name} {tuple(shape_of.shape)} must be [B, T, *]")
     if labels.shape != shape_of.shape[:2]:
         raise ValueError(f"labels {tuple(labels.shape)} must be [B, T] matching {name} {tuple(shape_of.shape)}")
-    for t in teachers:
+    for t in teachers or []:
         if t.shape[:2] != shape_of.shape[:2]:
             raise ValueError(
                 f"teacher {name} {tuple(t.shape)} must match student {name} {tuple(shape_of.shape)} in [B, T]"
             )
-    if not teachers and alpha != 1.0:
+    if teachers is not None and not teachers and args.alpha != 1.0:
         raise ValueError("teacher logits are required unless alpha == 1")
     # Supervised positions in the flattened [B*T], found where the labels live: labels kept on the host (as the
     # trainer does) cost no device sync here, where nonzero() on device labels would wait for the device.
-    idx = (labels != ignore_index).flatten().nonzero().squeeze(1)
+    idx = (labels != args.ignore_index).flatten().nonzero().squeeze(1)
     rows, lab = idx // labels.shape[1], labels.flatten()[idx]
     idx, rows, lab = (x.to(shape_of.device, non_blocking=True) for x in (idx, rows, lab))
     if callable(teacher_weights):  # a router: called per chunk in _token_terms

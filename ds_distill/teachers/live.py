@@ -8,7 +8,8 @@ with these two methods is a teacher source:
         example_ids ``[B]`` on the host; split: "train" or "eval" (which data the batch came from). Runs without grad.
     loss_sums(student_hidden, student_head, targets, labels, *, chunk_size, num_chunks, **loss_kw) -> losses.LossSums
         chunk_size 0: full logits; else the student head is called per chunk (``num_chunks`` times, see
-        ``losses.chunked_loss_sums``). loss_kw: loss, alpha, temperature, beta, skew, entropy_threshold, vocab_size, teacher_weights.
+        ``losses.chunked_loss_sums``). loss_kw: ``Objective.loss_kw()``, the fields of ``losses.LossArgs`` and
+        teacher_weights.
 """
 
 from __future__ import annotations
