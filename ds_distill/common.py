@@ -8,6 +8,7 @@
 - ``read_json``: a JSON file's content, or one ``UsageError`` naming the flag and the problem.
 - ``sha256_file`` and ``file_fingerprint``: content fingerprints of local files and folders.
 - ``disk_full``: whether a failed write ran out of space.
+- ``run_cli``: an entry point's body, a ``UsageError`` printed as one line with exit code 2.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 IGNORE_INDEX = -100  # labels[:, t] == IGNORE_INDEX: position t is not scored
 NON_MODEL_KEYS = ("labels", "example_ids")  # columns of data.collate that are not model inputs (data.Batch)
@@ -29,6 +31,16 @@ SHA256_MAX_BYTES = 1 << 30  # files above 1 GiB are fingerprinted by size and mt
 
 class UsageError(ValueError):
     """A mistake in the user's input; the message is one line that says what is wrong and how to fix it."""
+
+
+def run_cli(body: Callable[[], int | None]) -> int:
+    """An entry point's exit code: ``body()``'s (None: 0), or 2 after printing a ``UsageError`` as one ``error: ...``
+    line on stderr (no traceback). Entry points that launch ranks use ``runtime.distributed.entry_point``."""
+    try:
+        return body() or 0
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:

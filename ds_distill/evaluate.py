@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from ds_distill import data, models, on_policy
-from ds_distill.common import IGNORE_INDEX, UsageError
+from ds_distill.common import IGNORE_INDEX, UsageError, run_cli
 
 
 def require_model_dir(path: str | os.PathLike, what: str = "") -> None:
@@ -233,58 +233,49 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--generation_temperature", type=float, default=1.0, help="sampling temperature of the model")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (batch k is seeded by (seed, k))")
     args = parser.parse_args(argv)
-    try:
-        if bool(args.generation_prompts) != bool(args.teacher):
-            raise UsageError(
-                "--generation_prompts and --teacher go together: pass both for the generation metric, or neither"
-            )
-        if args.max_new_tokens < 1 or args.generation_temperature <= 0:
-            raise UsageError(
-                f"--max_new_tokens {args.max_new_tokens} must be >= 1 and --generation_temperature "
-                f"{args.generation_temperature} > 0"
-            )
-        if args.json and len(args.model_dir) > 1:
-            raise UsageError(
-                f"--json names one file but {len(args.model_dir)} models were given: use --json_dir DIR (DIR/NAME.json each)"
-            )
-        named = _named(args.model_dir)
-        for d in named.values():  # every directory checked before the first (slow) evaluation
-            require_model_dir(d)
-        if args.json_dir:
-            Path(args.json_dir).mkdir(parents=True, exist_ok=True)
-        for name, model_dir in named.items():
-            result = perplexity(model_dir, args.data, seq_len=args.seq_len, batch_size=args.batch_size)
-            if args.generation_prompts:
-                result.update(
-                    generation_nll(
-                        model_dir,
-                        args.generation_prompts,
-                        teacher_dir=args.teacher,
-                        seq_len=args.seq_len,
-                        max_new_tokens=args.max_new_tokens,
-                        temperature=args.generation_temperature,
-                        seed=args.seed,
-                        batch_size=args.batch_size,
-                    )
-                )
+    return run_cli(lambda: evaluate_all(args))
+
+
+def evaluate_all(args: argparse.Namespace) -> None:
+    """``main``'s work: every model directory checked first, then each one evaluated, printed and written."""
+    if bool(args.generation_prompts) != bool(args.teacher):
+        raise UsageError(
+            "--generation_prompts and --teacher go together: pass both for the generation metric, or neither"
+        )
+    if args.max_new_tokens < 1 or args.generation_temperature <= 0:
+        raise UsageError(
+            f"--max_new_tokens {args.max_new_tokens} must be >= 1 and --generation_temperature "
+            f"{args.generation_temperature} > 0"
+        )
+    if args.json and len(args.model_dir) > 1:
+        raise UsageError(
+            f"--json names one file but {len(args.model_dir)} models were given: use --json_dir DIR "
+            "(DIR/NAME.json each)"
+        )
+    named = _named(args.model_dir)
+    for d in named.values():  # every directory checked before the first (slow) evaluation
+        require_model_dir(d)
+    if args.json_dir:
+        Path(args.json_dir).mkdir(parents=True, exist_ok=True)
+    shared = dict(seq_len=args.seq_len, batch_size=args.batch_size)
+    for name, model_dir in named.items():
+        r = perplexity(model_dir, args.data, **shared)
+        print(
+            f"evaluate: {model_dir}: ppl {r['ppl']:.2f} (ce {r['ce']:.4f} over {r['tokens']} tokens, {r['seconds']:.0f} s)"
+        )
+        if args.generation_prompts:
+            sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.generation_temperature, seed=args.seed)
+            r.update(generation_nll(model_dir, args.generation_prompts, teacher_dir=args.teacher, **sampling, **shared))
             print(
-                f"evaluate: {model_dir}: ppl {result['ppl']:.2f} (ce {result['ce']:.4f} over {result['tokens']} tokens, {result['seconds']:.0f} s)"
+                f"evaluate: {model_dir}: teacher NLL of its samples {r['gen_nll']:.4f} nats/token over "
+                f"{r['gen_tokens']} tokens ({r['gen_prompts']} prompts, {r['gen_mean_len']:.1f} tokens per sample, "
+                f"{r['gen_eos_fraction']:.0%} ended in a stop token, {r['gen_seconds']:.0f} s); own NLL "
+                f"{r['gen_self_nll']:.4f}, KL estimate {r['gen_kl']:.4f}"
             )
-            if args.generation_prompts:
-                print(
-                    f"evaluate: {model_dir}: teacher NLL of its samples {result['gen_nll']:.4f} nats/token over {result['gen_tokens']} "
-                    f"tokens ({result['gen_prompts']} prompts, {result['gen_mean_len']:.1f} tokens per sample, "
-                    f"{result['gen_eos_fraction']:.0%} ended in a stop token, {result['gen_seconds']:.0f} s); own NLL {result['gen_self_nll']:.4f}, "
-                    f"KL estimate {result['gen_kl']:.4f}"
-                )
-            if args.json:
-                Path(args.json).write_text(json.dumps(result, indent=2))
-            if args.json_dir:
-                (Path(args.json_dir) / f"{name}.json").write_text(json.dumps(result, indent=2))
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        if args.json:
+            Path(args.json).write_text(json.dumps(r, indent=2))
+        if args.json_dir:
+            (Path(args.json_dir) / f"{name}.json").write_text(json.dumps(r, indent=2))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ds_distill.common import UsageError, is_complete
+from ds_distill.common import UsageError, is_complete, run_cli
 from ds_distill.core.export import export_checkpoint
 
 
@@ -23,15 +23,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     out = Path(args.out_dir)
-    try:
+
+    def body() -> None:
         # The export replaces out_dir whole once complete: never a folder that holds something else.
         if out.is_dir() and any(out.iterdir()) and not is_complete(out):
             raise UsageError(f"{out} exists and is not an earlier export: pass a new or empty folder")
         print(export_checkpoint(args.checkpoint, args.out_dir))
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,15 @@ steps, each timed to the end of the device's work. Variants:
                       (the lm_head passed as a bare module: both heads run again in backward)
     plain_fused       the same with the lm_head as a losses.OutputHead: gradients computed in the forward
     teacher_forward   the teacher's forward alone (a ceiling, no student)
-    ds_z{0,1,2,3}[_teacher_zero3|_teacher_replicated][_full_logits|_checkpointed][_prefetch]
+    ds_z{0,1,2,3}[_teacher_zero3|_teacher_replicated][_full_logits|_checkpointed][_prefetch][_lora][_gc]
                       ds_distill.core.build.build(RunConfig(...)) + Trainer.train_step, exactly as Trainer.fit calls it;
                       student ZeRO stage k; teacher placed as the toolkit chooses when no teacher JSON is given (by
                       fit: replicated on one rank), or forced to ZeRO-3 / replicated (stage 0); chunked loss
                       (RunConfig's default chunk_size; the fused path, ZeRO-3 head included), full
                       logits (chunk_size 0), or the chunked loss forced onto its checkpointed path (an experiment);
                       _prefetch: micro-batches drawn 2 ahead on a background thread, pinned on GPU (--prefetch_batches 2);
-                      _lora: a LoRA student (LORA_R on every linear layer of the decoder; only the adapters train).
+                      _lora: a LoRA student (LORA_R on every linear layer of the decoder; only the adapters train);
+                      _gc: --gradient_checkpointing (the student's decoder layers recomputed in backward).
 
 Both loops use loss 0.5 CE + 0.5 forward KL (T = 1) through ``ds_distill.losses``, AdamW (lr 1e-4, betas 0.9/0.95),
 gradient clipping 1.0 and micro-batches from ``ds_distill.data``. On GPU the DeepSpeed JSONs are the shipped bf16 ones
@@ -56,7 +57,7 @@ CONFIGS = ROOT / "ds_configs"
 REFERENCE = "plain_full"
 PLAIN = ("plain_full", "plain_chunked", "plain_fused", "teacher_forward")
 DS_VARIANT = re.compile(
-    r"^ds_z([0-3])(?:_teacher_(zero3|replicated))?(_full_logits|_checkpointed)?(_prefetch)?(_lora)?$"
+    r"^ds_z([0-3])(?:_teacher_(zero3|replicated))?(_full_logits|_checkpointed)?(_prefetch)?(_lora)?(_gc)?$"
 )
 LORA_R = 16  # the _lora variants: rank 16 on every linear layer of the decoder (--lora_r 16 --lora_alpha 32)
 
@@ -79,48 +80,38 @@ class Shape:
 class Preset:
     teacher: Shape
     student: Shape
-    vocab: int  # tokenizer and embedding rows
-    micro_batch: int  # sequences per micro-batch
-    seq_len: int  # tokens per sequence
-    warmup: int  # untimed optimizer steps
-    steps: int  # timed optimizer steps
-    variants: str
+    variants: str  # run by default
+    vocab: int = 49152  # tokenizer and embedding rows (SmolLM2's)
+    micro_batch: int = 2  # sequences per micro-batch
+    seq_len: int = 128  # tokens per sequence
+    warmup: int = 2  # untimed optimizer steps
+    steps: int = 5  # timed optimizer steps
 
 
+SMOLLM2_135M = Shape(30, 576, 9, 3, 1536)
 PRESETS = {
     # SmolLM2-1.7B-like teacher (1.71B params) and SmolLM2-135M-like student (134.5M), as in issue 9.
     "h100": Preset(
         Shape(24, 2048, 32, 32, 8192),
-        Shape(30, 576, 9, 3, 1536),
-        49152,
-        4,
-        2048,
-        3,
-        10,
+        SMOLLM2_135M,
         "teacher_forward,plain_full,plain_chunked,ds_z0,ds_z3,ds_z3_teacher_zero3",
+        micro_batch=4,
+        seq_len=2048,
+        warmup=3,
+        steps=10,
     ),
     # Runs in seconds on a laptop CPU.
     "cpu": Preset(
         Shape(4, 256, 4, 4, 1024),
         Shape(2, 128, 4, 2, 384),
-        4096,
-        2,
-        128,
-        2,
-        5,
         "plain_full,plain_chunked,ds_z0,ds_z3,ds_z3_teacher_zero3,ds_z3_full_logits",
+        vocab=4096,
     ),
-    # The demo (scripts/demo.sh) per rank: SmolLM2-135M's shape as teacher (30 layers), its 7-layer student, vocab
-    # 49152, 2 x 128 tokens per micro-batch; random weights. Minutes on 2 CPU cores.
+    # The demo (scripts/demo.sh) per rank: SmolLM2-135M's shape as teacher (30 layers), its 7-layer student (the
+    # shape of the demo's student_0_5_10_15_20_25_29), 2 x 128 tokens per micro-batch; random weights. Minutes on 2
+    # CPU cores.
     "demo": Preset(
-        Shape(30, 576, 9, 3, 1536),
-        Shape(7, 576, 9, 3, 1536),
-        49152,
-        2,
-        128,
-        2,
-        5,
-        "plain_full,plain_chunked,plain_fused,ds_z3,ds_z3_checkpointed",
+        SMOLLM2_135M, Shape(7, 576, 9, 3, 1536), "plain_full,plain_chunked,plain_fused,ds_z3,ds_z3_checkpointed"
     ),
 }
 
@@ -185,7 +176,7 @@ def ds_configs(
     """(student JSON, teacher JSON or "" for the toolkit's choice, full_logits) for a ds_* variant: shipped files
     copied with only the micro-batch changed (and the stage, for ZeRO stage 0). ``zero_set``: "key=value"
     experiments written into the ``zero_optimization`` block of every ZeRO-3 copy (``--zero_set``; off by default)."""
-    stage, teacher_kind, full, _prefetch, _lora = DS_VARIANT.match(variant).groups()
+    stage, teacher_kind, full, *_ = DS_VARIANT.match(variant).groups()
     student_file = f"zero{max(int(stage), 1)}_bf16.json" if gpu else f"cpu_zero{max(int(stage), 1)}.json"
     files = {"student": student_file}
     if teacher_kind:
@@ -228,6 +219,8 @@ def time_steps(
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the steady-state peak, not the loading
+    elif Path("/proc/self/clear_refs").exists():
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets the peak RSS (VmHWM) to the current RSS
     prof = None
     if profile:
         acts = [torch.profiler.ProfilerActivity.CPU] + (
@@ -252,13 +245,18 @@ def time_steps(
 
 
 def peak_gib(device) -> float:
-    """GPU: the most memory allocated by tensors during the timed steps. CPU: peak RSS of the whole process."""
+    """GPU: the most memory allocated by tensors during the timed steps. CPU: peak RSS of the process during the
+    timed steps (Linux's VmHWM, reset after the warm-up), else of its whole life (loading included)."""
     import resource
 
     import torch
 
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
+    status = Path("/proc/self/status")
+    if status.exists():
+        hwm = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+        return int(hwm.split()[1]) / 2**20  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
@@ -343,8 +341,9 @@ def toolkit_step(a: argparse.Namespace, device) -> Callable[[], None]:
         max_steps=a.warmup + a.steps,
         export=False,
         prefetch_batches=2 if "_prefetch" in a.variant else 0,
-        lora_r=LORA_R if a.variant.endswith("_lora") else 0,
-        lora_alpha=2.0 * LORA_R if a.variant.endswith("_lora") else 0.0,
+        lora_r=LORA_R if "_lora" in a.variant else 0,
+        lora_alpha=2.0 * LORA_R if "_lora" in a.variant else 0.0,
+        gradient_checkpointing=a.variant.endswith("_gc"),
     )
     trainer = build(cfg)
     if trainer.ds.grad_accum != 1:
@@ -457,7 +456,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     bad = [v for v in variants if v not in PLAIN and not DS_VARIANT.match(v)]
     if bad:
         raise SystemExit(
-            f"error: unknown --variants {bad}: use {', '.join(PLAIN)} or ds_z{{0,1,2,3}}[_teacher_zero3|_teacher_replicated][_full_logits|_checkpointed][_prefetch][_lora]"
+            f"error: unknown --variants {bad}: use {', '.join(PLAIN)} or ds_z{{0,1,2,3}}[_teacher_zero3|_teacher_replicated][_full_logits|_checkpointed][_prefetch][_lora][_gc]"
         )
 
     import torch

@@ -192,8 +192,8 @@ def load_models(cfg: RunConfig, run: Configs, run_data: Data) -> Models:
     student = models.student_engine(
         cfg.student,
         run.student,
-        cfg.attn_implementation,
-        packed_rows,
+        attn=cfg.attn_implementation,
+        packed_rows=packed_rows,
         lora=models.LoraSpec.from_config(cfg),
         gradient_checkpointing=cfg.gradient_checkpointing,
         # --hidden_loss with a student of another width: its projections train inside the student's engine

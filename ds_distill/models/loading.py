@@ -149,28 +149,14 @@ def load_model(
     return LoadedModel(HiddenStatesLM(lm, student), keep)
 
 
-def student_engine(
-    path: str,
-    ds: DSConfig,
-    attn: str = "auto",
-    packed_rows: bool = False,
-    lora: lora_mod.LoraSpec | None = None,
-    gradient_checkpointing: bool = False,
-    projection: nn.Module | None = None,
-):
+def student_engine(path: str, ds: DSConfig, *, projection: nn.Module | None = None, **load_kw: Any):
     """The student: DeepSpeed engine with the optimizer and scheduler of its JSON (over the adapters only with
-    ``lora``); ``load_model`` for the rest. ``projection``: modules trained beside the model (hidden-state losses'
-    ``models.projection.HiddenProjection``), attached as its child ``projection.NAME`` before the engine is built, so
-    the engine's optimizer, ZeRO partitioning and checkpoints hold them too; in the model's dtype."""
-    loaded = load_model(
-        path,
-        ds,
-        trainable=True,
-        attn=attn,
-        packed_rows=packed_rows,
-        lora=lora,
-        gradient_checkpointing=gradient_checkpointing,
-    )
+    ``lora``). load_kw: ``load_model``'s options (attn, packed_rows, lora, gradient_checkpointing). ``projection``:
+    modules trained beside the model (hidden-state losses' ``models.projection.HiddenProjection``), attached as its
+    child ``projection.NAME`` before the engine is built, so the engine's optimizer, ZeRO partitioning and
+    checkpoints hold them too; in the model's dtype."""
+    loaded = load_model(path, ds, trainable=True, **load_kw)
+    lora = load_kw.get("lora")
     if projection is not None:
         loaded.model.add_module(projection_mod.NAME, projection.to(next(loaded.model.parameters()).dtype))
     engine, *_ = deepspeed.initialize(
