@@ -88,7 +88,9 @@ CacheConfig = dataclasses.make_dataclass(
             "int",
             flag(
                 cache_format.ZSTD_LEVEL,
-                "zstd level of the shards: 19 is 4 bytes/token smaller than 1 on the demo data but costs ~100 us of CPU per token to write (9: ~8 us, 1: ~2 us); lower it when the writer, not the teacher, is the bottleneck.",
+                "zstd level of the shards: 19 is 4 bytes/token smaller than 1 on the demo data but costs ~100 us of "
+                "CPU per token to write (9: ~8 us, 1: ~2 us); lower it when the writer, not the teacher, is the "
+                "bottleneck.",
             ),
         ),
     ],
@@ -102,7 +104,8 @@ def validate(cfg) -> None:
     problems = []
     if len(cfg.teacher) + len(cfg.teacher_url) != 1:
         problems.append(
-            f"one teacher per cache: pass --teacher or --teacher_url once (got {len(cfg.teacher)} and {len(cfg.teacher_url)})"
+            f"one teacher per cache: pass --teacher or --teacher_url once (got {len(cfg.teacher)} and "
+            f"{len(cfg.teacher_url)})"
         )
     if cfg.teacher_url and not (Path(cfg.tokenizer) / "tokenizer_config.json").is_file():
         problems.append(
@@ -141,7 +144,8 @@ def run(cfg, on_shard: Callable[[dict], None] | None = None) -> dict | None:
     for name, ds in splits.items():
         if len(set(ds["row"])) != len(ds):
             raise UsageError(
-                f"--{name} {getattr(cfg, name)}: some conversations give one example per assistant turn (they share a row "
+                f"--{name} {getattr(cfg, name)}: some conversations give one example per assistant turn (they share a "
+                "row "
                 "number, by which a cache is read): teacher caches do not support them yet; train with --teacher"
             )
     vocab = len(tokenizer)
@@ -220,7 +224,8 @@ def run(cfg, on_shard: Callable[[dict], None] | None = None) -> dict | None:
         )
         cols = ", ".join(f"{c} {b:.1f}" for c, b in s["column_bytes_per_token"].items())
         print(
-            f"teacher cache {cfg.output_dir}: {s['tokens']} tokens, K={settings['top_k']}, {s['bytes_per_token']:.1f} bytes/token "
+            f"teacher cache {cfg.output_dir}: {s['tokens']} tokens, K={settings['top_k']}, {s['bytes_per_token']:.1f} "
+            "bytes/token "
             f"({cols}); KL(teacher || reconstructed) per token: {full} "
             f"(on the K+1 buckets: mean {s['kl_buckets_per_token']:.3g}, p99 {s['kl_buckets_p99']:.3g}), "
             f"tail mass {s['tail_mass_per_token']:.3g}",

@@ -67,16 +67,23 @@ class RunConfig:
     )
     teacher_deepspeed_config: str = flag(
         "",
-        "Teacher DeepSpeed JSON (inference, no optimizer). Default: chosen by fit: replicated on every rank (stage 0, no per-layer gathers) when the teachers take at most a quarter of a rank's memory or there is one rank, else ZeRO-3 sharded.",
+        "Teacher DeepSpeed JSON (inference, no optimizer). Default: chosen by fit: replicated on every rank (stage 0, "
+        "no per-layer gathers) when the teachers take at most a quarter of a rank's memory or there is one rank, else "
+        "ZeRO-3 sharded.",
     )
     teacher_cache: list[str] = flag(
         list,
-        "Train from a teacher cache written by `python -m ds_distill.cache_teacher`: no teacher model is loaded for it. Repeat it for an ensemble (mixed by --teacher_weights or --router, as teachers); it mixes with --teacher and --teacher_url (README: ensembles across sources).",
+        "Train from a teacher cache written by `python -m ds_distill.cache_teacher`: no teacher model is loaded for "
+        "it. Repeat it for an ensemble (mixed by --teacher_weights or --router, as teachers); it mixes with --teacher "
+        "and --teacher_url (README: ensembles across sources).",
         multi=True,
     )
     teacher_url: list[str] = flag(
         list,
-        "A teacher behind an OpenAI-compatible server with prompt_logprobs (vLLM: README, serving a teacher with vLLM), e.g. http://127.0.0.1:8000: its top --teacher_top_k log-probs per supervised token plus a tail bucket, the loss of a cache. Repeat it for an ensemble; it mixes with --teacher and --teacher_cache (README: ensembles across sources).",
+        "A teacher behind an OpenAI-compatible server with prompt_logprobs (vLLM: README, serving a teacher with "
+        "vLLM), e.g. http://127.0.0.1:8000: its top --teacher_top_k log-probs per supervised token plus a tail "
+        "bucket, the loss of a cache. Repeat it for an ensemble; it mixes with --teacher and --teacher_cache (README: "
+        "ensembles across sources).",
         multi=True,
     )
     teacher_top_k: int = flag(
@@ -84,7 +91,8 @@ class RunConfig:
     )
     teacher_reference: list[str] = flag(
         list,
-        "With --teacher_url: a local copy of each served teacher (same order); at connect its log-probs on a probe must agree with the server's within --teacher_reference_tolerance.",
+        "With --teacher_url: a local copy of each served teacher (same order); at connect its log-probs on a probe "
+        "must agree with the server's within --teacher_reference_tolerance.",
         multi=True,
     )
     teacher_reference_tolerance: float = flag(
@@ -95,17 +103,20 @@ class RunConfig:
     )
     teacher_url_retries: int = flag(
         6,
-        "Retries of a failed request to a --teacher_url (backoff 1, 2, 4, ... 30 s); then the run saves its last finished step and exits 75.",
+        "Retries of a failed request to a --teacher_url (backoff 1, 2, 4, ... 30 s); then the run saves its last "
+        "finished step and exits 75.",
     )
     teacher_url_wait: float = flag(600.0, "Seconds to wait at start for a --teacher_url to become ready.")
     teacher_weights: list[float] = flag(
         list,
-        "Ensemble weights, one per --teacher, --teacher_cache and --teacher_url, in that order (every --teacher, then every --teacher_cache, then every --teacher_url; normalised). Default: uniform.",
+        "Ensemble weights, one per --teacher, --teacher_cache and --teacher_url, in that order (every --teacher, then "
+        "every --teacher_cache, then every --teacher_url; normalised). Default: uniform.",
         multi=True,
     )
     attn_implementation: str = flag(
         "auto",
-        "Attention kernel of every model: auto (flash_attention_2 with a GPU and flash-attn installed, else sdpa where the model supports it, else eager), flash_attention_2, sdpa, eager or flex_attention.",
+        "Attention kernel of every model: auto (flash_attention_2 with a GPU and flash-attn installed, else sdpa "
+        "where the model supports it, else eager), flash_attention_2, sdpa, eager or flex_attention.",
     )
     # --- loss
     loss: str = flag("forward_kl", f"Divergence: {_names(LOSSES)}.")
@@ -115,37 +126,49 @@ class RunConfig:
     skew: float = flag(0.1, "Skew of skew_forward_kl / skew_reverse_kl (DistiLLM).")
     entropy_threshold: float = flag(
         ENTROPY_THRESHOLD,
-        "entropy_aware_kl: teacher entropy (nats, at --temperature) at and above which a token is all forward KL; below it the forward weight is entropy / threshold, the rest reverse KL. 0 = forward KL, inf = reverse KL.",
+        "entropy_aware_kl: teacher entropy (nats, at --temperature) at and above which a token is all forward KL; "
+        "below it the forward weight is entropy / threshold, the rest reverse KL. 0 = forward KL, inf = reverse KL.",
     )
     chunk_size: int = flag(
         1024, "Tokens per loss chunk: the lm_heads run per chunk so full logits never exist. 0 = full logits."
     )
     cross_tokenizer: str = flag(
         "",
-        f"A teacher with another tokenizer ({_names(CROSS_TOKENIZER)}): alm (approximate likelihood matching of the chunks both tokenizations cover alike) or vocab_map (KL over the tokens that spell the same bytes, plus one tail bucket per side). Required when the tokenizers differ; see the README.",
+        f"A teacher with another tokenizer ({_names(CROSS_TOKENIZER)}): alm (approximate likelihood matching of the "
+        "chunks both tokenizations cover alike) or vocab_map (KL over the tokens that spell the same bytes, plus one "
+        "tail bucket per side). Required when the tokenizers differ; see the README.",
     )
     # --- hidden-state distillation (ds_distill/teachers/hidden.py)
     hidden_loss: str = flag(
         "",
-        f"Add a loss between decoder-layer outputs of student and teacher: {_names(HIDDEN_LOSSES)}; empty = off. Needs one live --teacher; a student of another hidden size gets learned projections (trained in its engine, saved beside the export).",
+        f"Add a loss between decoder-layer outputs of student and teacher: {_names(HIDDEN_LOSSES)}; empty = off. "
+        "Needs one live --teacher; a student of another hidden size gets learned projections (trained in its engine, "
+        "saved beside the export).",
     )
     hidden_weight: float = flag(1.0, "Weight of the hidden-state loss (per supervised token, added to the logit loss).")
     hidden_layers: str = flag(
         "auto",
-        "Layer pairs of the hidden-state loss: auto (each student layer to the teacher layer student_init copied it from, read from the student's distill_provenance.json), even (evenly spaced teacher layers) or pairs s:t,... (student:teacher).",
+        "Layer pairs of the hidden-state loss: auto (each student layer to the teacher layer student_init copied it "
+        "from, read from the student's distill_provenance.json), even (evenly spaced teacher layers) or pairs s:t,... "
+        "(student:teacher).",
     )
     hidden_mode: str = flag(
         "output",
-        "output: each student layer's output against its teacher layer's output, in the student's own forward. layerwise: block-local, each student layer i is fed the teacher's input to its layer t_i and matched to the teacher's input to t_(i+1) (the last to the teacher's last layer output), so it learns to replace the block it skipped; training steps only (eval runs the student's own forward).",
+        "output: each student layer's output against its teacher layer's output, in the student's own forward. "
+        "layerwise: block-local, each student layer i is fed the teacher's input to its layer t_i and matched to the "
+        "teacher's input to t_(i+1) (the last to the teacher's last layer output), so it learns to replace the block "
+        "it skipped; training steps only (eval runs the student's own forward).",
     )
     router_aux_loss: bool = flag(
         True,
-        "MoE students: add the router's load-balancing loss as the model computes it (its load_balancing_loss_func, weighed by its config's router_aux_loss_coef), logged as router_aux. No effect on dense students.",
+        "MoE students: add the router's load-balancing loss as the model computes it (its load_balancing_loss_func, "
+        "weighed by its config's router_aux_loss_coef), logged as router_aux. No effect on dense students.",
     )
     # --- on-policy distillation (ds_distill/on_policy.py)
     on_policy_fraction: float = flag(
         0.0,
-        "Fraction of micro-batches (seeded, GKD's lambda) whose completions the student samples for the example's prompt; the loss then covers the sampled tokens only. 0 = off-policy (the dataset's completions).",
+        "Fraction of micro-batches (seeded, GKD's lambda) whose completions the student samples for the example's "
+        "prompt; the loss then covers the sampled tokens only. 0 = off-policy (the dataset's completions).",
     )
     max_new_tokens: int = flag(
         128, "On-policy: most tokens sampled per prompt (the sequence still stops at --seq_len)."
@@ -157,24 +180,31 @@ class RunConfig:
     top_k: int = flag(0, "On-policy: sample from the k most likely tokens only (0 = off).")
     on_policy_anchor: float = flag(
         0.0,
-        "On-policy: weight W of the student's CE on the dataset's own completions of the sampled micro-batches' prompts, added to their loss (MiniLLM's LM loss; normalised like the rest, by the step's supervised tokens). 0 = off (today's run).",
+        "On-policy: weight W of the student's CE on the dataset's own completions of the sampled micro-batches' "
+        "prompts, added to their loss (MiniLLM's LM loss; normalised like the rest, by the step's supervised tokens). "
+        "0 = off (today's run).",
     )
     collapse_distinct2_floor: float = flag(
         0.5,
-        "On-policy: warn (one line) when distinct-2 of the student's samples in a log window falls below this (healthy text: ~0.95 over 32 tokens). 0 = off.",
+        "On-policy: warn (one line) when distinct-2 of the student's samples in a log window falls below this "
+        "(healthy text: ~0.95 over 32 tokens). 0 = off.",
     )
     collapse_self_nll_fraction: float = flag(
         0.75,
-        "On-policy: warn (one line) when the student's NLL of its own samples falls below this fraction of its first logged value (issue 29's collapsed run: 0.73). 0 = off.",
+        "On-policy: warn (one line) when the student's NLL of its own samples falls below this fraction of its first "
+        "logged value (issue 29's collapsed run: 0.73). 0 = off.",
     )
     generation_gather: str = flag(
         "auto",
-        "On-policy under ZeRO-3: whole (gather the student once per optimizer step into a plain copy), layered (gather per layer per token), or auto (whole when it fits in a quarter of a rank's memory).",
+        "On-policy under ZeRO-3: whole (gather the student once per optimizer step into a plain copy), layered "
+        "(gather per layer per token), or auto (whole when it fits in a quarter of a rank's memory).",
     )
     # --- memory
     gradient_checkpointing: bool = flag(
         False,
-        "Recompute the student's layer activations in the backward instead of keeping them (Hugging Face's gradient_checkpointing_enable, non-reentrant): less activation memory for about one more forward per step. DeepSpeed's activation_checkpointing JSON block does not reach Hugging Face models and is refused.",
+        "Recompute the student's layer activations in the backward instead of keeping them (Hugging Face's "
+        "gradient_checkpointing_enable, non-reentrant): less activation memory for about one more forward per step. "
+        "DeepSpeed's activation_checkpointing JSON block does not reach Hugging Face models and is refused.",
     )
     # --- data
     seq_len: int = flag(512, "Tokens per sequence (longer examples are truncated, or dropped with --drop_long).")
@@ -189,12 +219,14 @@ class RunConfig:
     train_on_prompt: bool = flag(False, "Also supervise prompt / non-assistant tokens.")
     chat_template: str = flag(
         "",
-        "Jinja file replacing the student tokenizer's chat template for 'messages' data in this run (the saved tokenizer keeps its own).",
+        "Jinja file replacing the student tokenizer's chat template for 'messages' data in this run (the saved "
+        "tokenizer keeps its own).",
     )
     drop_long: bool = flag(False, "Drop examples longer than --seq_len instead of truncating them.")
     prefetch_batches: int = flag(
         0,
-        "Micro-batches prepared ahead on a background thread, into pinned memory when a GPU is present (ds_distill/prefetch.py); 0 = collated on the training thread.",
+        "Micro-batches prepared ahead on a background thread, into pinned memory when a GPU is present "
+        "(ds_distill/prefetch.py); 0 = collated on the training thread.",
     )
     # --- schedule
     max_steps: int = flag(100, "Optimizer steps to run.")
@@ -206,7 +238,9 @@ class RunConfig:
     resume: bool = flag(False, "Continue from output_dir/checkpoints/latest.")
     resume_allow_changes: str = flag(
         "",
-        "With --resume: comma-separated settings that may differ from the recorded run although they change its meaning (run-config fields, DeepSpeed entries such as optimizer or global_batch, data_content), e.g. alpha,optimizer. Schedule, logging, eval and save settings may always change.",
+        "With --resume: comma-separated settings that may differ from the recorded run although they change its "
+        "meaning (run-config fields, DeepSpeed entries such as optimizer or global_batch, data_content), e.g. "
+        "alpha,optimizer. Schedule, logging, eval and save settings may always change.",
     )
     seed: int = flag(42, "Seed of data order and initialisation.")
     export: bool = flag(True, "Export the student as a Hugging Face directory (output_dir/final) at the end.")
@@ -216,7 +250,8 @@ class RunConfig:
     )
     early_stopping_patience: int = flag(
         0,
-        "Stop after N evaluations in a row without a better eval loss; the best is exported to output_dir/best. 0 = off.",
+        "Stop after N evaluations in a row without a better eval loss; the best is exported to output_dir/best. 0 = "
+        "off.",
     )
     early_stopping_min_delta: float = flag(
         0.0, "An eval loss counts as better only if it is lower than the best by more than this."
@@ -233,13 +268,15 @@ class RunConfig:
     # --- LoRA student (ds_distill/models/lora.py)
     lora_r: int = flag(
         0,
-        "LoRA rank: train PEFT low-rank adapters on the frozen student instead of every weight; checkpoints hold the adapters only and the export is the merged model plus output_dir/final/adapter. 0 = full training.",
+        "LoRA rank: train PEFT low-rank adapters on the frozen student instead of every weight; checkpoints hold the "
+        "adapters only and the export is the merged model plus output_dir/final/adapter. 0 = full training.",
     )
     lora_alpha: float = flag(0.0, "LoRA: the adapters' update is scaled by lora_alpha / lora_r. 0 = 2 * lora_r.")
     lora_dropout: float = flag(0.0, "LoRA: dropout on the adapters' input.")
     lora_target_modules: list[str] = flag(
         list,
-        "LoRA: names of the decoder's linear layers that get adapters, e.g. q_proj v_proj. Default: every linear layer of the decoder (never the lm_head).",
+        "LoRA: names of the decoder's linear layers that get adapters, e.g. q_proj v_proj. Default: every linear "
+        "layer of the decoder (never the lm_head).",
         multi=True,
     )
     lora_dora: bool = flag(
@@ -247,7 +284,8 @@ class RunConfig:
     )
     lora_fp32: bool = flag(
         False,
-        "LoRA: adapters in fp32 on a bf16/fp16 base (needs ZeRO-3 there: below it DeepSpeed casts every parameter). Default: the base's dtype.",
+        "LoRA: adapters in fp32 on a bf16/fp16 base (needs ZeRO-3 there: below it DeepSpeed casts every parameter). "
+        "Default: the base's dtype.",
     )
 
     def validate(self) -> None:
@@ -255,7 +293,8 @@ class RunConfig:
         problems: list[str] = []
         if not self.teacher and not self.teacher_cache and not self.teacher_url:
             problems.append(
-                "--teacher is required (a model directory; repeat it for an ensemble), or --teacher_cache, or --teacher_url"
+                "--teacher is required (a model directory; repeat it for an ensemble), or --teacher_cache, or "
+                "--teacher_url"
             )
         for name in ("student", "data", "output_dir"):
             if not getattr(self, name):
@@ -336,7 +375,8 @@ class RunConfig:
             problems.append(f"--on_policy_fraction {self.on_policy_fraction} must be in [0, 1]")
         if self.on_policy_fraction and (self.packing or self.train_on_prompt):
             problems.append(
-                "--on_policy_fraction needs one example per sequence whose prompt is unsupervised: drop --packing / --train_on_prompt"
+                "--on_policy_fraction needs one example per sequence whose prompt is unsupervised: drop --packing / "
+                "--train_on_prompt"
             )
         if self.max_new_tokens < 1 or self.generation_temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             problems.append(
@@ -345,7 +385,8 @@ class RunConfig:
             )
         if self.on_policy_anchor < 0 or (self.on_policy_anchor and not self.on_policy_fraction):
             problems.append(
-                f"--on_policy_anchor {self.on_policy_anchor} must be >= 0 and needs --on_policy_fraction > 0 (it anchors the sampled micro-batches)"
+                f"--on_policy_anchor {self.on_policy_anchor} must be >= 0 and needs --on_policy_fraction > 0 (it "
+                "anchors the sampled micro-batches)"
             )
         for name in ("collapse_distinct2_floor", "collapse_self_nll_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
@@ -466,7 +507,8 @@ def _lora_problems(cfg: RunConfig) -> list[str]:
     problems = []
     if cfg.lora_r < 0 or cfg.lora_alpha < 0 or not 0.0 <= cfg.lora_dropout < 1.0:
         problems.append(
-            f"LoRA flags out of range (--lora_r {cfg.lora_r} >= 0, --lora_alpha {cfg.lora_alpha} >= 0, --lora_dropout {cfg.lora_dropout} in [0, 1))"
+            f"LoRA flags out of range (--lora_r {cfg.lora_r} >= 0, --lora_alpha {cfg.lora_alpha} >= 0, --lora_dropout "
+            f"{cfg.lora_dropout} in [0, 1))"
         )
     given = [
         f"--{n}"
@@ -597,7 +639,8 @@ def load_run_file(path: str, cls: type = RunConfig) -> dict[str, Any]:
     unknown = sorted(set(data) - known)
     if unknown:
         raise UsageError(
-            f"--config {path!r} has unknown keys {unknown}: valid keys are the flags of `python -m ds_distill.train --help`"
+            f"--config {path!r} has unknown keys {unknown}: valid keys are the flags of `python -m ds_distill.train "
+            "--help`"
         )
     return data
 

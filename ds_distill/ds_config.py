@@ -106,7 +106,8 @@ def load_ds_config(path: str, *, world_size: int, flag: str, needs_optimizer: bo
     elif raw.get("fp16", {}).get("enabled") and not has_gpu:
         # DeepSpeed's CPU accelerator has no fp16 kernels (DeepSpeed #1270): the engine would stop deep in its init.
         problems.append(
-            'fp16 is enabled but this run has no GPU: CPU runs need fp32 or bf16 (set "fp16": {"enabled": false}, e.g. ds_configs/cpu_zero3.json)'
+            'fp16 is enabled but this run has no GPU: CPU runs need fp32 or bf16 (set "fp16": {"enabled": false}, '
+            "e.g. ds_configs/cpu_zero3.json)"
         )
     if raw.get("activation_checkpointing"):
         # DeepSpeed's block configures deepspeed.checkpointing.checkpoint, which only models that call it use; a
@@ -245,7 +246,8 @@ def _describe(raw: dict[str, Any], model, err: dict[str, Any]) -> str:
 
 def default_ds_configs(has_gpu: bool) -> tuple[str, str, str]:
     """The shipped configs for the device: ZeRO-3 student, sharded (ZeRO-3) teacher, replicated (stage 0) teacher.
-    bf16 on GPU, fp32 on CPU (no bf16 units there). Which teacher file runs is chosen by fit (models.teacher_placement)."""
+    bf16 on GPU, fp32 on CPU (no bf16 units there). Which teacher file runs is chosen by fit
+    (models.teacher_placement)."""
     if has_gpu:
         return tuple(
             str(REPO_CONFIGS / f)
@@ -256,7 +258,8 @@ def default_ds_configs(has_gpu: bool) -> tuple[str, str, str]:
     )
 
 
-# DeepSpeed schedulers that decay to their end over ``total_num_steps`` optimizer steps (deepspeed/runtime/lr_schedules.py).
+# DeepSpeed schedulers that decay to their end over ``total_num_steps`` optimizer steps
+# (deepspeed/runtime/lr_schedules.py).
 DECAYING_SCHEDULERS = ("WarmupDecayLR", "WarmupCosineLR")
 
 
@@ -277,11 +280,13 @@ def schedule_check(ds: DSConfig, max_steps: int) -> tuple[list[str], list[str]]:
         if total < max_steps:
             problems.append(
                 f"{where} decays over total_num_steps {total} but --max_steps is {max_steps}: steps {total + 1}-"
-                f"{max_steps} would train at the schedule's floor; set total_num_steps to {max_steps} or --max_steps {total}"
+                f"{max_steps} would train at the schedule's floor; set total_num_steps to {max_steps} or --max_steps "
+                f"{total}"
             )
         elif total > max_steps:
             warnings.append(
-                f"{where} decays over total_num_steps {total} but the run stops at --max_steps {max_steps}: the lr will "
+                f"{where} decays over total_num_steps {total} but the run stops at --max_steps {max_steps}: the lr "
+                "will "
                 "not have decayed (set total_num_steps to --max_steps unless you will extend the run with --resume)"
             )
     warmup = params.get("warmup_num_steps")

@@ -107,7 +107,8 @@ def generation_nll(
     samples at most `max_new_tokens` per prompt (transformers' ``generate`` through ``on_policy.HFGenerator``; batches
     of `batch_size` prompts, batch k seeded by (seed, k), so the samples depend on seed and batch_size). The sample
     ends at the model's first stop token (its generation_config.json eos ids, then the tokenizer's eos), which is
-    scored (the model chose to stop); nothing after it is. Padding rows of the model's head are never sampled. The teacher scores
+    scored (the model chose to stop); nothing after it is. Padding rows of the model's head are never sampled. The
+    teacher scores
     each ``prompt + sample`` in one forward over its full output rows.
 
     The model scores its own samples the same way (``gen_self_nll``, a Monte Carlo estimate of its entropy per token
@@ -261,7 +262,8 @@ def evaluate_all(args: argparse.Namespace) -> None:
     for name, model_dir in named.items():
         r = perplexity(model_dir, args.data, **shared)
         print(
-            f"evaluate: {model_dir}: ppl {r['ppl']:.2f} (ce {r['ce']:.4f} over {r['tokens']} tokens, {r['seconds']:.0f} s)"
+            f"evaluate: {model_dir}: ppl {r['ppl']:.2f} (ce {r['ce']:.4f} over {r['tokens']} tokens, "
+            f"{r['seconds']:.0f} s)"
         )
         if args.generation_prompts:
             sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.generation_temperature, seed=args.seed)

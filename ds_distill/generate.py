@@ -7,7 +7,8 @@ a student writes.
     python -m ds_distill.generate --model TOKENIZER_DIR --server_url http://127.0.0.1:8000 ...   # a vLLM-served model
 
 Input: any --data that ds_distill.train reads, with a "prompt" field (other fields are ignored; ids as in training:
-the data's "id" as given, else the row number). Output: JSON lines {"id", "prompt", "completion"} in input order, ready as
+the data's "id" as given, else the row number). Output: JSON lines {"id", "prompt", "completion"} in input order, ready
+as
 --data for ds_distill.train. Rank r samples rows r, r + world, ... and appends each batch to ``OUTPUT.rank{r}`` as it
 is done; rank 0 then merges every shard with the existing output. Resumable: prompts already in the output or in a
 shard are skipped, so a killed or preempted job is simply run again. Sampling of a batch is seeded by (seed, the
@@ -40,7 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--model",
         required=True,
-        help="Hugging Face model directory (AutoModelForCausalLM + tokenizer); with --server_url only its tokenizer is read.",
+        help="Hugging Face model directory (AutoModelForCausalLM + tokenizer); with --server_url only its tokenizer "
+        "is read.",
     )
     p.add_argument(
         "--server_url",
@@ -149,8 +151,10 @@ def generate(args: argparse.Namespace) -> int:
         or args.requests < 1
     ):
         raise UsageError(
-            f"generation flags out of range (--max_new_tokens {args.max_new_tokens} >= 1, --temperature {args.temperature} > 0, "
-            f"--top_p {args.top_p} in (0, 1], --top_k {args.top_k} >= 0, --batch_size {args.batch_size} >= 1, --requests {args.requests} >= 1)"
+            f"generation flags out of range (--max_new_tokens {args.max_new_tokens} >= 1, --temperature "
+            f"{args.temperature} > 0, "
+            f"--top_p {args.top_p} in (0, 1], --top_k {args.top_k} >= 0, --batch_size {args.batch_size} >= 1, "
+            f"--requests {args.requests} >= 1)"
         )
     output = Path(args.output)
     if not output.parent.is_dir():

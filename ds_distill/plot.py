@@ -115,7 +115,8 @@ def plot_metric(
     offsets = list(offsets) if offsets is not None else [0] * len(run_dirs)
     if not len(labels) == len(offsets) == len(run_dirs):
         raise UsageError(
-            f"{len(labels)} labels and {len(offsets)} offsets for {len(run_dirs)} runs: give one of each per run directory"
+            f"{len(labels)} labels and {len(offsets)} offsets for {len(run_dirs)} runs: give one of each per run "
+            "directory"
         )
     fig, ax = plt.subplots(figsize=(8, 5))
     drawn = {}
@@ -123,7 +124,8 @@ def plot_metric(
         curves = read_curves(run_dir)
         if not curves.get(metric):
             raise UsageError(
-                f"{run_dir} has no {metric} metric (found: {', '.join(sorted(curves))}): was it trained with an eval set and --eval_steps?"
+                f"{run_dir} has no {metric} metric (found: {', '.join(sorted(curves))}): was it trained with an eval "
+                "set and --eval_steps?"
             )
         drawn[label] = [(offset + step, value) for step, value in curves[metric]]
         ax.plot(*zip(*drawn[label]), "-o", color=f"C{i}", label=label, markersize=4)

@@ -46,7 +46,8 @@ def _decoder_layers(model: torch.nn.Module, where: str) -> torch.nn.ModuleList:
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
         raise UsageError(
-            f"{where} is a {type(model).__name__} without model.model.layers: student_init only handles Llama-like decoders"
+            f"{where} is a {type(model).__name__} without model.model.layers: student_init only handles Llama-like "
+            "decoders"
         )
     return layers
 

@@ -1,4 +1,5 @@
-"""Distil one or more frozen teachers into a student: ``deepspeed --module ds_distill.train --teacher T --student S ...``
+"""Distil one or more frozen teachers into a student:
+``deepspeed --module ds_distill.train --teacher T --student S ...``
 
 The student trains in a DeepSpeed engine configured by its JSON (ZeRO stage, precision, optimizer, clipping,
 accumulation); each teacher is a second engine with no optimizer (``ds_distill.core``: the loop and its wiring).

@@ -21,7 +21,8 @@ steps, each timed to the end of the device's work. Variants:
                       fit: replicated on one rank), or forced to ZeRO-3 / replicated (stage 0); chunked loss
                       (RunConfig's default chunk_size; the fused path, ZeRO-3 head included), full
                       logits (chunk_size 0), or the chunked loss forced onto its checkpointed path (an experiment);
-                      _prefetch: micro-batches drawn 2 ahead on a background thread, pinned on GPU (--prefetch_batches 2);
+                      _prefetch: micro-batches drawn 2 ahead on a background thread, pinned on GPU
+                      (--prefetch_batches 2);
                       _lora: a LoRA student (LORA_R on every linear layer of the decoder; only the adapters train);
                       _gc: --gradient_checkpointing (the student's decoder layers recomputed in backward).
 
@@ -134,7 +135,8 @@ def make_tokenizer(folder: Path, vocab: int):
 
 
 def make_model(folder: Path, tok, shape: Shape, vocab: int, seq_len: int, seed: int) -> int:
-    """Save a random LlamaForCausalLM (tied embeddings, like SmolLM2) with the tokenizer beside it; return its parameters."""
+    """Save a random LlamaForCausalLM (tied embeddings, like SmolLM2) with the tokenizer beside it; return its
+    parameters."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -359,7 +361,8 @@ def toolkit_step(a: argparse.Namespace, device) -> Callable[[], None]:
 
 
 def checkpoint_mib(trainer) -> float:
-    """Size of one checkpoint tag of the trainer's state (DeepSpeed's files, RNG, hf/), written after the timed steps."""
+    """Size of one checkpoint tag of the trainer's state (DeepSpeed's files, RNG, hf/), written after the timed
+    steps."""
     tag = trainer.ckpt_root / trainer.save()
     return sum(f.stat().st_size for f in tag.rglob("*") if f.is_file()) / 2**20
 
@@ -430,7 +433,8 @@ def markdown(rows: list[dict[str, Any]], header: str) -> str:
     lines = [
         header,
         "",
-        f"| variant | tokens/s | median step (ms) | median CPU (ms) | peak GiB | TFLOP/s | MFU | vs {ref or 'plain'} | checkpoint MiB |",
+        f"| variant | tokens/s | median step (ms) | median CPU (ms) | peak GiB | TFLOP/s | MFU | vs {ref or 'plain'} "
+        "| checkpoint MiB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -439,7 +443,8 @@ def markdown(rows: list[dict[str, Any]], header: str) -> str:
         cpu = f"{1000 * r['median_cpu_s']:.1f}" if r.get("median_cpu_s") is not None else "n/a"
         ckpt = f"{r['checkpoint_mib']:.1f}" if r.get("checkpoint_mib") is not None else "n/a"
         lines.append(
-            f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {1000 * r['median_step_s']:.1f} | {cpu} | {r['peak_gib']:.2f} "
+            f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {1000 * r['median_step_s']:.1f} | {cpu} | "
+            f"{r['peak_gib']:.2f} "
             f"| {r['tflops']:.3f} | {mfu} | {ratio} | {ckpt} |"
         )
     return "\n".join(lines) + "\n"
@@ -456,7 +461,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     bad = [v for v in variants if v not in PLAIN and not DS_VARIANT.match(v)]
     if bad:
         raise SystemExit(
-            f"error: unknown --variants {bad}: use {', '.join(PLAIN)} or ds_z{{0,1,2,3}}[_teacher_zero3|_teacher_replicated][_full_logits|_checkpointed][_prefetch][_lora][_gc]"
+            f"error: unknown --variants {bad}: use {', '.join(PLAIN)} or "
+            f"ds_z{{0,1,2,3}}[_teacher_zero3|_teacher_replicated][_full_logits|_checkpointed][_prefetch][_lora][_gc]"
         )
 
     import torch
@@ -531,7 +537,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         rows = summarise(results, tokens_per_step=tokens_per_step, n_student=n_student, n_teacher=n_teacher)
         device = rows[0]["device"] if rows else "?"
         header = (
-            f"preset {a.preset}: teacher {n_teacher / 1e6:.1f}M params, student {n_student / 1e6:.1f}M, vocab {preset.vocab}, "
+            f"preset {a.preset}: teacher {n_teacher / 1e6:.1f}M params, student {n_student / 1e6:.1f}M, vocab "
+            f"{preset.vocab}, "
             f"{a.micro_batch} x {a.seq_len} tokens per step, {a.warmup} warm-up + {a.steps} timed steps, {device}, "
             f"{time.strftime('%Y-%m-%d')}" + (f", zero_optimization overrides {a.zero_set}" if a.zero_set else "")
         )
@@ -576,7 +583,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="KEY=JSON",
-        help="Experiment: set zero_optimization.KEY in the ZeRO-3 copies, e.g. stage3_param_persistence_threshold=1e9 (repeatable).",
+        help="Experiment: set zero_optimization.KEY in the ZeRO-3 copies, e.g. "
+        "stage3_param_persistence_threshold=1e9 (repeatable).",
     )
     p.add_argument(
         "--checkpoint_size",

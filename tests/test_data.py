@@ -218,7 +218,8 @@ def test_packed_documents_do_not_see_each_other(tmp_path, tok):
     B, T = batch["input_ids"].shape
     assert "attention_mask" not in batch  # transformers finds the documents from position_ids
     with torch.no_grad():
-        # use_cache=False, as the trainer runs: transformers reads packed documents from position_ids only without a cache
+        # use_cache=False, as the trainer runs: transformers reads packed documents from position_ids only
+        # without a cache
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
         assert torch.isfinite(logits).all()  # pads form their own block: no query row is fully masked
         for b, docs in enumerate(packed["doc_ids"]):

@@ -1,4 +1,5 @@
-"""The extras around the loop: manifest, early stopping, per-example tracking, routers/ensembles, rounds (monitors: tests/test_monitors.py).
+"""The extras around the loop: manifest, early stopping, per-example tracking, routers/ensembles, rounds (monitors:
+tests/test_monitors.py).
 
 Trainer runs are in-process on the tiny models (a few steps each); tracking on 2 ranks is read from the 2-rank run
 of tests/test_multirank.py.
@@ -400,7 +401,8 @@ def test_losses_accept_a_router_as_teacher_weights():
     for out in (full, chunked):
         torch.testing.assert_close(out.total, ref.total)
         torch.testing.assert_close(out.kd_per_seq, ref.kd_per_seq)
-    # lowest_ce == the per-token [B, T, K] one-hot weights of the teacher with the higher probability of the label (T = 1)
+    # lowest_ce == the per-token [B, T, K] one-hot weights of the teacher with the higher probability of the label
+    # (T = 1)
     lp = [F.log_softmax(t, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0] for t in logits[1:]]
     per_token = F.one_hot((lp[1] > lp[0]).long(), 2).float()  # [B, T, K]
     ref = losses.loss_sums(logits[0], logits[1:], labels, teacher_weights=per_token, **kw)

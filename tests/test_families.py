@@ -381,14 +381,18 @@ SWEEP_SKIP: dict[str, str] = {
     "deepseek_v32": "13M parameters at these sizes (sub-configs or fixed dims keep full size)",
     "dots1": "TypeError: unsupported operand type(s) for *: 'int' and 'NoneType'",
     "dots3_note": "AttributeError: 'Dots3NoteConfig' object has no attribute 'pad_token_id'",
-    "dots3_note_text": "StrictDataclassClassValidationError: Class validation error for validator 'validate_architec...",
+    "dots3_note_text": (
+        "StrictDataclassClassValidationError: Class validation error for validator 'validate_architec..."
+    ),
     "emu3": "AttributeError: 'Emu3Config' object has no attribute 'pad_token_id'",
     "fuyu": "9408M parameters at these sizes (sub-configs or fixed dims keep full size)",
     "gemma3": "2723M parameters at these sizes (sub-configs or fixed dims keep full size)",
     "gemma3n": "needs an extra library (ImportError)",
     "gemma3n_text": "ValueError: The set of layer types producing a cache is different than the set of layer type...",
     "gemma4": "5077M parameters at these sizes (sub-configs or fixed dims keep full size)",
-    "gemma4_assistant": "StrictDataclassClassValidationError: Class validation error for validator 'validate_architec...",
+    "gemma4_assistant": (
+        "StrictDataclassClassValidationError: Class validation error for validator 'validate_architec..."
+    ),
     "gemma4_text": "67M parameters at these sizes (sub-configs or fixed dims keep full size)",
     "gemma4_unified": "3011M parameters at these sizes (sub-configs or fixed dims keep full size)",
     "gemma4_unified_assistant": "2872M parameters at these sizes (sub-configs or fixed dims keep full size)",
@@ -396,7 +400,9 @@ SWEEP_SKIP: dict[str, str] = {
     "glm_moe_dsa": "10M parameters at these sizes (sub-configs or fixed dims keep full size)",
     "got_ocr2": "561M parameters at these sizes (sub-configs or fixed dims keep full size)",
     "gpt_neo": "StrictDataclassClassValidationError: Class validation error for validator 'validate_architec...",
-    "granitemoehybrid": "StrictDataclassClassValidationError: Class validation error for validator 'validate_architec...",
+    "granitemoehybrid": (
+        "StrictDataclassClassValidationError: Class validation error for validator 'validate_architec..."
+    ),
     "hy_v4": "4M parameters at these sizes (sub-configs or fixed dims keep full size)",
     "inkling2_loop_text": "3M parameters at these sizes (sub-configs or fixed dims keep full size)",
     "inkling2_text": "4M parameters at these sizes (sub-configs or fixed dims keep full size)",

@@ -22,7 +22,8 @@ def modules() -> dict[str, Path]:
 
 def imported(path: Path, known: set[str]) -> set[str]:
     """Every ds_distill module ``path`` imports, at any depth (function-level and ``TYPE_CHECKING`` imports count), with
-    the packages whose ``__init__`` that import runs; ``from pkg import name`` counts ``pkg.name`` when it is a module."""
+    the packages whose ``__init__`` that import runs; ``from pkg import name`` counts ``pkg.name`` when it is a
+    module."""
     me = module_name(path)
     package = me if path.name == "__init__.py" else me.rpartition(".")[0]
     own_packages = {".".join(package.split(".")[:i]) for i in range(2, len(package.split(".")) + 1)}

@@ -196,7 +196,8 @@ def test_a_leftover_shm_segment_fails_the_launch_check():
 
 
 def run_args(tiny, out: Path) -> str:
-    """Two optimizer steps of the tiny pair (default chunked loss), one checkpoint (pytest's tmp paths have no spaces)."""
+    """Two optimizer steps of the tiny pair (default chunked loss), one checkpoint (pytest's tmp paths have no
+    spaces)."""
     return " ".join(launch_args(tiny, out, str(REPO_CONFIGS / "cpu_zero3.json"), save_steps=2, export="false"))
 
 

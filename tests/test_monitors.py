@@ -1,4 +1,5 @@
-"""DeepSpeed's monitors as users turn them on: the scalars read back with each tool's own reader, and a missing package."""
+"""DeepSpeed's monitors as users turn them on: the scalars read back with each tool's own reader, and a missing
+package."""
 
 import glob
 import json
@@ -19,7 +20,8 @@ def read_wandb_history(run_file: str) -> list[dict | None]:
 
     wandb 0.19+ ships no Python reader; the file is a LevelDB-style log (wandb/core's store): a 7-byte header
     (":W&B", magic 0xBEE1, version), then 32 KiB blocks of records [crc32 u32][length u16][type u8][payload], a
-    payload split over blocks as FIRST(2)/MIDDLE(3)/LAST(4) pieces, FULL(1) when whole; block tails < 7 bytes are padding.
+    payload split over blocks as FIRST(2)/MIDDLE(3)/LAST(4) pieces, FULL(1) when whole; block tails < 7 bytes are
+    padding.
     """
     from wandb.proto import wandb_internal_pb2
 
@@ -126,7 +128,7 @@ def test_missing_monitor_package_is_one_line_before_any_model(
     code, errors = run_main(base_args(tiny, tmp_path / "o") + ["--deepspeed_config", str(tmp_path / "m.json")], capsys)
     assert code == 2 and len(errors) == 1, errors
     assert (
-        f"enables the \"{block}\" monitor but the {package!r} package is not installed: pip install 'ds-distill[{block}]'"
-        in errors[0]
+        f'enables the "{block}" monitor but the {package!r} package is not installed: pip install '
+        f"'ds-distill[{block}]'" in errors[0]
     )
     assert not (tmp_path / "o").exists(), "stopped before the run directory was written"

@@ -1,9 +1,10 @@
 """Two CPU ranks through the real `deepspeed` launcher: ZeRO-3 student and teacher, checkpoints, exact resume, export.
 
-Also the data-parallel invariance: 1 rank x micro-batch 16 gives the same losses and grad_norm as 2 ranks x micro-batch 8
-(accumulation 2 on both); elastic resume: a 2-rank checkpoint resumed on 1 rank, then on 2 again, equals the straight run
-step by step; and per-example tracking across ranks and epochs. Each launch costs 15-40 s of start-up, so one straight
-run serves several tests and the resumes start from its checkpoints (docs/performance.md, the suite's time).
+Also the data-parallel invariance: 1 rank x micro-batch 16 gives the same losses and grad_norm as 2 ranks x
+micro-batch 8 (accumulation 2 on both); elastic resume: a 2-rank checkpoint resumed on 1 rank, then on 2 again,
+equals the straight run step by step; and per-example tracking across ranks and epochs. Each launch costs 15-40 s
+of start-up, so one straight run serves several tests and the resumes start from its checkpoints
+(docs/performance.md, the suite's time).
 """
 
 import csv
@@ -62,7 +63,8 @@ def straight(tiny, tmp_path_factory):
 
 
 def copy_checkpoint(src, dst, tag):
-    """``dst`` as a run stopped at ``src``'s checkpoint ``tag``: that tag, ``latest`` naming it and the settings record."""
+    """``dst`` as a run stopped at ``src``'s checkpoint ``tag``: that tag, ``latest`` naming it and the settings
+    record."""
     (dst / "checkpoints").mkdir(parents=True)
     shutil.copytree(src / "checkpoints" / tag, dst / "checkpoints" / tag)
     (dst / "checkpoints" / "latest").write_text(tag)
@@ -138,7 +140,8 @@ def test_rank_error_is_one_line_and_nonzero(tiny, tmp_path):
     )
     errors = {l.split("error: ", 1)[1] for l in (proc.stdout + proc.stderr).splitlines() if "error: " in l}
     assert errors == {
-        f"--deepspeed_config {tmp_path / 'bad.json'}: train_batch_size 3 != micro batch 2 x accumulation 1 x world size 2 = 4: set it to that or remove it"
+        f"--deepspeed_config {tmp_path / 'bad.json'}: train_batch_size 3 != micro batch 2 x accumulation 1 x world "
+        "size 2 = 4: set it to that or remove it"
     }, errors
 
 

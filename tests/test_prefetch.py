@@ -65,7 +65,8 @@ def test_resume_with_prefetching_continues_the_same_curve(tiny, dist_env, tmp_pa
 
 
 def test_pin_copies_every_tensor_into_pinned_memory(monkeypatch):
-    """pin=True: each tensor of the micro-batch goes through Tensor.pin_memory (a CUDA call, faked on this CPU build)."""
+    """pin=True: each tensor of the micro-batch goes through Tensor.pin_memory (a CUDA call, faked on this CPU
+    build)."""
     pinned = []
 
     def fake_pin(t):

@@ -211,7 +211,8 @@ def test_generate_and_evaluate_never_sample_padding_rows(tiny, pc_data, tmp_path
 
 def test_sampling_is_what_was_asked_not_the_models_defaults(tiny, tmp_path):
     """top_k 0 is no filtering (transformers would fill an unset top_k with 50), and the sampling defaults of the
-    model's generation_config.json (here repetition_penalty, top_k) are not applied: greedy is the model's own argmax."""
+    model's generation_config.json (here repetition_penalty, top_k) are not applied: greedy is the model's own
+    argmax."""
     tok = tiny["tokenizer"]
     lm = AutoModelForCausalLM.from_pretrained(tiny["student"]).eval()
     lm.generation_config.repetition_penalty, lm.generation_config.top_k = 5.0, 3

@@ -177,7 +177,8 @@ def test_bytes_per_token_at_k64_and_resume_after_a_kill(tiny, dist_env, tmp_path
     stats = reference["stats"]
     print(
         f"\nK=64 on the tiny data: {stats['bytes_per_token']:.1f} bytes/token {stats['column_bytes_per_token']}, "
-        f"KL {stats['kl_full_per_token']:.3g} p99 {stats['kl_full_p99']:.3g} (buckets {stats['kl_buckets_per_token']:.3g} "
+        f"KL {stats['kl_full_per_token']:.3g} p99 {stats['kl_full_p99']:.3g} (buckets "
+        f"{stats['kl_buckets_per_token']:.3g} "
         f"p99 {stats['kl_buckets_p99']:.3g}) nats/token"
     )
     assert stats["tokens"] > 500 and stats["bytes_per_token"] <= 100

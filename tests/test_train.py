@@ -236,7 +236,8 @@ def test_existing_checkpoints_are_never_overwritten(tiny, dist_env, tmp_path, ca
 def test_resume_of_a_finished_run_exports_once_and_exits_0(
     tiny, dist_env, tmp_path, caplog, capsys, keep_process_group
 ):
-    """Job scripts always pass --resume: a run at (or past) --max_steps trains nothing, exports final/ only if missing."""
+    """Job scripts always pass --resume: a run at (or past) --max_steps trains nothing, exports final/ only if
+    missing."""
     import logging
     import shutil
 

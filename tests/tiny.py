@@ -274,7 +274,7 @@ QWEN3_TEMPLATE = """{%- set ns = namespace(multi_step_tool=true, last_query_inde
     {%- if enable_thinking is defined and enable_thinking is false %}
         {{- '<think>\\n\\n</think>\\n\\n' }}
     {%- endif %}
-{%- endif %}"""
+{%- endif %}"""  # noqa: E501 (verbatim: the template as the model ships it)
 
 # Qwen2.5's ChatML (no history rewrite; the reply follows "assistant\n" verbatim).
 CHATML_TEMPLATE = (
@@ -346,7 +346,7 @@ QWEN25_TOOLS_TEMPLATE = """{%- if tools %}
 {%- if add_generation_prompt %}
     {{- '<|im_start|>assistant\\n' }}
 {%- endif %}
-"""
+"""  # noqa: E501 (verbatim: the template as the model ships it)
 
 # Meta Llama 3 Instruct's template (verbatim): contents are trimmed, bos before the first message.
 # DeepSeek-R1-distill's template, simplified (no tools): earlier replies keep only the answer after </think>; the

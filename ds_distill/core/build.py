@@ -354,7 +354,8 @@ def _prepare_output_dir(cfg: RunConfig, sds: DSConfig, tds: DSConfig, rank: int,
     latest = checkpoint.read_latest(checkpoint.ckpt_root(out))
     if latest and not cfg.resume:
         raise UsageError(
-            f"{out} already holds checkpoints (latest: {latest}): pass --resume to continue, or pick another --output_dir"
+            f"{out} already holds checkpoints (latest: {latest}): pass --resume to continue, or pick another "
+            "--output_dir"
         )
     monitors.place(
         sds.raw, out, rank

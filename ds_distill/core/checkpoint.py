@@ -240,7 +240,8 @@ def universal_for_resume(ckpt_root: Path, world_size: int, zero_stage: int, rank
         raise failed
     if not target.is_dir():  # rank 0 failed (and said why)
         raise UsageError(
-            f"--resume: {ckpt_root / tag} was written by {saved} ranks and could not be converted for {world_size}: resume it on {saved} ranks"
+            f"--resume: {ckpt_root / tag} was written by {saved} ranks and could not be converted for {world_size}: "
+            f"resume it on {saved} ranks"
         )
     return target.name
 
@@ -288,7 +289,8 @@ def load(engine, ckpt_root: Path, universal: str | None = None) -> dict[str, Any
     )
     if path is None:
         raise UsageError(
-            f"--resume: checkpoint {ckpt_root / tag} could not be loaded: check the files or delete the tag and point 'latest' at an older one"
+            f"--resume: checkpoint {ckpt_root / tag} could not be loaded: check the files or delete the tag and point "
+            "'latest' at an older one"
         )
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng_file = ckpt_root / tag / f"rng_rank{rank}.pt"

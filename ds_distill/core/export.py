@@ -27,7 +27,8 @@ def resolve_tag(checkpoint: Path) -> Path:
         checkpoint = checkpoint / (checkpoint / "latest").read_text().strip()
     if not (checkpoint / "hf" / "config.json").is_file():
         raise UsageError(
-            f"{checkpoint} is not a ds-distill checkpoint (no hf/config.json): pass output_dir/checkpoints or one step_* folder in it"
+            f"{checkpoint} is not a ds-distill checkpoint (no hf/config.json): pass output_dir/checkpoints or one "
+            "step_* folder in it"
         )
     return checkpoint
 
@@ -64,7 +65,8 @@ def export_checkpoint(checkpoint: Path | str, out_dir: Path | str, extra_files: 
         return Path(out_dir)
     config = AutoConfig.from_pretrained(tag_dir / "hf")
     # In a training process the last engine's HfDeepSpeedConfig is still registered: under ZeRO-3 from_config would
-    # build an empty partitioned model. The engines no longer need it (models.load_model registers a fresh one per load).
+    # build an empty partitioned model. The engines no longer need it (models.load_model registers a fresh one per
+    # load).
     unset_hf_deepspeed_config()
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -72,7 +74,8 @@ def export_checkpoint(checkpoint: Path | str, out_dir: Path | str, extra_files: 
     tied = {k for k in missing if getattr(config, "tie_word_embeddings", False) and k.endswith("lm_head.weight")}
     if set(missing) - tied or unexpected:
         raise UsageError(
-            f"{tag_dir} does not match its config: missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            f"{tag_dir} does not match its config: missing {sorted(set(missing) - tied)[:5]}, unexpected "
+            f"{sorted(unexpected)[:5]}"
         )
     model.tie_weights()
     with atomic_folder(out_dir) as tmp:

@@ -177,7 +177,8 @@ class Trainer:
 
     @torch.no_grad()
     def eval_metrics(self) -> dict[str, float]:
-        """Held-out loss per supervised token: CE (-> perplexity), KD and the total, over the same batches every time."""
+        """Held-out loss per supervised token: CE (-> perplexity), KD and the total, over the same batches every
+        time."""
         self.student.eval()
         totals = torch.zeros(4, device=self.device)  # total, ce, kd, n_tokens
         stream = data.BatchStream(

@@ -126,7 +126,8 @@ class BatchStream:
         if len(dataset) // world_size < batch_size:
             raise UsageError(
                 f"the dataset has {len(dataset)} examples, which gives each of {world_size} ranks "
-                f"{len(dataset) // world_size}, fewer than the micro-batch size {batch_size}: use more data or a smaller batch"
+                f"{len(dataset) // world_size}, fewer than the micro-batch size {batch_size}: use more data or a "
+                "smaller batch"
             )
         self.epoch = 0
         self.consumed = 0  # examples of this epoch read by all ranks together

@@ -74,7 +74,8 @@ def _data_files(root: Path, split: str = "train") -> tuple[str, list[Path]]:
         )
     if not files:
         raise UsageError(
-            f"data folder {str(root)!r} holds no {'/'.join(_BUILDERS)} files: point --data at a file or a folder of them"
+            f"data folder {str(root)!r} holds no {'/'.join(_BUILDERS)} files: point --data at a file or a folder of "
+            "them"
         )
     if files[0].suffix not in _BUILDERS:
         raise UsageError(
@@ -313,7 +314,8 @@ def _check_tool_rows(raw: datasets.Dataset, files: list[Path] | None) -> None:
         for n, messages in enumerate(batch["messages"]):
             if not isinstance(messages, list):
                 raise UsageError(
-                    f"{_where(files, start + n)}: field 'messages' is {'null' if messages is None else type(messages).__name__}, "
+                    f"{_where(files, start + n)}: field 'messages' is "
+                    f"{'null' if messages is None else type(messages).__name__}, "
                     f'not a list of messages: write each conversation as [{{"role": ..., "content": ...}}, ...]'
                 )
             for turn, m in enumerate(messages):
@@ -425,11 +427,13 @@ def _diagnose_json(files: list[Path]) -> None:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise UsageError(
-                    f"data file {str(p)!r} line {n} is not valid JSON ({exc.msg}, column {exc.colno}): fix or remove that line"
+                    f"data file {str(p)!r} line {n} is not valid JSON ({exc.msg}, column {exc.colno}): fix or remove "
+                    "that line"
                 ) from None
             if not isinstance(row, dict):
                 raise UsageError(
-                    f"data file {str(p)!r} line {n} is a JSON {type(row).__name__}, not an object: write one {{...}} per line"
+                    f"data file {str(p)!r} line {n} is a JSON {type(row).__name__}, not an object: write one {{...}} "
+                    "per line"
                 )
 
 
@@ -464,13 +468,15 @@ def load_raw(path: str, split: str) -> tuple[datasets.Dataset, list[Path] | None
         return ds, files
     if _looks_local(path):
         raise UsageError(
-            f"data path {path!r} does not exist: pass a .jsonl/.json/.parquet/.txt/.md file or folder, a save_to_disk folder, or a hub dataset name"
+            f"data path {path!r} does not exist: pass a .jsonl/.json/.parquet/.txt/.md file or folder, a save_to_disk "
+            "folder, or a hub dataset name"
         )
     try:
         return datasets.load_dataset(path, split=split), None
     except (datasets.exceptions.DatasetNotFoundError, FileNotFoundError) as exc:
         raise UsageError(
-            f"data {path!r} is neither a local path nor a loadable hub dataset ({str(exc).splitlines()[0]}): check the name or the path"
+            f"data {path!r} is neither a local path nor a loadable hub dataset ({str(exc).splitlines()[0]}): check "
+            "the name or the path"
         ) from None
 
 
@@ -482,12 +488,14 @@ def detect_format(columns: list[str], data_format: str, path: str) -> str:
             if all(c in columns for c in cols):
                 return fmt
         raise UsageError(
-            f"data {path!r} has columns {columns}; expected 'text', or 'prompt' + 'completion', or 'messages': rename the columns"
+            f"data {path!r} has columns {columns}; expected 'text', or 'prompt' + 'completion', or 'messages': rename "
+            "the columns"
         )
     missing = [c for c in _REQUIRED[data_format] if c not in columns]
     if missing:
         raise UsageError(
-            f"data {path!r} has columns {columns} but data_format {data_format!r} needs {list(_REQUIRED[data_format])}: "
+            f"data {path!r} has columns {columns} but data_format {data_format!r} needs "
+            f"{list(_REQUIRED[data_format])}: "
             f"rename the columns or change data_format"
         )
     return data_format

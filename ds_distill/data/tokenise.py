@@ -125,7 +125,8 @@ class _Tokenise:
         return cross_columns(student, teacher, list(zip(s_ranges, t_ranges)), sup, self.seq_len)
 
     def _messages(self, messages: list[dict], tools, example_id) -> list[tuple[list[int], list[bool]]]:
-        """One example for the conversation (with its ``tools``), or one per assistant turn: see ``chat.ChatEncoder``."""
+        """One example for the conversation (with its ``tools``), or one per assistant turn: see
+        ``chat.ChatEncoder``."""
         # A template must see each message and tool as written: the nulls `datasets` fills into struct columns for
         # keys a row did not write are dropped (nested too: tool calls, schemas); top-level None keys as before.
         if "messages" in self.null_filled:
@@ -223,7 +224,8 @@ def get_dataset(
     must be strings: a null or other value stops with the file, line and field (``check_rows``). A BOM is dropped.
 
     Returns a Dataset with ``id`` (the data's ``id`` as given, integers or strings, else the row number) and ``row``
-    (int64 row number; see the module docstring), both kept through filtering and packing, ``input_ids`` and ``labels`` (lists of the same length <= seq_len; labels already shifted, -100 where
+    (int64 row number; see the module docstring), both kept through filtering and packing, ``input_ids`` and ``labels``
+    (lists of the same length <= seq_len; labels already shifted, -100 where
     not supervised), and with ``packing`` also ``position_ids`` (restarting at 0 per document) and ``doc_ids``
     (the ids of the documents in the block; ``id`` is the first of them). Examples longer than ``seq_len`` are
     truncated (or dropped with ``drop_long``); examples left with no target are dropped; both are counted in a warning.
@@ -273,7 +275,8 @@ def get_dataset(
         )
         if len(ds) < n_before:
             warn_once(
-                f"dropped {n_before - len(ds)} examples with no supervised token (e.g. the prompt fills seq_len={seq_len})"
+                f"dropped {n_before - len(ds)} examples with no supervised token (e.g. the prompt fills "
+                f"seq_len={seq_len})"
             )
         if len(ds) == 0:
             raise UsageError(

@@ -4,7 +4,8 @@ After every evaluation: if the eval loss fell below the best so far by more than
 loop for a checkpoint of this step (the loop saves once, also at a ``--save_steps`` step) and, once it is complete,
 exports it to ``output_dir/best`` (``checkpoint.export_best``: a Hugging Face folder, with ``export.json`` naming the
 step and loss); otherwise a counter grows, and once ``patience`` evaluations in a row brought no improvement the run
-stops: this callback votes to stop and the loop saves the step once. Evaluations happen every ``--eval_steps``, so patience is counted in evaluations,
+stops: this callback votes to stop and the loop saves the step once. Evaluations happen every ``--eval_steps``, so
+patience is counted in evaluations,
 not steps. On ``--resume`` the best loss is read back from ``best/export.json``; the counter restarts at 0. A run
 that stopped early writes ``best/early_stopped.json`` (``--rounds`` then hands ``best/`` to the next round).
 """

@@ -84,7 +84,8 @@ class _GradInForward(torch.autograd.Function):
     """Returns ``value``; its backward hands out gradients computed in the forward, times the incoming gradient.
 
     forward(value, *pairs): ``value`` a detached scalar; ``pairs`` = tensors then their gradients (same count), a
-    gradient None where its tensor needs none. The gradients are scaled in place: a second backward through the same graph
+    gradient None where its tensor needs none. The gradients are scaled in place: a second backward through the same
+    graph
     (retain_graph) raises instead of handing out twice-scaled gradients.
     """
 

@@ -219,7 +219,8 @@ def chunk_starts(ch: Tensor, n_chunks: int) -> Tensor:
 def check_map(student_index: Tensor, teacher_index: Tensor) -> None:
     if student_index.dim() != 1 or student_index.shape != teacher_index.shape or student_index.numel() == 0:
         raise ValueError(
-            f"student_index {tuple(student_index.shape)} and teacher_index {tuple(teacher_index.shape)} must be [M], M >= 1"
+            f"student_index {tuple(student_index.shape)} and teacher_index {tuple(teacher_index.shape)} must be [M], "
+            "M >= 1"
         )
 
 

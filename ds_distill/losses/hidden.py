@@ -89,7 +89,8 @@ def hidden_loss_sums(
                 raise ValueError(f"projection {p} gives {tuple(xs.shape)} for teacher rows {tuple(ys.shape)}")
         dtype = torch.promote_types(x.dtype, torch.float32)  # at least fp32; float64 stays float64 (the tests)
         step = chunk_size or max(xs.shape[0], 1)
-        # An empty selection sums to 0 but stays connected to the student's graph and the projection (0 * grad, not none).
+        # An empty selection sums to 0 but stays connected to the student's graph and the projection (0 *
+        # grad, not none).
         total = xs.narrow(-1, 0, 0).sum().to(dtype)
         for start in range(0, xs.shape[0], step):
             total = total + fn(xs[start : start + step].to(dtype), ys[start : start + step].to(dtype)).sum()

@@ -5,7 +5,8 @@ Per optimizer step (``losses.loss_sums`` / ``losses.chunked_loss_sums`` give the
     sum over supervised tokens of [alpha * CE + (1 - alpha) * T^2 * D(mixture of teachers || student)] / global tokens
 
 ``build()`` makes one ``Objective`` from the run config (``--loss``, ``--alpha``, ``--temperature``, ``--beta``,
-``--skew``, ``--entropy_threshold``, ``--teacher_weights``, ``--router``) and hands it to the Trainer; nothing changes it during training. A
+``--skew``, ``--entropy_threshold``, ``--teacher_weights``, ``--router``) and hands it to the Trainer; nothing changes
+it during training. A
 custom router (``ds_distill.losses.routing``) plugs in by building the objective:
 
     train.run(cfg, train.default_callbacks(cfg), objective=Objective.from_config(cfg, router=my_router))
@@ -34,7 +35,8 @@ class Objective(LossArgs):
 
     @classmethod
     def from_config(cls, cfg: RunConfig, router: Router | None = None) -> "Objective":
-        """The run config's objective; ``router`` (any ``routing.Router``) replaces ``--router``/``--teacher_weights``."""
+        """The run config's objective; ``router`` (any ``routing.Router``) replaces
+        ``--router``/``--teacher_weights``."""
         router = router if router is not None else make_router(cfg.router)
         weights = router if router is not None else (torch.tensor(cfg.teacher_weights) if cfg.teacher_weights else None)
         return cls(

@@ -16,7 +16,8 @@ def decoder_layers(module: nn.Module, where: str) -> nn.ModuleList:
     layers = getattr(decoder, "layers", None)
     if not isinstance(layers, nn.ModuleList):
         raise UsageError(
-            f"{where}: its decoder has no `layers` list: hidden-state losses need a Llama-like decoder; drop --hidden_loss"
+            f"{where}: its decoder has no `layers` list: hidden-state losses need a Llama-like decoder; drop "
+            "--hidden_loss"
         )
     return layers
 

@@ -58,7 +58,8 @@ class HiddenStatesLM(nn.Module):
 
     @property
     def head(self) -> OutputHead:
-        """The output layer ``[n, H] -> [n, V_model]``; its projection is called (never .weight read) so ZeRO-3 gathers it."""
+        """The output layer ``[n, H] -> [n, V_model]``; its projection is called (never .weight read) so ZeRO-3 gathers
+        it."""
         return OutputHead(self.lm.get_output_embeddings(), self.transform)
 
     @property
@@ -172,7 +173,8 @@ class LogitTransform:
         names = [n for n, m in lm.named_children() if m is head]
         if head is None or not names:
             raise UsageError(
-                f"{_family(lm)} is not laid out as decoder + output projection (children {[n for n, _ in lm.named_children()]}): "
+                f"{_family(lm)} is not laid out as decoder + output projection (children "
+                f"{[n for n, _ in lm.named_children()]}): "
                 "ds-distill needs a *ForCausalLM whose logits come from its get_output_embeddings() module"
             )
         self.head_name, self.decoder_name = names[0], decoder_name(lm)
@@ -224,7 +226,8 @@ def check_output_rows(vocab_size: int, engines: list, paths: list[str]) -> None:
         rows = getattr(head, "out_features", None) or engine.module.config.vocab_size
         if rows < vocab_size:
             raise UsageError(
-                f"model {path!r} has {rows} output rows but the tokenizer has {vocab_size} tokens: resize its embeddings (model.resize_token_embeddings)"
+                f"model {path!r} has {rows} output rows but the tokenizer has {vocab_size} tokens: resize its "
+                "embeddings (model.resize_token_embeddings)"
             )
 
 
@@ -270,7 +273,8 @@ def check_logits(engine, path: str, vocab_size: int, *, packing: bool, doc_len: 
                 packed.reshape(alone.shape),
                 alone,
                 dtype,
-                f"model {path!r} with attn_implementation={attn}: a packed document's logits differ from the document alone",
+                f"model {path!r} with attn_implementation={attn}: a packed document's logits differ from the document "
+                "alone",
                 "drop --packing or pick another --attn_implementation",
             )
     finally:

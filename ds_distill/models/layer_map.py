@@ -120,7 +120,8 @@ def check_layerwise(pairs: list[tuple[int, int]], n_student: int, spec: str) -> 
     students, teachers = [s for s, _ in pairs], [t for _, t in pairs]
     if students != list(range(n_student)) or any(a >= b for a, b in zip(teachers, teachers[1:])):
         raise UsageError(
-            f"--hidden_mode layerwise with --hidden_layers {spec!r} (pairs {pairs}): every student layer 0..{n_student - 1} "
+            f"--hidden_mode layerwise with --hidden_layers {spec!r} (pairs {pairs}): every student layer "
+            f"0..{n_student - 1} "
             "must be paired, in order, with increasing teacher layers: use auto, even or such pairs"
         )
 

@@ -203,7 +203,8 @@ def student_placement(
         )
     return (
         zero3,
-        f"one rank: the student's training state ({need / 2**30:.2f} GiB) does not fit in {STUDENT_FIT_FRACTION:.0%} of {rank_memory / 2**30:.1f} GiB",
+        f"one rank: the student's training state ({need / 2**30:.2f} GiB) does not fit in {STUDENT_FIT_FRACTION:.0%} "
+        f"of {rank_memory / 2**30:.1f} GiB",
     )
 
 
@@ -254,5 +255,8 @@ def teacher_placement(
         return sharded, "teacher size unknown (no config.json transformers can read)"
     need, budget = sum(counts) * bytes_per_param, REPLICATE_FRACTION * rank_memory
     verdict = "fit" if need <= budget else "do not fit"
-    why = f"teachers {need / 2**30:.2f} GiB {verdict} in {REPLICATE_FRACTION:.0%} of {rank_memory / 2**30:.1f} GiB per rank"
+    why = (
+        f"teachers {need / 2**30:.2f} GiB {verdict} in {REPLICATE_FRACTION:.0%} of {rank_memory / 2**30:.1f} GiB "
+        "per rank"
+    )
     return (replicated if need <= budget else sharded), why

@@ -13,7 +13,8 @@ Known traps (from TRL/PEFT/DeepSpeed trackers) and how this module avoids them:
                    gathers the adapters and hands PEFT the gathered state dict.
     merge          PEFT cannot merge under ZeRO-3 and TRL gathers the whole model: ``save_merged`` gathers one adapted
                    module at a time, merges it with PEFT's own formula, writes it to the current shard, releases it.
-    resume         checkpoints hold only what trains (``exclude_frozen_parameters``) plus ``LoraStudent.record``: the base
+    resume         checkpoints hold only what trains (``exclude_frozen_parameters``) plus ``LoraStudent.record``: the
+    base
                    model's fingerprint, checked on ``--resume`` (core/checkpoint.py) and on export.
 
 Export layout (``final/``, ``best/``, ``python -m ds_distill.export``): the merged Hugging Face model at the top (so
@@ -178,7 +179,8 @@ def check_resume(record: dict[str, Any] | None, student: LoraStudent | None, whe
         return
     if student is None:
         raise UsageError(
-            f"--resume: {where} holds LoRA adapters (r={record['lora']['r']}) on {record['base']!r}: pass the same --lora_* flags"
+            f"--resume: {where} holds LoRA adapters (r={record['lora']['r']}) on {record['base']!r}: pass the same "
+            "--lora_* flags"
         )
     if record is None:
         raise UsageError(f"--resume: {where} is a full-training checkpoint: drop --lora_r to resume it")
@@ -191,7 +193,8 @@ def check_resume(record: dict[str, Any] | None, student: LoraStudent | None, whe
         )
     if (record["lora"], record["target_modules"]) != (mine["lora"], mine["target_modules"]):
         raise UsageError(
-            f"--resume: {where} was trained with LoRA {record['lora']} on {record['target_modules']}, this run asks for "
+            f"--resume: {where} was trained with LoRA {record['lora']} on {record['target_modules']}, this run asks "
+            "for "
             f"{mine['lora']} on {mine['target_modules']}: pass the same --lora_* flags"
         )
 

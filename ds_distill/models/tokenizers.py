@@ -20,7 +20,8 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise UsageError(
-            f"could not load the tokenizer of {path!r}: {str(exc).splitlines()[0]}; save one with tokenizer.save_pretrained"
+            f"could not load the tokenizer of {path!r}: {str(exc).splitlines()[0]}; save one with "
+            "tokenizer.save_pretrained"
         ) from None
 
 
@@ -54,7 +55,8 @@ def copy_tokenizer(src: str | Path, dst: str | Path) -> None:
         shutil.copytree(src / "additional_chat_templates", dst / "additional_chat_templates", dirs_exist_ok=True)
     if not copied:
         raise UsageError(
-            f"{src} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): save one with tokenizer.save_pretrained"
+            f"{src} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): save one with "
+            "tokenizer.save_pretrained"
         )
 
 

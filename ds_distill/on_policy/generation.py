@@ -51,7 +51,8 @@ def stop_token_ids(generation_config, tokenizer) -> list[int]:
         ids.append(tokenizer.eos_token_id)
     if not ids:
         raise UsageError(
-            f"{tokenizer.name_or_path!r} names no eos token (generation_config.json eos_token_id, tokenizer eos_token): "
+            f"{tokenizer.name_or_path!r} names no eos token (generation_config.json eos_token_id, tokenizer "
+            "eos_token): "
             "set one, or samples never end before max_new_tokens"
         )
     return [int(i) for i in ids]

@@ -4,7 +4,8 @@
 one draw per micro-batch, the same on every rank) it keeps each example's prompt, samples a completion from the
 current student and rebuilds the row. The prompt is read from the row's own supervision mask (data.py's one
 definition): every token before the last supervised span, i.e. a prompt/completion record's prompt, or a
-conversation up to its last assistant reply. Then ``input_ids = prompt + sample`` and labels that supervise the sampled tokens
+conversation up to its last assistant reply. Then ``input_ids = prompt + sample`` and labels that supervise the sampled
+tokens
 only (the prompt and everything after the sampled end-of-sequence are masked). The loop is unchanged: the teachers
 score the sampled tokens in the same forward as dataset tokens, and the same chunked loss runs over them.
 """

@@ -6,7 +6,8 @@ It overrides any of the hooks below; the trainer calls them in order, on every r
 - ``on_eval`` returns True to ask for a checkpoint at this step (early stopping's new best): the loop saves once,
   and the callback sees the tag in ``on_save``.
 - ``should_stop`` returns this rank's vote, from rank-local state only (a signal may reach one rank): no collective.
-  The trainer agrees over the ranks in the next step's one collective (``ds_distill.core.step_sync``): if any rank voted,
+  The trainer agrees over the ranks in the next step's one collective (``ds_distill.core.step_sync``): if any rank
+  voted,
   every rank stops at the same step, calls ``on_stop`` of the callbacks that voted, and saves once. ``on_stop``
   returns the run's exit code (preemption: 75); the trainer owns ``exit_code``.
 - Nothing a callback holds writes the trainer's state: the ``Trainer`` protocol below is a read-only view.

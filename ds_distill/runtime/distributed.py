@@ -171,7 +171,8 @@ def _from_torch_env(env: Mapping[str, str]) -> Rendezvous:
     if addr is None and world > 1:
         if local_world < world:
             raise UsageError(
-                f"WORLD_SIZE={world} spans several nodes but MASTER_ADDR is not set: export the address of rank 0's node"
+                f"WORLD_SIZE={world} spans several nodes but MASTER_ADDR is not set: export the address of rank 0's "
+                "node"
             )
         addr = _LOOPBACK
     port = _port(env)
@@ -238,7 +239,8 @@ def resolve(env: Mapping[str, str], first_host: Callable[[str], str] = _first_ho
             if (ompi.rank, ompi.world_size) != (rv.rank, rv.world_size):
                 raise UsageError(
                     f"mixed launcher variables disagree: RANK={rv.rank} WORLD_SIZE={rv.world_size} but mpirun says "
-                    f"rank {ompi.rank} of {ompi.world_size}: unset RANK/WORLD_SIZE under mpirun, or do not wrap one launcher in another"
+                    f"rank {ompi.rank} of {ompi.world_size}: unset RANK/WORLD_SIZE under mpirun, or do not wrap one "
+                    "launcher in another"
                 )
         if in_srun:
             tasks, procid = (
@@ -250,7 +252,8 @@ def resolve(env: Mapping[str, str], first_host: Callable[[str], str] = _first_ho
             if tasks > 1 and (rv.world_size % tasks or (rv.world_size == tasks and rv.rank != procid)):
                 raise UsageError(
                     f"mixed launcher variables disagree: srun started {tasks} tasks (this is task {procid}) but "
-                    f"RANK={rv.rank} WORLD_SIZE={rv.world_size}: with srun, start one task per rank and no other launcher, "
+                    f"RANK={rv.rank} WORLD_SIZE={rv.world_size}: with srun, start one task per rank and no other "
+                    "launcher, "
                     "or one launcher per node (srun --ntasks-per-node=1)"
                 )
         return rv
@@ -303,7 +306,8 @@ def _agree_over_mpi(rv: Rendezvous) -> None:
     if comm.Get_size() != rv.world_size or comm.Get_rank() != rv.rank:
         raise UsageError(
             f"mpi4py sees rank {comm.Get_rank()} of {comm.Get_size()} but OMPI_COMM_WORLD says {rv.rank} of "
-            f"{rv.world_size}: mpi4py is built against another MPI than the mpirun used; rebuild it (scripts/setup_cluster.sh)"
+            f"{rv.world_size}: mpi4py is built against another MPI than the mpirun used; rebuild it "
+            "(scripts/setup_cluster.sh)"
         )
     pick = None
     if rv.rank == 0:
@@ -361,7 +365,8 @@ def init_distributed(backend: str | None = None) -> WorldInfo:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     if (dist.get_rank(), dist.get_world_size()) != (rv.rank, rv.world_size):
         raise RuntimeError(
-            f"process group says rank {dist.get_rank()} of {dist.get_world_size()}, environment {rv.rank} of {rv.world_size}"
+            f"process group says rank {dist.get_rank()} of {dist.get_world_size()}, environment {rv.rank} of "
+            f"{rv.world_size}"
         )
     release_cpu_shm(rv.rank, rv.world_size)
     _world = WorldInfo(rv.rank, rv.local_rank, rv.world_size, rv.local_world_size, backend, rv.launcher)

@@ -1,4 +1,5 @@
-"""DeepSpeed's monitors (csv, tensorboard, wandb, comet) as the trainer uses them: checked and placed before any model loads.
+"""DeepSpeed's monitors (csv, tensorboard, wandb, comet) as the trainer uses them: checked and placed before any
+model loads.
 
 The trainer logs its metrics through the student engine's ``monitor.write_events``; DeepSpeed builds one writer per
 enabled block of the student JSON when the engine starts, i.e. after the models loaded. This module runs before that:

@@ -25,7 +25,8 @@ example id):
     tail    binary  n uint8 codes ``c = round(255 sqrt(tail mass))`` clipped to [1, 254] of the mass outside the top K
                     (so a tail in [1.5e-5, 0.992]), or float32 logs (exact caches)
 Log-probs are of ``softmax(teacher_logits / T)`` over the tokenizer's vocabulary, T the cache's temperature.
-Decoding: ``tail = 2 log(c / 255)``, ``logp = 2 log(q / LEVELS) + b`` with b such that ``sum exp(logp) = 1 - exp(tail)``:
+Decoding: ``tail = 2 log(c / 255)``, ``logp = 2 log(q / LEVELS) + b`` with b such that ``sum exp(logp) = 1 -
+exp(tail)``:
 the codes fix the shape of the top-K part and the tail its total mass. An exact cache (``--exact``: K = V, float32, no
 quantisation) holds the teacher's full log-softmax, and training from it gives the live teacher's loss.
 Format versions: 1 (float16 tail, zstd default level, row groups of 8) is refused; rewrite such a cache.
@@ -62,7 +63,8 @@ KL_BINS = np.linspace(-8.0, 2.0, 501)  # log10 nats: the histogram of per-token 
 SPLITS = ("data", "eval_data")
 # Logit rows per step of ``top_k``: its [rows, V] fp32 temporaries (12.6 MB at V = 49152) are reused from the heap and
 # stay in the CPU's caches; temporaries of a whole head chunk (1024 rows: 200 MB, above glibc's 32 MB mmap threshold)
-# are fresh pages on every op, and those page faults made top-K and the error measurement ~3x slower (docs/performance.md).
+# are fresh pages on every op, and those page faults made top-K and the error measurement ~3x slower
+# (docs/performance.md).
 TOP_K_ROWS = 64
 # Run-config fields that change which tokens a dataset holds; a cache only fits a run with the same values.
 TOKEN_FLAGS = (
@@ -245,8 +247,10 @@ def reconstruction_kl(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token (KL(full || reconstructed), KL on the K + 1 buckets), nats ``[n]``.
 
-    plogp ``[n]``: ``sum_v p log p`` of the teacher over the whole vocabulary (``top_k``'s fourth output); logp ``[n, K]``
-    and tail ``[n]``: the teacher's log-probs at the stored ids and its log tail mass; rec_logp, rec_tail: what the cache
+    plogp ``[n]``: ``sum_v p log p`` of the teacher over the whole vocabulary (``top_k``'s fourth output); logp ``[n,
+    K]``
+    and tail ``[n]``: the teacher's log-probs at the stored ids and its log tail mass; rec_logp, rec_tail: what the
+    cache
     stores for them (the same ids, the same order). The reconstructed full distribution puts ``exp(rec_logp)`` on the
     ids and spreads ``exp(rec_tail)`` uniformly over the other V - K tokens (what a cache can say about them): this KL
     counts both the truncation to K and the quantisation. The bucket KL compares ``[logp, tail]`` with ``[rec_logp,

@@ -37,7 +37,8 @@ class TeacherCache:
         manifest = read_manifest(self.root)
         if manifest is None:
             raise UsageError(
-                f"--teacher_cache {path!r} holds no manifest.json: write a cache there with python -m ds_distill.cache_teacher"
+                f"--teacher_cache {path!r} holds no manifest.json: write a cache there with python -m "
+                "ds_distill.cache_teacher"
             )
         if manifest.get("format_version") != FORMAT_VERSION:
             raise UsageError(
@@ -82,7 +83,8 @@ class TeacherCache:
         if self.settings["temperature"] != cfg.temperature:
             raise UsageError(
                 f"{where} holds log-probs at temperature {self.settings['temperature']} but this run has --temperature "
-                f"{cfg.temperature}: pass --temperature {self.settings['temperature']}, or write a cache at {cfg.temperature}"
+                f"{cfg.temperature}: pass --temperature {self.settings['temperature']}, or write a cache at "
+                f"{cfg.temperature}"
             )
 
     def check_data(self, split: str, dataset, flag: str) -> None:
@@ -148,7 +150,8 @@ class TeacherCache:
         return self._groups[key][row % ROW_GROUP]
 
     def read(self, split: str, example_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
-        """The examples of ``example_ids`` (row numbers), concatenated in that order: (ids ``[n, K]``, log-probs ``[n, K]``, log tails
+        """The examples of ``example_ids`` (row numbers), concatenated in that order: (ids ``[n, K]``, log-probs ``[n,
+        K]``, log tails
         ``[n]``, supervised tokens per example)."""
         where = self._where(split)
         parts = []
@@ -220,7 +223,8 @@ class CachedTeacher:
 
 
 def open_for_run(cfg, tokenizer, train_set, eval_set) -> list[TeacherCache]:
-    """The run's ``--teacher_cache``s, each checked against its flags, tokenizer and tokens (one UsageError on a mismatch)."""
+    """The run's ``--teacher_cache``s, each checked against its flags, tokenizer and tokens (one UsageError on a
+    mismatch)."""
     caches = []
     for path in cfg.teacher_cache:
         cache = TeacherCache(path)

@@ -151,7 +151,8 @@ def write_cache(
     on_shard: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any] | None:
     """Run ``teacher`` (an engine whose forward gives final hidden states; ``teacher.module.head`` the output layer)
-    over ``datasets`` (split -> tokenised Dataset) and write the shards this rank owns (shard i of all splits in order: rank i % world_size).
+    over ``datasets`` (split -> tokenised Dataset) and write the shards this rank owns (shard i of all splits in order:
+    rank i % world_size).
 
     scorer: instead of ``teacher`` (None then), a function of a shard's batches (column dicts of examples) yielding, per
     batch in order, ``((ids [n, K] ascending, log-probs [n, K], log tail [n], sum p log p [n] or None), tokens per

@@ -126,7 +126,8 @@ def mixture_weights(
     if callable(weights):
         if temperature != 1.0:
             raise ValueError(
-                f"a router scores labels at temperature 1 but the teachers' log-probs are at temperature {temperature}: "
+                "a router scores labels at temperature 1 but the teachers' log-probs are at temperature "
+                f"{temperature}: "
                 "use --temperature 1, or --router fixed"
             )
         blocks = torch.arange(n, device=labels.device).split(1024)

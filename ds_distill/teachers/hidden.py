@@ -1,7 +1,8 @@
 """Hidden-state distillation beside the loop: a teacher source that adds ``--hidden_weight`` x the hidden-state loss
 of the mapped layer pairs (``--hidden_loss``, ``--hidden_layers``) to the live teachers' logit loss.
 
-The loop does not change (``--hidden_mode output``, the default): ``targets`` runs the teacher forward with forward hooks on the mapped teacher layers only
+The loop does not change (``--hidden_mode output``, the default): ``targets`` runs the teacher forward with forward
+hooks on the mapped teacher layers only
 (``models.capture.LayerCapture``: exactly one kept tensor per pair, never ``output_hidden_states``) and arms the hooks
 on the mapped student layers for the student forward that follows; ``loss_sums`` takes the student's states and adds
 

@@ -102,7 +102,8 @@ class CrossTokenizerTeacher:
     over the chunks, never with ``[tokens, V]`` logits of either model.
 
     ``targets(batch, split)`` reads the teacher's columns of the micro-batch (``batch.teacher``,
-    ``alignment.collate_teacher``); ``vocab_map``: ``(student ids, teacher ids)`` of the mapped tokens (``models.vocab_map``) for that method.
+    ``alignment.collate_teacher``); ``vocab_map``: ``(student ids, teacher ids)`` of the mapped tokens
+    (``models.vocab_map``) for that method.
     ``report`` sums the alignment reports of the micro-batches seen since it was last read (``take_report``).
     """
 

@@ -22,7 +22,8 @@ temperature; with K >= the vocabulary the log-probs are rescaled exactly, ``log_
 
 Requests: one ``/v1/completions`` request per micro-batch (rank-local batching: its rows, or with packing its
 documents, as a list of token-id lists, so the server batches them), issued from a thread pool as soon as
-``ServedStream`` draws the micro-batch, ``ahead`` micro-batches before the trainer needs them. ``extras.served_guard.ServedGuard`` waits,
+``ServedStream`` draws the micro-batch, ``ahead`` micro-batches before the trainer needs them.
+``extras.served_guard.ServedGuard`` waits,
 before each step, for the step's requests: a server that stays unavailable after the client's retries stops the run
 at that step boundary on every rank (the vote of ``core.step_sync``), with a checkpoint of the last finished step and
 exit code 75 (``extras.preemption.PREEMPTED_EXIT_CODE``); ``--resume`` continues the same curve. A micro-batch is
