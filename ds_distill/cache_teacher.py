@@ -160,6 +160,7 @@ def run(cfg, on_shard: Callable[[dict], None] | None = None) -> dict | None:
         "temperature": cfg.temperature,
         "vocab_size": vocab,
         "tokenizer_fingerprint": cache_format.tokenizer_fingerprint(tokenizer),
+        "tokenizer": cache_format.tokenizer_record(tokenizer),
         "teacher_fingerprint": served.served_fingerprint(server)
         if server
         else cache_format.teacher_fingerprint(teacher),

@@ -46,6 +46,21 @@ def projection_json(tmp_path, **more) -> str:
     return ds_json(tmp_path, zero_optimization={**zero, "stage3_param_persistence_threshold": 0}, **more)
 
 
+def sgd_zero3_json(tmp_path) -> str:
+    """cpu_zero3.json with plain SGD (updates proportional to the gradients), no clipping, and every parameter
+    partitioned (threshold 0): equal parameters after the steps mean equal gradients, and the lm_head is gathered by
+    its module's hooks in forward and again in backward."""
+    d = json.loads((REPO_CONFIGS / "cpu_zero3.json").read_text())
+    d.pop("scheduler", None)
+    d["optimizer"] = {"type": "SGD", "params": {"lr": 0.5}}
+    d["gradient_clipping"] = 0.0
+    d["zero_allow_untested_optimizer"] = True
+    d["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    p = tmp_path / "sgd_zero3.json"
+    p.write_text(json.dumps(d))
+    return str(p)
+
+
 def make_cfg(tiny, out, **kw):
     """The tiny pair's RunConfig: 3 steps of 32 tokens, ZeRO-3 student and teacher, every step logged, no export."""
     base = dict(

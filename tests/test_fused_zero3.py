@@ -1,27 +1,10 @@
 """The fused chunked loss with a ZeRO-3 lm_head (the default config), in process: SGD updates against full logits."""
 
-import json
-
 import pytest
 import torch
 
 from ds_distill import losses, train
-from ds_distill.ds_config import REPO_CONFIGS
-from tests.helpers import losses_of, make_cfg
-
-
-def sgd_zero3_json(tmp_path) -> str:
-    """cpu_zero3.json with plain SGD (updates proportional to the gradients), no clipping, and every parameter
-    partitioned (threshold 0): the lm_head is gathered by its module's hooks in forward and again in backward."""
-    d = json.loads((REPO_CONFIGS / "cpu_zero3.json").read_text())
-    d.pop("scheduler", None)
-    d["optimizer"] = {"type": "SGD", "params": {"lr": 0.5}}
-    d["gradient_clipping"] = 0.0
-    d["zero_allow_untested_optimizer"] = True
-    d["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    p = tmp_path / "sgd_zero3.json"
-    p.write_text(json.dumps(d))
-    return str(p)
+from tests.helpers import losses_of, make_cfg, sgd_zero3_json
 
 
 @pytest.mark.parametrize("tie,paths", [(True, ["checkpointed", "fused"]), (False, ["fused"])])

@@ -7,22 +7,7 @@ import pytest
 import torch
 
 from ds_distill import train
-from ds_distill.ds_config import REPO_CONFIGS
-from tests.helpers import losses_of, make_cfg
-
-
-def sgd_zero3_json(tmp_path) -> str:
-    """cpu_zero3.json with plain SGD (updates proportional to the gradients), no clipping, every parameter
-    partitioned: equal parameters after the steps mean equal gradients."""
-    d = json.loads((REPO_CONFIGS / "cpu_zero3.json").read_text())
-    d.pop("scheduler", None)
-    d["optimizer"] = {"type": "SGD", "params": {"lr": 0.5}}
-    d["gradient_clipping"] = 0.0
-    d["zero_allow_untested_optimizer"] = True
-    d["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    p = tmp_path / "sgd_zero3.json"
-    p.write_text(json.dumps(d))
-    return str(p)
+from tests.helpers import losses_of, make_cfg, sgd_zero3_json
 
 
 @pytest.mark.parametrize("packing", [False, True])

@@ -124,6 +124,7 @@ class Data:
     caches: list[cache_reader.TeacherCache]  # --teacher_cache, checked against these tokens (before the eval split)
     servers: list[served.ServedModel]  # --teacher_url, ready and checked against the student's tokenizer
     teacher_tokenizer: Any = None  # --cross_tokenizer: the teacher's own (its ids and the chunk maps are in the sets)
+    chat_template: str | None = None  # chat data: the Jinja text it is rendered with (--chat_template or the student's)
 
 
 def load_data(cfg: RunConfig, run: Configs) -> Data:
@@ -133,9 +134,10 @@ def load_data(cfg: RunConfig, run: Configs) -> Data:
     # A teacher with another tokenizer: every example is aligned once, here (cached with the tokenised data).
     teacher_tokenizer = models.load_tokenizer(cfg.teacher[0]) if cfg.cross_tokenizer and cfg.teacher else None
     train_set, eval_set = tokenise(cfg, tokenizer, teacher_tokenizer)
+    template = chat_template_of(cfg, tokenizer)
     # A teacher cache must hold exactly these tokens (checked before any model loads); its eval rows come either from
     # --eval_data or, split off below, from --data.
-    caches = cache_reader.open_for_run(cfg, tokenizer, train_set, eval_set) if cfg.teacher_cache else []
+    caches = cache_reader.open_for_run(cfg, tokenizer, train_set, eval_set, template) if cfg.teacher_cache else []
     ranks_batch = run.student.micro_batch * run.world.world_size  # one micro-batch per rank
     if eval_set is None and cfg.eval_fraction:
         train_set, eval_set = data.split_eval(train_set, cfg.eval_fraction, cfg.seed, min_eval=ranks_batch)
@@ -153,7 +155,16 @@ def load_data(cfg: RunConfig, run: Configs) -> Data:
     # Served teachers: ready and checked (tokenizer, K, vocabulary, parity against --teacher_reference), each in one
     # line, before any model loads (the vocabulary distilled over is the student tokenizer's: models.shared_vocab_size).
     servers = served.connect_run(cfg, tokenizer, len(tokenizer)) if cfg.teacher_url else []
-    return Data(tokenizer, train_set, eval_set, caches, servers, teacher_tokenizer)
+    return Data(tokenizer, train_set, eval_set, caches, servers, teacher_tokenizer, template)
+
+
+def chat_template_of(cfg, tokenizer) -> str | None:
+    """The Jinja text chat data is rendered with (``--chat_template`` FILE, else the tokenizer's); None when --data is
+    not chat (``data.format_of``). Every teacher must render a sample conversation the same way
+    (``models.check_teacher_tokenizer``)."""
+    if data.format_of(cfg.data, cfg.data_split, cfg.data_format) != "messages":
+        return None
+    return Path(cfg.chat_template).read_text() if cfg.chat_template else tokenizer.chat_template
 
 
 def tokenise(cfg, tokenizer, teacher_tokenizer=None) -> tuple[Any, Any]:
@@ -186,7 +197,9 @@ class Models:
 
 def load_models(cfg: RunConfig, run: Configs, run_data: Data) -> Models:
     """Check the tokenizers agree, seed, build the engines, probe each one's logits against its own forward."""
-    vocab = models.shared_vocab_size(cfg.student, run_data.tokenizer, cfg.teacher, cfg.cross_tokenizer)
+    vocab = models.shared_vocab_size(
+        cfg.student, run_data.tokenizer, cfg.teacher, cfg.cross_tokenizer, run_data.chat_template
+    )
     _seed_everything(cfg.seed)
     packed_rows = cfg.packing and run.student.micro_batch > 1
     student = models.student_engine(

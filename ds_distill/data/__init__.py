@@ -17,7 +17,7 @@ split into one example per assistant turn (``chat.py``) gives several examples w
 """
 
 from ds_distill.data.batching import Batch, BatchStream, collate
-from ds_distill.data.loading import FORMATS, SourceIds, check_rows, load_raw, with_ids
+from ds_distill.data.loading import FORMATS, SourceIds, check_rows, format_of, load_raw, with_ids
 from ds_distill.data.tokenise import get_dataset, split_eval
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "check_rows",
     "collate",
     "get_dataset",
+    "format_of",
     "load_raw",
     "split_eval",
     "with_ids",

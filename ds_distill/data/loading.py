@@ -480,6 +480,12 @@ def load_raw(path: str, split: str) -> tuple[datasets.Dataset, list[Path] | None
         ) from None
 
 
+def format_of(path: str, split: str, data_format: str = "auto") -> str:
+    """The format ``get_dataset`` reads ``path`` in (``detect_format`` of its columns); cheap after ``get_dataset``,
+    whose load ``datasets`` has cached."""
+    return detect_format(list(load_raw(path, split)[0].column_names), data_format, path)
+
+
 def detect_format(columns: list[str], data_format: str, path: str) -> str:
     if data_format not in ("auto", *FORMATS):
         raise UsageError(f"data_format {data_format!r} is unknown: use auto, {', '.join(FORMATS)}")

@@ -69,19 +69,31 @@ def copy_generation_config(src: str | Path, dst: str | Path) -> None:
         shutil.copy2(src / GENERATION_CONFIG, dst / GENERATION_CONFIG)
 
 
-def shared_vocab_size(student_path: str, student_tok, teacher_paths: list[str], cross_tokenizer: str = "") -> int:
+def shared_vocab_size(
+    student_path: str,
+    student_tok,
+    teacher_paths: list[str],
+    cross_tokenizer: str = "",
+    chat_template: str | None = None,
+) -> int:
     """The vocabulary distilled over: the tokenizer's real vocabulary, which every model must share.
 
     Models may pad their embedding matrices beyond the tokenizer (e.g. 49152 vs 49280 rows): those rows are ignored
     (see ``check_output_rows``). Different tokenizers cannot be distilled token by token: they need
     ``cross_tokenizer`` (a method of ``losses.CROSS_TOKENIZER``), and then the student's vocabulary is scored.
+    A teacher of the same vocabulary must also agree on the special tokens and, for chat data, on the chat format
+    (``check_teacher_tokenizer``; ``chat_template``: the Jinja text the data is rendered with, None for other data).
     """
     from ds_distill.losses import CROSS_TOKENIZER
 
     vocab = student_tok.get_vocab()
+    student = tokenizer_facts(student_tok, chat_template) if teacher_paths and not cross_tokenizer else None
     for path in teacher_paths:
-        other = load_tokenizer(path).get_vocab()
-        if other != vocab and not cross_tokenizer:
+        teacher_tok = load_tokenizer(path)
+        other = teacher_tok.get_vocab()
+        if cross_tokenizer:
+            continue
+        if other != vocab:
             diff = sorted(set(other.items()) ^ set(vocab.items()))[:3]
             raise UsageError(
                 f"teacher {path!r} and student {student_path!r} have different tokenizers "
@@ -89,7 +101,64 @@ def shared_vocab_size(student_path: str, student_tok, teacher_paths: list[str], 
                 f"({' or '.join(CROSS_TOKENIZER)}; see the README), or build the student with the teacher's tokenizer "
                 "(python -m ds_distill.student_init)"
             )
+        teacher = tokenizer_facts(teacher_tok, own=chat_template is not None)
+        check_teacher_tokenizer(f"teacher {path!r}", teacher, student_path, student)
     return len(student_tok)
+
+
+# Rendered by both chat templates when the data is chat: the same text means the teacher reads the student's data in
+# its own format (a system turn, a user turn, an assistant reply, then the next user turn, as most templates vary).
+SAMPLE_CONVERSATION = (
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is 2 + 2?"},
+    {"role": "assistant", "content": "2 + 2 = 4."},
+    {"role": "user", "content": "And 3 + 3?"},
+)
+SPECIAL_ROLES = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+
+def tokenizer_facts(tok, chat_template: str | None = None, own: bool = False) -> dict:
+    """What a teacher must share with the student beyond the vocabulary, as JSON (a teacher cache stores it):
+    ``specials``: each role of ``SPECIAL_ROLES`` as ``[token, id]`` (None when unset) and ``other``, the remaining
+    special tokens as sorted ``[token, id]`` pairs; ``chat``: ``SAMPLE_CONVERSATION`` rendered with ``chat_template``
+    (``own``: the tokenizer's own template), None without a template or when neither is asked."""
+    specials: dict = {}
+    for role in SPECIAL_ROLES:
+        token = getattr(tok, role, None)
+        specials[role] = None if token is None else [str(token), tok.convert_tokens_to_ids(str(token))]
+    named = {v[0] for v in specials.values() if v is not None}
+    specials["other"] = sorted([t, tok.convert_tokens_to_ids(t)] for t in set(tok.all_special_tokens) - named)
+    template = tok.chat_template if own else chat_template
+    chat = None
+    if isinstance(template, str):
+        chat = tok.apply_chat_template(list(SAMPLE_CONVERSATION), chat_template=template, tokenize=False)
+    return {"specials": specials, "chat": chat}
+
+
+def check_teacher_tokenizer(teacher_name: str, teacher: dict, student_name: str, student: dict) -> None:
+    """One UsageError when a teacher of the student's vocabulary (live, cached or served: ``tokenizer_facts`` of
+    each) names other special tokens, or renders chat data otherwise than the run does (checked when both facts
+    hold a rendering: the teacher has a chat template and the data is chat). The same check on every teacher path."""
+    for role in (*SPECIAL_ROLES, "other"):
+        t, s = teacher["specials"].get(role), student["specials"].get(role)
+        if t != s:
+            raise UsageError(
+                f"{teacher_name} and student {student_name!r} have different special tokens: {role} {t} vs {s} "
+                "([token, id]; the supervised end of every example is the student's eos, which the teacher must "
+                "predict as its own): give both the same tokenizer files (copy the teacher's tokenizer_config.json "
+                "and special_tokens_map.json into the student's folder, or build the student with "
+                "python -m ds_distill.student_init)"
+            )
+    t, s = teacher.get("chat"), student.get("chat")
+    if t is not None and s is not None and t != s:
+        at = next((i for i, (a, b) in enumerate(zip(t, s)) if a != b), min(len(t), len(s)))
+        lo = max(0, at - 10)  # a little of what both share, then where they part
+        raise UsageError(
+            f"{teacher_name} renders chat data otherwise than the run (a sample conversation, differing at character "
+            f"{at}: {t[lo : at + 30]!r} vs {s[lo : at + 30]!r}): the teacher would read the student's data in a format "
+            "it was not trained on; pass the teacher's template with --chat_template FILE (its chat_template.jinja "
+            "or tokenizer_config.json's chat_template), or give the student the teacher's template"
+        )
 
 
 def token_bytes(tokenizer) -> list[bytes | None]:

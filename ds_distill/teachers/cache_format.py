@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from ds_distill.common import UsageError, file_fingerprint
+from ds_distill.models.tokenizers import tokenizer_facts
 
 FORMAT_VERSION = 2
 LEVELS = 63  # codes of sqrt(p / p_top): 1..63 (6 bits in a uint8), 63 = the token's top probability
@@ -84,6 +85,18 @@ def tokenizer_fingerprint(tokenizer) -> str:
     """sha256 of the vocabulary (token -> id, added tokens included) and the special tokens."""
     text = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens])
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def vocab_fingerprint(tokenizer) -> str:
+    """sha256 of the vocabulary alone (token -> id, added tokens included)."""
+    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
+
+
+def tokenizer_record(tokenizer) -> dict:
+    """What a cache records of its teacher's tokenizer for the run's check (``models.check_teacher_tokenizer``): the
+    vocabulary's fingerprint, the special tokens and the teacher's own chat template's rendering of a sample
+    conversation (``models.tokenizer_facts``)."""
+    return {"vocab_sha256": vocab_fingerprint(tokenizer), **tokenizer_facts(tokenizer, own=True)}
 
 
 def dataset_fingerprint(dataset) -> str:

@@ -15,6 +15,7 @@ import torch
 from ds_distill import losses
 from ds_distill.common import IGNORE_INDEX, UsageError, sha256_file
 from ds_distill.data.batching import Batch
+from ds_distill.models.tokenizers import check_teacher_tokenizer, tokenizer_facts
 from ds_distill.teachers import ensemble
 from ds_distill.teachers.cache_format import (
     FORMAT_VERSION,
@@ -24,6 +25,7 @@ from ds_distill.teachers.cache_format import (
     decode_example,
     read_manifest,
     tokenizer_fingerprint,
+    vocab_fingerprint,
 )
 
 log = logging.getLogger("ds_distill")
@@ -65,8 +67,11 @@ class TeacherCache:
         self._capacity = cached_row_groups
 
     # ---- checks against a run
-    def check_run(self, cfg, tokenizer) -> None:
-        """One UsageError for the first setting of the run (``RunConfig``) that the cache does not fit."""
+    def check_run(self, cfg, tokenizer, chat_template: str | None = None) -> None:
+        """One UsageError for the first setting of the run (``RunConfig``) that the cache does not fit. The cache's
+        teacher must agree with the student on the special tokens and, for chat data (``chat_template``: the Jinja
+        text the run renders it with, None for other data), on the chat format: the check of a live teacher
+        (``models.check_teacher_tokenizer``), on what the cache recorded of its teacher's tokenizer."""
         where = f"--teacher_cache {self.root}"
         flags = self.settings["token_flags"]
         for name in TOKEN_FLAGS:
@@ -75,6 +80,10 @@ class TeacherCache:
                     f"{where} was written with --{name} {flags[name]} but this run has --{name} {getattr(cfg, name)}: "
                     f"pass --{name} {flags[name]}, or write a cache with the run's data flags"
                 )
+        recorded = self.settings.get("tokenizer")  # caches written before it was recorded: the fingerprint alone
+        if recorded is not None and recorded["vocab_sha256"] == vocab_fingerprint(tokenizer):
+            student = tokenizer_facts(tokenizer, chat_template)
+            check_teacher_tokenizer(f"{where} (its teacher's tokenizer)", recorded, cfg.student, student)
         if self.settings["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
             raise UsageError(
                 f"{where} was written with another tokenizer than the student's ({len(tokenizer)} tokens; cache: "
@@ -222,13 +231,13 @@ class CachedTeacher:
         return ensemble.mix(parts, w, vocab)
 
 
-def open_for_run(cfg, tokenizer, train_set, eval_set) -> list[TeacherCache]:
+def open_for_run(cfg, tokenizer, train_set, eval_set, chat_template: str | None = None) -> list[TeacherCache]:
     """The run's ``--teacher_cache``s, each checked against its flags, tokenizer and tokens (one UsageError on a
-    mismatch)."""
+    mismatch); ``chat_template``: as ``check_run``."""
     caches = []
     for path in cfg.teacher_cache:
         cache = TeacherCache(path)
-        cache.check_run(cfg, tokenizer)
+        cache.check_run(cfg, tokenizer, chat_template)
         cache.check_data("data", train_set, f"--data {cfg.data}")
         if eval_set is not None:
             cache.check_data("eval_data", eval_set, f"--eval_data {cfg.eval_data}")
