@@ -87,3 +87,15 @@ def test_live_and_cached_teacher_are_refused_in_the_same_line(
         and f"--teacher_cache {cache} (its teacher's tokenizer){split}" in (cache_errors[0])
     )
     assert errors[0].split(split, 1)[1] == cache_errors[0].split(split, 1)[1]
+
+
+def test_a_template_that_refuses_a_system_turn_renders_the_sample_without_it(tiny):
+    """Gemma-style templates raise on a system message: the sample is rendered without it, not a traceback."""
+    from ds_distill.models.tokenizers import tokenizer_facts
+
+    refuses = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    )
+    chat = tokenizer_facts(tiny["tokenizer"], refuses)["chat"]
+    assert chat == "<user>What is 2 + 2?<assistant>2 + 2 = 4.<user>And 3 + 3?"

@@ -39,15 +39,9 @@ class Objective(LossArgs):
         ``--router``/``--teacher_weights``."""
         router = router if router is not None else make_router(cfg.router)
         weights = router if router is not None else (torch.tensor(cfg.teacher_weights) if cfg.teacher_weights else None)
-        return cls(
-            loss=cfg.loss,
-            alpha=cfg.alpha,
-            temperature=cfg.temperature,
-            beta=cfg.beta,
-            skew=cfg.skew,
-            entropy_threshold=cfg.entropy_threshold,
-            teacher_weights=weights,
-        )
+        # Every loss option that is also a run flag, by name (vocab_size comes from the models, with_vocab).
+        flags = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(LossArgs) if hasattr(cfg, f.name)}
+        return cls(**flags, teacher_weights=weights)
 
     def with_vocab(self, vocab_size: int) -> "Objective":
         return dataclasses.replace(self, vocab_size=vocab_size)

@@ -6,6 +6,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from jinja2.exceptions import TemplateError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ds_distill.common import UsageError
@@ -121,7 +122,8 @@ def tokenizer_facts(tok, chat_template: str | None = None, own: bool = False) ->
     """What a teacher must share with the student beyond the vocabulary, as JSON (a teacher cache stores it):
     ``specials``: each role of ``SPECIAL_ROLES`` as ``[token, id]`` (None when unset) and ``other``, the remaining
     special tokens as sorted ``[token, id]`` pairs; ``chat``: ``SAMPLE_CONVERSATION`` rendered with ``chat_template``
-    (``own``: the tokenizer's own template), None without a template or when neither is asked."""
+    (``own``: the tokenizer's own template; without its system turn when the template refuses one), None without a
+    template, when neither is asked or when the template renders neither."""
     specials: dict = {}
     for role in SPECIAL_ROLES:
         token = getattr(tok, role, None)
@@ -130,8 +132,13 @@ def tokenizer_facts(tok, chat_template: str | None = None, own: bool = False) ->
     specials["other"] = sorted([t, tok.convert_tokens_to_ids(t)] for t in set(tok.all_special_tokens) - named)
     template = tok.chat_template if own else chat_template
     chat = None
-    if isinstance(template, str):
-        chat = tok.apply_chat_template(list(SAMPLE_CONVERSATION), chat_template=template, tokenize=False)
+    # Templates that refuse a system turn (e.g. Gemma's raise on one) render the conversation without it.
+    for conversation in (SAMPLE_CONVERSATION, SAMPLE_CONVERSATION[1:]) if isinstance(template, str) else ():
+        try:
+            chat = tok.apply_chat_template(list(conversation), chat_template=template, tokenize=False)
+            break
+        except TemplateError:  # a template's raise_exception (transformers raises it as jinja's TemplateError)
+            continue
     return {"specials": specials, "chat": chat}
 
 
