@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -89,3 +91,38 @@ def test_lora_variant_is_the_same_json_with_a_lora_student(tmp_path):
     assert bench.DS_VARIANT.match("ds_z3_teacher_zero3_lora") and not bench.DS_VARIANT.match("ds_z3_lora_prefetch")
     (lora, t1, f1), (full, t2, f2) = (bench.ds_configs(v, tmp_path, 7, False) for v in ("ds_z3_lora", "ds_z3"))
     assert Path(lora).read_text() == Path(full).read_text() and (t1, f1) == (t2, f2)
+
+
+def test_bench_peer_ds_side_on_tiny_models(tiny, tmp_path):
+    """scripts/bench_peer.py, ds-distill's side only (TRL lives in its own environment, not the suite's): it trains,
+    records the batches TRL would train on, times every step and its parts, and its held-out perplexity (the function
+    both sides use) equals ds-distill's own evaluation of the same batches."""
+    import shutil
+
+    import torch
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(tiny["data"], data / "train.jsonl")
+    shutil.copy(tiny["data"], data / "eval.jsonl")
+    out = tmp_path / "out"
+    args = ["--teacher", tiny["teacher"], "--student", tiny["student"], "--data", str(data), "--out", str(out)]
+    args += ["--systems", "ds", "--objectives", "mix", "--steps", "3", "--skip", "1", "--micro_batch", "2"]
+    args += ["--seq_len", "32", "--parts", "--json", str(tmp_path / "peer.json")]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_peer.py"), *args], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "peer.json").read_text())
+    runs = report["runs"]
+    assert len(runs) == 1 and runs[0]["system"] == "ds-distill" and runs[0]["same_batches"]
+    for r in runs:
+        assert len(r["step_s"]) == len(r["cpu_s"]) == len(r["losses"]) == len(r["parts"]) == 3
+        assert r["ppl"] == pytest.approx(r["own_eval_ppl"], rel=1e-5) and r["ppl"] > 1
+        assert r["startup_s"] > 0 and r["peak_gib"] > 0
+        assert {"student forward", "teacher forward", "loss forward", "optimizer step (engine)"} <= set(r["parts"][1])
+    recorded = torch.load(out / "batches_mix.pt")
+    assert len(recorded["train"]) == 3 and recorded["train"][0]["input_ids"].shape[0] == 2
+    (row,) = report["rows"]
+    assert row["runs"] == 1 and row["ppl"] == pytest.approx(runs[0]["ppl"])
+    assert "| ds-distill" in proc.stdout and "0.5 CE + 0.5 fKL" in proc.stdout
