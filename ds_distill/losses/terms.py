@@ -79,9 +79,10 @@ def teacher_logprobs(teacher_logits: Sequence[Tensor], temperature: float, weigh
 
     weights: None (uniform), ``[K]`` (normalised here) or per token ``[n, K]`` (rows sum to 1, e.g. a router's).
     """
-    logps = torch.stack([F.log_softmax(t.float() / temperature, dim=-1) for t in teacher_logits], dim=-1)  # [n, V, K]
+    scaled = lambda t: t.float() if temperature == 1.0 else t.float() / temperature  # / 1 is exact: no copy needed
     if len(teacher_logits) == 1 and weights is None:
-        return logps[..., 0]
+        return F.log_softmax(scaled(teacher_logits[0]), dim=-1)
+    logps = torch.stack([F.log_softmax(scaled(t), dim=-1) for t in teacher_logits], dim=-1)  # [n, V, K]
     k = len(teacher_logits)
     w = torch.full((k,), 1.0 / k, device=logps.device) if weights is None else weights.to(logps.device, torch.float32)
     w = w / w.sum() if w.dim() == 1 else w
@@ -94,14 +95,17 @@ def token_terms(
 ) -> tuple[Tensor, Tensor]:
     """CE and T^2 * D for supervised rows only: ``[n, V], K x [n, V], [n] -> ([n], [n])``."""
     s = s_logits.float()
-    ce = F.cross_entropy(s, labels, reduction="none")
+    # cross_entropy is nll_loss of log_softmax: computed once here, the KD term reuses it at T = 1 (one [n, V] pass
+    # less forward and backward; the same values).
+    s_logp1 = F.log_softmax(s, dim=-1)
+    ce = F.nll_loss(s_logp1, labels, reduction="none")
     if args.alpha == 1.0:  # plain fine-tuning: the teacher is not needed
         return ce, torch.zeros_like(ce)
     if callable(weights):  # a router (ds_distill.losses.routing): per-token weights from the teachers at temperature 1
         with torch.no_grad():
             weights = weights([F.log_softmax(t.float(), dim=-1) for t in t_logits], labels)
     t_logp = teacher_logprobs(t_logits, args.temperature, weights)
-    s_logp = F.log_softmax(s / args.temperature, dim=-1)
+    s_logp = s_logp1 if args.temperature == 1.0 else F.log_softmax(s / args.temperature, dim=-1)
     return ce, args.divergence(t_logp, s_logp)
 
 
