@@ -37,6 +37,7 @@ import argparse
 import json
 import math
 import os
+import random
 import resource
 import shutil
 import statistics
@@ -539,7 +540,14 @@ def run_one(a: argparse.Namespace, system: str, objective: str, repeat: int, pyt
     cmd += ["--ds_stage", str(a.ds_stage), *(["--parts"] if a.parts else [])]
     env = {
         **os.environ,
-        **({"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"} if system == "ds" else {}),  # TRL: a plain process
+        # ds-distill: one rank on a random port below the ephemeral range (a port picked by binding to 0 can be taken
+        # by another process's connection before the rank listens: seen on the shared machine). TRL: a plain process.
+        **(
+            {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+            | {"MASTER_PORT": str(random.randrange(20000, 32768))}
+            if system == "ds"
+            else {}
+        ),
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
