@@ -5,8 +5,8 @@ the same objective, optimizer and schedule, one process each, alternating.
     .venv/bin/python scripts/bench_peer.py --teacher T --student S --data DIR [--repeats 2] [--json out.json]
 
 Objectives (``--objectives``, each a pair of runs):
-    mix        0.5 CE + 0.5 forward KL: ds-distill ``--alpha 0.5`` against TRL's ``GKDTrainer`` (lmbda 0, beta 0: forward
-               KL on the dataset's tokens) with the CE term added to its loss (``GKDWithCE`` below)
+    mix        0.5 CE + 0.5 forward KL: ds-distill ``--alpha 0.5`` against TRL's ``GKDTrainer`` (lmbda 0, beta 0:
+               forward KL on the dataset's tokens) with the CE term added to its loss (``trl_worker``'s subclass)
     fkl        pure forward KL: ``--alpha 0`` against ``GKDTrainer`` as shipped (lmbda 0, beta 0)
     on_policy  forward KL on ``--max_new_tokens`` tokens the student samples for each prompt: ``--on_policy_fraction 1
                --alpha 0`` against TRL's ``DistillationTrainer`` (beta 0), ``--on_policy_steps`` steps
@@ -510,14 +510,16 @@ def markdown(rows: list[dict[str, Any]], header: str) -> str:
     lines = [
         header,
         "",
-        "| system | objective | step ms median / min | step CPU ms median | peak GiB | start-up s | held-out ppl | per-run medians (ms) |",
+        "| system | objective | step ms median / min | step CPU ms median | peak GiB | start-up s | held-out ppl "
+        "| per-run medians (ms) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ppl = f"{r['ppl']:.2f}" if r["ppl"] is not None else "-"
         lines.append(
             f"| {r['system']} ({r['config']}) | {LABELS[r['objective']]} | {r['median_ms']:.0f} / {r['min_ms']:.0f} "
-            f"| {r['cpu_median_ms']:.0f} | {r['peak_gib']:.2f} | {r['startup_s']:.1f} | {ppl} | {r['per_run_median_ms']} |"
+            f"| {r['cpu_median_ms']:.0f} | {r['peak_gib']:.2f} | {r['startup_s']:.1f} | {ppl} "
+            f"| {r['per_run_median_ms']} |"
         )
     if any(r["parts_ms"] for r in rows):
         lines += ["", "CPU ms per step by part (median over timed steps and repeats):", ""]
@@ -595,8 +597,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             for system in order:
                 r = run_one(a, system, objective, repeat, sys.executable if system == "ds" else trl_python)
                 print(
-                    f"{objective} {system} #{repeat}: median step {1000 * statistics.median(r['step_s'][a.skip :] or r['step_s']):.0f} ms,"
-                    f" peak {r['peak_gib']:.2f} GiB, start-up {r['startup_s']:.1f} s, ppl {r.get('ppl')}, load {r['load'][0]:.1f}",
+                    f"{objective} {system} #{repeat}: median step "
+                    f"{1000 * statistics.median(r['step_s'][a.skip :] or r['step_s']):.0f} ms, peak {r['peak_gib']:.2f} "
+                    f"GiB, start-up {r['startup_s']:.1f} s, ppl {r.get('ppl')}, load {r['load'][0]:.1f}",
                     flush=True,
                 )
                 results.append(r)
@@ -605,9 +608,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.cuda.get_device_name(0) if a.gpu else f"CPU ({os.cpu_count()} cores)"
     header = (
         f"{time.strftime('%Y-%m-%d %H:%M')}, {device}, one process, {'bf16' if a.gpu else 'fp32'}, "
-        f"{a.micro_batch} x {a.seq_len} tokens per step, AdamW lr {a.lr:g} with {a.warmup} warm-up steps, {a.steps} steps "
+        f"{a.micro_batch} x {a.seq_len} tokens per step, AdamW lr {a.lr:g} with {a.warmup} warm-up steps, "
+        f"{a.steps} steps "
         f"(on-policy {a.on_policy_steps}, {a.max_new_tokens} sampled tokens), step times after the first {a.skip}, "
-        f"median of {a.repeats} alternating repeat(s); 1-min load average {min(loads + [load_before[0]]):.1f} to {max(loads):.1f}"
+        f"median of {a.repeats} alternating repeat(s); 1-min load average "
+        f"{min(loads + [load_before[0]]):.1f} to {max(loads):.1f}"
     )
     table = markdown(rows, header)
     print(table)
