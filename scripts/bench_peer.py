@@ -599,7 +599,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 print(
                     f"{objective} {system} #{repeat}: median step "
                     f"{1000 * statistics.median(r['step_s'][a.skip :] or r['step_s']):.0f} ms, "
-                    f"peak {r['peak_gib']:.2f} GiB, start-up {r['startup_s']:.1f} s, ppl {r.get('ppl')}, load {r['load'][0]:.1f}",
+                    f"peak {r['peak_gib']:.2f} GiB, start-up {r['startup_s']:.1f} s, ppl {r.get('ppl')}, "
+                    f"load {r['load'][0]:.1f}",
                     flush=True,
                 )
                 results.append(r)
