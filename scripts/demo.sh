@@ -21,7 +21,7 @@
 #   DEMO_STEPS, DEMO_SEQ_LEN, DEMO_LAYERS (student: teacher layers kept), DEMO_ALPHA, DEMO_TEMPERATURE, DEMO_EVAL_STEPS
 #   DEMO_TOP_K (64, the cache's top-K), DEMO_RANKS (CPU ranks), DEMO_DS_CONFIG / DEMO_TEACHER_DS_CONFIG (DeepSpeed JSONs; batch and learning rate live there)
 #   DEMO_ON_POLICY_STEPS (10, the on-policy run's steps), DEMO_MAX_NEW_TOKENS (32: tokens sampled per prompt, in training and for the metric)
-#   DEMO_ON_POLICY_LOSS (jsd), _BETA (0.5), _FRACTION (0.5), _ALPHA (0), _DS_CONFIG (CPU: cpu_demo_on_policy.json, lr 5e-5;
+#   DEMO_ON_POLICY_LOSS (jsd), _BETA (0.5), _FRACTION (0.5), _ALPHA (0), _ANCHOR (0), _DS_CONFIG (CPU: cpu_demo_on_policy.json, lr 5e-5;
 #   GPU: the student JSON, whose lr and warm-up were not chosen for a 10-step continuation: pass one that is)
 #   DEMO_LIVE_REFERENCE (0; 1 adds the live-teacher forward-KL run)  DEMO_REVERSE_KL (0; 1 adds the reverse-KL run)
 set -euo pipefail
@@ -49,6 +49,7 @@ on_policy_loss="${DEMO_ON_POLICY_LOSS:-jsd}"
 on_policy_alpha="${DEMO_ON_POLICY_ALPHA:-0}"
 on_policy_beta="${DEMO_ON_POLICY_BETA:-0.5}"
 on_policy_fraction="${DEMO_ON_POLICY_FRACTION:-0.5}"
+on_policy_anchor="${DEMO_ON_POLICY_ANCHOR:-0}"  # --on_policy_anchor W: W x CE on the dataset's completions (0 = off)
 seed=0
 
 gpus="$("$py" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
@@ -133,7 +134,7 @@ fi
 # On-policy: the forward-KL student continues on its own samples of the train prompts, graded by the live teacher (a
 # cache cannot score new tokens). GKD's recipe, settings chosen on a train-only split (README: "Choosing the on-policy settings").
 train on_policy "on-policy $on_policy_loss (after KD forward KL)" "$on_policy_loss" "$on_policy_alpha" \
-    --student "$out/runs/forward_kl/final" --deepspeed_config "$on_policy_ds_config" --beta "$on_policy_beta" \
+    --student "$out/runs/forward_kl/final" --deepspeed_config "$on_policy_ds_config" --beta "$on_policy_beta" --on_policy_anchor "$on_policy_anchor" \
     --data "$data/train_prompts.jsonl" --max_steps "$on_policy_steps" --on_policy_fraction "$on_policy_fraction" \
     --max_new_tokens "$max_new_tokens"
 rows+=(on_policy)

@@ -275,6 +275,7 @@ def test_demo_script_end_to_end(tmp_path):
         DEMO_ON_POLICY_STEPS="3",
         DEMO_MAX_NEW_TOKENS="6",
         DEMO_REVERSE_KL="1",  # off by default for the real demo's time; its row is checked here
+        DEMO_ON_POLICY_ANCHOR="0.5",  # the stabilised row's anchor reaches the run (README: "The stabilised row")
         CUDA_VISIBLE_DEVICES="",
     )
     # 4 runs and a cache pass (a loaded machine takes over 15 minutes); every run's log is checked for /dev/shm.
@@ -336,6 +337,7 @@ def test_demo_script_end_to_end(tmp_path):
     assert (
         cfg["deepspeed_config"] == "ds_configs/cpu_demo_on_policy.json" and not cfg["teacher_cache"] and cfg["teacher"]
     )
+    assert cfg["on_policy_anchor"] == 0.5
     assert cfg["student"] == str(out / "runs" / "forward_kl" / "final") and cfg["data"].endswith("train_prompts.jsonl")
     assert rows["on_policy"]["steps"] == 3 and rows["on_policy"]["start"] == "forward_kl"
     assert (
