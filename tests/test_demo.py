@@ -254,7 +254,7 @@ def test_equal_cost_counts_the_teacher():
     assert "the teacher's share alone" in report.equal_cost_markdown([alone], 30)
 
 
-ON_POLICY = ("jsd", 0.0, 0.5, 0.5, 3, 6)  # the demo's on-policy defaults (loss, alpha, beta, fraction), steps, tokens
+ON_POLICY = ("entropy_aware_kl", 0.0, 0.5, 1.0, 3, 6)  # the demo's on-policy defaults (loss, alpha, beta, fraction), steps, tokens
 
 
 @pytest.mark.multiprocess
