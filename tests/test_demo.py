@@ -254,7 +254,8 @@ def test_equal_cost_counts_the_teacher():
     assert "the teacher's share alone" in report.equal_cost_markdown([alone], 30)
 
 
-ON_POLICY = ("entropy_aware_kl", 0.0, 0.5, 1.0, 3, 6)  # the demo's on-policy defaults (loss, alpha, beta, fraction), steps, tokens
+# The demo's on-policy defaults (loss, alpha, beta, fraction), then this test's steps and tokens.
+ON_POLICY = ("entropy_aware_kl", 0.0, 0.5, 1.0, 3, 6)
 
 
 @pytest.mark.multiprocess
