@@ -11,7 +11,7 @@
 # cache changes; +6 minutes). DEMO_REVERSE_KL=1 adds reverse KL from the cache (+4.5 minutes; its measured rows are in
 # the README).
 #
-#     bash scripts/demo.sh            # ~14.5 minutes on 2 idle CPU cores (estimated); prints the tables, writes demo_output/results.{json,md}
+#     bash scripts/demo.sh            # ~15 minutes on 2 idle CPU cores (891 s measured); prints the tables, writes demo_output/results.{json,md}
 #
 # Re-runnable: the environment, teacher, data and student in demo_assets/ are made once and reused; the training
 # runs and evaluations are redone every time (demo_output/ is rewritten). Without a GPU it runs 2 CPU ranks with the
