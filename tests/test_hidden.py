@@ -150,6 +150,16 @@ def test_train_logs_hidden_per_pair_and_keeps_only_mapped_layers(tiny, dist_env,
     assert source.teacher_capture.held == 0, "nothing is held after targets beyond what it returns"
 
 
+def test_evaluation_runs_with_the_hidden_loss(tiny, dist_env, tmp_path):
+    """An evaluation (every run's last, with the default --eval_fraction) computes the hidden term on held-out batches
+    too: it crashed when the student ran before the source armed its capture (found by a fresh-user trial)."""
+    trainer = train.run(
+        make_cfg(tiny, tmp_path / "e", eval_fraction=0.25, max_steps=2, hidden_loss="mse", hidden_layers="even")
+    )
+    ev = [h for h in trainer.history if "Eval/loss" in h]
+    assert ev and all(v == v for v in ev[-1].values()), ev  # the end-of-run evaluation ran and logged finite values
+
+
 def test_refusals_are_one_line(tiny, wide, dist_env, tmp_path, capsys):
     """No provenance for auto, unknown loss, a teacher cache, an ensemble, another hidden size: one line, exit 2."""
     cases = [

@@ -194,9 +194,10 @@ class Trainer:
         for _ in range(min(self.cfg.eval_batches or available, available)):
             batch = next(stream).to(self.device)
             chunks = self.sync.plan([batch.labels]).num_chunks[0]  # one collective per eval batch with several ranks
-            out = self.loss_sums(
-                self.student(**batch.inputs), self.teachers.targets(batch, "eval"), batch.labels, chunks
-            )
+            # Targets before the student's forward, as in a training step: a source may arm hooks on the student
+            # there (the hidden-state loss captures the student's layers of the forward that follows).
+            targets = self.teachers.targets(batch, "eval")
+            out = self.loss_sums(self.student(**batch.inputs), targets, batch.labels, chunks)
             totals += torch.stack([out.total, out.ce, out.kd, out.n_tokens.float()]).float()
         self.student.train()
         total, ce, kd, n = _all_reduce(totals).tolist()
