@@ -390,10 +390,6 @@ def test_refusals_in_one_line(cross_pair, tmp_path):
     with pytest.raises(UsageError, match=r"5 of 5 examples .* align less than 90% .* cannot be distilled") as e:
         get_dataset(str(path), s_tok, seq_len=64, teacher_tokenizer=t_tok)
     assert "\n" not in str(e.value)
-    chat = tmp_path / "chat.jsonl"
-    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
-    with pytest.raises(UsageError, match="chat data .* not supported"):
-        get_dataset(str(chat), s_tok, seq_len=64, teacher_tokenizer=t_tok)
     # Different tokenizers without --cross_tokenizer: one line naming the methods.
     (cross_pair["root"] / "t_tok" / "config.json").write_text("{}")
     with pytest.raises(UsageError, match=r"pass --cross_tokenizer METHOD \(alm or vocab_map"):
@@ -444,8 +440,152 @@ def test_training_across_tokenizers_lowers_the_loss(tiny, dist_env, tmp_path, ms
     assert all(0 < h["align/bytes_1to1"] < 1 and h["align/bytes_unaligned"] == 0 for h in report.history)
 
 
+def test_chat_across_tokenizers_trains(tiny, dist_env, tmp_path, ms_teacher):
+    """Chat data, each model with its own template (the student's <|user|> markers, the teacher's [user]): ALM in
+    process, the loss falls and the KD term is live on the assistant contents."""
+    import random
+
+    from ds_distill import train
+    from ds_distill.teachers.live import AlignmentReport
+    from tests.helpers import ds_json, losses_of, make_cfg
+
+    rng = random.Random(0)
+    words = "the quick brown fox jumps over the lazy dog while a small cat sleeps in the warm sun".split()
+    say = lambda: " ".join(rng.choice(words) for _ in range(rng.randint(3, 9)))
+    conversations = [
+        [{"role": "user", "content": say()}, {"role": "assistant", "content": say()}] * rng.randint(1, 2)
+        for _ in range(32)
+    ]
+    cfg = make_cfg(
+        tiny,
+        tmp_path / "chat",
+        data=chat_file(tmp_path / "chat.jsonl", conversations),
+        teacher=[ms_teacher],
+        cross_tokenizer="alm",
+        max_steps=4,
+        seq_len=64,
+        deepspeed_config=ds_json(tmp_path, lr=3e-2),
+    )
+    trainer = train.run(cfg)
+    loss, kd = losses_of(trainer), losses_of(trainer, "Train/kd")
+    assert len(loss) == 4 and loss[-1] < 0.9 * loss[0], loss
+    assert all(k > 0 for k in kd), kd
+    (report,) = [cb for cb in trainer.callbacks if isinstance(cb, AlignmentReport)]
+    assert all(h["align/bytes_1to1"] > 0.3 and h["align/bytes_unaligned"] < 0.1 for h in report.history)
+
+
 def test_different_tokenizers_need_the_flag(tiny, tmp_path, capsys, keep_process_group, ms_teacher):
     from tests.helpers import base_args, flags, run_main
 
     code, err = run_main(base_args(tiny, tmp_path / "o") + flags(teacher=ms_teacher), capsys)
     assert code == 2 and len(err) == 1 and "pass --cross_tokenizer METHOD (alm or vocab_map" in err[0], err
+
+
+# ------------------------------------------------------------------------------------------------- chat data
+CONVERSATION = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "what is the capital of france?"},
+    {"role": "assistant", "content": " the capital of france is paris. 🇫🇷 "},  # Llama 3 trims it: its part aligns
+    {"role": "user", "content": "and 2+2?"},
+    {"role": "assistant", "content": "<think>\nadd\n</think>\n\n海と風 12345 waves"},
+]
+
+
+@pytest.fixture(scope="module")
+def chat_pair(tmp_path_factory):
+    """A ChatML student (Qwen-style BPE) and a Llama-3 teacher (another vocabulary), each with its own template."""
+    from tests.tiny import CHATML_TEMPLATE, make_llama3_tokenizer, make_qwen_tokenizer
+
+    root = tmp_path_factory.mktemp("chat_pair")
+    return root, make_qwen_tokenizer(root / "s", CHATML_TEMPLATE), make_llama3_tokenizer(root / "t", vocab_size=380)
+
+
+def chat_file(path, conversations):
+    import json
+
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations))
+    return str(path)
+
+
+def chunk_texts(row, s_tok, t_tok):
+    """[(student bytes, teacher bytes)] of each chunk of a tokenised row, spelt from the vocabularies (added tokens,
+    such as Qwen's <think>, by their text; special tokens as None)."""
+    from ds_distill.models.tokenizers import token_bytes
+
+    def table(tok):
+        special = set(tok.all_special_ids)
+        return [
+            b if b is not None or i in special else tok.convert_ids_to_tokens(i).encode()
+            for i, b in enumerate(token_bytes(tok))
+        ]
+
+    sb, tb = table(s_tok), table(t_tok)
+    ids, t_ids = row["input_ids"], row["teacher_input_ids"]
+    out = []
+    for c in sorted(set(row["chunk_ids"]) - {-1}):
+        s = [ids[p + 1] for p, x in enumerate(row["chunk_ids"]) if x == c]
+        t = [t_ids[p + 1] for p, x in enumerate(row["teacher_chunk_ids"]) if x == c]
+        assert None not in [sb[i] for i in s] + [tb[i] for i in t], "a special token in a chunk"
+        out.append((b"".join(sb[i] for i in s), b"".join(tb[i] for i in t)))
+    return out
+
+
+@pytest.mark.parametrize("qwen3_student", [False, True])
+def test_chat_renderings_align_on_the_contents(chat_pair, tmp_path, qwen3_student):
+    """Each side's tokens are its own template's rendering, tokenised as without a teacher; every chunk spells the
+    same bytes on both sides, inside one assistant content (no markup, no message boundary, nothing unsupervised).
+    A student template that rewrites history (Qwen3) splits the conversation per turn: the teacher's follows."""
+    from ds_distill.data import get_dataset
+    from tests.tiny import make_qwen_tokenizer
+
+    root, s_tok, t_tok = chat_pair
+    if qwen3_student:
+        s_tok = make_qwen_tokenizer(root / "s3")
+    path = chat_file(tmp_path / "chat.jsonl", [CONVERSATION] * 2)
+    alone = get_dataset(path, s_tok, seq_len=256)
+    ds = get_dataset(path, s_tok, seq_len=256, teacher_tokenizer=t_tok)
+    assert len(ds) == (4 if qwen3_student else 2) and ds["input_ids"] == alone["input_ids"]
+    assert ds["labels"] == alone["labels"]
+    assistant = [m["content"].encode() for m in CONVERSATION if m["role"] == "assistant"]
+    for k, row in enumerate(ds):
+        turns = 3 + 2 * (k % 2) if qwen3_student else len(CONVERSATION)  # the messages this example renders
+        rendered = t_tok.apply_chat_template(CONVERSATION[:turns], tokenize=False)
+        assert row["teacher_input_ids"] == t_tok(rendered, add_special_tokens=False)["input_ids"]
+        pairs = chunk_texts(row, s_tok, t_tok)
+        assert len(pairs) >= 8
+        for s_bytes, t_bytes in pairs:
+            assert s_bytes == t_bytes and any(s_bytes in a for a in assistant), (s_bytes, t_bytes)
+        # The last reply's content (as both show it: trimmed) ends the chunks, in order.
+        assert b"".join(s for s, _ in pairs).endswith(CONVERSATION[turns - 1]["content"].strip()[-12:].encode())
+        n_bytes, _, unaligned = row["alignment"][:3]
+        shown = s_tok.decode(row["input_ids"])
+        assert n_bytes == sum(len(m["content"].encode()) for m in CONVERSATION[:turns] if m["content"] in shown)
+        assert 0 < unaligned < 0.2 * n_bytes  # the trimmed spaces, " the" against "the" at the trim
+
+
+def test_chat_probe_refuses_contents_that_cannot_be_aligned(chat_pair, tmp_path):
+    """A teacher template that drops the system message, rewrites a content, or is missing: one line each, from the
+    data pipeline (before any model loads)."""
+    import copy
+
+    from ds_distill.common import UsageError
+    from ds_distill.data import get_dataset
+    from tests.tiny import LLAMA3_TEMPLATE
+
+    root, s_tok, t_tok = chat_pair
+    path = chat_file(tmp_path / "chat.jsonl", [CONVERSATION[1:3]])
+    teacher_says = r"the teacher '.*'s chat template does not write the probe conversation's message"
+    cases = [
+        (
+            LLAMA3_TEMPLATE.replace("loop_messages = messages", "loop_messages = messages[1:]"),
+            teacher_says + " 0 .system",
+        ),
+        (LLAMA3_TEMPLATE.replace("message['content'] | trim", "message['content'] | upper"), teacher_says),
+        (None, "teacher tokenizer .* has no chat template"),
+    ]
+    for template, message in cases:
+        teacher = copy.deepcopy(t_tok)
+        teacher.chat_template = template
+        with pytest.raises(UsageError, match=message) as e:
+            get_dataset(path, s_tok, seq_len=64, teacher_tokenizer=teacher)
+        assert "\n" not in str(e.value)

@@ -45,22 +45,27 @@ def byte_offsets(text: str) -> list[int]:
     return out
 
 
-def encode(tokenizer, text: str, *, add_special_tokens: bool = False) -> Encoded:
-    """Tokenize ``text`` with a fast tokenizer and give each token its byte span."""
+def require_fast(tokenizer) -> None:
+    """Alignment reads byte offsets: a slow tokenizer stops in one line."""
     if not getattr(tokenizer, "is_fast", False):
         raise UsageError(
             f"tokenizer {tokenizer.name_or_path!r} is not a fast tokenizer: cross-tokenizer alignment needs byte "
             "offsets (return_offsets_mapping); save it with a tokenizer.json"
         )
-    enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+
+
+def encoded(tokenizer, text: str, ids: list[int], offsets: list[Span]) -> Encoded:
+    """``Encoded`` from a tokenization of ``text`` whose tokens have the character ``offsets``."""
     to_byte = byte_offsets(text)
     special = set(tokenizer.all_special_ids)
-    return Encoded(
-        text,
-        list(enc["input_ids"]),
-        [(to_byte[a], to_byte[b]) for a, b in enc["offset_mapping"]],
-        [tid in special for tid in enc["input_ids"]],
-    )
+    return Encoded(text, list(ids), [(to_byte[a], to_byte[b]) for a, b in offsets], [tid in special for tid in ids])
+
+
+def encode(tokenizer, text: str, *, add_special_tokens: bool = False) -> Encoded:
+    """Tokenize ``text`` with a fast tokenizer and give each token its byte span."""
+    require_fast(tokenizer)
+    enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    return encoded(tokenizer, text, enc["input_ids"], enc["offset_mapping"])
 
 
 def join(parts: list[Encoded]) -> tuple[Encoded, list[Span]]:
@@ -250,16 +255,53 @@ def encode_parts(tokenizer, texts: list[str], eos: int | None) -> tuple[Encoded,
     return joined, ranges
 
 
+def content_regions(
+    student: Encoded, s_spans: list[Span | None], teacher: Encoded, t_spans: list[Span | None]
+) -> list[tuple[Span, Span]]:
+    """Chat data: the regions to align (byte ranges, ``align``) from each side's character span of every message's
+    content in its own rendering (``chat.ChatEncoder.content_spans``; None: not shown). A content both show alike is
+    one region; one shown as a part of the other (trimmed, or only the answer after ``</think>``) is that part on
+    both sides; a content one side does not show, or that the two show otherwise, is in no region."""
+    s_bytes, t_bytes = byte_offsets(student.text), byte_offsets(teacher.text)
+    out: list[tuple[Span, Span]] = []
+    for s, t in zip(s_spans, t_spans):
+        if s is None or t is None:
+            continue
+        a, b = student.text[s[0] : s[1]], teacher.text[t[0] : t[1]]
+        if b in a:  # the teacher shows a part: its place in the student's (a suffix, a prefix, else the first)
+            at = len(a) - len(b) if a.endswith(b) else a.find(b)
+            s, a = (s[0] + at, s[0] + at + len(b)), b
+        elif a in b:
+            at = len(b) - len(a) if b.endswith(a) else b.find(a)
+            t = (t[0] + at, t[0] + at + len(a))
+        else:
+            continue
+        region = ((s_bytes[s[0]], s_bytes[s[1]]), (t_bytes[t[0]], t_bytes[t[1]]))
+        # In message order on both sides (a template that moves a message breaks the order: that one is left out).
+        if a and (not out or (region[0][0] >= out[-1][0][1] and region[1][0] >= out[-1][1][1])):
+            out.append(region)
+    return out
+
+
 def cross_columns(
-    student: Encoded, teacher: Encoded, regions: list[tuple[Span, Span]], supervised: list[bool], seq_len: int
+    student: Encoded,
+    teacher: Encoded,
+    regions: list[tuple[Span, Span]],
+    supervised: list[bool],
+    seq_len: int,
+    *,
+    n_bytes: int | None = None,
+    pair_eos: bool = True,
 ) -> dict[str, list[int]]:
     """The columns the loss needs for one example: ``teacher_input_ids`` (cut at ``seq_len``), ``chunk_ids`` and
     ``teacher_chunk_ids`` per label position (``position_chunks``, chunks past either cut dropped), ``alignment``
-    (the report, ``REPORT_KEYS``). When both sides end with EOS, the two EOS tokens form one more chunk (of no
-    bytes): each model's probability of ending the text there is compared as any other chunk's."""
+    (the report, ``REPORT_KEYS``; ``n_bytes``: the bytes it counts, default those of the regions). With
+    ``pair_eos``, when both sides end with EOS, the two EOS tokens form one more chunk (of no bytes): each model's
+    probability of ending the text there is compared as any other chunk's."""
     al = align(student, teacher, regions)
+    al.n_bytes = al.n_bytes if n_bytes is None else n_bytes
     report = al.report()
-    if student.special[-1:] == [True] and teacher.special[-1:] == [True]:  # the encode_parts EOS on both sides
+    if pair_eos and student.special[-1:] == [True] and teacher.special[-1:] == [True]:  # encode_parts' EOS
         al.chunks.append((len(student.ids) - 1, len(student.ids), len(teacher.ids) - 1, len(teacher.ids)))
         al.chunk_bytes.append(0)
     n_s, n_t = min(len(student.ids), seq_len), min(len(teacher.ids), seq_len)

@@ -32,12 +32,39 @@ decoded text is checked against the rendered reply.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from ds_distill.common import UsageError
 
 _GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")  # the test transformers uses
 _SENTINEL = "DS_DISTILL_REPLY_SENTINEL"  # a reply no template rewrites (no markup, no surrounding whitespace)
+# Each message's content stands in for itself as DS_DISTILL_CONTENT_<k>_ to find where a template writes contents.
+_CONTENT = re.compile(r"DS_DISTILL_CONTENT_(\d+)_")
+
+# Rendered by two chat templates to compare them: a system turn, a user turn, an assistant reply, then the next user
+# turn, as most templates vary (the same-tokenizer teacher check and the cross-tokenizer content probe).
+SAMPLE_CONVERSATION = (
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is 2 + 2?"},
+    {"role": "assistant", "content": "2 + 2 = 4."},
+    {"role": "user", "content": "And 3 + 3?"},
+)
+
+Span = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class ChatExample:
+    """One training example of a conversation: ``ids`` and ``supervised`` per token; ``text``, the rendered text the
+    ids spell (its pieces joined); ``offsets``, each token's character span in ``text`` (asked for: fast tokenizers
+    only, else None); ``n_messages``, how many of the conversation's messages it renders (all, or up to its turn)."""
+
+    ids: list[int]
+    supervised: list[bool]
+    text: str
+    offsets: list[Span] | None
+    n_messages: int
 
 
 class ChatEncoder:
@@ -159,35 +186,44 @@ class ChatEncoder:
         return reply if shown.endswith(end) and reply.endswith(shown) else None
 
     # ------------------------------------------------------------------------------------------- tokenising
-    def _encode(self, text: str) -> list[int]:
+    def _encode(self, text: str, offsets: bool = False) -> list[int] | tuple[list[int], list[Span]]:
         # The template writes bos and every marker itself; adding special tokens again would double bos.
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not offsets:
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
 
-    def encode_pieces(self, pieces: list[tuple[str, bool]], where: str) -> tuple[list[int], list[bool]]:
-        """Concatenated (text, supervised) pieces -> (ids, supervised per token); see the module docstring."""
+    def encode_pieces(
+        self, pieces: list[tuple[str, bool]], where: str, offsets: bool = False
+    ) -> tuple[list[int], list[bool]] | tuple[list[int], list[bool], list[Span]]:
+        """Concatenated (text, supervised) pieces -> (ids, supervised per token); see the module docstring. With
+        ``offsets`` (a fast tokenizer) also each token's character span in the joined text."""
         ids: list[int] = []
         sup: list[bool] = []
-        window, start = "", 0  # text tokenised as one string since the last cut, and where its ids begin
+        spans: list[Span] = []
+        window, start, at = "", 0, 0  # text tokenised as one string since the last cut, where its ids/chars begin
         for text, supervised in pieces:
             if not text:
                 continue
-            whole = self._encode(window + text)
+            whole, whole_spans = self._encode(window + text, True) if offsets else (self._encode(window + text), [])
             head = ids[start:]
             if whole[: len(head)] == head:
-                new = whole[len(head) :]
+                new, new_spans = whole[len(head) :], whole_spans[len(head) :]
                 window += text
             else:  # the piece's first token merges with the previous piece's last: cut here, as generation does
-                new = self._encode(text)
+                new, new_spans = self._encode(text, True) if offsets else (self._encode(text), [])
                 decoded = self.tokenizer.decode(new, skip_special_tokens=False, clean_up_tokenization_spaces=False)
                 if decoded != text:
                     raise UsageError(
                         f"{where}: the text {text[:40]!r} does not survive tokenising on its own "
                         f"(decodes as {decoded[:40]!r}): check the tokenizer or the template"
                     )
+                at += len(window)
                 window, start = text, len(ids)
             ids += new
             sup += [supervised] * len(new)
-        return ids, sup
+            spans += [(at + a, at + b) for a, b in new_spans]
+        return (ids, sup, spans) if offsets else (ids, sup)
 
     # ------------------------------------------------------------------------------------------------- main
     def __call__(
@@ -196,15 +232,32 @@ class ChatEncoder:
         """``tools``: the conversation's tool schemas (JSON-schema dicts), rendered by the template as at inference
         (``apply_chat_template(messages, tools=tools)``); an assistant turn with ``tool_calls`` is a reply like any
         other (the calls as the template writes them are supervised), ``tool`` results are context."""
+        return [(e.ids, e.supervised) for e in self.examples(messages, where, tools)]
+
+    def examples(
+        self,
+        messages: list[dict[str, Any]],
+        where: str,
+        tools: list[dict] | None = None,
+        per_turn: bool = False,
+        offsets: bool = False,
+    ) -> list[ChatExample]:
+        """The conversation's examples (see ``__call__``); ``per_turn``: one per assistant turn even when one would
+        do (a cross-tokenizer teacher whose template needs them); ``offsets``: each token's character span."""
         self.tools = tools or None
         full = self.render(messages, where)
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+
+        def example(pieces: list[tuple[str, bool]], here: str, n: int) -> ChatExample:
+            ids, sup, *spans = self.encode_pieces(pieces, here, offsets)
+            return ChatExample(ids, sup, "".join(p for p, _ in pieces), spans[0] if spans else None, n)
+
         if self.train_on_prompt or not turns:
-            return [self.encode_pieces([(full, self.train_on_prompt)], where)]
+            return [example([(full, self.train_on_prompt)], where, len(messages))]
         parts = [self.turn(messages, i, where) for i in turns]
         # One example for the whole conversation if every turn sits in `full` as it renders alone.
         pieces, pos = [], 0
-        for context, reply, _ in parts:
+        for context, reply, _ in [] if per_turn else parts:
             if (
                 not (full.startswith(context) and full[len(context) : len(context) + len(reply)] == reply)
                 or len(context) < pos
@@ -213,11 +266,109 @@ class ChatEncoder:
             pieces += [(full[pos : len(context)], False), (reply, True)]
             pos = len(context) + len(reply)
         else:
-            ids, sup = self.encode_pieces(pieces + [(full[pos:], False)], where)
+            whole = example(pieces + [(full[pos:], False)], where, len(messages)) if not per_turn else None
             # ... and every turn's context, tokenised as inference tokenises it, is a prefix of those tokens.
-            if all(ids[: len(c)] == c for c in (self._encode(context) for context, _, _ in parts)):
-                return [(ids, sup)]
+            if whole and all(whole.ids[: len(c)] == c for c in (self._encode(context) for context, _, _ in parts)):
+                return [whole]
         return [
-            self.encode_pieces([(context, False), (reply, True), (after, False)], f"{where}, turn {i}")
+            example([(context, False), (reply, True), (after, False)], f"{where}, turn {i}", i + 1)
             for i, (context, reply, after) in zip(turns, parts)
         ]
+
+    # -------------------------------------------------------------------------------------- message contents
+    def content_spans(self, messages: list[dict], text: str, where: str) -> list[Span | None]:
+        """Where ``text`` (a rendering of ``messages``, e.g. ``ChatExample.text``) holds each message's content:
+        ``[len(messages)]`` character spans, None for a message whose content the template does not write as
+        written (dropped, rewritten) or that has none.
+
+        The template's markup is found by rendering the conversation with each content replaced by a sentinel
+        (``DS_DISTILL_CONTENT_<k>_``): the text between sentinels is markup, and in ``text`` each content sits
+        between its markup and the next. A content written as a part of itself (trimmed: Llama 3; only the answer
+        after ``</think>``: DeepSeek-R1's history) spans that part; one written inside other text spans itself. Where
+        the markup depends on the content (Qwen3 writes a ``<think>`` block from it), the content is searched as
+        written (or trimmed), followed by the start of the next markup.
+        """
+        marked = [
+            {**m, "content": f"DS_DISTILL_CONTENT_{k}_"} if isinstance(m.get("content"), str) and m["content"] else m
+            for k, m in enumerate(messages)
+        ]
+        out: list[Span | None] = [None] * len(messages)
+        try:
+            pieces = _CONTENT.split(self.render(marked, where))  # [markup, k, markup, k, ..., markup]
+        except UsageError:  # a template that branches on content (no sentinel passes its checks): nothing located
+            return out
+        pos = 0
+        for j in range(1, len(pieces), 2):
+            before, k, after = pieces[j - 1], int(pieces[j]), pieces[j + 1]
+            content, at = messages[k]["content"], text.find(before, pos)
+            span = _located(text, at + len(before), content, after) if at >= 0 and out[k] is None else None
+            if span is None and out[k] is None:
+                span = next(
+                    (
+                        (i, i + len(c))
+                        for c in dict.fromkeys((content, content.strip()))
+                        if c
+                        for i in _occurrences(text, c, pos)
+                        if text.startswith(after[:_GUARD], i + len(c))
+                    ),
+                    None,
+                )
+            if span is not None:
+                out[k], pos = span, span[1]
+        return out
+
+
+# A content found by search must be followed by this many characters of the next markup (not a word inside markup).
+_GUARD = 4
+
+
+def _occurrences(text: str, sub: str, pos: int):
+    """Every start of ``sub`` in ``text`` from ``pos`` on."""
+    i = text.find(sub, pos)
+    while i >= 0:
+        yield i
+        i = text.find(sub, i + 1)
+
+
+def _located(text: str, pos: int, content: str, after: str) -> Span | None:
+    """The span of ``content`` at ``pos`` of ``text``, before the markup ``after``: as written or trimmed, else what
+    lies up to ``after`` when it is a part of the content (or holds it)."""
+    for c in dict.fromkeys((content, content.strip())):
+        if c and text.startswith(c, pos) and text.startswith(after[:_GUARD], pos + len(c)):
+            return pos, pos + len(c)
+    end = text.find(after, pos) if after else -1
+    shown = text[pos:end] if end >= 0 else ""
+    if shown and shown in content:
+        return pos, end
+    if shown and content in shown:
+        return pos + shown.find(content), pos + shown.find(content) + len(content)
+    return None
+
+
+def content_probe(student: ChatEncoder, teacher: ChatEncoder, student_name: str, teacher_name: str) -> None:
+    """Cross-tokenizer chat data: ``SAMPLE_CONVERSATION`` rendered by both templates must show every message's
+    content as written (the contents are what the two renderings are aligned on); else one UsageError naming the
+    message, what each template made of it and the fix, before any model loads. A template that refuses a system turn
+    (Gemma's) is probed without it."""
+    import jinja2
+
+    conversation = list(SAMPLE_CONVERSATION)
+    try:
+        for enc in (student, teacher):
+            enc.tools = None
+            enc.tokenizer.apply_chat_template(conversation, chat_template=enc.template, tokenize=False)
+    except jinja2.TemplateError:
+        conversation = conversation[1:]
+    for enc, name in ((student, student_name), (teacher, teacher_name)):
+        text = enc.render(conversation, f"the probe conversation ({name})")
+        for k, span in enumerate(enc.content_spans(conversation, text, "the probe conversation")):
+            m = conversation[k]
+            if span is None or text[span[0] : span[1]] != m["content"]:
+                raise UsageError(
+                    f"the {name}'s chat template does not write the probe conversation's message {k} ({m['role']}: "
+                    f"{m['content']!r}) as written (it renders {text[:200]!r}), so the two models' renderings of chat "
+                    "data cannot be aligned on the messages' contents (--cross_tokenizer): give it a template that "
+                    "writes every message's content (--chat_template FILE for the student, the teacher's "
+                    "tokenizer_config.json chat_template for the teacher), or render the data to prompt/completion "
+                    "records"
+                )

@@ -15,10 +15,13 @@ from ds_distill.data.alignment import (
     MAX_POORLY_ALIGNED,
     MIN_ALIGNED,
     REPORT_KEYS,
+    content_regions,
     cross_columns,
     encode_parts,
+    encoded,
+    require_fast,
 )
-from ds_distill.data.chat import ChatEncoder
+from ds_distill.data.chat import ChatEncoder, content_probe
 from ds_distill.data.loading import (
     check_rows,
     decode_tools,
@@ -60,11 +63,6 @@ class _Tokenise:
         self.tokenizer, self.fmt, self.seq_len, self.train_on_prompt = tokenizer, fmt, seq_len, train_on_prompt
         self.null_filled = null_filled  # chat columns whose nulls mean "absent" (loading.null_filled)
         self.teacher = teacher_tokenizer
-        if teacher_tokenizer is not None and fmt == "messages":
-            raise UsageError(
-                "--cross_tokenizer aligns text and prompt/completion data; chat data ('messages') is not supported "
-                "yet: render the conversations to prompt/completion records"
-            )
         if teacher_tokenizer is not None and teacher_tokenizer.eos_token_id is None:
             raise UsageError(
                 f"teacher tokenizer {teacher_tokenizer.name_or_path!r} has no eos token: set eos_token in its "
@@ -76,6 +74,23 @@ class _Tokenise:
                 f"tokenizer {tokenizer.name_or_path!r} has no eos token: set eos_token in its tokenizer_config.json"
             )
         self.chat = ChatEncoder(tokenizer, chat_template, train_on_prompt) if fmt == "messages" else None
+        self.teacher_chat = None  # cross-tokenizer chat data: the teacher renders with its own template
+        if self.chat is not None and teacher_tokenizer is not None:
+            if not teacher_tokenizer.chat_template:
+                raise UsageError(
+                    f"teacher tokenizer {teacher_tokenizer.name_or_path!r} has no chat template but the data has "
+                    "'messages' and --cross_tokenizer renders each conversation with each model's own template: "
+                    "give the teacher its chat template (tokenizer_config.json) or use prompt/completion data"
+                )
+            for tok in (tokenizer, teacher_tokenizer):
+                require_fast(tok)
+            self.teacher_chat = ChatEncoder(teacher_tokenizer, None, train_on_prompt)
+            content_probe(
+                self.chat,
+                self.teacher_chat,
+                f"student {tokenizer.name_or_path!r}",
+                f"teacher {teacher_tokenizer.name_or_path!r}",
+            )
         # Does encoding with special tokens already append eos (some tokenizers do, Llama's do not)?
         probe = tokenizer("a")["input_ids"]
         self.adds_eos = eos is not None and len(probe) > 0 and probe[-1] == eos
@@ -102,10 +117,10 @@ class _Tokenise:
         texts = zip(batch["prompt"], batch["completion"]) if self.fmt == "prompt_completion" else None
         texts = [[t] for t in batch["text"]] if self.fmt == "text" else texts
         for example_id, row, examples, parts in zip(batch["id"], batch["row"], rows, texts or rows):
-            for ids, sup in examples:
+            for ids, sup, *cross in examples:  # chat data across tokenizers: aligned already (_cross_chat)
                 sup = sup if sup is not None else [True] * len(ids)
                 if self.teacher is not None:
-                    for key, value in self._cross(list(parts), ids, sup).items():
+                    for key, value in (cross[0] if cross else self._cross(list(parts), ids, sup)).items():
                         out.setdefault(key, []).append(value)
                 out["id"].append(example_id)
                 out["row"].append(row)
@@ -135,7 +150,33 @@ class _Tokenise:
         tools = decode_tools(tools)
         if "tools" in self.null_filled:
             tools = drop_nulls(tools)
+        if self.teacher_chat is not None:
+            return self._cross_chat(messages, tools, f"example id {example_id!r}")
         return self.chat(messages, f"example id {example_id!r}", tools)
+
+    def _cross_chat(self, messages: list[dict], tools, where: str) -> list[tuple[list[int], list[bool], dict]]:
+        """Chat data across tokenizers: each side renders the conversation with its own template into the same
+        examples (one, or one per assistant turn when either template needs that), tokenised as without a teacher,
+        and the two renderings are aligned on the messages' contents (``content_regions``): the templates' markup
+        is in no chunk, and no chunk crosses a message. The report counts the contents' bytes as the student's
+        rendering shows them."""
+        student = self.chat.examples(messages, where, tools, offsets=True)
+        teacher = self.teacher_chat.examples(messages, f"{where} (teacher's template)", tools, offsets=True)
+        if [e.n_messages for e in student] != [e.n_messages for e in teacher]:
+            student = self.chat.examples(messages, where, tools, per_turn=True, offsets=True)
+            teacher = self.teacher_chat.examples(messages, f"{where} (teacher's template)", tools, True, True)
+        out = []
+        for s, t in zip(student, teacher):
+            shown = messages[: s.n_messages]
+            s_spans = self.chat.content_spans(shown, s.text, where)
+            t_spans = self.teacher_chat.content_spans(shown, t.text, where)
+            s_enc = encoded(self.tokenizer, s.text, s.ids, s.offsets)
+            t_enc = encoded(self.teacher, t.text, t.ids, t.offsets)
+            n_bytes = sum(len(s.text[a:b].encode("utf-8", "surrogatepass")) for a, b in filter(None, s_spans))
+            regions = content_regions(s_enc, s_spans, t_enc, t_spans)
+            cols = cross_columns(s_enc, t_enc, regions, s.supervised, self.seq_len, n_bytes=n_bytes, pair_eos=False)
+            out.append((s.ids, s.supervised, cols))
+        return out
 
 
 class _Pack:

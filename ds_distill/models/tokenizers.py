@@ -10,6 +10,7 @@ from jinja2.exceptions import TemplateError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ds_distill.common import UsageError
+from ds_distill.data.chat import SAMPLE_CONVERSATION
 
 log = logging.getLogger("ds_distill.models")
 
@@ -107,14 +108,6 @@ def shared_vocab_size(
     return len(student_tok)
 
 
-# Rendered by both chat templates when the data is chat: the same text means the teacher reads the student's data in
-# its own format (a system turn, a user turn, an assistant reply, then the next user turn, as most templates vary).
-SAMPLE_CONVERSATION = (
-    {"role": "system", "content": "You are a helpful assistant."},
-    {"role": "user", "content": "What is 2 + 2?"},
-    {"role": "assistant", "content": "2 + 2 = 4."},
-    {"role": "user", "content": "And 3 + 3?"},
-)
 SPECIAL_ROLES = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
