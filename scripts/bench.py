@@ -607,16 +607,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def dispatch(
+    argv: list[str] | None,
+    parse_args: Callable[[list[str] | None], argparse.Namespace],
+    run: Callable[[list[str] | None], Any],
+    worker: Callable[[argparse.Namespace], dict[str, Any]],
+) -> int:
+    """The entry point of a bench script (this one and bench_peer.py): the parent (``run``) starts each measurement in
+    its own process as ``--worker``, which writes ``worker(args)``'s result as JSON to ``--result``."""
     a = parse_args(argv)
     if a.worker:
         import logging
 
         logging.basicConfig(level=logging.WARNING)
         Path(a.result).write_text(json.dumps(worker(a)))
-        return 0
-    run(argv)
+    else:
+        run(argv)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return dispatch(argv, parse_args, run, worker)
 
 
 if __name__ == "__main__":

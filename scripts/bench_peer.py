@@ -47,6 +47,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+# Stdlib only at import, as this file: TRL's environment runs it too. (scripts/ is on sys.path: this file is run.)
+from bench import dispatch
+
 ROOT = Path(__file__).resolve().parent.parent
 OBJECTIVES = ("mix", "fkl", "on_policy")
 LABELS = {
@@ -658,17 +661,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = parse_args(argv)
-    if a.worker:
-        import logging
+def worker(a: argparse.Namespace) -> dict[str, Any]:
+    return (ds_worker if a.worker == "ds" else trl_worker)(a)
 
-        logging.basicConfig(level=logging.WARNING)
-        result = (ds_worker if a.worker == "ds" else trl_worker)(a)
-        Path(a.result).write_text(json.dumps(result))
-        return 0
-    run(argv)
-    return 0
+
+def main(argv: list[str] | None = None) -> int:
+    return dispatch(argv, parse_args, run, worker)
 
 
 if __name__ == "__main__":
