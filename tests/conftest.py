@@ -46,20 +46,19 @@ def dist_env():
 def tiny(tmp_path_factory):
     """A tiny tokenizer, a 2-layer teacher, a 1-layer student (same tokenizer) and a small text corpus."""
     import json
+    import random
 
     from tests import tiny as tiny_mod
+    from tests.helpers import WORDS
 
     root = tmp_path_factory.mktemp("tiny")
     tok = tiny_mod.make_tokenizer(root / "tok")
     teacher = tiny_mod.make_model(root / "teacher", tok, layers=2, hidden=32, heads=4, seed=1)
     student = tiny_mod.make_model(root / "student", tok, layers=1, hidden=32, heads=4, seed=2)
-    words = "the quick brown fox jumps over the lazy dog while a small cat sleeps in the warm sun".split()
-    import random
-
     rng = random.Random(0)
     with open(root / "train.jsonl", "w") as fh:
         for i in range(64):
-            fh.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(4, 30)))}) + "\n")
+            fh.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 30)))}) + "\n")
     return {
         "root": root,
         "tokenizer": tok,
@@ -67,6 +66,14 @@ def tiny(tmp_path_factory):
         "student": str(student),
         "data": str(root / "train.jsonl"),
     }
+
+
+@pytest.fixture(scope="session")
+def pc_data(tiny):
+    """Prompt/completion records for on-policy runs (``helpers.write_pc_data``: prompts of 2 to 12 words)."""
+    from tests.helpers import write_pc_data
+
+    return write_pc_data(tiny["root"] / "pc.jsonl")
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -7,6 +7,7 @@ starts ranks through the real launchers.
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import torch
@@ -16,6 +17,8 @@ from ds_distill.config import RunConfig
 from ds_distill.ds_config import REPO_CONFIGS
 
 ROOT = Path(__file__).resolve().parent.parent
+# The words of the tiny runs' texts, prompts and completions.
+WORDS = "the quick brown fox jumps over the lazy dog while a small cat sleeps in the warm sun".split()
 # The chat tests' conversation (and a chat cache's): turn 1 is a reply starting with "\n"; turn 3 carries
 # reasoning, which Qwen3 drops once a later user turn follows.
 CONV = [
@@ -80,6 +83,24 @@ def make_cfg(tiny, out, **kw):
     )
     base.update(kw)
     return RunConfig(**base)
+
+
+def write_pc_data(path, completion_words: tuple[int, int] | None = (2, 8)) -> str:
+    """48 prompt/completion records of WORDS (seed 1) in the JSONL file ``path``: prompts of 2 to 12 words,
+    completions of ``completion_words`` words (an inclusive range), or of exactly one with None. Returns the path."""
+    rng = random.Random(1)
+    with open(path, "w") as fh:
+        for _ in range(48):
+            prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 12)))
+            n = 1 if completion_words is None else rng.randint(*completion_words)
+            completion = " " + " ".join(rng.choice(WORDS) for _ in range(n))
+            fh.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
+    return str(path)
+
+
+def op_cfg(tiny, data, out, **kw):
+    """An on-policy-ready run config: prompt/completion ``data``, 24 tokens, samples of 8 tokens, all-KD jsd."""
+    return make_cfg(tiny, out, **{**dict(data=data, seq_len=24, max_new_tokens=8, alpha=0.0, loss="jsd"), **kw})
 
 
 def losses_of(trainer, key="Train/loss"):

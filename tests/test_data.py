@@ -11,10 +11,9 @@ from ds_distill import data
 from ds_distill.common import IGNORE_INDEX, UsageError
 from ds_distill.data import BatchStream, collate, get_dataset, split_eval
 from tests import tiny
-from tests.helpers import as_lists
+from tests.helpers import WORDS, as_lists
 
 datasets.disable_progress_bars()
-WORDS = "the quick brown fox jumps over the lazy dog while a small cat sleeps in the warm sun".split()
 
 
 @pytest.fixture(scope="module")

@@ -22,29 +22,9 @@ from ds_distill.extras.manifest import Manifest
 from ds_distill.models import lora
 from ds_distill.runtime.callbacks import Callback
 from tests import tiny as tiny_mod
-from tests.helpers import ds_json, losses_of, make_cfg
+from tests.helpers import ds_json, losses_of, make_cfg, op_cfg
 
 LORA = dict(lora_r=4, lora_alpha=8.0)
-WORDS = "the quick brown fox jumps over the lazy dog while a small cat sleeps in the warm sun".split()
-
-
-@pytest.fixture(scope="module")
-def pc_data(tiny):
-    """Prompt/completion records for on-policy runs (prompts of 2 to 12 words)."""
-    import random
-
-    rng = random.Random(1)
-    path = tiny["root"] / "lora_pc.jsonl"
-    with open(path, "w") as fh:
-        for _ in range(48):
-            prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 12)))
-            completion = " " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8)))
-            fh.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
-    return str(path)
-
-
-def op_cfg(tiny, pc_data, out, **kw):
-    return make_cfg(tiny, out, **{**dict(data=pc_data, seq_len=24, max_new_tokens=8, alpha=0.0, loss="jsd"), **kw})
 
 
 class CountGathers:

@@ -1,7 +1,6 @@
 """On-policy distillation (ds_distill/on_policy.py) and ds_distill.generate on tiny random models, in process."""
 
 import json
-import random
 
 import pytest
 import torch
@@ -10,34 +9,7 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from ds_distill import on_policy, train
 from ds_distill.common import IGNORE_INDEX
 from ds_distill.data import get_dataset
-from tests.helpers import ds_json, losses_of, make_cfg
-
-WORDS = "the quick brown fox jumps over the lazy dog while a small cat sleeps in the warm sun".split()
-
-
-@pytest.fixture(scope="module")
-def pc_data(tiny):
-    """Prompt/completion records with prompts of 2 to 12 words."""
-    rng = random.Random(1)
-    path = tiny["root"] / "pc.jsonl"
-    with open(path, "w") as fh:
-        for _ in range(48):
-            fh.write(
-                json.dumps(
-                    {
-                        "prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 12))),
-                        "completion": " " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8))),
-                    }
-                )
-                + "\n"
-            )
-    return str(path)
-
-
-def op_cfg(tiny, pc_data, out, **kw):
-    base = dict(data=pc_data, seq_len=24, max_new_tokens=8, alpha=0.0, loss="jsd")
-    base.update(kw)
-    return make_cfg(tiny, out, **base)
+from tests.helpers import ds_json, losses_of, op_cfg
 
 
 class Scripted:

@@ -16,28 +16,13 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 from ds_distill import on_policy, train
 from ds_distill.runtime.callbacks import Callback
 from tests import tiny as tiny_mod
-from tests.helpers import ds_json, make_cfg
-
-WORDS = "the quick brown fox jumps over the lazy dog while a small cat sleeps in the warm sun".split()
-
-
-def op_cfg(tiny, data, out, **kw):
-    """An on-policy-ready run config (prompt/completion data, short samples), as tests/test_on_policy.py builds it."""
-    return make_cfg(tiny, out, **{**dict(data=data, seq_len=24, max_new_tokens=8, alpha=0.0, loss="jsd"), **kw})
+from tests.helpers import ds_json, op_cfg, write_pc_data
 
 
 @pytest.fixture(scope="module")
-def pc_data(tiny):
-    """48 prompt/completion records, prompts of 2 to 12 words."""
-    import random
-
-    rng = random.Random(1)
-    path = tiny["root"] / "sampling_pc.jsonl"
-    with open(path, "w") as fh:
-        for _ in range(48):
-            prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 12)))
-            fh.write(json.dumps({"prompt": prompt, "completion": " " + rng.choice(WORDS)}) + "\n")
-    return str(path)
+def pc_one_word(tiny):
+    """48 prompt/completion records, prompts of 2 to 12 words, one-word completions."""
+    return write_pc_data(tiny["root"] / "sampling_pc.jsonl", completion_words=None)
 
 
 def rigged_model(dir, tok, token: int, logit: float, *, vocab_pad: int = 0, eos_ids=None) -> str:
@@ -113,12 +98,12 @@ class RecordSamples(Callback):
         generator.generate = recorded
 
 
-def on_policy_samples(tiny, pc_data, tmp_path, student: str) -> list[list[int]]:
+def on_policy_samples(tiny, pc_one_word, tmp_path, student: str) -> list[list[int]]:
     """Every sample of a 2-step on-policy run (every micro-batch sampled) of `student` against the tiny teacher."""
     record = RecordSamples()
     cfg = op_cfg(
         tiny,
-        pc_data,
+        pc_one_word,
         tmp_path / "run",
         student=student,
         on_policy_fraction=1.0,
@@ -131,24 +116,24 @@ def on_policy_samples(tiny, pc_data, tmp_path, student: str) -> list[list[int]]:
     return record.samples
 
 
-def test_on_policy_stops_at_the_models_own_eos_list(tiny, pc_data, dist_env, tmp_path, end_model):
+def test_on_policy_stops_at_the_models_own_eos_list(tiny, pc_one_word, dist_env, tmp_path, end_model):
     """A student whose generation_config.json ends turns with <|end|>: every sample ends at its first <|end|> (kept,
     supervised once), none runs on past it."""
     path, end = end_model
-    samples = on_policy_samples(tiny, pc_data, tmp_path, path)
+    samples = on_policy_samples(tiny, pc_one_word, tmp_path, path)
     stops = {tiny["tokenizer"].eos_token_id, end}
     assert all(ends_at_first_stop(s, stops) for s in samples), samples
     ended = [s for s in samples if s[-1] == end]
     assert len(ended) >= len(samples) // 2 and any(len(s) > 1 for s in ended), samples
 
 
-def test_generate_and_evaluate_stop_at_the_models_own_eos_list(tiny, pc_data, tmp_path, end_model):
+def test_generate_and_evaluate_stop_at_the_models_own_eos_list(tiny, pc_one_word, tmp_path, end_model):
     from ds_distill import evaluate, generate
 
     path, end = end_model
     tok = tiny["tokenizer"]
     out = tmp_path / "out.jsonl"
-    args = ["--model", path, "--data", pc_data, "--output", str(out), "--max_new_tokens", "12", "--seed", "1"]
+    args = ["--model", path, "--data", pc_one_word, "--output", str(out), "--max_new_tokens", "12", "--seed", "1"]
     assert generate.main(args) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 48
@@ -157,7 +142,7 @@ def test_generate_and_evaluate_stop_at_the_models_own_eos_list(tiny, pc_data, tm
     assert sum(r["completion"] == "" for r in records) < 24 and any(r["completion"] for r in records)
 
     got = evaluate.generation_nll(
-        path, pc_data, teacher_dir=tiny["teacher"], seq_len=24, max_new_tokens=12, seed=0, batch_size=8
+        path, pc_one_word, teacher_dir=tiny["teacher"], seq_len=24, max_new_tokens=12, seed=0, batch_size=8
     )
     samples = [s["completion_ids"] for s in got["samples"]]
     stops = {tok.eos_token_id, end}
@@ -166,23 +151,23 @@ def test_generate_and_evaluate_stop_at_the_models_own_eos_list(tiny, pc_data, tm
     assert got["gen_eos_fraction"] == sum(s[-1] in stops for s in samples) / len(samples)
 
 
-def test_on_policy_never_samples_padding_rows(tiny, pc_data, dist_env, tmp_path, pad_model):
+def test_on_policy_never_samples_padding_rows(tiny, pc_one_word, dist_env, tmp_path, pad_model):
     """A student with 8 padding rows beyond the tokenizer, its favourite a padding id: on-policy training runs and
     every sampled token is a real one (the teacher has no row for the others)."""
     path, _ = pad_model
-    samples = on_policy_samples(tiny, pc_data, tmp_path, path)
+    samples = on_policy_samples(tiny, pc_one_word, tmp_path, path)
     assert all(t < len(tiny["tokenizer"]) for s in samples for t in s), samples
     assert sum(map(len, samples)) > 4 * len(samples)  # real tokens were sampled, not a stop at once
 
 
-def test_generate_and_evaluate_never_sample_padding_rows(tiny, pc_data, tmp_path, pad_model):
+def test_generate_and_evaluate_never_sample_padding_rows(tiny, pc_one_word, tmp_path, pad_model):
     """generate's greedy completion is the model's own argmax over the real vocabulary; evaluate's samples are
     real tokens the teacher can score."""
     from ds_distill import evaluate, generate
 
     path, _ = pad_model
     tok = tiny["tokenizer"]
-    prompts = [json.loads(line)["prompt"] for line in open(pc_data).readlines()[:4]]
+    prompts = [json.loads(line)["prompt"] for line in open(pc_one_word).readlines()[:4]]
     src = tmp_path / "prompts.jsonl"
     src.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     out = tmp_path / "out.jsonl"
@@ -203,7 +188,7 @@ def test_generate_and_evaluate_never_sample_padding_rows(tiny, pc_data, tmp_path
         assert r["completion"] == tok.decode(new) != ""
 
     got = evaluate.generation_nll(
-        path, pc_data, teacher_dir=tiny["teacher"], seq_len=24, max_new_tokens=8, seed=0, batch_size=8
+        path, pc_one_word, teacher_dir=tiny["teacher"], seq_len=24, max_new_tokens=8, seed=0, batch_size=8
     )
     assert all(t < len(tok) for s in got["samples"] for t in s["completion_ids"])
     assert got["gen_tokens"] > 4 * got["gen_prompts"] and math.isfinite(got["gen_nll"])
