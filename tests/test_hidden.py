@@ -19,6 +19,11 @@ from ds_distill.student_init import make_student
 from tests.helpers import ds_json, losses_of, make_cfg, projection_json, run_main, tiny_args
 
 
+def stepped_cfg(tiny, tmp_path, out: str, **kw):
+    """``make_cfg`` with a constant learning rate of 1e-2 (``ds_json``): steps that move the loss."""
+    return make_cfg(tiny, tmp_path / out, deepspeed_config=ds_json(tmp_path), **kw)
+
+
 def ref_hidden(kind, x, y):
     """Per-token reference in float64, written plainly (no shared code with ds_distill.losses.hidden)."""
     d = x - y
@@ -122,16 +127,8 @@ def test_whole_teacher_copy_has_zero_loss_and_gradient(tiny, tmp_path, kind):
 def test_train_logs_hidden_per_pair_and_keeps_only_mapped_layers(tiny, dist_env, tmp_path):
     """--hidden_loss on the entry point: `hidden` and one metric per pair in the train log lines, the total moves by
     hidden_weight x hidden, the teacher keeps exactly one tensor per pair and never asks for every hidden state."""
-    base = train.run(make_cfg(tiny, tmp_path / "a", max_steps=1, deepspeed_config=ds_json(tmp_path)))
-    cfg = make_cfg(
-        tiny,
-        tmp_path / "b",
-        max_steps=1,
-        deepspeed_config=ds_json(tmp_path),
-        hidden_loss="mse",
-        hidden_weight=0.5,
-        hidden_layers="0:1",
-    )
+    base = train.run(stepped_cfg(tiny, tmp_path, "a", max_steps=1))
+    cfg = stepped_cfg(tiny, tmp_path, "b", max_steps=1, hidden_loss="mse", hidden_weight=0.5, hidden_layers="0:1")
     trainer = train.run(cfg)
     h = trainer.history[0]
     assert {"Train/hidden", "Train/hidden_s0_t1"} <= set(h)
@@ -199,17 +196,8 @@ def test_refusals_are_one_line(tiny, wide, dist_env, tmp_path, capsys):
 
 def test_hidden_off_keeps_the_objective(tiny, dist_env, tmp_path):
     """--hidden_weight 0 adds nothing: the same curve as without --hidden_loss (the golden curve covers off)."""
-    a = train.run(make_cfg(tiny, tmp_path / "a", deepspeed_config=ds_json(tmp_path)))
-    b = train.run(
-        make_cfg(
-            tiny,
-            tmp_path / "b",
-            deepspeed_config=ds_json(tmp_path),
-            hidden_loss="nmse",
-            hidden_weight=0.0,
-            hidden_layers="even",
-        )
-    )
+    a = train.run(stepped_cfg(tiny, tmp_path, "a"))
+    b = train.run(stepped_cfg(tiny, tmp_path, "b", hidden_loss="nmse", hidden_weight=0.0, hidden_layers="even"))
     assert losses_of(a) == pytest.approx(losses_of(b), rel=1e-6, abs=1e-7)
     assert all(v > 0 for v in losses_of(b, "Train/hidden"))
 
@@ -220,15 +208,7 @@ HIDDEN_GOLDEN = Path(__file__).resolve().parent / "golden" / "hidden_curve.json"
 def test_equal_hidden_sizes_build_no_projection_and_keep_the_golden_curve(tiny, dist_env, tmp_path):
     """Student and teacher of one width: no projection is built (the student engine holds only the model's
     parameters) and a fixed --hidden_loss run gives the curve recorded before projections existed (tests/golden/)."""
-    cfg = make_cfg(
-        tiny,
-        tmp_path / "g",
-        max_steps=4,
-        deepspeed_config=ds_json(tmp_path),
-        hidden_loss="cosine",
-        hidden_weight=2.0,
-        hidden_layers="0:1",
-    )
+    cfg = stepped_cfg(tiny, tmp_path, "g", max_steps=4, hidden_loss="cosine", hidden_weight=2.0, hidden_layers="0:1")
     trainer = train.run(cfg)
     names = [n for n, _ in trainer.student.module.named_parameters()]
     assert not any("projection" in n for n in names), names

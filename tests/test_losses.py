@@ -477,29 +477,18 @@ def test_vocab_size_equals_slicing_by_hand(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_two_teacher_mixture_matches_hand_computed(kind):
     student, teachers, labels = make(14, k=2)
-    kw = dict(loss=kind, alpha=0.2, temperature=1.5, beta=0.3, skew=0.4)
+    hp = dict(alpha=0.2, temperature=1.5, beta=0.3, skew=0.4)
+    kw = dict(loss=kind, **hp)
     for weights in [None, [1.0, 3.0], torch.tensor([0.5, 0.5])]:
         out = loss_sums(student, teachers, labels, teacher_weights=weights, **kw)
-        total, _, _, _ = ref_terms(
-            student.detach(),
-            teachers,
-            labels,
-            weights=weights,
-            kind=kind,
-            alpha=0.2,
-            temperature=1.5,
-            beta=0.3,
-            skew=0.4,
-        )
+        total, _, _, _ = ref_terms(student.detach(), teachers, labels, weights=weights, kind=kind, **hp)
         close(out.total, total.sum())
     # per-token weights [B, T, K]
     g = torch.Generator().manual_seed(0)
     per_token = torch.softmax(torch.randn(B, T, 2, generator=g), -1)
     out = loss_sums(student, teachers, labels, teacher_weights=per_token, **kw)
     s64 = student.detach().double().requires_grad_()
-    total, _, _, _ = ref_terms(
-        s64, teachers, labels, weights=per_token, kind=kind, alpha=0.2, temperature=1.5, beta=0.3, skew=0.4
-    )
+    total, _, _, _ = ref_terms(s64, teachers, labels, weights=per_token, kind=kind, **hp)
     close(out.total, total.sum())
     close(torch.autograd.grad(out.total, student)[0], torch.autograd.grad(total.sum(), s64)[0], rtol=1e-4)
     # and the chunked path with per-token weights
@@ -590,13 +579,13 @@ def test_fused_matches_float64_reference(kind, variant):
     labels[torch.rand(B, T, generator=g) < 0.3] = IGNORE_INDEX
     labels[0, 0] = 2
     n = int((labels != IGNORE_INDEX).sum())
-    kw = dict(kind=kind, alpha=0.3, temperature=2.0, beta=0.3, skew=0.2)
+    hp = dict(alpha=0.3, temperature=2.0, beta=0.3, skew=0.2)
     params = [hidden, lin.weight] + ([lin.bias] if lin.bias is not None else [])
     p64 = [p.detach().double().requires_grad_() for p in params]
     z64 = torch.nn.functional.linear(p64[0], p64[1], p64[2] if len(p64) > 2 else None)
     z64 = z64 if head.transform is None else head.transform(z64)
     t64 = torch.nn.functional.linear(t_hidden.double(), t_head.weight.double(), t_head.bias.double()).detach()
-    total64, ce64, kd64, _ = ref_terms(z64[..., :V], [t64[..., :V]], labels, **kw)
+    total64, ce64, kd64, _ = ref_terms(z64[..., :V], [t64[..., :V]], labels, kind=kind, **hp)
     g64 = torch.autograd.grad(total64.sum(), p64)
     for chunk_size, num_chunks in [(1, None), (4, None), (n + 5, None), (4, -(-n // 4) + 2)]:
         out = chunked_loss_sums(
@@ -609,10 +598,7 @@ def test_fused_matches_float64_reference(kind, variant):
             num_chunks=num_chunks,
             vocab_size=V,
             loss=kind,
-            alpha=0.3,
-            temperature=2.0,
-            beta=0.3,
-            skew=0.2,
+            **hp,
         )
         close(out.total, total64.sum())
         close(out.ce_per_seq, ce64.sum(1))

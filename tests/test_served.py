@@ -26,6 +26,7 @@ from ds_distill.teachers import cache_format
 from ds_distill.teachers import served as served_mod
 from ds_distill.teachers.ensemble import MixedTeachers
 from ds_distill.teachers.server_client import ServerClient, ServerUnavailable
+from tests.helpers import ds_json, losses_of, make_cfg
 
 pytestmark = pytest.mark.vllm
 
@@ -33,42 +34,16 @@ REPLICATED = str(REPO_CONFIGS / "cpu_teacher_replicated.json")
 AGREEMENT = dict(rel=2e-5, abs=1e-6)  # server float32 vs the live teacher's float32, through 2-3 AdamW steps
 
 
-def ds_json(tmp_path: Path, **over) -> str:
-    d = json.loads((REPO_CONFIGS / "cpu_zero3.json").read_text())
-    d.pop("scheduler", None)
-    d["optimizer"]["params"]["lr"] = 1e-2  # steps that move the loss
-    d.update(over)
-    p = tmp_path / f"ds{len(list(tmp_path.glob('ds*.json')))}.json"
-    p.write_text(json.dumps(d))
-    return str(p)
-
-
 def cfg(served, tmp_path, out: str, **kw) -> RunConfig:
-    base = dict(
-        student=served["student"],
-        data=served["data"],
-        output_dir=str(tmp_path / out),
-        deepspeed_config=ds_json(tmp_path),
-        teacher_deepspeed_config=REPLICATED,
-        max_steps=3,
-        seq_len=48,
-        log_steps=1,
-        eval_fraction=0.1,
-        eval_batches=2,
-        export=False,
-        chunk_size=16,
-        seed=0,
-    )
-    base.update(kw)
-    return RunConfig(**base)
+    """``make_cfg``'s run on the served pair: no teacher unless one is named, the replicated teacher JSON, 48 tokens,
+    an evaluation of 2 batches."""
+    base = dict(teacher=[], deepspeed_config=ds_json(tmp_path), teacher_deepspeed_config=REPLICATED, seq_len=48)
+    base.update(eval_fraction=0.1, eval_batches=2)
+    return make_cfg(served, tmp_path / out, **{**base, **kw})
 
 
 def run(c: RunConfig):
     return train.run(c, train.default_callbacks(c))
-
-
-def curve(trainer, key="Train/loss"):
-    return [h[key] for h in trainer.history if key in h]
 
 
 # ---------------------------------------------------------------------------------------------- connect checks
@@ -116,10 +91,10 @@ def test_served_teacher_trains_like_the_live_teacher(served, dist_env, tmp_path,
     live = run(cfg(served, tmp_path, "live", teacher=[served["teacher"]], **kw))
     srv = run(cfg(served, tmp_path, "served", teacher_url=[served["url"]], teacher_reference=[served["teacher"]], **kw))
     assert isinstance(srv.teachers, served_mod.ServedTeacher)
-    a = curve(live)
+    a = losses_of(live)
     assert len(a) == 3 and abs(a[0] - a[-1]) > 1e-3, "the steps must move the loss"
     for key in ("Train/loss", "Train/kd", "Train/grad_norm", "Eval/kd"):
-        assert curve(srv, key) == pytest.approx(curve(live, key), **AGREEMENT), key
+        assert losses_of(srv, key) == pytest.approx(losses_of(live, key), **AGREEMENT), key
 
 
 def test_a_live_and_a_served_teacher_train_like_the_live_ensemble(served, dist_env, tmp_path):
@@ -133,10 +108,10 @@ def test_a_live_and_a_served_teacher_train_like_the_live_ensemble(served, dist_e
     live = run(cfg(served, tmp_path, "live", teacher=[other, served["teacher"]], **kw))
     mixed = run(cfg(served, tmp_path, "mixed", teacher=[other], teacher_url=[served["url"]], **kw))
     assert isinstance(mixed.teachers, MixedTeachers)
-    a = curve(live)
+    a = losses_of(live)
     assert len(a) == 3 and abs(a[0] - a[-1]) > 1e-3, "the steps must move the loss"
     for key in ("Train/loss", "Train/kd", "Train/grad_norm", "Eval/kd"):
-        assert curve(mixed, key) == pytest.approx(curve(live, key), **AGREEMENT), key
+        assert losses_of(mixed, key) == pytest.approx(losses_of(live, key), **AGREEMENT), key
 
 
 def test_cache_written_from_the_server_trains_like_the_local_teachers_cache(served, dist_env, tmp_path):
@@ -178,7 +153,7 @@ def test_cache_written_from_the_server_trains_like_the_local_teachers_cache(serv
         for name in ("local", "remote")
     }
     for key in ("Train/loss", "Train/grad_norm"):
-        assert curve(runs["remote"], key) == pytest.approx(curve(runs["local"], key), **AGREEMENT), key
+        assert losses_of(runs["remote"], key) == pytest.approx(losses_of(runs["local"], key), **AGREEMENT), key
 
 
 # ------------------------------------------------------------------------------------------------- faults
@@ -280,7 +255,7 @@ def test_faults_are_retried_or_stop_at_a_checkpoint_and_resume_the_same_curve(se
         )
     )
     assert proxy.faults == [] and retried.exit_code == 0
-    assert curve(retried) == pytest.approx(curve(ref), rel=1e-6, abs=1e-7)
+    assert losses_of(retried) == pytest.approx(losses_of(ref), rel=1e-6, abs=1e-7)
     # down for longer than the retries: the run saves its last finished step and exits 75; --resume continues
     # the probe and the first two micro-batches pass (one per step, drawn two ahead); the third's request fails
     proxy.seen, proxy.healthy = 0, 1 + 2
@@ -292,7 +267,7 @@ def test_faults_are_retried_or_stop_at_a_checkpoint_and_resume_the_same_curve(se
     proxy.faults = []
     resumed = run(cfg(served, tmp_path, out, teacher_url=[proxy.url], resume=True, **fast))
     assert resumed.exit_code == 0 and resumed.step == 4
-    assert curve(stopped) + curve(resumed) == pytest.approx(curve(ref), rel=1e-6, abs=1e-7)
+    assert losses_of(stopped) + losses_of(resumed) == pytest.approx(losses_of(ref), rel=1e-6, abs=1e-7)
 
 
 def test_cache_from_a_dead_server_exits_75_and_the_same_command_finishes_it(served, dist_env, tmp_path, proxy, capsys):
@@ -440,4 +415,4 @@ def test_two_ranks_sharing_one_server_equal_one_rank(served, dist_env, tmp_path)
             eval_fraction=0.0,
         )
     )
-    assert len(two) == 3 and two == pytest.approx(curve(one), rel=1e-5, abs=1e-6)
+    assert len(two) == 3 and two == pytest.approx(losses_of(one), rel=1e-5, abs=1e-6)
