@@ -170,6 +170,11 @@ class RunConfig:
         "Fraction of micro-batches (seeded, GKD's lambda) whose completions the student samples for the example's "
         "prompt; the loss then covers the sampled tokens only. 0 = off-policy (the dataset's completions).",
     )
+    on_policy_sampler: str = flag(
+        "student",
+        "On-policy: which model writes the completions: student (GKD, MiniLLM) or teacher (one live --teacher: the "
+        "target's own samples, as DistillSpec distils a draft for speculative decoding; recipes/draft.yaml).",
+    )
     max_new_tokens: int = flag(
         128, "On-policy: most tokens sampled per prompt (the sequence still stops at --seq_len)."
     )
@@ -378,6 +383,7 @@ class RunConfig:
                 "--on_policy_fraction needs one example per sequence whose prompt is unsupervised: drop --packing / "
                 "--train_on_prompt"
             )
+        problems.extend(_sampler_problems(self))
         if self.max_new_tokens < 1 or self.generation_temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             problems.append(
                 f"generation flags out of range (--max_new_tokens {self.max_new_tokens} >= 1, --generation_temperature "
@@ -467,6 +473,27 @@ def _hidden_problems(cfg: RunConfig) -> list[str]:
         problems.append(
             "--hidden_loss compares states token by token: a teacher with another tokenizer (--cross_tokenizer) has "
             "other tokens; drop one of them"
+        )
+    return problems
+
+
+def _sampler_problems(cfg: RunConfig) -> list[str]:
+    if cfg.on_policy_sampler not in ("student", "teacher"):
+        return [f"--on_policy_sampler {cfg.on_policy_sampler!r} must be student or teacher"]
+    if cfg.on_policy_sampler == "student":
+        return []
+    problems = []
+    if not cfg.on_policy_fraction:
+        problems.append("--on_policy_sampler teacher needs --on_policy_fraction > 0 (the micro-batches it samples)")
+    if len(cfg.teacher) != 1 or cfg.teacher_cache or cfg.teacher_url:
+        problems.append(
+            "--on_policy_sampler teacher samples from one live model: pass exactly one --teacher (no ensemble, "
+            "--teacher_cache or --teacher_url)"
+        )
+    if cfg.alpha == 1.0:
+        problems.append(
+            "--on_policy_sampler teacher needs the teacher loaded, which --alpha 1 skips: use --alpha < 1 (or write "
+            "the teacher's samples once with python -m ds_distill.generate and train on them)"
         )
     return problems
 

@@ -26,7 +26,7 @@ from ds_distill.ds_config import DSConfig, default_ds_configs, default_zero1_con
 from ds_distill.losses.objective import Objective
 from ds_distill.runtime import distributed, monitors
 from ds_distill.runtime.callbacks import Callback
-from ds_distill.teachers import cache_reader, ensemble, hidden, served
+from ds_distill.teachers import acceptance, cache_reader, ensemble, hidden, served
 from ds_distill.teachers.live import AlignmentReport, CrossTokenizerTeacher, LiveTeachers, TeacherSource
 
 log = logging.getLogger("ds_distill")
@@ -234,7 +234,8 @@ def teacher_source(cfg: RunConfig, run_data: Data, engines: Models) -> TeacherSo
     the live teacher engines, or live engines beside caches or servers as one ensemble (``ensemble.MixedTeachers``);
     with --hidden_loss, wrapped to add the hidden-state loss (``teachers.hidden``: live engines only, refused
     otherwise); with --on_policy_anchor, wrapped to add the CE on the dataset's completions of the sampled
-    micro-batches (``on_policy.anchor``)."""
+    micro-batches (``on_policy.anchor``); with --loss tvd and one live teacher, wrapped to log the expected
+    acceptance rate of the student as its draft (``teachers.acceptance``)."""
     splits = {"train": "data", "eval": "eval_data" if cfg.eval_data else "data"}
     sparse = None  # the caches and servers: top-K plus a tail
     if run_data.servers:
@@ -258,10 +259,11 @@ def teacher_source(cfg: RunConfig, run_data: Data, engines: Models) -> TeacherSo
         source = CrossTokenizerTeacher(engines.teachers[0], cfg.cross_tokenizer, maps)
     else:
         source = LiveTeachers(engines.teachers)
+    one_live_teacher = isinstance(source, LiveTeachers) and len(engines.teachers) == 1
     source = hidden.wrap(cfg, source, engines.student)  # --hidden_loss: hooks on the mapped layers, else unchanged
-    return on_policy.anchor.wrap(
-        cfg, source, engines.student
-    )  # --on_policy_anchor: + W x CE on the data, else unchanged
+    source = on_policy.anchor.wrap(cfg, source, engines.student)  # --on_policy_anchor: + W x CE on the data
+    # --loss tvd with one live teacher: + the draft's expected acceptance rate 1 - TVD, logged (adds no loss)
+    return acceptance.wrap(cfg, source, one_live_teacher=one_live_teacher)
 
 
 # ------------------------------------------------------------------------------------------------- 5. stream
@@ -298,11 +300,10 @@ def batch_stream(cfg: RunConfig, run: Configs, run_data: Data, engines: Models, 
         stream = served.ServedStream(stream, server_part, ahead=2 * run.student.grad_accum)
         callbacks.append(ServedGuard(stream, run.student.grad_accum))
     # After the prefetcher (data only, on its thread): generation's collectives stay on the main thread.
-    if cfg.on_policy_fraction:  # the student writes a seeded fraction of the completions
+    if cfg.on_policy_fraction:  # the student (or the one teacher) writes a seeded fraction of the completions
         on_policy.check_prompts(run_data.train, repr(cfg.data))
-        stream = on_policy.wrap(
-            cfg, stream, engines.student, run_data.tokenizer, world=world, rank_memory=run.rank_memory
-        )
+        sampler = engines.teachers[0] if cfg.on_policy_sampler == "teacher" else engines.student
+        stream = on_policy.wrap(cfg, stream, sampler, run_data.tokenizer, world=world, rank_memory=run.rank_memory)
         callbacks.append(on_policy.monitor(cfg, stream))  # generation rate and collapse monitors
     return Stream(stream, callbacks)
 

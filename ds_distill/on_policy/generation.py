@@ -194,11 +194,13 @@ def _plain_copy(module, device: torch.device) -> nn.Module:
 
 
 def make_generator(
-    engine, tokenizer, *, world_size: int, rank_memory: int, gather: str = "auto"
+    engine, tokenizer, *, world_size: int, rank_memory: int, gather: str = "auto", who: str = "student"
 ) -> tuple[HFGenerator, str]:
-    """(generator over the student engine, why this mode) -- direct, whole or layered, see the module docstring;
-    ``gather`` "whole" / "layered" forces a ZeRO-3 mode, "auto" picks by fit. Every mode stops at the student's own
-    stop tokens (its generation_config.json, then the tokenizer's eos) and never samples its padding rows."""
+    """(generator over ``engine``, why this mode) -- direct, whole or layered, see the module docstring; ``gather``
+    "whole" / "layered" forces a ZeRO-3 mode, "auto" picks by fit. Every mode stops at the model's own stop tokens
+    (its generation_config.json, then the tokenizer's eos) and never samples its padding rows. ``engine``: the
+    student's, or a frozen teacher's (``who`` names it in the reason; nothing of it trains, so its whole copy is
+    gathered once per run)."""
     from ds_distill.models import REPLICATE_FRACTION
 
     lm = engine.module.lm
@@ -206,14 +208,15 @@ def make_generator(
     if engine.zero_optimization_stage() < 3:
         return HFGenerator(
             lambda: lm, tokenizer, synced=False, **kw
-        ), "direct: the student is whole on every rank (ZeRO < 3)"
+        ), f"direct: the {who} is whole on every rank (ZeRO < 3)"
     need = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in lm.parameters())
     budget = REPLICATE_FRACTION * rank_memory
-    size = f"student {need / 2**30:.2f} GiB vs {REPLICATE_FRACTION:.0%} of {rank_memory / 2**30:.1f} GiB per rank"
+    size = f"{who} {need / 2**30:.2f} GiB vs {REPLICATE_FRACTION:.0%} of {rank_memory / 2**30:.1f} GiB per rank"
+    trains = any(p.requires_grad for p in lm.parameters())
     if gather == "whole" or (gather == "auto" and need <= budget):
         return HFGenerator(
             _WholeCopy(engine), tokenizer, synced=False, **kw
-        ), f"whole: gathered once per optimizer step ({size})"
+        ), f"whole: gathered once {'per optimizer step' if trains else 'per run (frozen)'} ({size})"
     return HFGenerator(
         lambda: lm, tokenizer, synced=world_size > 1, **kw
     ), f"layered: ZeRO-3 gathers per layer per token ({size})"

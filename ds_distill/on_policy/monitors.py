@@ -105,7 +105,15 @@ class CollapseWatch:
 
 def monitor(cfg, stream) -> "GenerationMonitor":
     """The on-policy run's monitor callback, its thresholds from ``--collapse_distinct2_floor`` and
-    ``--collapse_self_nll_fraction``."""
+    ``--collapse_self_nll_fraction``. With ``--on_policy_sampler teacher`` both warnings are off (logged once): the
+    frozen teacher's samples cannot collapse onto the student, and the student's NLL of them (``self_nll``, then the
+    student's CE on the teacher's text) falls as it learns."""
+    if cfg.on_policy_sampler == "teacher":
+        import torch.distributed as dist
+
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            log.info("on-policy: the teacher samples; the collapse warnings are off (its samples cannot collapse)")
+        return GenerationMonitor(stream, CollapseWatch(0.0, 0.0))
     return GenerationMonitor(stream, CollapseWatch(cfg.collapse_distinct2_floor, cfg.collapse_self_nll_fraction))
 
 

@@ -150,19 +150,26 @@ def check_prompts(dataset, where: str) -> None:
         )
 
 
-def wrap(cfg, stream, student, tokenizer, *, world, rank_memory: int) -> OnPolicyStream:
-    """The training stream of ``--on_policy_fraction`` > 0, with its generator chosen by fit (logged on rank 0)."""
+def wrap(cfg, stream, sampler, tokenizer, *, world, rank_memory: int) -> OnPolicyStream:
+    """The training stream of ``--on_policy_fraction`` > 0, with its generator chosen by fit (logged on rank 0).
+
+    sampler: the engine that writes the completions, ``--on_policy_sampler``'s: the student's (GKD), or the one live
+    teacher's (the target's own samples, DistillSpec's draft recipe; its stop tokens and padding rows are its own, its
+    vocabulary the student's: the two share a tokenizer). A frozen teacher under ZeRO-3 is gathered into its whole
+    copy once per run (``generation._WholeCopy``: its step count never moves), or generates layer by layer."""
     generator, why = make_generator(
-        student,
+        sampler,
         tokenizer,
         world_size=world.world_size,
         rank_memory=rank_memory,
         gather=cfg.generation_gather,
+        who=cfg.on_policy_sampler,
     )
     if world.rank == 0:
         log.info(
-            "on-policy: %.0f%% of micro-batches sampled by the student; generation %s",
+            "on-policy: %.0f%% of micro-batches sampled by the %s; generation %s",
             100 * cfg.on_policy_fraction,
+            cfg.on_policy_sampler,
             why,
         )
     sampling = Sampling(cfg.max_new_tokens, cfg.generation_temperature, cfg.top_p, cfg.top_k)
