@@ -2,9 +2,7 @@
 variation distance, and the logged expected acceptance rate (ds_distill/teachers/acceptance.py), checked against a
 simulated speculative sampler on tiny models, in process."""
 
-import json
 import math
-import random
 from types import SimpleNamespace
 
 import pytest
@@ -21,14 +19,13 @@ from ds_distill.teachers.live import LiveTeachers
 from tests.helpers import ROOT, ds_json, flags, make_cfg
 
 RECIPE = ROOT / "recipes" / "draft.yaml"
-WORDS = "the quick brown fox jumps over the lazy dog while a small cat sleeps in the warm sun".split()
 
 
 @pytest.fixture(scope="module")
 def draft_pair(tiny, tmp_path_factory):
     """The tiny teacher and student with their final norms scaled by 10 and 6: random tiny models are nearly uniform
     (every draft accepted) and, scaled alike, both repeat the last token; so the teacher is peaked and the student
-    flatter, and the two differ visibly. And prompt/completion data."""
+    flatter, and the two differ visibly."""
     root = tmp_path_factory.mktemp("draft")
     out = {}
     for name, scale in (("teacher", 10.0), ("student", 6.0)):
@@ -38,12 +35,7 @@ def draft_pair(tiny, tmp_path_factory):
         lm.save_pretrained(root / name)
         tiny["tokenizer"].save_pretrained(root / name)
         out[name] = str(root / name)
-    rng = random.Random(3)
-    with open(root / "pc.jsonl", "w") as fh:
-        for _ in range(32):
-            prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8)))
-            fh.write(json.dumps({"prompt": prompt, "completion": " " + rng.choice(WORDS)}) + "\n")
-    return {**out, "data": str(root / "pc.jsonl")}
+    return out
 
 
 class Recorder:
@@ -63,7 +55,7 @@ class Recorder:
         self.stream.load_state_dict(state)
 
 
-def test_draft_recipe_logs_the_acceptance_a_speculative_sampler_measures(tiny, draft_pair, dist_env, tmp_path):
+def test_draft_recipe_logs_the_acceptance_a_speculative_sampler_measures(tiny, draft_pair, pc_data, dist_env, tmp_path):
     """The shipped recipe, one step of micro-batch 4 x accumulation 2: the completions are the teacher's own seeded
     samples, and the logged train_acceptance (1 - TVD per sampled token) equals the rate at which a simulated
     speculative sampler (Leviathan et al. 2023: the draft proposes x ~ q, the target accepts with min(1, p(x) / q(x)))
@@ -72,7 +64,7 @@ def test_draft_recipe_logs_the_acceptance_a_speculative_sampler_measures(tiny, d
     argv = ["--config", str(RECIPE)] + flags(
         teacher=draft_pair["teacher"],
         student=draft_pair["student"],
-        data=draft_pair["data"],
+        data=pc_data,
         output_dir=tmp_path / "run",
         deepspeed_config=ds_json(tmp_path, train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=2),
         teacher_deepspeed_config=REPO_CONFIGS / "cpu_teacher_zero3.json",
@@ -121,7 +113,6 @@ def test_draft_recipe_logs_the_acceptance_a_speculative_sampler_measures(tiny, d
     measured = accepted.mean().item()
     se = math.sqrt((accepted.var(1) / draws).sum().item()) / n
     exact = torch.minimum(p, q).sum(-1).mean().item()
-    print("DRAFTVALS", n, logged, measured, se, exact)
     assert n > 50 and 0.2 < exact < 0.9, "the pair should disagree visibly"
     assert abs(logged - measured) < 3 * se, (logged, measured, se)
     assert abs(logged - exact) < 1e-4, (logged, exact)
