@@ -26,6 +26,7 @@ from ds_distill import models
 from ds_distill.common import UsageError
 from ds_distill.config import RunConfig, flag, parse_args
 from ds_distill.core.build import teacher_ds_config, tokenise
+from ds_distill.data.loading import missing_paths
 from ds_distill.extras.preemption import PREEMPTED_EXIT_CODE
 from ds_distill.runtime import distributed
 from ds_distill.teachers import cache_format, cache_writer, served
@@ -119,6 +120,7 @@ def validate(cfg) -> None:
     for name in ("data", "output_dir"):
         if not getattr(cfg, name):
             problems.append(f"--{name} is required")
+    problems += missing_paths(cfg.data, cfg.eval_data)
     for name in ("top_k", "batch_size", "shard_examples", "seq_len"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name} {getattr(cfg, name)} must be >= 1")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ds_distill.common import UsageError
-from ds_distill.data.loading import FORMATS
+from ds_distill.data.loading import FORMATS, missing_paths
 from ds_distill.losses.cross_tokenizer import CROSS_TOKENIZER
 from ds_distill.losses.divergences import ENTROPY_THRESHOLD, LOSSES
 from ds_distill.losses.hidden import HIDDEN_LOSSES
@@ -309,6 +309,7 @@ class RunConfig:
                 problems.append(f"model directory {path!r} does not exist: pass a folder with config.json")
             elif path and not (Path(path) / "config.json").is_file():
                 problems.append(f"{path!r} has no config.json: pass a Hugging Face model folder")
+        problems += missing_paths(self.data, self.eval_data)
         for name in ("deepspeed_config", "teacher_deepspeed_config", "chat_template"):
             value = getattr(self, name)
             if value and not Path(value).is_file():

@@ -209,6 +209,27 @@ def test_bad_input_is_one_line(tiny, tmp_path, capsys, keep_process_group, chang
     assert code == 2 and len(errors) == 1 and message in errors[0], errors
 
 
+def test_a_missing_data_path_is_refused_before_the_process_group(tiny, tmp_path, capsys, monkeypatch):
+    """A missing --data or --eval_data file is refused with the flags (``RunConfig.validate``, cache_teacher's
+    ``validate``), before the process group starts, where DeepSpeed's log lines and the merged config dump begin: the
+    one line comes first (a fresh-user trial saw it after them)."""
+    from ds_distill import cache_teacher
+    from ds_distill.runtime import distributed
+
+    def no_process_group():
+        raise AssertionError("the process group started before the missing data path was refused")
+
+    monkeypatch.setattr(distributed, "init_distributed", no_process_group)
+    missing = str(tmp_path / "missing.jsonl")
+    args = base_args(tiny, tmp_path / "o")
+    for argv in ([x if x != tiny["data"] else missing for x in args], args + ["--eval_data", missing]):
+        code, errors = run_main(argv, capsys)
+        assert code == 2 and len(errors) == 1 and f"data path {missing!r} does not exist" in errors[0], errors
+    code = cache_teacher.main(["--teacher", tiny["teacher"], "--data", missing, "--output_dir", str(tmp_path / "c")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and f"data path {missing!r} does not exist" in errors[0], errors
+
+
 def test_empty_data_and_vocab_mismatch(tiny, tmp_path, capsys, keep_process_group):
     from tests import tiny as tiny_mod
 

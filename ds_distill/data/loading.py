@@ -37,6 +37,18 @@ def _looks_local(path: str) -> bool:
     return path.startswith(("/", "./", "../", "~")) or Path(path).suffix in _BUILDERS
 
 
+def missing_paths(*paths: str) -> list[str]:
+    """One line for each of ``paths`` (--data, --eval_data; "" = not given) that names a local file or folder that
+    does not exist; a path that reads as a hub dataset name is tried when loading. The configs' checks ask (before the
+    process group starts, so the line comes first), and so does ``load_raw``."""
+    return [
+        f"data path {p!r} does not exist: pass a .jsonl/.json/.parquet/.txt/.md file or folder, a save_to_disk folder, "
+        "or a hub dataset name"
+        for p in paths
+        if p and not Path(p).expanduser().exists() and _looks_local(p)
+    ]
+
+
 def _split_files(root: Path, split: str) -> list[Path] | None:
     """The files of ``split`` in a folder laid out as the Hub lays out a dataset (``data/train-00000-of-00001.parquet``,
     ``train.jsonl`` + ``test.jsonl``, ``train/`` ...), found by `datasets`' own split patterns; None for a folder
@@ -466,11 +478,8 @@ def load_raw(path: str, split: str) -> tuple[datasets.Dataset, list[Path] | None
         if builder == "text":
             files = None  # rows no longer follow lines; a text row is never null anyway
         return ds, files
-    if _looks_local(path):
-        raise UsageError(
-            f"data path {path!r} does not exist: pass a .jsonl/.json/.parquet/.txt/.md file or folder, a save_to_disk "
-            "folder, or a hub dataset name"
-        )
+    if problems := missing_paths(path):
+        raise UsageError(problems[0])
     try:
         return datasets.load_dataset(path, split=split), None
     except (datasets.exceptions.DatasetNotFoundError, FileNotFoundError) as exc:
