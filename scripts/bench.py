@@ -15,7 +15,7 @@ steps, each timed to the end of the device's work. Variants:
                       (the lm_head passed as a bare module: both heads run again in backward)
     plain_fused       the same with the lm_head as a losses.OutputHead: gradients computed in the forward
     teacher_forward   the teacher's forward alone (a ceiling, no student)
-    ds_z{0,1,2,3}[_teacher_zero3|_teacher_replicated][_full_logits|_checkpointed][_prefetch][_lora][_gc]
+    ds_z{0,1,2,3}[_teacher_zero3|_teacher_replicated][_full_logits|_checkpointed][_prefetch][_lora][_gc][_xtok_M]
                       ds_distill.core.build.build(RunConfig(...)) + Trainer.train_step, exactly as Trainer.fit calls it;
                       student ZeRO stage k; teacher placed as the toolkit chooses when no teacher JSON is given (by
                       fit: replicated on one rank), or forced to ZeRO-3 / replicated (stage 0); chunked loss
@@ -24,7 +24,16 @@ steps, each timed to the end of the device's work. Variants:
                       _prefetch: micro-batches drawn 2 ahead on a background thread, pinned on GPU
                       (--prefetch_batches 2);
                       _lora: a LoRA student (LORA_R on every linear layer of the decoder; only the adapters train);
-                      _gc: --gradient_checkpointing (the student's decoder layers recomputed in backward).
+                      _gc: --gradient_checkpointing (the student's decoder layers recomputed in backward);
+                      _xtok_alm, _xtok_vocab_map: a teacher of the same shape with another tokenizer
+                      (--xtok_tokenizer, else a byte-level BPE trained on the corpus), --cross_tokenizer M.
+
+Cross-tokenizer cost at the demo's shape (the demo's student and text, a teacher of SmolLM2-135M's shape with another
+tokenizer's vocabulary; the tokenizer folder any fast tokenizer, e.g. Mistral's Tekken converted from mistral-common's
+data with transformers' MistralConverter):
+
+    python scripts/bench.py --preset demo --micro_batch 4 --student_model STUDENT --data_file TRAIN.jsonl \
+        --xtok_tokenizer TOKENIZER --variants ds_z3,ds_z3_xtok_alm,ds_z3_xtok_vocab_map
 
 Both loops use loss 0.5 CE + 0.5 forward KL (T = 1) through ``ds_distill.losses``, AdamW (lr 1e-4, betas 0.9/0.95),
 gradient clipping 1.0 and micro-batches from ``ds_distill.data``. On GPU the DeepSpeed JSONs are the shipped bf16 ones
@@ -58,7 +67,8 @@ CONFIGS = ROOT / "ds_configs"
 REFERENCE = "plain_full"
 PLAIN = ("plain_full", "plain_chunked", "plain_fused", "teacher_forward")
 DS_VARIANT = re.compile(
-    r"^ds_z([0-3])(?:_teacher_(zero3|replicated))?(_full_logits|_checkpointed)?(_prefetch)?(_lora)?(_gc)?$"
+    r"^ds_z([0-3])(?:_teacher_(zero3|replicated))?(_full_logits|_checkpointed)?(_prefetch)?(_lora)?(_gc)?"
+    r"(?:_xtok_(alm|vocab_map))?$"
 )
 LORA_R = 16  # the _lora variants: rank 16 on every linear layer of the decoder (--lora_r 16 --lora_alpha 32)
 
@@ -130,6 +140,28 @@ def make_tokenizer(folder: Path, vocab: int):
     tok = PreTrainedTokenizerFast(
         tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
+    tok.save_pretrained(folder)
+    return tok
+
+
+def make_bpe_tokenizer(folder: Path, corpus: Path, vocab: int):
+    """A byte-level BPE of ``vocab`` tokens trained on the corpus's texts: another tokenizer than make_tokenizer's
+    (its words split into pieces), for the _xtok variants when no --xtok_tokenizer is given."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tk.train_from_iterator((json.loads(line)["text"] for line in corpus.open()), trainer=trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     tok.save_pretrained(folder)
     return tok
 
@@ -326,12 +358,14 @@ def toolkit_step(a: argparse.Namespace, device) -> Callable[[], None]:
     from ds_distill.core.build import build
 
     sds, tds, full = ds_configs(a.variant, Path(a.workdir), a.micro_batch, device.type == "cuda", a.zero_set)
+    xtok = DS_VARIANT.match(a.variant).group(7) or ""  # --cross_tokenizer method: the teacher of another tokenizer
     if "_checkpointed" in a.variant:
         from ds_distill.losses import chunked
 
         chunked.fusable = lambda head: False  # experiment only: the chunked loss's previous (checkpointed) path
     cfg = RunConfig(
-        teacher=[a.teacher],
+        teacher=[str(Path(a.workdir) / "xtok_teacher") if xtok else a.teacher],
+        cross_tokenizer=xtok,
         student=a.student,
         data=a.data,
         output_dir=str(Path(a.workdir) / "runs" / a.variant),
@@ -345,7 +379,7 @@ def toolkit_step(a: argparse.Namespace, device) -> Callable[[], None]:
         prefetch_batches=2 if "_prefetch" in a.variant else 0,
         lora_r=LORA_R if "_lora" in a.variant else 0,
         lora_alpha=2.0 * LORA_R if "_lora" in a.variant else 0.0,
-        gradient_checkpointing=a.variant.endswith("_gc"),
+        gradient_checkpointing=bool(DS_VARIANT.match(a.variant).group(6)),
     )
     trainer = build(cfg)
     if trainer.ds.grad_accum != 1:
@@ -463,6 +497,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(
             f"error: unknown --variants {bad}: use {', '.join(PLAIN)} or "
             f"ds_z{{0,1,2,3}}[_teacher_zero3|_teacher_replicated][_full_logits|_checkpointed][_prefetch][_lora][_gc]"
+            "[_xtok_alm|_xtok_vocab_map]"
         )
 
     import torch
@@ -471,11 +506,30 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     workdir = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="ds_distill_bench_"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        tok = make_tokenizer(workdir / "tok", preset.vocab)
-        n_teacher = make_model(workdir / "teacher", tok, preset.teacher, preset.vocab, a.seq_len, seed=1)
-        n_student = make_model(workdir / "student", tok, preset.student, preset.vocab, a.seq_len, seed=2)
-        rows_needed = (a.warmup + a.steps) * a.micro_batch + a.micro_batch
-        make_data(workdir / "train.jsonl", preset.vocab, a.seq_len, rows_needed)
+        data_file = Path(a.data_file) if a.data_file else workdir / "train.jsonl"
+        if not a.data_file:
+            rows_needed = (a.warmup + a.steps) * a.micro_batch + a.micro_batch
+            make_data(data_file, preset.vocab, a.seq_len, rows_needed)
+        if a.student_model:  # a real student: its weights and tokenizer; the teacher shares the tokenizer
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            student_dir, tok = Path(a.student_model), AutoTokenizer.from_pretrained(a.student_model)
+            n_student = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(student_dir).parameters())
+        else:
+            student_dir, tok = workdir / "student", make_tokenizer(workdir / "tok", preset.vocab)
+            n_student = make_model(student_dir, tok, preset.student, preset.vocab, a.seq_len, seed=2)
+        n_teacher = make_model(workdir / "teacher", tok, preset.teacher, len(tok), a.seq_len, seed=1)
+        xtok = ""
+        if any(DS_VARIANT.match(v) and DS_VARIANT.match(v).group(7) for v in variants):
+            from transformers import AutoTokenizer
+
+            other = (
+                AutoTokenizer.from_pretrained(a.xtok_tokenizer)
+                if a.xtok_tokenizer
+                else make_bpe_tokenizer(workdir / "xtok_tok", data_file, min(preset.vocab, 2048))
+            )
+            n_xtok = make_model(workdir / "xtok_teacher", other, preset.teacher, len(other), a.seq_len, seed=3)
+            xtok = f", _xtok teacher {n_xtok / 1e6:.1f}M params (vocab {len(other)})"
         env = {
             **os.environ,
             "WORLD_SIZE": "1",
@@ -506,9 +560,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 "--teacher",
                 str(workdir / "teacher"),
                 "--student",
-                str(workdir / "student"),
+                str(student_dir),
                 "--data",
-                str(workdir / "train.jsonl"),
+                str(data_file),
                 "--result",
                 str(result),
                 "--micro_batch",
@@ -538,7 +592,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         device = rows[0]["device"] if rows else "?"
         header = (
             f"preset {a.preset}: teacher {n_teacher / 1e6:.1f}M params, student {n_student / 1e6:.1f}M, vocab "
-            f"{preset.vocab}, "
+            f"{len(tok)}{xtok}, "
             f"{a.micro_batch} x {a.seq_len} tokens per step, {a.warmup} warm-up + {a.steps} timed steps, {device}, "
             f"{time.strftime('%Y-%m-%d')}" + (f", zero_optimization overrides {a.zero_set}" if a.zero_set else "")
         )
@@ -576,6 +630,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=1024,
         help="Tokens per loss chunk of the chunked variants (RunConfig's default).",
+    )
+    p.add_argument(
+        "--student_model", default="", help="A real student folder (weights and tokenizer) instead of a random one."
+    )
+    p.add_argument("--data_file", default="", help="A jsonl of texts instead of random words.")
+    p.add_argument(
+        "--xtok_tokenizer",
+        default="",
+        help="_xtok variants: the teacher's tokenizer folder (another than the student's). Default: a byte-level BPE "
+        "trained on the corpus.",
     )
     p.add_argument("--cpu_threads", type=int, default=1, help="OMP_NUM_THREADS of each worker on CPU (ignored on GPU).")
     p.add_argument(

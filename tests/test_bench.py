@@ -93,6 +93,23 @@ def test_lora_variant_is_the_same_json_with_a_lora_student(tmp_path):
     assert Path(lora).read_text() == Path(full).read_text() and (t1, f1) == (t2, f2)
 
 
+def test_xtok_variants_are_the_same_json_with_another_tokenizer(tmp_path):
+    """The _xtok variants (cross-tokenizer cost, --cross_tokenizer M): ds_z3's JSONs; the method is the variant's; the
+    default teacher tokenizer is another one than the student's (a byte-level BPE trained on the corpus)."""
+    bench = load_bench()
+    for method in ("alm", "vocab_map"):
+        match = bench.DS_VARIANT.match(f"ds_z3_teacher_zero3_xtok_{method}")
+        assert match and match.group(7) == method
+    assert not bench.DS_VARIANT.match("ds_z3_xtok_uld") and bench.DS_VARIANT.match("ds_z3").group(7) is None
+    (xtok, t1, f1), (same, t2, f2) = (bench.ds_configs(v, tmp_path, 4, False) for v in ("ds_z3_xtok_alm", "ds_z3"))
+    assert Path(xtok).read_text() == Path(same).read_text() and (t1, f1) == (t2, f2)
+    bench.make_data(tmp_path / "train.jsonl", 64, 16, 8)
+    word = bench.make_tokenizer(tmp_path / "w", 64)
+    bpe = bench.make_bpe_tokenizer(tmp_path / "b", tmp_path / "train.jsonl", 300)
+    text = (tmp_path / "train.jsonl").read_text().splitlines()[0]
+    assert len(bpe) == 300 and bpe(text)["input_ids"] != word(text)["input_ids"]
+
+
 def test_bench_peer_ds_side_on_tiny_models(tiny, tmp_path):
     """scripts/bench_peer.py, ds-distill's side only (TRL lives in its own environment, not the suite's): it trains,
     records the batches TRL would train on, times every step and its parts, and its held-out perplexity (the function
