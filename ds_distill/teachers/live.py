@@ -107,8 +107,14 @@ class CrossTokenizerTeacher:
     ``report`` sums the alignment reports of the micro-batches seen since it was last read (``take_report``).
     """
 
-    def __init__(self, engine, method: str, vocab_map: tuple[list[int], list[int]] | None = None):
-        self.engine, self.method = engine, method
+    def __init__(
+        self,
+        engine,
+        method: str,
+        vocab_map: tuple[list[int], list[int]] | None = None,
+        vocab_size: int | None = None,
+    ):
+        self.engine, self.method, self.vocab_size = engine, method, vocab_size
         self.index = None if vocab_map is None else tuple(torch.tensor(x, dtype=torch.long) for x in vocab_map)
         self.report: torch.Tensor | None = None
 
@@ -116,8 +122,8 @@ class CrossTokenizerTeacher:
         out, self.report = self.report, None
         return out
 
-    @torch.no_grad()
-    def targets(self, batch: Batch, split: str) -> dict[str, Any]:
+    def columns(self, batch: Batch, split: str) -> dict[str, Any]:
+        """The teacher's columns of the micro-batch (``batch.teacher``); a training batch's report is added up."""
         cross = batch.teacher
         if cross is None:
             raise ValueError(
@@ -125,10 +131,25 @@ class CrossTokenizerTeacher:
             )
         if split == "train":
             self.report = cross["alignment"] if self.report is None else self.report + cross["alignment"]
-        device = batch.inputs["input_ids"].device
-        keys = ("teacher_input_ids", "teacher_attention_mask", "teacher_position_ids")
-        inputs = {k.removeprefix("teacher_"): cross[k].to(device, non_blocking=True) for k in keys if k in cross}
-        return {**cross, "hidden": self.engine(**inputs)}
+        return cross
+
+    @torch.no_grad()
+    def targets(self, batch: Batch, split: str) -> dict[str, Any]:
+        cross = self.columns(batch, split)
+        return {**cross, "hidden": teacher_hidden(self.engine, cross, batch.inputs["input_ids"].device)}
+
+    def chunk_logp(self, targets: dict[str, Any], temperature: float, chunk_size: int, num_chunks: int | None):
+        """ALM's teacher chunk log-likelihoods ``[C]`` at ``temperature``: its head on its scored positions."""
+        per_token = own_token_logp(
+            targets["hidden"],
+            self.engine.module.head,
+            targets["teacher_labels"],
+            temperature,
+            chunk_size,
+            num_chunks,
+            self.vocab_size,
+        )
+        return scored_chunk_sums(per_token, targets)
 
     def loss_sums(
         self,
@@ -142,23 +163,15 @@ class CrossTokenizerTeacher:
         **loss_kw: Any,
     ) -> losses.LossSums:
         loss_kw.pop("teacher_weights", None)  # one teacher (checked by the config)
-        head, hidden, n = self.engine.module.head, targets["hidden"], targets["n_chunks"]
-        chunk_size = chunk_size or max(1, hidden.shape[0] * hidden.shape[1])  # 0: one call for all
+        t_labels = targets["teacher_labels"]
+        chunk_size = chunk_size or max(1, t_labels.numel(), student_hidden.shape[0] * student_hidden.shape[1])  # 0: all
         kw = dict(chunk_size=chunk_size, num_chunks=num_chunks, **loss_kw)
         if self.method == "alm":
-            t_chunk = teacher_chunk_logp(
-                hidden,
-                head,
-                targets["teacher_labels"],
-                targets["teacher_chunk_ids"],
-                n,
-                loss_kw["temperature"],
-                chunk_size,
-                num_chunks,
-            )
+            t_chunk = self.chunk_logp(targets, loss_kw["temperature"], chunk_size, num_chunks)
             return losses.chunked_alm_loss_sums(
                 student_hidden, student_head, labels, targets["chunk_ids"], t_chunk, **kw
             )
+        head, hidden, n = self.engine.module.head, targets["hidden"], targets["n_chunks"]
         starts = chunk_starts(targets["teacher_chunk_ids"].flatten(), n).to(hidden.device)
         return losses.chunked_vocab_map_loss_sums(
             student_hidden,
@@ -172,11 +185,20 @@ class CrossTokenizerTeacher:
         )
 
 
+def teacher_hidden(engine, cross: dict[str, Any], device: torch.device) -> torch.Tensor:
+    """A teacher engine's final hidden states ``[B, T', H]`` on its own ids (the teacher's columns of a batch,
+    ``alignment.collate_teacher``; padded rows masked, or packed rows by their position ids)."""
+    keys = ("teacher_input_ids", "teacher_attention_mask", "teacher_position_ids")
+    return engine(**{k.removeprefix("teacher_"): cross[k].to(device, non_blocking=True) for k in keys if k in cross})
+
+
 @torch.no_grad()
-def teacher_chunk_logp(hidden, head, teacher_labels, teacher_chunk_ids, n_chunks, temperature, chunk_size, num_chunks):
-    """The teacher's chunk log-likelihoods ``[C]`` from its hidden states ``[B, T', H]``, its head called on the
-    scored positions a slice at a time: ``num_chunks`` calls when given (the same number on every rank, as ZeRO-3's
-    gathers need, each slice ``ceil(n / num_chunks)`` rows), else ``chunk_size`` rows per call."""
+def own_token_logp(hidden, head, teacher_labels, temperature, chunk_size, num_chunks, vocab_size=None) -> torch.Tensor:
+    """The teacher's log-probability at ``temperature`` of each of its own next tokens where one is scored
+    (``teacher_labels`` ``[B, T']`` != -100), in row-major position order: ``[n]`` float32, from its hidden states
+    ``[B, T', H]``, its head (its first ``vocab_size`` logits, all when None) called on the scored positions a slice at
+    a time: ``num_chunks`` calls when given (the same number on every rank, as ZeRO-3's gathers need, each slice
+    ``ceil(n / num_chunks)`` rows), else ``chunk_size`` rows per call. ALM's targets, live and cached alike."""
     pos = (teacher_labels != -100).flatten().nonzero().squeeze(1)
     hs = hidden.flatten(0, 1)[pos.to(hidden.device)]
     lab = teacher_labels.flatten()[pos].to(hidden.device)
@@ -184,10 +206,17 @@ def teacher_chunk_logp(hidden, head, teacher_labels, teacher_chunk_ids, n_chunks
     calls = -(-hs.shape[0] // per) if num_chunks is None else num_chunks
     lps = []
     for k in range(calls):
-        z = head(hs[k * per : (k + 1) * per]).float()
+        z = head(hs[k * per : (k + 1) * per])[:, :vocab_size].float()
         lps.append(torch.log_softmax(z / temperature, -1).gather(-1, lab[k * per : (k + 1) * per, None])[:, 0])
-    lp = torch.cat(lps) if lps else hs.new_zeros(0, dtype=torch.float32)
-    return chunk_sums(lp, teacher_chunk_ids.flatten()[pos].to(lp.device), n_chunks)
+    return torch.cat(lps) if lps else hs.new_zeros(0, dtype=torch.float32)
+
+
+def scored_chunk_sums(per_token: torch.Tensor, targets: dict[str, Any]) -> torch.Tensor:
+    """Per scored teacher position values ``[n]`` (``own_token_logp``'s order) summed into the batch's chunks
+    ``[C]`` (``teacher_chunk_ids``)."""
+    t_labels = targets["teacher_labels"].flatten()
+    ids = targets["teacher_chunk_ids"].flatten()[t_labels != -100]
+    return chunk_sums(per_token, ids.to(per_token.device), targets["n_chunks"])
 
 
 class AlignmentReport(Callback):
