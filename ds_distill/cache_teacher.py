@@ -5,6 +5,8 @@
     deepspeed --module ds_distill.train --teacher_cache CACHE --student S --data train.jsonl ...   # no teacher loaded
     python -m ds_distill.cache_teacher --teacher_url http://127.0.0.1:8000 --tokenizer S --data ... --output_dir CACHE
         # from a teacher served by vLLM (README: serving a teacher with vLLM): --requests in flight per rank
+    python -m ds_distill.cache_teacher --teacher T --tokenizer S --cross_tokenizer alm --data ... --output_dir CACHE
+        # a teacher with another tokenizer than the student S: its log-prob of each of its own scored tokens (ALM)
 
 One or several ranks through the same launchers as training; the teacher is placed by fit or by
 --teacher_deepspeed_config as in training. Each rank writes its own shards; a killed writer is resumed by running the
@@ -43,6 +45,7 @@ SHARED = (
     "teacher_deepspeed_config",
     "temperature",
     "chunk_size",
+    "cross_tokenizer",
     *cache_format.TOKEN_FLAGS,
     "teacher_url",
     "teacher_reference",
@@ -80,7 +83,11 @@ CacheConfig = dataclasses.make_dataclass(
         (
             "tokenizer",
             "str",
-            flag("", "With --teacher_url: the folder of the tokenizer the cache is written for (the student's)."),
+            flag(
+                "",
+                "With --teacher_url or --cross_tokenizer: the folder of the tokenizer the cache is written for (the "
+                "student's).",
+            ),
         ),
         ("requests", "int", flag(4, "With --teacher_url: requests in flight together on each rank.")),
         ("shard_examples", "int", flag(1024, "Examples per shard file (the unit of resume and of parallel writing).")),
@@ -112,6 +119,8 @@ def validate(cfg) -> None:
         problems.append(
             f"--teacher_url needs --tokenizer: a folder with the student's tokenizer (got {cfg.tokenizer!r})"
         )
+    if cfg.cross_tokenizer:
+        problems.extend(_cross_tokenizer_problems(cfg))
     if cfg.requests < 1:
         problems.append(f"--requests {cfg.requests} must be >= 1")
     for path in cfg.teacher:
@@ -132,6 +141,35 @@ def validate(cfg) -> None:
         raise UsageError("invalid cache config: " + "; ".join(problems))
 
 
+def _cross_tokenizer_problems(cfg) -> list[str]:
+    """A cache for a teacher with another tokenizer: ALM's targets from a local teacher (README: teacher cache)."""
+    if cfg.cross_tokenizer == "vocab_map":
+        return [
+            "--cross_tokenizer vocab_map needs the teacher's whole distribution at every chunk start, which no cache "
+            "stores: write the cache with --cross_tokenizer alm, or train vocab_map with the live --teacher"
+        ]
+    if cfg.cross_tokenizer != "alm":
+        return [f"--cross_tokenizer {cfg.cross_tokenizer!r} is unknown: a cache stores alm's targets (alm)"]
+    problems = []
+    if cfg.teacher_url:
+        problems.append(
+            "--cross_tokenizer alm caches a local teacher: pass --teacher (a served teacher of another tokenizer is "
+            "not supported)"
+        )
+    if not (Path(cfg.tokenizer) / "tokenizer_config.json").is_file():
+        problems.append(
+            f"--cross_tokenizer needs --tokenizer: a folder with the student's tokenizer (got {cfg.tokenizer!r}), "
+            "whose tokens the teacher's are aligned with"
+        )
+    default_k = CacheConfig.__dataclass_fields__["top_k"].default
+    if cfg.exact or cfg.top_k != default_k:
+        problems.append(
+            "--cross_tokenizer alm stores the teacher's float32 log-prob of each of its own tokens, no top-K: drop "
+            "--top_k and --exact"
+        )
+    return problems
+
+
 def run(cfg, on_shard: Callable[[dict], None] | None = None) -> dict | None:
     """Write (or finish) the cache; returns its manifest on rank 0."""
 
@@ -140,8 +178,10 @@ def run(cfg, on_shard: Callable[[dict], None] | None = None) -> dict | None:
     if world.rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
     teacher = cfg.teacher[0] if cfg.teacher else None
-    tokenizer = models.load_tokenizer(teacher or cfg.tokenizer)
-    train_set, eval_set = tokenise(cfg, tokenizer)  # as training tokenises: the cache holds a run's exact rows
+    cross = cfg.cross_tokenizer  # "alm": the student's tokens aligned with the teacher's own, as training aligns them
+    tokenizer = models.load_tokenizer(cfg.tokenizer if cross else teacher or cfg.tokenizer)
+    teacher_tokenizer = models.load_tokenizer(teacher) if cross else None
+    train_set, eval_set = tokenise(cfg, tokenizer, teacher_tokenizer)  # as training: the cache holds a run's exact rows
     splits = {"data": train_set, **({"eval_data": eval_set} if eval_set is not None else {})}
     for name, ds in splits.items():
         if len(set(ds["row"])) != len(ds):
@@ -150,15 +190,15 @@ def run(cfg, on_shard: Callable[[dict], None] | None = None) -> dict | None:
                 "row "
                 "number, by which a cache is read): teacher caches do not support them yet; train with --teacher"
             )
-    vocab = len(tokenizer)
-    top = vocab if cfg.exact else min(cfg.top_k, vocab)
+    vocab = len(teacher_tokenizer or tokenizer)  # the vocabulary the stored ids index (the teacher's)
+    top = 1 if cross else vocab if cfg.exact else min(cfg.top_k, vocab)
     server = None
     if cfg.teacher_url:  # ready and checked (tokenizer, K, vocabulary, parity) before any data is scored
         (server,) = served.connect_run(cfg, tokenizer, vocab, k=top)
     settings = {
         "format_version": cache_format.FORMAT_VERSION,
         "top_k": top,
-        "exact": cfg.exact,
+        "exact": cfg.exact or bool(cross),
         "temperature": cfg.temperature,
         "vocab_size": vocab,
         "tokenizer_fingerprint": cache_format.tokenizer_fingerprint(tokenizer),
@@ -171,11 +211,18 @@ def run(cfg, on_shard: Callable[[dict], None] | None = None) -> dict | None:
             name: {"examples": len(ds), "fingerprint": cache_format.dataset_fingerprint(ds)}
             for name, ds in splits.items()
         },
-        "id_order": "identity" if cfg.exact else "data_frequency",
+        "id_order": "identity" if cfg.exact or cross else "data_frequency",
         "shard_examples": cfg.shard_examples,
         "batch_size": cfg.batch_size,
         "chunk_size": cfg.chunk_size,
     }
+    if cross:  # the student's tokenizer fingerprint, then the teacher's (README: teacher cache)
+        settings.update(
+            cross_tokenizer=cross,
+            tokenizer=cache_format.tokenizer_record(teacher_tokenizer),
+            teacher_tokenizer_fingerprint=cache_format.tokenizer_fingerprint(teacher_tokenizer),
+        )
+
     info = {
         "teacher": teacher,
         **({"teacher_url": server.client.url, "served_model": server.client.model_id} if server else {}),
@@ -217,8 +264,21 @@ def run(cfg, on_shard: Callable[[dict], None] | None = None) -> dict | None:
         barrier=distributed.barrier,
         all_reduce_max=all_reduce_max,
         on_shard=on_shard,
+        # a run aligns its data with this copy of the teacher's tokenizer: no teacher folder needed
+        on_start=(lambda root: teacher_tokenizer.save_pretrained(cache_format.teacher_tokenizer_dir(root)))
+        if cross
+        else None,
     )
-    if manifest is not None:
+    if manifest is not None and cross:
+        s = manifest["stats"]
+        cols = ", ".join(f"{c} {b:.1f}" for c, b in s["column_bytes_per_token"].items())
+        print(
+            f"teacher cache {cfg.output_dir} (--cross_tokenizer {cross}): {s['tokens']} teacher tokens, "
+            f"{s['bytes_per_token']:.1f} bytes/token ({cols}): the teacher's float32 log-prob of each of its own "
+            f"tokens (exact); mass outside them {s['tail_mass_per_token']:.3g}",
+            flush=True,
+        )
+    elif manifest is not None:
         s = manifest["stats"]
         full = (
             "not measured (a served top-K below the vocabulary)"

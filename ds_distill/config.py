@@ -422,13 +422,17 @@ def _cross_tokenizer_problems(cfg: RunConfig) -> list[str]:
     if cfg.cross_tokenizer not in CROSS_TOKENIZER:
         return [f"--cross_tokenizer {cfg.cross_tokenizer!r} is unknown: use one of {', '.join(CROSS_TOKENIZER)}"]
     problems = []
-    if cfg.teacher_cache:
+    if cfg.teacher_cache and cfg.cross_tokenizer == "vocab_map":
         problems.append(
-            "--cross_tokenizer runs the teacher live on its own tokens: teacher caches hold the student's tokens, "
-            "so pass --teacher instead of --teacher_cache"
+            "--cross_tokenizer vocab_map needs the teacher's whole distribution at every chunk start, which no cache "
+            "stores: pass --teacher instead of --teacher_cache, or use --cross_tokenizer alm with a cache written "
+            "for it"
         )
-    if len(cfg.teacher) > 1:
-        problems.append("--cross_tokenizer takes one --teacher (ensembles across tokenizers are not supported)")
+    if len(cfg.teacher) + len(cfg.teacher_cache) > 1:
+        problems.append(
+            "--cross_tokenizer takes one --teacher or one --teacher_cache (ensembles across tokenizers are not "
+            "supported)"
+        )
     if cfg.on_policy_fraction:
         problems.append(
             "--cross_tokenizer aligns the dataset's texts once: drop --on_policy_fraction (sampled text is not aligned)"

@@ -400,7 +400,8 @@ def test_refusals_in_one_line(cross_pair, tmp_path):
         (dict(cross_tokenizer="uld"), "--cross_tokenizer 'uld' is unknown: use one of alm, vocab_map"),
         (dict(cross_tokenizer="alm", teacher=["a", "b"]), "takes one --teacher"),
         (dict(cross_tokenizer="alm", on_policy_fraction=0.5), "drop --on_policy_fraction"),
-        (dict(cross_tokenizer="alm", teacher=[], teacher_cache=["c"]), "pass --teacher instead of --teacher_cache"),
+        (dict(cross_tokenizer="vocab_map", teacher=[], teacher_cache=["c"]), "which no cache stores"),
+        (dict(cross_tokenizer="alm", teacher_cache=["c"]), "takes one --teacher or one --teacher_cache"),
     ]:
         with pytest.raises(UsageError, match=message):
             RunConfig(**{**base, **extra}).validate()
@@ -588,4 +589,130 @@ def test_chat_probe_refuses_contents_that_cannot_be_aligned(chat_pair, tmp_path)
         teacher.chat_template = template
         with pytest.raises(UsageError, match=message) as e:
             get_dataset(path, s_tok, seq_len=64, teacher_tokenizer=teacher)
+        assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------ teacher caches
+def write_alm_cache(tiny, teacher, out, *extra):
+    """``cache_teacher`` for a teacher of another tokenizer: ALM's targets over the tiny data, for the tiny student."""
+    from ds_distill import cache_teacher
+    from ds_distill.config import parse_args
+    from ds_distill.ds_config import REPO_CONFIGS
+    from tests.helpers import flags
+
+    args = flags(
+        teacher=teacher,
+        tokenizer=tiny["student"],
+        cross_tokenizer="alm",
+        data=tiny["data"],
+        output_dir=out,
+        seq_len=32,
+        shard_examples=24,
+        batch_size=4,
+        temperature=1.5,
+        teacher_deepspeed_config=REPO_CONFIGS / "cpu_teacher_replicated.json",
+    )
+    return cache_teacher.run(parse_args(args + list(extra), cache_teacher.CacheConfig))
+
+
+@pytest.fixture(scope="module")
+def alm_cache(tiny, tmp_path_factory, ms_teacher):
+    from ds_distill.runtime import distributed
+
+    distributed.init_distributed()
+    out = tmp_path_factory.mktemp("alm_cache") / "cache"
+    return out, write_alm_cache(tiny, ms_teacher, out)
+
+
+def test_alm_cache_trains_like_the_live_teacher(tiny, dist_env, tmp_path, ms_teacher, alm_cache, capsys):
+    """A cache of the teacher's log-probs of its own tokens: the same loss curve (train and eval, per step), gradient
+    norms and alignment report as the live teacher, with no teacher model; a few bytes per teacher token."""
+    from ds_distill import train
+    from ds_distill.teachers.cache_reader import CachedCrossTokenizerTeacher
+    from ds_distill.teachers.live import AlignmentReport
+    from tests.helpers import ds_json, make_cfg
+
+    root, manifest = alm_cache
+    stats = manifest["stats"]
+    print(f"\nALM cache of the tiny data: {stats['tokens']} teacher tokens, {stats['bytes_per_token']:.2f} bytes/token")
+    assert stats["tokens"] > 500 and stats["bytes_per_token"] < 8 and stats["kl_buckets_per_token"] == 0
+    kw = dict(
+        cross_tokenizer="alm",
+        max_steps=2,
+        temperature=1.5,
+        eval_fraction=0.1,
+        deepspeed_config=ds_json(tmp_path, lr=3e-2),
+    )
+    live = train.run(make_cfg(tiny, tmp_path / "live", teacher=[ms_teacher], **kw))
+    cached = train.run(make_cfg(tiny, tmp_path / "cached", teacher=[], teacher_cache=[str(root)], **kw))
+    assert isinstance(cached.teachers, CachedCrossTokenizerTeacher)
+    for key in ("Train/loss", "Train/kd", "Eval/kd", "Eval/loss", "Train/grad_norm"):
+        a, b = [h[key] for h in live.history if key in h], [h[key] for h in cached.history if key in h]
+        assert a and a == pytest.approx(b, rel=1e-5, abs=1e-7), key
+    report = lambda t: next(cb for cb in t.callbacks if isinstance(cb, AlignmentReport)).history
+    assert report(live) == report(cached) and len(report(live)) == 2
+
+
+def test_alm_cache_refusals_in_one_line(tiny, dist_env, tmp_path, ms_teacher, alm_cache, capsys, keep_process_group):
+    """A cache written for one student tokenizer, method or alignment and used with another stops in one line; so do
+    vocab_map with a cache and cache_teacher flags that do not apply."""
+    import datasets
+
+    from ds_distill import cache_teacher, train
+    from ds_distill.common import UsageError
+    from ds_distill.teachers import cache_format
+    from tests import tiny as tiny_mod
+    from tests.helpers import flags
+
+    root = str(alm_cache[0])
+    other_tok = tiny_mod.make_tokenizer(tmp_path / "tok2", vocab_size=300)
+    other_student = tiny_mod.make_model(tmp_path / "other", other_tok, layers=1, hidden=16, heads=2)
+    top_k = tmp_path / "top_k"
+    cache_teacher.run(
+        cache_teacher.parse_args(
+            flags(teacher=tiny["teacher"], data=tiny["data"], output_dir=top_k, seq_len=32, top_k=4),
+            cache_teacher.CacheConfig,
+        )
+    )
+    base = dict(student=tiny["student"], data=tiny["data"], output_dir=tmp_path / "o", teacher_cache=root)
+    base.update(max_steps=1, seq_len=32, eval_fraction=0, temperature=1.5, cross_tokenizer="alm")
+    cases = [
+        (dict(student=other_student), "was written for another student tokenizer"),
+        (dict(cross_tokenizer=None), "holds --cross_tokenizer alm targets (a teacher with another tokenizer) but"),
+        (dict(cross_tokenizer="vocab_map"), "vocab_map needs the teacher's whole distribution at every chunk start"),
+        (dict(teacher_cache=str(top_k), temperature=1), "holds the top-K of a teacher with the student's tokenizer"),
+        (dict(temperature=2), "holds log-probs at temperature 1.5 but this run has --temperature 2.0"),
+        (dict(teacher=ms_teacher), "takes one --teacher or one --teacher_cache"),
+    ]
+    for change, message in cases:
+        args = flags(**{k: v for k, v in {**base, **change}.items() if v is not None})
+        code = train.main(args)
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(errors) == 1 and message in errors[0], (change, errors)
+    # Each batch's stored log-probs must be of its scored teacher tokens (the cache's copy of the teacher tokenizer
+    # aligns the data; the read rows are checked against the batch, token by token).
+    from ds_distill import data
+    from ds_distill.teachers import cache_reader
+
+    t_tok = cache_reader.cross_teacher_tokenizer(root, "alm")
+    ds = data.get_dataset(tiny["data"], tiny["tokenizer"], seq_len=32, teacher_tokenizer=t_tok)
+    source = cache_reader.CachedCrossTokenizerTeacher(cache_reader.TeacherCache(root), {"train": "data"})
+    batch = data.Batch.collate(ds[:3], 0, epoch=0, position=0)
+    assert source.targets(batch, "train")["teacher_logp"].shape[0] == int((batch.teacher["teacher_labels"] >= 0).sum())
+    labels = batch.teacher["teacher_labels"]
+    labels[labels >= 0] = labels[labels >= 0].roll(1)
+    with pytest.raises(UsageError, match="holds other teacher tokens for examples"):
+        source.targets(batch, "train")
+    # The data fingerprint covers the alignment: the same tokens chunked otherwise are other data.
+    ds = datasets.Dataset.from_dict({"row": [0], "input_ids": [[1, 2, 3]], "chunk_ids": [[0, 1, -1]]})
+    other = datasets.Dataset.from_dict({"row": [0], "input_ids": [[1, 2, 3]], "chunk_ids": [[0, 0, -1]]})
+    assert cache_format.dataset_fingerprint(ds) != cache_format.dataset_fingerprint(other)
+    # cache_teacher: what a cache of another tokenizer's teacher cannot hold, each in one line
+    for extra, message in [
+        (dict(cross_tokenizer="vocab_map"), "--cross_tokenizer vocab_map needs the teacher's whole distribution"),
+        (dict(tokenizer=""), "--cross_tokenizer needs --tokenizer"),
+        (dict(exact=True), "drop --top_k and --exact"),
+    ]:
+        with pytest.raises(UsageError, match=message) as e:
+            write_alm_cache(tiny, ms_teacher, tmp_path / "c", *flags(**extra))
         assert "\n" not in str(e.value)

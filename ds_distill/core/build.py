@@ -132,7 +132,15 @@ def load_data(cfg: RunConfig, run: Configs) -> Data:
     connect to the served teachers."""
     tokenizer = models.load_tokenizer(cfg.student)
     # A teacher with another tokenizer: every example is aligned once, here (cached with the tokenised data).
-    teacher_tokenizer = models.load_tokenizer(cfg.teacher[0]) if cfg.cross_tokenizer and cfg.teacher else None
+    teacher_tokenizer = (
+        (
+            models.load_tokenizer(cfg.teacher[0])
+            if cfg.teacher
+            else cache_reader.cross_teacher_tokenizer(cfg.teacher_cache[0], cfg.cross_tokenizer)  # its saved copy
+        )
+        if cfg.cross_tokenizer and (cfg.teacher or cfg.teacher_cache)
+        else None
+    )
     train_set, eval_set = tokenise(cfg, tokenizer, teacher_tokenizer)
     template = chat_template_of(cfg, tokenizer)
     # A teacher cache must hold exactly these tokens (checked before any model loads); its eval rows come either from
@@ -240,6 +248,9 @@ def teacher_source(cfg: RunConfig, run_data: Data, engines: Models) -> TeacherSo
     sparse = None  # the caches and servers: top-K plus a tail
     if run_data.servers:
         sparse = served.ServedTeacher(run_data.servers, run_data.caches, splits)
+    elif run_data.caches and cfg.cross_tokenizer:  # ALM from the teacher's log-probs of its own tokens
+        _log_cross(cfg, run_data, f"from the cache {cfg.teacher_cache[0]}")
+        sparse = cache_reader.CachedCrossTokenizerTeacher(run_data.caches[0], splits)
     elif run_data.caches:
         sparse = cache_reader.CachedTeacher(run_data.caches, splits)
     if sparse is not None:  # with live teachers too: one ensemble, each member through its own source
@@ -247,16 +258,8 @@ def teacher_source(cfg: RunConfig, run_data: Data, engines: Models) -> TeacherSo
     elif cfg.cross_tokenizer and engines.teachers:
         teacher_tok = run_data.teacher_tokenizer
         maps = models.vocab_map(run_data.tokenizer, teacher_tok) if cfg.cross_tokenizer == "vocab_map" else None
-        if distributed.rank_or_none() in (None, 0):
-            mapped = f", {len(maps[0])} tokens map by their bytes" if maps else ""
-            log.info(
-                "cross-tokenizer distillation: --cross_tokenizer %s (student %d tokens, teacher %d%s)",
-                cfg.cross_tokenizer,
-                len(run_data.tokenizer),
-                len(teacher_tok),
-                mapped,
-            )
-        source = CrossTokenizerTeacher(engines.teachers[0], cfg.cross_tokenizer, maps)
+        _log_cross(cfg, run_data, f"{len(maps[0])} tokens map by their bytes" if maps else "")
+        source = CrossTokenizerTeacher(engines.teachers[0], cfg.cross_tokenizer, maps, len(teacher_tok))
     else:
         source = LiveTeachers(engines.teachers)
     one_live_teacher = isinstance(source, LiveTeachers) and len(engines.teachers) == 1
@@ -264,6 +267,18 @@ def teacher_source(cfg: RunConfig, run_data: Data, engines: Models) -> TeacherSo
     source = on_policy.anchor.wrap(cfg, source, engines.student)  # --on_policy_anchor: + W x CE on the data
     # --loss tvd with one live teacher: + the draft's expected acceptance rate 1 - TVD, logged (adds no loss)
     return acceptance.wrap(cfg, source, one_live_teacher=one_live_teacher)
+
+
+def _log_cross(cfg: RunConfig, run_data: Data, more: str) -> None:
+    """The method of a cross-tokenizer run, once at its start (rank 0)."""
+    if distributed.rank_or_none() in (None, 0):
+        log.info(
+            "cross-tokenizer distillation: --cross_tokenizer %s (student %d tokens, teacher %d%s)",
+            cfg.cross_tokenizer,
+            len(run_data.tokenizer),
+            len(run_data.teacher_tokenizer),
+            f", {more}" if more else "",
+        )
 
 
 # ------------------------------------------------------------------------------------------------- 5. stream

@@ -30,6 +30,18 @@ exp(tail)``:
 the codes fix the shape of the top-K part and the tail its total mass. An exact cache (``--exact``: K = V, float32, no
 quantisation) holds the teacher's full log-softmax, and training from it gives the live teacher's loss.
 Format versions: 1 (float16 tail, zstd default level, row groups of 8) is refused; rewrite such a cache.
+
+A cache for a teacher with another tokenizer (``--cross_tokenizer alm``; settings ``cross_tokenizer``) stores what
+ALM needs and nothing else: per example, the teacher's log-prob of each of its own next tokens where the alignment
+scores one (``teacher_labels`` != -100 of ``data.alignment.collate_teacher``, in position order), at temperature T:
+    tokens  int32   n, the teacher's scored positions
+    ids     binary  n x 1 varints: the teacher's own next token ids (identity order; read back as a check)
+    logp    binary  n float32 log-probs (unquantised: the live teacher's values)
+    tail    binary  empty (ALM derives 1 - p itself)
+and in ``teacher_tokenizer/`` the teacher's tokenizer (a run aligns its data with it; no teacher model is needed).
+The settings' ``tokenizer_fingerprint`` is then the student's, ``teacher_tokenizer_fingerprint`` the teacher's, and
+the splits' data fingerprints cover the alignment columns, so a run with another student tokenizer, alignment or
+method stops in one line.
 """
 
 from __future__ import annotations
@@ -62,6 +74,7 @@ ZSTD_LEVEL = (
 )
 KL_BINS = np.linspace(-8.0, 2.0, 501)  # log10 nats: the histogram of per-token reconstruction KL (its p99)
 SPLITS = ("data", "eval_data")
+TEACHER_TOKENIZER = "teacher_tokenizer"  # the folder of a --cross_tokenizer cache's teacher tokenizer
 # Logit rows per step of ``top_k``: its [rows, V] fp32 temporaries (12.6 MB at V = 49152) are reused from the heap and
 # stay in the CPU's caches; temporaries of a whole head chunk (1024 rows: 200 MB, above glibc's 32 MB mmap threshold)
 # are fresh pages on every op, and those page faults made top-K and the error measurement ~3x slower
@@ -99,11 +112,25 @@ def tokenizer_record(tokenizer) -> dict:
     return {"vocab_sha256": vocab_fingerprint(tokenizer), **tokenizer_facts(tokenizer, own=True)}
 
 
+# The columns a dataset's fingerprint covers: the student's tokens and, with --cross_tokenizer, the teacher's tokens
+# and the alignment (``data.alignment.cross_columns``); columns a dataset lacks are skipped.
+FINGERPRINT_COLUMNS = (
+    "row",
+    "input_ids",
+    "labels",
+    "position_ids",
+    "teacher_input_ids",
+    "teacher_position_ids",
+    "chunk_ids",
+    "teacher_chunk_ids",
+)
+
+
 def dataset_fingerprint(dataset) -> str:
-    """sha256 of the tokenised rows as a run reads them (row, input_ids, labels, position_ids), in dataset order: the
-    real tokens, whatever file, path or `datasets` cache they came from."""
+    """sha256 of the tokenised rows as a run reads them (``FINGERPRINT_COLUMNS``), in dataset order: the real tokens
+    (and alignment), whatever file, path or `datasets` cache they came from."""
     h = hashlib.sha256()
-    columns = [c for c in ("row", "input_ids", "labels", "position_ids") if c in dataset.column_names]
+    columns = [c for c in FINGERPRINT_COLUMNS if c in dataset.column_names]
     for table in dataset.with_format("arrow").iter(batch_size=4096):
         for c in columns:
             col = table[c].combine_chunks()
@@ -317,6 +344,11 @@ def shard_done(root: Path, name: str) -> bool:
     if not side.is_file() or not file.is_file():
         return False
     return json.loads(side.read_text())["bytes"] == file.stat().st_size
+
+
+def teacher_tokenizer_dir(root: Path) -> Path:
+    """Where a ``--cross_tokenizer`` cache keeps its teacher's tokenizer (``save_pretrained``)."""
+    return root / TEACHER_TOKENIZER
 
 
 def read_manifest(root: Path) -> dict[str, Any] | None:

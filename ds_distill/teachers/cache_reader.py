@@ -1,5 +1,6 @@
 """Reading a teacher cache in training (``--teacher_cache``): checked against the run, read by example id, mixed
-over an ensemble (``CachedTeacher``: the teacher source of cached runs)."""
+over an ensemble (``CachedTeacher``: the teacher source of cached runs), or ALM's targets for a teacher with another
+tokenizer (``CachedCrossTokenizerTeacher``)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 from ds_distill import losses
 from ds_distill.common import IGNORE_INDEX, UsageError, sha256_file
 from ds_distill.data.batching import Batch
-from ds_distill.models.tokenizers import check_teacher_tokenizer, tokenizer_facts
+from ds_distill.models.tokenizers import check_teacher_tokenizer, load_tokenizer, tokenizer_facts
 from ds_distill.teachers import ensemble
 from ds_distill.teachers.cache_format import (
     FORMAT_VERSION,
@@ -24,9 +25,11 @@ from ds_distill.teachers.cache_format import (
     dataset_fingerprint,
     decode_example,
     read_manifest,
+    teacher_tokenizer_dir,
     tokenizer_fingerprint,
     vocab_fingerprint,
 )
+from ds_distill.teachers.live import CrossTokenizerTeacher, scored_chunk_sums
 
 log = logging.getLogger("ds_distill")
 
@@ -73,6 +76,7 @@ class TeacherCache:
         text the run renders it with, None for other data), on the chat format: the check of a live teacher
         (``models.check_teacher_tokenizer``), on what the cache recorded of its teacher's tokenizer."""
         where = f"--teacher_cache {self.root}"
+        method_problem(self.settings, cfg.cross_tokenizer, where)
         flags = self.settings["token_flags"]
         for name in TOKEN_FLAGS:
             if flags[name] != getattr(cfg, name):
@@ -84,6 +88,14 @@ class TeacherCache:
         if recorded is not None and recorded["vocab_sha256"] == vocab_fingerprint(tokenizer):
             student = tokenizer_facts(tokenizer, chat_template)
             check_teacher_tokenizer(f"{where} (its teacher's tokenizer)", recorded, cfg.student, student)
+        if self.settings.get("cross_tokenizer") and self.settings["tokenizer_fingerprint"] != tokenizer_fingerprint(
+            tokenizer
+        ):
+            raise UsageError(
+                f"{where} was written for another student tokenizer than --student {cfg.student}'s ({len(tokenizer)} "
+                "tokens): its teacher's tokens were aligned with that one; write the cache with --tokenizer "
+                f"{cfg.student}"
+            )
         if self.settings["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
             raise UsageError(
                 f"{where} was written with another tokenizer than the student's ({len(tokenizer)} tokens; cache: "
@@ -104,9 +116,10 @@ class TeacherCache:
                 f"{where} holds no {split} split but this run reads {flag}: write the cache with --{split} {flag}"
             )
         if split_info["fingerprint"] != dataset_fingerprint(dataset):
+            aligned = "; with --cross_tokenizer, the alignment too" if self.settings.get("cross_tokenizer") else ""
             raise UsageError(
-                f"{where} was written from other --{split} tokens than this run's {flag} (data fingerprint differs): "
-                f"write the cache from this data with the same data flags"
+                f"{where} was written from other --{split} tokens than this run's {flag} (data fingerprint differs"
+                f"{aligned}): write the cache from this data with the same data flags"
             )
 
     def _check_shards(self) -> None:
@@ -172,6 +185,44 @@ class TeacherCache:
                 )
             parts.append(decode_example(self._row(split, *where[example_id]), self.k, self.exact, self.order))
         return (*(torch.cat([p[i] for p in parts]) for i in range(3)), [p[0].shape[0] for p in parts])
+
+
+def method_problem(settings: dict[str, Any], method: str, where: str) -> None:
+    """One UsageError when a cache's targets are not those of the run's ``--cross_tokenizer`` (``method``, "" for a
+    teacher with the student's tokenizer): a top-K of the student's vocabulary and ALM's log-probs of the teacher's
+    own tokens are different things."""
+    cached = settings.get("cross_tokenizer", "")
+    if cached == method:
+        return
+    if cached:
+        raise UsageError(
+            f"{where} holds --cross_tokenizer {cached} targets (a teacher with another tokenizer) but this run has "
+            f"--cross_tokenizer {method or '(none)'}: pass --cross_tokenizer {cached}"
+        )
+    raise UsageError(
+        f"{where} holds the top-K of a teacher with the student's tokenizer, not --cross_tokenizer {method} targets: "
+        f"write one with python -m ds_distill.cache_teacher --cross_tokenizer {method} --tokenizer STUDENT, or drop "
+        "--cross_tokenizer"
+    )
+
+
+def cross_teacher_tokenizer(path: str, method: str):
+    """The teacher's tokenizer a ``--cross_tokenizer`` cache was written with (its copy, ``cache_format.
+    teacher_tokenizer_dir``), for the run to align its data with before the cache is checked against it; one
+    UsageError when the cache is of another method or its copy is missing or changed."""
+    root, where = Path(path), f"--teacher_cache {path}"
+    manifest = read_manifest(root)
+    if manifest is None:
+        TeacherCache(path)  # its own one line: no cache there
+    method_problem(manifest["settings"], method, where)
+    folder = teacher_tokenizer_dir(root)
+    tok = load_tokenizer(str(folder)) if (folder / "tokenizer_config.json").is_file() else None
+    if tok is None or tokenizer_fingerprint(tok) != manifest["settings"]["teacher_tokenizer_fingerprint"]:
+        raise UsageError(
+            f"{where}: its teacher tokenizer ({folder}) is missing or changed: rerun the python -m "
+            "ds_distill.cache_teacher command that wrote the cache (it writes the copy again)"
+        )
+    return tok
 
 
 class CachedTeacher:
@@ -243,3 +294,32 @@ def open_for_run(cfg, tokenizer, train_set, eval_set, chat_template: str | None 
             cache.check_data("eval_data", eval_set, f"--eval_data {cfg.eval_data}")
         caches.append(cache)
     return caches
+
+
+class CachedCrossTokenizerTeacher(CrossTokenizerTeacher):
+    """ALM (``--cross_tokenizer alm``) from a cache of the teacher's log-probs of its own tokens, no teacher model:
+    the batches carry the teacher's ids and chunks as in a live run (the data pipeline aligned them with the cache's
+    copy of the teacher's tokenizer); ``targets`` reads the examples' stored log-probs and checks they are of the
+    batch's scored teacher tokens; the chunk likelihoods are their sums, as the live teacher's. The alignment report
+    and the loss are the live class's. splits: "train"/"eval" -> the cache split it reads."""
+
+    def __init__(self, cache: TeacherCache, splits: dict[str, str]):
+        super().__init__(None, "alm")
+        self.cache, self.splits = cache, splits
+
+    def targets(self, batch: Batch, split: str) -> dict[str, Any]:
+        cross = self.columns(batch, split)
+        t_labels = cross["teacher_labels"]
+        rows = batch.example_ids.tolist()
+        ids, logp, _, counts = self.cache.read(self.splits[split], rows)
+        scored = t_labels[t_labels != IGNORE_INDEX]
+        if counts != (t_labels != IGNORE_INDEX).sum(1).tolist() or not torch.equal(ids[:, 0], scored):
+            raise UsageError(
+                f"--teacher_cache {self.cache.root} holds other teacher tokens for examples {rows} than the batch "
+                "scores: the data or its alignment changed since the cache was written; rewrite the cache"
+            )
+        return {**cross, "teacher_logp": logp[:, 0]}
+
+    def chunk_logp(self, targets: dict[str, Any], temperature: float, chunk_size: int, num_chunks: int | None):
+        """The stored log-probs (at the cache's temperature, the run's: ``check_run``) summed into chunks."""
+        return scored_chunk_sums(targets["teacher_logp"], targets)

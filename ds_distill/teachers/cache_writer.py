@@ -33,6 +33,7 @@ from ds_distill.teachers.cache_format import (
     shard_name,
     top_k,
 )
+from ds_distill.teachers.live import own_token_logp, teacher_hidden
 
 log = logging.getLogger("ds_distill")
 
@@ -149,6 +150,7 @@ def write_cache(
     barrier: Callable[[], None],
     all_reduce_max: Callable[[int], int],
     on_shard: Callable[[dict[str, Any]], None] | None = None,
+    on_start: Callable[[Path], None] | None = None,
 ) -> dict[str, Any] | None:
     """Run ``teacher`` (an engine whose forward gives final hidden states; ``teacher.module.head`` the output layer)
     over ``datasets`` (split -> tokenised Dataset) and write the shards this rank owns (shard i of all splits in order:
@@ -161,6 +163,8 @@ def write_cache(
     Resumable: finished shards are skipped; the settings must equal those of the cache already in ``root``.
     zero3: the teacher is sharded, so every forward and head call is a collective: ranks with fewer batches to do
     (an uneven last shard, shards finished before a kill) make dummy calls until all made the same number.
+    on_start: called with ``root`` on rank 0 once the settings are known to fit (the first write and every resume):
+    files beside the shards (a ``--cross_tokenizer`` cache's teacher tokenizer).
     Returns the final manifest on rank 0 (None elsewhere).
     """
     root.mkdir(parents=True, exist_ok=True)
@@ -178,6 +182,8 @@ def write_cache(
             root / "manifest.json",
             {"format_version": FORMAT_VERSION, "complete": False, "settings": settings, "info": info},
         )
+    if world_rank == 0 and on_start is not None:
+        on_start(root)
     barrier()
 
     k, vocab, temperature, exact = settings["top_k"], settings["vocab_size"], settings["temperature"], settings["exact"]
@@ -193,10 +199,17 @@ def write_cache(
     chunk = max(settings["chunk_size"], 1)
     head_calls = -(-batch * settings["token_flags"]["seq_len"] // chunk)
     head = None if teacher is None else teacher.module.head
+    own_tokens = settings.get("cross_tokenizer") == "alm"  # the teacher's log-prob of its own tokens (ALM)
 
     @torch.no_grad()
     def forward(rows: dict[str, list]) -> tuple[list[torch.Tensor], ...]:
         b = data_mod.Batch.collate(rows, pad_token_id, epoch=0, position=rows["row"][0]).to(device)
+        if own_tokens:  # on its own ids, as the live CrossTokenizerTeacher runs it: the same function of its states
+            labels = b.teacher["teacher_labels"]
+            hidden = teacher_hidden(teacher, b.teacher, device)
+            lp = own_token_logp(hidden, head, labels, temperature, chunk, head_calls, vocab).cpu()
+            ids = labels[labels != IGNORE_INDEX]
+            return (ids[:, None], lp[:, None], None, None), (labels != IGNORE_INDEX).sum(1).tolist()
         labels = b.labels
         hidden = teacher(**b.inputs)
         idx = (labels != IGNORE_INDEX).flatten().nonzero().squeeze(1)
@@ -220,6 +233,13 @@ def write_cache(
             for start in range(s * size, min(len(ds), (s + 1) * size), batch)
         ]
         for part, ((ids, logp, tail, plogp), counts) in zip(parts, (scorer or _mapped(forward))(parts)):
+            if tail is None:  # the teacher's own tokens (ALM): float32 as computed, nothing lost, nothing to measure
+                for example_row, piece in zip(part["row"], torch.split(torch.arange(ids.shape[0]), counts)):
+                    row = encode_example(ids[piece], logp[piece], logp.new_zeros(0), exact=True)
+                    rows.append({"row": int(example_row), **row})
+                stats["kl_full_sum"] = None
+                stats["tail_mass_sum"] += (-logp.double().exp()).add(1).sum().item()  # 1 - p of its own tokens
+                continue
             measured = plogp is not None
             plogp = tail if plogp is None else plogp  # a placeholder for the split below: no full KL is computed
             teacher_cpu = [t.cpu() for t in (ids, logp, tail, plogp)]
