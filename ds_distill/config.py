@@ -20,6 +20,7 @@ from typing import Any
 
 from ds_distill.common import UsageError
 from ds_distill.data.loading import FORMATS, missing_paths
+from ds_distill.losses.attention import RELATION_MAX_TOKENS
 from ds_distill.losses.cross_tokenizer import CROSS_TOKENIZER
 from ds_distill.losses.divergences import ENTROPY_THRESHOLD, LOSSES
 from ds_distill.losses.hidden import HIDDEN_LOSSES
@@ -158,6 +159,18 @@ class RunConfig:
         "layerwise: block-local, each student layer i is fed the teacher's input to its layer t_i and matched to the "
         "teacher's input to t_(i+1) (the last to the teacher's last layer output), so it learns to replace the block "
         "it skipped; training steps only (eval runs the student's own forward).",
+    )
+    attention_relation_weight: float = flag(
+        0.0,
+        "Weight of MiniLMv2's attention relations (query-query, key-key, value-value KL of one teacher layer against "
+        "the student's last layer, per supervised token); 0 = off. Needs one live --teacher and --seq_len <= "
+        f"{RELATION_MAX_TOKENS}.",
+    )
+    attention_relation_layer: int = flag(-1, "The teacher layer of the attention relations (-1: its last).")
+    attention_relation_heads: int = flag(
+        0,
+        "Relation heads the query/key/value vectors are split into (must divide every width of both models); "
+        "0 = the student's key-value heads.",
     )
     router_aux_loss: bool = flag(
         True,
@@ -332,6 +345,8 @@ class RunConfig:
             problems.extend(_hidden_problems(self))
         elif self.hidden_mode != "output":
             problems.append(f"--hidden_mode {self.hidden_mode} needs --hidden_loss: pass one, or drop --hidden_mode")
+        if self.attention_relation_weight or self.attention_relation_heads < 0:
+            problems.extend(_relation_problems(self))
         if self.teacher_url:
             problems.extend(_served_problems(self))
         elif self.teacher_cache:
@@ -478,6 +493,31 @@ def _hidden_problems(cfg: RunConfig) -> list[str]:
         problems.append(
             "--hidden_loss compares states token by token: a teacher with another tokenizer (--cross_tokenizer) has "
             "other tokens; drop one of them"
+        )
+    return problems
+
+
+def _relation_problems(cfg: RunConfig) -> list[str]:
+    if cfg.attention_relation_weight < 0 or cfg.attention_relation_heads < 0:
+        return [
+            f"--attention_relation_weight {cfg.attention_relation_weight} and --attention_relation_heads "
+            f"{cfg.attention_relation_heads} must be >= 0"
+        ]
+    problems = []
+    if cfg.seq_len > RELATION_MAX_TOKENS:
+        problems.append(
+            f"--attention_relation_weight relates every pair of tokens ([batch, heads, T, T] per kind and model): "
+            f"--seq_len {cfg.seq_len} is above its budget of {RELATION_MAX_TOKENS} tokens; lower --seq_len"
+        )
+    if len(cfg.teacher) != 1 or cfg.teacher_cache or cfg.teacher_url or cfg.alpha == 1.0 or cfg.cross_tokenizer:
+        problems.append(
+            "--attention_relation_weight needs one live --teacher of the student's tokenizer, run at --alpha < 1 "
+            "(no ensemble, --teacher_cache, --teacher_url or --cross_tokenizer: attention is not stored or served)"
+        )
+    if cfg.packing:
+        problems.append(
+            "--attention_relation_weight relates every earlier token of a row, across the documents of a packed "
+            "row: drop --packing"
         )
     return problems
 

@@ -26,7 +26,7 @@ from ds_distill.ds_config import DSConfig, default_ds_configs, default_zero1_con
 from ds_distill.losses.objective import Objective
 from ds_distill.runtime import distributed, monitors
 from ds_distill.runtime.callbacks import Callback
-from ds_distill.teachers import acceptance, cache_reader, ensemble, hidden, served
+from ds_distill.teachers import acceptance, attention, cache_reader, ensemble, hidden, served
 from ds_distill.teachers.live import AlignmentReport, CrossTokenizerTeacher, LiveTeachers, TeacherSource
 
 log = logging.getLogger("ds_distill")
@@ -242,7 +242,8 @@ def teacher_source(cfg: RunConfig, run_data: Data, engines: Models) -> TeacherSo
     the live teacher engines, or live engines beside caches or servers as one ensemble (``ensemble.MixedTeachers``);
     with --hidden_loss, wrapped to add the hidden-state loss (``teachers.hidden``: live engines only, refused
     otherwise); with --on_policy_anchor, wrapped to add the CE on the dataset's completions of the sampled
-    micro-batches (``on_policy.anchor``); with --loss tvd and one live teacher, wrapped to log the expected
+    micro-batches (``on_policy.anchor``); with --attention_relation_weight, wrapped to add MiniLMv2's attention
+    relations (``teachers.attention``); with --loss tvd and one live teacher, wrapped to log the expected
     acceptance rate of the student as its draft (``teachers.acceptance``)."""
     splits = {"train": "data", "eval": "eval_data" if cfg.eval_data else "data"}
     sparse = None  # the caches and servers: top-K plus a tail
@@ -264,6 +265,7 @@ def teacher_source(cfg: RunConfig, run_data: Data, engines: Models) -> TeacherSo
         source = LiveTeachers(engines.teachers)
     one_live_teacher = isinstance(source, LiveTeachers) and len(engines.teachers) == 1
     source = hidden.wrap(cfg, source, engines.student)  # --hidden_loss: hooks on the mapped layers, else unchanged
+    source = attention.wrap(cfg, source, engines.student)  # --attention_relation_weight: + W x MiniLMv2 relations
     source = on_policy.anchor.wrap(cfg, source, engines.student)  # --on_policy_anchor: + W x CE on the data
     # --loss tvd with one live teacher: + the draft's expected acceptance rate 1 - TVD, logged (adds no loss)
     return acceptance.wrap(cfg, source, one_live_teacher=one_live_teacher)

@@ -27,16 +27,30 @@ def _hidden_input(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
+def attention_projections(layer: nn.Module, where: str) -> list[nn.Module]:
+    """The query, key and value projections of a decoder layer (``self_attn.q_proj``, ``k_proj``, ``v_proj``, as
+    Llama-like families name them), or one UsageError naming ``where``."""
+    attn = getattr(layer, "self_attn", None)
+    found = [getattr(attn, name, None) for name in ("q_proj", "k_proj", "v_proj")]
+    if not all(isinstance(m, nn.Module) for m in found):
+        raise UsageError(
+            f"{where}: its attention has no separate q_proj, k_proj and v_proj (a fused projection?): attention "
+            "relations need them; drop --attention_relation_weight"
+        )
+    return found
+
+
 class LayerCapture:
     """Keeps the output ``[B, T, H]`` (``inputs=True``: the hidden-states input) of each chosen decoder layer on its
-    next forward while armed.
+    next forward while armed. ``layers`` may be any indexable modules (the attention relations capture a layer's
+    query, key and value projections, ``attention_projections``).
 
     ``arm()`` before the forward whose states are wanted, ``take()`` after it: the states in the order of ``indices``,
     then nothing is held and the capture is disarmed (so on-policy generation and activation-checkpoint recomputation,
     which run the same layers at other times, keep nothing). ``held`` counts the tensors kept now.
     """
 
-    def __init__(self, layers: nn.ModuleList, indices: list[int], inputs: bool = False):
+    def __init__(self, layers: nn.ModuleList | list[nn.Module], indices: list[int], inputs: bool = False):
         self.indices = list(indices)
         self.states: dict[int, torch.Tensor] = {}
         self.armed = False
