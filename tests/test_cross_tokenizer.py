@@ -407,6 +407,22 @@ def test_refusals_in_one_line(cross_pair, tmp_path):
             RunConfig(**{**base, **extra}).validate()
 
 
+def test_vocab_map_reads_a_gemma_style_tokenizer(cross_pair, tmp_path):
+    """Gemma 3's tokenizer.json makes spaces "▁" in its normalizer, with no Metaspace step: its tokens' bytes are read
+    (they spell the text back, byte-fallback tokens included) and vocab_map pairs them with the student's."""
+    from ds_distill.models.tokenizers import token_bytes, vocab_map
+    from tests.tiny import make_gemma_tokenizer
+
+    gemma = make_gemma_tokenizer(tmp_path / "gemma")
+    table = token_bytes(gemma)
+    for prompt, completion in TEXTS:
+        text = prompt + completion
+        assert b"".join(table[i] for i in gemma(text, add_special_tokens=False)["input_ids"]) == text.encode()
+    s_ids, t_ids = vocab_map(cross_pair["s_tok"], gemma)
+    s_table = token_bytes(cross_pair["s_tok"])
+    assert len(s_ids) > 200 and all(s_table[a] == table[b] for a, b in zip(s_ids, t_ids) if s_table[a] is not None)
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def ms_teacher(tmp_path_factory):

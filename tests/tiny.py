@@ -169,6 +169,38 @@ def make_metaspace_tokenizer(dir, vocab_size: int = 360, *, bos: bool = True):
     return tok
 
 
+def make_gemma_tokenizer(dir, vocab_size: int = 380):
+    """A Gemma-style fast tokenizer, as Gemma 3's tokenizer.json is: BPE with byte fallback, spaces made "▁" by the
+    normalizer (no Metaspace pre-tokenizer), split after each "▁"; ids <pad>=0, <eos>=1, <bos>=2, <unk>=3."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    tk = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tk.normalizer = normalizers.Replace(" ", "\u2581")
+    tk.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
+    tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials + [f"<0x{i:02X}>" for i in range(256)], show_progress=False
+    )
+    tk.train_from_iterator(CORPUS, trainer=trainer)
+    spec = json.loads(tk.to_str())  # the byte tokens are ordinary tokens, as in Gemma's file (see above)
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if not t["content"].startswith("<0x")]
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
+    tok.save_pretrained(dir)
+    return tok
+
+
 def make_sentencepiece_tokenizer(dir, vocab_size: int = 400):
     """Train a tiny SentencePiece BPE model, save it as a Llama tokenizer directory and return the loaded tokenizer.
 

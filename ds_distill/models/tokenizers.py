@@ -165,14 +165,16 @@ def token_bytes(tokenizer) -> list[bytes | None]:
     """Each id's bytes as it spells them in text, ``[len(tokenizer)]``; None for special and added tokens.
 
     Byte-level BPE (GPT-2's alphabet of printable stand-ins for bytes) and SentencePiece-style vocabularies ("▁" for
-    a space, ``<0xNN>`` byte-fallback tokens) are read; any other kind stops in one line.
+    a space, from a Metaspace step or the normalizer as in Gemma's; ``<0xNN>`` byte-fallback tokens) are read; any
+    other kind stops in one line.
     """
     import json
 
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    kinds = json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")])
+    # Gemma's tokenizer.json writes "▁" in its normalizer (Replace " " -> "▁") and decoder, with no Metaspace step.
+    kinds = json.dumps([spec.get(k) for k in ("normalizer", "pre_tokenizer", "decoder")], ensure_ascii=False)
     added = {t["id"] for t in spec.get("added_tokens", [])} | set(tokenizer.all_special_ids)
     out: list[bytes | None] = [None] * len(tokenizer)
     if '"ByteLevel"' in kinds:
@@ -180,7 +182,7 @@ def token_bytes(tokenizer) -> list[bytes | None]:
         for token, i in tokenizer.get_vocab().items():
             if i not in added and all(c in to_byte for c in token):
                 out[i] = bytes(to_byte[c] for c in token)
-    elif '"Metaspace"' in kinds or "\u2581" in kinds or "▁" in kinds:
+    elif '"Metaspace"' in kinds or "▁" in kinds:
         for token, i in tokenizer.get_vocab().items():
             if i in added:
                 continue
