@@ -153,6 +153,11 @@ class RunConfig:
         "from, read from the student's distill_provenance.json), even (evenly spaced teacher layers) or pairs s:t,... "
         "(student:teacher).",
     )
+    hidden_projection: str = flag(
+        "pair",
+        "A student of another hidden size: pair (one learned projection per layer pair, TinyBERT's W_h as DistillKit "
+        "builds it) or shared (one projection for all pairs, as ModelOpt's).",
+    )
     hidden_mode: str = flag(
         "output",
         "output: each student layer's output against its teacher layer's output, in the student's own forward. "
@@ -465,6 +470,8 @@ def _hidden_problems(cfg: RunConfig) -> list[str]:
     problems = []
     if cfg.hidden_weight < 0:
         problems.append(f"--hidden_weight {cfg.hidden_weight} must be >= 0")
+    if cfg.hidden_projection not in ("pair", "shared"):
+        problems.append(f"--hidden_projection {cfg.hidden_projection!r} is unknown: use pair or shared")
     if cfg.hidden_mode not in ("output", "layerwise"):
         problems.append(f"--hidden_mode {cfg.hidden_mode!r} is unknown: use output or layerwise")
     if cfg.hidden_mode == "layerwise" and cfg.gradient_checkpointing:

@@ -302,6 +302,56 @@ def test_projection_trains_in_the_engine_with_the_float64_gradient(wide, dist_en
     assert h["Train/hidden_s0_t1"] == pytest.approx(ref_hidden_mean, rel=1e-4)
 
 
+def test_shared_projection_step_is_the_gradient_summed_over_pairs(tiny, dist_env, tmp_path):
+    """--hidden_projection shared with a 2-layer 48-wide student, pairs 0:0 and 1:1: the engine holds ONE [32, 48]
+    projection (partitioned), one plain-SGD step moves it by -hidden_weight x the sum over both pairs of dL/dW / N
+    (float64, plain forwards), and the export writes it beside final/ as shared.weight."""
+    from safetensors import safe_open
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from ds_distill import data
+    from ds_distill.core import checkpoint
+    from tests import tiny as tiny_mod
+
+    path = tiny_mod.make_model(tmp_path / "wide2", tiny["tokenizer"], layers=2, hidden=48, heads=4, seed=4)
+    sgd = dict(optimizer={"type": "SGD", "params": {"lr": 1.0}}, zero_allow_untested_optimizer=True)
+    sgd.update(gradient_clipping=0.0, train_micro_batch_size_per_gpu=4)
+    kw = dict(hidden_loss="mse", hidden_weight=2.0, hidden_layers="0:0,1:1", hidden_projection="shared")
+    cfg = make_cfg(
+        tiny,
+        tmp_path / "p",
+        student=path,
+        max_steps=1,
+        export=True,
+        deepspeed_config=projection_json(tmp_path, **sgd),
+        **kw,
+    )
+    trainer = train.build(cfg)
+    proj = getattr(trainer.student.module, NAME)
+    assert [n for n, _ in proj.named_parameters()] == ["shared.weight"] and proj["shared"].weight.numel() == 0
+    before = projection_weights(trainer.student)["shared.weight"]
+    trainer.fit()
+    after = projection_weights(trainer.student)["shared.weight"]
+    checkpoint.export_final(cfg.output_dir, trainer.last_tag)  # as train.run exports
+
+    unset_hf_deepspeed_config()
+    student = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).train()
+    teacher = AutoModelForCausalLM.from_pretrained(tiny["teacher"], dtype=torch.float64).eval()
+    pad = tiny["tokenizer"].pad_token_id
+    batch = next(data.BatchStream(trainer.train.dataset, batch_size=4, rank=0, world_size=1, seed=0, pad_token_id=pad))
+    keep, w, grad = batch.labels != IGNORE_INDEX, before.double(), 0
+    for layer in (0, 1):
+        with torch.no_grad():
+            x = layer_outputs(student, layer, **batch.inputs)[keep]
+            y = layer_outputs(teacher, layer, **batch.inputs)[keep]
+        grad = grad + (2 / 32) * (x @ w.t() - y).t() @ x
+    torch.testing.assert_close((after - before).double(), -2.0 * grad / keep.sum(), rtol=1e-4, atol=1e-7)
+    with safe_open(str(tmp_path / "p" / "final.hidden_projection.safetensors"), "pt") as fh:
+        assert list(fh.keys()) == ["shared.weight"] and fh.metadata()["pairs"] == "shared"
+    with pytest.raises(UsageError, match="no projection is learned"):
+        train.build(make_cfg(tiny, tmp_path / "eq", **kw))  # equal widths: nothing to share
+
+
 @pytest.mark.parametrize("kind", sorted(HIDDEN_LOSSES))
 def test_projected_value_and_gradients_match_float64(kind):
     """Through a projection W ([32, 48]): the sums are those of the plain reference on ``x W^T``, and the gradients of

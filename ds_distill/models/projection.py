@@ -9,7 +9,9 @@ them. Unlike DistillKit's they never reach the exported Hugging Face folder: ``s
 checkpoint's state and ``save_beside`` writes them next to the export (``<export>.hidden_projection.safetensors``).
 
 State-dict keys: ``hidden_projection.s{s}_t{t}.weight``, ``[teacher_hidden, student_hidden]`` (student layer s,
-teacher layer t), so the file names its own pairs.
+teacher layer t), so the file names its own pairs; ``hidden_projection.shared.weight`` for one projection shared by
+all pairs (``--hidden_projection shared``: ModelOpt's single shared projection; its gradient is the sum over the
+pairs, and it is called once per pair).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import nn
 from ds_distill.common import write_atomic
 
 NAME = "hidden_projection"  # the student module's child; its state-dict keys start with NAME + "."
+SHARED = "shared"  # the key of the one projection of --hidden_projection shared
 SUFFIX = ".hidden_projection.safetensors"  # the file beside an export: final -> final.hidden_projection.safetensors
 
 
@@ -38,18 +41,25 @@ class HiddenProjection(nn.ModuleDict):
     the global generator before).
     """
 
-    def __init__(self, pairs: list[tuple[int, int]], student_hidden: int, teacher_hidden: int, seed: int):
+    def __init__(
+        self, pairs: list[tuple[int, int]], student_hidden: int, teacher_hidden: int, seed: int, shared: bool = False
+    ):
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
-        for s, t in pairs:
+        for key in [SHARED] if shared else [pair_key(s, t) for s, t in pairs]:
             linear = nn.Linear(student_hidden, teacher_hidden, bias=False)
             with torch.no_grad():
                 nn.init.xavier_uniform_(linear.weight, generator=gen)
-            self[pair_key(s, t)] = linear
-        self.student_hidden, self.teacher_hidden = student_hidden, teacher_hidden
+            self[key] = linear
+        self.student_hidden, self.teacher_hidden, self.pairs = student_hidden, teacher_hidden, list(pairs)
 
     def for_pairs(self, pairs: list[tuple[int, int]]) -> list[nn.Linear]:
-        """The linears of ``pairs``, in that order (a pair built for no projection raises KeyError)."""
+        """The linears of ``pairs``, in that order: the shared one for each, or each pair's own (a pair built for no
+        projection raises KeyError)."""
+        if SHARED in self:
+            if set(pairs) - set(self.pairs):
+                raise KeyError(f"pairs {sorted(set(pairs) - set(self.pairs))} were not built into the projection")
+            return [self[SHARED]] * len(pairs)
         return [self[pair_key(s, t)] for s, t in pairs]
 
 
@@ -76,8 +86,12 @@ def save_beside(export_dir: Path | str, projections: dict[str, torch.Tensor], dt
 
     tensors = {k: v.detach().to(dtype).contiguous() for k, v in sorted(projections.items())}
     shape = next(iter(tensors.values())).shape
+    shared = list(tensors) == [f"{SHARED}.weight"]
     meta = {
-        "pairs": json.dumps([[int(p[1:]) for p in k.split(".")[0].split("_")] for k in tensors]),
+        # A shared projection serves every pair of the run: its file names none.
+        "pairs": "shared"
+        if shared
+        else json.dumps([[int(p[1:]) for p in k.split(".")[0].split("_")] for k in tensors]),
         "student_hidden": str(shape[1]),
         "teacher_hidden": str(shape[0]),
     }

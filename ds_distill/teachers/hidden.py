@@ -175,14 +175,20 @@ def wrap(cfg, source: TeacherSource, student) -> TeacherSource:
 
 def projection_for(cfg, teachers: list[str]) -> HiddenProjection | None:
     """The learned projections the student's engine must hold for ``cfg``'s hidden-state loss, read from the models'
-    config.json files before any model loads: one per ``--hidden_layers`` pair when the student's hidden size differs
-    from the teacher's (``teachers``: the teacher paths that load), else None (the loss compares states as they are).
-    Errors (one line): the pairs' (``hidden_layer_map``), and a LoRA student (``--lora_r``: its export merges the
-    adapters, with no place for trained projections)."""
+    config.json files before any model loads: one per ``--hidden_layers`` pair (or one for all with
+    ``--hidden_projection shared``) when the student's hidden size differs from the teacher's (``teachers``: the
+    teacher paths that load), else None (the loss compares states as they are). Errors (one line): the pairs'
+    (``hidden_layer_map``), a LoRA student (``--lora_r``: its export merges the adapters, with no place for trained
+    projections), and ``--hidden_projection shared`` with equal widths (nothing to learn)."""
     if not cfg.hidden_loss or len(teachers) != 1:
         return None  # off, or refused with its reason once the teacher source is known (wrap)
     s_cfg, t_cfg = model_config(cfg.student).get_text_config(), model_config(teachers[0]).get_text_config()
     if s_cfg.hidden_size == t_cfg.hidden_size:
+        if cfg.hidden_projection == "shared":
+            raise UsageError(
+                f"--hidden_projection shared: the student's hidden size equals the teacher's ({s_cfg.hidden_size}), "
+                "so no projection is learned: drop --hidden_projection"
+            )
         return None
     if cfg.hidden_mode == "layerwise":
         raise UsageError(
@@ -197,4 +203,5 @@ def projection_for(cfg, teachers: list[str]) -> HiddenProjection | None:
             "student of the teacher's width"
         )
     pairs = hidden_layer_map(cfg.hidden_layers, cfg.student, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers)
-    return HiddenProjection(pairs, s_cfg.hidden_size, t_cfg.hidden_size, seed=cfg.seed)
+    shared = cfg.hidden_projection == "shared"
+    return HiddenProjection(pairs, s_cfg.hidden_size, t_cfg.hidden_size, seed=cfg.seed, shared=shared)
