@@ -83,8 +83,11 @@ def test_padding_is_no_key_and_rows_stay_finite():
 
 def test_student_equal_to_the_teacher_has_zero_relation_loss_through_the_trainer(tiny, dist_env, tmp_path):
     """The tiny teacher distilled into itself (its last layer against the student's last): the logged relations are
-    0 in fp32 under ZeRO-3; the teacher kept exactly its layer's three projections."""
-    cfg = make_cfg(tiny, tmp_path / "run", student=tiny["teacher"], attention_relation_weight=1.0, max_steps=1)
+    0 in fp32 under ZeRO-3 (and the end-of-run evaluation runs); the teacher kept exactly its layer's three
+    projections."""
+    cfg = make_cfg(
+        tiny, tmp_path / "run", student=tiny["teacher"], attention_relation_weight=1.0, max_steps=1, eval_fraction=0.1
+    )
     trainer = train.build(cfg)
     trainer.fit()
     logged = losses_of(trainer, "Train/attention")
@@ -94,6 +97,7 @@ def test_student_equal_to_the_teacher_has_zero_relation_loss_through_the_trainer
         "Train/attention_key",
         "Train/attention_value",
     }
+    assert len(losses_of(trainer, "Eval/loss")) == 1, "an evaluation runs with the relations armed and read"
     relations = trainer.teachers
     assert len(relations.teacher_capture.handles) == 3 and relations.teacher_capture.held == 0
 
