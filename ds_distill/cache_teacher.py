@@ -153,8 +153,8 @@ def _cross_tokenizer_problems(cfg) -> list[str]:
     problems = []
     if cfg.teacher_url:
         problems.append(
-            "--cross_tokenizer alm caches a local teacher: pass --teacher (a served teacher of another tokenizer is "
-            "not supported)"
+            "--cross_tokenizer alm caches a local teacher: pass --teacher (a served teacher of another tokenizer "
+            "trains directly: python -m ds_distill.train --teacher_url URL --cross_tokenizer alm --teacher_tokenizer)"
         )
     if not (Path(cfg.tokenizer) / "tokenizer_config.json").is_file():
         problems.append(

@@ -99,6 +99,11 @@ class RunConfig:
     teacher_reference_tolerance: float = flag(
         1e-3, "Nats: largest |served - local| log-prob accepted by the --teacher_reference probe."
     )
+    teacher_tokenizer: str = flag(
+        "",
+        "With --teacher_url and --cross_tokenizer alm: a folder with the served teacher's (fast) tokenizer; the data "
+        "is aligned with it, and at connect it must tokenize a probe text as the server does.",
+    )
     teacher_url_timeout: float = flag(
         120.0, "Seconds for one request to a --teacher_url (a stall counts as a failure)."
     )
@@ -352,6 +357,11 @@ class RunConfig:
             problems.append(f"--hidden_mode {self.hidden_mode} needs --hidden_loss: pass one, or drop --hidden_mode")
         if self.attention_relation_weight or self.attention_relation_heads < 0:
             problems.extend(_relation_problems(self))
+        if self.teacher_tokenizer and not (self.teacher_url and self.cross_tokenizer):
+            problems.append(
+                "--teacher_tokenizer names a served teacher's tokenizer for --cross_tokenizer alm with --teacher_url: "
+                "drop it, or pass both"
+            )
         if self.teacher_url:
             problems.extend(_served_problems(self))
         elif self.teacher_cache:
@@ -448,19 +458,40 @@ def _cross_tokenizer_problems(cfg: RunConfig) -> list[str]:
             "stores: pass --teacher instead of --teacher_cache, or use --cross_tokenizer alm with a cache written "
             "for it"
         )
-    if len(cfg.teacher) + len(cfg.teacher_cache) > 1:
+    if len(cfg.teacher) + len(cfg.teacher_cache) + len(cfg.teacher_url) > 1:
         problems.append(
-            "--cross_tokenizer takes one --teacher or one --teacher_cache (ensembles across tokenizers are not "
-            "supported)"
+            "--cross_tokenizer takes one --teacher, --teacher_cache or --teacher_url (ensembles across tokenizers are "
+            "not supported)"
         )
+    if cfg.teacher_url:
+        problems.extend(_served_cross_problems(cfg))
     if cfg.on_policy_fraction:
         problems.append(
             "--cross_tokenizer aligns the dataset's texts once: drop --on_policy_fraction (sampled text is not aligned)"
         )
     if cfg.router != "fixed":
         problems.append("--router mixes an ensemble: it does not apply to --cross_tokenizer")
-    if cfg.teacher_url:
-        problems.append("--cross_tokenizer runs the teacher live on its own tokens: drop --teacher_url, pass --teacher")
+    return problems
+
+
+def _served_cross_problems(cfg: RunConfig) -> list[str]:
+    """A served teacher of another tokenizer: ALM from the server's log-prob of each of its own tokens."""
+    problems = []
+    if cfg.cross_tokenizer == "vocab_map":
+        problems.append(
+            "--cross_tokenizer vocab_map needs the teacher's whole distribution at every chunk start, which a server's "
+            "top-K does not give: use --cross_tokenizer alm with --teacher_url, or vocab_map with the live --teacher"
+        )
+    if not (Path(cfg.teacher_tokenizer) / "tokenizer_config.json").is_file():
+        problems.append(
+            f"--cross_tokenizer with --teacher_url needs --teacher_tokenizer: a folder with the served teacher's "
+            f"tokenizer (got {cfg.teacher_tokenizer!r}), to align the data with"
+        )
+    if cfg.temperature != 1.0:
+        problems.append(
+            f"--cross_tokenizer alm with --teacher_url needs --temperature 1 (got {cfg.temperature}): the server's "
+            "log-prob of a token is at temperature 1 and does not fix it at another; use a teacher cache or --teacher"
+        )
     return problems
 
 

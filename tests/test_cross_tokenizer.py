@@ -396,12 +396,20 @@ def test_refusals_in_one_line(cross_pair, tmp_path):
         shared_vocab_size("student", s_tok, [str(cross_pair["root"] / "t_tok")])
     assert shared_vocab_size("student", s_tok, [str(cross_pair["root"] / "t_tok")], "alm") == len(s_tok)
     base = dict(student="s", teacher=["t"], data="d", output_dir="o")
+    t_dir = str(cross_pair["root"] / "t_tok")
     for extra, message in [
         (dict(cross_tokenizer="uld"), "--cross_tokenizer 'uld' is unknown: use one of alm, vocab_map"),
         (dict(cross_tokenizer="alm", teacher=["a", "b"]), "takes one --teacher"),
         (dict(cross_tokenizer="alm", on_policy_fraction=0.5), "drop --on_policy_fraction"),
         (dict(cross_tokenizer="vocab_map", teacher=[], teacher_cache=["c"]), "which no cache stores"),
-        (dict(cross_tokenizer="alm", teacher_cache=["c"]), "takes one --teacher or one --teacher_cache"),
+        (dict(cross_tokenizer="alm", teacher_cache=["c"]), "takes one --teacher, --teacher_cache or --teacher_url"),
+        (dict(cross_tokenizer="vocab_map", teacher=[], teacher_url=["u"], teacher_tokenizer=t_dir), "server's top-K"),
+        (dict(cross_tokenizer="alm", teacher=[], teacher_url=["u"]), "needs --teacher_tokenizer: a folder"),
+        (
+            dict(cross_tokenizer="alm", teacher=[], teacher_url=["u"], teacher_tokenizer=t_dir, temperature=2.0),
+            "alm with --teacher_url needs --temperature 1",
+        ),
+        (dict(teacher_tokenizer=t_dir), "--teacher_tokenizer names a served teacher's tokenizer"),
     ]:
         with pytest.raises(UsageError, match=message):
             RunConfig(**{**base, **extra}).validate()
@@ -698,7 +706,7 @@ def test_alm_cache_refusals_in_one_line(tiny, dist_env, tmp_path, ms_teacher, al
         (dict(cross_tokenizer="vocab_map"), "vocab_map needs the teacher's whole distribution at every chunk start"),
         (dict(teacher_cache=str(top_k), temperature=1), "holds the top-K of a teacher with the student's tokenizer"),
         (dict(temperature=2), "holds log-probs at temperature 1.5 but this run has --temperature 2.0"),
-        (dict(teacher=ms_teacher), "takes one --teacher or one --teacher_cache"),
+        (dict(teacher=ms_teacher), "takes one --teacher, --teacher_cache or --teacher_url"),
     ]
     for change, message in cases:
         args = flags(**{k: v for k, v in {**base, **change}.items() if v is not None})

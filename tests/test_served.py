@@ -114,6 +114,29 @@ def test_a_live_and_a_served_teacher_train_like_the_live_ensemble(served, dist_e
         assert losses_of(mixed, key) == pytest.approx(losses_of(live, key), **AGREEMENT), key
 
 
+def test_alm_against_a_served_teacher_of_another_tokenizer_trains_like_the_live_one(served, tiny, dist_env, tmp_path):
+    """--cross_tokenizer alm with --teacher_url: a student with the tiny byte-level BPE tokenizer against the served
+    character-level teacher; the server's log-prob of each of the teacher's own tokens are ALM's targets, so the run
+    equals the live ALM run with the same teacher (train and eval, grad norms, the alignment report). A
+    --teacher_tokenizer that is not the server's stops in one line."""
+    from ds_distill.teachers.live import AlignmentReport
+
+    kw = dict(student=tiny["student"], cross_tokenizer="alm")
+    live = run(cfg(served, tmp_path, "live", teacher=[served["teacher"]], **kw))
+    srv = run(cfg(served, tmp_path, "served", teacher_url=[served["url"]], teacher_tokenizer=served["teacher"], **kw))
+    assert isinstance(srv.teachers, served_mod.ServedCrossTokenizerTeacher)
+    a = losses_of(live)
+    assert len(a) == 3 and abs(a[0] - a[-1]) > 1e-3 and min(losses_of(live, "Train/kd")) > 0
+    for key in ("Train/loss", "Train/kd", "Train/grad_norm", "Eval/kd"):
+        assert losses_of(srv, key) == pytest.approx(losses_of(live, key), **AGREEMENT), key
+    report = lambda t: next(cb for cb in t.callbacks if isinstance(cb, AlignmentReport)).history
+    assert report(srv) == report(live) and len(report(live)) == 3
+    wrong = cfg(served, tmp_path, "w", teacher_url=[served["url"]], teacher_tokenizer=tiny["student"], **kw)
+    with pytest.raises(UsageError, match="into .* ids, --teacher_tokenizer's tokenizer into") as exc:
+        train.run(wrong)
+    assert "\n" not in str(exc.value)
+
+
 def test_cache_written_from_the_server_trains_like_the_local_teachers_cache(served, dist_env, tmp_path):
     common = ["--data", served["data"], "--seq_len", "48", "--shard_examples", "24", "--batch_size", "4", "--exact"]
     local = cache_teacher.run(

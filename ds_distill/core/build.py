@@ -41,8 +41,9 @@ def build(cfg: RunConfig, callbacks: list[Callback] = (), objective: Objective |
     teachers = teacher_source(cfg, run_data, engines)
     stream = batch_stream(cfg, run_configs, run_data, engines, teachers)
     run_callbacks = [*stream.callbacks, *callbacks]  # the stream's own, then the extras (default_callbacks)
-    if isinstance(teachers, CrossTokenizerTeacher):  # the per-step alignment report
-        run_callbacks.insert(0, AlignmentReport(teachers))
+    cross = teachers.cross if isinstance(teachers, served.ServedCrossTokenizerTeacher) else teachers
+    if isinstance(cross, CrossTokenizerTeacher):  # the per-step alignment report
+        run_callbacks.insert(0, AlignmentReport(cross))
     trainer = Trainer(
         cfg,
         engines.student,
@@ -132,15 +133,13 @@ def load_data(cfg: RunConfig, run: Configs) -> Data:
     connect to the served teachers."""
     tokenizer = models.load_tokenizer(cfg.student)
     # A teacher with another tokenizer: every example is aligned once, here (cached with the tokenised data).
-    teacher_tokenizer = (
-        (
-            models.load_tokenizer(cfg.teacher[0])
-            if cfg.teacher
-            else cache_reader.cross_teacher_tokenizer(cfg.teacher_cache[0], cfg.cross_tokenizer)  # its saved copy
-        )
-        if cfg.cross_tokenizer and (cfg.teacher or cfg.teacher_cache)
-        else None
-    )
+    teacher_tokenizer = None
+    if cfg.cross_tokenizer and cfg.teacher:
+        teacher_tokenizer = models.load_tokenizer(cfg.teacher[0])
+    elif cfg.cross_tokenizer and cfg.teacher_cache:  # the cache's saved copy
+        teacher_tokenizer = cache_reader.cross_teacher_tokenizer(cfg.teacher_cache[0], cfg.cross_tokenizer)
+    elif cfg.cross_tokenizer and cfg.teacher_url:  # checked against the server's own at connect (below)
+        teacher_tokenizer = models.load_tokenizer(cfg.teacher_tokenizer)
     train_set, eval_set = tokenise(cfg, tokenizer, teacher_tokenizer)
     template = chat_template_of(cfg, tokenizer)
     # A teacher cache must hold exactly these tokens (checked before any model loads); its eval rows come either from
@@ -162,7 +161,11 @@ def load_data(cfg: RunConfig, run: Configs) -> Data:
         )
     # Served teachers: ready and checked (tokenizer, K, vocabulary, parity against --teacher_reference), each in one
     # line, before any model loads (the vocabulary distilled over is the student tokenizer's: models.shared_vocab_size).
-    servers = served.connect_run(cfg, tokenizer, len(tokenizer)) if cfg.teacher_url else []
+    servers = []
+    if cfg.teacher_url and teacher_tokenizer is not None:  # ALM: each scored teacher token's own log-prob (K = 1)
+        servers = served.connect_run(cfg, teacher_tokenizer, len(teacher_tokenizer), 1, "--teacher_tokenizer's")
+    elif cfg.teacher_url:
+        servers = served.connect_run(cfg, tokenizer, len(tokenizer))
     return Data(tokenizer, train_set, eval_set, caches, servers, teacher_tokenizer, template)
 
 
@@ -246,12 +249,15 @@ def teacher_source(cfg: RunConfig, run_data: Data, engines: Models) -> TeacherSo
     relations (``teachers.attention``); with --loss tvd and one live teacher, wrapped to log the expected
     acceptance rate of the student as its draft (``teachers.acceptance``)."""
     splits = {"train": "data", "eval": "eval_data" if cfg.eval_data else "data"}
-    sparse = None  # the caches and servers: top-K plus a tail
-    if run_data.servers:
-        sparse = served.ServedTeacher(run_data.servers, run_data.caches, splits)
-    elif run_data.caches and cfg.cross_tokenizer:  # ALM from the teacher's log-probs of its own tokens
+    sparse = None  # the caches and servers: top-K plus a tail, or ALM's own-token log-probs
+    if cfg.cross_tokenizer and run_data.servers:  # ALM from the teacher's log-probs of its own tokens
+        _log_cross(cfg, run_data, f"served at {cfg.teacher_url[0]}")
+        sparse = served.ServedCrossTokenizerTeacher(run_data.servers, splits)
+    elif cfg.cross_tokenizer and run_data.caches:
         _log_cross(cfg, run_data, f"from the cache {cfg.teacher_cache[0]}")
         sparse = cache_reader.CachedCrossTokenizerTeacher(run_data.caches[0], splits)
+    elif run_data.servers:
+        sparse = served.ServedTeacher(run_data.servers, run_data.caches, splits)
     elif run_data.caches:
         sparse = cache_reader.CachedTeacher(run_data.caches, splits)
     if sparse is not None:  # with live teachers too: one ensemble, each member through its own source

@@ -29,7 +29,7 @@ from ds_distill.teachers.cache_format import (
     tokenizer_fingerprint,
     vocab_fingerprint,
 )
-from ds_distill.teachers.live import CrossTokenizerTeacher, scored_chunk_sums
+from ds_distill.teachers.live import CrossTokenizerTeacher
 
 log = logging.getLogger("ds_distill")
 
@@ -300,8 +300,9 @@ class CachedCrossTokenizerTeacher(CrossTokenizerTeacher):
     """ALM (``--cross_tokenizer alm``) from a cache of the teacher's log-probs of its own tokens, no teacher model:
     the batches carry the teacher's ids and chunks as in a live run (the data pipeline aligned them with the cache's
     copy of the teacher's tokenizer); ``targets`` reads the examples' stored log-probs and checks they are of the
-    batch's scored teacher tokens; the chunk likelihoods are their sums, as the live teacher's. The alignment report
-    and the loss are the live class's. splits: "train"/"eval" -> the cache split it reads."""
+    batch's scored teacher tokens; the chunk likelihoods are their sums (``CrossTokenizerTeacher.chunk_logp``), as
+    the live teacher's. The alignment report and the loss are the live class's. splits: "train"/"eval" -> the cache
+    split it reads."""
 
     def __init__(self, cache: TeacherCache, splits: dict[str, str]):
         super().__init__(None, "alm")
@@ -318,8 +319,4 @@ class CachedCrossTokenizerTeacher(CrossTokenizerTeacher):
                 f"--teacher_cache {self.cache.root} holds other teacher tokens for examples {rows} than the batch "
                 "scores: the data or its alignment changed since the cache was written; rewrite the cache"
             )
-        return {**cross, "teacher_logp": logp[:, 0]}
-
-    def chunk_logp(self, targets: dict[str, Any], temperature: float, chunk_size: int, num_chunks: int | None):
-        """The stored log-probs (at the cache's temperature, the run's: ``check_run``) summed into chunks."""
-        return scored_chunk_sums(targets["teacher_logp"], targets)
+        return {**cross, "teacher_logp": logp[:, 0]}  # at the cache's temperature, the run's (check_run)

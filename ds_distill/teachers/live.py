@@ -139,7 +139,10 @@ class CrossTokenizerTeacher:
         return {**cross, "hidden": teacher_hidden(self.engine, cross, batch.inputs["input_ids"].device)}
 
     def chunk_logp(self, targets: dict[str, Any], temperature: float, chunk_size: int, num_chunks: int | None):
-        """ALM's teacher chunk log-likelihoods ``[C]`` at ``temperature``: its head on its scored positions."""
+        """ALM's teacher chunk log-likelihoods ``[C]`` at ``temperature``: its head on its scored positions, or the
+        log-probs the targets carry (``teacher_logp`` ``[n]``, from a cache or a server, at the run's temperature)."""
+        if "teacher_logp" in targets:
+            return scored_chunk_sums(targets["teacher_logp"], targets)
         per_token = own_token_logp(
             targets["hidden"],
             self.engine.module.head,

@@ -46,6 +46,7 @@ from ds_distill.common import IGNORE_INDEX, UsageError
 from ds_distill.data.batching import Batch
 from ds_distill.teachers.cache_format import TAIL_FLOOR
 from ds_distill.teachers.cache_reader import CachedTeacher
+from ds_distill.teachers.live import CrossTokenizerTeacher
 from ds_distill.teachers.server_client import ServerClient, ServerRefused
 
 log = logging.getLogger("ds_distill")
@@ -154,8 +155,36 @@ class ServedModel:
             raise UsageError(f"{self.name} refused a micro-batch's request ({exc})") from None
         return sparse_from_entries(entries, where, self.k, self.vocab, self.temperature, self.name)
 
+    def fetch_own(self, seqs: list[list[int]], where: list[tuple[int, int]]) -> torch.Tensor:
+        """The log-prob of each ``where`` entry's own token (the sequence's token at that position: vLLM's prompt
+        log-probs hold it beside the top-K), ``[n]`` float32 in ``where``'s order: ALM's targets, one request."""
+        if not seqs:
+            return torch.empty(0)
+        try:
+            entries = self.client.prompt_logprobs(seqs, self.k)
+        except ServerRefused as exc:
+            raise UsageError(f"{self.name} refused a micro-batch's request ({exc})") from None
+        out = []
+        for s, pos in where:
+            entry = entries[s][pos] or {}
+            got = entry.get(str(seqs[s][pos]))
+            if got is None:
+                raise UsageError(
+                    f"{self.name} returned no log-prob of the prompt's own token {seqs[s][pos]} at position {pos}: "
+                    "serve with vLLM's OpenAI server, whose prompt_logprobs hold the prompt token"
+                )
+            out.append(float(got["logprob"]))
+        return torch.tensor(out, dtype=torch.float32)
+
     # ---------------------------------------------------------------------------------------- connect checks
-    def check(self, tokenizer, seq_len: int, reference: str = "", tolerance: float = PARITY_TOLERANCE) -> None:
+    def check(
+        self,
+        tokenizer,
+        seq_len: int,
+        reference: str = "",
+        tolerance: float = PARITY_TOLERANCE,
+        whose: str = "the student's",
+    ) -> None:
         """The connect checks, each a one-line UsageError: context length, tokenizer parity, K within the server's
         ``--max-logprobs``, vocabulary, and with ``reference`` (a local copy of the teacher) log-prob parity."""
         info = self.client.model()
@@ -170,8 +199,8 @@ class ServedModel:
         if theirs != mine:
             at = next((i for i, (a, b) in enumerate(zip(theirs, mine)) if a != b), min(len(theirs), len(mine)))
             raise UsageError(
-                f"{self.name} tokenizes the probe text {PROBE_TEXT!r} into {len(theirs)} ids, the student's tokenizer "
-                f"into {len(mine)}, first difference at id {at}: serve a teacher with the student's tokenizer"
+                f"{self.name} tokenizes the probe text {PROBE_TEXT!r} into {len(theirs)} ids, {whose} tokenizer "
+                f"into {len(mine)}, first difference at id {at}: serve a teacher with {whose} tokenizer"
             )
         try:
             entries = self.client.prompt_logprobs([mine], self.k)
@@ -236,9 +265,14 @@ class ServedTeacher(CachedTeacher):
     def _requests(batch: Batch):
         return request_sequences(batch.inputs["input_ids"], batch.labels, batch.inputs.get("position_ids"))
 
+    @staticmethod
+    def fetch(server: ServedModel, seqs: list[list[int]], where: list[tuple[int, int]]):
+        """One server's answer to one micro-batch's request (on a pool thread)."""
+        return server.fetch(seqs, where)
+
     def submit(self, batch: Batch, split: str = "train") -> list[concurrent.futures.Future]:
         seqs, where = self._requests(batch)
-        futures = [self.pool.submit(server.fetch, seqs, where) for server in self.servers]
+        futures = [self.pool.submit(self.fetch, server, seqs, where) for server in self.servers]
         self.pending[self._key(batch, split)] = (seqs, futures)
         return futures
 
@@ -261,11 +295,43 @@ class ServedTeacher(CachedTeacher):
         seqs, where = self._requests(batch)
         got = self.pending.pop(self._key(batch, split), None)
         if got is None or got[0] != seqs:  # not drawn through ServedStream (eval), or another batch with these ids
-            futures = [self.pool.submit(server.fetch, seqs, where) for server in self.servers]
+            futures = [self.pool.submit(self.fetch, server, seqs, where) for server in self.servers]
         else:
             futures = got[1]
         parts = super().targets(batch, split) if self.caches else []
         return parts + [f.result() for f in futures]
+
+
+class ServedCrossTokenizerTeacher(ServedTeacher):
+    """ALM (``--cross_tokenizer alm``) against a served teacher of another tokenizer: per micro-batch one request of
+    the teacher's own ids (the batch's teacher columns, one sequence per row or packed document, as the data pipeline
+    aligned them with ``--teacher_tokenizer``); vLLM's prompt log-probs hold each prompt token's own log-prob, which
+    is exactly what ALM needs of the teacher (at temperature 1: ``--temperature`` other than 1 is refused). Requests
+    are issued ahead by ``ServedStream`` and guarded by ``ServedGuard`` as for ``ServedTeacher``; the loss and the
+    alignment report are ``CrossTokenizerTeacher``'s (``self.cross``) on those log-probs, as from a cache."""
+
+    def __init__(self, servers: list[ServedModel], splits: dict[str, str] | None = None, workers: int = 4):
+        super().__init__(servers, [], splits, workers)
+        self.cross = CrossTokenizerTeacher(None, "alm")
+
+    @staticmethod
+    def _requests(batch: Batch):
+        c = batch.teacher
+        if c is None:
+            raise ValueError("--cross_tokenizer needs batches with the teacher's columns (data.get_dataset)")
+        return request_sequences(c["teacher_input_ids"], c["teacher_labels"], c.get("teacher_position_ids"))
+
+    @staticmethod
+    def fetch(server: ServedModel, seqs: list[list[int]], where: list[tuple[int, int]]):
+        return server.fetch_own(seqs, where)
+
+    def targets(self, batch: Batch, split: str) -> dict[str, Any]:
+        cross = self.cross.columns(batch, split)
+        (logp,) = super().targets(batch, split)
+        return {**cross, "teacher_logp": logp}
+
+    def loss_sums(self, *args, **kwargs) -> Any:
+        return self.cross.loss_sums(*args, **kwargs)
 
 
 class ServedStream:
@@ -325,9 +391,11 @@ def connect(
     retries: int = 6,
     wait: float = 600.0,
     flag: str = "--teacher_url",
+    whose: str = "the student's",
 ) -> list[ServedModel]:
     """Served teachers at ``urls``: ready, each checked in one line (``ServedModel.check``); ``k`` is cut to the
-    vocabulary. ``references``: none, or one local copy per URL (``--teacher_reference``)."""
+    vocabulary. ``references``: none, or one local copy per URL (``--teacher_reference``). ``whose``: whose tokenizer
+    ``tokenizer`` is, in the messages (a teacher of another tokenizer is checked against its own)."""
     refs = list(references or [])
     if refs and len(refs) != len(urls):
         raise UsageError(
@@ -346,15 +414,15 @@ def connect(
         client = ServerClient(url, timeout=timeout, retries=retries, flag=flag)
         client.wait_ready(timeout=wait)
         server = ServedModel(client, k, vocab, temperature)
-        server.check(tokenizer, seq_len, refs[i] if refs else "", tolerance)
+        server.check(tokenizer, seq_len, refs[i] if refs else "", tolerance, whose)
         log.info("%s: serving %r, top-%d per supervised token", server.name, client.model_id, k)
         servers.append(server)
     return servers
 
 
-def connect_run(cfg, tokenizer, vocab: int, k: int | None = None) -> list[ServedModel]:
+def connect_run(cfg, tokenizer, vocab: int, k: int | None = None, whose: str = "the student's") -> list[ServedModel]:
     """The ``--teacher_url``s of a run or cache config, connected and checked; ``k``: top-K asked (default the
-    config's ``teacher_top_k``)."""
+    config's ``teacher_top_k``); ``whose``: as ``connect``."""
     return connect(
         cfg.teacher_url,
         tokenizer,
@@ -367,6 +435,7 @@ def connect_run(cfg, tokenizer, vocab: int, k: int | None = None) -> list[Served
         timeout=cfg.teacher_url_timeout,
         retries=cfg.teacher_url_retries,
         wait=cfg.teacher_url_wait,
+        whose=whose,
     )
 
 
