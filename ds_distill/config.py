@@ -63,8 +63,8 @@ class RunConfig:
     deepspeed_config: str = flag(
         "",
         "Student DeepSpeed JSON. Default, chosen by fit and logged: on one rank whose memory holds the student's "
-        "training state twice over, ds_configs/zero1_bf16.json on GPU, cpu_zero1.json on CPU; else zero3_bf16.json "
-        "on GPU, cpu_zero3.json on CPU.",
+        "training state twice over, ds_configs/zero1_bf16.json on GPU, cpu_zero0.json (no ZeRO) on CPU; else "
+        "zero3_bf16.json on GPU, cpu_zero3.json on CPU.",
     )
     teacher_deepspeed_config: str = flag(
         "",

@@ -229,7 +229,7 @@ def ds_worker(a: argparse.Namespace) -> dict[str, Any]:
             if a.parts:
                 parts.end_step(self.cpu[-1])
             self.sums.append((sums["total"], sums["n_tokens"]))
-            self.norms.append(trainer.student.get_global_grad_norm())
+            self.norms.append(trainer.grad_norm.latest())
             if trainer.step == trainer.cfg.max_steps:
                 self.peak = peak_gib(device)
 

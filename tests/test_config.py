@@ -23,6 +23,7 @@ def test_configs_are_shipped():
         "cpu_zero3.json",
         "cpu_zero2.json",
         "cpu_zero1.json",
+        "cpu_zero0.json",
         "cpu_teacher_zero3.json",
     ):
         assert name in names

@@ -70,7 +70,9 @@ def reference_gradients(tiny, trainer, examples: int) -> tuple[dict[str, torch.T
     return before, grads, torch.sqrt(sum((g**2).sum() for g in grads.values())).item()
 
 
-@pytest.mark.parametrize("stage, micro, accum", [(0, 8, 1), (1, 4, 2), (2, 8, 1), (2, 4, 2), (3, 8, 1), (3, 4, 2)])
+@pytest.mark.parametrize(
+    "stage, micro, accum", [(0, 8, 1), (0, 4, 2), (1, 4, 2), (2, 8, 1), (2, 4, 2), (3, 8, 1), (3, 4, 2)]
+)
 def test_one_sgd_step_moves_by_minus_the_gradient(tiny, dist_env, tmp_path, stage, micro, accum):
     """ZeRO 0/1/2/3 and micro-batch x accumulation: the same update, and it is -lr x the reference gradient."""
     trainer = train.run(
@@ -84,10 +86,36 @@ def test_one_sgd_step_moves_by_minus_the_gradient(tiny, dist_env, tmp_path, stag
         torch.testing.assert_close(
             after[name] - before[name], -LR * grads[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}"
         )
-    if stage > 0:  # without ZeRO, DeepSpeed computes the norm only to clip (the log says nan)
-        assert trainer.history[0]["Train/grad_norm"] == pytest.approx(norm, rel=1e-4), (
-            "logged grad_norm = reference norm"
-        )
+    # Stage 0 included: DeepSpeed keeps no norm there, the trainer's GradNorm computes it at the boundary.
+    assert trainer.history[0]["Train/grad_norm"] == pytest.approx(norm, rel=1e-4), "logged grad_norm = reference norm"
+
+
+def test_stage0_clips_as_zero1_logs_its_norm_and_exports(tiny, dist_env, tmp_path):
+    """Without ZeRO (the one-rank CPU default) DeepSpeed still clips as the JSON says and the logged grad_norm is the
+    one ZeRO-1 reports, step by step; plain SGD, so a clipping left out would move the weights by the norm, not 1.
+    The stage-0 checkpoint exports to final/ with the engine's weights."""
+    from safetensors.torch import load_file
+
+    CLIP = 0.25  # below the tiny run's gradient norms (~0.5): every step is clipped
+    runs = {}
+    for stage in (0, 1):
+        d = json.loads(Path(sgd_json(tmp_path, stage, 8, 1)).read_text())
+        d["gradient_clipping"] = CLIP
+        path = tmp_path / f"clip_z{stage}.json"
+        path.write_text(json.dumps(d))
+        cfg = make_cfg(tiny, tmp_path / f"z{stage}", deepspeed_config=str(path), export=stage == 0)
+        runs[stage] = train.run(cfg)
+    z0, z1 = runs[0], runs[1]
+    assert z0.ds.zero_stage == 0 and z1.ds.zero_stage == 1
+    norms = losses_of(z1, "Train/grad_norm")
+    assert len(norms) == 3 and min(norms) > CLIP, "every step must be clipped, or the comparison proves nothing"
+    for key in ("Train/loss", "Train/grad_norm"):
+        assert losses_of(z0, key) == pytest.approx(losses_of(z1, key), rel=1e-5), key
+    exported = load_file(str(tmp_path / "z0" / "final" / "model.safetensors"))
+    trained = engine_parameters(z0.student)
+    assert exported.keys() <= trained.keys() and "model.embed_tokens.weight" in exported
+    for name, value in exported.items():
+        torch.testing.assert_close(value, trained[name], rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
 
 
 def test_golden_loss_curve(tiny, dist_env, tmp_path):

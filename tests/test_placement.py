@@ -28,9 +28,9 @@ def test_teacher_size_is_the_same_for_every_checkpoint_format(tiny, tmp_path):
 
 
 def test_student_stage_by_fit():
-    """One rank: ZeRO-1 when 16 bytes per parameter fit in half the rank's memory; else, several ranks, or an unknown
-    size: ZeRO-3."""
-    kw = dict(zero3="Z3", zero1="Z1")
+    """One rank: the one-rank file when 16 bytes per parameter fit in half the rank's memory; else, several ranks, or
+    an unknown size: ZeRO-3."""
+    kw = dict(zero3="Z3", one_rank="Z1")
     n = 1000
     assert models.student_placement(n, world_size=1, rank_memory=2 * 16 * n, **kw)[0] == "Z1"
     assert models.student_placement(n, world_size=1, rank_memory=2 * 16 * n - 1, **kw)[0] == "Z3"
@@ -38,8 +38,8 @@ def test_student_stage_by_fit():
     assert models.student_placement(None, world_size=1, rank_memory=10**12, **kw)[0] == "Z3"
 
 
-def test_one_rank_default_student_config_is_zero1_and_logged(tiny, dist_env, tmp_path, caplog):
-    """No --deepspeed_config on one rank with a tiny student: the configs phase picks the shipped ZeRO-1 file, says
+def test_one_rank_default_student_config_is_stage0_and_logged(tiny, dist_env, tmp_path, caplog):
+    """No --deepspeed_config on one rank with a tiny student: the configs phase picks the shipped stage-0 file, says
     why in the log, and records it as run; a named JSON is used as written (ZeRO-3 stays ZeRO-3)."""
     import json
     import logging
@@ -50,8 +50,8 @@ def test_one_rank_default_student_config_is_zero1_and_logged(tiny, dist_env, tmp
 
     with caplog.at_level(logging.INFO, logger="ds_distill"):
         run = build.configs(make_cfg(tiny, tmp_path / "d", deepspeed_config=""))
-    assert run.student.zero_stage == 1 and run.student.path == str(REPO_CONFIGS / "cpu_zero1.json")
-    assert any("cpu_zero1.json" in r.message and "partition nothing" in r.message for r in caplog.records)
-    assert json.loads((tmp_path / "d" / "ds_config_student.json").read_text())["zero_optimization"]["stage"] == 1
+    assert run.student.zero_stage == 0 and run.student.path == str(REPO_CONFIGS / "cpu_zero0.json")
+    assert any("cpu_zero0.json" in r.message and "partition nothing" in r.message for r in caplog.records)
+    assert json.loads((tmp_path / "d" / "ds_config_student.json").read_text())["zero_optimization"]["stage"] == 0
     named = build.configs(make_cfg(tiny, tmp_path / "n"))  # make_cfg names cpu_zero3.json
     assert named.student.zero_stage == 3

@@ -22,7 +22,7 @@ from ds_distill.common import UsageError
 from ds_distill.config import RunConfig
 from ds_distill.core import checkpoint, resume
 from ds_distill.core.trainer import Trainer
-from ds_distill.ds_config import DSConfig, default_ds_configs, default_zero1_config, load_ds_config, schedule_check
+from ds_distill.ds_config import DSConfig, default_ds_configs, default_one_rank_config, load_ds_config, schedule_check
 from ds_distill.losses.objective import Objective
 from ds_distill.runtime import distributed, monitors
 from ds_distill.runtime.callbacks import Callback
@@ -338,7 +338,7 @@ def student_ds_config(student: str, world, has_gpu: bool) -> str:
     path, why = models.student_placement(
         models.parameter_count(student) if world.world_size == 1 else None,
         zero3=default_ds_configs(has_gpu)[0],
-        zero1=default_zero1_config(has_gpu),
+        one_rank=default_one_rank_config(has_gpu),
         world_size=world.world_size,
         rank_memory=_rank_memory(world, has_gpu),
     )

@@ -1,8 +1,9 @@
 """A training checkpoint -> a Hugging Face model folder (the library side of ``python -m ds_distill.export``).
 
 The weights are DeepSpeed's fp32 master weights, consolidated from every rank's ZeRO shards (no GPU and no process
-group needed), saved as safetensors in the dtype the student trained in, next to its config, its generation config
-(byte for byte) and tokenizer. The folder is built by ``common.atomic_folder``: it appears only complete, marked so.
+group needed; without ZeRO, the whole module every rank saved), saved as safetensors in the dtype the student trained
+in, next to its config, its generation config (byte for byte) and tokenizer. The folder is built by
+``common.atomic_folder``: it appears only complete, marked so.
 A hidden-state loss's learned projections (``models.projection``) are trained weights but not the model's: they are
 written beside the folder (``<folder>.hidden_projection.safetensors``), never into it.
 """
@@ -13,11 +14,12 @@ import json
 from pathlib import Path
 
 import torch
-from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint, get_model_state_file
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from ds_distill.common import UsageError, atomic_folder, read_json
+from ds_distill.ds_config import DSConfig
 from ds_distill.models import copy_generation_config, copy_tokenizer, lora, projection
 
 
@@ -39,6 +41,17 @@ def read_lora_record(tag_dir: Path) -> dict | None:
     return read_json(path, "LoRA record", "re-save the checkpoint") if path.is_file() else None
 
 
+def trained_state(tag_dir: Path, ds_config: dict) -> dict[str, torch.Tensor]:
+    """A tag's trained weights by parameter name, fp32 on the CPU. ZeRO 1-3: DeepSpeed's consolidation of the shards
+    (``zero_to_fp32``). Stage 0 (no ZeRO, which ``zero_to_fp32`` does not read): the module DeepSpeed saved whole in
+    its model-states file; with bf16 or fp16 its fp32 master copy lives in the optimizer state, so the weights are
+    the trained low-precision ones, widened."""
+    if DSConfig("", ds_config).zero_stage > 0:
+        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    saved = torch.load(get_model_state_file(str(tag_dir), 0), map_location="cpu", weights_only=False)
+    return {name: t.float() for name, t in saved["module"].items()}
+
+
 def export_checkpoint(checkpoint: Path | str, out_dir: Path | str, extra_files: dict[str, str] | None = None) -> Path:
     """Export a tag (or ``latest`` of a checkpoints folder) to ``out_dir``, replacing it only once complete;
     ``extra_files``: {name: text} written into the export too (before it is marked complete)."""
@@ -49,7 +62,7 @@ def export_checkpoint(checkpoint: Path | str, out_dir: Path | str, extra_files: 
         if ds_config.get("bf16", {}).get("enabled")
         else (torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32)
     )
-    state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    state = trained_state(tag_dir, ds_config)
     unset_hf_deepspeed_config()  # see below
     state, projections = projection.split_state(state)
     if projections:  # written first: an export marked complete has its projections beside it

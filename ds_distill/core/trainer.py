@@ -22,6 +22,7 @@ from deepspeed.accelerator import get_accelerator
 from ds_distill import data, losses, models
 from ds_distill.config import RunConfig
 from ds_distill.core import checkpoint
+from ds_distill.core.grad_norm import GradNorm
 from ds_distill.core.step_sync import StepPlan, StepSync
 from ds_distill.ds_config import DSConfig
 from ds_distill.losses.objective import Objective
@@ -60,6 +61,7 @@ class Trainer:
         self.history: list[dict[str, float]] = []  # logged metrics (rank 0 also writes them to the DeepSpeed monitor)
         self.device = torch.device(get_accelerator().current_device_name())
         self.sync = StepSync(self.world_size, cfg.chunk_size, self.device)
+        self.grad_norm = GradNorm(student)  # the logged grad_norm, also where DeepSpeed keeps none (stage 0, fp32)
 
     # ------------------------------------------------------------------------------------------------ the loop
     def fit(self) -> int:
@@ -89,7 +91,7 @@ class Trainer:
                     cb.on_step_end(self, sums)
                 last = self.step == self.cfg.max_steps
                 if self.cfg.is_log_step(self.step):
-                    self.log_metrics(window.flush(self.student, self.world_size), "Train")
+                    self.log_metrics(window.flush(self.grad_norm.latest(), self.world_size), "Train")
                 with window.paused():
                     if last:  # saved before the last evaluation: whatever that meets, the trained weights are kept
                         self.save()
@@ -134,6 +136,7 @@ class Trainer:
             targets = self.teachers.targets(batch, "train")
             out = self.loss_sums(self.student(**batch.inputs), targets, batch.labels, chunks)
             self.student.backward(out.total * self.world_size / max(plan.n_global, 1), scale_wrt_gas=False)
+            self.grad_norm.before_step()
             self.student.step()
             for key in ("total", "ce", "kd"):
                 sums[key] = sums[key] + getattr(out, key).detach()
@@ -283,14 +286,14 @@ class _Window:
         yield
         self.t0 += time.perf_counter() - start
 
-    def flush(self, engine, world_size: int) -> dict[str, float]:
+    def flush(self, grad_norm, world_size: int) -> dict[str, float]:
+        """The window's metrics, then a fresh window; ``grad_norm``: the last step's (``GradNorm.latest()``)."""
         names = list(self.extra)
         total, ce, kd, *extra = _all_reduce(
             torch.cat([self.local, *(v.reshape(1) for v in self.extra.values())])
         ).tolist()
         n = max(self.n_tokens.item(), 1.0)
         seconds = time.perf_counter() - self.t0
-        grad_norm = engine.get_global_grad_norm()
         metrics = {
             "loss": total / n,
             "ce": ce / n,

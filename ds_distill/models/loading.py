@@ -185,19 +185,20 @@ STUDENT_FIT_FRACTION = 0.5
 
 
 def student_placement(
-    count: int | None, *, zero3: str, zero1: str, world_size: int, rank_memory: int
+    count: int | None, *, zero3: str, one_rank: str, world_size: int, rank_memory: int
 ) -> tuple[str, str]:
     """(student JSON, why) when the user named none. One rank whose memory holds the student's training state
-    (``count`` parameters x ``STUDENT_STATE_BYTES``) within ``STUDENT_FIT_FRACTION``: ZeRO-1, since ZeRO-3 over one rank
-    partitions nothing and still pays its per-layer gathers and hooks (issue 28: 12% of the step on CPU). Several
-    ranks, or a student that does not fit or whose size is unknown (``count`` None): ZeRO-3, which saves memory."""
+    (``count`` parameters x ``STUDENT_STATE_BYTES``) within ``STUDENT_FIT_FRACTION``: ``one_rank``
+    (``ds_config.default_one_rank_config``: no partitioning), since ZeRO-3 over one rank partitions nothing and still
+    pays its per-layer gathers and hooks (issue 28: 12% of the step on CPU). Several ranks, or a student that does not
+    fit or whose size is unknown (``count`` None): ZeRO-3, which saves memory."""
     if world_size > 1:
         return zero3, f"{world_size} ranks: ZeRO-3 partitions the student's state over them"
     if count is None:
         return zero3, "student size unknown (no config.json transformers can read)"
     need, budget = count * STUDENT_STATE_BYTES, STUDENT_FIT_FRACTION * rank_memory
     if need <= budget:
-        return zero1, (
+        return one_rank, (
             f"one rank: the student's weights, gradients and Adam state ({need / 2**30:.2f} GiB) fit in "
             f"{STUDENT_FIT_FRACTION:.0%} of {rank_memory / 2**30:.1f} GiB, and ZeRO-3 would partition nothing"
         )
