@@ -105,8 +105,9 @@ def test_tokens_per_s_leaves_out_eval_and_checkpoint_time():
     assert 0.5 / 2 <= step_s[False] < 0.4 and step_s[True] < 0.25 / 2, step_s
 
 
-def test_resume_continues_the_same_curve(tiny, dist_env, tmp_path):
-    cfg_ds = ds_json(tmp_path)
+@pytest.mark.parametrize("base", ["cpu_zero3.json", "cpu_zero0.json"])  # zero0: the one-rank CPU default
+def test_resume_continues_the_same_curve(tiny, dist_env, tmp_path, base):
+    cfg_ds = ds_json(tmp_path, base)
     straight = train.run(make_cfg(tiny, tmp_path / "s", max_steps=6, deepspeed_config=cfg_ds))
     first = train.run(make_cfg(tiny, tmp_path / "r", max_steps=3, save_steps=3, deepspeed_config=cfg_ds))
     second = train.run(make_cfg(tiny, tmp_path / "r", max_steps=6, resume=True, deepspeed_config=cfg_ds))
