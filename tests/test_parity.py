@@ -92,21 +92,38 @@ def test_one_sgd_step_moves_by_minus_the_gradient(tiny, dist_env, tmp_path, stag
 
 def test_stage0_clips_as_zero1_logs_its_norm_and_exports(tiny, dist_env, tmp_path):
     """Without ZeRO (the one-rank CPU default) DeepSpeed still clips as the JSON says and the logged grad_norm is the
-    one ZeRO-1 reports, step by step; plain SGD, so a clipping left out would move the weights by the norm, not 1.
-    The stage-0 checkpoint exports to final/ with the engine's weights."""
+    one ZeRO-1 reports, step by step; plain SGD, so a clipping left out would move the weights by the norm, not by
+    CLIP. On one rank the stage-0 backward all-reduces nothing (ZeRO-1's still hands its gradients over there). The
+    stage-0 checkpoint exports to final/ with the engine's weights."""
     from safetensors.torch import load_file
 
+    from ds_distill.runtime.callbacks import Callback
+
+    class CountReductions(Callback):
+        calls = 0
+
+        def on_train_start(self, trainer):
+            reduce = trainer.student.allreduce_gradients
+
+            def counted(*args, **kw):
+                self.calls += 1
+                return reduce(*args, **kw)
+
+            trainer.student.allreduce_gradients = counted
+
     CLIP = 0.25  # below the tiny run's gradient norms (~0.5): every step is clipped
-    runs = {}
+    runs, counts = {}, {}
     for stage in (0, 1):
         d = json.loads(Path(sgd_json(tmp_path, stage, 8, 1)).read_text())
         d["gradient_clipping"] = CLIP
         path = tmp_path / f"clip_z{stage}.json"
         path.write_text(json.dumps(d))
         cfg = make_cfg(tiny, tmp_path / f"z{stage}", deepspeed_config=str(path), export=stage == 0)
-        runs[stage] = train.run(cfg)
+        counts[stage] = CountReductions()
+        runs[stage] = train.run(cfg, callbacks=[counts[stage]])
     z0, z1 = runs[0], runs[1]
     assert z0.ds.zero_stage == 0 and z1.ds.zero_stage == 1
+    assert counts[0].calls == 0 and counts[1].calls == 3, (counts[0].calls, counts[1].calls)
     norms = losses_of(z1, "Train/grad_norm")
     assert len(norms) == 3 and min(norms) > CLIP, "every step must be clipped, or the comparison proves nothing"
     for key in ("Train/loss", "Train/grad_norm"):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ds_distill import models
+
 
 class GradNorm:
     """``latest()``: the 2-norm of the whole model's gradient at the last optimizer step, before clipping: a float or
@@ -25,8 +27,7 @@ class GradNorm:
 
     def __init__(self, engine):
         self.engine = engine
-        # DeepSpeed's own condition for clip_fp32_gradients (DeepSpeedEngine._take_model_step): no wrapper optimizer.
-        self.own = not (engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled())
+        self.own = models.plain_optimizer(engine)  # DeepSpeed clips with clip_fp32_gradients and keeps no norm
         self._norm: torch.Tensor | None = None
 
     @torch.no_grad()

@@ -17,6 +17,7 @@ from ds_distill.models.loading import (
     model_config,
     moe_leaf_modules,
     parameter_count,
+    plain_optimizer,
     student_engine,
     student_placement,
     teacher_engine,
@@ -56,6 +57,7 @@ __all__ = [
     "vocab_map",
     "student_engine",
     "teacher_engine",
+    "plain_optimizer",
     "student_placement",
     "teacher_placement",
 ]
