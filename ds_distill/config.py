@@ -196,7 +196,7 @@ class RunConfig:
     on_policy_sampler: str = flag(
         "student",
         "On-policy: which model writes the completions: student (GKD, MiniLLM) or teacher (one live --teacher: the "
-        "target's own samples, as DistillSpec distils a draft for speculative decoding; recipes/draft.yaml).",
+        "target's own samples, as DistillSpec distils a draft for speculative decoding; --recipe draft).",
     )
     max_new_tokens: int = flag(
         128, "On-policy: most tokens sampled per prompt (the sequence still stops at --seq_len)."
@@ -727,10 +727,24 @@ def build_parser(cls: type = RunConfig, prog: str = "ds_distill.train") -> argpa
     parser.add_argument(
         "--config", default="", help=f"YAML or JSON run file whose keys are {cls.__name__} fields; flags override it."
     )
+    parser.add_argument(
+        "--recipe",
+        default="",
+        choices=["", *recipes()],
+        help="A run file shipped with ds_distill (ds_distill/recipes/NAME.yaml), used as --config; flags override it.",
+    )
     # The deepspeed launcher passes --local_rank=N unless told not to (--no_local_rank): accepted and ignored, the
     # rank comes from the environment (runtime.distributed).
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     return parser
+
+
+RECIPES = Path(__file__).parent / "recipes"
+
+
+def recipes() -> list[str]:
+    """Names of the shipped run files (``ds_distill/recipes/NAME.yaml``), for ``--recipe NAME``."""
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
 
 
 def load_run_file(path: str, cls: type = RunConfig) -> dict[str, Any]:
@@ -763,7 +777,10 @@ def parse_args(argv: list[str] | None = None, cls: type = RunConfig, prog: str =
     exit 2 with argparse's one-line error; file problems raise UsageError.
     """
     parser = build_parser(cls, prog)
-    config = parser.parse_known_args(argv)[0].config  # --config first: its keys are the defaults of the real parse
+    first = parser.parse_known_args(argv)[0]  # --config first: its keys are the defaults of the real parse
+    if first.config and first.recipe:
+        raise UsageError(f"--config {first.config!r} and --recipe {first.recipe!r}: pass one run file, not both")
+    config = first.config or (str(RECIPES / f"{first.recipe}.yaml") if first.recipe else "")
     if config:
         values = load_run_file(config, cls)
         for name in ("teacher", "teacher_weights", "teacher_cache", "teacher_url", "teacher_reference"):  # one: a value

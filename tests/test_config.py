@@ -122,6 +122,18 @@ def test_good_ds_config_is_not_rewritten(tmp_path):
     assert ds.raw == dict(GOOD, train_batch_size=8) and ds.grad_accum == 2 and ds.zero_stage == 3
 
 
+def test_a_shipped_recipe_is_a_run_file(tmp_path):
+    """--recipe NAME reads ds_distill/recipes/NAME.yaml as --config would; flags override it; one run file only."""
+    from ds_distill.config import RECIPES, load_run_file, recipes
+
+    assert "draft" in recipes()
+    cfg = parse_args(["--recipe", "draft", "--alpha", "0.3"])
+    for key, value in load_run_file(str(RECIPES / "draft.yaml")).items():
+        assert getattr(cfg, key) == (0.3 if key == "alpha" else value), key
+    with pytest.raises(UsageError, match="pass one run file, not both"):
+        parse_args(["--recipe", "draft", "--config", write(tmp_path, {"alpha": 0.5}, "run.json")])
+
+
 def test_malformed_and_missing_ds_config(tmp_path):
     with pytest.raises(UsageError, match=r"not valid JSON \(line 1, column 2"):
         load_ds_config(write(tmp_path, "{oops"), world_size=1, flag="deepspeed_config", needs_optimizer=True)

@@ -1,4 +1,4 @@
-"""The draft-model recipe (recipes/draft.yaml): the target's own samples (--on_policy_sampler teacher), total
+"""The draft-model recipe (--recipe draft): the target's own samples (--on_policy_sampler teacher), total
 variation distance, and the logged expected acceptance rate (ds_distill/teachers/acceptance.py), checked against a
 simulated speculative sampler on tiny models, in process."""
 
@@ -16,9 +16,7 @@ from ds_distill.config import parse_args
 from ds_distill.ds_config import REPO_CONFIGS
 from ds_distill.teachers import acceptance
 from ds_distill.teachers.live import LiveTeachers
-from tests.helpers import ROOT, ds_json, flags, make_cfg
-
-RECIPE = ROOT / "recipes" / "draft.yaml"
+from tests.helpers import ds_json, flags, make_cfg
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +59,7 @@ def test_draft_recipe_logs_the_acceptance_a_speculative_sampler_measures(tiny, d
     speculative sampler (Leviathan et al. 2023: the draft proposes x ~ q, the target accepts with min(1, p(x) / q(x)))
     accepts the student's proposals at those positions: Monte Carlo with the models' own forwards in float64, within
     3 standard errors (and the exact float64 sum min(p, q) within 1e-4)."""
-    argv = ["--config", str(RECIPE)] + flags(
+    argv = ["--recipe", "draft"] + flags(
         teacher=draft_pair["teacher"],
         student=draft_pair["student"],
         data=pc_data,
