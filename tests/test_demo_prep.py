@@ -275,8 +275,9 @@ def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _write_tiny_gguf(model, path: Path) -> None:
-    """Write `model` (a tiny LlamaForCausalLM, tied embeddings) the way llama.cpp would: F32 tensors, gpt2 vocab."""
+def _write_tiny_gguf(model, path: Path, chat_template: bool = True) -> None:
+    """Write `model` (a tiny LlamaForCausalLM, tied embeddings) the way llama.cpp would: F32 tensors, gpt2 vocab;
+    `chat_template=False`: none in the file, as a base model's GGUF."""
     import gguf
 
     cfg = model.config
@@ -302,7 +303,8 @@ def _write_tiny_gguf(model, path: Path) -> None:
     writer.add_pad_token_id(2)
     writer.add_unk_token_id(0)
     writer.add_add_bos_token(False)
-    writer.add_chat_template(CHAT_TEMPLATE)
+    if chat_template:
+        writer.add_chat_template(CHAT_TEMPLATE)
 
     sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
     writer.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
@@ -394,3 +396,35 @@ def test_prepare_teacher_main_is_rerunnable_and_atomic(tmp_path, monkeypatch, ca
     (tmp_path / "other" / "notes.txt").write_text("keep me")
     with pytest.raises(SystemExit, match="not empty but holds no converted model"):
         prep.main(["--out", str(tmp_path / "other"), "--gguf", str(gguf_path)])
+
+
+def test_prepare_teacher_base_model_is_checked_on_text(tmp_path, monkeypatch):
+    """A GGUF with no chat template (a base model: the demo's cross-tokenizer Gemma teacher) stops in one line naming
+    --base_model; with it, the check continues a plain text (the chat check is not run) and still fails a model that
+    does not say Paris."""
+    from transformers import LlamaForCausalLM
+
+    prep = _load_script("prepare_teacher")
+    torch.manual_seed(0)
+    gguf_path = tmp_path / "base.gguf"
+    _write_tiny_gguf(LlamaForCausalLM(_llama_config(1)), gguf_path, chat_template=False)
+    out = tmp_path / "teacher"
+
+    with pytest.raises(SystemExit, match=r"no chat template \(a base model\): pass --base_model") as err:
+        prep.main(["--out", str(out), "--gguf", str(gguf_path)])
+    assert "\n" not in str(err.value.code) and not out.exists()
+
+    # The real continuation of a random tiny model: no Paris, nothing left at `out`.
+    with pytest.raises(SystemExit, match="no 'Paris'"):
+        prep.main(["--out", str(out), "--gguf", str(gguf_path), "--base_model"])
+    assert not out.exists()
+
+    def no_chat(model_dir):
+        raise AssertionError("--base_model must not run the chat check")
+
+    prompts = []
+    monkeypatch.setattr(prep, "chat", no_chat)
+    monkeypatch.setattr(prep, "complete", lambda model_dir: prompts.append(model_dir) or "Paris, the city")
+    prep.main(["--out", str(out), "--gguf", str(gguf_path), "--base_model"])
+    assert prep.is_converted(out) and prompts == [tmp_path / "teacher.partial"]
+    assert not prep.has_chat_template(out)
