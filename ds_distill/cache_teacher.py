@@ -6,7 +6,8 @@
     python -m ds_distill.cache_teacher --teacher_url http://127.0.0.1:8000 --tokenizer S --data ... --output_dir CACHE
         # from a teacher served by vLLM (README: serving a teacher with vLLM): --requests in flight per rank
     python -m ds_distill.cache_teacher --teacher T --tokenizer S --cross_tokenizer alm --data ... --output_dir CACHE
-        # a teacher with another tokenizer than the student S: its log-prob of each of its own scored tokens (ALM)
+        # a teacher with another tokenizer than the student S: its log-prob of each of its own scored tokens (ALM);
+        # served: --teacher_url URL --teacher_tokenizer DIR (its tokenizer) in place of --teacher T
 
 One or several ranks through the same launchers as training; the teacher is placed by fit or by
 --teacher_deepspeed_config as in training. Each rank writes its own shards; a killed writer is resumed by running the
@@ -48,6 +49,7 @@ SHARED = (
     "cross_tokenizer",
     *cache_format.TOKEN_FLAGS,
     "teacher_url",
+    "teacher_tokenizer",
     "teacher_reference",
     "teacher_reference_tolerance",
     "teacher_url_timeout",
@@ -151,10 +153,15 @@ def _cross_tokenizer_problems(cfg) -> list[str]:
     if cfg.cross_tokenizer != "alm":
         return [f"--cross_tokenizer {cfg.cross_tokenizer!r} is unknown: a cache stores alm's targets (alm)"]
     problems = []
-    if cfg.teacher_url:
+    if cfg.teacher_url and not (Path(cfg.teacher_tokenizer) / "tokenizer_config.json").is_file():
         problems.append(
-            "--cross_tokenizer alm caches a local teacher: pass --teacher (a served teacher of another tokenizer "
-            "trains directly: python -m ds_distill.train --teacher_url URL --cross_tokenizer alm --teacher_tokenizer)"
+            f"--cross_tokenizer with --teacher_url needs --teacher_tokenizer: a folder with the served teacher's "
+            f"tokenizer (got {cfg.teacher_tokenizer!r}), to align the data with"
+        )
+    if cfg.teacher_url and cfg.temperature != 1.0:
+        problems.append(
+            f"--cross_tokenizer alm with --teacher_url needs --temperature 1 (got {cfg.temperature}): the server's "
+            "log-prob of a token is at temperature 1 and does not fix it at another; cache a local --teacher"
         )
     if not (Path(cfg.tokenizer) / "tokenizer_config.json").is_file():
         problems.append(
@@ -180,7 +187,7 @@ def run(cfg, on_shard: Callable[[dict], None] | None = None) -> dict | None:
     teacher = cfg.teacher[0] if cfg.teacher else None
     cross = cfg.cross_tokenizer  # "alm": the student's tokens aligned with the teacher's own, as training aligns them
     tokenizer = models.load_tokenizer(cfg.tokenizer if cross else teacher or cfg.tokenizer)
-    teacher_tokenizer = models.load_tokenizer(teacher) if cross else None
+    teacher_tokenizer = models.load_tokenizer(teacher or cfg.teacher_tokenizer) if cross else None
     train_set, eval_set = tokenise(cfg, tokenizer, teacher_tokenizer)  # as training: the cache holds a run's exact rows
     splits = {"data": train_set, **({"eval_data": eval_set} if eval_set is not None else {})}
     for name, ds in splits.items():
@@ -194,7 +201,10 @@ def run(cfg, on_shard: Callable[[dict], None] | None = None) -> dict | None:
     top = 1 if cross else vocab if cfg.exact else min(cfg.top_k, vocab)
     server = None
     if cfg.teacher_url:  # ready and checked (tokenizer, K, vocabulary, parity) before any data is scored
-        (server,) = served.connect_run(cfg, tokenizer, vocab, k=top)
+        if cross:  # its own tokenization checked against --teacher_tokenizer; K = 1 brings each prompt token's own
+            (server,) = served.connect_run(cfg, teacher_tokenizer, vocab, 1, "--teacher_tokenizer's")
+        else:
+            (server,) = served.connect_run(cfg, tokenizer, vocab, k=top)
     settings = {
         "format_version": cache_format.FORMAT_VERSION,
         "top_k": top,
@@ -235,7 +245,7 @@ def run(cfg, on_shard: Callable[[dict], None] | None = None) -> dict | None:
     device = torch.device(get_accelerator().current_device_name())
     engine, zero3, scorer = None, False, None
     if server:
-        scorer = served.cache_scorer(server, tokenizer.pad_token_id, cfg.requests)
+        scorer = served.cache_scorer(server, tokenizer.pad_token_id, cfg.requests, own_tokens=bool(cross))
     else:
         tds = teacher_ds_config(cfg.teacher, cfg.teacher_deepspeed_config, world)
         models.check_positions(cfg.seq_len, [teacher])

@@ -137,6 +137,28 @@ def test_alm_against_a_served_teacher_of_another_tokenizer_trains_like_the_live_
     assert "\n" not in str(exc.value)
 
 
+def test_alm_cache_written_from_the_server_holds_the_local_teachers_log_probs(served, tiny, dist_env, tmp_path):
+    """cache_teacher --teacher_url --cross_tokenizer alm: the served teacher's log-prob of each of its own scored
+    tokens, the same rows (ids, and log-probs within the server's float32 agreement) as the cache of the local copy;
+    the same alignment (data fingerprints) and teacher tokenizer."""
+    from ds_distill.teachers.cache_reader import TeacherCache
+
+    common = ["--tokenizer", tiny["student"], "--cross_tokenizer", "alm", "--data", served["data"], "--seq_len", "48"]
+    common += ["--shard_examples", "24", "--batch_size", "4"]
+    write = lambda out, *src: cache_teacher.run(
+        parse_args([*src, *common, "--output_dir", str(tmp_path / out)], cache_teacher.CacheConfig)
+    )
+    local = write("local", "--teacher", served["teacher"], "--teacher_deepspeed_config", REPLICATED)
+    remote = write("remote", "--teacher_url", served["url"], "--teacher_tokenizer", served["teacher"])
+    for key in ("splits", "teacher_tokenizer_fingerprint", "tokenizer_fingerprint", "top_k"):
+        assert remote["settings"][key] == local["settings"][key], key
+    a, b = TeacherCache(str(tmp_path / "local")), TeacherCache(str(tmp_path / "remote"))
+    rows = list(range(local["settings"]["splits"]["data"]["examples"]))
+    (ids_a, lp_a, _, n_a), (ids_b, lp_b, _, n_b) = a.read("data", rows), b.read("data", rows)
+    assert n_a == n_b and torch.equal(ids_a, ids_b) and sum(n_a) > 500
+    torch.testing.assert_close(lp_b, lp_a, rtol=0, atol=1e-5)
+
+
 def test_cache_written_from_the_server_trains_like_the_local_teachers_cache(served, dist_env, tmp_path):
     common = ["--data", served["data"], "--seq_len", "48", "--shard_examples", "24", "--batch_size", "4", "--exact"]
     local = cache_teacher.run(

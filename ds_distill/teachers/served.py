@@ -444,14 +444,23 @@ def served_fingerprint(server: ServedModel) -> str:
     return hashlib.sha256(f"served:{server.client.model_id}".encode()).hexdigest()
 
 
-def cache_scorer(server: ServedModel, pad_token_id: int, workers: int = 4) -> Callable:
+def cache_scorer(server: ServedModel, pad_token_id: int, workers: int = 4, own_tokens: bool = False) -> Callable:
     """``cache_writer.write_cache``'s ``scorer``: a shard's batches scored by ``server``, ``workers`` requests in flight
-    together (each batch one request). ``sum p log p`` is exact when K covers the vocabulary, else None."""
+    together (each batch one request). ``sum p log p`` is exact when K covers the vocabulary, else None.
+    own_tokens (``--cross_tokenizer alm``): the teacher's own ids are asked for instead, and each scored token's own
+    log-prob is returned as ``(ids [n, 1], log-probs [n, 1], None, None)``, as the writer's own forward gives it."""
     from ds_distill.data import collate
+    from ds_distill.data.alignment import collate_teacher
 
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ds_distill-cache")
 
     def one(part: dict[str, list]):
+        if own_tokens:
+            c = collate_teacher(part, 0)
+            lab = c["teacher_labels"]
+            seqs, where = request_sequences(c["teacher_input_ids"], lab, c.get("teacher_position_ids"))
+            lp = server.fetch_own(seqs, where)
+            return (lab[lab != IGNORE_INDEX][:, None], lp[:, None], None, None), (lab != IGNORE_INDEX).sum(1).tolist()
         b = collate(part, pad_token_id)
         seqs, where = request_sequences(b["input_ids"], b["labels"], b.get("position_ids"))
         ids, logp, tail = server.fetch(seqs, where)
