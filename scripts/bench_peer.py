@@ -386,6 +386,18 @@ def trl_worker(a: argparse.Namespace) -> dict[str, Any]:
             if logs and "loss" in logs:
                 self.logs.append(logs)
 
+    class SameSchedule:
+        """``--trl_schedule same``: the learning rate ds-distill's JSON gives each step (DeepSpeed's WarmupLR as the
+        shipped JSONs write an N-step warm-up: step 1 at step 2's rate, peak / N, where Hugging Face's trains at 0;
+        every later step as Hugging Face's ``constant_with_warmup``): both systems train at the same rate every step."""
+
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            if a.trl_schedule == "same" and self.lr_scheduler is None:
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                    optimizer if optimizer is not None else self.optimizer, lambda s: min(max(s, 1) / a.warmup, 1.0)
+                )
+            return super().create_scheduler(num_training_steps, optimizer)
+
     clock, parts = Clock(), Parts()
     if a.parts:
         parts.wrap(student, "forward", "student forward")
@@ -393,7 +405,7 @@ def trl_worker(a: argparse.Namespace) -> dict[str, Any]:
     if on_policy:
         rows = [p for step in record["prompts"] for p in step]
 
-        class Trainer(trl.DistillationTrainer):
+        class Trainer(SameSchedule, trl.DistillationTrainer):
             def _tokenize_prompts(self, prompts):  # the recorded prompt token ids, exactly
                 return [json.loads(p) for p in prompts], None, {}
 
@@ -421,7 +433,7 @@ def trl_worker(a: argparse.Namespace) -> dict[str, Any]:
         }
         alpha = 0.5 if a.objective == "mix" else 0.0
 
-        class Trainer(GKDTrainer):
+        class Trainer(SameSchedule, GKDTrainer):
             def _get_train_sampler(self, train_dataset=None):  # the recorded order
                 return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
 
@@ -542,7 +554,7 @@ def run_one(a: argparse.Namespace, system: str, objective: str, repeat: int, pyt
     cmd += ["--out", str(out), "--batches", str(Path(a.out) / f"batches_{objective}.pt"), "--steps", str(steps)]
     for name in ("teacher", "student", "data", "micro_batch", "seq_len", "lr", "warmup", "max_new_tokens", "seed"):
         cmd += [f"--{name}", str(getattr(a, name))]
-    cmd += ["--ds_stage", str(a.ds_stage), *(["--parts"] if a.parts else [])]
+    cmd += ["--ds_stage", str(a.ds_stage), "--trl_schedule", a.trl_schedule, *(["--parts"] if a.parts else [])]
     env = {
         **os.environ,
         # ds-distill: one rank on a random port below the ephemeral range (a port picked by binding to 0 can be taken
@@ -612,8 +624,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.cuda.get_device_name(0) if a.gpu else f"CPU ({os.cpu_count()} cores)"
     header = (
         f"{time.strftime('%Y-%m-%d %H:%M')}, {device}, one process, {'bf16' if a.gpu else 'fp32'}, "
-        f"{a.micro_batch} x {a.seq_len} tokens per step, AdamW lr {a.lr:g} with {a.warmup} warm-up steps, "
-        f"{a.steps} steps "
+        f"{a.micro_batch} x {a.seq_len} tokens per step, AdamW lr {a.lr:g} with {a.warmup} warm-up steps "
+        f"(TRL's schedule: {a.trl_schedule}), {a.steps} steps "
         f"(on-policy {a.on_policy_steps}, {a.max_new_tokens} sampled tokens), step times after the first {a.skip}, "
         f"median of {a.repeats} alternating repeat(s); 1-min load average "
         f"{min(loads + [load_before[0]]):.1f} to {max(loads):.1f}"
@@ -646,6 +658,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="Linear warm-up steps (>= 2: DeepSpeed's WarmupLR).")
     p.add_argument("--max_new_tokens", type=int, default=32, help="On-policy: tokens sampled per prompt.")
     p.add_argument("--seed", type=int, default=42, help="Seed of both runs.")
+    p.add_argument(
+        "--trl_schedule",
+        choices=("hf", "same"),
+        default="hf",
+        help="TRL's learning rate per step: hf (its own constant_with_warmup: step 1 at 0) or same (ds-distill's: "
+        "step 1 at peak / warmup, every later step as hf), which isolates the systems from the schedules.",
+    )
     p.add_argument(
         "--ds_stage", type=int, default=0, choices=(0, 3), help="0: ds-distill's default JSON; 3: its ZeRO-3 file."
     )
