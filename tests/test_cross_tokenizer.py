@@ -444,9 +444,7 @@ def ms_teacher(tmp_path_factory):
 def test_training_across_tokenizers_lowers_the_loss(tiny, dist_env, tmp_path, ms_teacher):
     """ALM in process (student and teacher ZeRO-3): the loss falls, the KD term is live, the report is logged. (ALM's
     KD is small between random models: their chunk likelihoods are small, and so is the binarised KL between them.)"""
-    from ds_distill import train
-    from ds_distill.teachers.live import AlignmentReport
-    from tests.helpers import ds_json, losses_of, make_cfg
+    from tests.helpers import ds_json, make_cfg
 
     cfg = make_cfg(
         tiny,
@@ -456,13 +454,24 @@ def test_training_across_tokenizers_lowers_the_loss(tiny, dist_env, tmp_path, ms
         max_steps=4,
         deepspeed_config=ds_json(tmp_path, lr=3e-2),
     )
+    report = trains_with_live_kd(cfg)
+    assert len(report.history) == 4
+    assert all(0 < h["align/bytes_1to1"] < 1 and h["align/bytes_unaligned"] == 0 for h in report.history)
+
+
+def trains_with_live_kd(cfg):
+    """Trains ``cfg`` (4 steps) in process: the loss falls by 10% and the KD term is live. Returns the run's
+    AlignmentReport callback."""
+    from ds_distill import train
+    from ds_distill.teachers.live import AlignmentReport
+    from tests.helpers import losses_of
+
     trainer = train.run(cfg)
     loss, kd = losses_of(trainer), losses_of(trainer, "Train/kd")
     assert len(loss) == 4 and loss[-1] < 0.9 * loss[0], loss
     assert all(k > 0 for k in kd), kd
     (report,) = [cb for cb in trainer.callbacks if isinstance(cb, AlignmentReport)]
-    assert len(report.history) == 4
-    assert all(0 < h["align/bytes_1to1"] < 1 and h["align/bytes_unaligned"] == 0 for h in report.history)
+    return report
 
 
 def test_chat_across_tokenizers_trains(tiny, dist_env, tmp_path, ms_teacher):
@@ -470,9 +479,7 @@ def test_chat_across_tokenizers_trains(tiny, dist_env, tmp_path, ms_teacher):
     process, the loss falls and the KD term is live on the assistant contents."""
     import random
 
-    from ds_distill import train
-    from ds_distill.teachers.live import AlignmentReport
-    from tests.helpers import ds_json, losses_of, make_cfg
+    from tests.helpers import ds_json, make_cfg
 
     rng = random.Random(0)
     words = "the quick brown fox jumps over the lazy dog while a small cat sleeps in the warm sun".split()
@@ -491,11 +498,7 @@ def test_chat_across_tokenizers_trains(tiny, dist_env, tmp_path, ms_teacher):
         seq_len=64,
         deepspeed_config=ds_json(tmp_path, lr=3e-2),
     )
-    trainer = train.run(cfg)
-    loss, kd = losses_of(trainer), losses_of(trainer, "Train/kd")
-    assert len(loss) == 4 and loss[-1] < 0.9 * loss[0], loss
-    assert all(k > 0 for k in kd), kd
-    (report,) = [cb for cb in trainer.callbacks if isinstance(cb, AlignmentReport)]
+    report = trains_with_live_kd(cfg)
     assert all(h["align/bytes_1to1"] > 0.3 and h["align/bytes_unaligned"] < 0.1 for h in report.history)
 
 
