@@ -240,17 +240,27 @@ def test_deepspeed_openmpi_launcher(cluster_tools, tiny, tmp_path):
     assert_two_rank_run(out, proc.stdout, "openmpi")
 
 
-def test_stale_jit_lock_is_removed_only_beside_a_built_op(tmp_path, monkeypatch):
-    """A rank killed while loading a JIT op leaves `lock`; torch would then wait forever in every later launch."""
+@pytest.mark.parametrize("custom_root", [True, False], ids=["TORCH_EXTENSIONS_DIR", "default_root"])
+def test_stale_jit_lock_is_removed_only_beside_a_built_op(tmp_path, monkeypatch, custom_root):
+    """A rank killed while loading a JIT op leaves `lock`; torch would then wait forever in every later launch. The
+    ops' folders are where torch puts them: $TORCH_EXTENSIONS_DIR/<op>, else ~/.cache/torch_extensions/<py_dev>/<op>."""
     import os
     import time as _time
 
+    from torch.utils.cpp_extension import _get_build_directory
+
     from ds_distill.runtime.distributed import clear_stale_jit_locks
 
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    built, building, fresh = (tmp_path / "py311_cpu" / name for name in ("built_op", "building_op", "fresh_op"))
+    if custom_root:
+        monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    else:
+        monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+        monkeypatch.setenv("HOME", str(tmp_path))
+    built, building, fresh = (
+        Path(_get_build_directory(name, verbose=False)) for name in ("built_op", "building_op", "fresh_op")
+    )
     for folder in (built, building, fresh):
-        folder.mkdir(parents=True)
+        folder.mkdir(parents=True, exist_ok=True)  # _get_build_directory may have made it
         (folder / "lock").touch()
     (built / "built_op.so").touch()
     (fresh / "fresh_op.so").touch()

@@ -323,9 +323,12 @@ def clear_stale_jit_locks(max_age_s: float = 120.0) -> list[str]:
     up-to-date check (well under a second): one older than ``max_age_s`` is stale. Without a ``.so`` a real build
     may be running, so those locks are left alone.
     """
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
+    # torch keeps each op in $TORCH_EXTENSIONS_DIR/<op> when the variable is set, else in
+    # ~/.cache/torch_extensions/py<version>_<device>/<op> (torch.utils.cpp_extension._get_build_directory)
+    custom = os.environ.get("TORCH_EXTENSIONS_DIR")
+    root = Path(custom or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions"))
     removed = []
-    for lock in Path(root).glob("*/*/lock"):
+    for lock in root.glob("*/lock" if custom else "*/*/lock"):
         try:
             stale = any(lock.parent.glob("*.so")) and time.time() - lock.stat().st_mtime > max_age_s
             if stale:
