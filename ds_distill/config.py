@@ -10,13 +10,15 @@ import argparse
 import ast
 import copy
 import dataclasses
+import difflib
 import functools
 import inspect
+import re
 import textwrap
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from ds_distill.common import UsageError
 from ds_distill.data.loading import FORMATS, missing_paths
@@ -353,10 +355,19 @@ class RunConfig:
             problems.extend(_cross_tokenizer_problems(self))
         if self.hidden_loss:
             problems.extend(_hidden_problems(self))
-        elif self.hidden_mode != "output":
-            problems.append(f"--hidden_mode {self.hidden_mode} needs --hidden_loss: pass one, or drop --hidden_mode")
+        else:
+            for name, default in (("hidden_mode", "output"), ("hidden_projection", "pair")):
+                if getattr(self, name) != default:  # would be ignored: said, not silently dropped
+                    problems.append(f"--{name} {getattr(self, name)} needs --hidden_loss: pass one, or drop --{name}")
         if self.attention_relation_weight or self.attention_relation_heads < 0:
             problems.extend(_relation_problems(self))
+        else:
+            for name, default in (("attention_relation_layer", -1), ("attention_relation_heads", 0)):
+                if getattr(self, name) != default:
+                    problems.append(
+                        f"--{name} {getattr(self, name)} needs --attention_relation_weight > 0: pass one, or drop "
+                        f"--{name}"
+                    )
         if self.teacher_tokenizer and not (self.teacher_url and self.cross_tokenizer):
             problems.append(
                 "--teacher_tokenizer names a served teacher's tokenizer for --cross_tokenizer alm with --teacher_url: "
@@ -703,6 +714,15 @@ def _parser_class() -> type:
         that argparse does not know are dropped before they reach ``add_argument``.
         """
 
+        def error(self, message: str) -> NoReturn:
+            """argparse's error in one line (no usage block above it), with the nearest flag when one is misspelt."""
+            hint = "; see --help"
+            unknown = re.search(r"unrecognized arguments: (\S+)", message)
+            if unknown:
+                near = difflib.get_close_matches(unknown.group(1).split("=")[0], list(self._option_string_actions), 1)
+                hint = f"; did you mean {near[0]}? (see --help)" if near else hint
+            self.exit(2, f"{self.prog}: error: {message}{hint}\n")
+
         def _add_dataclass_arguments(self, dtype: Any) -> None:
             self._docs = field_docs(dtype)
             super()._add_dataclass_arguments(dtype)
@@ -727,12 +747,14 @@ def build_parser(cls: type = RunConfig, prog: str = "ds_distill.train") -> argpa
     parser.add_argument(
         "--config", default="", help=f"YAML or JSON run file whose keys are {cls.__name__} fields; flags override it."
     )
-    parser.add_argument(
-        "--recipe",
-        default="",
-        choices=["", *recipes()],
-        help="A run file shipped with ds_distill (ds_distill/recipes/NAME.yaml), used as --config; flags override it.",
-    )
+    if cls is RunConfig:  # the shipped run files are training runs
+        parser.add_argument(
+            "--recipe",
+            default="",
+            choices=["", *recipes()],
+            help="A run file shipped with ds_distill (ds_distill/recipes/NAME.yaml), used as --config; flags override "
+            "it.",
+        )
     # The deepspeed launcher passes --local_rank=N unless told not to (--no_local_rank): accepted and ignored, the
     # rank comes from the environment (runtime.distributed).
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
@@ -778,9 +800,10 @@ def parse_args(argv: list[str] | None = None, cls: type = RunConfig, prog: str =
     """
     parser = build_parser(cls, prog)
     first = parser.parse_known_args(argv)[0]  # --config first: its keys are the defaults of the real parse
-    if first.config and first.recipe:
-        raise UsageError(f"--config {first.config!r} and --recipe {first.recipe!r}: pass one run file, not both")
-    config = first.config or (str(RECIPES / f"{first.recipe}.yaml") if first.recipe else "")
+    recipe = getattr(first, "recipe", "")
+    if first.config and recipe:
+        raise UsageError(f"--config {first.config!r} and --recipe {recipe!r}: pass one run file, not both")
+    config = first.config or (str(RECIPES / f"{recipe}.yaml") if recipe else "")
     if config:
         values = load_run_file(config, cls)
         for name in ("teacher", "teacher_weights", "teacher_cache", "teacher_url", "teacher_reference"):  # one: a value

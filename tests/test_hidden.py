@@ -501,6 +501,9 @@ def test_layerwise_refusals_are_one_line(tiny, wide, dist_env, tmp_path, capsys)
         (two, dict(hidden_loss="mse", hidden_mode="layerwise", hidden_layers="1:1"), "must be paired, in order"),
         (two, dict(hidden_loss="mse", hidden_mode="layerwise", hidden_layers="0:1,1:0"), "must be paired, in order"),
         (tiny, dict(hidden_mode="layerwise"), "needs --hidden_loss"),
+        (tiny, dict(hidden_projection="shared"), "--hidden_projection shared needs --hidden_loss"),
+        (tiny, dict(attention_relation_heads=2), "--attention_relation_heads 2 needs --attention_relation_weight"),
+        (tiny, dict(attention_relation_layer=0), "--attention_relation_layer 0 needs --attention_relation_weight"),
     ]
     for i, (models, more, message) in enumerate(cases):
         code, errors = run_main(tiny_args(models, tmp_path / f"o{i}", **common, **more), capsys)

@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 
+import pytest
 from transformers import HfArgumentParser
 
 from ds_distill.config import RunConfig, build_parser, dataclass_parser, field_docs, flag, parse_args
@@ -42,3 +43,24 @@ def test_run_config_parser_is_hf_argument_parser():
     cfg = parse_args(["--teacher", "a", "b", "--teacher", "c", "--seq-len", "8", "--no_export"])
     assert cfg.teacher == ["a", "b", "c"] and cfg.seq_len == 8 and cfg.export is False
     assert parse_args(["--packing", "off", "--export", "yes"]).packing is False
+
+
+def test_a_misspelt_flag_is_one_line_with_the_nearest_flag(capsys):
+    """argparse prints its usage block above the error; ours is one line, naming the flag that was probably meant."""
+    for argv, hint in (
+        (["--alpah", "0.3"], "did you mean --alpha?"),
+        (["--recipe", "drafts"], "invalid choice: 'drafts'"),
+        (["--no_such_thing_at_all"], "see --help"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            parse_args(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and len(err) == 1 and hint in err[0], err
+
+
+def test_recipes_are_training_run_files_only():
+    """--recipe is the training entry point's (its run files hold train flags); cache_teacher's parser has none."""
+    from ds_distill.cache_teacher import CacheConfig
+
+    assert "--recipe" in build_parser()._option_string_actions
+    assert "--recipe" not in build_parser(CacheConfig, "ds_distill.cache_teacher")._option_string_actions
