@@ -532,9 +532,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             xtok = f", _xtok teacher {n_xtok / 1e6:.1f}M params (vocab {len(other)})"
         env = {
             **os.environ,
-            "WORLD_SIZE": "1",
-            "RANK": "0",
-            "LOCAL_RANK": "0",
+            **one_rank_env(),
             "TOKENIZERS_PARALLELISM": "false",
             "HF_HUB_OFFLINE": "1",
             "HF_DATASETS_OFFLINE": "1",
@@ -669,6 +667,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("variant", "teacher", "student", "data", "result"):
         p.add_argument(f"--{name}", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def one_rank_env() -> dict[str, str]:
+    """The torch launcher variables of a worker that is a world of its own: rank 0 of 1 on a random port below the
+    ephemeral range. Every one is set, none inherited: a parent that holds a process group (pytest's in-process
+    tests, a launched job) exports its MASTER_PORT, and a worker binding it fails with EADDRINUSE; a port picked by
+    binding to 0 can be taken by another process's connection before the rank listens (seen on the shared machine)."""
+    return {
+        "WORLD_SIZE": "1",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(random.randrange(20000, 32768)),
+    }
 
 
 def dispatch(

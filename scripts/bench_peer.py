@@ -37,7 +37,6 @@ import argparse
 import json
 import math
 import os
-import random
 import resource
 import shutil
 import statistics
@@ -48,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 # Stdlib only at import, as this file: TRL's environment runs it too. (scripts/ is on sys.path: this file is run.)
-from bench import dispatch
+from bench import dispatch, one_rank_env
 
 ROOT = Path(__file__).resolve().parent.parent
 OBJECTIVES = ("mix", "fkl", "on_policy")
@@ -557,14 +556,7 @@ def run_one(a: argparse.Namespace, system: str, objective: str, repeat: int, pyt
     cmd += ["--ds_stage", str(a.ds_stage), "--trl_schedule", a.trl_schedule, *(["--parts"] if a.parts else [])]
     env = {
         **os.environ,
-        # ds-distill: one rank on a random port below the ephemeral range (a port picked by binding to 0 can be taken
-        # by another process's connection before the rank listens: seen on the shared machine). TRL: a plain process.
-        **(
-            {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
-            | {"MASTER_PORT": str(random.randrange(20000, 32768))}
-            if system == "ds"
-            else {}
-        ),
+        **(one_rank_env() if system == "ds" else {}),  # ds-distill: a world of its own; TRL: a plain process
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",

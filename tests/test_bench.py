@@ -19,7 +19,9 @@ def load_bench():
     return mod
 
 
-def test_bench_cpu_smoke(tmp_path):
+def test_bench_cpu_smoke(tmp_path, dist_env):
+    """Run from a process that holds a process group (dist_env: pytest's in-process tests export its MASTER_PORT),
+    as in the suite: each worker must be a world of its own on its own port (it inherited the port: EADDRINUSE)."""
     variants = ["plain_full", "ds_z3"]
     out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
     proc = subprocess.run(
