@@ -238,10 +238,12 @@ def test_cross_tokenizer_two_ranks_zero3_resume(tiny, tmp_path, ms_teacher):
     assert [b[s] for s in (3, 4)] == pytest.approx([a[s] for s in (3, 4)], rel=1e-5, abs=1e-6)
 
 
-def test_hidden_projection_two_ranks_equal_one_rank(tiny, tmp_path, dist_env):
+def test_hidden_projection_two_ranks_equal_one_rank_and_resume(tiny, tmp_path, dist_env):
     """--hidden_loss with a 48-wide student and the 32-wide teacher: its learned projection, partitioned over 2 ZeRO-3
     ranks (no persistence threshold), trains as on one rank with the same global batch: the same loss, hidden term
-    and grad_norm per step, and the same projection saved beside final/ (ONE launch; the reference runs in process)."""
+    and grad_norm per step, and the same projection saved beside final/ (the reference runs in process). Killed after
+    its step-2 checkpoint and resumed on 2 ranks, the run continues the same curve and saves the same projection
+    (TWO launches: straight, resumed)."""
     import torch
     from safetensors.torch import load_file
 
@@ -256,22 +258,25 @@ def test_hidden_projection_two_ranks_equal_one_rank(tiny, tmp_path, dist_env):
         make_cfg(
             wide,
             one,
-            max_steps=3,
+            max_steps=4,
             export=True,
             deepspeed_config=projection_json(tmp_path, train_micro_batch_size_per_gpu=4),
             **flags,
         )
     )
-    two = tmp_path / "two"
+    two, halves = tmp_path / "two", tmp_path / "halves"
     cfg2 = projection_json(tmp_path, train_micro_batch_size_per_gpu=2)
     extra = [f"--{k}={v}" for k, v in flags.items()]
-    proc = launch(wide, two, cfg2, ranks=2, steps=3, extra=extra)
+    proc = launch(wide, two, cfg2, ranks=2, steps=4, extra=[*extra, "--save_steps", "2"])
     assert "learned projections 48->32" in proc.stdout + proc.stderr
+    copy_checkpoint(two, halves, "step_00000002")
+    launch(wide, halves, cfg2, ranks=2, steps=4, extra=[*extra, "--resume"])
     for name in ("loss", "hidden", "hidden_s0_t1", "grad_norm"):
-        a, b = csv_curve(one, name), csv_curve(two, name)
-        assert sorted(a) == sorted(b) == [1, 2, 3], name
-        assert [b[s] for s in (1, 2, 3)] == pytest.approx([a[s] for s in (1, 2, 3)], rel=1e-4, abs=1e-6), name
-    w1 = load_file(one / "final.hidden_projection.safetensors")["s0_t1.weight"]
-    w2 = load_file(two / "final.hidden_projection.safetensors")["s0_t1.weight"]
+        a, b, c = csv_curve(one, name), csv_curve(two, name), csv_curve(halves, name)
+        assert sorted(a) == sorted(b) == [1, 2, 3, 4] and sorted(c) == [3, 4], name
+        assert [b[s] for s in (1, 2, 3, 4)] == pytest.approx([a[s] for s in (1, 2, 3, 4)], rel=1e-4, abs=1e-6), name
+        assert [c[s] for s in (3, 4)] == pytest.approx([b[s] for s in (3, 4)], rel=1e-5, abs=1e-6), name
+    w1, w2, w3 = (load_file(d / "final.hidden_projection.safetensors")["s0_t1.weight"] for d in (one, two, halves))
     assert w1.shape == (32, 48)
     torch.testing.assert_close(w2, w1, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w3, w2, rtol=1e-5, atol=1e-6)
