@@ -146,7 +146,8 @@ def check_prompts(dataset, where: str) -> None:
     if all(lab[0] != IGNORE_INDEX for lab in sample):
         raise UsageError(
             f"--on_policy_fraction needs prompts, but {where} is supervised from its first token (plain text): "
-            f"use prompt/completion or messages records (the student then writes the completion / the last reply)"
+            "use prompt/completion or messages records (the --on_policy_sampler, student or teacher, then writes the "
+            "completion / the last reply)"
         )
 
 
