@@ -22,7 +22,8 @@ class GradNorm:
     ``before_step()`` is called before every ``engine.step()``; it acts only where DeepSpeed keeps no norm (``own``)
     and only at a gradient accumulation boundary, where the gradients are complete.
     Formula: ``sqrt(sum_p ||g_p||^2)`` over the parameters with a gradient (``torch.nn.utils.get_total_norm``), what
-    DeepSpeed's stage 1-3 optimizers report (tests/test_grad_norm.py checks it against ZeRO-1 on the same batch).
+    DeepSpeed's stage 1-3 optimizers report (tests/test_parity.py::test_stage0_clips_as_zero1_logs_its_norm_and_exports
+    checks it against ZeRO-1 on the same batches).
     """
 
     def __init__(self, engine):
