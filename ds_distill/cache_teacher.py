@@ -26,7 +26,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from ds_distill import models
-from ds_distill.common import UsageError
+from ds_distill.common import UsageError, print_error
 from ds_distill.config import RunConfig, flag, parse_args
 from ds_distill.core.build import teacher_ds_config, tokenise
 from ds_distill.data.loading import missing_paths
@@ -312,10 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             run(parse_args(argv, CacheConfig, "ds_distill.cache_teacher"))
         except ServerUnavailable as exc:  # finished shards are kept: the same command resumes
-            print(
-                f"error: {exc}: finished shards are kept; run the same command again once the server is back",
-                file=sys.stderr,
-            )
+            print_error(f"{exc}: finished shards are kept; run the same command again once the server is back")
             return PREEMPTED_EXIT_CODE
         return 0
 

@@ -9,6 +9,7 @@
 - ``sha256_file`` and ``file_fingerprint``: content fingerprints of local files and folders.
 - ``disk_full``: whether a failed write ran out of space.
 - ``run_cli``: an entry point's body, a ``UsageError`` printed as one line with exit code 2.
+- ``print_error``: the ``error: ...`` line, written whole (ranks that share one stderr never split it).
 """
 
 from __future__ import annotations
@@ -39,8 +40,31 @@ def run_cli(body: Callable[[], int | None]) -> int:
     try:
         return body() or 0
     except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(exc)
         return 2
+
+
+def print_error(message: object) -> None:
+    """Print ``error: {message}`` and its newline on stderr in one ``write(2)``.
+
+    Every rank of a launch that hits the same bad input prints the same line into the one stderr the launcher gives
+    them all, and the launcher runs Python unbuffered, where ``print`` writes the text and the newline separately:
+    two ranks' lines then came out spliced (``...remove iterror: ...``, seen in CI). A single write of up to
+    ``PIPE_BUF`` (4096) bytes to a pipe is atomic (POSIX ``write(2)``), so each rank's line arrives whole. Where
+    stderr has no file descriptor (a captured stream), it is one ``write`` call to that stream.
+    """
+    line = f"error: {message}\n"
+    stream = sys.stderr
+    stream.flush()
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both OSError and ValueError
+        stream.write(line)
+        stream.flush()
+        return
+    data = line.encode(stream.encoding or "utf-8", errors="backslashreplace")
+    while data:
+        data = data[os.write(fd, data) :]
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:

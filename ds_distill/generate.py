@@ -30,7 +30,7 @@ import torch
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from ds_distill import data, models, on_policy
-from ds_distill.common import UsageError, write_atomic
+from ds_distill.common import UsageError, print_error, write_atomic
 from ds_distill.runtime import distributed
 
 log = logging.getLogger("ds_distill")
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             generate(parse_args(argv))
         except ServerUnavailable as exc:  # what is written is kept: the same command resumes
-            print(f"error: {exc}: records written so far are kept; run the same command again", file=sys.stderr)
+            print_error(f"{exc}: records written so far are kept; run the same command again")
             return PREEMPTED_EXIT_CODE
         return 0
 

@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from ds_distill.common import UsageError
+from ds_distill.common import UsageError, print_error
 
 MONITOR_SUBDIR = Path("monitor") / "train"
 # (event, line style) drawn per run: train solid, eval dashed with markers since eval points are sparse.
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         plot_runs(args.run_dirs, args.out, args.labels.split(",") if args.labels else None)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         raise SystemExit(2)
     print(f"plot: wrote {args.out}")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ds_distill.common import UsageError
+from ds_distill.common import UsageError, print_error
 from ds_distill.models.layer_map import evenly_spaced, write_provenance
 from ds_distill.models.tokenizers import copy_generation_config
 from ds_distill.teachers.cache_format import teacher_fingerprint
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
             seed=args.seed,
         )
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         raise SystemExit(2)
     kind = "random init, shape of" if args.random else "copied"
     print(f"student_init: {args.out}: {len(layers)} layers ({kind} teacher layers {layers})")

@@ -152,3 +152,37 @@ def test_scheduler_shorter_than_the_run_is_one_line(tiny, tmp_path, capsys, keep
     code, errors = run_main(base_args(tiny, tmp_path / "o") + ["--deepspeed_config", short, "--max_steps", "3"], capsys)
     assert code == 2 and len(errors) == 1 and "decays over total_num_steps 2 but --max_steps is 3" in errors[0], errors
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------- ranks sharing stderr
+_WRITER = """
+import sys, time
+from ds_distill.common import print_error
+rank, start = sys.argv[1], float(sys.argv[2])
+while time.time() < start:
+    pass
+while time.time() < start + 0.4:
+    print_error(f"rank {rank}: " + "x" * 300 + ": set it to that or remove it")
+"""
+
+
+def test_error_lines_of_ranks_sharing_one_stderr_never_splice(tmp_path):
+    """CI, stop 33: two ranks refused the same JSON into the launcher's one stderr, Python unbuffered (``-u``, as
+    the deepspeed launcher runs it), and ``print``'s text and newline, written separately, came out spliced
+    (``...remove iterror: ...``). Two writers print_error into one shared stderr for the same 0.4 s: their lines
+    interleave (the check that they overlapped) and every line arrives whole."""
+    import re
+    import subprocess
+    import sys
+    import time
+
+    start = f"{time.time() + 2:.3f}"  # both started before the first line
+    with open(tmp_path / "stderr", "ab") as shared:
+        procs = [subprocess.Popen([sys.executable, "-u", "-c", _WRITER, str(r), start], stderr=shared) for r in (0, 1)]
+        assert [p.wait(timeout=60) for p in procs] == [0, 0]
+    lines = (tmp_path / "stderr").read_text().splitlines()
+    ranks = [l[len("error: rank ")] for l in lines]
+    assert sum(a != b for a, b in zip(ranks, ranks[1:])) >= 10, "the writers did not overlap: the check proves nothing"
+    whole = re.compile(r"error: rank [01]: x{300}: set it to that or remove it")
+    spliced = [l for l in lines if not whole.fullmatch(l)]
+    assert not spliced, f"{len(spliced)} of {len(lines)} lines spliced, e.g. {spliced[0][:80]}...{spliced[0][-80:]}"

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ds_distill.common import UsageError, disk_full
+from ds_distill.common import UsageError, disk_full, print_error
 
 log = logging.getLogger("ds_distill")
 
@@ -499,12 +499,12 @@ def entry_point(body: Callable[[], int]) -> int:
         drain()
         return code
     except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(exc)
         return 2
     except (OSError, RuntimeError) as exc:
         if not disk_full(exc):
             raise
-        print(f"error: {disk_full_message(exc)}", file=sys.stderr)
+        print_error(disk_full_message(exc))
         return 2
     finally:
         destroy()
