@@ -530,14 +530,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             )
             n_xtok = make_model(workdir / "xtok_teacher", other, preset.teacher, len(other), a.seq_len, seed=3)
             xtok = f", _xtok teacher {n_xtok / 1e6:.1f}M params (vocab {len(other)})"
-        env = {
-            **os.environ,
-            **one_rank_env(),
-            "TOKENIZERS_PARALLELISM": "false",
-            "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1",
-            "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        }
+        env = {**worker_env(sys.executable), **one_rank_env()}
         if not gpu:
             # One intra-op thread per worker unless told otherwise: on a small shared CPU, OpenMP threads waiting for
             # each other made the plain loop's step 12x slower (see docs/performance.md), which measures the neighbours.
@@ -667,6 +660,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("variant", "teacher", "student", "data", "result"):
         p.add_argument(f"--{name}", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def worker_env(python: str) -> dict[str, str]:
+    """The environment of a worker run by ``python``: this one's, offline, ROOT importable, and the interpreter's folder
+    first on PATH, as in an activated venv. torch JIT-builds DeepSpeed's ops (the CPU comm op every rank loads at
+    start-up) with the first ``ninja`` on PATH, and the system's and the venv's ninja do not read each other's build
+    log: a worker run as ``.venv/bin/python`` without the venv on PATH rebuilt the op (~60 s of CPU, minutes on a
+    loaded machine) whenever the suite or the demo (venv first: scripts/test.sh, demo.sh) had built it last, and that
+    rebuild was the start-up column's spread (docs/performance.md, issue 28's start-up split)."""
+    return {
+        **os.environ,
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "PATH": f"{Path(python).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
 
 
 def one_rank_env() -> dict[str, str]:

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 # Stdlib only at import, as this file: TRL's environment runs it too. (scripts/ is on sys.path: this file is run.)
-from bench import dispatch, one_rank_env
+from bench import dispatch, one_rank_env, worker_env
 
 ROOT = Path(__file__).resolve().parent.parent
 OBJECTIVES = ("mix", "fkl", "on_policy")
@@ -555,12 +555,8 @@ def run_one(a: argparse.Namespace, system: str, objective: str, repeat: int, pyt
         cmd += [f"--{name}", str(getattr(a, name))]
     cmd += ["--ds_stage", str(a.ds_stage), "--trl_schedule", a.trl_schedule, *(["--parts"] if a.parts else [])]
     env = {
-        **os.environ,
+        **worker_env(python),
         **(one_rank_env() if system == "ds" else {}),  # ds-distill: a world of its own; TRL: a plain process
-        "TOKENIZERS_PARALLELISM": "false",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
     }
     env.setdefault("DS_ACCELERATOR", "cpu" if not a.gpu else "cuda")
     if not a.gpu:  # the same intra-op threads in both (docs/performance.md: OpenMP threads contending on a shared CPU)

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +89,22 @@ def test_ds_config_copies_change_only_the_micro_batch(tmp_path):
             assert json.loads(Path(teacher).read_text())["zero_optimization"]["stage"] == stage and not full
 
 
+def test_workers_build_deepspeed_ops_with_their_venvs_ninja(tmp_path, monkeypatch):
+    """A bench worker finds the ``ninja`` beside its interpreter first, as in an activated venv, even when the parent
+    was started without the venv on PATH: torch JIT-builds DeepSpeed's ops with the first ninja on PATH, and a system
+    ninja rebuilt the op the suite's venv ninja had built (~60 s of every such worker's start-up, issue 28)."""
+    bench = load_bench()
+    system, venv = tmp_path / "usr_bin", tmp_path / "venv" / "bin"
+    for folder in (system, venv):
+        folder.mkdir(parents=True)
+        (folder / "ninja").write_text("#!/bin/sh\n")
+        (folder / "ninja").chmod(0o755)
+    monkeypatch.setenv("PATH", str(system))
+    env = bench.worker_env(str(venv / "python"))
+    assert shutil.which("ninja", path=env["PATH"]) == str(venv / "ninja")
+    assert env["PATH"].endswith(str(system)) and env["HF_HUB_OFFLINE"] == "1"  # the rest of the parent's PATH kept
+
+
 def test_lora_variant_is_the_same_json_with_a_lora_student(tmp_path):
     bench = load_bench()
     assert bench.DS_VARIANT.match("ds_z3_teacher_zero3_lora") and not bench.DS_VARIANT.match("ds_z3_lora_prefetch")
@@ -116,7 +133,6 @@ def test_bench_peer_ds_side_on_tiny_models(tiny, tmp_path):
     """scripts/bench_peer.py, ds-distill's side only (TRL lives in its own environment, not the suite's): it trains,
     records the batches TRL would train on, times every step and its parts, and its held-out perplexity (the function
     both sides use) equals ds-distill's own evaluation of the same batches."""
-    import shutil
 
     import torch
 
