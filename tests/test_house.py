@@ -164,3 +164,59 @@ def test_nothing_writes_trainer_state():
 def test_the_writes_check_finds_planted_writes():
     planted = "def f(trainer):\n    trainer.exit_code = 75\n    trainer.step += 1\n    del trainer.student, trainer.x\n"
     assert trainer_writes(planted) == ["2: trainer.exit_code", "3: trainer.step", "4: trainer.student", "4: trainer.x"]
+
+
+# Libraries a plain training run does not use: each is imported inside the function that needs it (LoRA, plots, served
+# teachers, trackers), so ``import ds_distill.train`` and every run's start-up skip them (issue 28's start-up split).
+LAZY_LIBRARIES = {"peft", "matplotlib", "scipy", "sklearn", "vllm", "trl", "wandb", "tensorboard", "requests"}
+
+
+def eager_imports(module: str, mods: dict[str, Path]) -> set[str]:
+    """The top-level names of every library importing ``module`` runs: the statements executed at import (module and
+    class bodies; not function bodies, not ``if TYPE_CHECKING:`` blocks), followed through our own modules and the
+    packages whose ``__init__`` they run."""
+    seen: set[str] = set()
+    libraries: set[str] = set()
+
+    def executed(tree: ast.AST):
+        for node in ast.iter_child_nodes(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                continue
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                yield from (n for child in node.orelse for n in [child, *executed(child)])
+                continue
+            yield node
+            yield from executed(node)
+
+    def visit(name: str) -> None:
+        if name in seen:
+            return
+        seen.add(name)
+        package = name if mods[name].name == "__init__.py" else name.rpartition(".")[0]
+        for node in executed(ast.parse(mods[name].read_text())):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the importing module's package
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([base] if base else []))
+                names = [base] + [f"{base}.{a.name}" for a in node.names]
+            for full in names:
+                parts = full.split(".")
+                if parts[0] != "ds_distill":
+                    libraries.add(parts[0])
+                    continue
+                for i in range(1, len(parts) + 1):  # a.b.c runs a/__init__ and a/b/__init__ first
+                    if ".".join(parts[:i]) in mods:
+                        visit(".".join(parts[:i]))
+
+    visit(module)
+    return libraries
+
+
+def test_a_run_does_not_import_libraries_it_does_not_use():
+    libraries = eager_imports("ds_distill.train", modules())
+    assert {"torch", "transformers", "deepspeed", "datasets"} <= libraries  # what a run does use: the walk finds them
+    assert libraries & LAZY_LIBRARIES == set()
