@@ -167,8 +167,9 @@ def test_the_writes_check_finds_planted_writes():
     assert trainer_writes(planted) == ["2: trainer.exit_code", "3: trainer.step", "4: trainer.student", "4: trainer.x"]
 
 
-# Libraries a plain training run does not use: each is imported inside the function that needs it (LoRA, plots, served
-# teachers, trackers), so ``import ds_distill.train`` and every run's start-up skip them (issue 28's start-up split).
+# Libraries a plain training run does not use: peft, matplotlib and wandb are imported inside the functions that need
+# them (LoRA, plots, the wandb monitor), the others by nothing of ours (a vLLM teacher is reached over HTTP), so
+# ``import ds_distill.train`` and every run's start-up skip them (issue 28's start-up split).
 LAZY_LIBRARIES = {"peft", "matplotlib", "scipy", "sklearn", "vllm", "trl", "wandb", "tensorboard", "requests"}
 
 
