@@ -7,6 +7,7 @@ log-probabilities; no special cases beyond the documented jsd endpoints) so that
 
 import itertools
 import math
+import weakref
 
 import pytest
 import torch
@@ -698,6 +699,52 @@ def test_fused_loop_runs_inside_one_head_module_call():
     n = int((labels != IGNORE_INDEX).sum())
     assert seen == [("pre", (n, H)), ("post", out.total)]
     assert "forward" not in lin.__dict__ and lin(hidden[0]).shape == (T, V)
+
+
+def _small_head_case(n_supervised: int, seed: int = 40):
+    """A fused head V=64, H=32 (with bias) over 2 x 8 positions, the first ``n_supervised`` of them supervised."""
+    g = torch.Generator().manual_seed(seed)
+    v, h = 64, 32
+    hidden = torch.randn(2, 8, h, generator=g, requires_grad=True)
+    lin, t_head = torch.nn.Linear(h, v), torch.nn.Linear(h, v)
+    t_hidden = torch.randn(2, 8, h, generator=g)
+    labels = torch.randint(0, v, (2, 8), generator=g)
+    labels.view(-1)[n_supervised:] = IGNORE_INDEX
+    return hidden, lin, t_hidden, t_head, labels
+
+
+class _LiveVocabWide(torch.utils._python_dispatch.TorchDispatchMode):
+    """At each product dL/dh = g_z @ W (a [c, V] operand times the [V, H] weight): how many distinct storages of
+    [*, V] float tensors made so far are still alive (weak references: autograd's saved tensors count as alive)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight, self.refs, self.alive = weight, [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        v, h = self.weight.shape
+        if func.overloadpacket is torch.ops.aten.mm and args[1].shape == (v, h) and args[0].shape[-1] == v:
+            live = {t.untyped_storage().data_ptr() for t in (r() for r in self.refs) if t is not None}
+            self.alive.append(len(live))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[-1] == v and t.is_floating_point():
+                self.refs.append(weakref.ref(t))
+        return out
+
+
+def test_fused_chunk_lets_go_of_its_logits_before_the_head_products():
+    """When a chunk's head products are made (dL/dh, dL/dW: the [c, H] and [V, H] results), its student and teacher
+    logits and the graph of its terms are gone: g_z is the only [c, V] tensor alive. And once the loss has returned
+    it holds nothing vocabulary-wide until backward (no g_z kept by a graph of dL/dh): only the [V, H] weight
+    gradient, which autograd needs. The values and gradients are those of the float64 tests above."""
+    hidden, lin, t_hidden, t_head, labels = _small_head_case(16)  # 4 chunks of 4 supervised tokens
+    with _LiveVocabWide(lin.weight) as probe:
+        out = chunked_loss_sums(hidden, OutputHead(lin), t_hidden, t_head, labels, chunk_size=4)
+    assert probe.alive == [1, 1, 1, 1], probe.alive
+    assert [r() for r in probe.refs if r() is not None] == []
+    held = [t.shape for t in out.total.grad_fn.saved_tensors]  # _GradInForward's: dL/dh, dL/dW, dL/db
+    assert held == [(16, 32), (64, 32), (64,)]
 
 
 # ---------------------------------------------------------------- the entropy-aware mixture (entropy_aware_kl)

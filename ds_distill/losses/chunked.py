@@ -85,8 +85,7 @@ class _GradInForward(torch.autograd.Function):
 
     forward(value, *pairs): ``value`` a detached scalar; ``pairs`` = tensors then their gradients (same count), a
     gradient None where its tensor needs none. The gradients are scaled in place: a second backward through the same
-    graph
-    (retain_graph) raises instead of handing out twice-scaled gradients.
+    graph (retain_graph) raises instead of handing out twice-scaled gradients.
     """
 
     @staticmethod
@@ -144,13 +143,20 @@ def fused_chunks(
                 with torch.enable_grad():
                     z_lin.requires_grad_()
                     ce, kd = terms(z_lin if head.transform is None else head.transform(z_lin), t_logits, sl)
+                    del t_logits  # [c, V]: the terms hold what their gradient needs; freed before it is taken
                     (g_z,) = torch.autograd.grad((alpha * ce + (1.0 - alpha) * kd).sum(), z_lin)
-                if need[0]:
-                    g_hs.append(g_z @ weight)
-                if need[1]:
-                    g_w = _accumulate(g_w, g_z.t() @ x)
-                if need[2]:
-                    g_b = _accumulate(g_b, g_z.sum(0))
+                # Let go of the chunk's logits and its graph before the [V, H] and [c, H] products are made.
+                ce, kd = ce.detach(), kd.detach()
+                del z_lin
+                # Without grad: g_z @ weight would record a graph (the weight requires grad) that keeps g_z [c, V]
+                # alive through g_h until backward.
+                with torch.no_grad():
+                    if need[0]:
+                        g_hs.append(g_z @ weight)
+                    if need[1]:
+                        g_w = _accumulate(g_w, g_z.t() @ x)
+                    if need[2]:
+                        g_b = _accumulate(g_b, g_z.sum(0))
             ces.append(ce.detach())
             kds.append(kd.detach())
         empty = h.new_zeros(0, dtype=torch.float32)
