@@ -747,6 +747,48 @@ def test_fused_chunk_lets_go_of_its_logits_before_the_head_products():
     assert held == [(16, 32), (64, 32), (64,)]
 
 
+class _PeakVocabWide(torch.utils._python_dispatch.TorchDispatchMode):
+    """The most distinct storages of float tensors shaped ``shape`` made inside the block and alive at once."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.refs, self.peak = tuple(shape), [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and tuple(t.shape) == self.shape and t.is_floating_point():
+                self.refs.append(weakref.ref(t))
+        live = {t.untyped_storage().data_ptr() for t in (r() for r in self.refs) if t is not None}
+        self.peak = max(self.peak, len(live))
+        return out
+
+
+@pytest.mark.parametrize("grad_of", ["q", "p", "both"])
+def test_kl_works_in_place_with_the_same_bits(grad_of):
+    """``divergences.kl`` holds two [N, V] float tensors at once (p and one difference, masked and scaled in place)
+    where ``(p * (logp - logq).masked_fill(p == 0, 0)).sum(-1)`` holds three, when only q needs a gradient (the
+    distillation case: the teacher is p); when p needs one, autograd keeps the difference's old values (three, as
+    before). Values and gradients are the same bits, with -inf entries (0 * log 0)."""
+    from ds_distill.losses.divergences import kl
+
+    g = torch.Generator().manual_seed(41)
+    logp = torch.log_softmax(torch.randn(6, 50, generator=g), -1).masked_fill(
+        torch.rand(6, 50, generator=g) < 0.2, -math.inf
+    )
+    logq = torch.log_softmax(torch.randn(6, 50, generator=g), -1)
+    inputs = [logp.requires_grad_(grad_of in ("p", "both")), logq.requires_grad_(grad_of in ("q", "both"))]
+    wanted = [t for t in inputs if t.requires_grad]
+    with _PeakVocabWide(logp.shape) as probe:
+        value = kl(*inputs)
+    assert probe.peak == (2 if grad_of == "q" else 3)
+    ref = (inputs[0].exp() * (inputs[0] - inputs[1]).masked_fill(inputs[0].exp() == 0, 0.0)).sum(-1)
+    assert torch.equal(value, ref)
+    weights = torch.rand(6, generator=g)
+    for a, b in zip(torch.autograd.grad(value, wanted, weights), torch.autograd.grad(ref, wanted, weights)):
+        assert torch.equal(a, b)
+
+
 # ---------------------------------------------------------------- the entropy-aware mixture (entropy_aware_kl)
 def _logps64(seed, n=6, v=V):
     g = torch.Generator().manual_seed(seed)
