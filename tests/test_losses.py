@@ -789,6 +789,33 @@ def test_kl_works_in_place_with_the_same_bits(grad_of):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_teachers_chunk_logits_are_freed_before_the_divergence(fused, monkeypatch):
+    """Per chunk, the teacher's [c, V] logits are gone by the time the divergence runs (``token_terms`` empties its
+    list once the log-probabilities are made, and the chunk loop holds no other reference), in the fused and the
+    checkpointed path."""
+    from ds_distill.losses import divergences
+
+    hidden, lin, t_hidden, t_head, labels = _small_head_case(16)
+    made, alive_at_kl = [], []
+
+    def teacher_head(x):
+        z = t_head(x)
+        made.append(weakref.ref(z))
+        return z
+
+    def kl(logp, logq):
+        alive_at_kl.append(sum(r() is not None for r in made))
+        return real_kl(logp, logq)
+
+    real_kl = divergences.kl
+    monkeypatch.setattr(divergences, "kl", kl)
+    head = OutputHead(lin) if fused else (lambda h: lin(h))
+    out = chunked_loss_sums(hidden, head, t_hidden, teacher_head, labels, chunk_size=4, loss="forward_kl")
+    assert alive_at_kl == [0, 0, 0, 0] and len(made) == 4
+    assert torch.isfinite(out.total)
+
+
 # ---------------------------------------------------------------- the entropy-aware mixture (entropy_aware_kl)
 def _logps64(seed, n=6, v=V):
     g = torch.Generator().manual_seed(seed)

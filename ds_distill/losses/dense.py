@@ -82,7 +82,9 @@ def chunked_loss_sums(
 
     def terms(s_logits: Tensor, t_logits: list[Tensor], sl: slice) -> tuple[Tensor, Tensor]:
         v = check_vocab(args.vocab_size, s_logits.shape[-1], [t.shape[-1] for t in t_logits])
-        return token_terms(s_logits[:, :v], [t[:, :v] for t in t_logits], lab[sl], args, weights_of(sl))
+        views = [t[:, :v] for t in t_logits]
+        t_logits.clear()  # the views alone hold the logits: token_terms frees them before the divergence
+        return token_terms(s_logits[:, :v], views, lab[sl], args, weights_of(sl))
 
     chunks = chunk_slices(hs.shape[0], chunk_size, num_chunks)
     return run_chunks(

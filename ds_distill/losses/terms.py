@@ -93,7 +93,8 @@ def teacher_logprobs(teacher_logits: Sequence[Tensor], temperature: float, weigh
 def token_terms(
     s_logits: Tensor, t_logits: Sequence[Tensor], labels: Tensor, args: LossArgs, weights
 ) -> tuple[Tensor, Tensor]:
-    """CE and T^2 * D for supervised rows only: ``[n, V], K x [n, V], [n] -> ([n], [n])``."""
+    """CE and T^2 * D for supervised rows only: ``[n, V], K x [n, V], [n] -> ([n], [n])``. A list ``t_logits`` is
+    emptied once the teachers' log-probabilities are made (one [n, V] tensor less at the divergence)."""
     s = s_logits.float()
     # cross_entropy is nll_loss of log_softmax: computed once here, the KD term reuses it at T = 1 (one [n, V] pass
     # less forward and backward; the same values).
@@ -105,6 +106,8 @@ def token_terms(
         with torch.no_grad():
             weights = weights([F.log_softmax(t.float(), dim=-1) for t in t_logits], labels)
     t_logp = teacher_logprobs(t_logits, args.temperature, weights)
+    if isinstance(t_logits, list):  # the teachers' [n, V] logits are not needed past here: freed before the divergence
+        t_logits.clear()
     s_logp = s_logp1 if args.temperature == 1.0 else F.log_softmax(s / args.temperature, dim=-1)
     return ce, args.divergence(t_logp, s_logp)
 
