@@ -1,7 +1,9 @@
 """The house: the package has no import circle, docs/design.md lists every module, the loop fits on one screen, a run
-imports no library it does not use."""
+imports no library it does not use, the docs import and run only modules that exist."""
 
 import ast
+import importlib
+import importlib.util
 import inspect
 import re
 from pathlib import Path
@@ -222,3 +224,56 @@ def test_a_run_does_not_import_libraries_it_does_not_use():
     libraries = eager_imports("ds_distill.train", modules())
     assert {"torch", "transformers", "deepspeed", "datasets"} <= libraries  # what a run does use: the walk finds them
     assert libraries & LAZY_LIBRARIES == set()
+
+
+def doc_references(text: str) -> list[tuple[str, list[str]]]:
+    """``(module, names)`` for each ``from ds_distill.X import A, B`` and ``python -m ds_distill.X`` (names empty) in a
+    document's text."""
+    found = [
+        (m, [n.strip() for n in names.split(",")])
+        for m, names in re.findall(r"from (ds_distill[\w.]*) import ([\w, ]+)", text)
+    ]
+    return found + [(m.rstrip("."), []) for m in re.findall(r"python -m (ds_distill[\w.]*)", text)]
+
+
+def unresolved(references: list[tuple[str, list[str]]]) -> list[str]:
+    """The references whose module is missing, whose ``-m`` target cannot run (a package without ``__main__``), or
+    whose names the module lacks."""
+    bad = []
+    for module, names in references:
+        try:
+            spec = importlib.util.find_spec(module)
+        except ModuleNotFoundError:  # a parent package is missing too
+            spec = None
+        if spec is None:
+            bad.append(f"no module {module}")
+        elif (
+            not names
+            and spec.submodule_search_locations is not None
+            and not importlib.util.find_spec(f"{module}.__main__")
+        ):
+            bad.append(f"python -m {module}: a package without __main__")
+        else:
+            bad += [f"{module} has no {n}" for n in names if not hasattr(importlib.import_module(module), n)]
+    return bad
+
+
+def test_the_docs_name_only_modules_and_names_that_exist():
+    """Every import and entry point that README.md and docs/*.md show resolves: a module moved without its docs fails
+    here."""
+    references = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        references += doc_references(path.read_text())
+    assert ("ds_distill.train", []) in references and any(names for _, names in references)  # the scan finds both kinds
+    assert unresolved(references) == []
+
+
+def test_the_docs_check_finds_planted_misses():
+    planted = 'python -c "from ds_distill.tracking import hardest_examples"\n`python -m ds_distill.data`\n'
+    planted += "from ds_distill.extras.tracking import hardest_examples, nowhere\nfrom ds_distill.gone.x import y\n"
+    assert unresolved(doc_references(planted)) == [
+        "no module ds_distill.tracking",
+        "ds_distill.extras.tracking has no nowhere",
+        "no module ds_distill.gone.x",
+        "python -m ds_distill.data: a package without __main__",
+    ]
