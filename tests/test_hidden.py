@@ -158,12 +158,14 @@ def test_evaluation_runs_with_the_hidden_loss(tiny, dist_env, tmp_path):
 
 
 def test_refusals_are_one_line(tiny, wide, dist_env, tmp_path, capsys):
-    """No provenance for auto, unknown loss, a teacher cache, an ensemble, another hidden size: one line, exit 2."""
+    """No provenance for auto, unknown loss, a teacher cache, an ensemble, --alpha 1, another tokenizer, another hidden
+    size: one line, exit 2."""
     cases = [
         (dict(hidden_loss="mse"), "has no distill_provenance.json"),
         (dict(hidden_loss="l1"), "--hidden_loss 'l1' is unknown"),
         (dict(hidden_loss="mse", teacher=[tiny["teacher"], tiny["teacher"]]), "ambiguous in an ensemble"),
         (dict(hidden_loss="mse", alpha=1.0), "--alpha 1 skips"),
+        (dict(hidden_loss="mse", cross_tokenizer="alm"), "another tokenizer (--cross_tokenizer) has other tokens"),
     ]
     for i, (more, message) in enumerate(cases):
         teacher = more.pop("teacher", tiny["teacher"])
