@@ -11,9 +11,11 @@ from transformers import AutoModelForCausalLM
 
 from ds_distill import train
 from ds_distill.common import IGNORE_INDEX, UsageError
+from ds_distill.core import checkpoint
 from ds_distill.losses.hidden import HIDDEN_LOSSES, hidden_loss_sums
 from ds_distill.models import HiddenStatesLM
 from ds_distill.models.capture import LayerCapture, decoder_layers
+from ds_distill.models.layer_map import read_provenance
 from ds_distill.models.projection import NAME, HiddenProjection
 from ds_distill.student_init import make_student
 from tests.helpers import ds_json, losses_of, make_cfg, projection_json, run_main, tiny_args
@@ -312,7 +314,6 @@ def test_shared_projection_step_is_the_gradient_summed_over_pairs(tiny, dist_env
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     from ds_distill import data
-    from ds_distill.core import checkpoint
     from tests import tiny as tiny_mod
 
     path = tiny_mod.make_model(tmp_path / "wide2", tiny["tokenizer"], layers=2, hidden=48, heads=4, seed=4)
@@ -471,11 +472,11 @@ def test_layerwise_on_the_entry_point_feeds_the_training_forward(tiny, dist_env,
     """A 1-layer student copied from teacher layer 1 (auto map: 0:1), ZeRO-3 engines: with --hidden_mode layerwise its
     layer is fed the teacher's input to layer 1, so step 1 has hidden loss 0 and the teacher's logits (KD 0), while the
     student's own forward (--hidden_mode output) is far from both; the teacher keeps 2 tensors (1 input, the last
-    output) and nothing stays armed after a step."""
+    output) and nothing stays armed after a step. The student's provenance travels with its checkpoint and export."""
     make_student(tiny["teacher"], tmp_path / "s1", layers=[1])
     kw = dict(max_steps=2, deepspeed_config=projection_json(tmp_path), hidden_loss="mse", student=str(tmp_path / "s1"))
     layerwise = train.run(make_cfg(tiny, tmp_path / "lw", hidden_mode="layerwise", **kw))
-    output = train.run(make_cfg(tiny, tmp_path / "out", **kw))
+    output = train.run(make_cfg(tiny, tmp_path / "out", export=True, **kw))
     lw, out = layerwise.history[0], output.history[0]
     assert lw["Train/hidden"] < 1e-10 and lw["Train/kd"] < 1e-6, lw
     assert out["Train/hidden"] > 1e-5 and out["Train/kd"] > 1e-4, out
@@ -485,6 +486,14 @@ def test_layerwise_on_the_entry_point_feeds_the_training_forward(tiny, dist_env,
     _, kept = source.targets(batch, "eval")
     assert len(kept) == 1 and source.teacher_capture.held == 0 and source.teacher_last.held == 0
     assert not source.feed.armed, "eval steps run the student's own forward"
+    # A later run (--rounds starts from the export) maps the layers with --hidden_layers auto from the copy.
+    prov = read_provenance(tmp_path / "s1")
+    assert prov["teacher_layers"] == [1]
+    for folder in (
+        checkpoint.ckpt_root(tmp_path / "out") / output.last_tag / "hf",
+        checkpoint.final_dir(tmp_path / "out"),
+    ):
+        assert read_provenance(folder) == prov, folder
 
 
 def test_layerwise_refusals_are_one_line(tiny, wide, dist_env, tmp_path, capsys):

@@ -1,7 +1,8 @@
 """A LoRA student (--lora_r, ds_distill/models/lora.py) on tiny random models, in process (one rank, ZeRO-3): only the
 adapters train, checkpoints hold only them and resume on the same base only, both exports give the engine's logits
-and the merge gathers one module at a time, on-policy generation gathers the base once. The 2-rank checks (dtype and
-checkpointing combinations against ZeRO-0, kill and resume) are in tests/test_lora_multirank.py."""
+(and carry the student's provenance) and the merge gathers one module at a time, on-policy generation gathers the base
+once. The 2-rank checks (dtype and checkpointing combinations against ZeRO-0, kill and resume) are in
+tests/test_lora_multirank.py."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from ds_distill.common import UsageError
 from ds_distill.config import RunConfig
 from ds_distill.extras.manifest import Manifest
 from ds_distill.models import lora
+from ds_distill.models.layer_map import read_provenance, write_provenance
 from ds_distill.runtime.callbacks import Callback
 from tests import tiny as tiny_mod
 from tests.helpers import ds_json, losses_of, make_cfg, op_cfg
@@ -65,9 +67,21 @@ def test_adapters_train_alone_and_both_exports_give_the_engine_logits(tiny, dist
     from peft import PeftModel
 
     out = tmp_path / "run"
+    # The tiny student with a provenance (as student_init writes it), which both exports carry.
+    student = str(shutil.copytree(tiny["student"], tmp_path / "student"))
+    write_provenance(student, [0, 1], 2, "teacher-fingerprint", random_init=False)
+    prov = read_provenance(student)
+    assert prov["teacher_layers"] == [0, 1]
     trainer = train.run(
         make_cfg(
-            tiny, out, max_steps=6, export=True, deepspeed_config=ds_json(tmp_path, lr=3e-2), lora_dora=dora, **LORA
+            tiny,
+            out,
+            student=student,
+            max_steps=6,
+            export=True,
+            deepspeed_config=ds_json(tmp_path, lr=3e-2),
+            lora_dora=dora,
+            **LORA,
         ),
         [Manifest()],
     )
@@ -81,7 +95,7 @@ def test_adapters_train_alone_and_both_exports_give_the_engine_logits(tiny, dist
     assert loss[-1] < loss[0] - 0.05, loss
     # The frozen base is the model on disk, bit for bit, after training.
     unset_hf_deepspeed_config()  # the engine's ZeRO-3 config would make from_pretrained build partitioned weights
-    base = AutoModelForCausalLM.from_pretrained(tiny["student"])
+    base = AutoModelForCausalLM.from_pretrained(student)
     own = dict(base.named_parameters())
     with deepspeed.zero.GatheredParameters(list(module.parameters())):
         for n, p in module.named_parameters():
@@ -92,7 +106,7 @@ def test_adapters_train_alone_and_both_exports_give_the_engine_logits(tiny, dist
     want = engine_logits(trainer, inputs)
     adapter = out / "final" / lora.ADAPTER_DIR
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["student"]), adapter)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(student), adapter)
     with torch.no_grad():
         from_adapter = peft_model(**inputs).logits
         merged = AutoModelForCausalLM.from_pretrained(out / "final")(**inputs).logits
@@ -108,10 +122,11 @@ def test_adapters_train_alone_and_both_exports_give_the_engine_logits(tiny, dist
     with torch.no_grad():
         again = AutoModelForCausalLM.from_pretrained(tmp_path / "again")(**inputs).logits
         again_adapter = PeftModel.from_pretrained(
-            AutoModelForCausalLM.from_pretrained(tiny["student"]), tmp_path / "again" / lora.ADAPTER_DIR
+            AutoModelForCausalLM.from_pretrained(student), tmp_path / "again" / lora.ADAPTER_DIR
         )(**inputs).logits
     torch.testing.assert_close(again, merged, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(again_adapter, from_adapter, atol=1e-5, rtol=1e-5)
+    assert read_provenance(out / "final") == read_provenance(tmp_path / "again") == prov
 
     # The merge under ZeRO-3 gathers one module at a time: each adapted layer (base + adapters) or one plain module,
     # never nested, each unit once (the tied lm_head is not gathered again).
@@ -129,7 +144,7 @@ def test_adapters_train_alone_and_both_exports_give_the_engine_logits(tiny, dist
     assert (tmp_path / "counted" / "model.safetensors.index.json").is_file()  # 4 KiB shards: several
     torch.testing.assert_close(counted, sharded(**inputs).logits, atol=0, rtol=0)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["lora"]["base_fingerprint"] == lora.base_fingerprint(tiny["student"])
+    assert manifest["lora"]["base_fingerprint"] == lora.base_fingerprint(student)
 
 
 def lora_layer():

@@ -74,8 +74,9 @@ def export_final(output_dir: Path | str, tag: str) -> Path:
 
 def export_final_engine(engine, output_dir: Path | str) -> Path:
     """A LoRA student's ``final/`` straight from the engine (every rank calls it): merged one module at a time under
-    ZeRO-3 (``models.lora.export_engine``), with the adapter folder and the tokenizer as trained."""
+    ZeRO-3 (``models.lora.export_engine``), with the adapter folder, the tokenizer and the provenance as trained."""
     from ds_distill.models import copy_tokenizer
+    from ds_distill.models.layer_map import copy_provenance
 
     out = final_dir(output_dir)
     dtype = next(p.dtype for p in engine.module.parameters() if not p.requires_grad)
@@ -86,6 +87,7 @@ def export_final_engine(engine, output_dir: Path | str) -> Path:
         lora.export_engine(engine.module.lora, tmp, dtype=dtype)
         if rank0:
             copy_tokenizer(engine.module.lora.record["base"], tmp)
+            copy_provenance(engine.module.lora.record["base"], tmp)
         barrier()
     barrier()
     return out

@@ -21,6 +21,7 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from ds_distill.common import UsageError, atomic_folder, read_json
 from ds_distill.ds_config import DSConfig
 from ds_distill.models import copy_generation_config, copy_tokenizer, lora, projection
+from ds_distill.models.layer_map import copy_provenance
 
 
 def resolve_tag(checkpoint: Path) -> Path:
@@ -73,6 +74,7 @@ def export_checkpoint(checkpoint: Path | str, out_dir: Path | str, extra_files: 
         with atomic_folder(out_dir) as tmp:
             lora.export_state(record, state, tmp, dtype=dtype)
             copy_tokenizer(tag_dir / "hf", tmp)
+            copy_provenance(tag_dir / "hf", tmp)
             for name, text in (extra_files or {}).items():
                 (tmp / name).write_text(text)
         return Path(out_dir)
@@ -95,6 +97,7 @@ def export_checkpoint(checkpoint: Path | str, out_dir: Path | str, extra_files: 
         model.to(dtype).save_pretrained(tmp, safe_serialization=True)
         copy_generation_config(tag_dir / "hf", tmp)  # save_pretrained rebuilt it from config.json
         copy_tokenizer(tag_dir / "hf", tmp)
+        copy_provenance(tag_dir / "hf", tmp)  # a next round's --hidden_layers auto maps the layers from it
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return Path(out_dir)
