@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 
 from ds_distill import train
+from ds_distill.common import UsageError
 from ds_distill.config import RunConfig
 from ds_distill.ds_config import REPO_CONFIGS
+from ds_distill.plot import read_curves
 
 ROOT = Path(__file__).resolve().parent.parent
 # The words of the tiny runs' texts, prompts and completions.
@@ -106,6 +108,15 @@ def op_cfg(tiny, data, out, **kw):
 def losses_of(trainer, key="Train/loss"):
     """The logged values of ``key``, one per log step."""
     return [h[key] for h in trainer.history if key in h]
+
+
+def train_losses(out: Path | str) -> dict[int, float]:
+    """{step: Train/loss} from a launched run's csv monitor, {} before its first log line; a resumed run appends, and
+    its values win for the steps it redid."""
+    try:
+        return dict(read_curves(out).get("Train/loss", []))
+    except UsageError:  # no csv file yet
+        return {}
 
 
 def flags(**values) -> list[str]:

@@ -19,8 +19,10 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
+from ds_distill.core.checkpoint import read_latest
 from ds_distill.runtime.distributed import cpu_shm_segment
 from tests.helpers import ROOT
 
@@ -154,6 +156,39 @@ def deepspeed(module: str, args: list[str], *, ranks: int = 2, timeout: float = 
     return launch(
         deepspeed_cmd(module, args, port=port, ranks=ranks), env=launcher_env(**env), timeout=timeout, port=port
     )
+
+
+def poll(condition, timeout: float, what: str, details=lambda: ""):
+    """``condition()``'s first true value, asked every 0.2 s; fail after ``timeout`` s naming ``what`` (and
+    ``details()``, e.g. a job's log so far)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.2)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{details()}")
+
+
+def kill_rank_after_first_checkpoint(args: list[str], ckpt_root: Path, *, timeout: float) -> str:
+    """``python -m ds_distill.train args`` on 2 ranks through deepspeed; once ``ckpt_root`` has a complete checkpoint
+    (``latest``, within ``timeout`` s), SIGKILL rank 1. Returns the launcher's output after checking that it failed
+    and left no /dev/shm segment (the killed rank's was unlinked at start-up all the same)."""
+    port = free_port()
+    launcher = start(deepspeed_cmd("ds_distill.train", args, port=port), launcher_env())
+    try:
+        poll(lambda: read_latest(ckpt_root), timeout, "the first checkpoint")
+        children = psutil.Process(launcher.pid).children(recursive=True)
+        ranks = [p for p in children if "--local_rank=1" in " ".join(p.cmdline())]
+        assert len(ranks) == 1, [p.cmdline() for p in children]
+        ranks[0].send_signal(signal.SIGKILL)
+        output = finish(launcher, timeout=120)
+    finally:
+        if launcher.poll() is None:  # a failed wait above: the launcher and its ranks go too
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.communicate()
+    assert launcher.returncode != 0, output[-6000:]
+    assert_no_shm_left(output, [port])
+    return output
 
 
 def sbatch(script: Path, env: dict[str, str], job_log: Path) -> str:

@@ -8,21 +8,15 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
 from ds_distill import train
-from ds_distill.common import UsageError
 from ds_distill.core.checkpoint import read_latest
-from ds_distill.plot import read_curves
-from tests.helpers import ds_json, launch_args, losses_of, make_cfg
-from tests.launch import assert_no_shm_left, deepspeed, deepspeed_cmd, finish, free_port, launcher_env, start
+from tests.helpers import ds_json, launch_args, losses_of, make_cfg, train_losses
+from tests.launch import deepspeed, kill_rank_after_first_checkpoint
 from tests.lora_grads import collect
 
 pytestmark = pytest.mark.multiprocess
@@ -66,23 +60,6 @@ def test_gradients_under_zero3_on_two_ranks_equal_zero0(tiny, dist_env, tmp_path
                     torch.testing.assert_close(mine[p], ref[p], rtol=1e-4, atol=1e-6, msg=f"{name} step {step} {p}")
 
 
-def train_losses(out: Path) -> dict[int, float]:
-    """{step: Train/loss} from the csv monitor (a resumed run appends; its values win for the steps it redid)."""
-    try:
-        return dict(read_curves(out).get("Train/loss", []))
-    except UsageError:  # no csv file yet
-        return {}
-
-
-def poll(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.2)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 def test_sigkill_and_resume_continue_the_same_curve(tiny, dist_env, tmp_path):
     """A LoRA run whose rank 1 is SIGKILLed after a checkpoint, resumed: the loss curve of a run never stopped (the
     same run in process on one rank with the same global batch, 1 x 4 = 2 x 2)."""
@@ -111,24 +88,7 @@ def test_sigkill_and_resume_continue_the_same_curve(tiny, dist_env, tmp_path):
         keep_last=0,
         **LORA,
     )
-    port = free_port()
-    launcher = start(deepspeed_cmd("ds_distill.train", args, port=port), launcher_env())
-    try:
-        poll(lambda: read_latest(out / "checkpoints"), JOB_TIMEOUT, "the first checkpoint")
-        ranks = [
-            p
-            for p in psutil.Process(launcher.pid).children(recursive=True)
-            if "--local_rank=1" in " ".join(p.cmdline())
-        ]
-        assert len(ranks) == 1
-        ranks[0].send_signal(signal.SIGKILL)
-        output = finish(launcher, timeout=120)
-    finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
-            launcher.communicate()
-    assert launcher.returncode != 0, output[-6000:]
-    assert_no_shm_left(output, [port])
+    output = kill_rank_after_first_checkpoint(args, out / "checkpoints", timeout=JOB_TIMEOUT)
     tag = read_latest(out / "checkpoints")
     assert STEPS > int(tag[5:]) >= 2, f"{tag}\n{output[-6000:]}"
     files = {p.name for p in (out / "checkpoints" / tag).iterdir()}

@@ -8,30 +8,24 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from ds_distill import train
-from ds_distill.common import UsageError
 from ds_distill.core.checkpoint import read_latest, tag_for
 from ds_distill.extras.preemption import PREEMPTED_EXIT_CODE, Preemption
-from ds_distill.plot import read_curves
 from ds_distill.runtime.callbacks import Callback
 from tests.cluster_fixtures import SCRIPTS
-from tests.helpers import ds_json, launch_args, losses_of, make_cfg
+from tests.helpers import ds_json, launch_args, losses_of, make_cfg, train_losses
 from tests.launch import (
     assert_no_shm_left,
     deepspeed,
-    deepspeed_cmd,
-    finish,
-    free_port,
     job_fields,
+    kill_rank_after_first_checkpoint,
     launcher_env,
+    poll,
     sbatch,
-    start,
     wait_for_job,
 )
 
@@ -44,14 +38,6 @@ def run_args(tiny, out: Path, ds_config: str, *, save_steps: int) -> list[str]:
     return launch_args(
         tiny, out, ds_config, max_steps=STEPS, save_steps=save_steps, chunk_size=16, export="false", keep_last=0
     )
-
-
-def train_losses(out: Path) -> dict[int, float]:
-    """{step: Train/loss} from the csv monitor; a resumed run appends, and its values win for the steps it redid."""
-    try:
-        return dict(read_curves(out).get("Train/loss", []))
-    except UsageError:  # no csv file yet
-        return {}
 
 
 def assert_complete(ckpt: Path, tag: str, ranks: int) -> None:
@@ -78,16 +64,6 @@ def reference(tiny, dist_env, tmp_path_factory) -> dict[int, float]:
     losses = dict(enumerate(losses_of(trainer), start=1))
     assert sorted(losses) == list(range(1, STEPS + 1)) and abs(losses[1] - losses[STEPS]) > 1e-3, losses
     return losses
-
-
-def poll(condition, timeout: float, what: str, details=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{details()}")
 
 
 @pytest.mark.multiprocess
@@ -135,26 +111,9 @@ def test_sigkill_of_one_rank_resumes_from_last_complete_checkpoint(
     cluster_tools, tiny, constant_lr, reference, tmp_path
 ):
     out = tmp_path / "run"
-    port = free_port()
-    launcher = start(
-        deepspeed_cmd("ds_distill.train", run_args(tiny, out, constant_lr, save_steps=2), port=port), launcher_env()
+    output = kill_rank_after_first_checkpoint(
+        run_args(tiny, out, constant_lr, save_steps=2), out / "checkpoints", timeout=JOB_TIMEOUT
     )
-    try:
-        poll(lambda: read_latest(out / "checkpoints"), JOB_TIMEOUT, "the first checkpoint")
-        ranks = [
-            p
-            for p in psutil.Process(launcher.pid).children(recursive=True)
-            if "--local_rank=1" in " ".join(p.cmdline())
-        ]
-        assert len(ranks) == 1, [p.cmdline() for p in psutil.Process(launcher.pid).children(recursive=True)]
-        ranks[0].send_signal(signal.SIGKILL)
-        output = finish(launcher, timeout=120)
-    finally:
-        if launcher.poll() is None:  # a failed wait above: the launcher and its ranks go too
-            os.killpg(launcher.pid, signal.SIGKILL)
-            launcher.communicate()
-    assert launcher.returncode != 0, output[-6000:]
-    assert_no_shm_left(output, [port])  # rank 1 killed: its segment was unlinked at start-up all the same
     ckpt = out / "checkpoints"
     tag = read_latest(ckpt)
     assert STEPS > int(tag[5:]) >= 2, f"{tag}\n{output[-6000:]}"
