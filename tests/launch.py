@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -172,20 +173,37 @@ def poll(condition, timeout: float, what: str, details=lambda: ""):
 def kill_rank_after_first_checkpoint(args: list[str], ckpt_root: Path, *, timeout: float) -> str:
     """``python -m ds_distill.train args`` on 2 ranks through deepspeed; once ``ckpt_root`` has a complete checkpoint
     (``latest``, within ``timeout`` s), SIGKILL rank 1. Returns the launcher's output after checking that it failed
-    and left no /dev/shm segment (the killed rank's was unlinked at start-up all the same)."""
+    and left no /dev/shm segment (the killed rank's was unlinked at start-up all the same).
+
+    The output is read while the run goes (a thread drains the pipe): unread, a run that writes more than the pipe
+    holds (64 KiB) before its first checkpoint blocks in ``write`` and never saves, and a time-out shows what it said.
+    """
     port = free_port()
     launcher = start(deepspeed_cmd("ds_distill.train", args, port=port), launcher_env())
+    lines: list[str] = []
+
+    def drain():
+        for line in launcher.stdout:
+            lines.append(line)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
     try:
-        poll(lambda: read_latest(ckpt_root), timeout, "the first checkpoint")
+        poll(lambda: read_latest(ckpt_root), timeout, "the first checkpoint", lambda: "".join(lines)[-6000:])
         children = psutil.Process(launcher.pid).children(recursive=True)
         ranks = [p for p in children if "--local_rank=1" in " ".join(p.cmdline())]
         assert len(ranks) == 1, [p.cmdline() for p in children]
         ranks[0].send_signal(signal.SIGKILL)
-        output = finish(launcher, timeout=120)
+        try:
+            launcher.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the launcher still runs 120 s after rank 1 was killed; output:\n{''.join(lines)[-6000:]}")
     finally:
         if launcher.poll() is None:  # a failed wait above: the launcher and its ranks go too
             os.killpg(launcher.pid, signal.SIGKILL)
-            launcher.communicate()
+            launcher.wait()
+        reader.join(timeout=30)
+    output = "".join(lines)
     assert launcher.returncode != 0, output[-6000:]
     assert_no_shm_left(output, [port])
     return output

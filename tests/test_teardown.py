@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_teardown_order(monkeypatch):
     """Finished body: a barrier on every group in name order, then destroy_process_group, gc, flush. A body that fails
-    skips the barriers (a peer may be stuck in another collective) but still destroys and flushes."""
+    skips the barriers (a peer may be stuck in another collective), writes its error line first, and still destroys
+    and flushes."""
     import gc
 
     import torch.distributed as dist
@@ -46,8 +47,9 @@ def test_teardown_order(monkeypatch):
     def fails():
         raise distributed.UsageError("bad flag")
 
+    monkeypatch.setattr(distributed, "print_error", lambda message: calls.append(("error", str(message))))
     assert distributed.entry_point(fails) == 2
-    assert calls == [("destroy", None), ("gc",), ("flush stderr",)]
+    assert calls == [("error", "bad flag"), ("destroy", None), ("gc",), ("flush stderr",)]
 
 
 # Two ranks end with an all-gather in flight on a second group that nobody waits for (a ZeRO-3 prefetch), its tensors
