@@ -23,6 +23,21 @@ def modules() -> dict[str, Path]:
     return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 
+def import_names(node: ast.AST, package: str) -> tuple[list[str], list[str]]:
+    """For an import statement of a module in ``package``: the modules it names (relative imports resolved) and, for
+    ``from M import a, b``, the dotted ``M.a``, ``M.b`` (modules or not: the caller decides); ``([], [])`` for any
+    other node."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names], []
+    if not isinstance(node, ast.ImportFrom):
+        return [], []
+    base = node.module or ""
+    if node.level:  # relative: from the importing module's package
+        up = package.split(".")[: len(package.split(".")) - node.level + 1]
+        base = ".".join(up + ([base] if base else []))
+    return [base], [f"{base}.{a.name}" for a in node.names]
+
+
 def imported(path: Path, known: set[str]) -> set[str]:
     """Every ds_distill module ``path`` imports, at any depth (function-level and ``TYPE_CHECKING`` imports count), with
     the packages whose ``__init__`` that import runs; ``from pkg import name`` counts ``pkg.name`` when it is a
@@ -32,17 +47,8 @@ def imported(path: Path, known: set[str]) -> set[str]:
     own_packages = {".".join(package.split(".")[:i]) for i in range(2, len(package.split(".")) + 1)}
     out: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        names: list[str] = []
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:  # relative: from the importing module's package
-                base = ".".join(
-                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
-                )
-            names = [base] + [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in known]
-        for name in names:
+        modules_named, from_names = import_names(node, package)
+        for name in modules_named + [n for n in from_names if n in known]:
             parts = name.split(".")
             # Importing a.b.c runs a/__init__ and a/b/__init__ first, except the importer's own packages: they are
             # loaded before the importer runs, so reaching a sibling through them is no circle.
@@ -198,16 +204,8 @@ def eager_imports(module: str, mods: dict[str, Path]) -> set[str]:
         seen.add(name)
         package = name if mods[name].name == "__init__.py" else name.rpartition(".")[0]
         for node in executed(ast.parse(mods[name].read_text())):
-            names: list[str] = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:  # relative: from the importing module's package
-                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
-                    base = ".".join(up + ([base] if base else []))
-                names = [base] + [f"{base}.{a.name}" for a in node.names]
-            for full in names:
+            modules_named, from_names = import_names(node, package)
+            for full in modules_named + from_names:
                 parts = full.split(".")
                 if parts[0] != "ds_distill":
                     libraries.add(parts[0])
