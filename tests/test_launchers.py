@@ -269,3 +269,24 @@ def test_stale_jit_lock_is_removed_only_beside_a_built_op(tmp_path, monkeypatch,
         os.utime(folder / "lock", (old, old))
     assert clear_stale_jit_locks() == [str(built / "lock")]
     assert not (built / "lock").exists() and (building / "lock").exists() and (fresh / "lock").exists()
+
+
+def test_the_interpreters_ninja_comes_first_on_path(tmp_path):
+    """torch builds DeepSpeed's ops with the first `ninja` on PATH: a run started by the venv's python without the venv
+    on PATH gets the venv's ninja first (as activation would), and a PATH that already finds it is left alone."""
+    import subprocess
+
+    from ds_distill.runtime.distributed import interpreter_tools_first
+
+    venv, system, bare = tmp_path / "venv" / "bin", tmp_path / "usr" / "bin", tmp_path / "bare" / "bin"
+    for folder, says in ((venv, "venv"), (system, "system")):
+        folder.mkdir(parents=True)
+        (folder / "ninja").write_text(f"#!/bin/sh\necho {says}\n")
+        (folder / "ninja").chmod(0o755)
+    bare.mkdir(parents=True)
+    environ = {"PATH": f"{system}{os.pathsep}/bin"}
+    assert interpreter_tools_first(environ, executable=str(venv / "python")) == str(venv)
+    assert subprocess.run(["ninja"], env=environ, capture_output=True, text=True).stdout.strip() == "venv"
+    before = dict(environ)
+    assert interpreter_tools_first(environ, executable=str(venv / "python")) is None and environ == before
+    assert interpreter_tools_first(environ, executable=str(bare / "python")) is None and environ == before

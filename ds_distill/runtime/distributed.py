@@ -16,11 +16,12 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -341,6 +342,28 @@ def clear_stale_jit_locks(max_age_s: float = 120.0) -> list[str]:
     return removed
 
 
+def interpreter_tools_first(
+    environ: MutableMapping[str, str] = os.environ, executable: str = sys.executable
+) -> str | None:
+    """Put the interpreter's folder first on ``environ["PATH"]`` when it holds a ``ninja`` that PATH would not find
+    first, as activating the venv would; returns the folder when PATH changed, else None.
+
+    torch JIT-builds DeepSpeed's ops (the CPU comm op every rank loads in ``init_distributed``, the CPU Adam op) with
+    the first ``ninja`` on PATH, and a system ninja and the venv's do not read each other's build log: a run started as
+    ``.venv/bin/python -m ds_distill.train`` or ``.venv/bin/deepspeed ...`` without the venv on PATH rebuilt the op
+    (~60 s of CPU) whenever the suite or the demo had built it last with the venv's, and failed ("Ninja is required")
+    on a machine with no system ninja (docs/performance.md, issue 28's start-up split).
+    """
+    folder = Path(executable).parent
+    ninja = folder / "ninja"
+    path = environ.get("PATH", "")
+    found = shutil.which("ninja", path=path)
+    if not ninja.is_file() or (found is not None and Path(found) == ninja):
+        return None
+    environ["PATH"] = f"{folder}{os.pathsep}{path}" if path else str(folder)
+    return str(folder)
+
+
 def init_distributed(backend: str | None = None) -> WorldInfo:
     """Start (once) the process group for whichever launcher started this process; see the module docstring.
 
@@ -364,6 +387,7 @@ def init_distributed(backend: str | None = None) -> WorldInfo:
 
         backend = get_accelerator().communication_backend_name()
     # The environment is complete, so deepspeed must not run its own MPI discovery over it.
+    tools = interpreter_tools_first()
     clear_stale_jit_locks()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     if (dist.get_rank(), dist.get_world_size()) != (rv.rank, rv.world_size):
@@ -385,6 +409,10 @@ def init_distributed(backend: str | None = None) -> WorldInfo:
             rv.master_port,
             f", {threads} CPU thread(s) per rank" if threads else "",
         )
+        if tools:
+            log.info(
+                "distributed: %s put first on PATH (its ninja builds DeepSpeed's ops, as in the activated venv)", tools
+            )
     return _world
 
 
