@@ -467,9 +467,10 @@ def trl_worker(a: argparse.Namespace) -> dict[str, Any]:
         parts.wrap(trainer.accelerator, "backward", "backward")
         parts.wrap(trainer.accelerator, "clip_grad_norm_", "clip")
     trainer.train()
+    trl_class = next(c.__name__ for c in type(trainer).__mro__ if c.__module__.startswith("trl"))  # not our mixin
     result = {
         "system": "TRL",
-        "config": f"TRL {trl.__version__} {type(trainer).__mro__[1].__name__}",
+        "config": f"TRL {trl.__version__} {trl_class}",
         "step_s": clock.times,
         "cpu_s": clock.cpu,
         "parts": parts.steps,
