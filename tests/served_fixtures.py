@@ -13,8 +13,10 @@ import socket
 import subprocess
 import threading
 import time
+import warnings
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,7 +100,39 @@ def start_vllm(model: str, port: int, log_path: Path, cache_dir: Path, max_logpr
     return subprocess.Popen(cmd, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def stop(proc: subprocess.Popen) -> None:
+def group_processes(pgid: int) -> list[psutil.Process]:
+    """The live (not zombie) processes of process group ``pgid``."""
+    found = []
+    for p in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
+    return found
+
+
+def shm_segments(pgid: int) -> set[Path]:
+    """The /dev/shm files the processes of group ``pgid`` map (vLLM's shared-memory message queues, 160-240 MiB
+    each)."""
+    found = set()
+    for p in group_processes(pgid):
+        try:
+            found |= {Path(m.path) for m in p.memory_maps(grouped=True) if m.path.startswith("/dev/shm/")}
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def stop(proc: subprocess.Popen, grace: float = 15.0) -> list[Path]:
+    """Stop the server and its whole process group; returns the /dev/shm segments it left behind, now removed.
+
+    SIGTERM first; once the server has exited, the rest of its group (the engine core, multiprocessing's resource
+    tracker) gets ``grace`` s to finish its own clean-up before SIGKILL. A server killed before its clean-up leaves
+    its shared-memory segments in /dev/shm (every time when SIGKILLed; two, 400 MiB of RAM until reboot, were left
+    after one CI run whose stop killed the group right after the server's exit). Whatever the server mapped and is
+    still there after that is removed here."""
+    segments = shm_segments(proc.pid) if proc.poll() is None else set()
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -106,10 +140,17 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
-    try:  # workers that outlived the server's own exit
+    deadline = time.monotonic() + grace
+    while group_processes(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    try:  # workers that outlived the grace period
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    left = sorted(path for path in segments if path.exists())
+    for path in left:
+        path.unlink(missing_ok=True)
+    return left
 
 
 class Server:
@@ -186,7 +227,9 @@ def served_start(request, tmp_path_factory):
         # 900 s: the start now shares the machine with the tests before the served ones
         yield {**data, "url": f"http://127.0.0.1:{port}"}, Server(proc, f"http://127.0.0.1:{port}", log_path, 900)
     finally:
-        stop(proc)
+        left = stop(proc)
+        if left:
+            warnings.warn(f"the vLLM server left {', '.join(map(str, left))} in /dev/shm after it stopped; removed")
 
 
 @pytest.fixture(scope="session")
