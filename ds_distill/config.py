@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ds_distill.common import UsageError
+from ds_distill.common import UsageError, print_error
 from ds_distill.data.loading import FORMATS, missing_paths
 from ds_distill.losses.attention import RELATION_MAX_TOKENS
 from ds_distill.losses.cross_tokenizer import CROSS_TOKENIZER
@@ -690,6 +690,52 @@ class _Repeatable(argparse.Action):
         setattr(namespace, self.dest, kept + list(values))
 
 
+# Flags of the Hugging Face Trainer, TRL and DistillKit that a user brings along, and where ds-distill takes each.
+# What DeepSpeed owns lives in the JSON (one truth); the rest is a flag of ours under another name.
+_DEEPSPEED_OWNS = {
+    **dict.fromkeys(("learning_rate", "lr"), "optimizer.params.lr"),
+    **dict.fromkeys(("weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "optim"), "the optimizer block"),
+    **dict.fromkeys(
+        ("per_device_train_batch_size", "batch_size", "micro_batch_size", "train_micro_batch_size_per_gpu"),
+        "train_micro_batch_size_per_gpu",
+    ),
+    "train_batch_size": "train_batch_size",
+    "gradient_accumulation_steps": "gradient_accumulation_steps",
+    **dict.fromkeys(("warmup_steps", "warmup_ratio", "lr_scheduler_type"), "the scheduler block"),
+    "max_grad_norm": "gradient_clipping",
+    **dict.fromkeys(("bf16", "fp16"), "the bf16 / fp16 block"),
+    **dict.fromkeys(("zero_stage", "stage"), "zero_optimization.stage"),
+}
+_RENAMED = {
+    **dict.fromkeys(("model_name_or_path", "model", "student_model"), "student"),
+    **dict.fromkeys(("teacher_model_name_or_path", "teacher_model"), "teacher"),
+    **dict.fromkeys(("max_length", "max_seq_length", "block_size"), "seq_len"),
+    **dict.fromkeys(("dataset_name", "dataset", "train_file"), "data"),
+    **dict.fromkeys(("max_completion_length", "max_new_tokens_per_prompt"), "max_new_tokens"),
+    "lmbda": "on_policy_fraction",
+    "logging_steps": "log_steps",
+    "save_total_limit": "keep_last",
+    "resume_from_checkpoint": "resume",
+    "num_train_epochs": "max_steps (optimizer steps, not epochs)",
+    "deepspeed": "deepspeed_config",
+}
+
+
+def familiar_flag_hint(flag: str, known: Any) -> str:
+    """Where ds-distill takes a Hugging Face / TRL flag that it does not have (``flag`` as typed, ``known``: the
+    parser's option strings), or "" when it is not one of those. A DeepSpeed-owned setting points at the JSON only
+    where the parser has ``--deepspeed_config``; a renamed flag only where the parser has the new name."""
+    name = flag.split("=")[0].lstrip("-").replace("-", "_")
+    if name in _DEEPSPEED_OWNS and "--deepspeed_config" in known:
+        return (
+            f"{flag.split('=')[0]} is not a ds-distill flag: DeepSpeed owns it; set {_DEEPSPEED_OWNS[name]} in the "
+            "JSON you pass as --deepspeed_config (copy one from ds_configs/)"
+        )
+    if name in _RENAMED and f"--{_RENAMED[name].split()[0]}" in known:
+        return f"{flag.split('=')[0]} is not a ds-distill flag: use --{_RENAMED[name]} (see --help)"
+    return ""
+
+
 # add_argument's keywords: any other key in a field's metadata (e.g. `multi`) is ours, not argparse's.
 _ARGPARSE_KEYS = frozenset("action nargs const default type choices required help metavar aliases".split())
 
@@ -719,9 +765,16 @@ def _parser_class() -> type:
             hint = "; see --help"
             unknown = re.search(r"unrecognized arguments: (\S+)", message)
             if unknown:
-                near = difflib.get_close_matches(unknown.group(1).split("=")[0], list(self._option_string_actions), 1)
-                hint = f"; did you mean {near[0]}? (see --help)" if near else hint
-            self.exit(2, f"{self.prog}: error: {message}{hint}\n")
+                familiar = familiar_flag_hint(unknown.group(1), self._option_string_actions)
+                if familiar:
+                    message, hint = familiar, ""
+                else:
+                    near = difflib.get_close_matches(
+                        unknown.group(1).split("=")[0], list(self._option_string_actions), 1
+                    )
+                    hint = f"; did you mean {near[0]}? (see --help)" if near else hint
+            print_error(f"{message}{hint}")
+            self.exit(2)
 
         def _add_dataclass_arguments(self, dtype: Any) -> None:
             self._docs = field_docs(dtype)

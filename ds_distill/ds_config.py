@@ -6,6 +6,7 @@ JSON files. ``load_ds_config`` checks one (every problem at once, with the fix) 
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,8 +92,11 @@ def load_ds_config(path: str, *, world_size: int, flag: str, needs_optimizer: bo
     problems = []
     unknown = sorted(k for k in raw if k not in DS_KNOWN_KEYS and not k.startswith("_"))
     if unknown:
+        near = {k: difflib.get_close_matches(k, DS_KNOWN_KEYS, 1) for k in unknown}
+        means = ", ".join(f"{k} -> {m[0]}" for k, m in near.items() if m)
         problems.append(
-            f"unknown top-level keys {unknown} (DeepSpeed would silently ignore them): fix the spelling or remove them"
+            f"unknown top-level keys {unknown} (DeepSpeed would silently ignore them): "
+            + (f"did you mean {means}?" if means else "fix the spelling or remove them")
         )
     autos = _find_auto(raw)
     if autos:

@@ -69,7 +69,16 @@ def assert_refused_in_one_line(tmp_path, mutate, message):
             lambda d: d.update(train_batch_size=7),
             "train_batch_size 7 != micro batch 2 x accumulation 2 x world size 2 = 8",
         ),
-        (lambda d: d.update(gradient_cliping=1.0), "unknown top-level keys ['gradient_cliping']"),
+        (
+            lambda d: d.update(gradient_cliping=1.0),
+            "unknown top-level keys ['gradient_cliping'] (DeepSpeed would silently ignore them): did you mean "
+            "gradient_cliping -> gradient_clipping?",
+        ),
+        (
+            lambda d: d.update(zzzz_qqq=1),
+            "unknown top-level keys ['zzzz_qqq'] (DeepSpeed would silently ignore them): "
+            "fix the spelling or remove them",
+        ),
         (lambda d: d["optimizer"]["params"].update(lr="auto"), "\"auto\" values at ['optimizer.params.lr']"),
         (lambda d: d.pop("optimizer"), 'no "optimizer" block'),
         (lambda d: d["zero_optimization"].update(stage=4), "zero_optimization.stage 4"),

@@ -58,6 +58,43 @@ def test_a_misspelt_flag_is_one_line_with_the_nearest_flag(capsys):
         assert exit_.value.code == 2 and len(err) == 1 and hint in err[0], err
 
 
+@pytest.mark.parametrize(
+    "argv, line",
+    [
+        (
+            ["--learning_rate", "1e-4"],
+            "--learning_rate is not a ds-distill flag: DeepSpeed owns it; set optimizer.params.lr",
+        ),
+        (
+            ["--per_device_train_batch_size=8"],
+            "set train_micro_batch_size_per_gpu in the JSON you pass as --deepspeed_config",
+        ),
+        (["--gradient_accumulation_steps", "4"], "set gradient_accumulation_steps in the JSON"),
+        (["--max_grad_norm", "1"], "set gradient_clipping in the JSON"),
+        (["--model_name_or_path", "m"], "--model_name_or_path is not a ds-distill flag: use --student"),
+        (["--num_train_epochs", "3"], "use --max_steps (optimizer steps, not epochs)"),
+        (["--lmbda", "0.5"], "use --on_policy_fraction"),
+    ],
+)
+def test_a_hugging_face_or_trl_flag_names_where_ds_distill_takes_it(capsys, argv, line):
+    """HF Trainer / TRL flags get the JSON key or the flag that takes their place, not argparse's nearest spelling
+    (which for --learning_rate was --early_stopping_patience)."""
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and line in err[0], err
+
+
+def test_a_familiar_flag_points_only_where_the_parser_can_take_it(capsys):
+    """cache_teacher has no optimizer and no --deepspeed_config: --learning_rate is plainly unknown there."""
+    from ds_distill.cache_teacher import CacheConfig
+
+    with pytest.raises(SystemExit):
+        parse_args(["--learning_rate", "1"], CacheConfig, "ds_distill.cache_teacher")
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --learning_rate" in err and "DeepSpeed owns" not in err, err
+
+
 def test_recipes_are_training_run_files_only():
     """--recipe is the training entry point's (its run files hold train flags); cache_teacher's parser has none."""
     from ds_distill.cache_teacher import CacheConfig
