@@ -186,3 +186,15 @@ def test_error_lines_of_ranks_sharing_one_stderr_never_splice(tmp_path):
     whole = re.compile(r"error: rank [01]: x{300}: set it to that or remove it")
     spliced = [l for l in lines if not whole.fullmatch(l)]
     assert not spliced, f"{len(spliced)} of {len(lines)} lines spliced, e.g. {spliced[0][:80]}...{spliced[0][-80:]}"
+
+
+def test_export_names_a_missing_checkpoint_path_apart_from_a_folder_that_is_not_one(tmp_path, capsys):
+    """A typo in the path says the path does not exist; an existing folder without a checkpoint says what it lacks."""
+    from ds_distill.export import main as export_main
+
+    (tmp_path / "empty").mkdir()
+    for name, says in (("nowhere", "does not exist"), ("empty", "is not a ds-distill checkpoint (no hf/config.json)")):
+        assert export_main([str(tmp_path / name), str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and says in err[0], err
+    assert not (tmp_path / "out").exists()

@@ -25,7 +25,9 @@ from ds_distill.models.layer_map import copy_provenance
 
 
 def resolve_tag(checkpoint: Path) -> Path:
-    """A tag folder, or the checkpoints folder whose ``latest`` names one."""
+    """A tag folder, or the checkpoints folder whose ``latest`` names one. UsageError when it is neither."""
+    if not checkpoint.exists():
+        raise UsageError(f"{checkpoint} does not exist: pass output_dir/checkpoints or one step_* folder in it")
     if (checkpoint / "latest").is_file():
         checkpoint = checkpoint / (checkpoint / "latest").read_text().strip()
     if not (checkpoint / "hf" / "config.json").is_file():
