@@ -265,6 +265,7 @@ def default_ds_configs(has_gpu: bool) -> tuple[str, str, str]:
 # DeepSpeed schedulers that decay to their end over ``total_num_steps`` optimizer steps
 # (deepspeed/runtime/lr_schedules.py).
 DECAYING_SCHEDULERS = ("WarmupDecayLR", "WarmupCosineLR")
+COS_MIN_RATIO = 0.0001  # WarmupCosineLR's default floor, as a ratio of the optimizer's lr
 
 
 def schedule_check(ds: DSConfig, max_steps: int) -> tuple[list[str], list[str]]:
@@ -273,14 +274,16 @@ def schedule_check(ds: DSConfig, max_steps: int) -> tuple[list[str], list[str]]:
     Refused: a decaying schedule shorter than the run (past ``total_num_steps`` WarmupDecayLR trains at lr 0 and
     WarmupCosineLR at its floor, so the extra steps would be silently wasted). Warned (legitimate, e.g. a short trial
     run or one to be extended with --resume): a decaying schedule longer than the run (it ends before the lr has
-    decayed) and a warm-up longer than the run (the lr never reaches its peak).
+    decayed) and a warm-up longer than the run (the lr never reaches its peak). WarmupCosineLR with
+    ``cos_min_ratio`` 1 (the shipped JSONs' warm-up) holds its peak after the warm-up: it does not decay.
     """
     sched = ds.raw.get("scheduler") or {}
     kind, params = sched.get("type"), sched.get("params") or {}
     where = f"--deepspeed_config {ds.path}: scheduler {kind}"
     problems, warnings = [], []
     total = params.get("total_num_steps")
-    if kind in DECAYING_SCHEDULERS and isinstance(total, int):
+    flat = kind == "WarmupCosineLR" and params.get("cos_min_ratio", COS_MIN_RATIO) >= 1.0
+    if kind in DECAYING_SCHEDULERS and isinstance(total, int) and not flat:
         if total < max_steps:
             problems.append(
                 f"{where} decays over total_num_steps {total} but --max_steps is {max_steps}: steps {total + 1}-"

@@ -12,11 +12,13 @@ Objectives (``--objectives``, each a pair of runs):
                --alpha 0`` against TRL's ``DistillationTrainer`` (beta 0), ``--on_policy_steps`` steps
 Both sides: fp32 on CPU (bf16 on a GPU: ds-distill's shipped bf16 JSON, TRL ``bf16=True``), ``--micro_batch`` x
 ``--seq_len`` tokens per step, no accumulation, AdamW (betas 0.9/0.95, eps 1e-8, no weight decay) at ``--lr`` with a
-linear warm-up of ``--warmup`` steps then constant (TRL: ``constant_with_warmup``; ds-distill: DeepSpeed's WarmupLR
-written as the shipped JSONs write it, README "Warm-up"), clipping 1.0, T = 1, sampling at temperature 1, no top-k/p.
+linear warm-up of ``--warmup`` steps then constant, step 1 at lr 0 (TRL: ``constant_with_warmup``; ds-distill:
+DeepSpeed's WarmupCosineLR as the shipped JSONs write it, README "Warm-up": the same rate every step), clipping 1.0,
+T = 1, sampling at temperature 1, no top-k/p.
 ds-distill runs as a user runs it: ``build(RunConfig)`` then ``Trainer.fit``, its student JSON the one its default
 picks when none is named (``build.student_ds_config``) with only micro-batch, lr and warm-up set; ``--ds_stage 3``
-forces its ZeRO-3 file instead.
+forces its ZeRO-3 file instead; ``--ds_gradient_checkpointing`` runs it with ``--gradient_checkpointing``, as TRL's
+trainers run by default.
 
 The same batches: ds-distill's first run records the micro-batches its stream yields (train, and the held-out set read
 as its evaluation reads ``--eval_data``) into ``batches_<objective>.pt``; TRL trains on exactly those tensors in that
@@ -129,8 +131,8 @@ def _device():
 # ------------------------------------------------------------------------------------------ ds-distill worker
 def ds_json(a: argparse.Namespace, world, gpu: bool) -> str:
     """The student JSON ds-distill's default picks (``build.student_ds_config``), or its ZeRO-3 file with
-    ``--ds_stage 3``, copied with only the micro-batch, lr and warm-up set (DeepSpeed's WarmupLR as the shipped JSONs
-    write Hugging Face's N-step warm-up: min = peak / N over N - 1 steps)."""
+    ``--ds_stage 3``, copied with only the micro-batch, lr and warm-up set (N warm-up steps as the shipped JSONs write
+    Hugging Face's: WarmupCosineLR, ratio 1/N over N - 1 steps, no decay)."""
     from ds_distill.core import build
     from ds_distill.ds_config import default_ds_configs
 
@@ -139,12 +141,13 @@ def ds_json(a: argparse.Namespace, world, gpu: bool) -> str:
     d["train_micro_batch_size_per_gpu"], d["gradient_accumulation_steps"] = a.micro_batch, 1
     d["optimizer"]["params"].update(lr=a.lr, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.0)
     d["scheduler"] = {
-        "type": "WarmupLR",
+        "type": "WarmupCosineLR",
         "params": {
-            "warmup_min_lr": a.lr / a.warmup,
-            "warmup_max_lr": a.lr,
+            "warmup_min_ratio": 1 / a.warmup,
             "warmup_num_steps": a.warmup - 1,
             "warmup_type": "linear",
+            "cos_min_ratio": 1.0,
+            "total_num_steps": a.warmup - 1,
         },
     }
     out = Path(a.out) / f"ds_config_{a.objective}.json"
@@ -207,6 +210,7 @@ def ds_worker(a: argparse.Namespace) -> dict[str, Any]:
         on_policy_fraction=1.0 if on_policy else 0.0,
         max_new_tokens=a.max_new_tokens,
         seed=a.seed,
+        gradient_checkpointing=a.ds_gradient_checkpointing,
     )
 
     class Clock(Callback):
@@ -385,18 +389,6 @@ def trl_worker(a: argparse.Namespace) -> dict[str, Any]:
             if logs and "loss" in logs:
                 self.logs.append(logs)
 
-    class SameSchedule:
-        """``--trl_schedule same``: the learning rate ds-distill's JSON gives each step (DeepSpeed's WarmupLR as the
-        shipped JSONs write an N-step warm-up: step 1 at step 2's rate, peak / N, where Hugging Face's trains at 0;
-        every later step as Hugging Face's ``constant_with_warmup``): both systems train at the same rate every step."""
-
-        def create_scheduler(self, num_training_steps, optimizer=None):
-            if a.trl_schedule == "same" and self.lr_scheduler is None:
-                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-                    optimizer if optimizer is not None else self.optimizer, lambda s: min(max(s, 1) / a.warmup, 1.0)
-                )
-            return super().create_scheduler(num_training_steps, optimizer)
-
     clock, parts = Clock(), Parts()
     if a.parts:
         parts.wrap(student, "forward", "student forward")
@@ -404,7 +396,7 @@ def trl_worker(a: argparse.Namespace) -> dict[str, Any]:
     if on_policy:
         rows = [p for step in record["prompts"] for p in step]
 
-        class Trainer(SameSchedule, trl.DistillationTrainer):
+        class Trainer(trl.DistillationTrainer):
             def _tokenize_prompts(self, prompts):  # the recorded prompt token ids, exactly
                 return [json.loads(p) for p in prompts], None, {}
 
@@ -432,7 +424,7 @@ def trl_worker(a: argparse.Namespace) -> dict[str, Any]:
         }
         alpha = 0.5 if a.objective == "mix" else 0.0
 
-        class Trainer(SameSchedule, GKDTrainer):
+        class Trainer(GKDTrainer):
             def _get_train_sampler(self, train_dataset=None):  # the recorded order
                 return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
 
@@ -467,7 +459,7 @@ def trl_worker(a: argparse.Namespace) -> dict[str, Any]:
         parts.wrap(trainer.accelerator, "backward", "backward")
         parts.wrap(trainer.accelerator, "clip_grad_norm_", "clip")
     trainer.train()
-    trl_class = next(c.__name__ for c in type(trainer).__mro__ if c.__module__.startswith("trl"))  # not our mixin
+    trl_class = next(c.__name__ for c in type(trainer).__mro__ if c.__module__.startswith("trl"))
     result = {
         "system": "TRL",
         "config": f"TRL {trl.__version__} {trl_class}",
@@ -554,7 +546,8 @@ def run_one(a: argparse.Namespace, system: str, objective: str, repeat: int, pyt
     cmd += ["--out", str(out), "--batches", str(Path(a.out) / f"batches_{objective}.pt"), "--steps", str(steps)]
     for name in ("teacher", "student", "data", "micro_batch", "seq_len", "lr", "warmup", "max_new_tokens", "seed"):
         cmd += [f"--{name}", str(getattr(a, name))]
-    cmd += ["--ds_stage", str(a.ds_stage), "--trl_schedule", a.trl_schedule, *(["--parts"] if a.parts else [])]
+    cmd += ["--ds_stage", str(a.ds_stage), *(["--parts"] if a.parts else [])]
+    cmd += ["--ds_gradient_checkpointing"] if a.ds_gradient_checkpointing else []
     env = {
         **worker_env(python),
         **(one_rank_env() if system == "ds" else {}),  # ds-distill: a world of its own; TRL: a plain process
@@ -614,7 +607,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     header = (
         f"{time.strftime('%Y-%m-%d %H:%M')}, {device}, one process, {'bf16' if a.gpu else 'fp32'}, "
         f"{a.micro_batch} x {a.seq_len} tokens per step, AdamW lr {a.lr:g} with {a.warmup} warm-up steps "
-        f"(TRL's schedule: {a.trl_schedule}), {a.steps} steps "
+        f"(step 1 at 0){', ds-distill with --gradient_checkpointing' if a.ds_gradient_checkpointing else ''}, "
+        f"{a.steps} steps "
         f"(on-policy {a.on_policy_steps}, {a.max_new_tokens} sampled tokens), step times after the first {a.skip}, "
         f"median of {a.repeats} alternating repeat(s); 1-min load average "
         f"{min(loads + [load_before[0]]):.1f} to {max(loads):.1f}"
@@ -648,11 +642,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max_new_tokens", type=int, default=32, help="On-policy: tokens sampled per prompt.")
     p.add_argument("--seed", type=int, default=42, help="Seed of both runs.")
     p.add_argument(
-        "--trl_schedule",
-        choices=("hf", "same"),
-        default="hf",
-        help="TRL's learning rate per step: hf (its own constant_with_warmup: step 1 at 0) or same (ds-distill's: "
-        "step 1 at peak / warmup, every later step as hf), which isolates the systems from the schedules.",
+        "--ds_gradient_checkpointing",
+        action="store_true",
+        help="ds-distill with --gradient_checkpointing (TRL's trainers checkpoint by default).",
     )
     p.add_argument(
         "--ds_stage", type=int, default=0, choices=(0, 3), help="0: ds-distill's default JSON; 3: its ZeRO-3 file."
