@@ -12,9 +12,10 @@ Objectives (``--objectives``, each a pair of runs):
                --alpha 0`` against TRL's ``DistillationTrainer`` (beta 0), ``--on_policy_steps`` steps
 Both sides: fp32 on CPU (bf16 on a GPU: ds-distill's shipped bf16 JSON, TRL ``bf16=True``), ``--micro_batch`` x
 ``--seq_len`` tokens per step, no accumulation, AdamW (betas 0.9/0.95, eps 1e-8, no weight decay) at ``--lr`` with a
-linear warm-up of ``--warmup`` steps then constant, step 1 at lr 0 (TRL: ``constant_with_warmup``; ds-distill:
-DeepSpeed's WarmupCosineLR as the shipped JSONs write it, README "Warm-up": the same rate every step), clipping 1.0,
-T = 1, sampling at temperature 1, no top-k/p.
+linear warm-up of ``--warmup`` steps then constant (TRL: ``constant_with_warmup``, step 1 at lr 0; ds-distill:
+DeepSpeed's WarmupLR as the shipped JSONs write it, step 1 at step 2's rate, or with ``--ds_schedule hf``
+WarmupCosineLR written as Hugging Face's, step 1 at 0: README "Learning-rate warm-up"), clipping 1.0, T = 1, sampling
+at temperature 1, no top-k/p.
 ds-distill runs as a user runs it: ``build(RunConfig)`` then ``Trainer.fit``, its student JSON the one its default
 picks when none is named (``build.student_ds_config``) with only micro-batch, lr and warm-up set; ``--ds_stage 3``
 forces its ZeRO-3 file instead; ``--ds_gradient_checkpointing`` runs it with ``--gradient_checkpointing``, as TRL's
@@ -131,8 +132,9 @@ def _device():
 # ------------------------------------------------------------------------------------------ ds-distill worker
 def ds_json(a: argparse.Namespace, world, gpu: bool) -> str:
     """The student JSON ds-distill's default picks (``build.student_ds_config``), or its ZeRO-3 file with
-    ``--ds_stage 3``, copied with only the micro-batch, lr and warm-up set (N warm-up steps as the shipped JSONs write
-    Hugging Face's: WarmupCosineLR, ratio 1/N over N - 1 steps, no decay)."""
+    ``--ds_stage 3``, copied with only the micro-batch, lr and warm-up set: N warm-up steps as the shipped JSONs write
+    them (WarmupLR, min = peak / N over N - 1 steps), or ``--ds_schedule hf`` as Hugging Face's with step 1 at 0
+    (WarmupCosineLR, ratio 1/N over N - 1 steps, no decay)."""
     from ds_distill.core import build
     from ds_distill.ds_config import default_ds_configs
 
@@ -140,16 +142,27 @@ def ds_json(a: argparse.Namespace, world, gpu: bool) -> str:
     d = json.loads(Path(src).read_text())
     d["train_micro_batch_size_per_gpu"], d["gradient_accumulation_steps"] = a.micro_batch, 1
     d["optimizer"]["params"].update(lr=a.lr, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.0)
-    d["scheduler"] = {
-        "type": "WarmupCosineLR",
-        "params": {
-            "warmup_min_ratio": 1 / a.warmup,
-            "warmup_num_steps": a.warmup - 1,
-            "warmup_type": "linear",
-            "cos_min_ratio": 1.0,
-            "total_num_steps": a.warmup - 1,
-        },
-    }
+    if a.ds_schedule == "hf":
+        d["scheduler"] = {
+            "type": "WarmupCosineLR",
+            "params": {
+                "warmup_min_ratio": 1 / a.warmup,
+                "warmup_num_steps": a.warmup - 1,
+                "warmup_type": "linear",
+                "cos_min_ratio": 1.0,
+                "total_num_steps": a.warmup - 1,
+            },
+        }
+    else:
+        d["scheduler"] = {
+            "type": "WarmupLR",
+            "params": {
+                "warmup_min_lr": a.lr / a.warmup,
+                "warmup_max_lr": a.lr,
+                "warmup_num_steps": a.warmup - 1,
+                "warmup_type": "linear",
+            },
+        }
     out = Path(a.out) / f"ds_config_{a.objective}.json"
     out.write_text(json.dumps(d, indent=2))
     return str(out)
@@ -546,7 +559,7 @@ def run_one(a: argparse.Namespace, system: str, objective: str, repeat: int, pyt
     cmd += ["--out", str(out), "--batches", str(Path(a.out) / f"batches_{objective}.pt"), "--steps", str(steps)]
     for name in ("teacher", "student", "data", "micro_batch", "seq_len", "lr", "warmup", "max_new_tokens", "seed"):
         cmd += [f"--{name}", str(getattr(a, name))]
-    cmd += ["--ds_stage", str(a.ds_stage), *(["--parts"] if a.parts else [])]
+    cmd += ["--ds_stage", str(a.ds_stage), "--ds_schedule", a.ds_schedule, *(["--parts"] if a.parts else [])]
     cmd += ["--ds_gradient_checkpointing"] if a.ds_gradient_checkpointing else []
     env = {
         **worker_env(python),
@@ -607,7 +620,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     header = (
         f"{time.strftime('%Y-%m-%d %H:%M')}, {device}, one process, {'bf16' if a.gpu else 'fp32'}, "
         f"{a.micro_batch} x {a.seq_len} tokens per step, AdamW lr {a.lr:g} with {a.warmup} warm-up steps "
-        f"(step 1 at 0){', ds-distill with --gradient_checkpointing' if a.ds_gradient_checkpointing else ''}, "
+        f"(ds-distill's schedule: {a.ds_schedule})"
+        f"{', ds-distill with --gradient_checkpointing' if a.ds_gradient_checkpointing else ''}, "
         f"{a.steps} steps "
         f"(on-policy {a.on_policy_steps}, {a.max_new_tokens} sampled tokens), step times after the first {a.skip}, "
         f"median of {a.repeats} alternating repeat(s); 1-min load average "
@@ -641,6 +655,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="Linear warm-up steps (>= 2: DeepSpeed's WarmupLR).")
     p.add_argument("--max_new_tokens", type=int, default=32, help="On-policy: tokens sampled per prompt.")
     p.add_argument("--seed", type=int, default=42, help="Seed of both runs.")
+    p.add_argument(
+        "--ds_schedule",
+        choices=("shipped", "hf"),
+        default="shipped",
+        help="ds-distill's warm-up: shipped (DeepSpeed's WarmupLR as the shipped JSONs: step 1 at step 2's rate) or hf "
+        "(WarmupCosineLR written as Hugging Face's, step 1 at 0: the same rate as TRL's every step).",
+    )
     p.add_argument(
         "--ds_gradient_checkpointing",
         action="store_true",
