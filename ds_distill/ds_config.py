@@ -275,7 +275,8 @@ def schedule_check(ds: DSConfig, max_steps: int) -> tuple[list[str], list[str]]:
     WarmupCosineLR at its floor, so the extra steps would be silently wasted). Warned (legitimate, e.g. a short trial
     run or one to be extended with --resume): a decaying schedule longer than the run (it ends before the lr has
     decayed) and a warm-up longer than the run (the lr never reaches its peak). WarmupCosineLR with
-    ``cos_min_ratio`` 1 (the shipped JSONs' warm-up) holds its peak after the warm-up: it does not decay.
+    ``cos_min_ratio`` 1 (Hugging Face's warm-up, README "Learning-rate warm-up") holds its peak after the warm-up:
+    it does not decay.
     """
     sched = ds.raw.get("scheduler") or {}
     kind, params = sched.get("type"), sched.get("params") or {}

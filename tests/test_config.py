@@ -323,7 +323,7 @@ def test_activation_checkpointing_block_is_refused(tmp_path):
         ({"type": "WarmupLR", "params": {"warmup_num_steps": 50}}, 20, None, "never reaches its peak"),
         ({"type": "WarmupDecayLR", "params": {"total_num_steps": 20, "warmup_num_steps": 2}}, 20, None, None),
         ({"type": "WarmupLR", "params": {"warmup_num_steps": 20}}, 20, None, None),
-        (  # the shipped warm-up: constant after it, whatever total_num_steps says
+        (  # Hugging Face's warm-up as a JSON: constant after it, whatever total_num_steps says
             {"type": "WarmupCosineLR", "params": {"total_num_steps": 4, "warmup_num_steps": 4, "cos_min_ratio": 1.0}},
             20,
             None,
