@@ -725,14 +725,15 @@ def familiar_flag_hint(flag: str, known: Any) -> str:
     """Where ds-distill takes a Hugging Face / TRL flag that it does not have (``flag`` as typed, ``known``: the
     parser's option strings), or "" when it is not one of those. A DeepSpeed-owned setting points at the JSON only
     where the parser has ``--deepspeed_config``; a renamed flag only where the parser has the new name."""
-    name = flag.split("=")[0].lstrip("-").replace("-", "_")
+    typed = flag.split("=")[0]
+    name = typed.lstrip("-").replace("-", "_")
     if name in _DEEPSPEED_OWNS and "--deepspeed_config" in known:
         return (
-            f"{flag.split('=')[0]} is not a ds-distill flag: DeepSpeed owns it; set {_DEEPSPEED_OWNS[name]} in the "
-            "JSON you pass as --deepspeed_config (copy one from ds_configs/)"
+            f"{typed} is not a ds-distill flag: DeepSpeed owns it; set {_DEEPSPEED_OWNS[name]} in the JSON you pass "
+            "as --deepspeed_config (copy one from ds_configs/)"
         )
     if name in _RENAMED and f"--{_RENAMED[name].split()[0]}" in known:
-        return f"{flag.split('=')[0]} is not a ds-distill flag: use --{_RENAMED[name]} (see --help)"
+        return f"{typed} is not a ds-distill flag: use --{_RENAMED[name]} (see --help)"
     return ""
 
 
