@@ -7,6 +7,7 @@ JSON files. ``load_ds_config`` checks one (every problem at once, with the fix) 
 from __future__ import annotations
 
 import difflib
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -265,7 +266,26 @@ def default_ds_configs(has_gpu: bool) -> tuple[str, str, str]:
 # DeepSpeed schedulers that decay to their end over ``total_num_steps`` optimizer steps
 # (deepspeed/runtime/lr_schedules.py).
 DECAYING_SCHEDULERS = ("WarmupDecayLR", "WarmupCosineLR")
-COS_MIN_RATIO = 0.0001  # WarmupCosineLR's default floor, as a ratio of the optimizer's lr
+
+
+def hugging_face_warmup(n: int) -> dict[str, Any]:
+    """The JSON ``scheduler`` block of Hugging Face's linear warm-up of ``n`` steps then constant
+    (``get_constant_schedule_with_warmup``, TRL's ``constant_with_warmup``), step 1 at lr 0 included: DeepSpeed's
+    WarmupCosineLR sets 0 at construction, then trains step k >= 2 at ``warmup_min_ratio + (1 - warmup_min_ratio)
+    (k - 2) / warmup_num_steps`` of the optimizer's lr, which with ratio 1/n over n - 1 steps is (k - 1)/n;
+    ``cos_min_ratio`` 1 holds the peak afterwards (no decay, so ``total_num_steps`` does not matter). README
+    "Learning-rate warm-up"; n >= 3 (DeepSpeed raises ``warmup_num_steps`` below 2 to 2)."""
+    params = dict(warmup_min_ratio=1 / n, warmup_num_steps=n - 1, warmup_type="linear", cos_min_ratio=1.0)
+    return {"type": "WarmupCosineLR", "params": params | {"total_num_steps": n - 1}}
+
+
+def _cos_min_ratio(params: dict[str, Any]) -> float:
+    """WarmupCosineLR's floor as a ratio of the optimizer's lr: the JSON's, else DeepSpeed's default."""
+    if "cos_min_ratio" in params:
+        return params["cos_min_ratio"]
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    return inspect.signature(WarmupCosineLR).parameters["cos_min_ratio"].default
 
 
 def schedule_check(ds: DSConfig, max_steps: int) -> tuple[list[str], list[str]]:
@@ -283,7 +303,7 @@ def schedule_check(ds: DSConfig, max_steps: int) -> tuple[list[str], list[str]]:
     where = f"--deepspeed_config {ds.path}: scheduler {kind}"
     problems, warnings = [], []
     total = params.get("total_num_steps")
-    flat = kind == "WarmupCosineLR" and params.get("cos_min_ratio", COS_MIN_RATIO) >= 1.0
+    flat = kind == "WarmupCosineLR" and _cos_min_ratio(params) >= 1.0
     if kind in DECAYING_SCHEDULERS and isinstance(total, int) and not flat:
         if total < max_steps:
             problems.append(

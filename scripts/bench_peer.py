@@ -136,23 +136,14 @@ def ds_json(a: argparse.Namespace, world, gpu: bool) -> str:
     them (WarmupLR, min = peak / N over N - 1 steps), or ``--ds_schedule hf`` as Hugging Face's with step 1 at 0
     (WarmupCosineLR, ratio 1/N over N - 1 steps, no decay)."""
     from ds_distill.core import build
-    from ds_distill.ds_config import default_ds_configs
+    from ds_distill.ds_config import default_ds_configs, hugging_face_warmup
 
     src = default_ds_configs(gpu)[0] if a.ds_stage == 3 else build.student_ds_config(a.student, world, gpu)
     d = json.loads(Path(src).read_text())
     d["train_micro_batch_size_per_gpu"], d["gradient_accumulation_steps"] = a.micro_batch, 1
     d["optimizer"]["params"].update(lr=a.lr, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.0)
     if a.ds_schedule == "hf":
-        d["scheduler"] = {
-            "type": "WarmupCosineLR",
-            "params": {
-                "warmup_min_ratio": 1 / a.warmup,
-                "warmup_num_steps": a.warmup - 1,
-                "warmup_type": "linear",
-                "cos_min_ratio": 1.0,
-                "total_num_steps": a.warmup - 1,
-            },
-        }
+        d["scheduler"] = hugging_face_warmup(a.warmup)
     else:
         d["scheduler"] = {
             "type": "WarmupLR",

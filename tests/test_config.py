@@ -348,64 +348,14 @@ def test_scheduler_length_against_max_steps(tmp_path, scheduler, max_steps, prob
 SCHEDULED = [p for p in SHIPPED if "scheduler" in json.loads(p.read_text())]
 
 
-@pytest.mark.parametrize("path", SCHEDULED, ids=lambda p: p.name)
-def test_shipped_warmup_is_hugging_faces_from_step_2_and_never_zero(path, dist_env):
-    """The rate every step of a DeepSpeed engine built from the shipped JSON trains at (read off the torch optimizer
-    inside it when its step runs) against transformers' ``get_constant_schedule_with_warmup`` of N steps, N chosen so
-    the peaks coincide: from step 2 on the rates are Hugging Face's, and step 1 trains at step 2's rate where Hugging
-    Face trains at 0 (DeepSpeed's WarmupLR gives steps 1 and 2 the same rate: ``warmup_min_lr``). ZeRO and precision
-    blocks are dropped and torch's AdamW runs: the schedule does not depend on them, and bf16 needs no GPU this way."""
+def rates_per_step(raw: dict, steps: int) -> tuple[list[float], list[float]]:
+    """(the rate each of ``steps`` steps of a DeepSpeed engine built from ``raw`` trains at, read off the torch
+    optimizer inside it when its step runs; transformers' ``get_constant_schedule_with_warmup`` of N steps at the
+    same steps, N = ``warmup_num_steps`` + 1, peak = the optimizer's lr). ZeRO and precision blocks are dropped and
+    torch's AdamW runs: the schedule does not depend on them, and bf16 needs no GPU this way (``raw`` is changed)."""
     import deepspeed
     from transformers import get_constant_schedule_with_warmup
 
-    raw = json.loads(path.read_text())
-    for key in ("zero_optimization", "bf16", "fp16", "csv_monitor"):
-        raw.pop(key, None)
-    raw["optimizer"]["params"]["torch_adam"] = True  # not DeepSpeed's fused Adam: no op build; the rate is the same
-    model = torch.nn.Linear(2, 1)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=raw)
-    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    used = []
-    real_step = inner.step
-    inner.step = lambda *a, **k: (used.append(inner.param_groups[0]["lr"]), real_step(*a, **k))[1]
-
-    params = raw["scheduler"]["params"]
-    peak, n_hf = params["warmup_max_lr"], params["warmup_num_steps"] + 1
-    ref_opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=raw["optimizer"]["params"]["lr"])
-    ref = get_constant_schedule_with_warmup(ref_opt, n_hf)
-    hf = []
-    for _ in range(n_hf + 3):
-        engine.backward(engine(torch.ones(1, 2)).sum())
-        engine.step()
-        hf.append(ref_opt.param_groups[0]["lr"])
-        ref_opt.step()
-        ref.step()
-    assert len(used) == n_hf + 3
-    assert min(used) > 0, f"{path.name}: a step trains at lr 0: {used}"
-    assert used[1:] == pytest.approx(hf[1:], rel=1e-9), f"{path.name}: DeepSpeed {used} against Hugging Face {hf}"
-    assert used.index(max(used)) == hf.index(max(hf)) == n_hf and max(used) == pytest.approx(peak)
-
-
-def hugging_faces_warmup(raw: dict) -> dict:
-    """A shipped JSON with its N-step warm-up written as README "Learning-rate warm-up" writes Hugging Face's exactly:
-    DeepSpeed's WarmupCosineLR, ``warmup_min_ratio`` 1/N over ``warmup_num_steps`` N - 1, ``cos_min_ratio`` 1."""
-    n = raw["scheduler"]["params"]["warmup_num_steps"] + 1
-    params = dict(warmup_min_ratio=1 / n, warmup_num_steps=n - 1, warmup_type="linear", cos_min_ratio=1.0)
-    return raw | {"scheduler": {"type": "WarmupCosineLR", "params": params | {"total_num_steps": n - 1}}}
-
-
-@pytest.mark.parametrize(
-    "path", [REPO_CONFIGS / "cpu_demo.json", REPO_CONFIGS / "zero3_bf16.json"], ids=lambda p: p.name
-)
-def test_hugging_faces_warmup_with_step_1_at_zero_is_a_json_away(path, dist_env):
-    """The README's form of Hugging Face's warm-up, step 1 at lr 0 included: every step of a DeepSpeed engine built
-    from it trains at the rate of transformers' ``get_constant_schedule_with_warmup`` of N steps (read off the torch
-    optimizer inside it when its step runs). Trained with it, ds-distill's student is TRL's to 1.6e-6 in every loss of
-    30 steps (docs/performance.md, session 11). ZeRO and precision blocks are dropped and torch's AdamW runs."""
-    import deepspeed
-    from transformers import get_constant_schedule_with_warmup
-
-    raw = hugging_faces_warmup(json.loads(path.read_text()))
     for key in ("zero_optimization", "bf16", "fp16", "csv_monitor"):
         raw.pop(key, None)
     raw["optimizer"]["params"]["torch_adam"] = True  # not DeepSpeed's fused Adam: no op build; the rate is the same
@@ -415,18 +365,50 @@ def test_hugging_faces_warmup_with_step_1_at_zero_is_a_json_away(path, dist_env)
     used = []
     real_step = inner.step
     inner.step = lambda *a, **k: (used.append(float(inner.param_groups[0]["lr"])), real_step(*a, **k))[1]
-
-    params, peak = raw["scheduler"]["params"], raw["optimizer"]["params"]["lr"]
-    n_hf = params["warmup_num_steps"] + 1
-    ref_opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=peak)
-    ref = get_constant_schedule_with_warmup(ref_opt, n_hf)
+    ref_opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=raw["optimizer"]["params"]["lr"])
+    ref = get_constant_schedule_with_warmup(ref_opt, raw["scheduler"]["params"]["warmup_num_steps"] + 1)
     hf = []
-    for _ in range(n_hf + 3):
+    for _ in range(steps):
         engine.backward(engine(torch.ones(1, 2)).sum())
         engine.step()
         hf.append(ref_opt.param_groups[0]["lr"])
         ref_opt.step()
         ref.step()
+    return used, hf
+
+
+@pytest.mark.parametrize("path", SCHEDULED, ids=lambda p: p.name)
+def test_shipped_warmup_is_hugging_faces_from_step_2_and_never_zero(path, dist_env):
+    """The rate every step of a DeepSpeed engine built from the shipped JSON trains at against transformers'
+    ``get_constant_schedule_with_warmup`` of N steps, N chosen so the peaks coincide: from step 2 on the rates are
+    Hugging Face's, and step 1 trains at step 2's rate where Hugging Face trains at 0 (DeepSpeed's WarmupLR gives
+    steps 1 and 2 the same rate: ``warmup_min_lr``)."""
+    raw = json.loads(path.read_text())
+    params = raw["scheduler"]["params"]
+    peak, n_hf = params["warmup_max_lr"], params["warmup_num_steps"] + 1
+    used, hf = rates_per_step(raw, n_hf + 3)
+    assert len(used) == n_hf + 3
+    assert min(used) > 0, f"{path.name}: a step trains at lr 0: {used}"
+    assert used[1:] == pytest.approx(hf[1:], rel=1e-9), f"{path.name}: DeepSpeed {used} against Hugging Face {hf}"
+    assert used.index(max(used)) == hf.index(max(hf)) == n_hf and max(used) == pytest.approx(peak)
+
+
+@pytest.mark.parametrize(
+    "path", [REPO_CONFIGS / "cpu_demo.json", REPO_CONFIGS / "zero3_bf16.json"], ids=lambda p: p.name
+)
+def test_hugging_faces_warmup_with_step_1_at_zero_is_a_json_away(path, dist_env):
+    """The README's form of Hugging Face's warm-up (``ds_config.hugging_face_warmup``: WarmupCosineLR, ratio 1/N over
+    N - 1 steps, ``cos_min_ratio`` 1), step 1 at lr 0 included: every step of a DeepSpeed engine built from it trains
+    at the rate of transformers' ``get_constant_schedule_with_warmup`` of N steps. Trained with it, ds-distill's
+    student is TRL's to 1.6e-6 in every loss of 30 steps (docs/performance.md, session 11)."""
+    from ds_distill.ds_config import hugging_face_warmup
+
+    raw = json.loads(path.read_text())
+    n_hf = raw["scheduler"]["params"]["warmup_num_steps"] + 1
+    raw["scheduler"] = hugging_face_warmup(n_hf)
+    assert raw["scheduler"]["params"]["warmup_num_steps"] + 1 == n_hf
+    peak = raw["optimizer"]["params"]["lr"]
+    used, hf = rates_per_step(raw, n_hf + 3)
     assert len(used) == n_hf + 3 and used[0] == hf[0] == 0.0
     assert used == pytest.approx(hf, rel=1e-9, abs=1e-15), f"{path.name}: DeepSpeed {used} against Hugging Face {hf}"
     assert used.index(max(used)) == hf.index(max(hf)) == n_hf and max(used) == pytest.approx(peak)
