@@ -348,6 +348,70 @@ def test_chunked_tied_head_shared_with_the_embedding(fused, seed, loss, mask_sta
             close(a, b)
 
 
+def test_sparse_tied_embedding_adds_into_the_heads_gradient():
+    """``models.sparse_tied_embedding``: a tied student's embedding gradient is sparse and autograd adds it into the
+    head's gradient, which the fused path wrote into ``weight.grad``: the same gradient as a float64 model's own
+    loss, over two accumulated backwards, with no second dense [V, H] gradient made; a backward without the head
+    still leaves a dense gradient."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ds_distill import models
+
+    cfg = LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=2 * H, num_hidden_layers=1, num_attention_heads=2)
+    cfg.num_key_value_heads, cfg.tie_word_embeddings = 2, True
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(cfg).float()
+    ref = LlamaForCausalLM(cfg).double()
+    ref.load_state_dict(lm.state_dict())
+    module = models.HiddenStatesLM(lm)
+    assert models.sparse_tied_embedding(module, 0, "cpu") and module.head.grad_into_weight
+    weight = lm.get_input_embeddings().weight
+    arrived = []  # what autograd hands the weight: only the embedding's rows, sparse
+    weight.register_hook(lambda g: arrived.append((g.is_sparse, getattr(weight.grad, "data_ptr", lambda: None)())))
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, V, (B, T), generator=g) for _ in range(2)]
+    t_hidden, t_head = torch.randn(B, T, H, generator=g), torch.nn.Linear(H, V, bias=False)
+    t_ref = t_hidden.double() @ t_head.weight.detach().double().T
+    kw = dict(loss="forward_kl", alpha=0.5, temperature=1.0)
+    for ids in batches:
+        labels = torch.roll(ids, -1, dims=1)
+        labels[:, -1] = IGNORE_INDEX
+        out = chunked_loss_sums(module(input_ids=ids), module.head, t_hidden, t_head, labels, chunk_size=7, **kw)
+        written = weight.grad.data_ptr() if weight.grad is not None else None
+        out.total.backward()
+        assert arrived[-1][0], "the embedding's gradient must arrive sparse"
+        assert written is None or arrived[-1][1] == written == weight.grad.data_ptr(), "accumulated in place"
+        r_out = loss_sums(ref(input_ids=ids).logits, t_ref, labels, **kw)
+        r_out.total.backward()
+    assert not weight.grad.is_sparse
+    close(weight.grad, ref.get_input_embeddings().weight.grad.float())
+    for (name, p), r in zip(lm.named_parameters(), ref.parameters()):
+        close(p.grad, r.grad.float())
+    weight.grad = None
+    lm.get_input_embeddings()(batches[0]).sum().backward()  # the head takes no part: the sparse rows alone
+    assert not weight.grad.is_sparse
+    close(weight.grad, torch.zeros(V, H).index_add_(0, batches[0].flatten(), torch.ones(B * T, H)))
+
+
+def test_sparse_tied_embedding_only_where_nothing_else_owns_the_gradient():
+    """Not for ZeRO-2/3, CUDA, an untied or frozen embedding: nothing changes there."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ds_distill import models
+
+    def student(tie: bool, frozen: bool = False):
+        cfg = LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=H, num_hidden_layers=1, num_attention_heads=2)
+        cfg.num_key_value_heads, cfg.tie_word_embeddings = 2, tie
+        lm = LlamaForCausalLM(cfg)
+        lm.get_input_embeddings().weight.requires_grad_(not frozen)
+        return models.HiddenStatesLM(lm)
+
+    cases = [(student(True), 2, "cpu"), (student(True), 3, "cpu"), (student(True), 0, "cuda")]
+    for module, stage, device in [*cases, (student(False), 0, "cpu"), (student(True, True), 0, "cpu")]:
+        assert not models.sparse_tied_embedding(module, stage, device)
+        assert not module.lm.get_input_embeddings().sparse and not module.head.grad_into_weight
+
+
 # ---------------------------------------------------------------- errors and registry
 @pytest.mark.parametrize(
     "kwargs, word",

@@ -83,23 +83,34 @@ def _call_as_forward(module: torch.nn.Module, fn: Callable, *args):
 class _GradInForward(torch.autograd.Function):
     """Returns ``value``; its backward hands out gradients computed in the forward, times the incoming gradient.
 
-    forward(value, *pairs): ``value`` a detached scalar; ``pairs`` = tensors then their gradients (same count), a
-    gradient None where its tensor needs none. The gradients are scaled in place: a second backward through the same
-    graph (retain_graph) raises instead of handing out twice-scaled gradients.
+    forward(value, into, *pairs): ``value`` a detached scalar; ``pairs`` = tensors then their gradients (same count), a
+    gradient None where its tensor needs none. ``into``: the leaf tensors (one per pair, else None) whose gradient is
+    added straight into their ``.grad`` (made from it when None) instead of handed to autograd. A tied weight's other
+    use then accumulates into that buffer in place: with a sparse embedding gradient, the tied weight's two ``[V, H]``
+    gradients never exist at once (``models.head.sparse_tied_embedding``). The gradients are scaled in place: a second
+    backward through the same graph (retain_graph) raises instead of handing out twice-scaled gradients.
     """
 
     @staticmethod
-    def forward(ctx, value: Tensor, *pairs):
+    def forward(ctx, value: Tensor, into: tuple, *pairs):
         half = len(pairs) // 2
         ctx.save_for_backward(*pairs[half:])
         ctx.dtypes = [None if t is None else t.dtype for t in pairs[:half]]
+        ctx.into = into
         return value.clone()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         grads = ctx.saved_tensors
-        outs = [None if g is None else g.mul_(grad).to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
-        return (None, *outs, *[None] * len(grads))
+        outs = []
+        for g, dtype, leaf in zip(grads, ctx.dtypes, ctx.into):
+            g = None if g is None else g.mul_(grad).to(dtype)
+            if g is not None and leaf is not None:  # before autograd reaches the leaf's other uses (it is upstream)
+                leaf.grad = g if leaf.grad is None else leaf.grad.add_(g)
+                g = None
+            outs.append(g)
+        del grads
+        return (None, None, *outs, *[None] * len(outs))
 
 
 def _accumulate(acc: Tensor | None, x: Tensor) -> Tensor:
@@ -167,8 +178,10 @@ def fused_chunks(
         g_h = (torch.cat(g_hs) if g_hs else torch.zeros_like(h)) if need[0] else None
         g_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] and g_w is None else g_w
         g_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need[2] and g_b is None else g_b
+        into = (None, weight if head.grad_into_weight and need[1] else None, None)
         return _GradInForward.apply(
             sums[0].total.detach(),
+            into,
             h if need[0] else None,
             weight if need[1] else None,
             bias if need[2] else None,

@@ -68,6 +68,10 @@ class OutputHead:
 
     linear: torch.nn.Module
     transform: Callable[[Tensor], Tensor] | None = None
+    # True where the projection's weight is tied to an input embedding whose gradient is sparse
+    # (``models.head.sparse_tied_embedding``): the fused path then adds the weight's gradient straight into
+    # ``weight.grad`` in backward, and autograd adds the embedding's sparse rows into it in place.
+    grad_into_weight: bool = False
 
     def __call__(self, h: Tensor) -> Tensor:
         z = self.linear(h)

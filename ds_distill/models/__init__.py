@@ -7,7 +7,13 @@ chunk by chunk, so full ``[tokens, vocab]`` logits never exist (ZeRO-3's module 
 weight on each call). ``check_logits`` proves at start-up that this gives the model's own logits.
 """
 
-from ds_distill.models.head import HiddenStatesLM, LogitTransform, check_logits, check_output_rows
+from ds_distill.models.head import (
+    HiddenStatesLM,
+    LogitTransform,
+    check_logits,
+    check_output_rows,
+    sparse_tied_embedding,
+)
 from ds_distill.models.loading import (
     REPLICATE_FRACTION,
     LoadedModel,
@@ -45,6 +51,7 @@ __all__ = [
     "LoraSpec",
     "attn_implementation",
     "check_logits",
+    "sparse_tied_embedding",
     "check_output_rows",
     "check_positions",
     "copy_tokenizer",

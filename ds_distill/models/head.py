@@ -39,6 +39,7 @@ class HiddenStatesLM(nn.Module):
         self.transform = LogitTransform.of(lm)
         self.router_loss: RouterLoss | None = None  # set by use_router_loss() (MoE students)
         self.router_aux: torch.Tensor | None = None  # the last forward's load-balancing loss, until with_router_loss
+        self.grad_into_weight = False  # set by sparse_tied_embedding(): the head adds its gradient into weight.grad
 
     def use_router_loss(self) -> bool:
         """Compute the router's load-balancing loss in every forward when the model has one (MoE); True if so."""
@@ -60,7 +61,7 @@ class HiddenStatesLM(nn.Module):
     def head(self) -> OutputHead:
         """The output layer ``[n, H] -> [n, V_model]``; its projection is called (never .weight read) so ZeRO-3 gathers
         it."""
-        return OutputHead(self.lm.get_output_embeddings(), self.transform)
+        return OutputHead(self.lm.get_output_embeddings(), self.transform, self.grad_into_weight)
 
     @property
     def config(self) -> Any:
@@ -73,6 +74,46 @@ class HiddenStatesLM(nn.Module):
         out = decoder(**inputs, use_cache=False, output_router_logits=True)
         self.router_aux = self.router_loss(out.router_logits, inputs.get("attention_mask"))
         return out.last_hidden_state
+
+
+def sparse_tied_embedding(module: HiddenStatesLM, zero_stage: int, device: str) -> bool:
+    """Make the gradient of a tied input embedding sparse, and have the head add its own into ``weight.grad``
+    (``OutputHead.grad_into_weight``); True if done.
+
+    A student whose output layer is its input embedding (``tie_word_embeddings``) gets two ``[V, H]`` gradients for
+    that weight in every backward: the head's, from the loss, and the embedding's, a dense ``[V, H]`` of zeros with
+    the batch's rows added (``torch.nn.functional.embedding``'s backward), which autograd then sums. With
+    ``nn.Embedding.sparse`` the embedding's gradient is only the batch's rows (``[tokens, H]`` values and their ids),
+    and as the head's gradient is already in ``weight.grad``, autograd's ``AccumulateGrad`` adds those rows into it in
+    place: one ``[V, H]`` buffer instead of two at the end of backward, and no ``[V, H]`` zero-fill and sum
+    (docs/performance.md, issue 28: the on-policy step's peak). The gradient is the same sum, in another order (float
+    rounding). A backward the head took no part in would leave the sparse rows alone in ``.grad``; a hook makes them
+    dense then, so the optimizer and DeepSpeed always see a dense gradient.
+
+    Called before ``deepspeed.initialize``, so the hook runs before any gradient hook of DeepSpeed's (ZeRO-1's
+    ``contiguous_gradients``). Only where nothing else owns the weight's gradient or adds sparse rows
+    nondeterministically: ZeRO stage 0 or 1 (ZeRO-2 and 3 partition gradients in their own buffers), ``device``
+    (the accelerator's name) ``cpu`` (CUDA adds sparse rows with atomics, so run-to-run bits could change), the weight
+    trainable (not a LoRA student's frozen embedding), and an ``nn.Embedding`` (another module's forward may not read
+    ``.sparse``; then nothing changes but the saving). The fused path's direct write is for ``backward()`` (what
+    ``engine.backward`` calls): a ``torch.autograd.grad`` over the weight would not see the head's part.
+    """
+    lm = module.lm
+    emb, out = lm.get_input_embeddings(), lm.get_output_embeddings()
+    if not (isinstance(emb, nn.Embedding) and isinstance(out, nn.Linear) and emb.weight is out.weight):
+        return False
+    weight = emb.weight
+    if zero_stage > 1 or device != "cpu" or not weight.requires_grad:
+        return False
+    emb.sparse = True
+    module.grad_into_weight = True
+
+    def dense(param: torch.Tensor) -> None:
+        if param.grad is not None and param.grad.is_sparse:
+            param.grad = param.grad.to_dense()
+
+    weight.register_post_accumulate_grad_hook(dense)
+    return True
 
 
 class RouterLoss:

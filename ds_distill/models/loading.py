@@ -19,7 +19,7 @@ import ds_distill.models.lora as lora_mod
 import ds_distill.models.projection as projection_mod
 from ds_distill.common import UsageError
 from ds_distill.ds_config import DSConfig
-from ds_distill.models.head import HiddenStatesLM
+from ds_distill.models.head import HiddenStatesLM, sparse_tied_embedding
 
 log = logging.getLogger("ds_distill.models")
 
@@ -159,6 +159,7 @@ def student_engine(path: str, ds: DSConfig, *, projection: nn.Module | None = No
     lora = load_kw.get("lora")
     if projection is not None:
         loaded.model.add_module(projection_mod.NAME, projection.to(next(loaded.model.parameters()).dtype))
+    sparse_tied_embedding(loaded.model, ds.zero_stage, get_accelerator().device_name())  # before DeepSpeed's hooks
     engine, *_ = deepspeed.initialize(
         model=loaded.model, model_parameters=[p for p in loaded.model.parameters() if p.requires_grad], config=ds.raw
     )
