@@ -6,10 +6,12 @@ starts ranks through the real launchers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from pathlib import Path
 
+import pytest
 import torch
 
 from ds_distill import train
@@ -149,6 +151,20 @@ def launch_args(tiny, out, ds_config, **more) -> list[str]:
 def base_args(tiny, out):
     """One step of the tiny pair with the default configs: the command line the bad-input tests change."""
     return tiny_args(tiny, out, max_steps=1, seq_len=32, eval_fraction=0)
+
+
+@contextlib.contextmanager
+def process_group_not_started():
+    """Inside: starting the process group fails the test. Bad input is refused before it (``build.configs``), so its
+    one line is not preceded by DeepSpeed's start-up lines."""
+    from ds_distill.runtime import distributed
+
+    def started(*args, **kw):
+        raise AssertionError("the process group started before the input was checked")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(distributed, "init_distributed", started)
+        yield
 
 
 def run_main(args, capsys):

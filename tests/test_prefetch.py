@@ -64,6 +64,24 @@ def test_resume_with_prefetching_continues_the_same_curve(tiny, dist_env, tmp_pa
     assert losses_of(first) + losses_of(second) == pytest.approx(losses_of(straight), rel=1e-5, abs=1e-6)
 
 
+def test_a_run_that_fails_stops_its_prefetch_thread(tiny, dist_env, tmp_path, monkeypatch):
+    """An error at a checkpoint ends the run; the prefetch thread stops with it (``Callback.on_exit``), not at exit."""
+    import threading
+
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    def failing_save(self, *a, **kw):
+        raise RuntimeError("the checkpoint failed")
+
+    monkeypatch.setattr(DeepSpeedEngine, "save_checkpoint", failing_save)
+    cfg = make_cfg(
+        tiny, tmp_path / "f", max_steps=2, save_steps=1, prefetch_batches=3, deepspeed_config=ds_json(tmp_path)
+    )
+    with pytest.raises(RuntimeError, match="the checkpoint failed"):
+        train.run(cfg)
+    assert not [t for t in threading.enumerate() if t.name == "ds_distill-prefetch"], "prefetch thread left running"
+
+
 def test_pin_copies_every_tensor_into_pinned_memory(monkeypatch):
     """pin=True: each tensor of the micro-batch goes through Tensor.pin_memory (a CUDA call, faked on this CPU
     build)."""

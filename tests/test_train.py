@@ -16,7 +16,7 @@ from ds_distill import train
 from ds_distill.core import trainer as trainer_mod
 from ds_distill.ds_config import REPO_CONFIGS
 from ds_distill.runtime.callbacks import Callback
-from tests.helpers import ROOT, base_args, ds_json, losses_of, make_cfg, run_main
+from tests.helpers import ROOT, base_args, ds_json, losses_of, make_cfg, process_group_not_started, run_main
 
 
 @pytest.mark.parametrize("stage_config", ["cpu_zero1.json", "cpu_zero2.json"])
@@ -248,7 +248,8 @@ def test_existing_checkpoints_are_never_overwritten(tiny, dist_env, tmp_path, ca
     out = tmp_path / "keep"
     train.run(make_cfg(tiny, out, max_steps=1, deepspeed_config=ds_json(tmp_path)))
     before = (out / "checkpoints" / "latest").read_text()
-    code, errors = run_main(base_args(tiny, out), capsys)
+    with process_group_not_started():
+        code, errors = run_main(base_args(tiny, out), capsys)
     assert code == 2 and "already holds checkpoints" in errors[0] and "--resume" in errors[0]
     assert (out / "checkpoints" / "latest").read_text() == before and (out / "checkpoints" / before).is_dir()
 
@@ -514,7 +515,8 @@ def test_resume_refuses_changed_meaning_allows_schedule_changes_and_keeps_every_
         (["--on_policy_fraction", "0.5", "--on_policy_anchor", "0.2"], ["on_policy_anchor: 0.0 -> 0.2"]),
     ]
     for change, names in refused:
-        code, errors = run_main(resume + ["--max_steps", "3"] + change, capsys)
+        with process_group_not_started():  # refused before DeepSpeed starts
+            code, errors = run_main(resume + ["--max_steps", "3"] + change, capsys)
         assert code == 2 and len(errors) == 1 and "--resume" in errors[0], (change, errors)
         assert all(n in errors[0] for n in names) and "--resume_allow_changes" in errors[0], (change, errors)
     data.write_text(Path(tiny["data"]).read_text().replace("fox", "cat"))
@@ -529,6 +531,7 @@ def test_resume_refuses_changed_meaning_allows_schedule_changes_and_keeps_every_
     allowed = [r.getMessage() for r in caplog.records if "--resume: allowed changes" in r.getMessage()]
     assert len(allowed) == 1 and "max_steps: 2 -> 3" in allowed[0] and "log_steps: 10 -> 2" in allowed[0], allowed
     assert "collapse_distinct2_floor: 0.5 -> 0.3" in allowed[0], allowed
+    assert " resume:" not in allowed[0].split("attempt:")[1], "--resume itself is no change of the run's settings"
     assert (out / "checkpoints" / "latest").read_text() == "step_00000003"
     forced = resume + ["--max_steps", "4", "--alpha", "0.3", "--deepspeed_config", other_lr]
     assert train.main(forced + ["--resume_allow_changes", "alpha,optimizer"]) == 0

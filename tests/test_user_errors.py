@@ -3,12 +3,13 @@
 
 import errno
 import json
+import signal
 from pathlib import Path
 
 import pytest
 
 from ds_distill.ds_config import REPO_CONFIGS
-from tests.helpers import base_args, ds_json, run_main
+from tests.helpers import base_args, ds_json, process_group_not_started, run_main
 
 
 def _replace(args, old, new):
@@ -34,9 +35,12 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_the_rerun_continues(
     monkeypatch.setattr(DeepSpeedEngine, "save_checkpoint", full_at_step_2)
     out = tmp_path / "o"
     args = base_args(tiny, out) + ["--deepspeed_config", ds_json(tmp_path), "--max_steps", "2", "--save_steps", "1"]
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     code, errors = run_main(args, capsys)  # also: the progress bar is closed, so error: starts its own line
     tag = out / "checkpoints" / "step_00000002"
     assert code == 2 and len(errors) == 1, errors
+    # The run that failed gave back the preemption handlers (Callback.on_exit): a later SIGTERM is not swallowed.
+    assert {sig: signal.getsignal(sig) for sig in before} == before
     assert f"no space left writing {tag}" in errors[0] and "GiB free there" in errors[0], errors
     assert (out / "checkpoints" / "latest").read_text() == "step_00000001"
     assert (out / "checkpoints" / "step_00000001" / "rng_rank0.pt").is_file()
@@ -73,7 +77,7 @@ def test_disk_full_while_writing_a_teacher_cache_is_one_line(tiny, dist_env, tmp
 
 # ---------------------------------------------------------------------------------------------- --output_dir
 def test_output_dir_that_is_a_file_or_read_only_is_refused_before_any_model_loads(
-    tiny, tmp_path, capsys, keep_process_group, monkeypatch
+    tiny, tmp_path, capsys, keep_process_group, monkeypatch, no_process_group
 ):
     """NeMo-Framework-Launcher #74: found otherwise at the first checkpoint, after the training it was to keep."""
     import os
@@ -103,8 +107,24 @@ def test_output_dir_that_is_a_file_or_read_only_is_refused_before_any_model_load
     assert code == 2 and len(errors) == 1 and f"cannot write in {locked} (" in errors[0], errors
 
 
+def test_a_missing_model_folder_names_its_flag(tiny, tmp_path, capsys):
+    """With several model paths on the line, the line says which one is missing."""
+    for flag in ("--student", "--teacher"):
+        args = [tmp_path / "nosuch" if a == tiny[flag[2:]] else a for a in base_args(tiny, tmp_path / "o")]
+        code, errors = run_main([str(a) for a in args], capsys)
+        assert code == 2 and len(errors) == 1 and f"{flag}: model directory" in errors[0], errors
+
+
 # --------------------------------------------------------------------------------------------- DeepSpeed JSONs
-def test_fp16_json_on_cpu_is_one_line(tiny, tmp_path, capsys, keep_process_group):
+@pytest.fixture
+def no_process_group():
+    """Refused before the process group starts (``distributed.planned_world``): the one line is not preceded by
+    DeepSpeed's start-up lines (the comm op's build, the group's)."""
+    with process_group_not_started():
+        yield
+
+
+def test_fp16_json_on_cpu_is_one_line(tiny, tmp_path, capsys, keep_process_group, no_process_group):
     """DeepSpeed #1270, through the entry point: the student's and the teacher's JSON alike."""
     fp16 = ds_json(tmp_path, fp16={"enabled": True})
     code, errors = run_main(base_args(tiny, tmp_path / "o") + ["--deepspeed_config", fp16], capsys)
@@ -142,7 +162,9 @@ def test_train_batch_size_with_accumulation_trains_as_deepspeed_resolves_it(
     assert losses_of(a) == pytest.approx(losses_of(b), rel=1e-6, abs=1e-7) and abs(losses_of(a)[0] - losses_of(a)[-1])
 
 
-def test_scheduler_shorter_than_the_run_is_one_line(tiny, tmp_path, capsys, keep_process_group, caplog):
+def test_scheduler_shorter_than_the_run_is_one_line(
+    tiny, tmp_path, capsys, keep_process_group, caplog, no_process_group
+):
     """WarmupDecayLR over 2 steps in a 3-step run: refused; over 10 steps: warned once and trained."""
     short = ds_json(
         tmp_path,

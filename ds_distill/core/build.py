@@ -78,29 +78,35 @@ class Configs:
 
 
 def configs(cfg: RunConfig) -> Configs:
-    """Validate the flags, start the process group, read and check both DeepSpeed JSONs, prepare the output dir."""
+    """Validate the flags, read and check both DeepSpeed JSONs, the output dir and a resumed run's settings, start the
+    process group, prepare the output dir. The checks run against the launcher's world before the group starts
+    (``distributed.planned_world``): bad input is refused in one line, not after DeepSpeed's start-up lines."""
     cfg.validate()
-    world = distributed.init_distributed()
-    if world.rank != 0:
+    planned = distributed.planned_world()
+    if planned.rank != 0:
         logging.getLogger().setLevel(logging.WARNING)  # console logging on rank 0 only
     has_gpu = get_accelerator().device_name() != "cpu"
     sds = load_ds_config(
-        cfg.deepspeed_config or student_ds_config(cfg.student, world, has_gpu),
-        world_size=world.world_size,
+        cfg.deepspeed_config or student_ds_config(cfg.student, planned, has_gpu),
+        world_size=planned.world_size,
         flag="deepspeed_config",
         needs_optimizer=True,
         has_gpu=has_gpu,
     )
-    _check_schedule(sds, cfg.max_steps, world.rank)
+    _check_schedule(sds, cfg.max_steps, planned.rank)
     monitors.check_packages(sds.raw)
-    tds = teacher_ds_config(cfg.teacher, cfg.teacher_deepspeed_config, world, quiet=cfg.alpha == 1.0 or not cfg.teacher)
+    tds = teacher_ds_config(
+        cfg.teacher, cfg.teacher_deepspeed_config, planned, quiet=cfg.alpha == 1.0 or not cfg.teacher
+    )
     # alpha = 1 is plain fine-tuning: no teacher forward at all (the tokenizers are still checked, load_models).
     teachers = cfg.teacher if cfg.alpha < 1.0 else []
     models.check_positions(cfg.seq_len, [cfg.student, *teachers])
+    _check_output_dir(cfg)
     resumed = cfg.resume and checkpoint.read_latest(checkpoint.ckpt_root(cfg.output_dir))
-    settings = resume.settings(cfg, sds, world.world_size) if resumed or world.rank == 0 else {}
+    settings = resume.settings(cfg, sds, planned.world_size) if resumed or planned.rank == 0 else {}
     if resumed:  # before the universal conversion and any model: a changed meaning is refused in one line
-        resume.check(cfg, settings, Path(cfg.output_dir), world.rank)
+        resume.check(cfg, settings, Path(cfg.output_dir), planned.rank)
+    world = distributed.init_distributed()
     universal = (
         checkpoint.universal_for_resume(
             checkpoint.ckpt_root(cfg.output_dir), world.world_size, sds.zero_stage, world.rank
@@ -224,6 +230,8 @@ def load_models(cfg: RunConfig, run: Configs, run_data: Data) -> Models:
         projection=hidden.projection_for(cfg, run.teachers),
     )
     monitors.attach(student)
+    if student.module.grad_into_weight and run.world.rank == 0:  # models.sparse_tied_embedding
+        log.info("tied embedding: its gradient is sparse and added into the head's (one [V, H] gradient buffer)")
     if cfg.router_aux_loss and student.module.use_router_loss() and run.world.rank == 0:
         log.info(
             "MoE student: adding its router load-balancing loss x router_aux_loss_coef %g",
@@ -384,16 +392,10 @@ def _check_schedule(sds: DSConfig, max_steps: int, rank: int) -> None:
 
 
 def _prepare_output_dir(cfg: RunConfig, sds: DSConfig, tds: DSConfig, rank: int, settings: dict[str, Any]) -> None:
-    """Refuse to train over someone's checkpoints or into a place that cannot hold a run (a file, a read-only
-    folder); record the configs that really ran (``resume.record``: what a later --resume is compared with)."""
+    """Place the monitors under the run directory and record the configs that really ran (``resume.record``: what a
+    later --resume is compared with). The directory was checked before the process group started
+    (``_check_output_dir``)."""
     out = Path(cfg.output_dir)
-    _check_writable(out)
-    latest = checkpoint.read_latest(checkpoint.ckpt_root(out))
-    if latest and not cfg.resume:
-        raise UsageError(
-            f"{out} already holds checkpoints (latest: {latest}): pass --resume to continue, or pick another "
-            "--output_dir"
-        )
     monitors.place(
         sds.raw, out, rank
     )  # the monitors write under the run directory unless the JSON names a place: a merge, logged below
@@ -404,6 +406,18 @@ def _prepare_output_dir(cfg: RunConfig, sds: DSConfig, tds: DSConfig, rank: int,
         (out / "ds_config_teacher.json").write_text(json.dumps(tds.raw, indent=2))
         resume.record(settings, out)
         log.info("student DeepSpeed config (merged, as run): %s", json.dumps(sds.raw, sort_keys=True))
+
+
+def _check_output_dir(cfg: RunConfig) -> None:
+    """Before the process group starts: ``--output_dir`` can hold a run, and holds no checkpoints unless --resume."""
+    out = Path(cfg.output_dir)
+    _check_writable(out)
+    latest = checkpoint.read_latest(checkpoint.ckpt_root(out))
+    if latest and not cfg.resume:
+        raise UsageError(
+            f"{out} already holds checkpoints (latest: {latest}): pass --resume to continue, or pick another "
+            "--output_dir"
+        )
 
 
 def _check_writable(out: Path) -> None:
@@ -437,6 +451,17 @@ def _seed_everything(seed: int) -> None:
 
 def run(cfg: RunConfig, callbacks: list[Callback] = (), objective: Objective | None = None) -> Trainer:
     trainer = build(cfg, callbacks, objective)
+    try:
+        _fit_and_export(cfg, trainer)
+        for cb in trainer.callbacks:
+            cb.on_train_end(trainer)
+    finally:  # an error included (a full disk at a checkpoint): signal handlers, threads and connections go back
+        for cb in trainer.callbacks:
+            cb.on_exit(trainer)
+    return trainer
+
+
+def _fit_and_export(cfg: RunConfig, trainer: Trainer) -> None:
     start = trainer.step
     trainer.fit()
     final = checkpoint.final_dir(cfg.output_dir)
@@ -446,12 +471,9 @@ def run(cfg: RunConfig, callbacks: list[Callback] = (), objective: Objective | N
             checkpoint.export_final_engine(trainer.student, cfg.output_dir)
         elif trainer.rank == 0:
             checkpoint.export_final(cfg.output_dir, trainer.last_tag)
-        if trainer.step == start and trainer.rank == 0:
+        if trainer.rank == 0:
             log.info("exported %s (step %d) to %s", trainer.last_tag, trainer.step, final)
         distributed.barrier()
-    for cb in trainer.callbacks:
-        cb.on_train_end(trainer)
-    return trainer
 
 
 def default_callbacks(cfg: RunConfig) -> list[Callback]:

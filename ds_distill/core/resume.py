@@ -115,8 +115,9 @@ def check(cfg: RunConfig, now: dict[str, Any], output_dir: Path, rank: int) -> N
             f"--resume: {output_dir} was trained with other settings: {_describe(refused)}: resume with the recorded "
             f"settings, start another --output_dir, or pass --resume_allow_changes {names} to continue anyway"
         )
-    if changes and rank == 0:
-        log.info("--resume: allowed changes since the last attempt: %s", _describe(changes))
+    told = [c for c in changes if c[0] not in ("resume", "resume_allow_changes")]  # the resume's own flags: no news
+    if told and rank == 0:
+        log.info("--resume: allowed changes since the last attempt: %s", _describe(told))
 
 
 def record(now: dict[str, Any], output_dir: Path) -> None:

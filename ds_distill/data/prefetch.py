@@ -111,10 +111,11 @@ class Prefetcher:
 
 
 class ClosePrefetcher(Callback):
-    """Stops the prefetch thread at the end of training (it would otherwise wait, daemon, until the process exits)."""
+    """Stops the prefetch thread when the run is over, an error included (it would otherwise wait, daemon, until the
+    process exits)."""
 
     def __init__(self, prefetcher: Prefetcher):
         self.prefetcher = prefetcher
 
-    def on_train_end(self, trainer) -> None:
+    def on_exit(self, trainer) -> None:
         self.prefetcher.close()

@@ -54,9 +54,12 @@ class Preemption(Callback):
             )
         return PREEMPTED_EXIT_CODE  # the trainer's exit_code: the job exits with it after the checkpoint
 
-    def on_train_end(self, trainer: Trainer) -> None:
+    def on_exit(self, trainer: Trainer) -> None:  # after an error too: a library caller's handlers come back
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+        self.previous = {}
+
+    def on_train_end(self, trainer: Trainer) -> None:
         if not self.stopped:
             return
         job = os.environ.get("SLURM_JOB_ID")

@@ -43,5 +43,5 @@ class ServedGuard(Callback):
             )
         return PREEMPTED_EXIT_CODE
 
-    def on_train_end(self, trainer) -> None:
+    def on_exit(self, trainer) -> None:  # an error included
         self.stream.teacher.close()

@@ -75,3 +75,8 @@ class Callback:
 
     def on_train_end(self, trainer: "Trainer") -> None:
         """Once at the end (after the final checkpoint and export)."""
+
+    def on_exit(self, trainer: "Trainer") -> None:
+        """Once when the run is over, however it ended (after ``on_train_end``, or after an error): give back what
+        ``on_train_start`` or the run took from the process (signal handlers, threads, connections), so a library
+        caller's process is as it was."""

@@ -71,6 +71,10 @@ class Rendezvous:
             "MASTER_PORT": str(self.master_port),
         }
 
+    def world(self, backend: str) -> WorldInfo:
+        """This process's place in the job, as the process group (``backend``) will see it."""
+        return WorldInfo(self.rank, self.local_rank, self.world_size, self.local_world_size, backend, self.launcher)
+
 
 _world: WorldInfo | None = None
 
@@ -364,6 +368,16 @@ def interpreter_tools_first(
     return str(folder)
 
 
+def planned_world(env: Mapping[str, str] = os.environ) -> WorldInfo:
+    """The world this process is to join, read from the launcher's variables (``resolve``) without starting the
+    process group: for the checks that need only its sizes and rank (the DeepSpeed JSONs, the placements by fit),
+    so bad input is refused before DeepSpeed's start-up (its comm op build, the process group). The backend is the
+    one ``init_distributed`` would choose."""
+    from deepspeed.accelerator import get_accelerator
+
+    return resolve(env).world(get_accelerator().communication_backend_name())
+
+
 def init_distributed(backend: str | None = None) -> WorldInfo:
     """Start (once) the process group for whichever launcher started this process; see the module docstring.
 
@@ -396,7 +410,7 @@ def init_distributed(backend: str | None = None) -> WorldInfo:
             f"{rv.world_size}"
         )
     release_cpu_shm(rv.rank, rv.world_size)
-    _world = WorldInfo(rv.rank, rv.local_rank, rv.world_size, rv.local_world_size, backend, rv.launcher)
+    _world = rv.world(backend)
     threads = share_cpu_threads(rv.local_world_size) if backend == "gloo" else None
     if rv.rank == 0:
         log.info(
