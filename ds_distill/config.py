@@ -329,11 +329,11 @@ class RunConfig:
         for name in ("student", "data", "output_dir"):
             if not getattr(self, name):
                 problems.append(f"--{name} is required")
-        for path in [*self.teacher, self.student]:
+        for flag, path in [*(("--teacher", t) for t in self.teacher), ("--student", self.student)]:
             if path and not Path(path).is_dir():
-                problems.append(f"model directory {path!r} does not exist: pass a folder with config.json")
+                problems.append(f"{flag}: model directory {path!r} does not exist: pass a folder with config.json")
             elif path and not (Path(path) / "config.json").is_file():
-                problems.append(f"{path!r} has no config.json: pass a Hugging Face model folder")
+                problems.append(f"{flag} {path!r} has no config.json: pass a Hugging Face model folder")
         problems += missing_paths(self.data, self.eval_data)
         for name in ("deepspeed_config", "teacher_deepspeed_config", "chat_template"):
             value = getattr(self, name)
@@ -742,7 +742,10 @@ _ARGPARSE_KEYS = frozenset("action nargs const default type choices required hel
 
 
 def dataclass_parser(dtype: type, **kwargs: Any) -> argparse.ArgumentParser:
-    """transformers' ``HfArgumentParser`` over dataclass ``dtype`` with ds_distill's flag forms (``_parser_class``)."""
+    """transformers' ``HfArgumentParser`` over dataclass ``dtype`` with ds_distill's flag forms (``_parser_class``).
+    No abbreviations: argparse would take ``--max_step 3`` as ``--max_steps`` and ``--temp`` as ``--temperature``, so a
+    mistyped flag could set another field without a word; a flag is spelt out or refused with the nearest one."""
+    kwargs.setdefault("allow_abbrev", False)
     return _parser_class()(dtype, **kwargs)
 
 
@@ -795,9 +798,17 @@ def _parser_class() -> type:
     return RunParser
 
 
+TRAIN_HELP = (
+    "Distil one or more teachers into a student that trains in a DeepSpeed engine. Learning rate, batch size, "
+    "gradient accumulation, ZeRO stage, precision, schedule and clipping are DeepSpeed's: set them in the JSON passed "
+    "as --deepspeed_config (copy one from ds_configs/); without one, a shipped JSON is chosen by fit and logged."
+)
+
+
 def build_parser(cls: type = RunConfig, prog: str = "ds_distill.train") -> argparse.ArgumentParser:
     """One flag per field of ``cls`` (same name), plus --config for a YAML/JSON run file with the same keys."""
-    parser = dataclass_parser(cls, prog=prog, description=__doc__.splitlines()[0])
+    about = TRAIN_HELP if cls is RunConfig else __doc__.splitlines()[0]
+    parser = dataclass_parser(cls, prog=prog, description=about)
     parser.add_argument(
         "--config", default="", help=f"YAML or JSON run file whose keys are {cls.__name__} fields; flags override it."
     )

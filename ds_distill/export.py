@@ -16,7 +16,7 @@ from ds_distill.core.export import export_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ds_distill.export", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="ds_distill.export", description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("checkpoint", help="output_dir/checkpoints, or a step_* folder in it")
     parser.add_argument(
         "out_dir", help="folder for the Hugging Face model (created, or replaced if it holds an earlier export)"

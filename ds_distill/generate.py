@@ -37,7 +37,7 @@ log = logging.getLogger("ds_distill")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="ds_distill.generate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="ds_distill.generate", description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument(
         "--model",
         required=True,

@@ -148,7 +148,7 @@ def _save(fig, ax, ylabel: str, out_png: str | os.PathLike) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("run_dirs", nargs="+", help="run directories (each with monitor/train/*.csv)")
     parser.add_argument("--out", required=True, help="PNG file to write")
     parser.add_argument("--labels", help="comma-separated legend names, one per run (default: directory names)")

@@ -133,7 +133,7 @@ def _parse_layers(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--teacher", required=True, type=Path, help="Hugging Face directory of the teacher")
     parser.add_argument("--out", required=True, type=Path, help="directory for the student")
     pick = parser.add_mutually_exclusive_group(required=True)

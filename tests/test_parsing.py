@@ -37,6 +37,14 @@ def test_help_comes_from_docstrings_and_flag():
     assert all(run_helps[f] for f in RunConfig.__dataclass_fields__), "every RunConfig field has help text"
 
 
+def test_help_says_where_the_deepspeed_settings_go(capsys):
+    """A newcomer's first question (learning rate, batch size) is answered in --help's description."""
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Learning rate, batch size" in out and "--deepspeed_config" in out and "ds_configs/" in out
+
+
 def test_run_config_parser_is_hf_argument_parser():
     assert isinstance(build_parser(), HfArgumentParser)
     # HfArgumentParser's own forms come along: dashed aliases, --no_<flag> for True defaults, several values at once
@@ -51,6 +59,9 @@ def test_a_misspelt_flag_is_one_line_with_the_nearest_flag(capsys):
         (["--alpah", "0.3"], "did you mean --alpha?"),
         (["--recipe", "drafts"], "invalid choice: 'drafts'"),
         (["--no_such_thing_at_all"], "see --help"),
+        # a prefix of a flag is not taken as the flag (argparse's abbreviations would set --max_steps silently)
+        (["--max_step", "3"], "did you mean --max_steps?"),
+        (["--temp", "2"], "unrecognized arguments: --temp"),
     ):
         with pytest.raises(SystemExit) as exit_:
             parse_args(argv)
