@@ -315,6 +315,24 @@ def test_faults_are_retried_or_stop_at_a_checkpoint_and_resume_the_same_curve(se
     assert losses_of(stopped) + losses_of(resumed) == pytest.approx(losses_of(ref), rel=1e-6, abs=1e-7)
 
 
+def test_a_run_that_fails_closes_its_server_clients(served, dist_env, tmp_path, monkeypatch):
+    """An error at a checkpoint ends the run; its server clients are closed with it (``ServedGuard.on_exit``), so
+    requests drawn ahead stop retrying and the pool's threads are joined, not left to the process's exit."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    closed = []
+    monkeypatch.setattr(ServerClient, "close", lambda self: closed.append(self.url) or self._closed.set())
+
+    def failing_save(self, *a, **kw):
+        raise RuntimeError("the checkpoint failed")
+
+    monkeypatch.setattr(DeepSpeedEngine, "save_checkpoint", failing_save)
+    c = cfg(served, tmp_path, "f", teacher_url=[served["url"]], max_steps=2, save_steps=1, eval_fraction=0.0)
+    with pytest.raises(RuntimeError, match="the checkpoint failed"):
+        run(c)
+    assert closed == [served["url"].rstrip("/")]
+
+
 def test_cache_from_a_dead_server_exits_75_and_the_same_command_finishes_it(served, dist_env, tmp_path, proxy, capsys):
     args = ["--teacher_url", proxy.url, "--tokenizer", served["student"], "--data", served["data"], "--seq_len", "48"]
     args += [
