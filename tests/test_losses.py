@@ -875,9 +875,63 @@ def test_the_teachers_chunk_logits_are_freed_before_the_divergence(fused, monkey
     real_kl = divergences.kl
     monkeypatch.setattr(divergences, "kl", kl)
     head = OutputHead(lin) if fused else (lambda h: lin(h))
-    out = chunked_loss_sums(hidden, head, t_hidden, teacher_head, labels, chunk_size=4, loss="forward_kl")
+    # reverse KL: forward KL's fused path does not call kl (test_fused_forward_kl_holds_three_chunk_tensors)
+    out = chunked_loss_sums(hidden, head, t_hidden, teacher_head, labels, chunk_size=4, loss="reverse_kl")
     assert alive_at_kl == [0, 0, 0, 0] and len(made) == 4
     assert torch.isfinite(out.total)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.7])
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_forward_kl_terms_and_grad_matches_float64_autograd(temperature, alpha):
+    """``terms.forward_kl_terms_and_grad``: CE, T^2 KL(p_T || q_T) and dL/dz by their formulas against float64
+    autograd through log_softmax, with teacher entries of probability 0 (0 log 0 = 0) and a teacher of another
+    scale; the teacher's list is emptied and z becomes dL/dz."""
+    from ds_distill.losses.terms import forward_kl_terms_and_grad
+
+    g = torch.Generator().manual_seed(50)
+    n, v = 7, 40
+    z = 3.0 * torch.randn(n, v, generator=g)
+    t = 5.0 * torch.randn(n, v, generator=g)
+    t[torch.rand(n, v, generator=g) < 0.25] = -math.inf  # p_T = 0 there
+    labels = torch.randint(0, v, (n,), generator=g)
+    z64 = z.double().requires_grad_()
+    logq1 = torch.log_softmax(z64, -1)
+    ce64 = -logq1.gather(1, labels[:, None]).squeeze(1)
+    logp, logq = torch.log_softmax(t.double() / temperature, -1), torch.log_softmax(z64 / temperature, -1)
+    p = logp.exp()
+    kd64 = temperature**2 * torch.where(p > 0, p * (logp - logq), 0.0).sum(-1)
+    (g64,) = torch.autograd.grad((alpha * ce64 + (1 - alpha) * kd64).sum(), z64)
+    teacher = [t.clone()]
+    zz = z.clone()
+    ce, kd, dz = forward_kl_terms_and_grad(zz, teacher, labels, alpha, temperature)
+    assert teacher == [] and dz.data_ptr() == zz.data_ptr() and dz.dtype == torch.float32
+    torch.testing.assert_close(ce, ce64.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kd, kd64.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dz, g64.float(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="float32"):
+        forward_kl_terms_and_grad(z.double(), [t.clone()], labels, alpha, temperature)
+
+
+def test_fused_forward_kl_holds_three_chunk_tensors():
+    """The fused forward KL (one teacher, the whole vocabulary) makes dL/dz by its formula: at most three [c, V] fp32
+    tensors alive at once per chunk, where autograd's path (``jsd`` at beta 0, the same divergence) holds more; the
+    same values and gradients."""
+    hidden, lin, t_hidden, t_head, labels = _small_head_case(16)  # 4 chunks of 4 supervised tokens
+    kw = dict(chunk_size=4, alpha=0.4, temperature=1.5)
+    results = {}
+    for loss, extra in (("forward_kl", {}), ("jsd", {"beta": 0.0})):
+        with _PeakVocabWide((4, 64)) as probe:
+            out = chunked_loss_sums(hidden, OutputHead(lin), t_hidden, t_head, labels, loss=loss, **extra, **kw)
+        grads = torch.autograd.grad(out.total, [hidden, lin.weight, lin.bias])
+        results[loss] = (probe.peak, out, grads)
+    (peak, out, grads), (ref_peak, ref, ref_grads) = results["forward_kl"], results["jsd"]
+    assert peak <= 3 < ref_peak, (peak, ref_peak)
+    close(out.total, ref.total)
+    close(out.ce_per_seq, ref.ce_per_seq)
+    close(out.kd_per_seq, ref.kd_per_seq)
+    for a, b in zip(grads, ref_grads):
+        close(a, b)
 
 
 # ---------------------------------------------------------------- the entropy-aware mixture (entropy_aware_kl)

@@ -119,11 +119,13 @@ def _accumulate(acc: Tensor | None, x: Tensor) -> Tensor:
 
 
 def fused_chunks(
-    hs: Tensor, head: OutputHead, chunks: list[slice], teacher_logits, terms, alpha: float, finish
+    hs: Tensor, head: OutputHead, chunks: list[slice], teacher_logits, terms, alpha: float, finish, grad_terms=None
 ) -> LossSums:
     """The fused path of ``chunked_loss_sums`` (see there): ``hs`` ``[n, H]`` the supervised student hidden states;
     ``finish(ce, kd)`` makes the ``LossSums`` of the per-token terms (its total is replaced by one that carries the
-    gradients computed here).
+    gradients computed here). ``grad_terms(z, t_logits, sl) -> (CE, kd, dL/dz) | None``: where given and the head
+    has no ``transform``, a chunk's ``dL/dz`` by its formula (``terms.forward_kl_terms_and_grad``, which overwrites
+    ``z``) instead of by autograd through ``terms``; None falls back to autograd.
 
     The chunk loop runs as the forward of ``head.linear`` (``_call_as_forward``): a ZeRO-3 weight is whole only there,
     and the loss total returned from that call is where backward enters the module, so ZeRO-3 gathers the weight
@@ -147,7 +149,13 @@ def fused_chunks(
                 continue
             with torch.no_grad():
                 z_lin = F.linear(x, weight, bias)
-            if not any(need):
+            got = None
+            if any(need) and grad_terms is not None and head.transform is None:
+                got = grad_terms(z_lin, t_logits, sl)  # dL/dz by its formula (in z's storage), or None
+            if got is not None:
+                (ce, kd, g_z), got = got, None
+                del z_lin, t_logits
+            elif not any(need):
                 with torch.no_grad():
                     ce, kd = terms(z_lin if head.transform is None else head.transform(z_lin), t_logits, sl)
             else:
@@ -159,6 +167,7 @@ def fused_chunks(
                 # Let go of the chunk's logits and its graph before the [V, H] and [c, H] products are made.
                 ce, kd = ce.detach(), kd.detach()
                 del z_lin
+            if any(need):
                 # Without grad: g_z @ weight would record a graph (the weight requires grad) that keeps g_z [c, V]
                 # alive through g_h until backward.
                 with torch.no_grad():
@@ -168,6 +177,7 @@ def fused_chunks(
                         g_w = _accumulate(g_w, g_z.t() @ x)
                     if need[2]:
                         g_b = _accumulate(g_b, g_z.sum(0))
+                del g_z  # not alive beside the next chunk's logits
             ces.append(ce.detach())
             kds.append(kd.detach())
         empty = h.new_zeros(0, dtype=torch.float32)
@@ -205,14 +215,15 @@ def run_chunks(
     batch: int,
     alpha: float,
     anchor: Tensor,
+    grad_terms: Callable | None = None,
 ) -> LossSums:
     """The chunk loop of the chunked losses: ``hs`` ``[n, H]`` the supervised student hidden states, ``rows`` ``[n]``
     their rows of the ``batch``; per chunk ``terms(student logits, teacher_logits(sl), sl) -> (CE [c], T^2 D [c])``.
     Fused when ``fusable(head)`` (see ``fused_chunks``), else checkpointed: each chunk's logits, the student's and
     the teachers', are recomputed in backward, cheaper in memory than keeping them alive. ``anchor``: as
-    ``sum_terms``."""
+    ``sum_terms``. ``grad_terms``: as ``fused_chunks`` (the checkpointed path does not use it)."""
     if fusable(head):
         finish = lambda ce, kd: sum_terms(ce, kd, rows, batch, alpha, anchor.detach())
-        return fused_chunks(hs, head, chunks, teacher_logits, terms, alpha, finish)
+        return fused_chunks(hs, head, chunks, teacher_logits, terms, alpha, finish, grad_terms)
     ce, kd = checkpointed_map(lambda h, sl: terms(head(h), teacher_logits(sl), sl), chunks, hs)
     return sum_terms(ce, kd, rows, batch, alpha, anchor)

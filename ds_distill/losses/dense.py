@@ -7,7 +7,16 @@ from typing import Callable
 import torch
 
 from ds_distill.losses.chunked import chunk_slices, run_chunks
-from ds_distill.losses.terms import LossArgs, LossSums, as_list, check_vocab, prepare, sum_terms, token_terms
+from ds_distill.losses.terms import (
+    LossArgs,
+    LossSums,
+    as_list,
+    check_vocab,
+    forward_kl_terms_and_grad,
+    prepare,
+    sum_terms,
+    token_terms,
+)
 
 Tensor = torch.Tensor
 
@@ -86,9 +95,21 @@ def chunked_loss_sums(
         t_logits.clear()  # the views alone hold the logits: token_terms frees them before the divergence
         return token_terms(s_logits[:, :v], views, lab[sl], args, weights_of(sl))
 
+    def grad_terms(s_logits: Tensor, t_logits: list[Tensor], sl: slice) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Forward KL from one teacher over the whole output row: ``dL/dz`` by its formula (three [c, V] tensors at
+        once instead of autograd's up to seven); anything else goes through ``terms`` and autograd."""
+        v = check_vocab(args.vocab_size, s_logits.shape[-1], [t.shape[-1] for t in t_logits])
+        if args.loss != "forward_kl" or len(t_logits) != 1 or w is not None or v != s_logits.shape[-1]:
+            return None
+        if v != t_logits[0].shape[-1]:
+            t_logits[0] = t_logits[0][:, :v]
+        z = s_logits if s_logits.dtype == torch.float32 else s_logits.float()
+        ce, kd, g = forward_kl_terms_and_grad(z, t_logits, lab[sl], args.alpha, args.temperature)
+        return ce, kd, g.to(s_logits.dtype)
+
     chunks = chunk_slices(hs.shape[0], chunk_size, num_chunks)
     return run_chunks(
-        hs, student_head, chunks, teacher_logits, terms, rows, labels.shape[0], args.alpha, student_hidden
+        hs, student_head, chunks, teacher_logits, terms, rows, labels.shape[0], args.alpha, student_hidden, grad_terms
     )
 
 

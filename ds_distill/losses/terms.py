@@ -116,6 +116,52 @@ def token_terms(
     return ce, args.divergence(t_logp, s_logp)
 
 
+def forward_kl_terms_and_grad(
+    z: Tensor, teacher: list[Tensor], labels: Tensor, alpha: float, temperature: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``token_terms`` for one teacher and forward KL, with the gradient of ``sum(alpha * CE + (1 - alpha) * kd)``
+    with respect to the student logits made by its formula instead of by autograd: ``[n, V], [[n, V]], [n] ->
+    (CE [n], kd [n], dL/dz [n, V] fp32)``, kd = ``T^2 KL(p_T || q_T)`` nats, ``p_T = softmax(t / T)`` the teacher's
+    and ``q_T = softmax(z / T)`` the student's (Hinton et al. 2015, with its T^2 factor).
+
+    The gradient (per row; ``q = softmax(z)``, ``e_y`` the label's one-hot; the rows of p_T sum to 1):
+    ``dCE/dz = q - e_y`` and ``d(T^2 KL)/dz = T (q_T - p_T)``, so ``dL/dz = alpha (q - e_y) + (1 - alpha) T (q_T -
+    p_T)``. Where ``p_T = 0`` the KL's term is 0 (0 log 0), as in ``divergences.kl``.
+
+    For memory, not speed of writing: ``z`` (fp32) is overwritten and becomes ``dL/dz``, and ``teacher`` (a list of
+    one tensor, as ``token_terms`` takes) is emptied once the teacher's log-probabilities are made, so at most three
+    ``[n, V]`` fp32 tensors are alive at once (autograd's path through ``log_softmax``, ``kl`` and their backward holds
+    up to seven: docs/performance.md, issue 28). The values are ``token_terms``'s, in another summation order.
+    """
+    if z.dtype != torch.float32:
+        raise ValueError(f"student logits must be float32 to be overwritten, not {z.dtype}")
+    rows = torch.arange(z.shape[0], device=z.device)
+    lse1 = torch.logsumexp(z, dim=-1)
+    ce = lse1 - z[rows, labels]
+    if temperature != 1.0:
+        z.div_(temperature)
+    lse = lse1 if temperature == 1.0 else torch.logsumexp(z, dim=-1)
+    logq = z.sub_(lse.unsqueeze(-1))  # log q_T, in z's storage
+    t = teacher.pop().float()
+    t = t if temperature == 1.0 else t / temperature
+    d = t - torch.logsumexp(t, dim=-1, keepdim=True)  # log p_T
+    del t  # the teacher's logits (unless its caller keeps them)
+    p = d.exp()
+    d.sub_(logq).masked_fill_(p == 0, 0.0).mul_(p)
+    kd = d.sum(-1).mul_(temperature**2)
+    if temperature == 1.0:
+        del d
+        g = logq.exp_().sub_(p, alpha=1.0 - alpha)  # q - (1 - alpha) p
+    else:
+        # q = exp(T log q_T + T lse_T - lse_1), made in d's storage
+        q = d.copy_(logq).mul_(temperature).add_((temperature * lse - lse1).unsqueeze(-1)).exp_()
+        g = logq.exp_().sub_(p).mul_((1.0 - alpha) * temperature).add_(q, alpha=alpha)
+        del q, d
+    del p
+    g[rows, labels] -= alpha
+    return ce, kd, g
+
+
 def check_vocab(vocab_size: int | None, student_v: int, teacher_vs: Sequence[int]) -> int:
     """The vocabulary to score: ``vocab_size``, or the student's when None (then the teachers' must be the same)."""
     if vocab_size is None:
