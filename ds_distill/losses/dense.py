@@ -63,9 +63,11 @@ def chunked_loss_sums(
       where ZeRO-3 has gathered its weight): the gradient is computed in the forward, as fused linear-cross-entropy
       kernels do (Liger-Kernel): per chunk the student logits ``z`` are computed once, the loss terms and ``dL/dz``
       by autograd on the chunk alone (through ``transform``), then ``dL/dh = dL/dz @ W`` and ``dL/dW += dL/dz^T h``
-      (``dL/db += sum dL/dz``) are kept and the chunk's logits dropped. Backward recomputes nothing; the head's
-      gradient reaches autograd's (and DeepSpeed's) gradient hooks through the returned ``total``. Extra memory: the
-      ``[V, H]`` fp32 gradient buffer, plus ~3 chunks of ``[chunk_size, V]`` fp32.
+      (``dL/db += sum dL/dz``) are kept and the chunk's logits dropped. Forward KL from one teacher over the whole
+      row (no transform, no weights) makes ``dL/dz`` by its formula instead (``terms.forward_kl_terms_and_grad``:
+      three ``[chunk_size, V]`` fp32 tensors at once, where autograd's path holds up to seven). Backward recomputes
+      nothing; the head's gradient reaches autograd's (and DeepSpeed's) gradient hooks through the returned
+      ``total``. Extra memory: the ``[V, H]`` fp32 gradient buffer, plus 3-7 chunks of ``[chunk_size, V]`` fp32.
     - checkpointed (any other callable): each chunk's logits (both models) are recomputed in backward instead of
       stored; extra memory ~3 chunks of ``[chunk_size, V]`` fp32.
 
