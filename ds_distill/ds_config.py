@@ -127,6 +127,7 @@ def load_ds_config(path: str, *, world_size: int, flag: str, needs_optimizer: bo
         problems.append(
             f"teacher ZeRO stage {stage}: a frozen teacher is sharded with stage 3 or replicated with stage 0"
         )
+    problems += optimizer_scheduler_problems(raw)
     if not problems:  # DeepSpeed's classes assume the basics above hold; they stop at the first bad block
         problems = deepspeed_problems(raw, world_size)
     if problems:
@@ -190,6 +191,73 @@ def deepspeed_problems(raw: dict[str, Any], world_size: int = 1) -> list[str]:
     except (ValueError, AssertionError) as exc:
         return [f"DeepSpeed rejects it: {' '.join(str(exc).split())}"]
     return []
+
+
+def optimizer_scheduler_problems(raw: dict[str, Any]) -> list[str]:
+    """The ``optimizer`` and ``scheduler`` blocks as DeepSpeed's engine will build them: a ``type`` it knows
+    (``DEEPSPEED_OPTIMIZERS`` or a ``torch.optim`` class, as ``DeepSpeedEngine._is_supported_optimizer``; a name of
+    ``deepspeed.runtime.lr_schedules.VALID_LR_SCHEDULES``) and ``params`` its class takes. DeepSpeed's config parsing
+    does not look inside these blocks, so a misspelt key would stop the engine's init with a TypeError after the models
+    have loaded. Adam and AdamW take the keywords of every class DeepSpeed may pick for them (``FusedAdam``,
+    ``DeepSpeedCPUAdam``, ``torch.optim.AdamW``) and its own switches; DeepSpeed's other optimizers are not checked."""
+    import torch
+    from deepspeed.runtime import lr_schedules
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+
+    def keywords(*classes) -> set[str]:
+        names = {n for c in classes for n in inspect.signature(c.__init__).parameters}
+        return names - {"self", "params", "model_params", "optimizer", "last_batch_iteration", "args", "kwargs"}
+
+    def unknown(block: str, params: Any, accepted: set[str]) -> list[str]:
+        if not isinstance(params, dict):
+            return [f"{block}.params must be a JSON object"]
+        out = []
+        for key in sorted(k for k in params if k not in accepted):
+            near = difflib.get_close_matches(key, sorted(accepted), 1)
+            hint = f"did you mean {near[0]}?" if near else f"valid keys there: {', '.join(sorted(accepted))}"
+            out.append(f"{block}.params.{key} is not a parameter of {raw[block]['type']}: {hint}")
+        return out
+
+    problems = []
+    opt = raw.get("optimizer")
+    if isinstance(opt, dict) and "type" in opt:
+        name = str(opt["type"])
+        if name.lower() in ("adam", "adamw"):
+            from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+
+            switches = {"torch_adam", "adam_w_mode", "fp32_optimizer_states"}
+            problems += unknown(
+                "optimizer", opt.get("params", {}), keywords(FusedAdam, DeepSpeedCPUAdam, torch.optim.AdamW) | switches
+            )
+        elif name.lower() not in DEEPSPEED_OPTIMIZERS:
+            cls = getattr(torch.optim, name, None)
+            if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer):
+                problems += unknown("optimizer", opt.get("params", {}), keywords(cls))
+            else:
+                torch_names = [
+                    n
+                    for n, c in vars(torch.optim).items()
+                    if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)
+                ]
+                near = difflib.get_close_matches(name, [*DEEPSPEED_OPTIMIZERS, *torch_names], 1, 0.6)
+                hint = (
+                    f"did you mean {near[0]}?"
+                    if near
+                    else f"use one of {', '.join(DEEPSPEED_OPTIMIZERS)} or a torch.optim class"
+                )
+                problems.append(
+                    f"optimizer.type {name!r} is neither a DeepSpeed optimizer nor a torch.optim class: {hint}"
+                )
+    sched = raw.get("scheduler")
+    if isinstance(sched, dict) and "type" in sched:
+        name = str(sched["type"])
+        if name in lr_schedules.VALID_LR_SCHEDULES:
+            problems += unknown("scheduler", sched.get("params", {}), keywords(getattr(lr_schedules, name)))
+        else:
+            near = difflib.get_close_matches(name, lr_schedules.VALID_LR_SCHEDULES, 1, 0.6)
+            hint = f"did you mean {near[0]}?" if near else f"use one of {', '.join(lr_schedules.VALID_LR_SCHEDULES)}"
+            problems.append(f"scheduler.type {name!r} is not a DeepSpeed scheduler: {hint}")
+    return problems
 
 
 def _deepspeed_model(name: str):

@@ -137,6 +137,51 @@ def test_fp16_json_on_cpu_is_one_line(tiny, tmp_path, capsys, keep_process_group
     assert code == 2 and len(errors) == 1 and "CPU runs need fp32 or bf16" in errors[0], errors
 
 
+@pytest.mark.parametrize(
+    "block, change, words",
+    [
+        (
+            "optimizer",
+            {"params": {"lr": 1e-3, "lrr": 1e-3}},
+            "optimizer.params.lrr is not a parameter of AdamW: did you mean lr?",
+        ),
+        (
+            "optimizer",
+            {"type": "AdamWW"},
+            "optimizer.type 'AdamWW' is neither a DeepSpeed optimizer nor a torch.optim class: did you mean AdamW?",
+        ),
+        (
+            "optimizer",
+            {"type": "SGD", "params": {"lr": 0.1, "momentun": 0.9}},
+            "optimizer.params.momentun is not a parameter of SGD: did you mean momentum?",
+        ),
+        (
+            "scheduler",
+            {"type": "WarmupLR", "params": {"warmup_max_lrr": 1e-3}},
+            "scheduler.params.warmup_max_lrr is not a parameter of WarmupLR: did you mean warmup_max_lr?",
+        ),
+        (
+            "scheduler",
+            {"type": "WarmupCosine", "params": {}},
+            "scheduler.type 'WarmupCosine' is not a DeepSpeed scheduler: did you mean WarmupCosineLR?",
+        ),
+    ],
+)
+def test_a_misspelt_optimizer_or_scheduler_key_is_one_line_before_any_model_loads(
+    tiny, tmp_path, capsys, keep_process_group, no_process_group, block, change, words
+):
+    """DeepSpeed's config parsing does not look inside these blocks: the engine's init raised a TypeError (or an
+    AssertionError for the type) after the models had loaded, and the output dir was half made."""
+    d = json.loads((REPO_CONFIGS / "cpu_zero0.json").read_text())
+    d[block] = {**d.get(block, {}), **change}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(d))
+    out = tmp_path / "o"
+    code, errors = run_main(base_args(tiny, out) + ["--deepspeed_config", str(bad)], capsys)
+    assert code == 2 and len(errors) == 1 and words in errors[0], errors
+    assert not out.exists() or not any(out.iterdir()), "nothing written for a refused run"
+
+
 def test_train_batch_size_with_accumulation_trains_as_deepspeed_resolves_it(
     tiny, dist_env, tmp_path, capsys, keep_process_group
 ):
