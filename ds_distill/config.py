@@ -773,10 +773,12 @@ def _parser_class() -> type:
                 if familiar:
                     message, hint = familiar, ""
                 else:
-                    near = difflib.get_close_matches(
-                        unknown.group(1).split("=")[0], list(self._option_string_actions), 1
-                    )
-                    hint = f"; did you mean {near[0]}? (see --help)" if near else hint
+                    typed = unknown.group(1).split("=")[0]
+                    flags = list(self._option_string_actions)
+                    # A prefix (argparse's abbreviations are off) names the flags it starts; else the nearest spelling.
+                    near = sorted(f for f in flags if f.startswith(typed) and "-" not in f[2:])[:3]
+                    near = near or difflib.get_close_matches(typed, flags, 1)
+                    hint = f"; did you mean {' or '.join(near)}? (see --help)" if near else hint
             print_error(f"{message}{hint}")
             self.exit(2)
 

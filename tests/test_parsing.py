@@ -61,7 +61,9 @@ def test_a_misspelt_flag_is_one_line_with_the_nearest_flag(capsys):
         (["--no_such_thing_at_all"], "see --help"),
         # a prefix of a flag is not taken as the flag (argparse's abbreviations would set --max_steps silently)
         (["--max_step", "3"], "did you mean --max_steps?"),
-        (["--temp", "2"], "unrecognized arguments: --temp"),
+        (["--temp", "2"], "unrecognized arguments: --temp 2; did you mean --temperature?"),
+        (["--seq", "64"], "did you mean --seq_len?"),  # the flag it starts, not the nearest spelling (--skew)
+        (["--out", "o"], "did you mean --output_dir?"),
     ):
         with pytest.raises(SystemExit) as exit_:
             parse_args(argv)
