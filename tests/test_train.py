@@ -276,6 +276,14 @@ def test_resume_of_a_finished_run_exports_once_and_exits_0(
     assert train.main(args + ["--max_steps", "1"]) == 0  # past max_steps: final/ is there, left as it is
     assert (out / "final" / "model.safetensors").stat().st_mtime_ns == stamp
     assert (out / "checkpoints" / "latest").read_text() == "step_00000002"
+    # An allowed change that trains nothing is not recorded as what ran: the original command still resumes.
+    from ds_distill.core import resume
+
+    records = {name: (out / name).read_text() for name in (resume.RECORD, "run_config.json")}
+    changed = args + ["--max_steps", "2", "--alpha", "0.3", "--resume_allow_changes", "alpha"]
+    assert train.main(changed) == 0
+    assert {name: (out / name).read_text() for name in records} == records
+    assert train.main(args + ["--max_steps", "2"]) == 0
 
 
 @pytest.mark.parametrize("base", ["cpu_zero3.json", "cpu_zero1.json"])

@@ -116,7 +116,9 @@ def configs(cfg: RunConfig) -> Configs:
     )
     if universal:  # a merge into the student's JSON, logged with it below
         sds.raw["checkpoint"] = {**sds.raw.get("checkpoint", {}), "load_universal": True}
-    _prepare_output_dir(cfg, sds, tds, world.rank, settings)
+    # A resume with nothing left to train keeps the record of the attempt that trained (its settings are what ran).
+    finished = bool(resumed) and int(checkpoint.TAG.match(resumed)[1]) >= cfg.max_steps
+    _prepare_output_dir(cfg, sds, tds, world.rank, settings, record=not finished)
     return Configs(world, sds, tds, has_gpu, _rank_memory(world, has_gpu), teachers, universal)
 
 
@@ -391,15 +393,17 @@ def _check_schedule(sds: DSConfig, max_steps: int, rank: int) -> None:
         log.warning(line)
 
 
-def _prepare_output_dir(cfg: RunConfig, sds: DSConfig, tds: DSConfig, rank: int, settings: dict[str, Any]) -> None:
+def _prepare_output_dir(
+    cfg: RunConfig, sds: DSConfig, tds: DSConfig, rank: int, settings: dict[str, Any], record: bool = True
+) -> None:
     """Place the monitors under the run directory and record the configs that really ran (``resume.record``: what a
-    later --resume is compared with). The directory was checked before the process group started
-    (``_check_output_dir``)."""
+    later --resume is compared with); ``record`` False (a resume with nothing left to train) keeps the last attempt's
+    record. The directory was checked before the process group started (``_check_output_dir``)."""
     out = Path(cfg.output_dir)
     monitors.place(
         sds.raw, out, rank
     )  # the monitors write under the run directory unless the JSON names a place: a merge, logged below
-    if rank == 0:
+    if rank == 0 and record:
         out.mkdir(parents=True, exist_ok=True)
         (out / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         (out / "ds_config_student.json").write_text(json.dumps(sds.raw, indent=2))
