@@ -573,16 +573,22 @@ def run_one(a: argparse.Namespace, system: str, objective: str, repeat: int, pyt
     return r
 
 
+def _refuse(message: str) -> None:
+    """Bad input: one line on stderr, exit code 2 (the toolkit's rule)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     a = parse_args(argv)
     objectives = [o for o in a.objectives.split(",") if o]
     bad = [o for o in objectives if o not in OBJECTIVES]
     if bad:
-        raise SystemExit(f"error: unknown --objectives {bad}: use {', '.join(OBJECTIVES)}")
+        _refuse(f"unknown --objectives {bad}: use {', '.join(OBJECTIVES)}")
     systems = [s for s in a.systems.split(",") if s]
     trl_python = a.trl_python or str(ROOT / ".venv-trl" / "bin" / "python")
     if "trl" in systems and not Path(trl_python).exists():
-        raise SystemExit(f"error: no TRL environment at {trl_python}: run `bash scripts/setup_trl.sh` first")
+        _refuse(f"no TRL environment at {trl_python}: run `bash scripts/setup_trl.sh` first (or pass --systems ds)")
     import torch
 
     a.gpu = torch.cuda.is_available()
@@ -629,7 +635,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    fmt = type("Fmt", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=fmt, allow_abbrev=False)
     p.add_argument("--teacher", required=True, help="The teacher model folder.")
     p.add_argument("--student", required=True, help="The student model folder.")
     p.add_argument("--data", required=True, help="Folder of train.jsonl, eval.jsonl, train_prompts.jsonl (the demo's).")
