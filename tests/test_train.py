@@ -244,13 +244,18 @@ def test_empty_data_and_vocab_mismatch(tiny, tmp_path, capsys, keep_process_grou
     assert code == 2 and len(errors) == 1 and "different tokenizers" in errors[0], errors
 
 
-def test_existing_checkpoints_are_never_overwritten(tiny, dist_env, tmp_path, capsys, keep_process_group):
+def test_existing_checkpoints_are_never_overwritten(tiny, dist_env, tmp_path, capsys, keep_process_group, caplog):
+    import logging
+
     out = tmp_path / "keep"
     train.run(make_cfg(tiny, out, max_steps=1, deepspeed_config=ds_json(tmp_path)))
     before = (out / "checkpoints" / "latest").read_text()
-    with process_group_not_started():
+    caplog.clear()
+    with process_group_not_started(), caplog.at_level(logging.INFO, logger="ds_distill"):
         code, errors = run_main(base_args(tiny, out), capsys)
     assert code == 2 and "already holds checkpoints" in errors[0] and "--resume" in errors[0]
+    # refused before the JSONs are chosen by fit: the error is the only line (no config lines above it)
+    assert not [r.getMessage() for r in caplog.records if "deepspeed_config" in r.getMessage()]
     assert (out / "checkpoints" / "latest").read_text() == before and (out / "checkpoints" / before).is_dir()
 
 

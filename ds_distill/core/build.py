@@ -82,6 +82,7 @@ def configs(cfg: RunConfig) -> Configs:
     process group, prepare the output dir. The checks run against the launcher's world before the group starts
     (``distributed.planned_world``): bad input is refused in one line, not after DeepSpeed's start-up lines."""
     cfg.validate()
+    _check_output_dir(cfg)  # before the JSONs are chosen and logged: its one line is the only one
     planned = distributed.planned_world()
     if planned.rank != 0:
         logging.getLogger().setLevel(logging.WARNING)  # console logging on rank 0 only
@@ -101,7 +102,6 @@ def configs(cfg: RunConfig) -> Configs:
     # alpha = 1 is plain fine-tuning: no teacher forward at all (the tokenizers are still checked, load_models).
     teachers = cfg.teacher if cfg.alpha < 1.0 else []
     models.check_positions(cfg.seq_len, [cfg.student, *teachers])
-    _check_output_dir(cfg)
     resumed = cfg.resume and checkpoint.read_latest(checkpoint.ckpt_root(cfg.output_dir))
     settings = resume.settings(cfg, sds, planned.world_size) if resumed or planned.rank == 0 else {}
     if resumed:  # before the universal conversion and any model: a changed meaning is refused in one line
