@@ -330,7 +330,9 @@ class RunConfig:
             if not getattr(self, name):
                 problems.append(f"--{name} is required")
         for flag, path in [*(("--teacher", t) for t in self.teacher), ("--student", self.student)]:
-            if path and not Path(path).is_dir():
+            if path and Path(path).is_file():
+                problems.append(f"{flag} {path!r} is a file: pass the model's folder (the one with config.json)")
+            elif path and not Path(path).is_dir():
                 problems.append(f"{flag}: model directory {path!r} does not exist: pass a folder with config.json")
             elif path and not (Path(path) / "config.json").is_file():
                 problems.append(f"{flag} {path!r} has no config.json: pass a Hugging Face model folder")

@@ -113,6 +113,10 @@ def test_a_missing_model_folder_names_its_flag(tiny, tmp_path, capsys):
         args = [tmp_path / "nosuch" if a == tiny[flag[2:]] else a for a in base_args(tiny, tmp_path / "o")]
         code, errors = run_main([str(a) for a in args], capsys)
         assert code == 2 and len(errors) == 1 and f"{flag}: model directory" in errors[0], errors
+    config = str(Path(tiny["student"]) / "config.json")  # a file of the folder, not the folder
+    args = [config if a == tiny["student"] else str(a) for a in base_args(tiny, tmp_path / "o")]
+    code, errors = run_main(args, capsys)
+    assert code == 2 and len(errors) == 1 and "is a file: pass the model's folder" in errors[0], errors
 
 
 # --------------------------------------------------------------------------------------------- DeepSpeed JSONs
