@@ -206,7 +206,7 @@ def optimizer_scheduler_problems(raw: dict[str, Any]) -> list[str]:
 
     def keywords(*classes) -> set[str]:
         names = {n for c in classes for n in inspect.signature(c.__init__).parameters}
-        return names - {"self", "params", "model_params", "optimizer", "last_batch_iteration", "args", "kwargs"}
+        return names - {"self", "params", "model_params", "optimizer", "args", "kwargs"}
 
     def unknown(block: str, params: Any, accepted: set[str]) -> list[str]:
         if not isinstance(params, dict):

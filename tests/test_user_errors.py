@@ -186,6 +186,20 @@ def test_a_misspelt_optimizer_or_scheduler_key_is_one_line_before_any_model_load
     assert not out.exists() or not any(out.iterdir()), "nothing written for a refused run"
 
 
+def test_the_block_check_refuses_no_valid_json():
+    """Every shipped JSON, and keywords DeepSpeed passes through (a scheduler's last_batch_iteration, a torch.optim
+    class's own), pass ``optimizer_scheduler_problems``."""
+    from ds_distill.ds_config import optimizer_scheduler_problems
+
+    for path in sorted(REPO_CONFIGS.glob("*.json")):
+        assert optimizer_scheduler_problems(json.loads(path.read_text())) == [], path.name
+    valid = {
+        "optimizer": {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9, "nesterov": True}},
+        "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 3, "last_batch_iteration": -1}},
+    }
+    assert optimizer_scheduler_problems(valid) == []
+
+
 def test_train_batch_size_with_accumulation_trains_as_deepspeed_resolves_it(
     tiny, dist_env, tmp_path, capsys, keep_process_group
 ):
