@@ -193,6 +193,12 @@ def deepspeed_problems(raw: dict[str, Any], world_size: int = 1) -> list[str]:
     return []
 
 
+def _nearest(word: str, choices: list[str], otherwise: str, n: int = 1) -> str:
+    """``did you mean X?`` (up to ``n`` names close to ``word``, difflib's 0.6 cutoff), else ``otherwise``."""
+    near = difflib.get_close_matches(word, choices, n, 0.6)
+    return f"did you mean {' or '.join(near)}?" if near else otherwise
+
+
 def optimizer_scheduler_problems(raw: dict[str, Any]) -> list[str]:
     """The ``optimizer`` and ``scheduler`` blocks as DeepSpeed's engine will build them: a ``type`` it knows
     (``DEEPSPEED_OPTIMIZERS`` or a ``torch.optim`` class, as ``DeepSpeedEngine._is_supported_optimizer``; a name of
@@ -212,9 +218,9 @@ def optimizer_scheduler_problems(raw: dict[str, Any]) -> list[str]:
         if not isinstance(params, dict):
             return [f"{block}.params must be a JSON object"]
         out = []
+        valid = sorted(accepted)
         for key in sorted(k for k in params if k not in accepted):
-            near = difflib.get_close_matches(key, sorted(accepted), 1)
-            hint = f"did you mean {near[0]}?" if near else f"valid keys there: {', '.join(sorted(accepted))}"
+            hint = _nearest(key, valid, f"valid keys there: {', '.join(valid)}")
             out.append(f"{block}.params.{key} is not a parameter of {raw[block]['type']}: {hint}")
         return out
 
@@ -239,12 +245,8 @@ def optimizer_scheduler_problems(raw: dict[str, Any]) -> list[str]:
                     for n, c in vars(torch.optim).items()
                     if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)
                 ]
-                near = difflib.get_close_matches(name, [*DEEPSPEED_OPTIMIZERS, *torch_names], 1, 0.6)
-                hint = (
-                    f"did you mean {near[0]}?"
-                    if near
-                    else f"use one of {', '.join(DEEPSPEED_OPTIMIZERS)} or a torch.optim class"
-                )
+                otherwise = f"use one of {', '.join(DEEPSPEED_OPTIMIZERS)} or a torch.optim class"
+                hint = _nearest(name, [*DEEPSPEED_OPTIMIZERS, *torch_names], otherwise)
                 problems.append(
                     f"optimizer.type {name!r} is neither a DeepSpeed optimizer nor a torch.optim class: {hint}"
                 )
@@ -254,8 +256,8 @@ def optimizer_scheduler_problems(raw: dict[str, Any]) -> list[str]:
         if name in lr_schedules.VALID_LR_SCHEDULES:
             problems += unknown("scheduler", sched.get("params", {}), keywords(getattr(lr_schedules, name)))
         else:
-            near = difflib.get_close_matches(name, lr_schedules.VALID_LR_SCHEDULES, 1, 0.6)
-            hint = f"did you mean {near[0]}?" if near else f"use one of {', '.join(lr_schedules.VALID_LR_SCHEDULES)}"
+            names = lr_schedules.VALID_LR_SCHEDULES
+            hint = _nearest(name, names, f"use one of {', '.join(names)}")
             problems.append(f"scheduler.type {name!r} is not a DeepSpeed scheduler: {hint}")
     return problems
 
@@ -294,7 +296,6 @@ def _model_keys(model, loc: tuple) -> list[str]:
 def _describe(raw: dict[str, Any], model, err: dict[str, Any]) -> str:
     """One pydantic error as ``full.key.path: problem``. DeepSpeed validates each block on its own, so the error's
     location starts inside the block: the block is the dict in ``raw`` where that location leads."""
-    import difflib
 
     loc = tuple(str(x) for x in err["loc"])
 
@@ -311,8 +312,7 @@ def _describe(raw: dict[str, Any], model, err: dict[str, Any]) -> str:
     where = ".".join(block + loc)
     if err["type"] == "extra_forbidden":
         valid = _model_keys(model, loc[:-1])
-        near = difflib.get_close_matches(loc[-1], valid, n=3, cutoff=0.6)
-        hint = f"did you mean {' or '.join(near)}?" if near else f"valid keys there: {', '.join(valid)}"
+        hint = _nearest(loc[-1], valid, f"valid keys there: {', '.join(valid)}", n=3)
         return f"{where} is not a DeepSpeed key ({model.__name__ if model else 'unknown block'}): {hint}"
     return f"{where}: {err['msg']} (got {err.get('input')!r})"
 

@@ -117,7 +117,7 @@ def configs(cfg: RunConfig) -> Configs:
     if universal:  # a merge into the student's JSON, logged with it below
         sds.raw["checkpoint"] = {**sds.raw.get("checkpoint", {}), "load_universal": True}
     # A resume with nothing left to train keeps the record of the attempt that trained (its settings are what ran).
-    finished = bool(resumed) and int(checkpoint.TAG.match(resumed)[1]) >= cfg.max_steps
+    finished = bool(resumed) and checkpoint.step_of(resumed) >= cfg.max_steps
     _prepare_output_dir(cfg, sds, tds, world.rank, settings, record=not finished)
     return Configs(world, sds, tds, has_gpu, _rank_memory(world, has_gpu), teachers, universal)
 

@@ -49,6 +49,11 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def step_of(tag: str) -> int:
+    """The optimizer step of a tag ``step_N`` (``tag_for``'s inverse)."""
+    return int(TAG.match(tag)[1])
+
+
 def ckpt_root(output_dir: Path | str) -> Path:
     return Path(output_dir) / "checkpoints"
 
@@ -139,9 +144,7 @@ def list_tags(ckpt_root: Path) -> list[str]:
     """Tags on disk, oldest first (complete or not: only ``latest`` vouches for completeness)."""
     if not ckpt_root.is_dir():
         return []
-    return sorted(
-        (p.name for p in ckpt_root.iterdir() if p.is_dir() and TAG.match(p.name)), key=lambda t: int(TAG.match(t)[1])
-    )
+    return sorted((p.name for p in ckpt_root.iterdir() if p.is_dir() and TAG.match(p.name)), key=step_of)
 
 
 def rng_state() -> dict[str, Any]:
@@ -191,7 +194,7 @@ def save(
         write_atomic(ckpt_root / "latest", tag)
         tags = list_tags(ckpt_root)
         # Tags newer than this one are leftovers of a save that crashed before 'latest' named it.
-        stale = [t for t in tags if int(TAG.match(t)[1]) > step]
+        stale = [t for t in tags if step_of(t) > step]
         done = [t for t in tags if t not in stale]
         for old in stale + (done[:-keep_last] if keep_last else []):
             shutil.rmtree(ckpt_root / old, ignore_errors=True)

@@ -149,12 +149,11 @@ def fused_chunks(
                 continue
             with torch.no_grad():
                 z_lin = F.linear(x, weight, bias)
-            got = None
-            if any(need) and grad_terms is not None and head.transform is None:
-                got = grad_terms(z_lin, t_logits, sl)  # dL/dz by its formula (in z's storage), or None
+            by_formula = any(need) and grad_terms is not None and head.transform is None
+            got = grad_terms(z_lin, t_logits, sl) if by_formula else None  # dL/dz in z's storage, or None
             if got is not None:
-                (ce, kd, g_z), got = got, None
-                del z_lin, t_logits
+                ce, kd, g_z = got
+                del got, z_lin, t_logits
             elif not any(need):
                 with torch.no_grad():
                     ce, kd = terms(z_lin if head.transform is None else head.transform(z_lin), t_logits, sl)
