@@ -161,3 +161,16 @@ def test_bench_peer_ds_side_on_tiny_models(tiny, tmp_path):
     (row,) = report["rows"]
     assert row["runs"] == 1 and row["ppl"] == pytest.approx(runs[0]["ppl"])
     assert "| ds-distill" in proc.stdout and "0.5 CE + 0.5 fKL" in proc.stdout
+
+
+def test_bench_peer_bad_input_is_one_line_exit_2(tmp_path):
+    """A missing TRL environment or an unknown objective: one line naming the fix, exit 2, nothing run."""
+    base = [sys.executable, str(ROOT / "scripts" / "bench_peer.py"), "--teacher", "t", "--student", "s", "--data", "d"]
+    base += ["--out", str(tmp_path / "o")]
+    for extra, words in (
+        (["--trl_python", str(tmp_path / "nope")], "run `bash scripts/setup_trl.sh` first (or pass --systems ds)"),
+        (["--objectives", "kl"], "unknown --objectives ['kl']"),
+    ):
+        proc = subprocess.run([*base, *extra], capture_output=True, text=True, timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and words in lines[0], (proc.returncode, proc.stderr)
